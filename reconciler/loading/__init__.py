@@ -1,0 +1,1 @@
+"""From YAML files to a checked spec and its desired graph, with file:line diagnostics."""

@@ -1,0 +1,1 @@
+"""Pure data: spec models, addresses, observed state, plans and diagnostics. No I/O here."""

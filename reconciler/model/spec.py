@@ -1,0 +1,536 @@
+"""The spec language: pydantic models of one platform's desired state.
+
+`reconciler.loading` builds a `PlatformSpec` from a directory of YAML files (merging files and
+resolving profiles first); everything downstream reads these frozen values. Unknown keys are
+errors, never ignored, and lists are tuples and maps read-only, so a loaded spec cannot change.
+
+Conventions a spec author sees:
+- memory and swap in MiB or with a unit (`4G`); disk sizes in GiB or with a unit;
+- secrets only by reference: `{env: NAME}` or `{file: PATH}`;
+- a name is a DNS label; the map key is the name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    create_model,
+    model_validator,
+)
+
+from reconciler.model.units import (
+    check_cidr,
+    check_hostname,
+    check_label,
+    check_port,
+    parse_mib,
+)
+
+SCHEMA_VERSION = 1
+
+V = TypeVar("V")
+
+
+def _freeze(value: Mapping[str, Any]) -> Mapping[str, Any]:
+    return MappingProxyType(dict(value))
+
+
+FrozenMap = Annotated[
+    Mapping[str, V],
+    AfterValidator(_freeze),
+    PlainSerializer(dict, return_type=dict),
+]
+
+
+def _as_tuple(value: object) -> object:
+    """Accept a single value where a list is expected (`host: a.example` or `host: [a, b]`)."""
+    if isinstance(value, (str, int)) and not isinstance(value, bool):
+        return (value,)
+    return value
+
+
+Label = Annotated[str, AfterValidator(check_label)]
+Hostname = Annotated[str, AfterValidator(check_hostname)]
+Port = Annotated[int, AfterValidator(check_port)]
+MiB = Annotated[int, BeforeValidator(parse_mib)]
+DiskMiB = Annotated[int, BeforeValidator(lambda v: parse_mib(v, bare_unit="G"))]
+Cidr = Annotated[str, AfterValidator(check_cidr)]
+Policy = Literal["ACCEPT", "DROP", "REJECT"]
+
+
+def _tag(value: str) -> str:
+    # Proxmox lowercases tags; insisting on lowercase in the spec keeps plans honest.
+    import re
+
+    if not re.match(r"^[a-z0-9_][a-z0-9_+.-]*$", value):
+        raise ValueError(
+            f"{value!r} is not a valid Proxmox tag: use lowercase letters, digits, _ + . -"
+        )
+    return value
+
+
+Tag = Annotated[str, AfterValidator(_tag)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --- secrets -------------------------------------------------------------------------------
+
+
+def _no_literal_secret(value: object) -> object:
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        raise ValueError(
+            "a literal secret is not allowed in a spec; reference it with "
+            "{env: VARIABLE} or {file: /path/to/secret}"
+        )
+    return value
+
+
+class SecretRef(Strict):
+    """Where a secret lives. The spec never holds the secret itself."""
+
+    env: str | None = Field(None, description="Name of an environment variable")
+    file: str | None = Field(None, description="Path of a file holding the secret")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> SecretRef:
+        if (self.env is None) == (self.file is None):
+            raise ValueError("give exactly one of 'env' or 'file'")
+        return self
+
+
+Secret = Annotated[SecretRef, BeforeValidator(_no_literal_secret)]
+
+
+# --- platform, layers, hosts, ranges ----------------------------------------------------------
+
+
+class PlatformSettings(Strict):
+    name: Label
+    owner_tag: Tag = Field(
+        "reconciler", description="Tag the controller puts on every guest it creates"
+    )
+    prune: bool = Field(False, description="Delete owned guests that left the spec")
+    max_deletes_per_run: int = Field(3, ge=0, description="Upper bound on deletes in one apply")
+    default_storage: str = "local-lvm"
+    description: str = ""
+
+
+class ProxmoxApi(Strict):
+    """How to reach a Proxmox VE API. TLS is verified unless `verify_tls: false`."""
+
+    url: str = Field(description="https://host:8006")
+    verify_tls: bool = True
+    ca_file: str | None = None
+    user: str = Field(description="e.g. reconciler@pve or root@pam")
+    token_id: str | None = Field(None, description="API token name (the part after '!')")
+    token_secret: Secret | None = None
+    password: Secret | None = None
+
+    @model_validator(mode="after")
+    def _credentials(self) -> ProxmoxApi:
+        if not self.url.startswith(("https://", "http://")):
+            raise ValueError(f"url {self.url!r} must start with https://")
+        if self.token_id is not None and self.token_secret is None:
+            raise ValueError("token_id needs token_secret ({env: ...} or {file: ...})")
+        if self.token_id is None and self.password is None:
+            raise ValueError("give token_id with token_secret, or password")
+        return self
+
+
+class LayerSpec(Strict):
+    description: str = ""
+    may_depend_on: tuple[str, ...] = Field(
+        (), description="Layers whose guests this layer's guests may depend on, even transitively"
+    )
+
+
+class Capacity(Strict):
+    cores: int = Field(gt=0)
+    memory: MiB
+
+
+class HostSpec(Strict):
+    node: Label | None = Field(None, description="Proxmox node name; defaults to the key")
+    layers: Annotated[tuple[str, ...], BeforeValidator(_as_tuple)] = Field(min_length=1)
+    capacity: Capacity
+    api: ProxmoxApi | None = Field(None, description="Overrides the top-level 'proxmox' API")
+
+
+class RangeSpec(Strict):
+    first: int = Field(ge=100, le=999_999_999)
+    last: int = Field(999_999_999, ge=100, le=999_999_999)
+    layer: str
+    description: str = ""
+
+    @model_validator(mode="after")
+    def _ordered(self) -> RangeSpec:
+        if self.last < self.first:
+            raise ValueError(f"range ends ({self.last}) before it starts ({self.first})")
+        return self
+
+    def __contains__(self, vmid: object) -> bool:
+        return isinstance(vmid, int) and self.first <= vmid <= self.last
+
+
+# --- firewall ------------------------------------------------------------------------------
+
+
+class FirewallRule(Strict):
+    """One Proxmox firewall rule. For `type: group`, `action` names the security group."""
+
+    type: Literal["in", "out", "group"]
+    action: str
+    source: str | None = None
+    dest: str | None = None
+    proto: str | None = None
+    dport: Annotated[str | None, BeforeValidator(lambda v: str(v) if isinstance(v, int) else v)] = (
+        None
+    )
+    sport: Annotated[str | None, BeforeValidator(lambda v: str(v) if isinstance(v, int) else v)] = (
+        None
+    )
+    macro: str | None = None
+    iface: str | None = None
+    enable: bool = True
+    log: Literal["emerg", "alert", "crit", "err", "warning", "notice", "info", "debug", "nolog"] = (
+        "nolog"
+    )
+    comment: str = ""
+
+
+class GuestFirewall(Strict):
+    enable: bool = True
+    policy_in: Policy = "DROP"
+    policy_out: Policy = "ACCEPT"
+    rules: tuple[FirewallRule, ...] = ()
+
+
+class ClusterFirewallOptions(Strict):
+    enable: bool = True
+    policy_in: Policy = "DROP"
+    policy_out: Policy = "ACCEPT"
+
+
+class AliasSpec(Strict):
+    cidr: Cidr
+    comment: str = ""
+
+
+class IpsetSpec(Strict):
+    entries: tuple[Cidr, ...] = ()
+    comment: str = ""
+
+
+class GroupSpec(Strict):
+    comment: str = ""
+    rules: tuple[FirewallRule, ...] = ()
+
+
+class FirewallSpec(Strict):
+    cluster: ClusterFirewallOptions | None = Field(
+        None, description="Cluster firewall options; omitted means not managed"
+    )
+    aliases: FrozenMap[AliasSpec] = Field(default_factory=dict)
+    ipsets: FrozenMap[IpsetSpec] = Field(default_factory=dict)
+    groups: FrozenMap[GroupSpec] = Field(default_factory=dict)
+
+
+# --- guests and profiles -------------------------------------------------------------------
+
+
+class NetworkInterface(Strict):
+    name: str = "eth0"
+    bridge: str = "vmbr0"
+    ip: str = Field("dhcp", description="CIDR (10.0.0.5/24), dhcp or manual")
+    gw: str | None = None
+    tag: int | None = Field(None, ge=1, le=4094, description="VLAN tag")
+    firewall: bool = True
+    mtu: int | None = Field(None, ge=576, le=65535)
+    hwaddr: str | None = Field(None, description="Pin a MAC; otherwise Proxmox generates one")
+
+    @model_validator(mode="after")
+    def _addresses(self) -> NetworkInterface:
+        if self.ip not in ("dhcp", "manual"):
+            check_cidr(self.ip)
+            if "/" not in self.ip:
+                raise ValueError(f"ip {self.ip!r} needs a prefix length, e.g. {self.ip}/24")
+        if self.gw is not None:
+            check_cidr(self.gw)
+        return self
+
+
+class Disk(Strict):
+    storage: str | None = Field(None, description="Defaults to platform.default_storage")
+    size: DiskMiB = Field(8 * 1024, description="GiB, or a size with a unit (8G, 512M)")
+
+
+class Features(Strict):
+    nesting: bool = False
+    keyctl: bool = False
+    fuse: bool = False
+    mknod: bool = False
+
+
+class GuestSpec(Strict):
+    """A guest (LXC container or QEMU VM). Fields left out come from its profile, then defaults."""
+
+    role: str = Field(description="A key of 'ranges'; decides the vmid block and the layer")
+    host: str = Field(description="A key of 'hosts'")
+    vmid: int | None = Field(None, ge=100, le=999_999_999, description="Omit to allocate")
+    profile: str | None = None
+    kind: Literal["lxc", "qemu"] = "lxc"
+    hostname: Label | None = Field(None, description="Defaults to the guest's name")
+    template: str | None = Field(None, description="LXC: ostemplate volume; QEMU: not used")
+    cores: int = Field(1, ge=1, le=8192)
+    memory: MiB = 512
+    swap: MiB = 512
+    disk: Disk = Disk()
+    network: tuple[NetworkInterface, ...] = ()
+    tags: tuple[Tag, ...] = ()
+    features: Features = Features()
+    unprivileged: bool = True
+    onboot: bool = True
+    state: Literal["running", "stopped"] = "running"
+    firewall: GuestFirewall | None = None
+    depends_on: tuple[str, ...] = ()
+    description: str = ""
+
+    @model_validator(mode="after")
+    def _lxc_template(self) -> GuestSpec:
+        if self.kind == "lxc" and not self.template:
+            raise ValueError("an LXC guest needs 'template' (e.g. local:vztmpl/debian-12.tar.zst)")
+        return self
+
+
+# Fields a profile may set: every GuestSpec field but the guest's identity.
+_NOT_INHERITED = {"role", "host", "vmid", "profile", "hostname", "depends_on"}
+PROFILE_FIELDS = tuple(n for n in GuestSpec.model_fields if n not in _NOT_INHERITED)
+
+def _optional(name: str) -> Any:
+    info = GuestSpec.model_fields[name]
+    annotation = info.annotation | None  # type: ignore[operator]
+    if info.metadata:
+        annotation = Annotated[(annotation, *info.metadata)]  # type: ignore[valid-type]
+    return annotation
+
+
+ProfileSpec: type[BaseModel] = create_model(  # type: ignore[call-overload]
+    "ProfileSpec",
+    __base__=Strict,
+    extends=(str | None, Field(None, description="A profile this one builds on")),
+    **{
+        name: (_optional(name), None)
+        for name in PROFILE_FIELDS
+    },
+)
+
+
+# --- traefik and velocity -------------------------------------------------------------------
+
+
+class RedisFeed(Strict):
+    type: Literal["redis"]
+    root_key: str = Field(description="One root key per Traefik instance")
+    url: str | None = Field(None, description="redis://host:port/db; defaults to the controller's")
+
+
+class FileFeed(Strict):
+    type: Literal["file"]
+    path: str = Field(description="The dynamic-configuration file this instance watches")
+
+
+class Target(Strict):
+    guest: str
+    port: Port
+    scheme: Literal["http", "https"] = "http"
+
+
+class Tls(Strict):
+    certresolver: str | None = None
+    passthrough: bool = False
+
+
+class HttpRoute(Strict):
+    type: Literal["http"] = "http"
+    host: Annotated[tuple[Hostname, ...], BeforeValidator(_as_tuple)] = Field(min_length=1)
+    path_prefix: str | None = None
+    entrypoints: Annotated[tuple[str, ...], BeforeValidator(_as_tuple)] = ("websecure",)
+    tls: Tls | None = None
+    target: Target
+    when_unready: Literal["withhold", "keep"] | None = Field(
+        None, description="Defaults to the instance's setting"
+    )
+
+    @model_validator(mode="after")
+    def _path(self) -> HttpRoute:
+        if self.path_prefix is not None and not self.path_prefix.startswith("/"):
+            raise ValueError(f"path_prefix {self.path_prefix!r} must start with '/'")
+        return self
+
+
+class TcpRoute(Strict):
+    type: Literal["tcp"]
+    sni: Annotated[tuple[str, ...], BeforeValidator(_as_tuple)] = Field(
+        min_length=1, description="Host names for HostSNI, or '*'"
+    )
+    entrypoints: Annotated[tuple[str, ...], BeforeValidator(_as_tuple)] = ("websecure",)
+    tls: Tls | None = None
+    target: Target
+    when_unready: Literal["withhold", "keep"] | None = None
+
+    @model_validator(mode="after")
+    def _sni(self) -> TcpRoute:
+        for name in self.sni:
+            if name != "*":
+                check_hostname(name)
+        if self.sni != ("*",) and self.tls is None:
+            raise ValueError("HostSNI needs TLS: set tls (passthrough: true to keep it end to end)")
+        return self
+
+
+Route = Annotated[HttpRoute | TcpRoute, Field(discriminator="type")]
+
+
+def _default_route_type(value: object) -> object:
+    if isinstance(value, dict) and "type" not in value:
+        return {**value, "type": "http"}
+    return value
+
+
+class TraefikInstance(Strict):
+    guest: str = Field(description="The guest this Traefik runs in")
+    routes_to: Annotated[tuple[str, ...], BeforeValidator(_as_tuple)] = Field(
+        min_length=1, description="Layers this instance may route to (its traffic domain)"
+    )
+    feed: Annotated[RedisFeed | FileFeed, Field(discriminator="type")]
+    api_url: str | None = Field(None, description="Traefik's API, to see what it serves")
+    when_unready: Literal["withhold", "keep"] = Field(
+        "keep", description="Routes to a guest whose agent is not ready: keep or withhold"
+    )
+    routes: FrozenMap[Annotated[Route, BeforeValidator(_default_route_type)]] = Field(
+        default_factory=dict
+    )
+
+
+class VelocityBridge(Strict):
+    port: Port = 8081
+    secret: Secret
+
+
+class VelocityServer(Strict):
+    guest: str
+    port: Port = 25565
+    forced_host: Hostname | None = None
+
+
+class VelocitySpec(Strict):
+    guest: str = Field(description="The guest Velocity runs in")
+    bridge: VelocityBridge
+    servers: FrozenMap[VelocityServer] = Field(default_factory=dict)
+
+
+# --- policies ------------------------------------------------------------------------------
+
+
+class _PolicyBase(Strict):
+    enabled: bool = True
+
+
+class LayerDependencyPolicy(_PolicyBase):
+    """Guests depend (depends_on, route and proxy targets) only on layers their layer allows."""
+
+
+class PlacementPolicy(_PolicyBase):
+    """A guest is placed only on a host that serves the guest's layer."""
+
+
+class IsolationException(Strict):
+    to: str = Field(description="The guest that may be reached")
+    port: Annotated[str, BeforeValidator(lambda v: str(v))] | None = None
+    reason: str
+
+
+class IsolationPolicy(_PolicyBase):
+    """No firewall rule lets guests of `from_layers` reach guests of `to_layers`."""
+
+    from_layers: tuple[str, ...] = ("runtime",)
+    to_layers: tuple[str, ...] = ("control",)
+    exceptions: tuple[IsolationException, ...] = ()
+
+
+class AgentPortPolicy(_PolicyBase):
+    """The agent port on guests of `layers` is reachable only from `allowed_sources` guests."""
+
+    port: Port = 18888
+    layers: tuple[str, ...] = ("runtime",)
+    allowed_sources: tuple[str, ...] = Field(min_length=1)
+
+
+class TraefikDomainPolicy(_PolicyBase):
+    """One Traefik instance per traffic domain; each routes only into its own domain."""
+
+
+class VelocityHostPolicy(_PolicyBase):
+    host_layer: str = "runtime"
+
+
+class VmidRangePolicy(_PolicyBase):
+    """Every vmid lies in its role's range and ranges never overlap."""
+
+
+class CapacityPolicy(_PolicyBase):
+    cpu_overcommit: float = Field(1.0, gt=0)
+    memory_overcommit: float = Field(1.0, gt=0)
+
+
+class Policies(Strict):
+    """Checks that keep the platform's design rules true. A policy left out is off."""
+
+    layer_dependencies: LayerDependencyPolicy | None = None
+    placement: PlacementPolicy | None = None
+    isolation: IsolationPolicy | None = None
+    agent_port: AgentPortPolicy | None = None
+    traefik_domains: TraefikDomainPolicy | None = None
+    velocity_host: VelocityHostPolicy | None = None
+    vmid_ranges: VmidRangePolicy | None = None
+    capacity: CapacityPolicy = CapacityPolicy()
+
+
+# --- the whole platform -----------------------------------------------------------------------
+
+
+class PlatformSpec(Strict):
+    """One platform, merged from every YAML file of a spec directory."""
+
+    platform: PlatformSettings
+    proxmox: ProxmoxApi | None = Field(None, description="Default API for every host")
+    layers: FrozenMap[LayerSpec] = Field(default_factory=dict)
+    hosts: FrozenMap[HostSpec] = Field(default_factory=dict)
+    ranges: FrozenMap[RangeSpec] = Field(default_factory=dict)
+    profiles: FrozenMap[ProfileSpec] = Field(default_factory=dict)  # type: ignore[valid-type]
+    guests: FrozenMap[GuestSpec] = Field(default_factory=dict)
+    traefik: FrozenMap[TraefikInstance] = Field(default_factory=dict)
+    velocity: VelocitySpec | None = None
+    firewall: FirewallSpec = FirewallSpec()
+    policies: Policies = Policies()
+
+    def node_of(self, host: str) -> str:
+        return self.hosts[host].node or host
+
+    def layer_of(self, guest: str) -> str:
+        return self.ranges[self.guests[guest].role].layer
+
+
+TOP_LEVEL_KEYS = tuple(PlatformSpec.model_fields)
