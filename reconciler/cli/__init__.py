@@ -1,0 +1,1 @@
+"""Command line: commands and renderers. The top layer; nothing imports it."""

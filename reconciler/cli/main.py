@@ -1,0 +1,248 @@
+"""`reconciler` command line: validate, plan, schema, graph and demo.
+
+Exit codes follow Terraform's: 0 success, 1 error; with `plan --detailed-exitcode`, 0 means no
+changes and 2 means changes. Nothing here decides anything: it wires loading, planning and
+rendering together and prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import TextIO
+
+from reconciler import __version__
+from reconciler.cli import render
+from reconciler.loading.graph import build_graph
+from reconciler.loading.loader import LoadResult, load_directory
+from reconciler.loading.revisions import load_revision
+from reconciler.model.diagnostics import Severity, has_errors
+from reconciler.model.observed import ObservedState
+from reconciler.model.plans import Plan
+from reconciler.model.spec import PlatformSpec
+from reconciler.planning.planner import converged_state, make_plan
+
+DEFAULT_DIR = "specs"
+EXIT_OK, EXIT_ERROR, EXIT_CHANGES = 0, 1, 2
+
+
+def _use_color(choice: str, stream: TextIO) -> bool:
+    if choice == "always":
+        return True
+    if choice == "never" or os.environ.get("NO_COLOR"):
+        return False
+    return stream.isatty()
+
+
+def _report_load(result: LoadResult, fmt: str, out: TextIO, color: bool) -> None:
+    if fmt == "json":
+        json.dump({"valid": result.ok,
+                   "diagnostics": [d.to_json() for d in result.diagnostics]}, out, indent=2)
+        out.write("\n")
+    elif fmt == "github":
+        out.write(render.render_github(result.diagnostics))
+    else:
+        out.write(render.render_diagnostics(result.diagnostics, color=color))
+
+
+def cmd_validate(args: argparse.Namespace, out: TextIO) -> int:
+    result = load_directory(args.dir)
+    color = _use_color(args.color, out)
+    _report_load(result, args.format, out, color)
+    if args.format == "text":
+        errors = sum(d.severity is Severity.ERROR for d in result.diagnostics)
+        warnings = len(result.diagnostics) - errors
+        files = len(result.source.files)
+        if result.ok and result.spec is not None:
+            graph = build_graph(result.spec, result.source)
+            out.write(f"{args.dir}: valid ({files} files, {len(result.spec.guests)} guests, "
+                      f"{len(graph.resources)} resources"
+                      + (f", {warnings} warnings" if warnings else "") + ")\n")
+        else:
+            out.write(f"{args.dir}: {errors} errors, {warnings} warnings in {files} files\n")
+    return EXIT_OK if result.ok else EXIT_ERROR
+
+
+def _load_observed(path: str) -> ObservedState:
+    text = resources.files("reconciler.data").joinpath("sample-observed.json").read_text() \
+        if path == "sample" else Path(path).read_text(encoding="utf-8")
+    return ObservedState.model_validate_json(text)
+
+
+def build_plan(args: argparse.Namespace, err: TextIO) -> Plan | None:
+    result = load_directory(args.dir)
+    if not result.ok or result.spec is None:
+        err.write(render.render_diagnostics(result.diagnostics))
+        err.write(f"{args.dir}: the specs do not validate; no plan made\n")
+        return None
+    graph = build_graph(result.spec, result.source)
+    if args.base:
+        base = load_revision(args.dir, args.base)
+        if has_errors(base.diagnostics) or (base.spec is None and base.diagnostics):
+            err.write(render.render_diagnostics(base.diagnostics))
+            err.write(f"the specs at {args.base} do not validate; planning against nothing\n")
+        observed = (converged_state(build_graph(base.spec, base.source))
+                    if base.spec is not None and not has_errors(base.diagnostics)
+                    else ObservedState())
+        observed = observed.model_copy(update={"source": f"specs at {args.base}"})
+    elif args.observed:
+        try:
+            observed = _load_observed(args.observed)
+        except (OSError, ValueError) as exc:
+            err.write(f"{args.observed}: not an observed-state snapshot: {exc}\n")
+            return None
+    else:
+        err.write("live planning needs a Proxmox connection; for an offline plan give "
+                  "--observed FILE (a snapshot) or --base GITREF\n")
+        return None
+    plan = make_plan(graph, observed, allow_destroy=args.allow_destroy, targets=args.target)
+    return _with_spec_warnings(plan, result)
+
+
+def _with_spec_warnings(plan: Plan, result: LoadResult) -> Plan:
+    if not result.diagnostics:
+        return plan
+    from dataclasses import replace
+
+    return replace(plan, diagnostics=(*result.diagnostics, *plan.diagnostics))
+
+
+def cmd_plan(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    plan = build_plan(args, err)
+    if plan is None:
+        return EXIT_ERROR
+    write_plan(plan, args.format, out, _use_color(args.color, out))
+    if args.out:
+        Path(args.out).write_text(render.render_json(plan), encoding="utf-8")
+    if plan.errored:
+        return EXIT_ERROR
+    if args.detailed_exitcode and plan.has_changes:
+        return EXIT_CHANGES
+    return EXIT_OK
+
+
+def write_plan(plan: Plan, fmt: str, out: TextIO, color: bool) -> None:
+    if fmt == "json":
+        out.write(render.render_json(plan))
+    elif fmt == "markdown":
+        out.write(render.render_markdown(plan))
+    else:
+        out.write(render.render_text(plan, color=color))
+
+
+def schema_document() -> dict[str, object]:
+    """The JSON Schema of one spec file: every section optional, since a platform spans files."""
+    schema = PlatformSpec.model_json_schema()
+    schema.pop("required", None)
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "reconciler platform spec (one file of a spec directory)"
+    return schema
+
+
+def cmd_schema(args: argparse.Namespace, out: TextIO) -> int:
+    text = json.dumps(schema_document(), indent=2) + "\n"
+    if args.out:
+        Path(args.out).write_text(text, encoding="utf-8")
+    else:
+        out.write(text)
+    return EXIT_OK
+
+
+def cmd_graph(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    result = load_directory(args.dir)
+    if not result.ok or result.spec is None:
+        err.write(render.render_diagnostics(result.diagnostics))
+        return EXIT_ERROR
+    graph = build_graph(result.spec, result.source)
+    current = -1
+    for res in graph.ordered():
+        wave = graph.waves[res.address]
+        if wave != current:
+            out.write(f"wave {wave}:\n")
+            current = wave
+        deps = f"  <- {', '.join(res.depends_on)}" if res.depends_on else ""
+        out.write(f"  {res.address}{deps}\n")
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """For now: validate the example platform and plan it against the shipped sample snapshot."""
+    color = _use_color(args.color, out)
+    out.write(f"== reconciler {__version__}: validate {args.dir}\n")
+    ns = argparse.Namespace(dir=args.dir, format="text", color=args.color)
+    if cmd_validate(ns, out) != EXIT_OK:
+        return EXIT_ERROR
+    out.write(f"\n== plan {args.dir} against the sample observed state "
+              "(reconciler/data/sample-observed.json)\n")
+    ns = argparse.Namespace(dir=args.dir, observed="sample", base=None, allow_destroy=False,
+                            target=[])
+    plan = build_plan(ns, err)
+    if plan is None:
+        return EXIT_ERROR
+    write_plan(plan, "text", out, color)
+    return EXIT_OK
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="reconciler", description=__doc__.split("\n")[0])
+    p.add_argument("--version", action="version", version=f"reconciler {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def color_opt(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--color", choices=["auto", "always", "never"], default="auto")
+
+    v = sub.add_parser("validate", help="check the specs; exit 0 when clean, 1 otherwise")
+    v.add_argument("dir", nargs="?", default=DEFAULT_DIR)
+    v.add_argument("--format", choices=["text", "json", "github"], default="text")
+    color_opt(v)
+
+    pl = sub.add_parser("plan", help="show what would change")
+    pl.add_argument("dir", nargs="?", default=DEFAULT_DIR)
+    src = pl.add_mutually_exclusive_group()
+    src.add_argument("--observed", metavar="FILE", help="plan against an observed-state snapshot")
+    src.add_argument("--base", metavar="GITREF", help="plan against the specs at a git revision")
+    pl.add_argument("--format", choices=["text", "json", "markdown"], default="text")
+    pl.add_argument("--detailed-exitcode", action="store_true",
+                    help="exit 0 without changes, 2 with changes, 1 on error")
+    pl.add_argument("--out", metavar="FILE", help="also save the plan as JSON")
+    pl.add_argument("--target", action="append", default=[], metavar="ADDR",
+                    help="only this resource (and what it depends on); repeatable")
+    pl.add_argument("--allow-destroy", action="store_true",
+                    help="plan deletes of owned resources that left the spec")
+    color_opt(pl)
+
+    s = sub.add_parser("schema", help="print the JSON Schema of a spec file")
+    s.add_argument("--out", metavar="FILE")
+
+    g = sub.add_parser("graph", help="print the desired resources by dependency wave")
+    g.add_argument("dir", nargs="?", default=DEFAULT_DIR)
+
+    d = sub.add_parser("demo", help="run the demo on the example platform")
+    d.add_argument("dir", nargs="?", default=DEFAULT_DIR)
+    color_opt(d)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    out, err = sys.stdout, sys.stderr
+    match args.command:
+        case "validate":
+            return cmd_validate(args, out)
+        case "plan":
+            return cmd_plan(args, out, err)
+        case "schema":
+            return cmd_schema(args, out)
+        case "graph":
+            return cmd_graph(args, out, err)
+        case "demo":
+            return cmd_demo(args, out, err)
+    return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

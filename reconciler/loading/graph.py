@@ -1,0 +1,243 @@
+"""Build the desired graph from a checked spec: one `Resource` per address, with dependencies
+and waves. Called by the planner (through the CLI and the controller) after loading succeeds.
+
+Attributes are written in the normalized shape observers produce (see planning.normalize), so
+a converged platform diffs empty.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from types import MappingProxyType
+from typing import Any
+
+from reconciler.loading.sources import Source
+from reconciler.model.resources import DesiredGraph, Kind, Resource, guest_address
+from reconciler.model.spec import (
+    FirewallRule,
+    GuestSpec,
+    HttpRoute,
+    PlatformSpec,
+    TcpRoute,
+)
+from reconciler.model.units import format_mib
+
+
+def build_graph(spec: PlatformSpec, source: Source | None = None) -> DesiredGraph:
+    resources: dict[str, Resource] = {}
+    for res in _resources(spec, source or Source()):
+        resources[res.address] = res
+    return DesiredGraph(
+        platform=spec.platform.name,
+        resources=MappingProxyType(resources),
+        waves=MappingProxyType(compute_waves(resources)),
+        settings=MappingProxyType(
+            {
+                "owner_tag": spec.platform.owner_tag,
+                "prune": spec.platform.prune,
+                "max_deletes_per_run": spec.platform.max_deletes_per_run,
+                "ranges": {
+                    name: {"first": r.first, "last": r.last, "layer": r.layer}
+                    for name, r in sorted(spec.ranges.items())
+                },
+            }
+        ),
+    )
+
+
+def compute_waves(resources: Mapping[str, Resource]) -> dict[str, int]:
+    """wave = 0 without dependencies, else 1 + the deepest dependency. Cycles were rejected by
+    the checks; a dependency on something outside the graph is ignored here."""
+    waves: dict[str, int] = {}
+
+    def wave(address: str, trail: frozenset[str]) -> int:
+        if address in waves:
+            return waves[address]
+        deps = [d for d in resources[address].depends_on if d in resources and d not in trail]
+        w = 1 + max((wave(d, trail | {address}) for d in deps), default=-1)
+        waves[address] = w
+        return w
+
+    for address in sorted(resources):
+        wave(address, frozenset())
+    return waves
+
+
+def guest_ip(guest: GuestSpec) -> str | None:
+    for nic in guest.network:
+        if "/" in nic.ip:
+            return nic.ip.split("/")[0]
+    return None
+
+
+def _guest_endpoint(spec: PlatformSpec, name: str) -> str:
+    guest = spec.guests.get(name)
+    if guest is None:
+        return name
+    return guest_ip(guest) or (guest.hostname or name)
+
+
+def net_string(index: int, nic: Any) -> str:
+    """The canonical `netN` value: Proxmox's keys, sorted, only what the spec manages."""
+    parts = {"name": nic.name, "bridge": nic.bridge, "ip": nic.ip}
+    if nic.gw:
+        parts["gw"] = nic.gw
+    if nic.tag is not None:
+        parts["tag"] = str(nic.tag)
+    if nic.mtu is not None:
+        parts["mtu"] = str(nic.mtu)
+    if nic.hwaddr:
+        parts["hwaddr"] = nic.hwaddr.upper()
+    parts["firewall"] = "1" if nic.firewall else "0"
+    return ",".join(f"{k}={parts[k]}" for k in sorted(parts))
+
+
+def features_string(guest: GuestSpec) -> str:
+    on = [k for k, v in sorted(guest.features.model_dump().items()) if v]
+    return ",".join(f"{k}=1" for k in on)
+
+
+def guest_attributes(spec: PlatformSpec, name: str, guest: GuestSpec) -> dict[str, Any]:
+    storage = guest.disk.storage or spec.platform.default_storage
+    tags = sorted({*guest.tags, spec.platform.owner_tag})
+    return {
+        "name": guest.hostname or name,
+        "vmid": guest.vmid,
+        "node": spec.node_of(guest.host) if guest.host in spec.hosts else guest.host,
+        "role": guest.role,
+        "type": guest.kind,
+        "template": guest.template,
+        "cores": guest.cores,
+        "memory": guest.memory,
+        "swap": guest.swap,
+        "rootfs": {"storage": storage, "size": format_mib(guest.disk.size)},
+        "net": {f"net{i}": net_string(i, nic) for i, nic in enumerate(guest.network)},
+        "tags": tags,
+        "features": features_string(guest),
+        "unprivileged": guest.unprivileged,
+        "onboot": guest.onboot,
+        "state": guest.state,
+        "description": guest.description,
+    }
+
+
+def rule_attributes(rule: FirewallRule) -> dict[str, Any]:
+    """A rule as Proxmox stores it: absent fields left out, enable as 0/1."""
+    out: dict[str, Any] = {"type": rule.type, "action": rule.action, "enable": int(rule.enable)}
+    for key in ("source", "dest", "proto", "dport", "sport", "macro", "iface", "comment"):
+        value = getattr(rule, key)
+        if value:
+            out[key] = value
+    if rule.log != "nolog":
+        out["log"] = rule.log
+    return out
+
+
+def route_rule(route: HttpRoute | TcpRoute) -> str:
+    if isinstance(route, HttpRoute):
+        hosts = " || ".join(f"Host(`{h}`)" for h in route.host)
+        rule = f"({hosts})" if len(route.host) > 1 else hosts
+        if route.path_prefix:
+            rule += f" && PathPrefix(`{route.path_prefix}`)"
+        return rule
+    return " || ".join(f"HostSNI(`{h}`)" for h in route.sni)
+
+
+def _resources(spec: PlatformSpec, source: Source) -> Iterator[Resource]:
+    fw = spec.firewall
+    if fw.cluster is not None:
+        yield Resource(
+            "firewall/cluster", Kind.FIREWALL_CLUSTER, fw.cluster.model_dump(),
+            position=source.where(("firewall", "cluster")),
+        )
+    for name, alias in sorted(fw.aliases.items()):
+        yield Resource(
+            f"firewall/alias/{name}", Kind.FIREWALL_ALIAS,
+            {"cidr": alias.cidr, "comment": alias.comment},
+            position=source.where(("firewall", "aliases", name)),
+        )
+    for name, ipset in sorted(fw.ipsets.items()):
+        yield Resource(
+            f"firewall/ipset/{name}", Kind.FIREWALL_IPSET,
+            {"entries": sorted(ipset.entries), "comment": ipset.comment},
+            position=source.where(("firewall", "ipsets", name)),
+        )
+    for name, group in sorted(fw.groups.items()):
+        yield Resource(
+            f"firewall/group/{name}", Kind.FIREWALL_GROUP,
+            {"comment": group.comment, "rules": [rule_attributes(r) for r in group.rules]},
+            depends_on=tuple(sorted(_rule_refs(spec, group.rules))),
+            position=source.where(("firewall", "groups", name)),
+        )
+    for name, guest in sorted(spec.guests.items()):
+        address = guest_address(name)
+        yield Resource(
+            address, Kind.GUEST, guest_attributes(spec, name, guest),
+            depends_on=tuple(guest_address(d) for d in guest.depends_on),
+            position=source.where(("guests", name)),
+        )
+        if guest.firewall is not None:
+            yield Resource(
+                f"firewall/guest/{name}", Kind.FIREWALL_GUEST,
+                {
+                    "enable": int(guest.firewall.enable),
+                    "policy_in": guest.firewall.policy_in,
+                    "policy_out": guest.firewall.policy_out,
+                    "rules": [rule_attributes(r) for r in guest.firewall.rules],
+                },
+                depends_on=(address, *sorted(_rule_refs(spec, guest.firewall.rules))),
+                attached_to=address,
+                position=source.where(("guests", name, "firewall")),
+            )
+    for iname, inst in sorted(spec.traefik.items()):
+        for rname, route in sorted(inst.routes.items()):
+            target = _guest_endpoint(spec, route.target.guest)
+            attrs: dict[str, Any] = {
+                "instance": iname,
+                "feed": inst.feed.type,
+                "protocol": route.type,
+                "rule": route_rule(route),
+                "entrypoints": list(route.entrypoints),
+                "tls": route.tls.model_dump(exclude_defaults=True) if route.tls else None,
+                "when_unready": route.when_unready or inst.when_unready,
+            }
+            if isinstance(route, HttpRoute):
+                attrs["server"] = f"{route.target.scheme}://{target}:{route.target.port}"
+            else:
+                attrs["server"] = f"{target}:{route.target.port}"
+            yield Resource(
+                f"route/{iname}/{rname}", Kind.ROUTE, attrs,
+                depends_on=(guest_address(inst.guest), guest_address(route.target.guest)),
+                position=source.where(("traefik", iname, "routes", rname)),
+            )
+    if spec.velocity is not None:
+        for sname, server in sorted(spec.velocity.servers.items()):
+            yield Resource(
+                f"velocity/{sname}", Kind.VELOCITY,
+                {
+                    "server_name": sname,
+                    "address": _guest_endpoint(spec, server.guest),
+                    "port": server.port,
+                    "forced_host": server.forced_host,
+                },
+                depends_on=(guest_address(spec.velocity.guest), guest_address(server.guest)),
+                position=source.where(("velocity", "servers", sname)),
+            )
+
+
+def _rule_refs(spec: PlatformSpec, rules: tuple[FirewallRule, ...]) -> set[str]:
+    """Firewall objects a rule list names: groups, aliases, IP sets."""
+    refs: set[str] = set()
+    for rule in rules:
+        if rule.type == "group":
+            refs.add(f"firewall/group/{rule.action}")
+        for value in (rule.source, rule.dest):
+            for part in (value or "").split(","):
+                part = part.strip().removeprefix("dc/")
+                if part.startswith("+"):
+                    name = part[1:].removeprefix("dc/")
+                    if name in spec.firewall.ipsets:
+                        refs.add(f"firewall/ipset/{name}")
+                elif part in spec.firewall.aliases:
+                    refs.add(f"firewall/alias/{part}")
+    return refs

@@ -1,0 +1,139 @@
+"""The plan: a serializable value of what apply would do, and why.
+
+Made by `reconciler.planning`, rendered by `reconciler.cli.render`, executed by
+`reconciler.applying`. The `reason` of a change is for people only; decisions read `action`
+and `fields`. A plan with errors is `errored` and apply refuses it.
+
+JSON format (version 1), documented in README "Plan JSON":
+
+    {"format": "reconciler/plan", "format_version": 1, "platform": ..., "observed": {...},
+     "errored": bool, "applyable": bool, "summary": {"create": n, ...},
+     "changes": [{"address", "kind", "action", "wave", "id", "fields": [...], ...}],
+     "foreign": [...], "diagnostics": [...]}
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from reconciler.model.diagnostics import Diagnostic, has_errors
+from reconciler.model.resources import Kind
+
+FORMAT = "reconciler/plan"
+FORMAT_VERSION = 1
+
+
+class Action(enum.StrEnum):
+    NOOP = "no-op"
+    CREATE = "create"
+    UPDATE = "update"
+    REPLACE = "replace"
+    DELETE = "delete"
+
+    @property
+    def symbol(self) -> str:
+        return {"no-op": " ", "create": "+", "update": "~", "replace": "-/+", "delete": "-"}[
+            self.value
+        ]
+
+
+@dataclass(frozen=True)
+class FieldChange:
+    path: str
+    before: Any
+    after: Any
+    forces_replace: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "before": self.before,
+            "after": self.after,
+            "forces_replace": self.forces_replace,
+        }
+
+
+@dataclass(frozen=True)
+class Change:
+    address: str
+    kind: Kind
+    action: Action
+    wave: int
+    id: dict[str, Any] = field(default_factory=dict)
+    before: dict[str, Any] | None = None
+    after: dict[str, Any] | None = None
+    fields: tuple[FieldChange, ...] = ()
+    depends_on: tuple[str, ...] = ()
+    reason: str = ""
+
+    @property
+    def replace_because(self) -> tuple[str, ...]:
+        return tuple(f.path for f in self.fields if f.forces_replace)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "address": self.address,
+            "kind": self.kind.value,
+            "action": self.action.value,
+            "wave": self.wave,
+            "id": self.id,
+            "reason": self.reason,
+            "replace_because": list(self.replace_because),
+            "fields": [f.to_json() for f in self.fields],
+            "before": self.before,
+            "after": self.after,
+            "depends_on": list(self.depends_on),
+        }
+
+
+@dataclass(frozen=True)
+class Plan:
+    platform: str
+    changes: tuple[Change, ...]
+    observed_digest: str
+    observed_at: str | None = None
+    observed_source: str = ""
+    foreign: tuple[dict[str, Any], ...] = ()
+    diagnostics: tuple[Diagnostic, ...] = ()
+
+    @property
+    def errored(self) -> bool:
+        return has_errors(self.diagnostics)
+
+    @property
+    def actions(self) -> tuple[Change, ...]:
+        """Changes that do something (no-ops left out)."""
+        return tuple(c for c in self.changes if c.action is not Action.NOOP)
+
+    @property
+    def has_changes(self) -> bool:
+        return bool(self.actions)
+
+    @property
+    def applyable(self) -> bool:
+        return not self.errored and self.has_changes
+
+    def summary(self) -> dict[str, int]:
+        counts = Counter(c.action for c in self.changes)
+        return {a.value: counts.get(a, 0) for a in Action}
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "platform": self.platform,
+            "observed": {
+                "digest": self.observed_digest,
+                "observed_at": self.observed_at,
+                "source": self.observed_source,
+            },
+            "errored": self.errored,
+            "applyable": self.applyable,
+            "summary": self.summary(),
+            "changes": [c.to_json() for c in self.changes],
+            "foreign": list(self.foreign),
+            "diagnostics": [d.to_json() for d in self.diagnostics],
+        }

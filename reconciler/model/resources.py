@@ -1,0 +1,76 @@
+"""Desired resources: what the specs ask for, one value per address.
+
+An address names a resource stably across runs (`guest/zpack-api`, `route/core/portal`,
+`firewall/guest/mc-lobby`). Attributes are plain JSON-able values in the same shape the
+observers report, so planning compares like with like. Built by `reconciler.loading.graph`.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from reconciler.model.diagnostics import Position
+
+
+class Kind(enum.StrEnum):
+    """Resource kinds, in the order they are created within one wave."""
+
+    FIREWALL_CLUSTER = "firewall/cluster"
+    FIREWALL_ALIAS = "firewall/alias"
+    FIREWALL_IPSET = "firewall/ipset"
+    FIREWALL_GROUP = "firewall/group"
+    GUEST = "guest"
+    FIREWALL_GUEST = "firewall/guest"
+    ROUTE = "route"
+    VELOCITY = "velocity"
+
+    @property
+    def rank(self) -> int:
+        return list(Kind).index(self)
+
+
+def kind_of(address: str) -> Kind:
+    """`firewall/alias/api` -> Kind.FIREWALL_ALIAS. Longest prefix wins."""
+    for kind in sorted(Kind, key=lambda k: -len(k.value)):
+        if address == kind.value or address.startswith(kind.value + "/"):
+            return kind
+    raise ValueError(f"unknown resource address {address!r}")
+
+
+def guest_address(name: str) -> str:
+    return f"{Kind.GUEST}/{name}"
+
+
+@dataclass(frozen=True)
+class Resource:
+    address: str
+    kind: Kind
+    attributes: Mapping[str, Any]
+    depends_on: tuple[str, ...] = ()
+    # A resource that lives inside another and is recreated with it (a guest's firewall).
+    attached_to: str | None = None
+    position: Position | None = field(default=None, compare=False)
+
+    @property
+    def name(self) -> str:
+        return self.address.removeprefix(self.kind.value + "/")
+
+
+@dataclass(frozen=True)
+class DesiredGraph:
+    """Every desired resource, with dependency waves computed once."""
+
+    platform: str
+    resources: Mapping[str, Resource]
+    waves: Mapping[str, int]
+    settings: Mapping[str, Any] = field(default_factory=dict)
+
+    def ordered(self) -> list[Resource]:
+        """Deterministic order: wave, then kind, then address."""
+        return sorted(
+            self.resources.values(),
+            key=lambda r: (self.waves[r.address], r.kind.rank, r.address),
+        )

@@ -1,0 +1,71 @@
+"""Field-by-field differences between a normalized desired and observed resource.
+
+The planner decides update or replace from `FieldChange.forces_replace`; the rules for which
+fields cannot change in place live here, per kind, in one table.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from reconciler.model.plans import FieldChange
+from reconciler.model.resources import Kind
+from reconciler.model.units import parse_mib
+
+# Fields Proxmox cannot change in place: changing them means destroy and create.
+FORCES_REPLACE: dict[Kind, frozenset[str]] = {
+    Kind.GUEST: frozenset({"vmid", "node", "type", "template", "unprivileged", "rootfs.storage"}),
+}
+
+# Fields that are ours alone and never observed (the role is read back from the vmid's range).
+NOT_COMPARED: dict[Kind, frozenset[str]] = {
+    Kind.GUEST: frozenset({"role"}),
+}
+
+# Fields an observer may be unable to see (Proxmox keeps no record of the ostemplate used):
+# compared only when the observed side has them.
+OPTIONAL_OBSERVED: dict[Kind, frozenset[str]] = {
+    Kind.GUEST: frozenset({"template"}),
+}
+
+
+def diff(kind: Kind, desired: dict[str, Any], observed: dict[str, Any]) -> list[FieldChange]:
+    """Top level: only the keys the spec manages. Below it, both sides' keys count."""
+    out: list[FieldChange] = []
+    skip = NOT_COMPARED.get(kind, frozenset())
+    optional = OPTIONAL_OBSERVED.get(kind, frozenset())
+    forced = FORCES_REPLACE.get(kind, frozenset())
+    for key in sorted(desired):
+        if key in skip or (key in optional and observed.get(key) is None):
+            continue
+        _walk(observed.get(key), desired[key], key, out)
+    return [
+        FieldChange(c.path, c.before, c.after, c.path in forced or _shrinks(kind, c))
+        for c in out
+    ]
+
+
+def _shrinks(kind: Kind, change: FieldChange) -> bool:
+    """A root disk can grow in place but never shrink."""
+    if kind is Kind.GUEST and change.path == "rootfs.size" and change.before and change.after:
+        return parse_mib(change.after, bare_unit="G") < parse_mib(change.before, bare_unit="G")
+    return False
+
+
+def _walk(before: Any, after: Any, path: str, out: list[FieldChange]) -> None:
+    if before == after:
+        return
+    if isinstance(before, dict) and isinstance(after, dict):
+        for key in sorted(set(before) | set(after)):
+            _walk(before.get(key), after.get(key), f"{path}.{key}", out)
+        return
+    if (
+        isinstance(before, list)
+        and isinstance(after, list)
+        and len(before) == len(after)
+        and all(isinstance(x, dict) for x in before + after)
+    ):
+        for i, (b, a) in enumerate(zip(before, after, strict=True)):
+            _walk(b, a, f"{path}[{i}]", out)
+        return
+    out.append(FieldChange(path, before, after))

@@ -1,0 +1,258 @@
+"""Make a Plan: pair desired resources with observed ones by address, allocate missing vmids,
+diff, and order the changes.
+
+Called by `reconciler plan` (offline against a snapshot, or live after observing) and by the
+controller's cycle. Pure: the same graph and observed state always give the same plan.
+
+Pairing (gitops-engine's reconcile): desired only -> create; observed only -> delete, and only
+for what carries our mark; both -> diff, which gives no-op, update or replace.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from reconciler.model.diagnostics import Diagnostic, error, warning
+from reconciler.model.observed import ObservedResource, ObservedState
+from reconciler.model.plans import Action, Change, Plan
+from reconciler.model.resources import DesiredGraph, Kind, Resource, kind_of
+from reconciler.planning import diffing, normalize
+
+_ACTIVE = (Action.CREATE, Action.REPLACE)
+
+
+def allocate_vmids(
+    graph: DesiredGraph, observed: ObservedState
+) -> tuple[dict[str, int], list[Diagnostic]]:
+    """Every desired guest's vmid: explicit in the spec; else the one it already holds (read back
+    from our mark); else the lowest id of its role's range that nobody holds or wants."""
+    owned = observed.owned()
+    taken = {r.id.get("vmid") for r in observed.resources if r.kind is Kind.GUEST}
+    guests = [r for r in graph.ordered() if r.kind is Kind.GUEST]
+    result: dict[str, int] = {}
+    for res in guests:
+        vmid = res.attributes.get("vmid")
+        if vmid is not None:
+            result[res.address] = vmid
+        elif res.address in owned and owned[res.address].id.get("vmid") is not None:
+            result[res.address] = owned[res.address].id["vmid"]
+    taken |= set(result.values())
+    diags: list[Diagnostic] = []
+    ranges: Mapping[str, Any] = graph.settings.get("ranges", {})
+    for res in sorted(guests, key=lambda r: r.address):
+        if res.address in result:
+            continue
+        rng = ranges.get(res.attributes.get("role", ""))
+        if rng is None:
+            continue
+        vmid = next((v for v in range(rng["first"], rng["last"] + 1) if v not in taken), None)
+        if vmid is None:
+            diags.append(error(
+                "range-exhausted",
+                f"no free vmid left in range {res.attributes['role']!r} "
+                f"({rng['first']}-{rng['last']}) for {res.address}",
+                position=res.position, address=res.address,
+            ))
+            continue
+        result[res.address] = vmid
+        taken.add(vmid)
+    return result, diags
+
+
+def make_plan(
+    graph: DesiredGraph,
+    observed: ObservedState,
+    *,
+    allow_destroy: bool = False,
+    targets: Iterable[str] = (),
+) -> Plan:
+    vmids, diags = allocate_vmids(graph, observed)
+    owned = observed.owned()
+    foreign_vmids = {
+        r.id["vmid"]: r for r in observed.foreign() if r.kind is Kind.GUEST and "vmid" in r.id
+    }
+    owned_by_vmid = {
+        r.id["vmid"]: r for r in owned.values() if r.kind is Kind.GUEST and "vmid" in r.id
+    }
+    changes: dict[str, Change] = {}
+    for res in graph.ordered():
+        desired = dict(res.attributes)
+        ident: dict[str, Any] = {}
+        if res.kind is Kind.GUEST:
+            if res.address not in vmids:
+                continue
+            desired["vmid"] = ident["vmid"] = vmids[res.address]
+            ident["node"] = desired["node"]
+        obs = owned.get(res.address)
+        wave = graph.waves[res.address]
+        if obs is None:
+            problem = _vmid_conflict(res, desired, foreign_vmids, owned_by_vmid)
+            if problem:
+                diags.append(problem)
+                continue
+            change = Change(res.address, res.kind, Action.CREATE, wave, ident, None, desired,
+                            depends_on=res.depends_on, reason="not found")
+        else:
+            change = _compare(res, desired, obs, wave)
+        parent = changes.get(res.attached_to) if res.attached_to else None
+        if parent is not None and parent.action in _ACTIVE and change.action not in _ACTIVE:
+            change = Change(res.address, res.kind, Action.CREATE, wave, ident, change.before,
+                            desired, change.fields, res.depends_on,
+                            reason=f"{parent.address} is {parent.action.value}d")
+        changes[res.address] = change
+
+    deletes, more = _deletes(graph, owned, allow_destroy)
+    diags.extend(more)
+    ordered = list(changes.values())
+    last_wave = max((c.wave for c in ordered), default=-1)
+    for change in sorted(deletes, key=lambda c: (-c.kind.rank, c.address)):
+        ordered.append(Change(change.address, change.kind, change.action,
+                              last_wave + 1 + (len(Kind) - change.kind.rank), change.id,
+                              change.before, None, reason=change.reason))
+    ordered.sort(key=lambda c: (c.wave, c.kind.rank if c.action is not Action.DELETE else 0,
+                                c.address))
+    if targets:
+        ordered = _only_targets(ordered, graph, set(targets))
+    foreign = tuple(_foreign_summary(r, graph) for r in observed.foreign())
+    return Plan(
+        platform=graph.platform,
+        changes=tuple(ordered),
+        observed_digest=observed.digest(),
+        observed_at=observed.observed_at,
+        observed_source=observed.source,
+        foreign=tuple(sorted(foreign, key=lambda f: (f.get("vmid") or 0, str(f.get("name"))))),
+        diagnostics=tuple(diags),
+    )
+
+
+def _compare(res: Resource, desired: dict[str, Any], obs: ObservedResource, wave: int) -> Change:
+    want, have = normalize.pair(res.kind, desired, obs.attributes)
+    fields = tuple(diffing.diff(res.kind, want, have))
+    ident = dict(obs.id) if res.kind is not Kind.GUEST else {
+        "vmid": desired["vmid"], "node": desired["node"]}
+    if not fields:
+        action, reason = Action.NOOP, ""
+    elif any(f.forces_replace for f in fields):
+        action = Action.REPLACE
+        reason = "cannot change in place: " + ", ".join(f.path for f in fields if f.forces_replace)
+    else:
+        action, reason = Action.UPDATE, ""
+    return Change(res.address, res.kind, action, wave, ident, have, want, fields,
+                  res.depends_on, reason)
+
+
+def _vmid_conflict(
+    res: Resource,
+    desired: dict[str, Any],
+    foreign: dict[int, ObservedResource],
+    owned_by_vmid: dict[int, ObservedResource],
+) -> Diagnostic | None:
+    if res.kind is not Kind.GUEST:
+        return None
+    vmid = desired["vmid"]
+    if vmid in foreign:
+        holder = foreign[vmid]
+        return error(
+            "vmid-held-by-foreign",
+            f"vmid {vmid} wanted by {res.address} is held by guest "
+            f"{holder.attributes.get('name', '?')!r} on node {holder.id.get('node', '?')}, which "
+            "the controller does not own; it will not be overwritten. Free the id, choose "
+            "another, or adopt that guest",
+            position=res.position, address=res.address,
+        )
+    if vmid in owned_by_vmid and owned_by_vmid[vmid].address != res.address:
+        holder = owned_by_vmid[vmid]
+        return error(
+            "vmid-held-by-other",
+            f"vmid {vmid} wanted by {res.address} is held by {holder.address}, a guest the "
+            "controller owns under another name; remove or renumber one of them",
+            position=res.position, address=res.address,
+        )
+    return None
+
+
+def _deletes(
+    graph: DesiredGraph, owned: dict[str, ObservedResource], allow_destroy: bool
+) -> tuple[list[Change], list[Diagnostic]]:
+    prune = allow_destroy or bool(graph.settings.get("prune"))
+    limit = int(graph.settings.get("max_deletes_per_run", 3))
+    gone = [r for a, r in sorted(owned.items()) if a not in graph.resources]
+    gone_guests = {r.address for r in gone if r.kind is Kind.GUEST}
+    changes: list[Change] = []
+    diags: list[Diagnostic] = []
+    for r in gone:
+        assert r.address is not None
+        parent = "guest/" + r.address.removeprefix("firewall/guest/")
+        if r.kind is Kind.FIREWALL_GUEST and parent in gone_guests:
+            continue  # goes with its guest
+        if not prune and r.kind is Kind.GUEST:
+            diags.append(warning(
+                "orphan",
+                f"{r.address} (vmid {r.id.get('vmid')}) is owned by the controller but no longer "
+                "in the spec; kept because pruning is off (platform.prune or --allow-destroy)",
+                address=r.address,
+            ))
+            continue
+        changes.append(Change(r.address, r.kind, Action.DELETE, 0, dict(r.id),
+                              dict(r.attributes), None, reason="not in the spec"))
+    n = sum(1 for c in changes if c.kind is Kind.GUEST)
+    if n > limit:
+        diags.append(error(
+            "too-many-deletes",
+            f"this plan would delete {n} guests; platform.max_deletes_per_run is {limit}. "
+            "A spec file may be missing; if the deletes are meant, raise the limit",
+        ))
+    return changes, diags
+
+
+def _only_targets(changes: list[Change], graph: DesiredGraph, targets: set[str]) -> list[Change]:
+    """Keep the targeted resources (an address or a prefix like `guest/`) and what they need."""
+    def hit(address: str) -> bool:
+        return any(address == t or address.startswith(t.rstrip("/") + "/") for t in targets)
+
+    keep = {c.address for c in changes if hit(c.address)}
+    frontier = list(keep)
+    while frontier:
+        res = graph.resources.get(frontier.pop())
+        for dep in res.depends_on if res else ():
+            if dep not in keep:
+                keep.add(dep)
+                frontier.append(dep)
+    return [c for c in changes if c.address in keep]
+
+
+def _foreign_summary(r: ObservedResource, graph: DesiredGraph) -> dict[str, Any]:
+    vmid = r.id.get("vmid")
+    role = None
+    for name, rng in graph.settings.get("ranges", {}).items():
+        if isinstance(vmid, int) and rng["first"] <= vmid <= rng["last"]:
+            role = name
+    return {
+        "kind": r.kind.value,
+        "name": r.attributes.get("name"),
+        "vmid": vmid,
+        "node": r.id.get("node"),
+        "in_range": role,
+    }
+
+
+def converged_state(graph: DesiredGraph, observed: ObservedState | None = None) -> ObservedState:
+    """The observed state a perfect apply would leave: every desired resource, owned, as desired.
+    Used by `plan --base` (the base revision taken as applied) and by the property tests."""
+    observed = observed or ObservedState()
+    vmids, _ = allocate_vmids(graph, observed)
+    resources = []
+    for res in graph.ordered():
+        attrs = dict(res.attributes)
+        ident: dict[str, Any] = {}
+        if res.kind is Kind.GUEST:
+            if res.address not in vmids:
+                continue
+            attrs["vmid"] = ident["vmid"] = vmids[res.address]
+            ident["node"] = attrs["node"]
+        resources.append(ObservedResource(
+            address=res.address, kind=kind_of(res.address), owned=True, id=ident,
+            attributes=attrs,
+        ))
+    return ObservedState(platform=graph.platform, source="converged", resources=tuple(resources))
