@@ -40,8 +40,11 @@ def _use_color(choice: str, stream: TextIO) -> bool:
 
 def _report_load(result: LoadResult, fmt: str, out: TextIO, color: bool) -> None:
     if fmt == "json":
-        json.dump({"valid": result.ok,
-                   "diagnostics": [d.to_json() for d in result.diagnostics]}, out, indent=2)
+        json.dump(
+            {"valid": result.ok, "diagnostics": [d.to_json() for d in result.diagnostics]},
+            out,
+            indent=2,
+        )
         out.write("\n")
     elif fmt == "github":
         out.write(render.render_github(result.diagnostics))
@@ -59,17 +62,23 @@ def cmd_validate(args: argparse.Namespace, out: TextIO) -> int:
         files = len(result.source.files)
         if result.ok and result.spec is not None:
             graph = build_graph(result.spec, result.source)
-            out.write(f"{args.dir}: valid ({files} files, {len(result.spec.guests)} guests, "
-                      f"{len(graph.resources)} resources"
-                      + (f", {warnings} warnings" if warnings else "") + ")\n")
+            out.write(
+                f"{args.dir}: valid ({files} files, {len(result.spec.guests)} guests, "
+                f"{len(graph.resources)} resources"
+                + (f", {warnings} warnings" if warnings else "")
+                + ")\n"
+            )
         else:
             out.write(f"{args.dir}: {errors} errors, {warnings} warnings in {files} files\n")
     return EXIT_OK if result.ok else EXIT_ERROR
 
 
 def _load_observed(path: str) -> ObservedState:
-    text = resources.files("reconciler.data").joinpath("sample-observed.json").read_text() \
-        if path == "sample" else Path(path).read_text(encoding="utf-8")
+    text = (
+        resources.files("reconciler.data").joinpath("sample-observed.json").read_text()
+        if path == "sample"
+        else Path(path).read_text(encoding="utf-8")
+    )
     return ObservedState.model_validate_json(text)
 
 
@@ -85,9 +94,11 @@ def build_plan(args: argparse.Namespace, err: TextIO) -> Plan | None:
         if has_errors(base.diagnostics) or (base.spec is None and base.diagnostics):
             err.write(render.render_diagnostics(base.diagnostics))
             err.write(f"the specs at {args.base} do not validate; planning against nothing\n")
-        observed = (converged_state(build_graph(base.spec, base.source))
-                    if base.spec is not None and not has_errors(base.diagnostics)
-                    else ObservedState())
+        observed = (
+            converged_state(build_graph(base.spec, base.source))
+            if base.spec is not None and not has_errors(base.diagnostics)
+            else ObservedState()
+        )
         observed = observed.model_copy(update={"source": f"specs at {args.base}"})
     elif args.observed:
         try:
@@ -96,8 +107,10 @@ def build_plan(args: argparse.Namespace, err: TextIO) -> Plan | None:
             err.write(f"{args.observed}: not an observed-state snapshot: {exc}\n")
             return None
     else:
-        err.write("live planning needs a Proxmox connection; for an offline plan give "
-                  "--observed FILE (a snapshot) or --base GITREF\n")
+        err.write(
+            "live planning needs a Proxmox connection; for an offline plan give "
+            "--observed FILE (a snapshot) or --base GITREF\n"
+        )
         return None
     plan = make_plan(graph, observed, allow_destroy=args.allow_destroy, targets=args.target)
     return _with_spec_warnings(plan, result)
@@ -176,10 +189,13 @@ def cmd_demo(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     ns = argparse.Namespace(dir=args.dir, format="text", color=args.color)
     if cmd_validate(ns, out) != EXIT_OK:
         return EXIT_ERROR
-    out.write(f"\n== plan {args.dir} against the sample observed state "
-              "(reconciler/data/sample-observed.json)\n")
-    ns = argparse.Namespace(dir=args.dir, observed="sample", base=None, allow_destroy=False,
-                            target=[])
+    out.write(
+        f"\n== plan {args.dir} against the sample observed state "
+        "(reconciler/data/sample-observed.json)\n"
+    )
+    ns = argparse.Namespace(
+        dir=args.dir, observed="sample", base=None, allow_destroy=False, target=[]
+    )
     plan = build_plan(ns, err)
     if plan is None:
         return EXIT_ERROR
@@ -206,13 +222,24 @@ def parser() -> argparse.ArgumentParser:
     src.add_argument("--observed", metavar="FILE", help="plan against an observed-state snapshot")
     src.add_argument("--base", metavar="GITREF", help="plan against the specs at a git revision")
     pl.add_argument("--format", choices=["text", "json", "markdown"], default="text")
-    pl.add_argument("--detailed-exitcode", action="store_true",
-                    help="exit 0 without changes, 2 with changes, 1 on error")
+    pl.add_argument(
+        "--detailed-exitcode",
+        action="store_true",
+        help="exit 0 without changes, 2 with changes, 1 on error",
+    )
     pl.add_argument("--out", metavar="FILE", help="also save the plan as JSON")
-    pl.add_argument("--target", action="append", default=[], metavar="ADDR",
-                    help="only this resource (and what it depends on); repeatable")
-    pl.add_argument("--allow-destroy", action="store_true",
-                    help="plan deletes of owned resources that left the spec")
+    pl.add_argument(
+        "--target",
+        action="append",
+        default=[],
+        metavar="ADDR",
+        help="only this resource (and what it depends on); repeatable",
+    )
+    pl.add_argument(
+        "--allow-destroy",
+        action="store_true",
+        help="plan deletes of owned resources that left the spec",
+    )
     color_opt(pl)
 
     s = sub.add_parser("schema", help="print the JSON Schema of a spec file")

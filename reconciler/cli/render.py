@@ -24,6 +24,8 @@ _BOLD, _RED, _YELLOW, _DIM, _RESET = "\033[1m", "\033[31m", "\033[33m", "\033[2m
 
 
 def _value(v: Any) -> str:
+    if isinstance(v, dict) and "action" in v and "type" in v:
+        return "{" + _rule_line(v) + "}"
     if isinstance(v, str):
         return json.dumps(v)
     if v is None:
@@ -113,8 +115,9 @@ def render_text(plan: Plan, *, color: bool = False) -> str:
         out.append(paint(_BOLD, "Not owned by the controller (reported, never touched):"))
         for f in plan.foreign:
             where = f" in the {f['in_range']} range" if f.get("in_range") else ""
-            out.append(f"  ? {f['kind']} {f.get('name')!r} vmid {f.get('vmid')} "
-                       f"on {f.get('node')}{where}")
+            out.append(
+                f"  ? {f['kind']} {f.get('name')!r} vmid {f.get('vmid')} on {f.get('node')}{where}"
+            )
         out.append("")
     if plan.diagnostics:
         out.extend(render_diagnostics(plan.diagnostics, color=color).rstrip("\n").split("\n"))
@@ -133,9 +136,7 @@ def render_markdown(plan: Plan) -> str:
     s = plan.summary()
     out = [f"### reconciler plan for `{plan.platform}`", ""]
     status = "errored" if plan.errored else ("changes" if plan.has_changes else "no changes")
-    out.append(
-        "| status | create | update | replace | delete | unchanged | foreign |"
-    )
+    out.append("| status | create | update | replace | delete | unchanged | foreign |")
     out.append("|---|---:|---:|---:|---:|---:|---:|")
     out.append(
         f"| {status} | {s['create']} | {s['update']} | {s['replace']} | {s['delete']} | "
@@ -154,17 +155,20 @@ def render_markdown(plan: Plan) -> str:
         changes = [c for c in plan.actions if c.action is action]
         if not changes:
             continue
-        verb = {"create": "to create", "update": "to update", "replace": "to replace",
-                "delete": "to delete"}[action.value]
+        verb = {
+            "create": "to create",
+            "update": "to update",
+            "replace": "to replace",
+            "delete": "to delete",
+        }[action.value]
         out.append(f"<details><summary>{len(changes)} {verb}</summary>")
         out.append("")
         out.append("```diff")
         for change in changes:
             lines = _change_lines(change)
             sym = {"create": "+", "update": "!", "replace": "!", "delete": "-"}[action.value]
-            out.append(f"{sym} {lines[0][len(action.symbol) + 1:]}")
-            out.extend(f"{'+' if action is Action.CREATE else '#'}{line[1:]}"
-                       for line in lines[1:])
+            out.append(f"{sym} {lines[0][len(action.symbol) + 1 :]}")
+            out.extend(f"{'+' if action is Action.CREATE else '#'}{line[1:]}" for line in lines[1:])
         out.append("```")
         out.append("")
         out.append("</details>")
@@ -174,8 +178,9 @@ def render_markdown(plan: Plan) -> str:
         out.append("")
         for f in plan.foreign:
             where = f" in the {f['in_range']} range" if f.get("in_range") else ""
-            out.append(f"- {f['kind']} `{f.get('name')}` vmid {f.get('vmid')} "
-                       f"on {f.get('node')}{where}")
+            out.append(
+                f"- {f['kind']} `{f.get('name')}` vmid {f.get('vmid')} on {f.get('node')}{where}"
+            )
         out.append("")
         out.append("</details>")
         out.append("")

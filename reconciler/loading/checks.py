@@ -35,63 +35,108 @@ def check_references(spec: PlatformSpec, source: Source) -> Iterator[Diagnostic]
     for lname, layer in spec.layers.items():
         for i, dep in enumerate(layer.may_depend_on):
             if dep not in spec.layers:
-                yield _err(source, "unknown-reference", _missing("layer", dep, spec.layers),
-                           ("layers", lname, "may_depend_on", i))
+                yield _err(
+                    source,
+                    "unknown-reference",
+                    _missing("layer", dep, spec.layers),
+                    ("layers", lname, "may_depend_on", i),
+                )
     for hname, host in spec.hosts.items():
         for i, layer_name in enumerate(host.layers):
             if layer_name not in spec.layers:
-                yield _err(source, "unknown-reference", _missing("layer", layer_name, spec.layers),
-                           ("hosts", hname, "layers", i))
+                yield _err(
+                    source,
+                    "unknown-reference",
+                    _missing("layer", layer_name, spec.layers),
+                    ("hosts", hname, "layers", i),
+                )
         if host.api is None and spec.proxmox is None:
             pass  # offline planning needs no API; live commands report it
     for rname, rng in spec.ranges.items():
         if rng.layer not in spec.layers:
-            yield _err(source, "unknown-reference", _missing("layer", rng.layer, spec.layers),
-                       ("ranges", rname, "layer"))
+            yield _err(
+                source,
+                "unknown-reference",
+                _missing("layer", rng.layer, spec.layers),
+                ("ranges", rname, "layer"),
+            )
     for gname, guest in spec.guests.items():
         at = ("guests", gname)
         if guest.role not in spec.ranges:
-            yield _err(source, "unknown-reference", _missing("role", guest.role, spec.ranges)
-                       + " (roles are the keys of 'ranges')", (*at, "role"))
+            yield _err(
+                source,
+                "unknown-reference",
+                _missing("role", guest.role, spec.ranges) + " (roles are the keys of 'ranges')",
+                (*at, "role"),
+            )
         if guest.host not in spec.hosts:
-            yield _err(source, "unknown-reference", _missing("host", guest.host, spec.hosts),
-                       (*at, "host"))
+            yield _err(
+                source, "unknown-reference", _missing("host", guest.host, spec.hosts), (*at, "host")
+            )
         for i, dep in enumerate(guest.depends_on):
             if dep not in spec.guests:
-                yield _err(source, "unknown-reference", _missing("guest", dep, spec.guests),
-                           (*at, "depends_on", i))
+                yield _err(
+                    source,
+                    "unknown-reference",
+                    _missing("guest", dep, spec.guests),
+                    (*at, "depends_on", i),
+                )
             elif dep == gname:
-                yield _err(source, "dependency-cycle", f"guest {gname!r} depends on itself",
-                           (*at, "depends_on", i))
+                yield _err(
+                    source,
+                    "dependency-cycle",
+                    f"guest {gname!r} depends on itself",
+                    (*at, "depends_on", i),
+                )
         if guest.firewall:
             for i, rule in enumerate(guest.firewall.rules):
                 if rule.type == "group" and rule.action not in spec.firewall.groups:
-                    yield _err(source, "unknown-reference",
-                               _missing("security group", rule.action, spec.firewall.groups),
-                               _rule_path(source, gname, i, "action"))
+                    yield _err(
+                        source,
+                        "unknown-reference",
+                        _missing("security group", rule.action, spec.firewall.groups),
+                        _rule_path(source, gname, i, "action"),
+                    )
     for iname, inst in spec.traefik.items():
         if inst.guest not in spec.guests:
-            yield _err(source, "unknown-reference", _missing("guest", inst.guest, spec.guests),
-                       ("traefik", iname, "guest"))
+            yield _err(
+                source,
+                "unknown-reference",
+                _missing("guest", inst.guest, spec.guests),
+                ("traefik", iname, "guest"),
+            )
         for i, layer_name in enumerate(inst.routes_to):
             if layer_name not in spec.layers:
-                yield _err(source, "unknown-reference",
-                           _missing("layer", layer_name, spec.layers),
-                           ("traefik", iname, "routes_to", i))
+                yield _err(
+                    source,
+                    "unknown-reference",
+                    _missing("layer", layer_name, spec.layers),
+                    ("traefik", iname, "routes_to", i),
+                )
         for rname, route in inst.routes.items():
             if route.target.guest not in spec.guests:
-                yield _err(source, "unknown-reference",
-                           _missing("guest", route.target.guest, spec.guests),
-                           ("traefik", iname, "routes", rname, "target", "guest"))
+                yield _err(
+                    source,
+                    "unknown-reference",
+                    _missing("guest", route.target.guest, spec.guests),
+                    ("traefik", iname, "routes", rname, "target", "guest"),
+                )
     if spec.velocity:
         if spec.velocity.guest not in spec.guests:
-            yield _err(source, "unknown-reference",
-                       _missing("guest", spec.velocity.guest, spec.guests), ("velocity", "guest"))
+            yield _err(
+                source,
+                "unknown-reference",
+                _missing("guest", spec.velocity.guest, spec.guests),
+                ("velocity", "guest"),
+            )
         for sname, server in spec.velocity.servers.items():
             if server.guest not in spec.guests:
-                yield _err(source, "unknown-reference",
-                           _missing("guest", server.guest, spec.guests),
-                           ("velocity", "servers", sname, "guest"))
+                yield _err(
+                    source,
+                    "unknown-reference",
+                    _missing("guest", server.guest, spec.guests),
+                    ("velocity", "servers", sname, "guest"),
+                )
     known_sets = set(spec.firewall.ipsets)
     known_aliases = set(spec.firewall.aliases)
     for path, value in _firewall_addresses(spec, source):
@@ -100,12 +145,15 @@ def check_references(spec: PlatformSpec, source: Source) -> Iterator[Diagnostic]
             if part.startswith("+"):
                 name = part[1:].removeprefix("dc/")
                 if name not in known_sets:
-                    yield _err(source, "unknown-reference", _missing("IP set", name, known_sets), path)
+                    yield _err(
+                        source, "unknown-reference", _missing("IP set", name, known_sets), path
+                    )
             elif part and not _looks_like_ip(part):
                 name = part.removeprefix("dc/")
                 if name not in known_aliases:
-                    yield _err(source, "unknown-reference", _missing("alias", name, known_aliases),
-                               path)
+                    yield _err(
+                        source, "unknown-reference", _missing("alias", name, known_aliases), path
+                    )
 
 
 def _looks_like_ip(value: str) -> bool:
@@ -149,22 +197,33 @@ def check_unique(spec: PlatformSpec, source: Source) -> Iterator[Diagnostic]:
         by_hostname[guest.hostname or gname].append(gname)
     for vmid, names in by_vmid.items():
         for other in names[1:]:
-            yield _err(source, "duplicate-vmid",
-                       f"vmid {vmid} is already used by guest {names[0]!r}",
-                       ("guests", other, "vmid"))
+            yield _err(
+                source,
+                "duplicate-vmid",
+                f"vmid {vmid} is already used by guest {names[0]!r}",
+                ("guests", other, "vmid"),
+            )
     for hostname, names in by_hostname.items():
         for other in names[1:]:
-            yield _err(source, "duplicate-name",
-                       f"hostname {hostname!r} is already used by guest {names[0]!r}",
-                       ("guests", other, "hostname"), key=True)
+            yield _err(
+                source,
+                "duplicate-name",
+                f"hostname {hostname!r} is already used by guest {names[0]!r}",
+                ("guests", other, "hostname"),
+                key=True,
+            )
     by_node: dict[str, list[str]] = defaultdict(list)
     for hname in spec.hosts:
         by_node[spec.node_of(hname)].append(hname)
     for node, names in by_node.items():
         for other in names[1:]:
-            yield _err(source, "duplicate-name",
-                       f"host {other!r} names node {node!r}, already used by host {names[0]!r}",
-                       ("hosts", other, "node"), key=True)
+            yield _err(
+                source,
+                "duplicate-name",
+                f"host {other!r} names node {node!r}, already used by host {names[0]!r}",
+                ("hosts", other, "node"),
+                key=True,
+            )
 
 
 def guest_edges(spec: PlatformSpec) -> Iterator[tuple[str, str, PathT, str]]:
@@ -174,18 +233,27 @@ def guest_edges(spec: PlatformSpec) -> Iterator[tuple[str, str, PathT, str]]:
             yield gname, dep, ("guests", gname, "depends_on", i), "depends_on"
     for iname, inst in spec.traefik.items():
         for rname, route in inst.routes.items():
-            yield (inst.guest, route.target.guest,
-                   ("traefik", iname, "routes", rname, "target", "guest"), f"route {iname}/{rname}")
+            yield (
+                inst.guest,
+                route.target.guest,
+                ("traefik", iname, "routes", rname, "target", "guest"),
+                f"route {iname}/{rname}",
+            )
     if spec.velocity:
         for sname, server in spec.velocity.servers.items():
-            yield (spec.velocity.guest, server.guest, ("velocity", "servers", sname, "guest"),
-                   f"velocity server {sname}")
+            yield (
+                spec.velocity.guest,
+                server.guest,
+                ("velocity", "servers", sname, "guest"),
+                f"velocity server {sname}",
+            )
 
 
 def check_cycles(spec: PlatformSpec, source: Source) -> Iterator[Diagnostic]:
     """depends_on must form no cycle (routes may point back; they order nothing)."""
-    graph: dict[str, list[str]] = {g: [d for d in spec.guests[g].depends_on if d in spec.guests]
-                                   for g in spec.guests}
+    graph: dict[str, list[str]] = {
+        g: [d for d in spec.guests[g].depends_on if d in spec.guests] for g in spec.guests
+    }
     state: dict[str, int] = {}
     reported: set[frozenset[str]] = set()
     stack: list[str] = []
@@ -195,16 +263,20 @@ def check_cycles(spec: PlatformSpec, source: Source) -> Iterator[Diagnostic]:
         stack.append(node)
         for nxt in graph[node]:
             if state.get(nxt) == 1:
-                cycle = stack[stack.index(nxt):]
+                cycle = stack[stack.index(nxt) :]
                 key = frozenset(cycle)
                 if key not in reported and len(cycle) > 1:
                     reported.add(key)
                     first = min(cycle)
                     i = cycle.index(first)
                     ordered = cycle[i:] + cycle[:i] + [first]
-                    yield _err(source, "dependency-cycle",
-                               "depends_on forms a cycle: " + " -> ".join(ordered),
-                               ("guests", first, "depends_on"), key=True)
+                    yield _err(
+                        source,
+                        "dependency-cycle",
+                        "depends_on forms a cycle: " + " -> ".join(ordered),
+                        ("guests", first, "depends_on"),
+                        key=True,
+                    )
             elif nxt not in state:
                 yield from visit(nxt)
         stack.pop()
@@ -229,16 +301,22 @@ def check_capacity(spec: PlatformSpec, source: Source) -> Iterator[Diagnostic]:
         limit_cores = host.capacity.cores * pol.cpu_overcommit
         limit_mem = host.capacity.memory * pol.memory_overcommit
         if cores[hname] > limit_cores:
-            yield _err(source, "capacity",
-                       f"guests on host {hname!r} ask for {cores[hname]} cores; it has "
-                       f"{host.capacity.cores} x overcommit {pol.cpu_overcommit:g} = {limit_cores:g}",
-                       ("hosts", hname, "capacity", "cores"))
+            yield _err(
+                source,
+                "capacity",
+                f"guests on host {hname!r} ask for {cores[hname]} cores; it has "
+                f"{host.capacity.cores} x overcommit {pol.cpu_overcommit:g} = {limit_cores:g}",
+                ("hosts", hname, "capacity", "cores"),
+            )
         if memory[hname] > limit_mem:
-            yield _err(source, "capacity",
-                       f"guests on host {hname!r} ask for {memory[hname]} MiB of memory; it has "
-                       f"{host.capacity.memory} MiB x overcommit {pol.memory_overcommit:g}"
-                       f" = {limit_mem:g} MiB",
-                       ("hosts", hname, "capacity", "memory"))
+            yield _err(
+                source,
+                "capacity",
+                f"guests on host {hname!r} ask for {memory[hname]} MiB of memory; it has "
+                f"{host.capacity.memory} MiB x overcommit {pol.memory_overcommit:g}"
+                f" = {limit_mem:g} MiB",
+                ("hosts", hname, "capacity", "memory"),
+            )
 
 
 def check_routes(spec: PlatformSpec, source: Source) -> Iterator[Diagnostic]:
@@ -253,10 +331,13 @@ def check_routes(spec: PlatformSpec, source: Source) -> Iterator[Diagnostic]:
                 key = (route.type, host, path)
                 if key in claimed:
                     field = "host" if route.type == "http" else "sni"
-                    yield _err(source, "duplicate-route",
-                               f"{host}{path} is already claimed by route {claimed[key]!r} "
-                               f"on Traefik instance {iname!r}",
-                               ("traefik", iname, "routes", rname, field, i))
+                    yield _err(
+                        source,
+                        "duplicate-route",
+                        f"{host}{path} is already claimed by route {claimed[key]!r} "
+                        f"on Traefik instance {iname!r}",
+                        ("traefik", iname, "routes", rname, field, i),
+                    )
                 else:
                     claimed[key] = rname
     if spec.velocity:
@@ -264,18 +345,26 @@ def check_routes(spec: PlatformSpec, source: Source) -> Iterator[Diagnostic]:
         for sname, server in spec.velocity.servers.items():
             if server.forced_host:
                 if server.forced_host in forced:
-                    yield _err(source, "duplicate-forced-host",
-                               f"forced host {server.forced_host} is already used by Velocity "
-                               f"server {forced[server.forced_host]!r}",
-                               ("velocity", "servers", sname, "forced_host"))
+                    yield _err(
+                        source,
+                        "duplicate-forced-host",
+                        f"forced host {server.forced_host} is already used by Velocity "
+                        f"server {forced[server.forced_host]!r}",
+                        ("velocity", "servers", sname, "forced_host"),
+                    )
                 else:
                     forced[server.forced_host] = sname
         lowered: dict[str, str] = {}
         for sname in spec.velocity.servers:
             if sname.lower() in lowered:
-                yield _err(source, "duplicate-name",
-                           f"Velocity server names are case-insensitive: {sname!r} clashes with "
-                           f"{lowered[sname.lower()]!r}", ("velocity", "servers", sname), key=True)
+                yield _err(
+                    source,
+                    "duplicate-name",
+                    f"Velocity server names are case-insensitive: {sname!r} clashes with "
+                    f"{lowered[sname.lower()]!r}",
+                    ("velocity", "servers", sname),
+                    key=True,
+                )
             lowered[sname.lower()] = sname
 
 
@@ -286,16 +375,22 @@ def check_networks(spec: PlatformSpec, source: Source) -> Iterator[Diagnostic]:
         names: set[str] = set()
         for i, nic in enumerate(guest.network):
             if nic.name in names:
-                yield _err(source, "duplicate-name",
-                           f"interface {nic.name!r} appears twice in guest {gname!r}",
-                           ("guests", gname, "network", i, "name"))
+                yield _err(
+                    source,
+                    "duplicate-name",
+                    f"interface {nic.name!r} appears twice in guest {gname!r}",
+                    ("guests", gname, "network", i, "name"),
+                )
             names.add(nic.name)
             if "/" in nic.ip:
                 addr = nic.ip.split("/")[0]
                 if addr in seen:
-                    yield _err(source, "duplicate-address",
-                               f"address {addr} is already used by guest {seen[addr]!r}",
-                               ("guests", gname, "network", i, "ip"))
+                    yield _err(
+                        source,
+                        "duplicate-address",
+                        f"address {addr} is already used by guest {seen[addr]!r}",
+                        ("guests", gname, "network", i, "ip"),
+                    )
                 else:
                     seen[addr] = gname
 

@@ -147,24 +147,29 @@ def _resources(spec: PlatformSpec, source: Source) -> Iterator[Resource]:
     fw = spec.firewall
     if fw.cluster is not None:
         yield Resource(
-            "firewall/cluster", Kind.FIREWALL_CLUSTER, fw.cluster.model_dump(),
+            "firewall/cluster",
+            Kind.FIREWALL_CLUSTER,
+            fw.cluster.model_dump(),
             position=source.where(("firewall", "cluster")),
         )
     for name, alias in sorted(fw.aliases.items()):
         yield Resource(
-            f"firewall/alias/{name}", Kind.FIREWALL_ALIAS,
+            f"firewall/alias/{name}",
+            Kind.FIREWALL_ALIAS,
             {"cidr": alias.cidr, "comment": alias.comment},
             position=source.where(("firewall", "aliases", name)),
         )
     for name, ipset in sorted(fw.ipsets.items()):
         yield Resource(
-            f"firewall/ipset/{name}", Kind.FIREWALL_IPSET,
+            f"firewall/ipset/{name}",
+            Kind.FIREWALL_IPSET,
             {"entries": sorted(ipset.entries), "comment": ipset.comment},
             position=source.where(("firewall", "ipsets", name)),
         )
     for name, group in sorted(fw.groups.items()):
         yield Resource(
-            f"firewall/group/{name}", Kind.FIREWALL_GROUP,
+            f"firewall/group/{name}",
+            Kind.FIREWALL_GROUP,
             {"comment": group.comment, "rules": [rule_attributes(r) for r in group.rules]},
             depends_on=tuple(sorted(_rule_refs(spec, group.rules))),
             position=source.where(("firewall", "groups", name)),
@@ -172,13 +177,16 @@ def _resources(spec: PlatformSpec, source: Source) -> Iterator[Resource]:
     for name, guest in sorted(spec.guests.items()):
         address = guest_address(name)
         yield Resource(
-            address, Kind.GUEST, guest_attributes(spec, name, guest),
+            address,
+            Kind.GUEST,
+            guest_attributes(spec, name, guest),
             depends_on=tuple(guest_address(d) for d in guest.depends_on),
             position=source.where(("guests", name)),
         )
         if guest.firewall is not None:
             yield Resource(
-                f"firewall/guest/{name}", Kind.FIREWALL_GUEST,
+                f"firewall/guest/{name}",
+                Kind.FIREWALL_GUEST,
                 {
                     "enable": int(guest.firewall.enable),
                     "policy_in": guest.firewall.policy_in,
@@ -206,14 +214,17 @@ def _resources(spec: PlatformSpec, source: Source) -> Iterator[Resource]:
             else:
                 attrs["server"] = f"{target}:{route.target.port}"
             yield Resource(
-                f"route/{iname}/{rname}", Kind.ROUTE, attrs,
+                f"route/{iname}/{rname}",
+                Kind.ROUTE,
+                attrs,
                 depends_on=(guest_address(inst.guest), guest_address(route.target.guest)),
                 position=source.where(("traefik", iname, "routes", rname)),
             )
     if spec.velocity is not None:
         for sname, server in sorted(spec.velocity.servers.items()):
             yield Resource(
-                f"velocity/{sname}", Kind.VELOCITY,
+                f"velocity/{sname}",
+                Kind.VELOCITY,
                 {
                     "server_name": sname,
                     "address": _guest_endpoint(spec, server.guest),

@@ -38,7 +38,10 @@ class LoadResult:
 
 def spec_files(directory: Path) -> list[Path]:
     return sorted(
-        p for p in directory.rglob("*") if p.suffix in SPEC_SUFFIXES and p.is_file()
+        p
+        for p in directory.rglob("*")
+        if p.suffix in SPEC_SUFFIXES
+        and p.is_file()
         and not any(part.startswith(".") for part in p.relative_to(directory).parts)
     )
 
@@ -83,7 +86,7 @@ def load_texts(texts: dict[str, str]) -> LoadResult:
         diags.extend(checks.run_all(spec, source))
         diags.extend(policies.run_all(spec, source))
     diags = sorted_unique(diags)
-    return LoadResult(spec if not has_errors(diags) else spec, diags, source)
+    return LoadResult(spec, diags, source)
 
 
 def load_file(path: Path) -> LoadResult:
@@ -99,11 +102,15 @@ def load_file(path: Path) -> LoadResult:
 _SECRET_PATTERNS = [
     (re.compile(r"PVEAPIToken\s*=", re.I), "a Proxmox API token"),
     (re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"), "a private key"),
-    (re.compile(r"![\w.-]+=[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.I),
-     "a Proxmox API token"),
+    (
+        re.compile(r"![\w.-]+=[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.I),
+        "a Proxmox API token",
+    ),
     (re.compile(r"\b[a-z][a-z0-9+.-]*://[^/\s:@]*:[^/\s@]+@"), "a password inside a URL"),
-    (re.compile(r"(?:^|[\s,;])(?:password|passwd|secret|token)\s*[=:]\s*\S{4,}", re.I),
-     "a password or token"),
+    (
+        re.compile(r"(?:^|[\s,;])(?:password|passwd|secret|token)\s*[=:]\s*\S{4,}", re.I),
+        "a password or token",
+    ),
     (re.compile(r"\bAKIA[0-9A-Z]{16}\b"), "an AWS access key"),
     (re.compile(r"\b(?:ghp|gho|ghs|glpat)[-_][A-Za-z0-9_]{16,}"), "an access token"),
 ]
@@ -158,22 +165,26 @@ def resolve_profiles(source: Source, diags: list[Diagnostic]) -> dict[PathT, Pat
         current: str | None = name
         while current is not None:
             if current in seen:
-                diags.append(error(
-                    "profile-cycle",
-                    "profiles extend each other in a cycle: " + " -> ".join([*seen, current]),
-                    position=source.where(("profiles", current, "extends")),
-                    path=f"profiles.{current}.extends",
-                ))
+                diags.append(
+                    error(
+                        "profile-cycle",
+                        "profiles extend each other in a cycle: " + " -> ".join([*seen, current]),
+                        position=source.where(("profiles", current, "extends")),
+                        path=f"profiles.{current}.extends",
+                    )
+                )
                 return None
             body = profiles.get(current)
             if not isinstance(body, dict):
                 known = _suggest(current, profiles)
-                diags.append(error(
-                    "unknown-reference",
-                    f"profile {current!r} is not defined{known}",
-                    position=source.where(at, key=False),
-                    path=dotted(at),
-                ))
+                diags.append(
+                    error(
+                        "unknown-reference",
+                        f"profile {current!r} is not defined{known}",
+                        position=source.where(at, key=False),
+                        path=dotted(at),
+                    )
+                )
                 return None
             seen.append(current)
             at = ("profiles", current, "extends")
@@ -273,14 +284,16 @@ def _raw_path(data: Any, loc: tuple[Any, ...]) -> PathT:
         elif isinstance(current, list) and isinstance(part, int) and 0 <= part < len(current):
             out.append(part)
             current = current[part]
-        elif isinstance(part, str) and part not in ("function-after", "function-before"):
-            # A tag of a union or a field that is missing: keep it only if it is the last step.
-            if part is loc[-1] and isinstance(current, dict):
-                out.append(part)
+        elif part is loc[-1] and isinstance(part, str) and isinstance(current, dict):
+            # A missing or unknown field: keep it, it is the last step. Other strings that are
+            # not keys are union tags or validator names and are dropped.
+            out.append(part)
     return tuple(out)
 
 
-def validate(source: Source, origins: dict[PathT, PathT], diags: list[Diagnostic]) -> PlatformSpec | None:
+def validate(
+    source: Source, origins: dict[PathT, PathT], diags: list[Diagnostic]
+) -> PlatformSpec | None:
     global _KNOWN_FIELDS
     if _KNOWN_FIELDS is None:
         _KNOWN_FIELDS = _all_field_names(PlatformSpec) | set(ProfileSpec.model_fields)

@@ -36,8 +36,10 @@ class Source:
         """The closest known position of `path`: its key (or value), else its nearest parent."""
         p = tuple(path)
         while True:
-            found = (self.keys.get(p) or self.values.get(p)) if key else (
-                self.values.get(p) or self.keys.get(p)
+            found = (
+                (self.keys.get(p) or self.values.get(p))
+                if key
+                else (self.values.get(p) or self.keys.get(p))
             )
             if found or not p:
                 return found
@@ -63,7 +65,11 @@ class _Builder:
                 key = self.constructor.construct_object(key_node, deep=True)
                 if not isinstance(key, (str, int)) or isinstance(key, bool):
                     self.diags.append(
-                        error("yaml-key", f"a key must be a name, not {key!r}", position=self.pos(key_node))
+                        error(
+                            "yaml-key",
+                            f"a key must be a name, not {key!r}",
+                            position=self.pos(key_node),
+                        )
                     )
                     continue
                 key = str(key)
@@ -138,7 +144,7 @@ def read_text(text: str, name: str, diags: list[Diagnostic]) -> Source | None:
 
 
 def merge_into(target: Source, other: Source, diags: list[Diagnostic]) -> None:
-    """Deep-merge `other` into `target`. Maps merge by key; anything else defined twice is an error."""
+    """Deep-merge `other` into `target`: maps merge by key; a value set twice is an error."""
     target.files.extend(f for f in other.files if f not in target.files)
 
     def walk(dst: dict[str, Any], src: dict[str, Any], path: PathT) -> None:
@@ -154,8 +160,7 @@ def merge_into(target: Source, other: Source, diags: list[Diagnostic]) -> None:
                 diags.append(
                     error(
                         "duplicate-definition",
-                        f"{_dotted(p)} is defined twice"
-                        + (f"; first at {first}" if first else ""),
+                        f"{_dotted(p)} is defined twice" + (f"; first at {first}" if first else ""),
                         position=other.keys.get(p),
                         path=_dotted(p),
                         related=(first,) if first else (),

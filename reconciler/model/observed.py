@@ -61,8 +61,8 @@ class ObservedResource(BaseModel):
 class ObservedState(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    format: Literal["reconciler/observed-state"] = FORMAT
-    format_version: Literal[1] = FORMAT_VERSION
+    format: Literal["reconciler/observed-state"] = "reconciler/observed-state"
+    format_version: Literal[1] = 1
     platform: str | None = None
     observed_at: str | None = None
     source: str = ""

@@ -318,22 +318,20 @@ class GuestSpec(Strict):
 _NOT_INHERITED = {"role", "host", "vmid", "profile", "hostname", "depends_on"}
 PROFILE_FIELDS = tuple(n for n in GuestSpec.model_fields if n not in _NOT_INHERITED)
 
+
 def _optional(name: str) -> Any:
     info = GuestSpec.model_fields[name]
-    annotation = info.annotation | None  # type: ignore[operator]
+    annotation: Any = info.annotation
     if info.metadata:
-        annotation = Annotated[(annotation, *info.metadata)]  # type: ignore[valid-type]
-    return annotation
+        return Annotated[(annotation | None, *info.metadata)]
+    return annotation | None
 
 
 ProfileSpec: type[BaseModel] = create_model(  # type: ignore[call-overload]
     "ProfileSpec",
     __base__=Strict,
     extends=(str | None, Field(None, description="A profile this one builds on")),
-    **{
-        name: (_optional(name), None)
-        for name in PROFILE_FIELDS
-    },
+    **{name: (_optional(name), None) for name in PROFILE_FIELDS},
 )
 
 
@@ -519,7 +517,7 @@ class PlatformSpec(Strict):
     layers: FrozenMap[LayerSpec] = Field(default_factory=dict)
     hosts: FrozenMap[HostSpec] = Field(default_factory=dict)
     ranges: FrozenMap[RangeSpec] = Field(default_factory=dict)
-    profiles: FrozenMap[ProfileSpec] = Field(default_factory=dict)  # type: ignore[valid-type]
+    profiles: FrozenMap[ProfileSpec] = Field(default_factory=dict)
     guests: FrozenMap[GuestSpec] = Field(default_factory=dict)
     traefik: FrozenMap[TraefikInstance] = Field(default_factory=dict)
     velocity: VelocitySpec | None = None

@@ -59,7 +59,7 @@ def check_label(value: str) -> str:
 
 
 def check_hostname(value: str) -> str:
-    """A fully qualified host name as used in routes (`portal.example.org`, `*.play.example.org`)."""
+    """A fully qualified host name as routes use it (`portal.example.org`, `*.play.example.org`)."""
     host = value.rstrip(".")
     labels = host.split(".")
     if len(host) > 253 or len(labels) < 2:

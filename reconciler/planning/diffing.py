@@ -6,6 +6,8 @@ fields cannot change in place live here, per kind, in one table.
 
 from __future__ import annotations
 
+import difflib
+import json
 from typing import Any
 
 from reconciler.model.plans import FieldChange
@@ -40,8 +42,7 @@ def diff(kind: Kind, desired: dict[str, Any], observed: dict[str, Any]) -> list[
             continue
         _walk(observed.get(key), desired[key], key, out)
     return [
-        FieldChange(c.path, c.before, c.after, c.path in forced or _shrinks(kind, c))
-        for c in out
+        FieldChange(c.path, c.before, c.after, c.path in forced or _shrinks(kind, c)) for c in out
     ]
 
 
@@ -62,10 +63,32 @@ def _walk(before: Any, after: Any, path: str, out: list[FieldChange]) -> None:
     if (
         isinstance(before, list)
         and isinstance(after, list)
-        and len(before) == len(after)
         and all(isinstance(x, dict) for x in before + after)
     ):
-        for i, (b, a) in enumerate(zip(before, after, strict=True)):
-            _walk(b, a, f"{path}[{i}]", out)
+        _walk_ordered(before, after, path, out)
         return
     out.append(FieldChange(path, before, after))
+
+
+def _walk_ordered(
+    before: list[dict[str, Any]], after: list[dict[str, Any]], path: str, out: list[FieldChange]
+) -> None:
+    """Ordered lists (firewall rules): match items by content so an insertion shows as one
+    inserted item, not as every later item changed. Indexes are the desired positions; a
+    removed item keeps its observed index."""
+    keys = (
+        [json.dumps(x, sort_keys=True) for x in before],
+        [json.dumps(x, sort_keys=True) for x in after],
+    )
+    matcher = difflib.SequenceMatcher(a=keys[0], b=keys[1], autojunk=False)
+    for op, i1, i2, j1, j2 in matcher.get_opcodes():
+        if op == "equal":
+            continue
+        if op == "replace" and i2 - i1 == j2 - j1:
+            for b, a, j in zip(before[i1:i2], after[j1:j2], range(j1, j2), strict=True):
+                _walk(b, a, f"{path}[{j}]", out)
+            continue
+        for i in range(i1, i2):
+            out.append(FieldChange(f"{path}[{i}]", before[i], None))
+        for j in range(j1, j2):
+            out.append(FieldChange(f"{path}[{j}]", None, after[j]))

@@ -31,7 +31,9 @@ def parse_kv(value: str) -> dict[str, str]:
 def tags(value: Any) -> list[str]:
     if value is None:
         return []
-    items = value.replace(",", ";").replace(" ", ";").split(";") if isinstance(value, str) else value
+    items = (
+        value.replace(",", ";").replace(" ", ";").split(";") if isinstance(value, str) else value
+    )
     return sorted({str(t).strip().lower() for t in items if str(t).strip()})
 
 
@@ -79,7 +81,9 @@ def _bool(value: Any) -> Any:
     return value
 
 
-def guest(attrs: dict[str, Any], *, net_keep: dict[str, frozenset[str]] | None = None) -> dict[str, Any]:
+def guest(
+    attrs: dict[str, Any], *, net_keep: dict[str, frozenset[str]] | None = None
+) -> dict[str, Any]:
     out = dict(attrs)
     if "tags" in out:
         out["tags"] = tags(out["tags"])
@@ -122,7 +126,9 @@ def firewall(attrs: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def pair(kind: Kind, desired: dict[str, Any], observed: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+def pair(
+    kind: Kind, desired: dict[str, Any], observed: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Normalize a desired/observed pair of one resource."""
     if kind is Kind.GUEST:
         keep = {

@@ -48,12 +48,15 @@ def allocate_vmids(
             continue
         vmid = next((v for v in range(rng["first"], rng["last"] + 1) if v not in taken), None)
         if vmid is None:
-            diags.append(error(
-                "range-exhausted",
-                f"no free vmid left in range {res.attributes['role']!r} "
-                f"({rng['first']}-{rng['last']}) for {res.address}",
-                position=res.position, address=res.address,
-            ))
+            diags.append(
+                error(
+                    "range-exhausted",
+                    f"no free vmid left in range {res.attributes['role']!r} "
+                    f"({rng['first']}-{rng['last']}) for {res.address}",
+                    position=res.position,
+                    address=res.address,
+                )
+            )
             continue
         result[res.address] = vmid
         taken.add(vmid)
@@ -91,15 +94,33 @@ def make_plan(
             if problem:
                 diags.append(problem)
                 continue
-            change = Change(res.address, res.kind, Action.CREATE, wave, ident, None, desired,
-                            depends_on=res.depends_on, reason="not found")
+            change = Change(
+                res.address,
+                res.kind,
+                Action.CREATE,
+                wave,
+                ident,
+                None,
+                desired,
+                depends_on=res.depends_on,
+                reason="not found",
+            )
         else:
             change = _compare(res, desired, obs, wave)
         parent = changes.get(res.attached_to) if res.attached_to else None
         if parent is not None and parent.action in _ACTIVE and change.action not in _ACTIVE:
-            change = Change(res.address, res.kind, Action.CREATE, wave, ident, change.before,
-                            desired, change.fields, res.depends_on,
-                            reason=f"{parent.address} is {parent.action.value}d")
+            change = Change(
+                res.address,
+                res.kind,
+                Action.CREATE,
+                wave,
+                ident,
+                change.before,
+                desired,
+                change.fields,
+                res.depends_on,
+                reason=f"{parent.address} is {parent.action.value}d",
+            )
         changes[res.address] = change
 
     deletes, more = _deletes(graph, owned, allow_destroy)
@@ -107,11 +128,21 @@ def make_plan(
     ordered = list(changes.values())
     last_wave = max((c.wave for c in ordered), default=-1)
     for change in sorted(deletes, key=lambda c: (-c.kind.rank, c.address)):
-        ordered.append(Change(change.address, change.kind, change.action,
-                              last_wave + 1 + (len(Kind) - change.kind.rank), change.id,
-                              change.before, None, reason=change.reason))
-    ordered.sort(key=lambda c: (c.wave, c.kind.rank if c.action is not Action.DELETE else 0,
-                                c.address))
+        ordered.append(
+            Change(
+                change.address,
+                change.kind,
+                change.action,
+                last_wave + 1 + (len(Kind) - change.kind.rank),
+                change.id,
+                change.before,
+                None,
+                reason=change.reason,
+            )
+        )
+    ordered.sort(
+        key=lambda c: (c.wave, c.kind.rank if c.action is not Action.DELETE else 0, c.address)
+    )
     if targets:
         ordered = _only_targets(ordered, graph, set(targets))
     foreign = tuple(_foreign_summary(r, graph) for r in observed.foreign())
@@ -129,8 +160,11 @@ def make_plan(
 def _compare(res: Resource, desired: dict[str, Any], obs: ObservedResource, wave: int) -> Change:
     want, have = normalize.pair(res.kind, desired, obs.attributes)
     fields = tuple(diffing.diff(res.kind, want, have))
-    ident = dict(obs.id) if res.kind is not Kind.GUEST else {
-        "vmid": desired["vmid"], "node": desired["node"]}
+    ident = (
+        dict(obs.id)
+        if res.kind is not Kind.GUEST
+        else {"vmid": desired["vmid"], "node": desired["node"]}
+    )
     if not fields:
         action, reason = Action.NOOP, ""
     elif any(f.forces_replace for f in fields):
@@ -138,8 +172,9 @@ def _compare(res: Resource, desired: dict[str, Any], obs: ObservedResource, wave
         reason = "cannot change in place: " + ", ".join(f.path for f in fields if f.forces_replace)
     else:
         action, reason = Action.UPDATE, ""
-    return Change(res.address, res.kind, action, wave, ident, have, want, fields,
-                  res.depends_on, reason)
+    return Change(
+        res.address, res.kind, action, wave, ident, have, want, fields, res.depends_on, reason
+    )
 
 
 def _vmid_conflict(
@@ -159,7 +194,8 @@ def _vmid_conflict(
             f"{holder.attributes.get('name', '?')!r} on node {holder.id.get('node', '?')}, which "
             "the controller does not own; it will not be overwritten. Free the id, choose "
             "another, or adopt that guest",
-            position=res.position, address=res.address,
+            position=res.position,
+            address=res.address,
         )
     if vmid in owned_by_vmid and owned_by_vmid[vmid].address != res.address:
         holder = owned_by_vmid[vmid]
@@ -167,7 +203,8 @@ def _vmid_conflict(
             "vmid-held-by-other",
             f"vmid {vmid} wanted by {res.address} is held by {holder.address}, a guest the "
             "controller owns under another name; remove or renumber one of them",
-            position=res.position, address=res.address,
+            position=res.position,
+            address=res.address,
         )
     return None
 
@@ -187,27 +224,43 @@ def _deletes(
         if r.kind is Kind.FIREWALL_GUEST and parent in gone_guests:
             continue  # goes with its guest
         if not prune and r.kind is Kind.GUEST:
-            diags.append(warning(
-                "orphan",
-                f"{r.address} (vmid {r.id.get('vmid')}) is owned by the controller but no longer "
-                "in the spec; kept because pruning is off (platform.prune or --allow-destroy)",
-                address=r.address,
-            ))
+            diags.append(
+                warning(
+                    "orphan",
+                    f"{r.address} (vmid {r.id.get('vmid')}) is owned by the controller but no "
+                    "longer in the spec; kept because pruning is off "
+                    "(platform.prune or --allow-destroy)",
+                    address=r.address,
+                )
+            )
             continue
-        changes.append(Change(r.address, r.kind, Action.DELETE, 0, dict(r.id),
-                              dict(r.attributes), None, reason="not in the spec"))
+        changes.append(
+            Change(
+                r.address,
+                r.kind,
+                Action.DELETE,
+                0,
+                dict(r.id),
+                dict(r.attributes),
+                None,
+                reason="not in the spec",
+            )
+        )
     n = sum(1 for c in changes if c.kind is Kind.GUEST)
     if n > limit:
-        diags.append(error(
-            "too-many-deletes",
-            f"this plan would delete {n} guests; platform.max_deletes_per_run is {limit}. "
-            "A spec file may be missing; if the deletes are meant, raise the limit",
-        ))
+        diags.append(
+            error(
+                "too-many-deletes",
+                f"this plan would delete {n} guests; platform.max_deletes_per_run is {limit}. "
+                "A spec file may be missing; if the deletes are meant, raise the limit",
+            )
+        )
     return changes, diags
 
 
 def _only_targets(changes: list[Change], graph: DesiredGraph, targets: set[str]) -> list[Change]:
     """Keep the targeted resources (an address or a prefix like `guest/`) and what they need."""
+
     def hit(address: str) -> bool:
         return any(address == t or address.startswith(t.rstrip("/") + "/") for t in targets)
 
@@ -251,8 +304,13 @@ def converged_state(graph: DesiredGraph, observed: ObservedState | None = None) 
                 continue
             attrs["vmid"] = ident["vmid"] = vmids[res.address]
             ident["node"] = attrs["node"]
-        resources.append(ObservedResource(
-            address=res.address, kind=kind_of(res.address), owned=True, id=ident,
-            attributes=attrs,
-        ))
+        resources.append(
+            ObservedResource(
+                address=res.address,
+                kind=kind_of(res.address),
+                owned=True,
+                id=ident,
+                attributes=attrs,
+            )
+        )
     return ObservedState(platform=graph.platform, source="converged", resources=tuple(resources))

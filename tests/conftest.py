@@ -1,0 +1,27 @@
+"""Shared fixtures: the example platform of specs/, loaded once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from reconciler.loading.graph import build_graph
+from reconciler.loading.loader import LoadResult, load_directory
+from reconciler.model.resources import DesiredGraph
+
+ROOT = Path(__file__).resolve().parent.parent
+SPECS = ROOT / "specs"
+
+
+@pytest.fixture(scope="session")
+def example() -> LoadResult:
+    result = load_directory(SPECS, display="specs")
+    assert result.ok, [str(d) for d in result.diagnostics]
+    return result
+
+
+@pytest.fixture(scope="session")
+def graph(example: LoadResult) -> DesiredGraph:
+    assert example.spec is not None
+    return build_graph(example.spec, example.source)

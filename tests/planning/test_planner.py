@@ -1,0 +1,173 @@
+"""The planner against the example platform and hand-made observed states."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from reconciler.loading.graph import build_graph
+from reconciler.loading.loader import load_texts
+from reconciler.model.observed import ObservedResource, ObservedState
+from reconciler.model.plans import Action, Plan
+from reconciler.model.resources import DesiredGraph, Kind
+from reconciler.planning.planner import allocate_vmids, converged_state, make_plan
+
+
+def _by_address(plan: Plan) -> dict[str, Any]:
+    return {c.address: c for c in plan.changes}
+
+
+def _with(state: ObservedState, *extra: ObservedResource, drop: tuple[str, ...] = ()) -> ObservedState:
+    kept = [r for r in state.resources if r.address not in drop]
+    return state.model_copy(update={"resources": (*kept, *extra)})
+
+
+def _edit(state: ObservedState, address: str, **attrs: Any) -> ObservedState:
+    out = []
+    for r in state.resources:
+        if r.address == address:
+            r = r.model_copy(update={"attributes": {**r.attributes, **attrs}})
+        out.append(r)
+    return state.model_copy(update={"resources": tuple(out)})
+
+
+def test_empty_cluster_creates_everything_in_dependency_order(graph: DesiredGraph) -> None:
+    plan = make_plan(graph, ObservedState())
+    assert not plan.errored
+    assert {c.action for c in plan.changes} == {Action.CREATE}
+    assert {c.address for c in plan.changes} == set(graph.resources)
+    seen: set[str] = set()
+    for change in plan.changes:
+        missing = [d for d in change.depends_on if d not in seen]
+        assert not missing, f"{change.address} planned before {missing}"
+        seen.add(change.address)
+
+
+def test_converged_state_plans_empty(graph: DesiredGraph) -> None:
+    plan = make_plan(graph, converged_state(graph))
+    assert not plan.has_changes
+    assert plan.summary()["no-op"] == len(graph.resources)
+
+
+def test_proxmox_spellings_are_not_drift(graph: DesiredGraph) -> None:
+    state = _edit(
+        converged_state(graph),
+        "guest/zpack-db",
+        tags="ZPACK;control;reconciler;MariaDB;control",
+        rootfs="local-lvm:vm-103-disk-0,size=64G",
+        net={"net0": "name=eth0,bridge=vmbr0,firewall=1,gw=10.10.0.1,hwaddr=bc:24:11:00:00:01,"
+                      "ip=10.10.0.13/24,tag=10,type=veth"},
+        onboot=1,
+        unprivileged="1",
+        features="",
+    )
+    assert _by_address(make_plan(graph, state))["guest/zpack-db"].action is Action.NOOP
+
+
+def test_memory_drift_is_an_update_of_that_field(graph: DesiredGraph) -> None:
+    state = _edit(converged_state(graph), "guest/mc-survival", memory=6144)
+    change = _by_address(make_plan(graph, state))["guest/mc-survival"]
+    assert change.action is Action.UPDATE
+    assert [(f.path, f.before, f.after) for f in change.fields] == [("memory", 6144, 4096)]
+
+
+def test_template_change_forces_replace_and_recreates_the_firewall(graph: DesiredGraph) -> None:
+    state = _edit(converged_state(graph), "guest/mc-creative", template="local:vztmpl/old.tar.zst")
+    changes = _by_address(make_plan(graph, state))
+    assert changes["guest/mc-creative"].action is Action.REPLACE
+    assert changes["guest/mc-creative"].replace_because == ("template",)
+    assert changes["firewall/guest/mc-creative"].action is Action.CREATE
+
+
+def test_disk_shrink_forces_replace_but_growth_does_not(graph: DesiredGraph) -> None:
+    base = converged_state(graph)
+    bigger = _edit(base, "guest/mc-lobby", rootfs={"storage": "local-lvm", "size": "32G"})
+    smaller = _edit(base, "guest/mc-lobby", rootfs={"storage": "local-lvm", "size": "8G"})
+    assert _by_address(make_plan(graph, bigger))["guest/mc-lobby"].action is Action.REPLACE
+    assert _by_address(make_plan(graph, smaller))["guest/mc-lobby"].action is Action.UPDATE
+
+
+def test_foreign_guest_holding_a_desired_vmid_is_a_plan_error(graph: DesiredGraph) -> None:
+    intruder = ObservedResource(kind=Kind.GUEST, owned=False, id={"vmid": 1001, "node": "pve-runtime"},
+                                attributes={"name": "someone-else"})
+    state = _with(converged_state(graph), intruder, drop=("guest/mc-survival",))
+    plan = make_plan(graph, state)
+    assert plan.errored and not plan.applyable
+    assert [d.code for d in plan.diagnostics] == ["vmid-held-by-foreign"]
+    assert "guest/mc-survival" not in {c.address for c in plan.actions}
+    assert plan.foreign[0]["vmid"] == 1001
+
+
+def test_foreign_guests_are_never_deleted_even_when_destroy_is_allowed(graph: DesiredGraph) -> None:
+    foreign = ObservedResource(kind=Kind.GUEST, owned=False, id={"vmid": 1050, "node": "pve-runtime"},
+                               attributes={"name": "legacy"})
+    plan = make_plan(graph, _with(converged_state(graph), foreign), allow_destroy=True)
+    assert not plan.has_changes
+    assert plan.foreign == ({"kind": "guest", "name": "legacy", "vmid": 1050,
+                             "node": "pve-runtime", "in_range": "game"},)
+
+
+def test_orphans_are_kept_unless_destroy_is_allowed(graph: DesiredGraph) -> None:
+    orphan = ObservedResource(address="guest/mc-old", kind=Kind.GUEST, owned=True,
+                              id={"vmid": 1040, "node": "pve-runtime"}, attributes={"name": "mc-old"})
+    state = _with(converged_state(graph), orphan)
+    kept = make_plan(graph, state)
+    assert not kept.has_changes and [d.code for d in kept.diagnostics] == ["orphan"]
+    pruned = make_plan(graph, state, allow_destroy=True)
+    assert [(c.address, c.action) for c in pruned.actions] == [("guest/mc-old", Action.DELETE)]
+
+
+def test_too_many_deletes_errors_the_plan(graph: DesiredGraph) -> None:
+    orphans = [
+        ObservedResource(address=f"guest/old-{i}", kind=Kind.GUEST, owned=True,
+                         id={"vmid": 1050 + i, "node": "pve-runtime"}, attributes={})
+        for i in range(4)
+    ]
+    plan = make_plan(graph, _with(converged_state(graph), *orphans), allow_destroy=True)
+    assert plan.errored
+    assert any(d.code == "too-many-deletes" for d in plan.diagnostics)
+
+
+def test_omitted_vmid_is_the_lowest_free_and_then_kept(graph: DesiredGraph) -> None:
+    vmids, diags = allocate_vmids(graph, ObservedState())
+    assert not diags
+    # mc-rlcraft has no vmid: 1000-1003 are taken by explicit ids.
+    assert vmids["guest/mc-rlcraft"] == 1004
+    foreign = ObservedResource(kind=Kind.GUEST, owned=False, id={"vmid": 1004, "node": "pve-runtime"})
+    vmids, _ = allocate_vmids(graph, ObservedState(resources=(foreign,)))
+    assert vmids["guest/mc-rlcraft"] == 1005
+    held = ObservedResource(address="guest/mc-rlcraft", kind=Kind.GUEST, owned=True,
+                            id={"vmid": 1042, "node": "pve-runtime"})
+    vmids, _ = allocate_vmids(graph, ObservedState(resources=(held,)))
+    assert vmids["guest/mc-rlcraft"] == 1042
+
+
+def test_exhausted_range_is_a_plan_error() -> None:
+    texts = {"p.yaml": """
+platform: {name: tiny}
+layers: {runtime: {}}
+hosts: {h: {layers: [runtime], capacity: {cores: 64, memory: 64G}}}
+ranges: {game: {first: 1000, last: 1001, layer: runtime}}
+guests:
+  a: {role: game, host: h, template: t}
+  b: {role: game, host: h, template: t}
+  c: {role: game, host: h, template: t}
+"""}
+    result = load_texts(texts)
+    assert result.ok and result.spec is not None
+    plan = make_plan(build_graph(result.spec), ObservedState())
+    assert [d.code for d in plan.diagnostics] == ["range-exhausted"]
+    assert "guest/c" not in {c.address for c in plan.changes}
+
+
+def test_target_keeps_what_the_target_needs(graph: DesiredGraph) -> None:
+    plan = make_plan(graph, ObservedState(), targets=["route/core/portal"])
+    addresses = {c.address for c in plan.changes}
+    assert addresses == {"route/core/portal", "guest/traefik-core", "guest/zpack-portal",
+                         "guest/zpack-api", "guest/zpack-db", "guest/zpack-redis"}
+
+
+def test_deletes_come_after_everything_else(graph: DesiredGraph) -> None:
+    gone = ObservedResource(address="route/core/old", kind=Kind.ROUTE, owned=True, attributes={})
+    state = _with(converged_state(graph), gone, drop=("guest/dev-bob",))
+    plan = make_plan(graph, state, allow_destroy=True)
+    assert [c.action for c in plan.actions][-1] is Action.DELETE
