@@ -76,17 +76,25 @@ def load_texts(texts: dict[str, str]) -> LoadResult:
         part = read_text(texts[name], name, diags)
         if part is not None:
             merge_into(source, part, diags)
-    if has_errors(diags):
-        # Broken YAML: report it, but keep going so the other files' mistakes show too.
-        pass
     diags.extend(find_literal_secrets(source))
+    if any(d.code.startswith("yaml-") for d in diags):
+        # A file that does not parse would make everything it defines look missing: report the
+        # syntax errors alone rather than a cascade of false "not defined" errors.
+        return LoadResult(None, sorted_unique(diags), source)
     origins = resolve_profiles(source, diags)
-    spec = validate(source, origins, diags)
+    spec, dropped = validate(source, origins, diags)
     if spec is not None:
-        diags.extend(checks.run_all(spec, source))
-        diags.extend(policies.run_all(spec, source))
+        found = [*checks.run_all(spec, source), *policies.run_all(spec, source)]
+        # Entries left out because they are invalid are not "not defined": don't say so.
+        diags.extend(d for d in found if not _about_dropped(d, dropped))
     diags = sorted_unique(diags)
-    return LoadResult(spec, diags, source)
+    return LoadResult(spec if not has_errors(diags) else None, diags, source)
+
+
+def _about_dropped(d: Diagnostic, dropped: set[str]) -> bool:
+    return d.code == "unknown-reference" and any(
+        f"{name!r} is not defined" in d.message for name in dropped
+    )
 
 
 def load_file(path: Path) -> LoadResult:
@@ -291,9 +299,14 @@ def _raw_path(data: Any, loc: tuple[Any, ...]) -> PathT:
     return tuple(out)
 
 
+# Sections that are maps of named entries: an invalid entry can be left out so the checks still
+# run on the rest, and one run reports every mistake.
+_MAP_SECTIONS = ("layers", "hosts", "ranges", "profiles", "guests", "traefik")
+
+
 def validate(
     source: Source, origins: dict[PathT, PathT], diags: list[Diagnostic]
-) -> PlatformSpec | None:
+) -> tuple[PlatformSpec | None, set[str]]:
     global _KNOWN_FIELDS
     if _KNOWN_FIELDS is None:
         _KNOWN_FIELDS = _all_field_names(PlatformSpec) | set(ProfileSpec.model_fields)
@@ -304,11 +317,29 @@ def validate(
                 ProfileSpec.model_validate(body)
             except ValidationError as exc:
                 diags.extend(_map_errors(exc, source, origins, prefix=("profiles", pname)))
-    try:
-        return PlatformSpec.model_validate(source.data)
-    except ValidationError as exc:
-        diags.extend(_map_errors(exc, source, origins, prefix=()))
-        return None
+    data = source.data
+    dropped: set[str] = set()
+    for attempt in range(2):
+        try:
+            return PlatformSpec.model_validate(data), dropped
+        except ValidationError as exc:
+            if attempt == 0:
+                diags.extend(_map_errors(exc, source, origins, prefix=()))
+            bad = {(e["loc"][0], e["loc"][1]) for e in exc.errors() if len(e["loc"]) >= 2}
+            if attempt or any(
+                len(e["loc"]) < 2 or e["loc"][0] not in _MAP_SECTIONS for e in exc.errors()
+            ):
+                return None, dropped
+            data = {
+                section: (
+                    {k: v for k, v in value.items() if (section, k) not in bad}
+                    if isinstance(value, dict) and section in _MAP_SECTIONS
+                    else value
+                )
+                for section, value in data.items()
+            }
+            dropped |= {str(key) for _, key in bad}
+    return None, dropped
 
 
 _SECRET_FIELDS = {"password", "token_secret", "secret"}

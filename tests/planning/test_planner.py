@@ -16,7 +16,9 @@ def _by_address(plan: Plan) -> dict[str, Any]:
     return {c.address: c for c in plan.changes}
 
 
-def _with(state: ObservedState, *extra: ObservedResource, drop: tuple[str, ...] = ()) -> ObservedState:
+def _with(
+    state: ObservedState, *extra: ObservedResource, drop: tuple[str, ...] = ()
+) -> ObservedState:
     kept = [r for r in state.resources if r.address not in drop]
     return state.model_copy(update={"resources": (*kept, *extra)})
 
@@ -54,8 +56,10 @@ def test_proxmox_spellings_are_not_drift(graph: DesiredGraph) -> None:
         "guest/zpack-db",
         tags="ZPACK;control;reconciler;MariaDB;control",
         rootfs="local-lvm:vm-103-disk-0,size=64G",
-        net={"net0": "name=eth0,bridge=vmbr0,firewall=1,gw=10.10.0.1,hwaddr=bc:24:11:00:00:01,"
-                      "ip=10.10.0.13/24,tag=10,type=veth"},
+        net={
+            "net0": "name=eth0,bridge=vmbr0,firewall=1,gw=10.10.0.1,hwaddr=bc:24:11:00:00:01,"
+            "ip=10.10.0.13/24,tag=10,type=veth"
+        },
         onboot=1,
         unprivileged="1",
         features="",
@@ -87,8 +91,12 @@ def test_disk_shrink_forces_replace_but_growth_does_not(graph: DesiredGraph) -> 
 
 
 def test_foreign_guest_holding_a_desired_vmid_is_a_plan_error(graph: DesiredGraph) -> None:
-    intruder = ObservedResource(kind=Kind.GUEST, owned=False, id={"vmid": 1001, "node": "pve-runtime"},
-                                attributes={"name": "someone-else"})
+    intruder = ObservedResource(
+        kind=Kind.GUEST,
+        owned=False,
+        id={"vmid": 1001, "node": "pve-runtime"},
+        attributes={"name": "someone-else"},
+    )
     state = _with(converged_state(graph), intruder, drop=("guest/mc-survival",))
     plan = make_plan(graph, state)
     assert plan.errored and not plan.applyable
@@ -98,17 +106,33 @@ def test_foreign_guest_holding_a_desired_vmid_is_a_plan_error(graph: DesiredGrap
 
 
 def test_foreign_guests_are_never_deleted_even_when_destroy_is_allowed(graph: DesiredGraph) -> None:
-    foreign = ObservedResource(kind=Kind.GUEST, owned=False, id={"vmid": 1050, "node": "pve-runtime"},
-                               attributes={"name": "legacy"})
+    foreign = ObservedResource(
+        kind=Kind.GUEST,
+        owned=False,
+        id={"vmid": 1050, "node": "pve-runtime"},
+        attributes={"name": "legacy"},
+    )
     plan = make_plan(graph, _with(converged_state(graph), foreign), allow_destroy=True)
     assert not plan.has_changes
-    assert plan.foreign == ({"kind": "guest", "name": "legacy", "vmid": 1050,
-                             "node": "pve-runtime", "in_range": "game"},)
+    assert plan.foreign == (
+        {
+            "kind": "guest",
+            "name": "legacy",
+            "vmid": 1050,
+            "node": "pve-runtime",
+            "in_range": "game",
+        },
+    )
 
 
 def test_orphans_are_kept_unless_destroy_is_allowed(graph: DesiredGraph) -> None:
-    orphan = ObservedResource(address="guest/mc-old", kind=Kind.GUEST, owned=True,
-                              id={"vmid": 1040, "node": "pve-runtime"}, attributes={"name": "mc-old"})
+    orphan = ObservedResource(
+        address="guest/mc-old",
+        kind=Kind.GUEST,
+        owned=True,
+        id={"vmid": 1040, "node": "pve-runtime"},
+        attributes={"name": "mc-old"},
+    )
     state = _with(converged_state(graph), orphan)
     kept = make_plan(graph, state)
     assert not kept.has_changes and [d.code for d in kept.diagnostics] == ["orphan"]
@@ -118,8 +142,13 @@ def test_orphans_are_kept_unless_destroy_is_allowed(graph: DesiredGraph) -> None
 
 def test_too_many_deletes_errors_the_plan(graph: DesiredGraph) -> None:
     orphans = [
-        ObservedResource(address=f"guest/old-{i}", kind=Kind.GUEST, owned=True,
-                         id={"vmid": 1050 + i, "node": "pve-runtime"}, attributes={})
+        ObservedResource(
+            address=f"guest/old-{i}",
+            kind=Kind.GUEST,
+            owned=True,
+            id={"vmid": 1050 + i, "node": "pve-runtime"},
+            attributes={},
+        )
         for i in range(4)
     ]
     plan = make_plan(graph, _with(converged_state(graph), *orphans), allow_destroy=True)
@@ -132,17 +161,24 @@ def test_omitted_vmid_is_the_lowest_free_and_then_kept(graph: DesiredGraph) -> N
     assert not diags
     # mc-rlcraft has no vmid: 1000-1003 are taken by explicit ids.
     assert vmids["guest/mc-rlcraft"] == 1004
-    foreign = ObservedResource(kind=Kind.GUEST, owned=False, id={"vmid": 1004, "node": "pve-runtime"})
+    foreign = ObservedResource(
+        kind=Kind.GUEST, owned=False, id={"vmid": 1004, "node": "pve-runtime"}
+    )
     vmids, _ = allocate_vmids(graph, ObservedState(resources=(foreign,)))
     assert vmids["guest/mc-rlcraft"] == 1005
-    held = ObservedResource(address="guest/mc-rlcraft", kind=Kind.GUEST, owned=True,
-                            id={"vmid": 1042, "node": "pve-runtime"})
+    held = ObservedResource(
+        address="guest/mc-rlcraft",
+        kind=Kind.GUEST,
+        owned=True,
+        id={"vmid": 1042, "node": "pve-runtime"},
+    )
     vmids, _ = allocate_vmids(graph, ObservedState(resources=(held,)))
     assert vmids["guest/mc-rlcraft"] == 1042
 
 
 def test_exhausted_range_is_a_plan_error() -> None:
-    texts = {"p.yaml": """
+    texts = {
+        "p.yaml": """
 platform: {name: tiny}
 layers: {runtime: {}}
 hosts: {h: {layers: [runtime], capacity: {cores: 64, memory: 64G}}}
@@ -151,7 +187,8 @@ guests:
   a: {role: game, host: h, template: t}
   b: {role: game, host: h, template: t}
   c: {role: game, host: h, template: t}
-"""}
+"""
+    }
     result = load_texts(texts)
     assert result.ok and result.spec is not None
     plan = make_plan(build_graph(result.spec), ObservedState())
@@ -162,8 +199,14 @@ guests:
 def test_target_keeps_what_the_target_needs(graph: DesiredGraph) -> None:
     plan = make_plan(graph, ObservedState(), targets=["route/core/portal"])
     addresses = {c.address for c in plan.changes}
-    assert addresses == {"route/core/portal", "guest/traefik-core", "guest/zpack-portal",
-                         "guest/zpack-api", "guest/zpack-db", "guest/zpack-redis"}
+    assert addresses == {
+        "route/core/portal",
+        "guest/traefik-core",
+        "guest/zpack-portal",
+        "guest/zpack-api",
+        "guest/zpack-db",
+        "guest/zpack-redis",
+    }
 
 
 def test_deletes_come_after_everything_else(graph: DesiredGraph) -> None:

@@ -32,7 +32,7 @@ def platforms(draw: st.DrawFn) -> DesiredGraph:
     used: set[int] = set()
     for i, name in enumerate(names):
         role = draw(st.sampled_from(sorted(ROLES)))
-        first, last, _ = ROLES[role]
+        first, _last, _ = ROLES[role]
         guest: dict[str, Any] = {
             "role": role,
             "host": "h",
@@ -55,7 +55,9 @@ def platforms(draw: st.DrawFn) -> DesiredGraph:
     doc = {
         "platform": {"name": "prop", "max_deletes_per_run": 100},
         "layers": {"control": {}, "runtime": {"may_depend_on": ["control"]}},
-        "hosts": {"h": {"layers": ["control", "runtime"], "capacity": {"cores": 999, "memory": "1T"}}},
+        "hosts": {
+            "h": {"layers": ["control", "runtime"], "capacity": {"cores": 999, "memory": "1T"}}
+        },
         "ranges": {r: {"first": a, "last": b, "layer": lay} for r, (a, b, lay) in ROLES.items()},
         "guests": guests,
     }
@@ -74,23 +76,34 @@ def observed_for(draw: st.DrawFn, graph: DesiredGraph) -> ObservedState:
         if choice == "drop":
             continue
         if choice == "drift" and r.kind is Kind.GUEST:
-            r = r.model_copy(update={"attributes": {
-                **r.attributes,
-                "memory": draw(st.sampled_from([256, 512, 8192])),
-                "state": draw(st.sampled_from(["running", "stopped"])),
-                "tags": draw(st.lists(st.sampled_from(["a", "B", "reconciler"]))),
-            }})
+            r = r.model_copy(
+                update={
+                    "attributes": {
+                        **r.attributes,
+                        "memory": draw(st.sampled_from([256, 512, 8192])),
+                        "state": draw(st.sampled_from(["running", "stopped"])),
+                        "tags": draw(st.lists(st.sampled_from(["a", "B", "reconciler"]))),
+                    }
+                }
+            )
         out.append(r)
     taken = {r.id.get("vmid") for r in out}
-    for vmid in draw(st.lists(st.integers(100, 130) | st.integers(1000, 1030), max_size=4, unique=True)):
+    for vmid in draw(
+        st.lists(st.integers(100, 130) | st.integers(1000, 1030), max_size=4, unique=True)
+    ):
         if vmid in taken:
             continue
         taken.add(vmid)
         owned = draw(st.booleans())
-        out.append(ObservedResource(
-            address=f"guest/orphan-{vmid}" if owned else None, kind=Kind.GUEST, owned=owned,
-            id={"vmid": vmid, "node": "h"}, attributes={"name": f"x{vmid}", "memory": 512},
-        ))
+        out.append(
+            ObservedResource(
+                address=f"guest/orphan-{vmid}" if owned else None,
+                kind=Kind.GUEST,
+                owned=owned,
+                id={"vmid": vmid, "node": "h"},
+                attributes={"name": f"x{vmid}", "memory": 512},
+            )
+        )
     order = draw(st.permutations(out))
     return ObservedState(resources=tuple(order))
 
@@ -104,7 +117,10 @@ def simulate_apply(plan: Plan, observed: ObservedState) -> ObservedState:
             continue
         assert change.after is not None
         resources[change.address] = ObservedResource(
-            address=change.address, kind=change.kind, owned=True, id=dict(change.id),
+            address=change.address,
+            kind=change.kind,
+            owned=True,
+            id=dict(change.id),
             attributes=dict(change.after),
         )
     return ObservedState(resources=tuple(resources.values()))

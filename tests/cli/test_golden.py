@@ -1,0 +1,66 @@
+"""Golden tests: the text, JSON and Markdown renderings of one plan, pinned byte for byte.
+
+The plan is the example platform against the shipped sample snapshot, which holds one of each
+kind of change. After an intended change to a renderer, regenerate with
+`REGEN_GOLDEN=1 pytest tests/cli/test_golden.py` and review the diff.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from reconciler.cli import render
+from reconciler.cli.main import _load_observed
+from reconciler.model.plans import Plan
+from reconciler.model.resources import DesiredGraph
+from reconciler.planning.planner import make_plan
+
+GOLDEN = Path(__file__).parent / "golden"
+
+RENDERERS: dict[str, Callable[[Plan], str]] = {
+    "plan.txt": lambda p: render.render_text(p, color=False),
+    "plan.color.txt": lambda p: render.render_text(p, color=True),
+    "plan.json": render.render_json,
+    "plan.md": render.render_markdown,
+}
+
+
+@pytest.fixture(scope="module")
+def sample_plan(graph: DesiredGraph) -> Plan:
+    return make_plan(graph, _load_observed("sample"))
+
+
+@pytest.mark.parametrize("name", sorted(RENDERERS))
+def test_rendering_matches_golden(name: str, sample_plan: Plan) -> None:
+    got = RENDERERS[name](sample_plan)
+    path = GOLDEN / name
+    if os.environ.get("REGEN_GOLDEN"):
+        path.write_text(got, encoding="utf-8")
+    assert got == path.read_text(encoding="utf-8")
+
+
+def test_sample_plan_holds_every_kind_of_change(sample_plan: Plan) -> None:
+    summary = sample_plan.summary()
+    assert summary["create"] and summary["update"] and summary["replace"] and summary["no-op"]
+    assert sample_plan.foreign, "the sample has a foreign guest"
+    assert [d.code for d in sample_plan.diagnostics] == ["orphan"]
+
+
+def test_json_plan_is_versioned_and_self_describing(sample_plan: Plan) -> None:
+    doc = json.loads(render.render_json(sample_plan))
+    assert doc["format"] == "reconciler/plan" and doc["format_version"] == 1
+    assert doc["observed"]["digest"].startswith("sha256:")
+    assert sum(doc["summary"].values()) == len(doc["changes"])
+    replace = next(c for c in doc["changes"] if c["action"] == "replace")
+    assert replace["replace_because"] == ["template"]
+
+
+def test_markdown_puts_the_summary_first(sample_plan: Plan) -> None:
+    md = render.render_markdown(sample_plan).splitlines()
+    assert md[0].startswith("### reconciler plan")
+    assert md[2].startswith("| status |") and "<details>" not in "\n".join(md[:6])
