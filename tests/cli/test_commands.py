@@ -59,9 +59,10 @@ def test_validate_json_and_github_formats(
     code, out, _ = run(["validate", str(specs), "--format", "json"], capsys)
     doc = json.loads(out)
     assert code == 1 and doc["valid"] is False
-    assert {"code": "unknown-reference", "line": 2}.items() <= doc["diagnostics"][0].items()
+    found = {(d["code"], d["line"], d["path"]) for d in doc["diagnostics"]}
+    assert ("unknown-reference", 2, "guests.x.host") in found
     code, out, _ = run(["validate", str(specs), "--format", "github"], capsys)
-    assert out.startswith(f"::error file={specs}/bad.yaml,line=2,col=")
+    assert f"::error file={specs}/bad.yaml,line=2,col=25,title=unknown-reference::host" in out
 
 
 def _snapshot(tmp_path: Path, graph: DesiredGraph, empty: bool) -> Path:
