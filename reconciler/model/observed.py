@@ -11,13 +11,15 @@ Format (version 1):
       "platform": "zpack",               # optional: the platform the observer was looking for
       "observed_at": "2026-11-23T09:00:00Z",
       "source": "https://pve.example:8006",
+      "kinds": ["guest"],                # optional: what was observed; null means everything
       "resources": [
         {
           "address": "guest/zpack-api",  # null for a resource without our ownership mark
           "kind": "guest",               # a reconciler.model.resources.Kind value
           "owned": true,                 # carries the controller's mark
           "id": {"vmid": 101, "node": "pve-core"},   # how the outside system names it
-          "attributes": {...}            # same shape as the desired resource's attributes
+          "attributes": {...},           # same shape as the desired resource's attributes
+          "version": "9f2c..."           # optional: the config digest it was read at
         }
       ]
     }
@@ -47,6 +49,9 @@ class ObservedResource(BaseModel):
     owned: bool = False
     id: dict[str, Any] = Field(default_factory=dict)
     attributes: dict[str, Any] = Field(default_factory=dict)
+    # The outside system's version of what we saw (Proxmox's config digest): an update is sent
+    # only against this version, so a change made by someone else in between is never overwritten.
+    version: str | None = None
 
     @property
     def label(self) -> str:
@@ -66,6 +71,8 @@ class ObservedState(BaseModel):
     platform: str | None = None
     observed_at: str | None = None
     source: str = ""
+    # The kinds the observers looked at; None means every kind. Planning leaves the others alone.
+    kinds: tuple[Kind, ...] | None = None
     resources: tuple[ObservedResource, ...] = ()
 
     def digest(self) -> str:

@@ -68,6 +68,7 @@ class Change:
     fields: tuple[FieldChange, ...] = ()
     depends_on: tuple[str, ...] = ()
     reason: str = ""
+    version: str | None = None  # the observed version the change was planned against
 
     @property
     def replace_because(self) -> tuple[str, ...]:
@@ -86,6 +87,7 @@ class Change:
             "before": self.before,
             "after": self.after,
             "depends_on": list(self.depends_on),
+            "version": self.version,
         }
 
 

@@ -11,6 +11,7 @@ for what carries our mark; both -> diff, which gives no-op, update or replace.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from typing import Any
 
 from reconciler.model.diagnostics import Diagnostic, error, warning
@@ -79,7 +80,10 @@ def make_plan(
         r.id["vmid"]: r for r in owned.values() if r.kind is Kind.GUEST and "vmid" in r.id
     }
     changes: dict[str, Change] = {}
+    observed_kinds = set(observed.kinds) if observed.kinds is not None else None
     for res in graph.ordered():
+        if observed_kinds is not None and res.kind not in observed_kinds:
+            continue  # nobody looked: planning it would create it again on every run
         desired = dict(res.attributes)
         ident: dict[str, Any] = {}
         if res.kind is Kind.GUEST:
@@ -128,18 +132,8 @@ def make_plan(
     ordered = list(changes.values())
     last_wave = max((c.wave for c in ordered), default=-1)
     for change in sorted(deletes, key=lambda c: (-c.kind.rank, c.address)):
-        ordered.append(
-            Change(
-                change.address,
-                change.kind,
-                change.action,
-                last_wave + 1 + (len(Kind) - change.kind.rank),
-                change.id,
-                change.before,
-                None,
-                reason=change.reason,
-            )
-        )
+        # Dependents go first: routes and proxies before the guests they point at.
+        ordered.append(replace(change, wave=last_wave + 1 + (len(Kind) - change.kind.rank)))
     ordered.sort(
         key=lambda c: (c.wave, c.kind.rank if c.action is not Action.DELETE else 0, c.address)
     )
@@ -173,7 +167,8 @@ def _compare(res: Resource, desired: dict[str, Any], obs: ObservedResource, wave
     else:
         action, reason = Action.UPDATE, ""
     return Change(
-        res.address, res.kind, action, wave, ident, have, want, fields, res.depends_on, reason
+        res.address, res.kind, action, wave, ident, have, want, fields, res.depends_on, reason,
+        obs.version,
     )
 
 
@@ -244,6 +239,7 @@ def _deletes(
                 dict(r.attributes),
                 None,
                 reason="not in the spec",
+                version=r.version,
             )
         )
     n = sum(1 for c in changes if c.kind is Kind.GUEST)

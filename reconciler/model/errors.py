@@ -1,0 +1,60 @@
+"""Our exceptions. Providers wrap their clients' exceptions in these, in one place each, so the
+executor decides retry or stop from the class alone (kopf `_core/actions/execution.py`).
+
+    ReconcilerError
+    ├── ConfigurationError        bad settings (missing credentials, unreadable CA file)
+    └── ProviderError             an outside system said no, or did not answer
+        ├── TemporaryError        retry after a jittered backoff
+        │   └── LockedError       a config lock (backup, migrate, ...): wait until it clears
+        └── PermanentError        retrying will not help: report it
+            ├── ConflictError     what we saw changed (stale digest, a vmid taken in a race):
+            │                     re-observe and re-plan, never overwrite blindly
+            ├── TaskFailedError   a Proxmox task ended with an error exit status
+            └── OwnershipError    the target does not carry our mark: never touched
+"""
+
+from __future__ import annotations
+
+
+class ReconcilerError(Exception):
+    pass
+
+
+class ConfigurationError(ReconcilerError):
+    pass
+
+
+class ProviderError(ReconcilerError):
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+    @property
+    def temporary(self) -> bool:
+        return isinstance(self, TemporaryError)
+
+
+class TemporaryError(ProviderError):
+    pass
+
+
+class LockedError(TemporaryError):
+    pass
+
+
+class PermanentError(ProviderError):
+    pass
+
+
+class ConflictError(PermanentError):
+    pass
+
+
+class TaskFailedError(PermanentError):
+    def __init__(self, message: str, *, log_tail: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.log_tail = log_tail
+
+
+class OwnershipError(PermanentError):
+    pass
