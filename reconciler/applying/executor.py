@@ -1,0 +1,120 @@
+"""The executor: runs a plan's changes wave by wave, concurrently within a wave, at most
+`per_host` at a time on one Proxmox node, and reports each change's outcome.
+
+Called by `reconciler apply` and the controller. A failed change never stops the others; what
+depends on it is skipped and reported, and the next run converges. Dry-run walks the very same
+path and only skips the provider call.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections import defaultdict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import anyio
+
+from reconciler.model.errors import ConflictError, ProviderError
+from reconciler.model.plans import Change, Plan
+from reconciler.model.resources import Kind
+from reconciler.providers import Provider
+
+
+class Outcome(enum.StrEnum):
+    DONE = "done"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+    DRY_RUN = "dry-run"
+
+
+@dataclass(frozen=True)
+class Result:
+    change: Change
+    outcome: Outcome
+    error: str = ""
+    seconds: float = 0.0
+    conflict: bool = False
+
+
+@dataclass
+class ApplyReport:
+    results: list[Result] = field(default_factory=list)
+
+    def count(self, outcome: Outcome) -> int:
+        return sum(1 for r in self.results if r.outcome is outcome)
+
+    @property
+    def ok(self) -> bool:
+        return not any(r.outcome in (Outcome.FAILED, Outcome.SKIPPED) for r in self.results)
+
+    @property
+    def needs_replan(self) -> bool:
+        return any(r.conflict for r in self.results)
+
+
+Progress = Callable[[Result, int, int], None]
+
+
+async def execute(
+    plan: Plan,
+    providers: Mapping[Kind, Provider],
+    *,
+    dry_run: bool = False,
+    per_host: int = 4,
+    progress: Progress | None = None,
+) -> ApplyReport:
+    if plan.errored:
+        raise ValueError("refusing to apply a plan with errors")
+    report = ApplyReport()
+    changes = list(plan.actions)
+    total = len(changes)
+    failed: set[str] = set()
+    limits: dict[str, anyio.CapacityLimiter] = defaultdict(lambda: anyio.CapacityLimiter(per_host))
+    waves: dict[int, list[Change]] = defaultdict(list)
+    for change in changes:
+        waves[change.wave].append(change)
+
+    def record(result: Result) -> None:
+        report.results.append(result)
+        if result.outcome in (Outcome.FAILED, Outcome.SKIPPED):
+            failed.add(result.change.address)
+        if progress:
+            progress(result, len(report.results), total)
+
+    async def run(change: Change) -> None:
+        blocked = [d for d in change.depends_on if d in failed]
+        if blocked:
+            record(Result(change, Outcome.SKIPPED, f"not applied: {blocked[0]} failed"))
+            return
+        provider = providers.get(change.kind)
+        if provider is None:
+            record(Result(change, Outcome.FAILED, f"no provider for {change.kind.value}"))
+            return
+        node = str(change.id.get("node", "-"))
+        started = time.monotonic()
+        async with limits[node]:
+            if dry_run:
+                record(Result(change, Outcome.DRY_RUN))
+                return
+            try:
+                await provider.apply(change)
+            except ProviderError as exc:
+                record(
+                    Result(
+                        change,
+                        Outcome.FAILED,
+                        str(exc),
+                        time.monotonic() - started,
+                        conflict=isinstance(exc, ConflictError),
+                    )
+                )
+                return
+        record(Result(change, Outcome.DONE, seconds=time.monotonic() - started))
+
+    for wave in sorted(waves):
+        async with anyio.create_task_group() as tg:
+            for change in waves[wave]:
+                tg.start_soon(run, change)
+    return report

@@ -1,0 +1,62 @@
+"""fakepve with the example platform's two nodes, and the real proxmoxer client against it.
+
+fakepve is a third party's fake Proxmox VE that checks requests against PVE's API schema. Its
+pytest plugin starts one per test; if the package is missing these tests error (never skip).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from reconciler.model.spec import ProxmoxApi, SecretRef
+from reconciler.providers.proxmox import ProxmoxProvider, RetryPolicy, connect
+
+TEMPLATE = "debian-12-standard_12.7-1_amd64.tar.zst"
+MUTATING = ("POST", "PUT", "DELETE")
+
+
+async def no_sleep(_seconds: float) -> None:
+    return None
+
+
+@pytest.fixture
+def pve(fakepve: Any) -> Any:
+    fakepve.add_node("pve-core")
+    fakepve.add_node("pve-runtime")
+    del fakepve.nodes["pve1"]
+    return fakepve
+
+
+@pytest.fixture
+def pve_api(pve: Any, fakepve_cafile: str, monkeypatch: pytest.MonkeyPatch) -> ProxmoxApi:
+    monkeypatch.setenv("FAKEPVE_PASSWORD", "secret")
+    api = ProxmoxApi(
+        url=pve.url,
+        user="root@pam",
+        password=SecretRef(env="FAKEPVE_PASSWORD"),
+        ca_file=fakepve_cafile,
+    )
+    client = connect(api)
+    client.nodes("pve-core").storage("local")("download-url").post(
+        url=f"http://example.invalid/{TEMPLATE}", content="vztmpl", filename=TEMPLATE
+    )
+    return api
+
+
+@pytest.fixture
+def provider(pve_api: ProxmoxApi) -> ProxmoxProvider:
+    return ProxmoxProvider(
+        client=connect(pve_api),
+        platform="zpack",
+        source=pve_api.url,
+        retry=RetryPolicy(initial=0.0, maximum=0.0),
+        sleep=no_sleep,
+    )
+
+
+def mutating_calls(pve: Any) -> list[tuple[str, str]]:
+    return [
+        (m, p) for m, p, _ in pve.requests if m in MUTATING and not p.endswith("/access/ticket")
+    ]
