@@ -60,10 +60,26 @@ OriginT = TypeVar("OriginT")
 # The few /etc/services names people write in a dport. Proxmox reads the host's /etc/services;
 # a name missing here makes the dport unreadable, which callers treat as "any port".
 SERVICES: Mapping[str, int] = {
-    "ftp": 21, "ssh": 22, "telnet": 23, "smtp": 25, "domain": 53, "http": 80, "pop3": 110,
-    "ntp": 123, "imap": 143, "snmp": 161, "ldap": 389, "https": 443, "submissions": 465,
-    "submission": 587, "ldaps": 636, "imaps": 993, "pop3s": 995, "mysql": 3306,
-    "postgresql": 5432, "http-alt": 8080,
+    "ftp": 21,
+    "ssh": 22,
+    "telnet": 23,
+    "smtp": 25,
+    "domain": 53,
+    "http": 80,
+    "pop3": 110,
+    "ntp": 123,
+    "imap": 143,
+    "snmp": 161,
+    "ldap": 389,
+    "https": 443,
+    "submissions": 465,
+    "submission": 587,
+    "ldaps": 636,
+    "imaps": 993,
+    "pop3s": 995,
+    "mysql": 3306,
+    "postgresql": 5432,
+    "http-alt": 8080,
 }
 
 
@@ -124,7 +140,7 @@ def ports_within(inner: Ports, outer: Ports) -> bool:
 
 
 def format_ports(ports: Ports) -> str:
-    """"every port", "port 22", "ports 80,443", "ports 18000:19000"."""
+    """Ports for messages: "every port", "port 22", "ports 80,443", "ports 18000:19000"."""
     if ports is ALL:
         return "every port"
     text = ",".join(str(lo) if lo == hi else f"{lo}:{hi}" for lo, hi in ports)
@@ -342,9 +358,7 @@ def format_addresses(addresses: Addresses, *, limit: int = 3) -> str:
 
 
 def _list_networks(networks: Sequence[Network], limit: int) -> str:
-    shown = [
-        str(n.network_address) if n.num_addresses == 1 else str(n) for n in networks[:limit]
-    ]
+    shown = [str(n.network_address) if n.num_addresses == 1 else str(n) for n in networks[:limit]]
     more = len(networks) - limit
     return ", ".join(shown) + (f" and {more} more" if more > 0 else "")
 
