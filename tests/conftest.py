@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import hypothesis  # noqa: F401  (imported early: see the note in pyproject about CPython 3.11 ast)
 import pytest
 
 from reconciler.loading.graph import build_graph
 from reconciler.loading.loader import LoadResult, load_directory
 from reconciler.model.resources import DesiredGraph
+
+pytest_plugins = ["tests.fakepve_fixtures"]
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = ROOT / "specs"

@@ -17,6 +17,7 @@ from typing import TextIO
 
 from reconciler import __version__
 from reconciler.cli import render
+from reconciler.cli.live import add_connection_args, cmd_apply, cmd_observe
 from reconciler.loading.graph import build_graph
 from reconciler.loading.loader import LoadResult, load_directory
 from reconciler.loading.revisions import load_revision
@@ -107,11 +108,10 @@ def build_plan(args: argparse.Namespace, err: TextIO) -> Plan | None:
             err.write(f"{args.observed}: not an observed-state snapshot: {exc}\n")
             return None
     else:
-        err.write(
-            "live planning needs a Proxmox connection; for an offline plan give "
-            "--observed FILE (a snapshot) or --base GITREF\n"
-        )
-        return None
+        from reconciler.cli.live import live_plan
+
+        live = live_plan(args, result.spec, graph, err)
+        return _with_spec_warnings(live, result) if live is not None else None
     plan = make_plan(graph, observed, allow_destroy=args.allow_destroy, targets=args.target)
     return _with_spec_warnings(plan, result)
 
@@ -242,6 +242,31 @@ def parser() -> argparse.ArgumentParser:
     )
     color_opt(pl)
 
+    add_connection_args(pl)
+
+    ob = sub.add_parser("observe", help="observe the live platform; write a snapshot")
+    ob.add_argument("dir", nargs="?", default=DEFAULT_DIR)
+    ob.add_argument("--out", metavar="FILE", help="write the snapshot here (default: stdout)")
+    add_connection_args(ob)
+
+    ap = sub.add_parser("apply", help="plan, confirm, and apply to the live platform")
+    ap.add_argument("dir", nargs="?", default=DEFAULT_DIR)
+    ap.add_argument("--auto-approve", action="store_true", help="do not ask for confirmation")
+    ap.add_argument(
+        "--plan",
+        metavar="FILE",
+        help="apply this saved JSON plan, only if the platform is still as it saw",
+    )
+    ap.add_argument("--target", action="append", default=[], metavar="ADDR")
+    ap.add_argument(
+        "--allow-destroy", action="store_true", help="delete owned resources that left the spec"
+    )
+    ap.add_argument(
+        "--dry-run", action="store_true", help="walk the apply without changing anything"
+    )
+    color_opt(ap)
+    add_connection_args(ap)
+
     s = sub.add_parser("schema", help="print the JSON Schema of a spec file")
     s.add_argument("--out", metavar="FILE")
 
@@ -268,6 +293,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_graph(args, out, err)
         case "demo":
             return cmd_demo(args, out, err)
+        case "observe":
+            return cmd_observe(args, out, err)
+        case "apply":
+            return cmd_apply(args, out, err)
     return EXIT_ERROR
 
 

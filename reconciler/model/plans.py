@@ -139,3 +139,53 @@ class Plan:
             "foreign": list(self.foreign),
             "diagnostics": [d.to_json() for d in self.diagnostics],
         }
+
+
+def plan_from_json(doc: dict[str, Any]) -> Plan:
+    """Read back a saved plan (`plan --out`), for `apply --plan FILE`."""
+    from reconciler.model.diagnostics import Diagnostic, Position, Severity
+
+    if doc.get("format") != FORMAT or doc.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"not a {FORMAT} v{FORMAT_VERSION} document")
+    changes = tuple(
+        Change(
+            address=c["address"],
+            kind=Kind(c["kind"]),
+            action=Action(c["action"]),
+            wave=int(c["wave"]),
+            id=dict(c.get("id") or {}),
+            before=c.get("before"),
+            after=c.get("after"),
+            fields=tuple(
+                FieldChange(f["path"], f["before"], f["after"], bool(f["forces_replace"]))
+                for f in c.get("fields", ())
+            ),
+            depends_on=tuple(c.get("depends_on", ())),
+            reason=c.get("reason", ""),
+            version=c.get("version"),
+        )
+        for c in doc["changes"]
+    )
+    diags = tuple(
+        Diagnostic(
+            Severity(d["severity"]),
+            d["code"],
+            d["message"],
+            Position(d["file"], d.get("line") or 0, d.get("column") or 0)
+            if d.get("file")
+            else None,
+            d.get("path") or "",
+            d.get("address") or "",
+        )
+        for d in doc.get("diagnostics", ())
+    )
+    observed = doc.get("observed") or {}
+    return Plan(
+        platform=doc["platform"],
+        changes=changes,
+        observed_digest=observed.get("digest", ""),
+        observed_at=observed.get("observed_at"),
+        observed_source=observed.get("source", ""),
+        foreign=tuple(doc.get("foreign", ())),
+        diagnostics=diags,
+    )

@@ -10,7 +10,7 @@ from reconciler.applying.live import converge
 from reconciler.model.plans import Action
 from reconciler.model.resources import DesiredGraph, Kind
 from reconciler.providers.proxmox import ProxmoxProvider
-from tests.providers.conftest import mutating_calls
+from tests.fakepve_fixtures import mutating_calls
 
 
 def run_converge(graph: DesiredGraph, provider: ProxmoxProvider, **kw: Any) -> Any:

@@ -1,4 +1,4 @@
-"""fakepve with the example platform's two nodes, and the real proxmoxer client against it.
+"""Fixtures (a pytest plugin, loaded by tests/conftest.py): fakepve with the example platform's two nodes, and the real proxmoxer client against it.
 
 fakepve is a third party's fake Proxmox VE that checks requests against PVE's API schema. Its
 pytest plugin starts one per test; if the package is missing these tests error (never skip).
@@ -39,9 +39,13 @@ def pve_api(pve: Any, fakepve_cafile: str, monkeypatch: pytest.MonkeyPatch) -> P
         ca_file=fakepve_cafile,
     )
     client = connect(api)
-    client.nodes("pve-core").storage("local")("download-url").post(
-        url=f"http://example.invalid/{TEMPLATE}", content="vztmpl", filename=TEMPLATE
+    upid = (
+        client.nodes("pve-core")
+        .storage("local")("download-url")
+        .post(url=f"http://example.invalid/{TEMPLATE}", content="vztmpl", filename=TEMPLATE)
     )
+    assert client.nodes("pve-core").tasks(upid).status.get()["exitstatus"] == "OK"
+    pve.requests.clear()
     return api
 
 

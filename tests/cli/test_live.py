@@ -1,0 +1,71 @@
+"""The live commands through `main()`, against fakepve: observe, plan, apply, apply --plan."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from reconciler.cli.main import main
+from reconciler.model.spec import ProxmoxApi
+from tests.conftest import SPECS
+from tests.fakepve_fixtures import mutating_calls
+
+
+def flags(api: ProxmoxApi) -> list[str]:
+    assert api.ca_file is not None
+    return [
+        "--proxmox-url",
+        api.url,
+        "--proxmox-password-env",
+        "FAKEPVE_PASSWORD",
+        "--ca-file",
+        api.ca_file,
+    ]
+
+
+def test_apply_then_plan_is_empty_and_observe_writes_a_snapshot(
+    pve_api: ProxmoxApi, pve: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["apply", str(SPECS), "--auto-approve", "--color", "never", *flags(pve_api)]) == 0
+    out, err = capsys.readouterr()
+    assert "Apply: 20 done, 0 failed, 0 skipped." in out
+    assert "[20/20]" in err
+    pve.requests.clear()
+    assert main(["plan", str(SPECS), "--detailed-exitcode", *flags(pve_api)]) == 0
+    assert "No changes." in capsys.readouterr().out
+    assert mutating_calls(pve) == []
+    snap = tmp_path / "observed.json"
+    assert main(["observe", str(SPECS), "--out", str(snap), *flags(pve_api)]) == 0
+    doc = json.loads(snap.read_text())
+    assert doc["format"] == "reconciler/observed-state" and len(doc["resources"]) == 20
+    # The snapshot plans offline exactly as the live system does: no guest changes.
+    capsys.readouterr()
+    assert main(["plan", str(SPECS), "--observed", str(snap), "--format", "json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["summary"]["create"] == plan["summary"]["update"] == 0
+
+
+def test_saved_plan_applies_only_if_nothing_changed(
+    pve_api: ProxmoxApi, pve: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    saved = tmp_path / "plan.json"
+    assert main(["plan", str(SPECS), "--out", str(saved), *flags(pve_api)]) == 0
+    pve.add_ct(1090, name="intruder", node="pve-runtime")  # someone acts in between
+    capsys.readouterr()
+    assert main(["apply", str(SPECS), "--plan", str(saved), *flags(pve_api)]) == 1
+    assert "changed since this plan was made" in capsys.readouterr().err
+    assert mutating_calls(pve) == []
+    assert main(["plan", str(SPECS), "--out", str(saved), *flags(pve_api)]) == 0
+    assert main(["apply", str(SPECS), "--plan", str(saved), *flags(pve_api)]) == 0
+    assert "Apply: 20 done" in capsys.readouterr().out
+
+
+def test_apply_refuses_without_confirmation(
+    pve_api: ProxmoxApi, pve: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["apply", str(SPECS), *flags(pve_api)]) == 0
+    assert "needs confirmation" in capsys.readouterr().err
+    assert mutating_calls(pve) == []
