@@ -1,0 +1,123 @@
+"""Run fakepve (a third party's fake Proxmox VE, PyPI `fakepve`) as a subprocess on a free
+loopback port, with its own TLS certificate so the real client verifies TLS as in production.
+
+Used by the benchmark and the demo. fakepve is a test and demo dependency (extra `dev`), so it
+is imported only when a fake is started.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class FakePveProcess:
+    nodes: tuple[str, ...] = ("pve-core", "pve-runtime")
+    user: str = "root@pam"
+    password: str = "secret"
+    time_scale: float = 0.0
+    guests: list[dict[str, Any]] = field(default_factory=list)
+    url: str = ""
+    cafile: str = ""
+    _proc: subprocess.Popen[str] | None = None
+    _dir: str = ""
+
+    def start(self) -> FakePveProcess:
+        from fakepve.certs import make_cert
+
+        self._dir = tempfile.mkdtemp(prefix="fakepve-")
+        cert, key, _ = make_cert(self._dir, hosts=("127.0.0.1",))
+        self.cafile = cert
+        seed = Path(self._dir) / "guests.json"
+        # A stopped placeholder per node makes fakepve create the node; it is removed below.
+        placeholders = [
+            {"type": "lxc", "vmid": 999_000_000 + i, "name": f"seed-{i}", "node": node}
+            for i, node in enumerate(self.nodes)
+        ]
+        seed.write_text(json.dumps({"guests": [*placeholders, *self.guests]}))
+        exe = shutil.which("fakepve") or str(Path(sys.executable).parent / "fakepve")
+        self._proc = subprocess.Popen(
+            [
+                exe,
+                str(seed),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--time-scale",
+                str(self.time_scale),
+                "--cert",
+                cert,
+                "--key",
+                key,
+                "--user",
+                self.user,
+                "--password",
+                self.password,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert self._proc.stdout is not None
+        line = self._proc.stdout.readline()
+        if "listening on" not in line:
+            err = self._proc.stderr.read() if self._proc.stderr else ""
+            raise RuntimeError(f"fakepve did not start: {line}{err}")
+        self.url = line.strip().rsplit(" ", 1)[-1]
+        client = self.client()
+        for i, node in enumerate(self.nodes):
+            upid = client.nodes(node).lxc(999_000_000 + i).delete()
+            client.nodes(node).tasks(upid).status.get()
+        return self
+
+    def client(self) -> Any:
+        from proxmoxer import ProxmoxAPI
+
+        host, port = self.url.removeprefix("https://").split(":")
+        return ProxmoxAPI(
+            host,
+            port=int(port),
+            user=self.user,
+            password=self.password,
+            verify_ssl=self.cafile,
+            timeout=30,
+        )
+
+    def seed_template(self, filename: str) -> None:
+        client = self.client()
+        upid = (
+            client.nodes(self.nodes[0])
+            .storage("local")("download-url")
+            .post(url=f"http://example.invalid/{filename}", content="vztmpl", filename=filename)
+        )
+        status = client.nodes(self.nodes[0]).tasks(upid).status.get()
+        while status.get("status") != "stopped":
+            status = client.nodes(self.nodes[0]).tasks(upid).status.get()
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+            for stream in (self._proc.stdout, self._proc.stderr):
+                if stream:
+                    stream.close()
+            self._proc = None
+        if self._dir:
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+    def __enter__(self) -> FakePveProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
