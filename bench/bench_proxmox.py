@@ -15,25 +15,21 @@ from __future__ import annotations
 
 import argparse
 import resource
-import sys
 import time
 import tracemalloc
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import anyio
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from reconciler.applying.live import converge, observe_all  # noqa: E402
-from reconciler.loading.graph import build_graph  # noqa: E402
-from reconciler.loading.loader import load_texts  # noqa: E402
-from reconciler.model.resources import DesiredGraph, Kind  # noqa: E402
-from reconciler.planning.planner import make_plan  # noqa: E402
-from reconciler.providers.proxmox import ProxmoxProvider  # noqa: E402
-from reconciler.providers.proxmox_inventory import inventory_drift  # noqa: E402
-from reconciler.simulators.fakepve_process import FakePveProcess  # noqa: E402
+from reconciler.applying.live import converge, observe_all
+from reconciler.loading.graph import build_graph
+from reconciler.loading.loader import load_texts
+from reconciler.model.resources import DesiredGraph, Kind
+from reconciler.planning.planner import make_plan
+from reconciler.providers.proxmox import ProxmoxProvider
+from reconciler.providers.proxmox_inventory import inventory_drift
+from reconciler.simulators.fakepve_process import FakePveProcess
 
 TEMPLATE = "debian-12-standard_12.7-1_amd64.tar.zst"
 

@@ -58,7 +58,7 @@ def inventory_drift(snapshot: ObservedState, inventory: Inventory) -> list[str]:
         else:
             for key, value in after.items():
                 # A foreign guest's snapshot lacks cores/memory: compare only what it has.
-                if before.get(key) is not None or key == "lock":
-                    if before.get(key) != value:
-                        out.append(f"vmid {vmid}: {key} {before.get(key)!r} -> {value!r}")
+                known = before.get(key) is not None or key == "lock"
+                if known and before.get(key) != value:
+                    out.append(f"vmid {vmid}: {key} {before.get(key)!r} -> {value!r}")
     return out
