@@ -1,4 +1,5 @@
-"""Fixtures (a pytest plugin, loaded by tests/conftest.py): fakepve with the example platform's two nodes, and the real proxmoxer client against it.
+"""Test fixtures (a pytest plugin, loaded by tests/conftest.py): fakepve with the example
+platform's two nodes, and the real proxmoxer client against it.
 
 fakepve is a third party's fake Proxmox VE that checks requests against PVE's API schema. Its
 pytest plugin starts one per test; if the package is missing these tests error (never skip).
