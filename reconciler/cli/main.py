@@ -60,7 +60,7 @@ def cmd_validate(args: argparse.Namespace, out: TextIO) -> int:
     if args.format == "text":
         errors = sum(d.severity is Severity.ERROR for d in result.diagnostics)
         warnings = len(result.diagnostics) - errors
-        files = len(result.source.files)
+        files = len(result.files)  # found, not only parsed: a broken file still counts
         if result.ok and result.spec is not None:
             graph = build_graph(result.spec, result.source)
             out.write(

@@ -18,8 +18,31 @@ from reconciler.model.spec import HttpRoute, PlatformSpec
 Check = Callable[[PlatformSpec, Source], Iterator[Diagnostic]]
 
 
-def _err(source: Source, code: str, message: str, path: PathT, *, key: bool = False) -> Diagnostic:
-    return error(code, message, position=source.where(path, key=key), path=dotted(path))
+def _err(
+    source: Source,
+    code: str,
+    message: str,
+    path: PathT,
+    *,
+    key: bool = False,
+    related: PathT | None = None,
+) -> Diagnostic:
+    other = source.where(related) if related is not None else None
+    return error(
+        code,
+        message,
+        position=source.where(path, key=key),
+        path=dotted(path),
+        related=(other,) if other else (),
+    )
+
+
+def _at(source: Source, path: PathT) -> str:
+    """` (file:line)` of `path`, to name where the other half of a clash is written."""
+    pos = source.where(path)
+    if pos is None:
+        return ""
+    return f" ({pos.file}:{pos.line})" if pos.line else f" ({pos.file})"
 
 
 def _missing(kind: str, name: str, known: object) -> str:
@@ -196,21 +219,26 @@ def check_unique(spec: PlatformSpec, source: Source) -> Iterator[Diagnostic]:
             by_vmid[guest.vmid].append(gname)
         by_hostname[guest.hostname or gname].append(gname)
     for vmid, names in by_vmid.items():
+        first: PathT = ("guests", names[0], "vmid")
         for other in names[1:]:
             yield _err(
                 source,
                 "duplicate-vmid",
-                f"vmid {vmid} is already used by guest {names[0]!r}",
+                f"vmid {vmid} is already used by guest {names[0]!r}{_at(source, first)}",
                 ("guests", other, "vmid"),
+                related=first,
             )
     for hostname, names in by_hostname.items():
+        # A guest without `hostname:` is named by its key: point there.
+        first = ("guests", names[0], "hostname")
         for other in names[1:]:
             yield _err(
                 source,
                 "duplicate-name",
-                f"hostname {hostname!r} is already used by guest {names[0]!r}",
+                f"hostname {hostname!r} is already used by guest {names[0]!r}{_at(source, first)}",
                 ("guests", other, "hostname"),
                 key=True,
+                related=first,
             )
     by_node: dict[str, list[str]] = defaultdict(list)
     for hname in spec.hosts:
@@ -370,7 +398,7 @@ def check_routes(spec: PlatformSpec, source: Source) -> Iterator[Diagnostic]:
 
 def check_networks(spec: PlatformSpec, source: Source) -> Iterator[Diagnostic]:
     """Static addresses are unique, and NIC names are unique within a guest."""
-    seen: dict[str, str] = {}
+    seen: dict[str, tuple[str, PathT]] = {}
     for gname, guest in spec.guests.items():
         names: set[str] = set()
         for i, nic in enumerate(guest.network):
@@ -384,15 +412,18 @@ def check_networks(spec: PlatformSpec, source: Source) -> Iterator[Diagnostic]:
             names.add(nic.name)
             if "/" in nic.ip:
                 addr = nic.ip.split("/")[0]
+                at: PathT = ("guests", gname, "network", i, "ip")
                 if addr in seen:
+                    owner, first = seen[addr]
                     yield _err(
                         source,
                         "duplicate-address",
-                        f"address {addr} is already used by guest {seen[addr]!r}",
-                        ("guests", gname, "network", i, "ip"),
+                        f"address {addr} is already used by guest {owner!r}{_at(source, first)}",
+                        at,
+                        related=first,
                     )
                 else:
-                    seen[addr] = gname
+                    seen[addr] = (gname, at)
 
 
 ALL: tuple[Check, ...] = (

@@ -1,8 +1,9 @@
 """Load a spec directory into a checked `PlatformSpec`, collecting every problem with its place.
 
 Called by the CLI (`validate`, `plan`) and the controller. The steps, in order:
-read and merge every YAML file -> look for literal secrets -> resolve profiles into guests ->
-validate with pydantic (errors mapped back to file:line) -> structural checks -> policies.
+read and merge every YAML file -> look for literal secrets -> check guest names -> resolve
+profiles into guests -> validate with pydantic (errors mapped back to file:line, suggestions
+drawn from the keys valid at the error) -> structural checks -> policies.
 Nothing here touches the outside world except reading the files.
 """
 
@@ -10,10 +11,11 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from types import UnionType
+from typing import Annotated, Any, Literal, TypeGuard, Union, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
 
@@ -21,6 +23,7 @@ from reconciler.loading import checks, policies
 from reconciler.loading.sources import PathT, Source, dotted, merge_into, read_file, read_text
 from reconciler.model.diagnostics import Diagnostic, Position, error, has_errors, sorted_unique
 from reconciler.model.spec import PROFILE_FIELDS, PlatformSpec, ProfileSpec
+from reconciler.model.units import check_label
 
 SPEC_SUFFIXES = (".yaml", ".yml")
 
@@ -30,6 +33,8 @@ class LoadResult:
     spec: PlatformSpec | None
     diagnostics: list[Diagnostic] = field(default_factory=list)
     source: Source = field(default_factory=Source)
+    files: list[str] = field(default_factory=list)
+    """Every spec file found, including those that could not be read or parsed."""
 
     @property
     def ok(self) -> bool:
@@ -55,7 +60,8 @@ def load_directory(directory: Path | str, *, display: str | None = None) -> Load
         return LoadResult(None, [d])
     texts: dict[str, str] = {}
     diags: list[Diagnostic] = []
-    for path in spec_files(directory):
+    found = spec_files(directory)
+    for path in found:
         name = str(Path(shown) / path.relative_to(directory))
         try:
             texts[name] = path.read_text(encoding="utf-8")
@@ -65,6 +71,7 @@ def load_directory(directory: Path | str, *, display: str | None = None) -> Load
         return LoadResult(None, [error("no-specs", f"no *.yaml files under {shown}")])
     result = load_texts(texts)
     result.diagnostics = sorted_unique([*diags, *result.diagnostics])
+    result.files = [str(Path(shown) / p.relative_to(directory)) for p in found]
     return result
 
 
@@ -77,10 +84,13 @@ def load_texts(texts: dict[str, str]) -> LoadResult:
         if part is not None:
             merge_into(source, part, diags)
     diags.extend(find_literal_secrets(source))
-    if any(d.code.startswith("yaml-") for d in diags):
+    files = sorted(texts)
+    if any(d.code.startswith("yaml-") and d.code != "yaml-octal" for d in diags):
         # A file that does not parse would make everything it defines look missing: report the
-        # syntax errors alone rather than a cascade of false "not defined" errors.
-        return LoadResult(None, sorted_unique(diags), source)
+        # syntax errors alone rather than a cascade of false "not defined" errors. (A leading-zero
+        # number is read as the decimal meant, so it cascades into nothing.)
+        return LoadResult(None, sorted_unique(diags), source, files)
+    diags.extend(find_bad_names(source))
     origins = resolve_profiles(source, diags)
     spec, dropped = validate(source, origins, diags)
     if spec is not None:
@@ -88,7 +98,7 @@ def load_texts(texts: dict[str, str]) -> LoadResult:
         # Entries left out because they are invalid are not "not defined": don't say so.
         diags.extend(d for d in found if not _about_dropped(d, dropped))
     diags = sorted_unique(diags)
-    return LoadResult(spec if not has_errors(diags) else None, diags, source)
+    return LoadResult(spec if not has_errors(diags) else None, diags, source, files)
 
 
 def _about_dropped(d: Diagnostic, dropped: set[str]) -> bool:
@@ -149,87 +159,174 @@ def find_literal_secrets(source: Source) -> Iterator[Diagnostic]:
     yield from walk(source.data, ())
 
 
+# --- names ---------------------------------------------------------------------------------
+
+
+def find_bad_names(source: Source) -> Iterator[Diagnostic]:
+    """A guest's key is its resource name and default hostname: it must be a DNS label, whatever
+    `hostname:` says. Checked on the raw document so it shows beside every other mistake."""
+    guests = source.data.get("guests")
+    if not isinstance(guests, dict):
+        return
+    for name, body in guests.items():
+        if not isinstance(body, dict):
+            continue  # not a guest at all (say, a key dedented out of one): validation says so
+        try:
+            check_label(str(name))
+        except ValueError as exc:
+            yield error(
+                "invalid-name",
+                f"guest {exc}",
+                position=source.where(("guests", name)),
+                path=dotted(("guests", name)),
+            )
+
+
 # --- profiles ------------------------------------------------------------------------------
 
 _UNION_FIELDS = {"tags"}
+
+# One item of a union list and the path it was written at.
+_Item = tuple[Any, PathT]
 
 
 def resolve_profiles(source: Source, diags: list[Diagnostic]) -> dict[PathT, PathT]:
     """Fold each guest's profile chain into the guest, in place.
 
-    Returns origins: guest field path -> the profile path it was inherited from, so an error in
-    an inherited value is reported once, at the profile. Maps merge key by key, `tags` are the
-    union (profile's first), anything else the guest sets wins.
+    Returns origins: guest field path -> the path it was inherited from, so an error in an
+    inherited value is reported once, at the profile (and an item of a union list at the item
+    the person wrote). Maps merge key by key, `tags` are the union (profile's first), anything
+    else the guest sets wins. Every profile's chain is checked, used or not.
     """
     profiles = source.data.get("profiles")
     guests = source.data.get("guests")
     origins: dict[PathT, PathT] = {}
+    profiles = profiles if isinstance(profiles, dict) else {}
+    chains = _profile_chains(source, profiles, diags)
     if not isinstance(guests, dict):
         return origins
-    profiles = profiles if isinstance(profiles, dict) else {}
-
-    def chain(name: str, at: PathT) -> list[str] | None:
-        seen: list[str] = []
-        current: str | None = name
-        while current is not None:
-            if current in seen:
-                diags.append(
-                    error(
-                        "profile-cycle",
-                        "profiles extend each other in a cycle: " + " -> ".join([*seen, current]),
-                        position=source.where(("profiles", current, "extends")),
-                        path=f"profiles.{current}.extends",
-                    )
-                )
-                return None
-            body = profiles.get(current)
-            if not isinstance(body, dict):
-                known = _suggest(current, profiles)
-                diags.append(
-                    error(
-                        "unknown-reference",
-                        f"profile {current!r} is not defined{known}",
-                        position=source.where(at, key=False),
-                        path=dotted(at),
-                    )
-                )
-                return None
-            seen.append(current)
-            at = ("profiles", current, "extends")
-            nxt = body.get("extends")
-            current = nxt if isinstance(nxt, str) else None
-        return seen
 
     for gname, guest in guests.items():
         if not isinstance(guest, dict) or not isinstance(guest.get("profile"), str):
             continue
-        names = chain(guest["profile"], ("guests", gname, "profile"))
-        if names is None:
+        at: PathT = ("guests", gname, "profile")
+        pname = guest["profile"]
+        if pname not in profiles:
+            diags.append(
+                error(
+                    "unknown-reference",
+                    f"profile {pname!r} is not defined{_suggest(pname, profiles)}",
+                    position=source.where(at, key=False),
+                    path=dotted(at),
+                )
+            )
             continue
+        names = chains.get(pname)
+        if names is None:
+            continue  # a broken chain is reported once, at the profile
         merged: dict[str, Any] = {}
         origin: dict[str, PathT] = {}
-        for pname in reversed(names):  # base first, so nearer profiles win
-            for key, value in profiles[pname].items():
+        items: dict[str, list[_Item]] = {}
+        for name in reversed(names):  # base first, so nearer profiles win
+            for key, value in profiles[name].items():
                 if key == "extends" or key not in PROFILE_FIELDS:
                     continue
-                merged[key] = _merge_value(key, merged.get(key), value)
-                origin[key] = ("profiles", pname, key)
-        for key, (value, src) in {k: (v, origin[k]) for k, v in merged.items()}.items():
+                src: PathT = ("profiles", name, key)
+                if key in _UNION_FIELDS and isinstance(value, list):
+                    items[key] = _union(items.get(key, []), value, src)
+                    merged[key] = [v for v, _ in items[key]]
+                else:
+                    items.pop(key, None)
+                    merged[key] = _merge_value(key, merged.get(key), value)
+                origin[key] = src
+        for key, value in merged.items():
             gpath = ("guests", gname, key)
             if key in guest:
-                guest[key] = _merge_value(key, value, guest[key])
-                continue
-            guest[key] = value
-            origins[gpath] = src
-            _alias_positions(source, src, gpath)
+                if key in items and isinstance(guest[key], list):
+                    items[key] = _union(items[key], guest[key], gpath)
+                    guest[key] = [v for v, _ in items[key]]
+                else:
+                    items.pop(key, None)
+                    guest[key] = _merge_value(key, value, guest[key])
+            else:
+                guest[key] = value
+                origins[gpath] = origin[key]
+                _alias_positions(source, origin[key], gpath)
+            for i, (_, item_src) in enumerate(items.get(key, ())):
+                origins[(*gpath, i)] = item_src
     return origins
+
+
+def _profile_chains(
+    source: Source, profiles: dict[str, Any], diags: list[Diagnostic]
+) -> dict[str, list[str] | None]:
+    """Each profile's chain (itself, then what it extends, and so on), or None when the chain is
+    broken. A cycle or an `extends` to a missing profile is reported once, at an `extends`."""
+    chains: dict[str, list[str] | None] = {}
+    for start in profiles:
+        walked: list[str] = []
+        current = start
+        tail: list[str] | None = []
+        while True:
+            if current in chains:
+                tail = chains[current]
+                break
+            if current in walked:
+                cycle = walked[walked.index(current) :]
+                first = min(cycle)
+                i = cycle.index(first)
+                ordered = [*cycle[i:], *cycle[:i], first]
+                at: PathT = ("profiles", first, "extends")
+                diags.append(
+                    error(
+                        "profile-cycle",
+                        "profiles extend each other in a cycle: " + " -> ".join(ordered),
+                        position=source.where(at),
+                        path=dotted(at),
+                    )
+                )
+                tail = None
+                break
+            body = profiles.get(current)
+            if not isinstance(body, dict):
+                if current in profiles:
+                    chains[current] = None  # not a mapping: validation says so
+                else:
+                    at = ("profiles", walked[-1], "extends")
+                    diags.append(
+                        error(
+                            "unknown-reference",
+                            f"profile {current!r} is not defined{_suggest(current, profiles)}",
+                            position=source.where(at, key=False),
+                            path=dotted(at),
+                        )
+                    )
+                tail = None
+                break
+            walked.append(current)
+            nxt = body.get("extends")
+            if not isinstance(nxt, str):
+                break
+            current = nxt
+        for i, name in enumerate(walked):
+            chains[name] = None if tail is None else [*walked[i:], *tail]
+    return chains
+
+
+def _union(base: list[_Item], top: list[Any], at: PathT) -> list[_Item]:
+    """`base` then the items of `top` it lacks, each with where it was written."""
+    out = list(base)
+    seen = [v for v, _ in base]
+    for i, value in enumerate(top):
+        if value not in seen:
+            out.append((value, (*at, i)))
+            seen.append(value)
+    return out
 
 
 def _merge_value(key: str, base: Any, top: Any) -> Any:
     if base is None:
         return top
-    if key in _UNION_FIELDS and isinstance(base, list) and isinstance(top, list):
-        return list(dict.fromkeys([*base, *top]))
     if isinstance(base, dict) and isinstance(top, dict):
         out = dict(base)
         for k, v in top.items():
@@ -262,7 +359,7 @@ def _all_field_names(model: type[BaseModel], seen: set[type[BaseModel]] | None =
 
 
 def _models_in(annotation: Any) -> Iterator[type[BaseModel]]:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+    if _is_model(annotation):
         yield annotation
     for arg in getattr(annotation, "__args__", ()) or ():
         yield from _models_in(arg)
@@ -273,30 +370,111 @@ def _models_in(annotation: Any) -> Iterator[type[BaseModel]]:
         yield from _models_in(origin)
 
 
+def _is_model(annotation: Any) -> TypeGuard[type[BaseModel]]:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
 _KNOWN_FIELDS: set[str] | None = None
 
 
 def _suggest(word: str, candidates: Any) -> str:
-    close = difflib.get_close_matches(str(word), [str(c) for c in candidates], n=1, cutoff=0.75)
+    names = [str(c) for c in candidates if str(c) != str(word)]
+    close = difflib.get_close_matches(str(word), names, n=1, cutoff=0.75)
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
-def _raw_path(data: Any, loc: tuple[Any, ...]) -> PathT:
-    """pydantic's loc -> the path in our raw document (dropping union tags and the like)."""
+def _model_at(
+    annotation: Any, data: Any, loc: tuple[Any, ...], discriminator: str | None = None
+) -> type[BaseModel] | None:
+    """The model that validated the value at `loc` (a pydantic error loc, from `annotation`), or
+    None when the annotations cannot be followed that far.
+
+    Walks model fields, Mapping values and tuple items, unwrapping Annotated and Optional; a
+    union of models is entered by the tag pydantic put in the loc, else by the tag in the data.
+    """
+    if get_origin(annotation) is Annotated:
+        for meta in annotation.__metadata__:
+            if isinstance(getattr(meta, "discriminator", None), str):
+                discriminator = meta.discriminator
+        return _model_at(annotation.__origin__, data, loc, discriminator)
+    if get_origin(annotation) in (Union, UnionType):
+        members = [a for a in get_args(annotation) if a is not type(None)]
+        if len(members) == 1:
+            return _model_at(members[0], data, loc, discriminator)
+        models = [m for m in members if _is_model(m)]
+        for model in models:
+            tags = {model.__name__, *_tags_of(model, discriminator)}
+            if loc and loc[0] in tags:
+                return _model_at(model, data, loc[1:])
+        if discriminator is not None and isinstance(data, dict):
+            for model in models:
+                if data.get(discriminator) in _tags_of(model, discriminator):
+                    return _model_at(model, data, loc)
+        return None
+    if not loc:
+        return annotation if _is_model(annotation) else None
+    step, rest = loc[0], loc[1:]
+    inner = data.get(step) if isinstance(data, dict) else None
+    if _is_model(annotation):
+        info = annotation.model_fields.get(str(step))
+        if info is None:
+            return None
+        disc = info.discriminator if isinstance(info.discriminator, str) else None
+        return _model_at(info.annotation, inner, rest, disc)
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin in (Mapping, dict) and len(args) == 2:
+        return _model_at(args[1], inner, rest)
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        item = None
+        if isinstance(data, list) and isinstance(step, int) and 0 <= step < len(data):
+            item = data[step]
+        return _model_at(args[0], item, rest)
+    return None
+
+
+def _tags_of(model: type[BaseModel], discriminator: str | None) -> tuple[Any, ...]:
+    info = model.model_fields.get(discriminator or "")
+    if info is None or get_origin(info.annotation) is not Literal:
+        return ()
+    return get_args(info.annotation)
+
+
+def _fields_at(data: Any, loc: tuple[Any, ...]) -> set[str]:
+    """The keys valid in the mapping at `loc`; every known field name if that cannot be told."""
+    model = _model_at(PlatformSpec, data, loc)
+    if model is not None:
+        return set(model.model_fields)
+    assert _KNOWN_FIELDS is not None
+    return _KNOWN_FIELDS
+
+
+def _raw_path(data: Any, loc: tuple[Any, ...], *, keep_last: bool = False) -> PathT:
+    """pydantic's loc -> the path in our raw document, dropping the steps that are not in it
+    (union tags, validator names). With `keep_last`, a last step that is not in the data stays:
+    it is the field a missing- or unknown-field error is about."""
     out: list[str | int] = []
     current = data
-    for part in loc:
+    for i, part in enumerate(loc):
         if isinstance(current, dict) and part in current:
             out.append(part)
             current = current[part]
         elif isinstance(current, list) and isinstance(part, int) and 0 <= part < len(current):
             out.append(part)
             current = current[part]
-        elif part is loc[-1] and isinstance(part, str) and isinstance(current, dict):
-            # A missing or unknown field: keep it, it is the last step. Other strings that are
-            # not keys are union tags or validator names and are dropped.
+        elif keep_last and i == len(loc) - 1 and isinstance(part, str):
             out.append(part)
     return tuple(out)
+
+
+def _field_label(path: PathT) -> str:
+    """The last named field and any list indexes after it: `network[0]`, `tags[3]`, `memory`."""
+    indexes = ""
+    for part in reversed(path):
+        if isinstance(part, int):
+            indexes = f"[{part}]{indexes}"
+        else:
+            return f"{part}{indexes}"
+    return indexes or "(root)"
 
 
 # Sections that are maps of named entries: an invalid entry can be left out so the checks still
@@ -311,7 +489,8 @@ def validate(
     if _KNOWN_FIELDS is None:
         _KNOWN_FIELDS = _all_field_names(PlatformSpec) | set(ProfileSpec.model_fields)
     # Profiles are checked on their own, so a mistake in an unused profile shows too.
-    for pname, body in (source.data.get("profiles") or {}).items():
+    profiles = source.data.get("profiles")
+    for pname, body in (profiles if isinstance(profiles, dict) else {}).items():
         if isinstance(body, dict):
             try:
                 ProfileSpec.model_validate(body)
@@ -348,22 +527,20 @@ _SECRET_FIELDS = {"password", "token_secret", "secret"}
 def _map_errors(
     exc: ValidationError, source: Source, origins: dict[PathT, PathT], prefix: PathT
 ) -> Iterator[Diagnostic]:
-    assert _KNOWN_FIELDS is not None
     for err in exc.errors(include_url=False):
         loc = (*prefix, *err["loc"])
-        path = _raw_path(source.data, loc)
         kind = err["type"]
+        path = _raw_path(source.data, loc, keep_last=kind in ("extra_forbidden", "missing"))
         # An error inside an inherited value belongs to the profile that set it.
         for n in range(len(path), 0, -1):
             if path[:n] in origins:
                 path = origins[path[:n]] + path[n:]
                 break
-        field_name = str(path[-1]) if path else "(root)"
         where_key = True
         if kind == "extra_forbidden":
             bad = str(loc[-1])
             code = "unknown-field"
-            msg = f"unknown field {bad!r}{_suggest(bad, _KNOWN_FIELDS)}"
+            msg = f"unknown field {bad!r}{_suggest(bad, _fields_at(source.data, loc[:-1]))}"
             path = (*path[:-1], bad) if path and path[-1] == bad else (*path, bad)
         elif kind == "missing":
             code = "missing-field"
@@ -385,5 +562,5 @@ def _map_errors(
                 and kind not in ("value_error", "assertion_error")
             ):
                 text = f"{text} (got {shown!r})"
-            msg = f"{field_name}: {text}" if path else text
+            msg = f"{_field_label(path)}: {text}" if path else text
         yield error(code, msg, position=source.where(path, key=where_key), path=dotted(path))

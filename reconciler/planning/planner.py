@@ -167,7 +167,16 @@ def _compare(res: Resource, desired: dict[str, Any], obs: ObservedResource, wave
     else:
         action, reason = Action.UPDATE, ""
     return Change(
-        res.address, res.kind, action, wave, ident, have, want, fields, res.depends_on, reason,
+        res.address,
+        res.kind,
+        action,
+        wave,
+        ident,
+        have,
+        want,
+        fields,
+        res.depends_on,
+        reason,
         obs.version,
     )
 
