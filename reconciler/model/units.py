@@ -84,3 +84,15 @@ def check_port(value: int) -> int:
     if not 1 <= value <= 65535:
         raise ValueError(f"port {value} is outside 1-65535")
     return value
+
+
+def parse_kv(value: str) -> dict[str, str]:
+    """`name=eth0,bridge=vmbr0` -> dict. A bare first item (rootfs volume) becomes `volume`."""
+    out: dict[str, str] = {}
+    for i, part in enumerate(p for p in value.split(",") if p):
+        if "=" in part:
+            k, v = part.split("=", 1)
+            out[k.strip()] = v.strip()
+        elif i == 0:
+            out["volume"] = part.strip()
+    return out

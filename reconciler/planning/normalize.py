@@ -10,22 +10,10 @@ from __future__ import annotations
 from typing import Any
 
 from reconciler.model.resources import Kind
-from reconciler.model.units import format_mib, parse_mib
+from reconciler.model.units import format_mib, parse_kv, parse_mib
 
 # Keys Proxmox adds to netN on its own; compared only when the spec sets them.
 _NET_GENERATED = ("hwaddr", "type")
-
-
-def parse_kv(value: str) -> dict[str, str]:
-    """`name=eth0,bridge=vmbr0` -> dict. A bare first item (rootfs volume) becomes `volume`."""
-    out: dict[str, str] = {}
-    for i, part in enumerate(p for p in value.split(",") if p):
-        if "=" in part:
-            k, v = part.split("=", 1)
-            out[k.strip()] = v.strip()
-        elif i == 0:
-            out["volume"] = part.strip()
-    return out
 
 
 def tags(value: Any) -> list[str]:
