@@ -4,6 +4,12 @@
 Called by `reconciler apply` and the controller. A failed change never stops the others; what
 depends on it is skipped and reported, and the next run converges. Dry-run walks the very same
 path and only skips the provider call.
+
+Retries live in the providers (they know which errors are temporary); here a change is done or
+failed. A failure with a ConflictError is marked `conflict`, which asks the caller
+(`applying.live.converge`) to observe and plan again. A failed task's log lines travel with its
+result. A bug in a provider (an exception outside our hierarchy) fails its change only, reported
+as an internal error, so one bad change never hides the outcome of the others.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from dataclasses import dataclass, field
 
 import anyio
 
-from reconciler.model.errors import ConflictError, ProviderError
+from reconciler.model.errors import ConflictError, ProviderError, TaskFailedError
 from reconciler.model.plans import Change, Plan
 from reconciler.model.resources import Kind
 from reconciler.providers import Provider
@@ -36,6 +42,7 @@ class Result:
     error: str = ""
     seconds: float = 0.0
     conflict: bool = False
+    log: tuple[str, ...] = ()  # a failed task's last log lines
 
 
 @dataclass
@@ -108,8 +115,13 @@ async def execute(
                         str(exc),
                         time.monotonic() - started,
                         conflict=isinstance(exc, ConflictError),
+                        log=exc.log_tail if isinstance(exc, TaskFailedError) else (),
                     )
                 )
+                return
+            except Exception as exc:  # a bug: fail this change, keep the others going
+                message = f"internal error: {type(exc).__name__}: {exc}"
+                record(Result(change, Outcome.FAILED, message, time.monotonic() - started))
                 return
         record(Result(change, Outcome.DONE, seconds=time.monotonic() - started))
 

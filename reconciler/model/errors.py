@@ -9,6 +9,7 @@ executor decides retry or stop from the class alone (kopf `_core/actions/executi
         └── PermanentError        retrying will not help: report it
             ├── ConflictError     what we saw changed (stale digest, a vmid taken in a race):
             │                     re-observe and re-plan, never overwrite blindly
+            ├── NotFoundError     the target does not exist (a re-run destroy: done)
             ├── TaskFailedError   a Proxmox task ended with an error exit status
             └── OwnershipError    the target does not carry our mark: never touched
 """
@@ -47,6 +48,10 @@ class PermanentError(ProviderError):
 
 
 class ConflictError(PermanentError):
+    pass
+
+
+class NotFoundError(PermanentError):
     pass
 
 

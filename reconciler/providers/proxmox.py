@@ -11,17 +11,33 @@ What it knows of Proxmox (see ../shared/FIELD-NOTES.md):
   resource address; nothing without both is ever changed;
 - every mutating call that returns a task id (UPID) is awaited; the config `digest` read at
   observation is sent with every update, so a config changed since the plan is never overwritten;
-- all client errors are turned into ours in `classify`, the one place that decides what is
-  temporary and what is not.
+- all client errors, and the exit status of every task that failed, are turned into ours in
+  `classify`, the one place that decides what is temporary and what is not;
+- temporary errors are retried with jittered exponential backoff, a config lock (`backup`,
+  `migrate`, ...) is waited out up to `RetryPolicy.lock_timeout`, both on the injected `sleep`
+  and `clock`; a guest whose create or destroy task is still running is waited for before it is
+  judged ours or foreign (during a create Proxmox shows it without tags or description).
+
+Errors (reconciler.model.errors), as `classify` hands them out:
+
+    ProviderError
+    ├── TemporaryError        5xx from a proxy, 595, "no quorum", "can't lock file", no worker
+    │   └── LockedError       "CT is locked (backup)": waited out, not retried on a budget
+    └── PermanentError        everything else: reported
+        ├── NotFoundError     "Configuration file ... does not exist" (here: the guest is gone)
+        ├── ConflictError     stale digest, "already exists": re-observe and re-plan
+        ├── TaskFailedError   a task's exit status, with the task log's last lines
+        └── OwnershipError    raised by the provider itself: the guest lacks our mark
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -30,11 +46,13 @@ import anyio
 import requests
 from proxmoxer import ProxmoxAPI
 from proxmoxer.core import AuthenticationError, ResourceException
+from tenacity import RetryCallState, wait_random_exponential
 
 from reconciler.model.errors import (
     ConfigurationError,
     ConflictError,
     LockedError,
+    NotFoundError,
     OwnershipError,
     PermanentError,
     ProviderError,
@@ -45,7 +63,7 @@ from reconciler.model.observed import ObservedResource
 from reconciler.model.plans import Action, Change
 from reconciler.model.resources import Kind
 from reconciler.model.spec import ProxmoxApi, SecretRef
-from reconciler.model.units import parse_mib
+from reconciler.model.units import parse_kv, parse_mib
 
 MARK_PREFIX = "reconciler:v1"
 _MARK = re.compile(rf"^{re.escape(MARK_PREFIX)} (?P<body>.*)$", re.MULTILINE)
@@ -69,29 +87,58 @@ _TEMPORARY = (
     "gateway timeout",
 )
 _CONFLICT = ("detected modified configuration", "checksum mismatch", "already exists")
-_LOCKED = re.compile(r"(?:CT|VM) is locked \((?P<lock>\w+)\)")
+_NOT_FOUND = re.compile(r"Configuration file '[^']*' does not exist")
+_LOCKED = re.compile(r"(?:CT|VM) is locked \((?P<lock>[\w-]+)\)")
+_TASK_LOG_LINES = 5
+
+
+class TaskExit(Exception):
+    """A Proxmox task stopped with an exit status other than OK. Raised inside the provider and
+    turned into ours by `classify`, like any client error."""
+
+    def __init__(self, exit_status: str, log_tail: tuple[str, ...] = ()) -> None:
+        super().__init__(exit_status)
+        self.exit_status = exit_status
+        self.log_tail = log_tail
+
+
+def _by_text(text: str, message: str, status: int | None) -> ProviderError | None:
+    if _LOCKED.search(text):
+        return LockedError(message, status=status)
+    lowered = text.lower()
+    if any(t in lowered for t in _TEMPORARY):
+        return TemporaryError(message, status=status)
+    if any(t in lowered for t in _CONFLICT):
+        return ConflictError(message, status=status)
+    if _NOT_FOUND.search(text):
+        return NotFoundError(message, status=status)
+    return None
 
 
 def classify(exc: BaseException, context: str = "") -> ProviderError:
-    """Turn any client exception into ours: temporary (retry), locked (wait), conflict
-    (re-plan) or permanent (report)."""
+    """Turn any client exception, or a failed task, into ours: temporary (retry), locked (wait),
+    conflict (re-plan), not found, task failed, or permanent (report)."""
     if isinstance(exc, ProviderError):
         return exc
     prefix = f"{context}: " if context else ""
+    if isinstance(exc, TaskExit):
+        message = f"{prefix}{exc.exit_status}"
+        if exc.log_tail:
+            message += "; task log: " + " / ".join(exc.log_tail)
+        found = _by_text(exc.exit_status, message, None)
+        if isinstance(found, TemporaryError):
+            return found
+        return TaskFailedError(message, log_tail=exc.log_tail)
     if isinstance(exc, ResourceException):
         detail = str(exc.content or exc.status_message or "")
         if exc.errors:
             detail += " " + "; ".join(f"{k}: {str(v).strip()}" for k, v in exc.errors.items())
-        message = f"{prefix}{exc.status_code} {detail}".strip()
-        lowered = detail.lower()
         status = int(exc.status_code)
-        if _LOCKED.search(detail):
-            return LockedError(message, status=status)
-        if any(t in lowered for t in _TEMPORARY):
-            return TemporaryError(message, status=status)
-        if any(t in lowered for t in _CONFLICT):
-            return ConflictError(message, status=status)
-        if status >= 500 and status != 500:
+        message = f"{prefix}{status} {detail}".strip()
+        found = _by_text(detail, message, status)
+        if found is not None:
+            return found
+        if status > 500 and status != 501:
             return TemporaryError(message, status=status)  # 502, 503, 504, 595 ...
         if status == 500 and not detail:
             return TemporaryError(message, status=status)
@@ -217,16 +264,37 @@ def guest_attributes(item: Mapping[str, Any], config: Mapping[str, Any]) -> dict
 
 # --- the provider --------------------------------------------------------------------------
 
+# Locks held by a create or destroy task: the guest's identity (our mark, or the guest itself)
+# is only known once the task has ended, so observation waits for them.
+_TRANSIENT_LOCKS = frozenset({"create", "destroyed"})
+
 
 @dataclass
 class RetryPolicy:
-    attempts: int = 6
-    initial: float = 0.2
+    attempts: int = 6  # tries of one call that meets temporary errors
+    initial: float = 0.2  # backoff: a random delay up to initial * 2**n, capped at maximum
     maximum: float = 5.0
     lock_timeout: float = 600.0  # a backup can hold a lock for minutes
+    lock_poll: float = 2.0
     task_timeout: float = 900.0
     task_poll: float = 0.05
     task_poll_max: float = 2.0
+
+
+@dataclass
+class _Tries:
+    """What one operation has spent of its retry policy so far."""
+
+    temporary: int = 0
+    locked_since: float | None = None
+
+
+def _is_upid(value: Any) -> bool:
+    return isinstance(value, str) and value.startswith("UPID:")
+
+
+def _without_lock(config: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if k not in ("lock", "digest")}
 
 
 @dataclass
@@ -241,8 +309,9 @@ class ProxmoxProvider:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     sleep: Sleep = anyio.sleep
     clock: Clock = time.monotonic
-    calls: int = 0
-    retries: int = 0
+    calls: int = 0  # Proxmox API calls made
+    retries: int = 0  # calls (or tasks) repeated after a temporary error
+    waits: int = 0  # polls while waiting for a lock to clear
     _limiter: anyio.CapacityLimiter | None = None
 
     kinds = frozenset({Kind.GUEST})
@@ -257,40 +326,44 @@ class ProxmoxProvider:
         except Exception as exc:
             raise classify(exc, what) from None
 
-    async def retrying(self, what: str, fn: Callable[[], Any]) -> Any:
-        """Retry temporary errors with jittered exponential backoff; wait out config locks."""
-        from tenacity import (
-            AsyncRetrying,
-            retry_if_exception,
-            stop_after_attempt,
-            wait_random_exponential,
-        )
+    async def again(self, error: ProviderError, tries: _Tries) -> None:
+        """Sleep before the next try, or raise `error` when the policy says stop: a temporary
+        error gets `attempts` tries with jittered exponential backoff; a lock is waited out,
+        polling every `lock_poll` s for up to `lock_timeout` s; anything else is raised."""
+        if isinstance(error, LockedError):
+            now = self.clock()
+            if tries.locked_since is None:
+                tries.locked_since = now
+            if now - tries.locked_since >= self.retry.lock_timeout:
+                raise error
+            self.waits += 1
+            await self.sleep(self.retry.lock_poll)
+            return
+        if not isinstance(error, TemporaryError):
+            raise error
+        tries.temporary += 1
+        if tries.temporary >= self.retry.attempts:
+            raise error
+        self.retries += 1
+        await self.sleep(self._backoff(tries.temporary))
 
-        started = self.clock()
+    def _backoff(self, attempt: int) -> float:
+        """tenacity's full-jitter exponential backoff. One policy loop (`again`) serves calls,
+        tasks and lock waits alike, so we use tenacity's wait strategy rather than its
+        decorator, which knows nothing of locks or tasks."""
+        state = RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
+        state.attempt_number = attempt
+        wait = wait_random_exponential(multiplier=self.retry.initial, max=self.retry.maximum)
+        return float(wait(state))
+
+    async def retrying(self, what: str, fn: Callable[[], Any]) -> Any:
+        """One call under the retry policy (see `again`)."""
+        tries = _Tries()
         while True:
             try:
-                async for attempt in AsyncRetrying(
-                    retry=retry_if_exception(
-                        lambda e: isinstance(e, TemporaryError) and not isinstance(e, LockedError)
-                    ),
-                    wait=wait_random_exponential(
-                        multiplier=self.retry.initial, max=self.retry.maximum
-                    ),
-                    stop=stop_after_attempt(self.retry.attempts),
-                    sleep=self.sleep,
-                    reraise=True,
-                    before_sleep=self._count_retry,
-                ):
-                    with attempt:
-                        return await self.call(what, fn)
-            except LockedError:
-                if self.clock() - started > self.retry.lock_timeout:
-                    raise
-                self.retries += 1
-                await self.sleep(min(self.retry.maximum, 2.0))
-
-    def _count_retry(self, _state: Any) -> None:
-        self.retries += 1
+                return await self.call(what, fn)
+            except TemporaryError as exc:
+                await self.again(exc, tries)
 
     async def inventory(self) -> Inventory:
         items = await self.retrying(
@@ -298,13 +371,33 @@ class ProxmoxProvider:
         )
         return Inventory([i for i in items if i.get("type") in ("lxc", "qemu")])
 
+    async def settled_inventory(self) -> Inventory:
+        """The inventory once no create or destroy task holds a guest. A guest being created
+        shows neither our tag nor our mark yet: judged then, an interrupted create of ours
+        would look foreign (an errored plan, or a second guest under another vmid). Gives up
+        after `lock_timeout` and returns what it sees: a create stuck for good stays foreign."""
+        tries = _Tries()
+        while True:
+            inv = await self.inventory()
+            busy = [g for g in inv.guests if g.get("lock") in _TRANSIENT_LOCKS]
+            if not busy:
+                return inv
+            try:
+                await self.again(
+                    LockedError(f"guest {busy[0]['vmid']} is locked ({busy[0]['lock']})"), tries
+                )
+            except LockedError:
+                return inv
+
     async def observe(self) -> list[ObservedResource]:
         """Every guest: inventory in one call, config only for guests carrying our tag."""
-        inv = await self.inventory()
+        inv = await self.settled_inventory()
         out: list[ObservedResource] = []
 
         async def read(item: dict[str, Any]) -> None:
-            out.append(await self.observe_guest(item))
+            # Destroyed since the inventory was read: it is not there.
+            with contextlib.suppress(NotFoundError):
+                out.append(await self.observe_guest(item))
 
         async with anyio.create_task_group() as tg:
             for item in inv.guests:
@@ -367,118 +460,30 @@ class ProxmoxProvider:
             case Action.NOOP:
                 return
 
+    def _kind(self, change: Change) -> str:
+        return str((change.after or change.before or {}).get("type", "lxc"))
+
     def _guest(self, change: Change) -> Any:
-        kind = (change.after or change.before or {}).get("type", "lxc")
-        return self.client.nodes(change.id["node"])(kind)(change.id["vmid"])
+        return self.client.nodes(change.id["node"])(self._kind(change))(change.id["vmid"])
 
-    async def create_guest(self, change: Change) -> None:
-        assert change.after is not None
-        want = change.after
-        node, vmid = change.id["node"], change.id["vmid"]
-        params = create_params(self.platform, change.address, want)
-        endpoint = self.client.nodes(node)(want.get("type", "lxc"))
-        try:
-            upid = await self.retrying(f"create {vmid}", lambda: endpoint.post(**params))
-        except ConflictError:
-            # "already exists": done only if it is ours, for this very address (a retry after
-            # a lost reply, or a crash after the create). Anything else is a race we lost.
-            if await self._owned_by(node, vmid, want.get("type", "lxc"), change.address):
+    async def run_task(self, what: str, node: str, start: Callable[[], Any]) -> None:
+        """Make a call that may start a task, and wait for the task. A task that ends on a lock
+        or another temporary failure (Proxmox reports those in the exit status, not as an HTTP
+        error) is started again under the same policy. A task still running at `task_timeout`
+        is not: it may yet finish, and the next run observes what it did."""
+        tries = _Tries()
+        while True:
+            upid = await self.retrying(what, start)
+            if not _is_upid(upid):
+                return  # a synchronous call, done
+            error = await self.wait_task(node, upid, what)
+            if error is None:
                 return
-            raise ConflictError(
-                f"{change.address}: vmid {vmid} was taken by someone else while applying; re-plan"
-            ) from None
-        await self.wait_task(node, upid, f"create {change.address}")
+            await self.again(error, tries)
 
-    async def _owned_by(self, node: str, vmid: int, kind: str, address: str) -> bool:
-        try:
-            config = await self.retrying(
-                f"read config of {vmid}", lambda: self.client.nodes(node)(kind)(vmid).config.get()
-            )
-        except PermanentError:
-            return False
-        mark, _ = read_mark(config.get("description"))
-        return mark.get("platform") == self.platform and mark.get("address") == address
-
-    async def _checked_config(self, change: Change) -> dict[str, Any]:
-        """Read the config fresh, and refuse unless it is ours and unchanged since the plan."""
-        guest = self._guest(change)
-        config: dict[str, Any] = await self.retrying(
-            f"read config of {change.id['vmid']}", lambda: guest.config.get()
-        )
-        mark, _ = read_mark(config.get("description"))
-        if mark.get("platform") != self.platform or mark.get("address") != change.address:
-            raise OwnershipError(
-                f"{change.address}: vmid {change.id['vmid']} does not carry "
-                "our mark; it will not be touched"
-            )
-        if change.version is not None and config.get("digest") != change.version:
-            raise ConflictError(
-                f"{change.address}: its config changed since the plan was made; re-plan"
-            )
-        return config
-
-    async def update_guest(self, change: Change) -> None:
-        assert change.after is not None
-        config = await self._checked_config(change)
-        guest = self._guest(change)
-        paths = {f.path for f in change.fields}
-        params, delete = update_params(self.platform, change.address, change.after, config, paths)
-        if params or delete:
-            if delete:
-                params["delete"] = ",".join(delete)
-            params["digest"] = config["digest"]
-            result = await self.retrying(
-                f"update {change.address}", lambda: guest.config.put(**params)
-            )
-            if isinstance(result, str) and result.startswith("UPID:"):
-                await self.wait_task(change.id["node"], result, f"update {change.address}")
-        if "rootfs.size" in paths:
-            size = change.after["rootfs"]["size"]
-            upid = await self.retrying(
-                f"resize {change.address}", lambda: guest.resize.put(disk="rootfs", size=size)
-            )
-            if isinstance(upid, str) and upid.startswith("UPID:"):
-                await self.wait_task(change.id["node"], upid, f"resize {change.address}")
-        if "state" in paths:
-            await self.set_state(change, change.after["state"])
-
-    async def set_state(self, change: Change, state: str) -> None:
-        guest = self._guest(change)
-        if state == "running":
-            upid = await self.retrying(f"start {change.address}", lambda: guest.status.start.post())
-        else:
-            upid = await self.retrying(
-                f"stop {change.address}",
-                lambda: guest.status.shutdown.post(timeout=60, forceStop=1),
-            )
-        await self.wait_task(change.id["node"], upid, f"{state} {change.address}")
-
-    async def destroy_guest(self, change: Change) -> None:
-        """Stop, then destroy with purge; only a guest that carries our mark for this address."""
-        guest = self._guest(change)
-        try:
-            await self._checked_config(change.__class__(**{**change.__dict__, "version": None}))
-        except PermanentError as exc:
-            if "does not exist" in str(exc):
-                return  # already gone: a re-run after a crash
-            raise
-        status = await self.retrying(
-            f"status of {change.address}", lambda: guest.status.current.get()
-        )
-        if status.get("status") == "running":
-            upid = await self.retrying(f"stop {change.address}", lambda: guest.status.stop.post())
-            await self.wait_task(change.id["node"], upid, f"stop {change.address}")
-        upid = await self.retrying(
-            f"destroy {change.address}",
-            lambda: guest.delete(purge=1, **{"destroy-unreferenced-disks": 1}),
-        )
-        await self.wait_task(change.id["node"], upid, f"destroy {change.address}")
-
-    async def wait_task(self, node: str, upid: Any, what: str) -> None:
-        """Poll a task until it stops; `OK` and `WARNINGS: n` succeed, anything else fails with
-        the log's last lines."""
-        if not isinstance(upid, str) or not upid.startswith("UPID:"):
-            return  # a synchronous call
+    async def wait_task(self, node: str, upid: str, what: str) -> ProviderError | None:
+        """Poll a task until it stops: None when it succeeded (`OK`, `WARNINGS: n`), else its
+        error, with the log's last lines. Raises TemporaryError at `task_timeout`."""
         task = self.client.nodes(node).tasks(upid)
         deadline = self.clock() + self.retry.task_timeout
         delay = self.retry.task_poll
@@ -486,7 +491,7 @@ class ProxmoxProvider:
             status = await self.retrying(f"{what}: task status", lambda: task.status.get())
             if status.get("status") == "stopped":
                 break
-            if self.clock() > deadline:
+            if self.clock() >= deadline:
                 raise TemporaryError(
                     f"{what}: task {upid} still running after {self.retry.task_timeout:g} s"
                 )
@@ -494,17 +499,152 @@ class ProxmoxProvider:
             delay = min(delay * 1.5, self.retry.task_poll_max)
         exit_status = str(status.get("exitstatus", ""))
         if exit_status == "OK" or exit_status.startswith("WARNINGS"):
-            return
+            return None
         try:
             log = await self.call(f"{what}: task log", lambda: task.log.get(limit=500))
-            tail = tuple(str(line.get("t", "")) for line in log[-5:])
+            tail = tuple(str(line.get("t", "")) for line in log[-_TASK_LOG_LINES:])
         except ProviderError:
             tail = ()
-        if _LOCKED.search(exit_status):
-            raise LockedError(f"{what}: {exit_status}")
-        if any(t in exit_status.lower() for t in _TEMPORARY):
-            raise TemporaryError(f"{what}: {exit_status}")
-        raise TaskFailedError(f"{what}: {exit_status}", log_tail=tail)
+        return classify(TaskExit(exit_status, tail), what)
+
+    async def config_when_unlocked(
+        self, guest: Any, what: str, locks: frozenset[str] | None = None
+    ) -> dict[str, Any]:
+        """The guest's config once it holds none of `locks` (None: no lock at all), waiting
+        under the lock policy; LockedError when the lock outlasts it."""
+        tries = _Tries()
+        while True:
+            config: dict[str, Any] = await self.retrying(what, lambda: guest.config.get())
+            lock = config.get("lock")
+            if not lock or (locks is not None and lock not in locks):
+                return config
+            await self.again(LockedError(f"{what}: CT is locked ({lock})"), tries)
+
+    async def create_guest(self, change: Change) -> None:
+        assert change.after is not None
+        want = change.after
+        node, vmid = change.id["node"], change.id["vmid"]
+        params = create_params(self.platform, change.address, want)
+        endpoint = self.client.nodes(node)(self._kind(change))
+        try:
+            await self.run_task(f"create {change.address}", node, lambda: endpoint.post(**params))
+        except ConflictError:
+            # "already exists": done only if it is ours, for this very address (a retry after
+            # a lost reply, or a run cancelled after the POST). Anything else is a race we lost.
+            if await self._owned_by(change):
+                return
+            raise ConflictError(
+                f"{change.address}: vmid {vmid} was taken by someone else while applying; re-plan"
+            ) from None
+
+    async def _owned_by(self, change: Change) -> bool:
+        """Does the guest at the change's vmid carry our mark for its address? A guest whose
+        create task still runs has no description yet: wait for the task to end."""
+        what = f"read config of {change.id['vmid']}"
+        try:
+            config = await self.config_when_unlocked(self._guest(change), what, _TRANSIENT_LOCKS)
+        except (NotFoundError, LockedError):
+            return False
+        mark, _ = read_mark(config.get("description"))
+        return mark.get("platform") == self.platform and mark.get("address") == change.address
+
+    def _check_mark(self, change: Change, config: Mapping[str, Any]) -> None:
+        mark, _ = read_mark(config.get("description"))
+        if mark.get("platform") != self.platform or mark.get("address") != change.address:
+            raise OwnershipError(
+                f"{change.address}: vmid {change.id['vmid']} does not carry "
+                "our mark; it will not be touched"
+            )
+
+    async def _checked_config(self, change: Change) -> dict[str, Any]:
+        """Read the config fresh once no lock holds it, and refuse unless it is ours and
+        unchanged since the plan. A lock that comes and goes is not a change: the digest is
+        compared after it is gone, and if the plan itself saw the lock, the config must be the
+        one it saw, less the lock."""
+        guest = self._guest(change)
+        what = f"read config of {change.id['vmid']}"
+        seen: dict[str, Any] = await self.retrying(what, lambda: guest.config.get())
+        self._check_mark(change, seen)
+        config = seen
+        if seen.get("lock"):
+            config = await self.config_when_unlocked(guest, what)
+            self._check_mark(change, config)
+        if change.version is None or config.get("digest") == change.version:
+            return config
+        if seen.get("digest") == change.version and _without_lock(seen) == _without_lock(config):
+            return config
+        raise ConflictError(
+            f"{change.address}: its config changed since the plan was made; re-plan"
+        )
+
+    async def update_guest(self, change: Change) -> None:
+        assert change.after is not None
+        config = await self._checked_config(change)
+        guest = self._guest(change)
+        node = change.id["node"]
+        paths = {f.path for f in change.fields}
+        params, delete = update_params(self.platform, change.address, change.after, config, paths)
+        if params or delete:
+            if delete:
+                params["delete"] = ",".join(delete)
+            params["digest"] = config["digest"]
+            await self.run_task(
+                f"update {change.address}", node, lambda: guest.config.put(**params)
+            )
+        if "rootfs.size" in paths:
+            size = change.after["rootfs"]["size"]
+            await self.run_task(
+                f"resize {change.address}",
+                node,
+                lambda: guest.resize.put(disk="rootfs", size=size),
+            )
+        if "state" in paths:
+            await self.set_state(change, change.after["state"])
+
+    async def set_state(self, change: Change, state: str) -> None:
+        guest = self._guest(change)
+        node = change.id["node"]
+        if state == "running":
+            await self.run_task(f"start {change.address}", node, lambda: guest.status.start.post())
+        else:
+            await self.run_task(
+                f"stop {change.address}",
+                node,
+                lambda: guest.status.shutdown.post(timeout=60, forceStop=1),
+            )
+
+    async def destroy_guest(self, change: Change) -> None:
+        """Stop, then destroy with purge; only a guest that carries our mark for this address."""
+        guest = self._guest(change)
+        node = change.id["node"]
+        try:
+            await self._checked_config(replace(change, version=None))
+        except NotFoundError:
+            return  # already gone: a re-run after a crash
+        if await self._power(change) == "running":
+            await self.run_task(f"stop {change.address}", node, lambda: guest.status.stop.post())
+            await self._until_stopped(change)
+        await self.run_task(
+            f"destroy {change.address}",
+            node,
+            lambda: guest.delete(purge=1, **{"destroy-unreferenced-disks": 1}),
+        )
+
+    async def _power(self, change: Change) -> str:
+        guest = self._guest(change)
+        status = await self.retrying(
+            f"status of {change.address}", lambda: guest.status.current.get()
+        )
+        return str(status.get("status"))
+
+    async def _until_stopped(self, change: Change) -> None:
+        """The stop task of an HA-managed guest only asks the HA manager, which stops the guest
+        later: destroying it before then fails ("container is running")."""
+        deadline = self.clock() + self.retry.task_timeout
+        while await self._power(change) == "running":
+            if self.clock() >= deadline:
+                raise TemporaryError(f"{change.address}: still running after its stop task")
+            await self.sleep(self.retry.task_poll)
 
 
 # --- request parameters ----------------------------------------------------------------------
@@ -561,8 +701,6 @@ def update_params(
 ) -> tuple[dict[str, Any], list[str]]:
     """The config PUT for the changed fields. netN keeps its MAC: Proxmox would give it a new
     one otherwise (and so would we, every run)."""
-    from reconciler.planning.normalize import parse_kv
-
     paths = set(paths)
     params: dict[str, Any] = {}
     delete: list[str] = []
