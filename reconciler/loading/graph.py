@@ -2,7 +2,10 @@
 and waves. Called by the planner (through the CLI and the controller) after loading succeeds.
 
 Attributes are written in the normalized shape observers produce (see planning.normalize), so
-a converged platform diffs empty.
+a converged platform diffs empty. LXC and QEMU guests share one attribute shape, less what a
+kind does not have: a VM has no template, swap, features or unprivileged flag, and its boot disk
+(`scsi0`) is the `rootfs` attribute, so the planner's replace rules (a new storage, a smaller
+disk) hold for both kinds.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from reconciler.model.spec import (
     FirewallRule,
     GuestSpec,
     HttpRoute,
+    NetworkInterface,
     PlatformSpec,
     TcpRoute,
 )
@@ -77,6 +81,12 @@ def _guest_endpoint(spec: PlatformSpec, name: str) -> str:
     return guest_ip(guest) or (guest.hostname or name)
 
 
+# Guest attributes only LXC containers have.
+LXC_ONLY = ("template", "swap", "features", "unprivileged")
+# The NIC model of every VM we create: paravirtualized, what a Linux guest wants.
+QEMU_NIC_MODEL = "virtio"
+
+
 def net_string(index: int, nic: Any) -> str:
     """The canonical `netN` value: Proxmox's keys, sorted, only what the spec manages."""
     parts = {"name": nic.name, "bridge": nic.bridge, "ip": nic.ip}
@@ -92,6 +102,19 @@ def net_string(index: int, nic: Any) -> str:
     return ",".join(f"{k}={parts[k]}" for k in sorted(parts))
 
 
+def qemu_net_string(nic: NetworkInterface) -> str:
+    """The canonical QEMU `netN` value: the model first (`virtio`, or `virtio=MAC` when the spec
+    pins the MAC), then Proxmox's keys, sorted. A VM's NIC has no name, address or gateway:
+    those belong to the guest OS."""
+    parts = {"bridge": nic.bridge, "firewall": "1" if nic.firewall else "0"}
+    if nic.tag is not None:
+        parts["tag"] = str(nic.tag)
+    if nic.mtu is not None:
+        parts["mtu"] = str(nic.mtu)
+    model = f"{QEMU_NIC_MODEL}={nic.hwaddr.upper()}" if nic.hwaddr else QEMU_NIC_MODEL
+    return ",".join([model, *(f"{k}={parts[k]}" for k in sorted(parts))])
+
+
 def features_string(guest: GuestSpec) -> str:
     on = [k for k, v in sorted(guest.features.model_dump().items()) if v]
     return ",".join(f"{k}=1" for k in on)
@@ -100,7 +123,11 @@ def features_string(guest: GuestSpec) -> str:
 def guest_attributes(spec: PlatformSpec, name: str, guest: GuestSpec) -> dict[str, Any]:
     storage = guest.disk.storage or spec.platform.default_storage
     tags = sorted({*guest.tags, spec.platform.owner_tag})
-    return {
+    if guest.kind == "qemu":
+        net = {f"net{i}": qemu_net_string(nic) for i, nic in enumerate(guest.network)}
+    else:
+        net = {f"net{i}": net_string(i, nic) for i, nic in enumerate(guest.network)}
+    attrs: dict[str, Any] = {
         "name": guest.hostname or name,
         "vmid": guest.vmid,
         "node": spec.node_of(guest.host) if guest.host in spec.hosts else guest.host,
@@ -111,7 +138,7 @@ def guest_attributes(spec: PlatformSpec, name: str, guest: GuestSpec) -> dict[st
         "memory": guest.memory,
         "swap": guest.swap,
         "rootfs": {"storage": storage, "size": format_mib(guest.disk.size)},
-        "net": {f"net{i}": net_string(i, nic) for i, nic in enumerate(guest.network)},
+        "net": net,
         "tags": tags,
         "features": features_string(guest),
         "unprivileged": guest.unprivileged,
@@ -119,6 +146,11 @@ def guest_attributes(spec: PlatformSpec, name: str, guest: GuestSpec) -> dict[st
         "state": guest.state,
         "description": guest.description,
     }
+    if guest.kind == "qemu":
+        # Neither sent nor compared: a VM has none of these (a profile may still set them).
+        for key in LXC_ONLY:
+            del attrs[key]
+    return attrs
 
 
 def rule_attributes(rule: FirewallRule) -> dict[str, Any]:

@@ -3,6 +3,11 @@
 Proxmox rewrites what it is sent (FIELD-NOTES: tags lowercased, deduped, sorted and `;`-joined;
 rootfs as `local-lvm:vm-103-disk-0,size=8G`; MACs and `type=veth` added to netN; booleans as
 0/1). Observers may hand us either spelling; every comparison goes through here.
+
+QEMU spells things its own way: a NIC is `virtio=BC:24:11:..,bridge=vmbr0` (the model's key holds
+the generated MAC; `model=virtio,macaddr=..` is accepted too), and memory comes back as a
+string (`"2048"`, or the property-string form `"current=2048"`). A VM's boot disk (`scsi0`) is
+compared as `rootfs`, like a container's.
 """
 
 from __future__ import annotations
@@ -12,8 +17,29 @@ from typing import Any
 from reconciler.model.resources import Kind
 from reconciler.model.units import format_mib, parse_kv, parse_mib
 
-# Keys Proxmox adds to netN on its own; compared only when the spec sets them.
+# Keys Proxmox adds to netN on its own; compared only when the spec sets them. For a VM, "hwaddr"
+# stands for the MAC in `virtio=MAC`.
 _NET_GENERATED = ("hwaddr", "type")
+
+# qemu-server's NIC models: in `virtio=BC:24:11:..` the key is the model, the value the MAC.
+QEMU_NIC_MODELS = frozenset(
+    {
+        "e1000",
+        "e1000-82540em",
+        "e1000-82544gc",
+        "e1000-82545em",
+        "e1000e",
+        "i82551",
+        "i82557b",
+        "i82559er",
+        "ne2k_isa",
+        "ne2k_pci",
+        "pcnet",
+        "rtl8139",
+        "virtio",
+        "vmxnet3",
+    }
+)
 
 
 def tags(value: Any) -> list[str]:
@@ -34,6 +60,40 @@ def net(value: str, keep: frozenset[str] = frozenset()) -> str:
         kv["hwaddr"] = kv["hwaddr"].upper()
     kv.setdefault("firewall", "0")
     return ",".join(f"{k}={kv[k]}" for k in sorted(kv))
+
+
+def qemu_nic(value: str) -> tuple[str, str | None, dict[str, str]]:
+    """A VM's `netN` -> (model, MAC or None, the other keys), from either spelling."""
+    model, mac, rest = "", None, {}
+    for part in value.split(","):
+        key, _, val = (x.strip() for x in part.partition("="))
+        if key in QEMU_NIC_MODELS:
+            model, mac = key, val or None
+        elif key == "model":
+            model = val
+        elif key == "macaddr":
+            mac = val or None
+        elif key:
+            rest[key] = val
+    return model, mac.upper() if mac else None, rest
+
+
+def qemu_net(value: str, keep: frozenset[str] = frozenset()) -> str:
+    """`virtio=BC:24:11:..,tag=10,bridge=vmbr0` -> `virtio,bridge=vmbr0,firewall=0,tag=10`: the
+    model first, its MAC only when the spec pins one ("hwaddr" in `keep`), the rest sorted."""
+    model, mac, kv = qemu_nic(value)
+    head = f"{model}={mac}" if mac and "hwaddr" in keep else model
+    kv.setdefault("firewall", "0")
+    parts = [head] if head else []
+    return ",".join(parts + [f"{k}={kv[k]}" for k in sorted(kv)])
+
+
+def memory(value: Any) -> Any:
+    """MiB as an int: QEMU answers `"2048"` or `"current=2048"`."""
+    if isinstance(value, str):
+        kv = parse_kv(value)
+        return int(kv.get("current") or kv.get("volume") or value)
+    return value
 
 
 def rootfs(value: Any) -> dict[str, str]:
@@ -81,16 +141,27 @@ def guest(
         out["features"] = features(out["features"])
     if isinstance(out.get("net"), dict):
         keep = net_keep or {}
-        out["net"] = {k: net(v, keep.get(k, frozenset())) for k, v in sorted(out["net"].items())}
+        one = qemu_net if out.get("type") == "qemu" else net
+        out["net"] = {k: one(v, keep.get(k, frozenset())) for k, v in sorted(out["net"].items())}
     for key in ("onboot", "unprivileged"):
         if key in out:
             out[key] = _bool(out[key])
-    for key in ("cores", "memory", "swap"):
+    if "memory" in out:
+        out["memory"] = memory(out["memory"])
+    for key in ("cores", "swap"):
         if isinstance(out.get(key), str):
             out[key] = int(out[key])
     if out.get("description") is None and "description" in out:
         out["description"] = ""
     return out
+
+
+def _pinned(value: str, qemu: bool) -> frozenset[str]:
+    """The generated keys a desired netN sets (a pinned MAC, `virtio=AA:..` for a VM): those
+    are compared too."""
+    if qemu:
+        return frozenset({"hwaddr"}) if qemu_nic(value)[1] else frozenset()
+    return frozenset(key for key in _NET_GENERATED if key in parse_kv(value))
 
 
 def rule(value: dict[str, Any]) -> dict[str, Any]:
@@ -119,10 +190,8 @@ def pair(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Normalize a desired/observed pair of one resource."""
     if kind is Kind.GUEST:
-        keep = {
-            k: frozenset(key for key in _NET_GENERATED if key in parse_kv(v))
-            for k, v in (desired.get("net") or {}).items()
-        }
+        qemu = desired.get("type") == "qemu"
+        keep = {k: _pinned(v, qemu) for k, v in (desired.get("net") or {}).items()}
         return guest(desired, net_keep=keep), guest(observed, net_keep=keep)
     if kind.value.startswith("firewall"):
         return firewall(desired), firewall(observed)

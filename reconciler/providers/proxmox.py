@@ -16,7 +16,12 @@ What it knows of Proxmox (see ../shared/FIELD-NOTES.md):
 - temporary errors are retried with jittered exponential backoff, a config lock (`backup`,
   `migrate`, ...) is waited out up to `RetryPolicy.lock_timeout`, both on the injected `sleep`
   and `clock`; a guest whose create or destroy task is still running is waited for before it is
-  judged ours or foreign (during a create Proxmox shows it without tags or description).
+  judged ours or foreign (during a create Proxmox shows it without tags or description);
+- a QEMU VM is created empty (no template): one disk, `scsi0` on virtio-scsi-single, virtio NICs,
+  ostype l26. Its config is read with its pending values, what it runs with after its next
+  start (a running VM takes cores and memory changes only then, unless hotplugged). Proxmox's
+  config view merges them in already; fakepve's QEMU view does not, so they are read from
+  `pending`, which both answer alike.
 
 Errors (reconciler.model.errors), as `classify` hands them out:
 
@@ -67,6 +72,11 @@ from reconciler.model.units import parse_kv, parse_mib
 
 MARK_PREFIX = "reconciler:v1"
 _MARK = re.compile(rf"^{re.escape(MARK_PREFIX)} (?P<body>.*)$", re.MULTILINE)
+
+# A VM's one disk (its boot disk, observed and compared as `rootfs`), and what a VM is created
+# with besides the spec's fields: an empty Linux VM, booting from that disk.
+QEMU_DISK = "scsi0"
+_QEMU_CREATE = {"scsihw": "virtio-scsi-single", "ostype": "l26"}
 
 Sleep = Callable[[float], Awaitable[None]]
 Clock = Callable[[], float]
@@ -145,6 +155,12 @@ def classify(exc: BaseException, context: str = "") -> ProviderError:
         return PermanentError(message, status=status)
     if isinstance(exc, AuthenticationError):
         return PermanentError(f"{prefix}authentication failed: {exc}")
+    if isinstance(exc, requests.exceptions.SSLError):
+        # Retrying cannot fix a certificate we do not trust: say how to fix it instead.
+        return PermanentError(
+            f"{prefix}TLS verification failed (SSLError): give the cluster's CA as ca_file "
+            "(/etc/pve/pve-root-ca.pem on a node), or --insecure in a lab"
+        )
     if isinstance(exc, (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError)):
         return TemporaryError(f"{prefix}cannot reach Proxmox: {type(exc).__name__}")
     return PermanentError(f"{prefix}{type(exc).__name__}: {exc}")
@@ -236,8 +252,29 @@ def _tags(value: Any) -> list[str]:
     return sorted({t for t in str(value or "").split(";") if t})
 
 
+def _memory(value: Any) -> int:
+    """MiB: QEMU answers with a string, `"2048"` or `"current=2048"`."""
+    if isinstance(value, str):
+        kv = parse_kv(value)
+        value = kv.get("current") or kv.get("volume") or value
+    return int(value)
+
+
+def with_pending(config: Mapping[str, Any], pending: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """A config with its pending changes applied: what the guest runs with after its next start."""
+    out = dict(config)
+    for item in pending:
+        key = str(item.get("key", ""))
+        if item.get("delete"):
+            out.pop(key, None)
+        elif "pending" in item:
+            out[key] = item["pending"]
+    return out
+
+
 def guest_attributes(item: Mapping[str, Any], config: Mapping[str, Any]) -> dict[str, Any]:
-    """A guest's Proxmox config -> our attribute shape (normalization finishes in planning)."""
+    """A guest's Proxmox config -> our attribute shape (normalization finishes in planning). A
+    VM has no template, swap, features or unprivileged flag; its boot disk is `rootfs`."""
     kind = item.get("type", "lxc")
     mark, description = read_mark(config.get("description"))
     attrs: dict[str, Any] = {
@@ -247,7 +284,7 @@ def guest_attributes(item: Mapping[str, Any], config: Mapping[str, Any]) -> dict
         "type": kind,
         "template": mark.get("template"),
         "cores": int(config.get("cores", item.get("maxcpu", 1))),
-        "memory": int(config.get("memory", 512)),
+        "memory": _memory(config.get("memory", 512)),
         "tags": _tags(config.get("tags", item.get("tags"))),
         "onboot": bool(int(config.get("onboot", 0))),
         "state": "running" if item.get("status") == "running" else "stopped",
@@ -259,6 +296,9 @@ def guest_attributes(item: Mapping[str, Any], config: Mapping[str, Any]) -> dict
         attrs["rootfs"] = config.get("rootfs")
         attrs["features"] = config.get("features", "")
         attrs["unprivileged"] = bool(int(config.get("unprivileged", 0)))
+    else:
+        del attrs["template"]
+        attrs["rootfs"] = config.get(QEMU_DISK)
     return attrs
 
 
@@ -426,10 +466,13 @@ class ProxmoxProvider:
 
     async def observe_guest(self, item: Mapping[str, Any]) -> ObservedResource:
         node, vmid, kind = item["node"], int(item["vmid"]), item.get("type", "lxc")
-        config = await self.retrying(
-            f"read config of {vmid}",
-            lambda: self.client.nodes(node)(kind)(vmid).config.get(),
-        )
+        guest = self.client.nodes(node)(kind)(vmid)
+        config = await self.retrying(f"read config of {vmid}", lambda: guest.config.get())
+        if kind == "qemu":
+            pending = await self.retrying(
+                f"read pending config of {vmid}", lambda: guest.pending.get()
+            )
+            config = with_pending(config, pending)
         mark, _ = read_mark(config.get("description"))
         if mark.get("platform") != self.platform or not mark.get("address"):
             return self._foreign(item)  # our tag alone, perhaps copied by hand: not ours
@@ -453,7 +496,7 @@ class ProxmoxProvider:
             case Action.UPDATE:
                 await self.update_guest(change)
             case Action.REPLACE:
-                await self.destroy_guest(change)
+                await self.destroy_guest(_observed_side(change))
                 await self.create_guest(change)
             case Action.DELETE:
                 await self.destroy_guest(change)
@@ -593,10 +636,11 @@ class ProxmoxProvider:
             )
         if "rootfs.size" in paths:
             size = change.after["rootfs"]["size"]
+            disk = QEMU_DISK if self._kind(change) == "qemu" else "rootfs"
             await self.run_task(
                 f"resize {change.address}",
                 node,
-                lambda: guest.resize.put(disk="rootfs", size=size),
+                lambda: guest.resize.put(disk=disk, size=size),
             )
         if "state" in paths:
             await self.set_state(change, change.after["state"])
@@ -647,6 +691,14 @@ class ProxmoxProvider:
             await self.sleep(self.retry.task_poll)
 
 
+def _observed_side(change: Change) -> Change:
+    """A replace's old guest, to destroy: its kind and node are what was observed (a kind or node
+    change is what forced the replace), not what is wanted."""
+    before = change.before or {}
+    node = before.get("node") or change.id["node"]
+    return replace(change, after=None, id={**change.id, "node": node})
+
+
 # --- request parameters ----------------------------------------------------------------------
 
 
@@ -684,12 +736,41 @@ def create_params(platform: str, address: str, want: Mapping[str, Any]) -> dict[
             params["features"] = want["features"]
         params.update(dict(want.get("net") or {}))
     else:
-        params["name"] = want["name"]
-        params["scsi0"] = f"{rootfs['storage']}:{_gib(rootfs['size'])}"
+        params.update(
+            {
+                "name": want["name"],
+                QEMU_DISK: f"{rootfs['storage']}:{_gib(rootfs['size'])}",
+                **_QEMU_CREATE,
+            }
+        )
+        params.update(dict(want.get("net") or {}))
     return params
 
 
 _PLAIN_KEYS = ("cores", "memory", "swap", "features")
+_MAC = re.compile(r"^[0-9A-Fa-f]{2}(?::[0-9A-Fa-f]{2}){5}$")
+
+
+def _keep_mac(kind: str, value: str, current: str) -> str:
+    """The desired netN with the MAC the NIC has now, unless the spec pins one: LXC's
+    `hwaddr=MAC`, QEMU's `virtio=MAC` (or `macaddr=MAC`)."""
+    if kind != "qemu":
+        mac = parse_kv(current).get("hwaddr")
+        return f"{value},hwaddr={mac}" if mac and "hwaddr=" not in value else value
+    mac = _qemu_mac(current)
+    model, sep, rest = value.partition(",")
+    if mac is None or "=" in model:
+        return value
+    return f"{model}={mac}{sep}{rest}"
+
+
+def _qemu_mac(net: str) -> str | None:
+    """The MAC of a VM's netN: the value of its model's key (`virtio=MAC`) or of `macaddr`."""
+    for part in net.split(","):
+        value = part.partition("=")[2].strip()
+        if _MAC.match(value):
+            return value
+    return None
 
 
 def update_params(
@@ -700,8 +781,10 @@ def update_params(
     paths: Iterable[str],
 ) -> tuple[dict[str, Any], list[str]]:
     """The config PUT for the changed fields. netN keeps its MAC: Proxmox would give it a new
-    one otherwise (and so would we, every run)."""
+    one otherwise (and so would we, every run). A VM's name is `name`, a container's
+    `hostname`."""
     paths = set(paths)
+    kind = str(want.get("type", "lxc"))
     params: dict[str, Any] = {}
     delete: list[str] = []
     for key in _PLAIN_KEYS:
@@ -711,7 +794,7 @@ def update_params(
             else:
                 params[key] = want[key]
     if "name" in paths:
-        params["hostname"] = want["name"]
+        params["name" if kind == "qemu" else "hostname"] = want["name"]
     if "tags" in paths:
         params["tags"] = ";".join(want["tags"])
     if "onboot" in paths:
@@ -726,8 +809,5 @@ def update_params(
         if value is None:
             delete.append(key)
             continue
-        current = parse_kv(str(config.get(key, "")))
-        if "hwaddr" in current and "hwaddr=" not in value:
-            value += f",hwaddr={current['hwaddr']}"
-        params[key] = value
+        params[key] = _keep_mac(kind, value, str(config.get(key, "")))
     return params, delete
