@@ -1,2 +1,3 @@
 """Stand-ins for the outside systems, for tests, benchmarks and the demo: a fakepve launcher
-(the third-party fake Proxmox VE), and later the agent and Velocity-bridge simulators."""
+(the third-party fake Proxmox VE), the in-container agent and the Velocity bridge plugin, both
+speaking the real wire contracts (../shared/FIELD-NOTES.md)."""
