@@ -1,7 +1,8 @@
 """Live runs: connect the providers a spec names, observe everything, plan, apply, and re-plan
 when what we saw changed underneath us.
 
-Used by the CLI's live `observe`, `plan` and `apply`, and by the controller's cycle.
+Used by the CLI's live `observe`, `plan` and `apply`, and by the controller's cycle. Guests are
+observed first: the firewall provider reads the firewall of the guests found to be ours.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from reconciler.model.observed import ObservedResource, ObservedState
 from reconciler.model.plans import Plan
 from reconciler.model.resources import DesiredGraph, Kind
 from reconciler.model.spec import PlatformSpec, ProxmoxApi
-from reconciler.planning.planner import make_plan
+from reconciler.planning.planner import ObservedCheck, make_plan
 from reconciler.providers import Provider
+from reconciler.providers.firewall import FirewallProvider
 from reconciler.providers.proxmox import ProxmoxProvider, connect
 
 
@@ -50,16 +52,25 @@ def proxmox_provider(
     )
 
 
+def firewall_provider(spec: PlatformSpec, guests: ProxmoxProvider) -> FirewallProvider:
+    """The firewall on the guests' endpoint, sharing its client and retry policy. The cluster
+    options are managed only when the spec declares `firewall.cluster`."""
+    return FirewallProvider(pve=guests, manage_cluster=spec.firewall.cluster is not None)
+
+
 async def observe_all(
     providers: Mapping[Kind, Provider], platform: str, source: str = ""
 ) -> ObservedState:
+    """Every provider once, guest providers first; a firewall provider gets the guests seen."""
     resources: list[ObservedResource] = []
-    seen: set[int] = set()
-    for provider in providers.values():
-        if id(provider) in seen:
-            continue
-        seen.add(id(provider))
-        resources.extend(await provider.observe())
+    unique = list({id(p): p for p in providers.values()}.values())
+    unique.sort(key=lambda p: Kind.GUEST not in p.kinds)
+    for provider in unique:
+        if isinstance(provider, FirewallProvider):
+            guests = [r for r in resources if r.kind is Kind.GUEST]
+            resources.extend(await provider.observe(guests))
+        else:
+            resources.extend(await provider.observe())
     now = datetime.datetime.now(datetime.UTC).replace(microsecond=0).isoformat()
     return ObservedState(
         platform=platform,
@@ -99,14 +110,18 @@ async def converge(
     max_rounds: int = 3,
     approve: Callable[[Plan], bool] = lambda _plan: True,
     progress: Progress | None = None,
+    observed_checks: Iterable[ObservedCheck] = (),
 ) -> Convergence:
     """Observe, plan, apply; when a change met a conflict (a stale digest, a vmid taken in a
     race), observe and plan again, up to `max_rounds` times."""
     result = Convergence()
     targets = tuple(targets)
+    checks = tuple(observed_checks)
     for _ in range(max_rounds):
         observed = await observe_all(providers, graph.platform, source)
-        plan = make_plan(graph, observed, allow_destroy=allow_destroy, targets=targets)
+        plan = make_plan(
+            graph, observed, allow_destroy=allow_destroy, targets=targets, observed_checks=checks
+        )
         round_ = Round(plan)
         result.rounds.append(round_)
         if plan.errored or not plan.has_changes or not approve(plan):

@@ -15,7 +15,7 @@ from typing import TextIO
 import anyio
 
 from reconciler.applying.executor import Outcome, Progress, Result, execute
-from reconciler.applying.live import converge, observe_all, proxmox_provider
+from reconciler.applying.live import converge, firewall_provider, observe_all, proxmox_provider
 from reconciler.cli import render
 from reconciler.loading.graph import build_graph
 from reconciler.loading.loader import load_directory
@@ -24,6 +24,7 @@ from reconciler.model.observed import ObservedState
 from reconciler.model.plans import Plan, plan_from_json
 from reconciler.model.resources import DesiredGraph, Kind
 from reconciler.model.spec import PlatformSpec, ProxmoxApi, SecretRef
+from reconciler.planning.observed_policies import live_isolation
 from reconciler.planning.planner import make_plan
 from reconciler.providers import Provider
 
@@ -86,7 +87,8 @@ def providers_for(
             "anyone on the path can read the credentials\n"
         )
     provider = proxmox_provider(spec, connection_override(args), insecure=args.insecure)
-    return {Kind.GUEST: provider}
+    firewall = firewall_provider(spec, provider)
+    return {Kind.GUEST: provider, **dict.fromkeys(firewall.kinds, firewall)}
 
 
 async def _observe(spec: PlatformSpec, providers: dict[Kind, Provider]) -> ObservedState:
@@ -170,6 +172,7 @@ def cmd_apply(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 dry_run=args.dry_run,
                 approve=approve,
                 progress=_progress(err),
+                observed_checks=[live_isolation(spec)],
             )
         )
     except ReconcilerError as exc:
@@ -260,4 +263,10 @@ def live_plan(
     except ReconcilerError as exc:
         err.write(f"error: {exc}\n")
         return None
-    return make_plan(graph, observed, allow_destroy=args.allow_destroy, targets=args.target)
+    return make_plan(
+        graph,
+        observed,
+        allow_destroy=args.allow_destroy,
+        targets=args.target,
+        observed_checks=[live_isolation(spec)],
+    )

@@ -25,6 +25,7 @@ from reconciler.model.diagnostics import Severity, has_errors
 from reconciler.model.observed import ObservedState
 from reconciler.model.plans import Plan
 from reconciler.model.spec import PlatformSpec
+from reconciler.planning.observed_policies import live_isolation
 from reconciler.planning.planner import converged_state, make_plan
 
 DEFAULT_DIR = "specs"
@@ -112,7 +113,15 @@ def build_plan(args: argparse.Namespace, err: TextIO) -> Plan | None:
 
         live = live_plan(args, result.spec, graph, err)
         return _with_spec_warnings(live, result) if live is not None else None
-    plan = make_plan(graph, observed, allow_destroy=args.allow_destroy, targets=args.target)
+    # A snapshot is what was live: check its firewall against the policies as a live plan does.
+    checks = [live_isolation(result.spec)] if args.observed else []
+    plan = make_plan(
+        graph,
+        observed,
+        allow_destroy=args.allow_destroy,
+        targets=args.target,
+        observed_checks=checks,
+    )
     return _with_spec_warnings(plan, result)
 
 

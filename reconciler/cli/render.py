@@ -78,6 +78,10 @@ def _change_lines(change: Change) -> list[str]:
         width = max((len(f.path) for f in change.fields), default=0)
         for f in change.fields:
             note = "   # forces replacement" if f.forces_replace else ""
+            if f.moved_from is not None:
+                moved = f"{_value(f.after)} moved from {f.moved_from}"
+                lines.append(f"      {f.path.ljust(width)}  {moved}")
+                continue
             lines.append(
                 f"      {f.path.ljust(width)}  {_value(f.before)} -> {_value(f.after)}{note}"
             )

@@ -20,6 +20,7 @@ Format (version 1):
           "id": {"vmid": 101, "node": "pve-core"},   # how the outside system names it
           "attributes": {...},           # same shape as the desired resource's attributes
           "version": "9f2c..."           # optional: the config digest it was read at
+                                         # (firewall: "options=.. rules=..", one per list)
         }
       ]
     }

@@ -46,14 +46,20 @@ class FieldChange:
     before: Any
     after: Any
     forces_replace: bool = False
+    # An item of an ordered list (a firewall rule) that only changed place: `path` is where it
+    # goes, `moved_from` where it was; before and after are the item itself.
+    moved_from: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "path": self.path,
             "before": self.before,
             "after": self.after,
             "forces_replace": self.forces_replace,
         }
+        if self.moved_from is not None:
+            out["moved_from"] = self.moved_from
+        return out
 
 
 @dataclass(frozen=True)
@@ -157,7 +163,13 @@ def plan_from_json(doc: dict[str, Any]) -> Plan:
             before=c.get("before"),
             after=c.get("after"),
             fields=tuple(
-                FieldChange(f["path"], f["before"], f["after"], bool(f["forces_replace"]))
+                FieldChange(
+                    f["path"],
+                    f["before"],
+                    f["after"],
+                    bool(f["forces_replace"]),
+                    f.get("moved_from"),
+                )
                 for f in c.get("fields", ())
             ),
             depends_on=tuple(c.get("depends_on", ())),

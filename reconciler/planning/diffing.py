@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import json
+from dataclasses import replace
 from typing import Any
 
 from reconciler.model.plans import FieldChange
@@ -41,9 +42,7 @@ def diff(kind: Kind, desired: dict[str, Any], observed: dict[str, Any]) -> list[
         if key in skip or (key in optional and observed.get(key) is None):
             continue
         _walk(observed.get(key), desired[key], key, out)
-    return [
-        FieldChange(c.path, c.before, c.after, c.path in forced or _shrinks(kind, c)) for c in out
-    ]
+    return [replace(c, forces_replace=c.path in forced or _shrinks(kind, c)) for c in out]
 
 
 def _shrinks(kind: Kind, change: FieldChange) -> bool:
@@ -75,20 +74,45 @@ def _walk_ordered(
 ) -> None:
     """Ordered lists (firewall rules): match items by content so an insertion shows as one
     inserted item, not as every later item changed. Indexes are the desired positions; a
-    removed item keeps its observed index."""
+    removed item keeps its observed index.
+
+    An item removed in one place and inserted unchanged in another is one move
+    (`moved_from`). What is left of a block replaced by as many items is compared item by
+    item, so a rule whose source was widened shows as that one field."""
     keys = (
         [json.dumps(x, sort_keys=True) for x in before],
         [json.dumps(x, sort_keys=True) for x in after],
     )
     matcher = difflib.SequenceMatcher(a=keys[0], b=keys[1], autojunk=False)
-    for op, i1, i2, j1, j2 in matcher.get_opcodes():
-        if op == "equal":
+    blocks = [
+        (list(range(i1, i2)), list(range(j1, j2)))
+        for op, i1, i2, j1, j2 in matcher.get_opcodes()
+        if op != "equal"
+    ]
+    # Moves first, across blocks: each inserted item takes the first removed twin.
+    removed = [i for gone, _ in blocks for i in gone]
+    moved: dict[int, int] = {}  # desired index -> observed index
+    for _, added in blocks:
+        for j in added:
+            twin = next((i for i in removed if keys[0][i] == keys[1][j]), None)
+            if twin is not None:
+                removed.remove(twin)
+                moved[j] = twin
+    taken = set(moved.values())
+    found: list[tuple[int, list[FieldChange]]] = []  # (position, its changes), to sort
+    for gone, added in blocks:
+        gone = [i for i in gone if i not in taken]
+        new = [j for j in added if j not in moved]
+        if gone and len(gone) == len(new):
+            for i, j in zip(gone, new, strict=True):
+                item: list[FieldChange] = []
+                _walk(before[i], after[j], f"{path}[{j}]", item)
+                found.append((j, item))
             continue
-        if op == "replace" and i2 - i1 == j2 - j1:
-            for b, a, j in zip(before[i1:i2], after[j1:j2], range(j1, j2), strict=True):
-                _walk(b, a, f"{path}[{j}]", out)
-            continue
-        for i in range(i1, i2):
-            out.append(FieldChange(f"{path}[{i}]", before[i], None))
-        for j in range(j1, j2):
-            out.append(FieldChange(f"{path}[{j}]", None, after[j]))
+        found.extend((i, [FieldChange(f"{path}[{i}]", before[i], None)]) for i in gone)
+        found.extend((j, [FieldChange(f"{path}[{j}]", None, after[j])]) for j in new)
+    for j, i in moved.items():
+        move = FieldChange(f"{path}[{j}]", before[i], after[j], moved_from=f"{path}[{i}]")
+        found.append((j, [move]))
+    for _, changes in sorted(found, key=lambda item: item[0]):
+        out.extend(changes)

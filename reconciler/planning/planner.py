@@ -6,11 +6,20 @@ controller's cycle. Pure: the same graph and observed state always give the same
 
 Pairing (gitops-engine's reconcile): desired only -> create; observed only -> delete, and only
 for what carries our mark; both -> diff, which gives no-op, update or replace.
+
+Deletes of owned guests and owned firewall objects (aliases, IP sets, groups) need pruning
+(`platform.prune` or `--allow-destroy`). A guest's firewall is never deleted on its own: it goes
+with its guest, and a guest whose spec lost its firewall section keeps what it has, unmanaged.
+The cluster options are never deleted. A guest's firewall is addressed through its guest's
+allocation (node, vmid, type), so a recreated guest gets its firewall back in the same apply.
+
+`observed_checks` run on the observed state after the changes are made and add diagnostics
+(`planning.observed_policies`: the platform's isolation, checked on the live firewall).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -21,6 +30,10 @@ from reconciler.model.resources import DesiredGraph, Kind, Resource, kind_of
 from reconciler.planning import diffing, normalize
 
 _ACTIVE = (Action.CREATE, Action.REPLACE)
+_NAMED_FIREWALL = (Kind.FIREWALL_ALIAS, Kind.FIREWALL_IPSET, Kind.FIREWALL_GROUP)
+
+# A check of the observed state: (observed, addresses this plan changes) -> diagnostics.
+ObservedCheck = Callable[[ObservedState, frozenset[str]], Iterable[Diagnostic]]
 
 
 def allocate_vmids(
@@ -70,6 +83,7 @@ def make_plan(
     *,
     allow_destroy: bool = False,
     targets: Iterable[str] = (),
+    observed_checks: Iterable[ObservedCheck] = (),
 ) -> Plan:
     vmids, diags = allocate_vmids(graph, observed)
     owned = observed.owned()
@@ -91,10 +105,17 @@ def make_plan(
                 continue
             desired["vmid"] = ident["vmid"] = vmids[res.address]
             ident["node"] = desired["node"]
+        elif res.kind is Kind.FIREWALL_GUEST:
+            home = _guest_home(graph, res, vmids, changes, observed_kinds)
+            if home is None:
+                continue  # its guest is not planned (a vmid problem): nothing to address
+            ident = home
         obs = owned.get(res.address)
         wave = graph.waves[res.address]
         if obs is None:
-            problem = _vmid_conflict(res, desired, foreign_vmids, owned_by_vmid)
+            problem = _vmid_conflict(res, desired, foreign_vmids, owned_by_vmid) or _name_conflict(
+                res, observed, graph.platform
+            )
             if problem:
                 diags.append(problem)
                 continue
@@ -111,6 +132,8 @@ def make_plan(
             )
         else:
             change = _compare(res, desired, obs, wave)
+            if ident and res.kind is Kind.FIREWALL_GUEST:
+                change = replace(change, id=ident)
         parent = changes.get(res.attached_to) if res.attached_to else None
         if parent is not None and parent.action in _ACTIVE and change.action not in _ACTIVE:
             change = Change(
@@ -139,7 +162,10 @@ def make_plan(
     )
     if targets:
         ordered = _only_targets(ordered, graph, set(targets))
-    foreign = tuple(_foreign_summary(r, graph) for r in observed.foreign())
+    foreign = tuple(_foreign_summary(r, graph) for r in observed.foreign() if r.kind is Kind.GUEST)
+    changing = frozenset(c.address for c in ordered if c.action is not Action.NOOP)
+    for check in observed_checks:
+        diags.extend(check(observed, changing))
     return Plan(
         platform=graph.platform,
         changes=tuple(ordered),
@@ -181,6 +207,46 @@ def _compare(res: Resource, desired: dict[str, Any], obs: ObservedResource, wave
     )
 
 
+def _guest_home(
+    graph: DesiredGraph,
+    res: Resource,
+    vmids: Mapping[str, int],
+    changes: Mapping[str, Change],
+    observed_kinds: set[Kind] | None,
+) -> dict[str, Any] | None:
+    """Where a guest's firewall lives: its guest's node, vmid and type, as planned."""
+    parent = graph.resources.get(res.attached_to or "")
+    if parent is None or parent.address not in vmids:
+        return None
+    guest_observed = observed_kinds is None or Kind.GUEST in observed_kinds
+    if guest_observed and parent.address not in changes:
+        return None  # the guest itself could not be planned
+    return {
+        "vmid": vmids[parent.address],
+        "node": parent.attributes.get("node"),
+        "type": parent.attributes.get("type", "lxc"),
+    }
+
+
+def _name_conflict(res: Resource, observed: ObservedState, platform: str) -> Diagnostic | None:
+    """A firewall object we would create whose name an unmarked one holds (Proxmox names are
+    cluster-wide; alias and IP set names ignore case)."""
+    if res.kind not in _NAMED_FIREWALL:
+        return None
+    for r in observed.foreign():
+        if r.kind is res.kind and str(r.attributes.get("name", "")).lower() == res.name.lower():
+            what = res.kind.value.removeprefix("firewall/")
+            return error(
+                "firewall-name-held-by-foreign",
+                f"{res.address}: a {what} named {r.attributes.get('name')!r} exists without the "
+                "controller's mark; it will not be overwritten. Rename it in the spec, or adopt "
+                f"it by ending its comment with [reconciler:{platform}]",
+                position=res.position,
+                address=res.address,
+            )
+    return None
+
+
 def _vmid_conflict(
     res: Resource,
     desired: dict[str, Any],
@@ -219,19 +285,18 @@ def _deletes(
     prune = allow_destroy or bool(graph.settings.get("prune"))
     limit = int(graph.settings.get("max_deletes_per_run", 3))
     gone = [r for a, r in sorted(owned.items()) if a not in graph.resources]
-    gone_guests = {r.address for r in gone if r.kind is Kind.GUEST}
     changes: list[Change] = []
     diags: list[Diagnostic] = []
     for r in gone:
         assert r.address is not None
-        parent = "guest/" + r.address.removeprefix("firewall/guest/")
-        if r.kind is Kind.FIREWALL_GUEST and parent in gone_guests:
-            continue  # goes with its guest
-        if not prune and r.kind is Kind.GUEST:
+        if r.kind in (Kind.FIREWALL_GUEST, Kind.FIREWALL_CLUSTER):
+            continue  # goes with its guest; the cluster options are only ever left alone
+        if not prune and r.kind in (Kind.GUEST, *_NAMED_FIREWALL):
+            which = f" (vmid {r.id.get('vmid')})" if r.kind is Kind.GUEST else ""
             diags.append(
                 warning(
                     "orphan",
-                    f"{r.address} (vmid {r.id.get('vmid')}) is owned by the controller but no "
+                    f"{r.address}{which} is owned by the controller but no "
                     "longer in the spec; kept because pruning is off "
                     "(platform.prune or --allow-destroy)",
                     address=r.address,

@@ -1,0 +1,843 @@
+"""Proxmox VE firewall: cluster options, aliases, IP sets, security groups, and each managed
+guest's options and ordered rule list. Observe them and apply their changes.
+
+Called by the CLI and the controller next to `ProxmoxProvider`, on the same API endpoint. It
+composes that provider for every call (`retrying`: one thread hop, one count, one retry policy,
+one error translation in `proxmox.classify`), so all Proxmox calls share one retry loop.
+`applying.live.observe_all` observes guests first and hands the owned ones to `observe`: a
+guest's firewall is read only for guests that carry our mark.
+
+Ownership:
+- cluster options are ours only when the spec declares `firewall.cluster` (`manage_cluster`);
+  otherwise they are still observed, unowned (the live isolation check needs the switch), and
+  never changed;
+- an alias, IP set or security group is ours only when its comment ends with our mark
+  `[reconciler:<platform>]`. The observed comment has the mark stripped, so it diffs against
+  the spec's comment. Anything else is foreign: observed, never changed, never deleted. IP set
+  entries and group rules are read for ours, and for foreign ones only when a rule we read
+  refers to them (so the isolation check knows what those rules admit);
+- a managed guest's firewall options and its whole rule list are ours.
+
+Rules (FIELD-NOTES, fakepve-findings §9): POST inserts at position 0 and creates the rule
+disabled unless `enable` is sent, so `enable` is always sent; an update PUTs the rule's fields
+at its position with `delete=` for the fields that went away; `moveto` puts a rule in front of
+the rule at that position, counted before the move. `rule_ops` is the pure edit script from an
+observed list to the desired one; `apply_op` is Proxmox's semantics of one step, used to check
+the list between steps and by the tests.
+
+Digests: each options object and each list (a rule list, the alias list, the IP set and group
+indexes, an IP set's entries) has one. `ObservedResource.version` holds those a resource was
+read at as `name=digest` pairs, e.g. `options=3f.. rules=9a..`. Every mutation is sent with the
+digest of what it was computed against. Before a step that names a position in a list this
+change has already edited, the list is read back, compared with what we expect, and its new
+digest used (a run of inserts at 0 needs no read). A list changed by someone else
+ends the change with a ConflictError (the caller re-observes and re-plans); lists shared by
+several changes of one apply (the aliases) are retried once against a fresh read, provided the
+item itself is still as planned.
+
+Errors are those of `proxmox.classify`; this module adds OwnershipError (no mark) and
+ConflictError (a list changed under us, a name taken by someone else).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Literal
+
+import anyio
+
+from reconciler.model.errors import (
+    ConflictError,
+    NotFoundError,
+    OwnershipError,
+    PermanentError,
+)
+from reconciler.model.observed import ObservedResource
+from reconciler.model.plans import Action, Change
+from reconciler.model.resources import Kind
+from reconciler.providers.proxmox import ProxmoxProvider, read_mark
+
+FIREWALL_KINDS = frozenset(
+    {
+        Kind.FIREWALL_CLUSTER,
+        Kind.FIREWALL_ALIAS,
+        Kind.FIREWALL_IPSET,
+        Kind.FIREWALL_GROUP,
+        Kind.FIREWALL_GUEST,
+    }
+)
+
+# Proxmox's defaults when an option is not set (pve-firewall: policy_in || 'DROP', ...).
+OPTION_DEFAULTS: Mapping[str, Any] = {"enable": 0, "policy_in": "DROP", "policy_out": "ACCEPT"}
+RULE_FIELDS = (
+    "type",
+    "action",
+    "enable",
+    "source",
+    "dest",
+    "proto",
+    "dport",
+    "sport",
+    "macro",
+    "iface",
+    "log",
+    "comment",
+    "icmp-type",
+)
+_REQUIRED = ("type", "action", "enable")
+
+
+# --- the comment mark ----------------------------------------------------------------------
+
+_MARK = re.compile(r"\s*\[reconciler:(?P<platform>[A-Za-z0-9_.-]+)\]\s*$")
+
+
+def comment_mark(platform: str) -> str:
+    return f"[reconciler:{platform}]"
+
+
+def with_comment_mark(comment: str, platform: str) -> str:
+    """The comment as sent: the spec's comment, then our mark."""
+    return f"{comment.strip()} {comment_mark(platform)}".strip()
+
+
+def read_comment_mark(comment: str | None) -> tuple[str | None, str]:
+    """Comment -> (the platform it is marked for, or None; the comment without the mark)."""
+    text = comment or ""
+    m = _MARK.search(text)
+    if not m:
+        return None, text
+    return m.group("platform"), text[: m.start()]
+
+
+# --- versions: several digests in one string ------------------------------------------------
+
+
+def join_version(**digests: str | None) -> str | None:
+    parts = [f"{k}={v}" for k, v in sorted(digests.items()) if v]
+    return " ".join(parts) or None
+
+
+def split_version(version: str | None) -> dict[str, str]:
+    return dict(p.split("=", 1) for p in (version or "").split() if "=" in p)
+
+
+# --- rules: shape, edit script, Proxmox's semantics -----------------------------------------
+
+Rule = dict[str, Any]
+
+
+def clean_rule(raw: Mapping[str, Any]) -> Rule:
+    """A rule as the API returns it -> our shape (planning.normalize.rule finishes the job; this
+    is the same shape, so the list can be checked between two steps of an apply)."""
+    out: Rule = {k: v for k, v in raw.items() if k in RULE_FIELDS and v is not None and v != ""}
+    out["enable"] = int(out.get("enable", 0))
+    if out.get("log") == "nolog":
+        out.pop("log")
+    for key in ("dport", "sport"):
+        if key in out:
+            out[key] = str(out[key])
+    return out
+
+
+def _key(rule: Mapping[str, Any]) -> str:
+    return json.dumps(clean_rule(rule), sort_keys=True)
+
+
+@dataclass(frozen=True)
+class RuleOp:
+    """One step of a rule list's edit script, with positions as they are when it is sent."""
+
+    verb: Literal["post", "put", "move", "delete"]
+    pos: int = 0  # put, move, delete: the rule's position now
+    to: int = 0  # move: its position afterwards
+    rule: Rule | None = None  # post, put: the rule to write
+    delete: tuple[str, ...] = ()  # put: fields to remove
+
+    def describe(self) -> str:
+        match self.verb:
+            case "post":
+                return "insert a rule at 0"
+            case "put":
+                return f"rewrite rule {self.pos}"
+            case "move":
+                return f"move rule {self.pos} to {self.to}"
+            case _:
+                return f"delete rule {self.pos}"
+
+    def params(self) -> dict[str, Any]:
+        """The request body (the position goes in the path)."""
+        if self.verb == "move":
+            # Proxmox puts the rule in front of the one at `moveto`, counted before the move
+            # (pve-firewall Rules.pm); moveto == pos is no move there, but an edit.
+            assert self.to != self.pos
+            return {"moveto": self.to if self.to < self.pos else self.to + 1}
+        if self.verb == "delete":
+            return {}
+        assert self.rule is not None
+        body = {k: self.rule[k] for k in RULE_FIELDS if k in self.rule}
+        body["enable"] = int(self.rule.get("enable", 0))  # never left to Proxmox's default 0
+        if self.delete:
+            body["delete"] = ",".join(self.delete)
+        return body
+
+
+def apply_op(rules: Sequence[Rule], op: RuleOp) -> list[Rule]:
+    """What Proxmox's rule list looks like after `op` (pve-firewall Rules.pm semantics)."""
+    out = [dict(r) for r in rules]
+    match op.verb:
+        case "post":
+            assert op.rule is not None
+            out.insert(0, clean_rule(op.rule))
+        case "put":
+            assert op.rule is not None
+            rule = {**out[op.pos], **clean_rule(op.rule)}
+            for name in op.delete:
+                rule.pop(name, None)
+            out[op.pos] = clean_rule(rule)
+        case "move":
+            moveto = op.params()["moveto"]
+            moving = out[op.pos]
+            moved: list[Rule] = []
+            for i, rule in enumerate(out):
+                if i == op.pos:
+                    continue
+                if i == moveto:
+                    moved.append(moving)
+                moved.append(rule)
+            if moveto >= len(out):
+                moved.append(moving)
+            out = moved
+        case "delete":
+            del out[op.pos]
+    return out
+
+
+def rule_ops(have: Sequence[Mapping[str, Any]], want: Sequence[Mapping[str, Any]]) -> list[RuleOp]:
+    """An edit script turning the observed rule list into the desired one, position by position.
+
+    1. Rules nobody wants are deleted, highest position first, as many as the list is too long.
+    2. Into an empty list the rules are inserted last first (each insert lands at 0: no moves).
+    3. Then for each desired position: keep a matching rule; else move the wanted rule up from
+       further down; else rewrite the rule there, unless a later position still needs it; else
+       insert the rule and move it into place.
+    4. What is left beyond the desired length is deleted from the end.
+    """
+    cur = [clean_rule(r) for r in have]
+    target = [clean_rule(r) for r in want]
+    keys = [_key(r) for r in cur]
+    wanted = [_key(r) for r in target]
+    ops: list[RuleOp] = []
+
+    def run(op: RuleOp) -> None:
+        nonlocal cur, keys
+        ops.append(op)
+        cur = apply_op(cur, op)
+        keys = [_key(r) for r in cur]
+
+    need = Counter(wanted)
+    surplus: list[int] = []
+    for i, k in enumerate(keys):
+        if need[k] > 0:
+            need[k] -= 1
+        else:
+            surplus.append(i)
+    extra = max(0, len(cur) - len(target))
+    for i in sorted(surplus[len(surplus) - min(extra, len(surplus)) :], reverse=True):
+        run(RuleOp("delete", pos=i))
+
+    if not cur:
+        for rule in reversed(target):
+            run(RuleOp("post", rule=rule))
+        return ops
+
+    for i, (rule, k) in enumerate(zip(target, wanted, strict=True)):
+        if i < len(cur) and keys[i] == k:
+            continue
+        later = next((j for j in range(i + 1, len(cur)) if keys[j] == k), None)
+        slot = None
+        if later == i + 1:
+            slot = next((j for j in range(i + 1, len(target)) if wanted[j] == keys[i]), None)
+        if slot is not None:
+            # The rule here belongs further down and the wanted one is next: one move (of the
+            # rule put on top by hand, say) instead of moving every other rule up past it.
+            run(RuleOp("move", pos=i, to=min(slot, len(cur) - 1)))
+            continue
+        if later is not None:
+            run(RuleOp("move", pos=later, to=i))
+            continue
+        if i < len(cur) and wanted[i + 1 :].count(keys[i]) <= keys[i + 1 :].count(keys[i]):
+            gone = tuple(sorted(f for f in cur[i] if f not in rule and f not in _REQUIRED))
+            run(RuleOp("put", pos=i, rule=rule, delete=gone))
+            continue
+        run(RuleOp("post", rule=rule))
+        if i:
+            run(RuleOp("move", pos=0, to=i))
+    while len(cur) > len(target):
+        run(RuleOp("delete", pos=len(cur) - 1))
+    return ops
+
+
+# --- the provider ----------------------------------------------------------------------------
+
+
+def _options(raw: Mapping[str, Any]) -> dict[str, Any]:
+    out = {k: raw.get(k, default) for k, default in OPTION_DEFAULTS.items()}
+    # The cluster keeps a time stamp above 1 for "enabled" on some versions: on is on.
+    out["enable"] = int(bool(int(out["enable"] or 0)))
+    return out
+
+
+def _refs(rules: Iterable[Mapping[str, Any]]) -> tuple[set[str], set[str]]:
+    """(security groups, IP sets) a rule list names."""
+    groups: set[str] = set()
+    ipsets: set[str] = set()
+    for rule in rules:
+        if rule.get("type") == "group":
+            groups.add(str(rule.get("action")))
+        for value in (rule.get("source"), rule.get("dest")):
+            for part in str(value or "").split(","):
+                part = part.strip()
+                if part.startswith("+"):
+                    ipsets.add(part[1:].removeprefix("dc/").removeprefix("guest/"))
+    return groups, ipsets
+
+
+def _entry(raw: Mapping[str, Any]) -> str:
+    return ("!" if raw.get("nomatch") else "") + str(raw["cidr"])
+
+
+@dataclass
+class FirewallProvider:
+    """The firewall on one Proxmox API endpoint, through `pve`'s client and retry policy."""
+
+    pve: ProxmoxProvider
+    manage_cluster: bool = False
+    _locks: dict[str, anyio.Lock] = field(default_factory=dict)
+
+    kinds = FIREWALL_KINDS
+
+    @property
+    def platform(self) -> str:
+        return self.pve.platform
+
+    @property
+    def source(self) -> str:
+        return self.pve.source
+
+    @property
+    def client(self) -> Any:
+        return self.pve.client
+
+    async def _call(self, what: str, fn: Callable[[], Any]) -> Any:
+        return await self.pve.retrying(what, fn)
+
+    def _lock(self, name: str) -> anyio.Lock:
+        if name not in self._locks:
+            self._locks[name] = anyio.Lock()
+        return self._locks[name]
+
+    def _ours(self, comment: str | None) -> tuple[bool, str]:
+        platform, rest = read_comment_mark(comment)
+        return platform == self.platform, rest
+
+    # --- observe -------------------------------------------------------------------------
+
+    async def observe(
+        self, guests: Sequence[ObservedResource] | None = None
+    ) -> list[ObservedResource]:
+        """The cluster-level objects and the firewall of each owned guest in `guests` (observed
+        through `pve` when not given)."""
+        if guests is None:
+            guests = await self.pve.observe()
+        fw = self.client.cluster.firewall
+        out: list[ObservedResource] = []
+        rules_read: list[Rule] = []
+        foreign_ipsets: dict[str, dict[str, Any]] = {}
+        foreign_groups: dict[str, dict[str, Any]] = {}
+
+        async def cluster() -> None:
+            raw = await self._call("read cluster firewall options", lambda: fw.options.get())
+            owned = self.manage_cluster
+            out.append(
+                ObservedResource(
+                    address="firewall/cluster" if owned else None,
+                    kind=Kind.FIREWALL_CLUSTER,
+                    owned=owned,
+                    id={"name": "cluster"},
+                    attributes=_options(raw) | ({} if owned else {"name": "cluster"}),
+                    version=join_version(options=raw.get("digest")),
+                )
+            )
+
+        async def aliases() -> None:
+            items = await self._call("read firewall aliases", lambda: fw.aliases.get())
+            for item in items:
+                name = str(item["name"])
+                ours, comment = self._ours(item.get("comment"))
+                attrs = {"cidr": item.get("cidr"), "comment": comment}
+                out.append(
+                    ObservedResource(
+                        address=f"firewall/alias/{name}" if ours else None,
+                        kind=Kind.FIREWALL_ALIAS,
+                        owned=ours,
+                        id={"name": name},
+                        attributes=attrs if ours else {"name": name, **attrs},
+                        version=join_version(aliases=item.get("digest")),
+                    )
+                )
+
+        async def ipset(name: str, comment: str, index: str | None) -> None:
+            entries = await self._call(f"read IP set {name}", lambda: fw.ipset(name).get())
+            digest = entries[0].get("digest") if entries else None
+            out.append(
+                ObservedResource(
+                    address=f"firewall/ipset/{name}",
+                    kind=Kind.FIREWALL_IPSET,
+                    owned=True,
+                    id={"name": name},
+                    attributes={"entries": sorted(_entry(e) for e in entries), "comment": comment},
+                    version=join_version(index=index, entries=digest),
+                )
+            )
+
+        async def ipsets(tg: anyio.abc.TaskGroup) -> None:
+            items = await self._call("read firewall IP sets", lambda: fw.ipset.get())
+            for item in items:
+                name = str(item["name"])
+                ours, comment = self._ours(item.get("comment"))
+                if ours:
+                    tg.start_soon(ipset, name, comment, item.get("digest"))
+                else:
+                    foreign_ipsets[name] = {"name": name, "comment": item.get("comment", "")}
+
+        async def group(name: str, comment: str, index: str | None) -> None:
+            raw = await self._call(f"read security group {name}", lambda: fw.groups(name).get())
+            rules = [clean_rule(r) for r in raw]
+            rules_read.extend(rules)
+            out.append(
+                ObservedResource(
+                    address=f"firewall/group/{name}",
+                    kind=Kind.FIREWALL_GROUP,
+                    owned=True,
+                    id={"name": name},
+                    attributes={"comment": comment, "rules": rules},
+                    version=join_version(index=index, rules=raw[0]["digest"] if raw else None),
+                )
+            )
+
+        async def groups(tg: anyio.abc.TaskGroup) -> None:
+            items = await self._call("read security groups", lambda: fw.groups.get())
+            for item in items:
+                name = str(item["group"])
+                ours, comment = self._ours(item.get("comment"))
+                if ours:
+                    tg.start_soon(group, name, comment, item.get("digest"))
+                else:
+                    foreign_groups[name] = {"name": name, "comment": item.get("comment", "")}
+
+        async def guest(res: ObservedResource) -> None:
+            assert res.address is not None
+            node, vmid = res.id["node"], int(res.id["vmid"])
+            kind = str(res.attributes.get("type") or "lxc")
+            base = self.client.nodes(node)(kind)(vmid).firewall
+            try:
+                opts = await self._call(
+                    f"read firewall options of {vmid}", lambda: base.options.get()
+                )
+                raw = await self._call(f"read firewall rules of {vmid}", lambda: base.rules.get())
+            except NotFoundError:
+                return  # destroyed since the guests were read: no firewall to speak of
+            rules = [clean_rule(r) for r in raw]
+            rules_read.extend(rules)
+            out.append(
+                ObservedResource(
+                    address="firewall/guest/" + res.address.removeprefix("guest/"),
+                    kind=Kind.FIREWALL_GUEST,
+                    owned=True,
+                    id={"vmid": vmid, "node": node, "type": kind},
+                    attributes={**_options(opts), "rules": rules},
+                    version=join_version(
+                        options=opts.get("digest"), rules=raw[0]["digest"] if raw else None
+                    ),
+                )
+            )
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(cluster)
+            tg.start_soon(aliases)
+            tg.start_soon(ipsets, tg)
+            tg.start_soon(groups, tg)
+            for res in guests:
+                if res.kind is Kind.GUEST and res.owned and res.address:
+                    tg.start_soon(guest, res)
+
+        out.extend(await self._foreign(rules_read, foreign_ipsets, foreign_groups))
+        return sorted(out, key=lambda r: (r.kind.rank, r.address or "", json.dumps(r.id)))
+
+    async def _foreign(
+        self,
+        rules: list[Rule],
+        ipsets: dict[str, dict[str, Any]],
+        groups: dict[str, dict[str, Any]],
+    ) -> list[ObservedResource]:
+        """Foreign IP sets and groups, with their content when one of our rules names them."""
+        fw = self.client.cluster.firewall
+        named_groups, named_ipsets = _refs(rules)
+
+        async def group(name: str) -> None:
+            raw = await self._call(f"read security group {name}", lambda: fw.groups(name).get())
+            groups[name]["rules"] = [clean_rule(r) for r in raw]
+            named_ipsets.update(_refs(groups[name]["rules"])[1])
+
+        async def ipset(name: str) -> None:
+            raw = await self._call(f"read IP set {name}", lambda: fw.ipset(name).get())
+            ipsets[name]["entries"] = sorted(_entry(e) for e in raw)
+
+        async with anyio.create_task_group() as tg:
+            for name in sorted(named_groups & set(groups)):
+                tg.start_soon(group, name)
+        async with anyio.create_task_group() as tg:
+            for name in sorted(named_ipsets & set(ipsets)):
+                tg.start_soon(ipset, name)
+        return [
+            ObservedResource(kind=kind, owned=False, id={"name": name}, attributes=attrs)
+            for kind, table in ((Kind.FIREWALL_IPSET, ipsets), (Kind.FIREWALL_GROUP, groups))
+            for name, attrs in sorted(table.items())
+        ]
+
+    # --- apply ---------------------------------------------------------------------------
+
+    async def apply(self, change: Change) -> None:
+        if change.action is Action.NOOP:
+            return
+        match change.kind:
+            case Kind.FIREWALL_CLUSTER:
+                await self.apply_cluster(change)
+            case Kind.FIREWALL_ALIAS:
+                await self.apply_alias(change)
+            case Kind.FIREWALL_IPSET:
+                await self.apply_ipset(change)
+            case Kind.FIREWALL_GROUP:
+                await self.apply_group(change)
+            case Kind.FIREWALL_GUEST:
+                await self.apply_guest(change)
+            case _:
+                raise PermanentError(f"{change.address}: no provider for kind {change.kind.value}")
+
+    @staticmethod
+    def _name(change: Change) -> str:
+        return change.address.removeprefix(change.kind.value + "/")
+
+    async def _guarded(
+        self,
+        what: str,
+        lock: str,
+        digest: str | None,
+        send: Callable[[str | None], Any],
+        fresh: Callable[[], Awaitable[str | None]],
+    ) -> None:
+        """Send with the digest the plan saw. When the shared list changed since (another of
+        this apply's changes, or someone else), read it again: if our item is still as planned
+        (`fresh` raises ConflictError otherwise), send once more with the new digest."""
+        async with self._lock(lock):
+            try:
+                await self._call(what, lambda: send(digest))
+                return
+            except ConflictError:
+                if digest is None:
+                    raise
+            again = await fresh()
+            await self._call(what, lambda: send(again))
+
+    async def apply_cluster(self, change: Change) -> None:
+        if not self.manage_cluster:
+            raise OwnershipError(
+                f"{change.address}: the spec does not declare firewall.cluster, so the cluster "
+                "options are not the controller's; they will not be touched"
+            )
+        if change.action is Action.DELETE:
+            return  # the cluster options are never removed, only left alone
+        assert change.after is not None
+        body = {
+            "enable": int(change.after["enable"]),
+            "policy_in": change.after["policy_in"],
+            "policy_out": change.after["policy_out"],
+            "digest": split_version(change.version).get("options"),
+        }
+        options = self.client.cluster.firewall.options
+        await self._call(f"update {change.address}", lambda: options.put(**body))
+
+    # aliases
+
+    async def _alias(self, name: str) -> tuple[dict[str, Any] | None, str | None]:
+        items = await self._call(
+            "read firewall aliases", lambda: self.client.cluster.firewall.aliases.get()
+        )
+        digest = items[0].get("digest") if items else None
+        found = next((i for i in items if str(i["name"]).lower() == name.lower()), None)
+        return found, digest
+
+    async def _alias_as_planned(self, change: Change) -> str | None:
+        item, digest = await self._alias(self._name(change))
+        before = change.before or {}
+        ours, comment = self._ours(item.get("comment") if item else None)
+        if (
+            item is None
+            or not ours
+            or (item.get("cidr"), comment)
+            != (
+                before.get("cidr"),
+                before.get("comment", ""),
+            )
+        ):
+            raise ConflictError(f"{change.address}: changed since the plan was made; re-plan")
+        return digest
+
+    async def apply_alias(self, change: Change) -> None:
+        name = self._name(change)
+        aliases = self.client.cluster.firewall.aliases
+        if change.action is Action.DELETE:
+            await self._guarded(
+                f"delete {change.address}",
+                "aliases",
+                split_version(change.version).get("aliases"),
+                lambda d: aliases(name).delete(digest=d),
+                lambda: self._alias_as_planned(change),
+            )
+            return
+        assert change.after is not None
+        body = {
+            "cidr": change.after["cidr"],
+            "comment": with_comment_mark(change.after.get("comment", ""), self.platform),
+        }
+        if change.action is Action.CREATE:
+            try:
+                await self._call(
+                    f"create {change.address}", lambda: aliases.post(name=name, **body)
+                )
+            except ConflictError:
+                item, _ = await self._alias(name)
+                if item is None or not self._ours(item.get("comment"))[0]:
+                    raise self._taken(change, "an alias") from None
+                await self._call(f"update {change.address}", lambda: aliases(name).put(**body))
+            return
+        await self._guarded(
+            f"update {change.address}",
+            "aliases",
+            split_version(change.version).get("aliases"),
+            lambda d: aliases(name).put(**body, digest=d),
+            lambda: self._alias_as_planned(change),
+        )
+
+    def _taken(self, change: Change, what: str) -> ConflictError:
+        return ConflictError(
+            f"{change.address}: {what} of that name exists without our mark "
+            f"{comment_mark(self.platform)}; it will not be touched"
+        )
+
+    # IP sets and security groups: an index of names with comments, and a list in each
+
+    async def _index_entry(self, kind: Kind, name: str) -> tuple[dict[str, Any] | None, str | None]:
+        fw = self.client.cluster.firewall
+        if kind is Kind.FIREWALL_IPSET:
+            items = await self._call("read firewall IP sets", lambda: fw.ipset.get())
+            key = "name"
+        else:
+            items = await self._call("read security groups", lambda: fw.groups.get())
+            key = "group"
+        digest = items[0].get("digest") if items else None
+        return next((i for i in items if i[key] == name), None), digest
+
+    async def _ours_in_index(self, change: Change, *, comment: str | None = None) -> str | None:
+        """Our IP set or group still exists, with our mark (and the planned comment when given):
+        the index digest; ConflictError otherwise."""
+        item, digest = await self._index_entry(change.kind, self._name(change))
+        ours, rest = self._ours(item.get("comment") if item else None)
+        if item is None or not ours or (comment is not None and rest != comment):
+            raise ConflictError(f"{change.address}: changed since the plan was made; re-plan")
+        return digest
+
+    async def _create_named(self, change: Change, post: Callable[[], Any], what: str) -> None:
+        """Create an IP set or group; one that exists already is fine only if it is ours."""
+        try:
+            await self._call(f"create {change.address}", post)
+        except ConflictError:
+            item, _ = await self._index_entry(change.kind, self._name(change))
+            if item is None or not self._ours(item.get("comment"))[0]:
+                raise self._taken(change, what) from None
+
+    async def _update_comment(self, change: Change, post: Callable[[str | None], Any]) -> None:
+        before, after = change.before or {}, change.after or {}
+        if before.get("comment", "") == after.get("comment", ""):
+            return
+        await self._guarded(
+            f"update {change.address} comment",
+            change.kind.value,
+            split_version(change.version).get("index"),
+            post,
+            lambda: self._ours_in_index(change, comment=before.get("comment", "")),
+        )
+
+    async def apply_ipset(self, change: Change) -> None:
+        name = self._name(change)
+        ipset = self.client.cluster.firewall.ipset
+        if change.action is Action.DELETE:
+            await self._ours_in_index(change)
+            await self._call(f"delete {change.address}", lambda: ipset(name).delete(force=1))
+            return
+        assert change.after is not None
+        comment = with_comment_mark(change.after.get("comment", ""), self.platform)
+        if change.action is Action.UPDATE:
+            await self._update_comment(
+                change, lambda d: ipset.post(name=name, rename=name, comment=comment, digest=d)
+            )
+            have = list((change.before or {}).get("entries", []))
+            digest = split_version(change.version).get("entries")
+        else:
+            await self._create_named(
+                change, lambda: ipset.post(name=name, comment=comment), "an IP set"
+            )
+            raw = await self._call(f"read IP set {name}", lambda: ipset(name).get())
+            have = [_entry(e) for e in raw]
+            digest = raw[0].get("digest") if raw else None
+        await self._sync_entries(change, have, list(change.after.get("entries", [])), digest)
+
+    async def _sync_entries(
+        self, change: Change, have: list[str], want: list[str], digest: str | None
+    ) -> None:
+        name = self._name(change)
+        ipset = self.client.cluster.firewall.ipset(name)
+        current = set(have)
+        for entry in sorted(current - set(want)):
+            if digest is None:
+                raw = await self._call(f"read IP set {name}", lambda: ipset.get())
+                if {_entry(e) for e in raw} != current:
+                    raise ConflictError(f"{change.address}: changed while applying; re-plan")
+                digest = raw[0].get("digest") if raw else None
+            remove = partial(ipset(entry.removeprefix("!")).delete, digest=digest)
+            await self._call(f"{change.address}: remove {entry}", remove)
+            current.discard(entry)
+            digest = None
+        for entry in sorted(set(want) - current):
+            body: dict[str, Any] = {"cidr": entry.removeprefix("!")}
+            if entry.startswith("!"):
+                body["nomatch"] = 1
+            await self._call(f"{change.address}: add {entry}", partial(ipset.post, **body))
+
+    async def apply_group(self, change: Change) -> None:
+        name = self._name(change)
+        groups = self.client.cluster.firewall.groups
+        what = change.address
+        if change.action is Action.DELETE:
+            await self._ours_in_index(change)
+            have = list((change.before or {}).get("rules", []))
+            digest = split_version(change.version).get("rules")
+            await self._sync_rules(what, groups(name), have, [], digest)
+            await self._call(f"delete {what}", lambda: groups(name).delete())
+            return
+        assert change.after is not None
+        comment = with_comment_mark(change.after.get("comment", ""), self.platform)
+        if change.action is Action.UPDATE:
+            await self._update_comment(
+                change, lambda d: groups.post(group=name, rename=name, comment=comment, digest=d)
+            )
+            have = list((change.before or {}).get("rules", []))
+            digest = split_version(change.version).get("rules")
+        else:
+            await self._create_named(
+                change, lambda: groups.post(group=name, comment=comment), "a security group"
+            )
+            raw = await self._call(f"read security group {name}", lambda: groups(name).get())
+            have = [clean_rule(r) for r in raw]
+            digest = raw[0].get("digest") if raw else None
+        await self._sync_rules(what, groups(name), have, list(change.after["rules"]), digest)
+
+    # a guest's firewall
+
+    async def _check_guest(self, change: Change) -> Any:
+        """The guest's firewall endpoint, once the guest is known to carry our mark."""
+        node, vmid = change.id["node"], int(change.id["vmid"])
+        kind = str(change.id.get("type") or "lxc")
+        guest = self.client.nodes(node)(kind)(vmid)
+        config = await self._call(f"read config of {vmid}", lambda: guest.config.get())
+        mark, _ = read_mark(config.get("description"))
+        address = "guest/" + self._name(change)
+        if mark.get("platform") != self.platform or mark.get("address") != address:
+            raise OwnershipError(
+                f"{change.address}: vmid {vmid} does not carry our mark for {address}; "
+                "its firewall will not be touched"
+            )
+        return guest.firewall
+
+    async def apply_guest(self, change: Change) -> None:
+        if change.action is Action.DELETE:
+            raise PermanentError(
+                f"{change.address}: a guest's firewall goes with its guest, never on its own"
+            )
+        assert change.after is not None
+        fw = await self._check_guest(change)
+        digests = split_version(change.version)
+        if change.action is Action.UPDATE and change.before is not None:
+            have_opts = _options(change.before)
+            have = list(change.before.get("rules", []))
+        else:
+            # A new (or recreated) guest: what is there now, not what the plan saw before.
+            raw_opts = await self._call(f"read {change.address} options", lambda: fw.options.get())
+            raw = await self._call(f"read {change.address} rules", lambda: fw.rules.get())
+            have_opts, have = _options(raw_opts), [clean_rule(r) for r in raw]
+            digests = split_version(
+                join_version(
+                    options=raw_opts.get("digest"), rules=raw[0]["digest"] if raw else None
+                )
+            )
+        want_opts = _options(change.after)
+        if want_opts != have_opts:
+            # Options first: switching filtering on with policy_in DROP closes before it opens.
+            body = {**want_opts, "digest": digests.get("options")}
+            await self._call(f"update {change.address} options", lambda: fw.options.put(**body))
+        await self._sync_rules(
+            change.address,
+            fw.rules,
+            have,
+            list(change.after.get("rules", [])),
+            digests.get("rules"),
+        )
+
+    # rule lists
+
+    async def _sync_rules(
+        self,
+        what: str,
+        endpoint: Any,
+        have: list[Rule],
+        want: list[Rule],
+        digest: str | None,
+    ) -> None:
+        """Run `rule_ops` against a rule list. Each step goes with the digest of the list it
+        was computed against; before a step that names a position, a list we changed is read
+        back and must be exactly what we expect (else someone else is editing it)."""
+        cur = [clean_rule(r) for r in have]
+        for op in rule_ops(have, want):
+            if digest is None and op.verb != "post":
+                raw = await self._call(f"{what}: read rules", lambda: endpoint.get())
+                if [_key(r) for r in raw] != [_key(r) for r in cur]:
+                    raise ConflictError(f"{what}: its rules changed while applying; re-plan")
+                digest = raw[0]["digest"] if raw else None
+            body = op.params()
+            if digest:
+                body["digest"] = digest
+            step = f"{what}: {op.describe()}"
+            if op.verb == "post":
+                await self._call(step, partial(endpoint.post, **body))
+            elif op.verb == "delete":
+                await self._call(step, partial(endpoint(op.pos).delete, **body))
+            else:
+                await self._call(step, partial(endpoint(op.pos).put, **body))
+            cur = apply_op(cur, op)
+            digest = None
