@@ -11,7 +11,7 @@ from reconciler.loading.graph import build_graph
 from reconciler.loading.loader import LoadResult, load_directory
 from reconciler.model.resources import DesiredGraph
 
-pytest_plugins = ["tests.fakepve_fixtures", "tests.redis_fixtures"]
+pytest_plugins = ["tests.fakepve_fixtures", "tests.redis_fixtures", "tests.traefik_fixtures"]
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = ROOT / "specs"

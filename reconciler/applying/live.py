@@ -3,6 +3,15 @@ when what we saw changed underneath us.
 
 Used by the CLI's live `observe`, `plan` and `apply`, and by the controller's cycle. Guests are
 observed first: the firewall provider reads the firewall of the guests found to be ours.
+
+The edge: with `velocity` in the spec, `velocity_provider` talks to the bridge plugin at
+`http://<velocity guest's static IP>:<bridge.port>` (or a given URL) with the spec's secret, and
+`agent_watch` asks the agents of the guests in the `agent_port` policy's layers (`runtime`
+without the policy) at `<guest's static IP>:<policy port>` (or given endpoints: a lab, the
+tests, the demo). `observe_all` then fills the observed state's `health`: running from the
+guests just observed, ready from their agents; the planner withholds what is not ready. An edge
+observer that fails (the bridge down, a wrong secret) costs its own kind only: the message goes
+to `ObservedState.errors`, the plan warns, and the rest of the platform converges.
 """
 
 from __future__ import annotations
@@ -10,17 +19,25 @@ from __future__ import annotations
 import datetime
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from reconciler.applying.executor import ApplyReport, Progress, execute
-from reconciler.model.errors import ConfigurationError
-from reconciler.model.observed import ObservedResource, ObservedState
+from reconciler.loading.graph import guest_ip
+from reconciler.model.errors import ConfigurationError, ProviderError
+from reconciler.model.observed import GuestHealth, ObservedResource, ObservedState
 from reconciler.model.plans import Plan
-from reconciler.model.resources import DesiredGraph, Kind
+from reconciler.model.resources import DesiredGraph, Kind, guest_address
 from reconciler.model.spec import PlatformSpec, ProxmoxApi
 from reconciler.planning.planner import ObservedCheck, make_plan
 from reconciler.providers import Provider
+from reconciler.providers.agent import AGENT_PORT, AgentObserver, AgentTarget
 from reconciler.providers.firewall import FirewallProvider
-from reconciler.providers.proxmox import ProxmoxProvider, connect
+from reconciler.providers.proxmox import ProxmoxProvider, connect, read_secret
+from reconciler.providers.velocity import VelocityProvider
+
+# Kinds whose observer may fail without stopping the cycle: the edge is told about guests, so
+# the guests (and their firewalls) must converge even while it is down.
+_EDGE = frozenset({Kind.VELOCITY, Kind.ROUTE})
 
 
 def proxmox_endpoint(spec: PlatformSpec, override: ProxmoxApi | None = None) -> ProxmoxApi:
@@ -58,26 +75,128 @@ def firewall_provider(spec: PlatformSpec, guests: ProxmoxProvider) -> FirewallPr
     return FirewallProvider(pve=guests, manage_cluster=spec.firewall.cluster is not None)
 
 
+def velocity_provider(
+    spec: PlatformSpec, *, url: str | None = None, **options: Any
+) -> VelocityProvider | None:
+    """The spec's Velocity bridge, or None without `velocity`. `options` go to the provider
+    (timeout, retry, sleep, unmanaged)."""
+    velocity = spec.velocity
+    if velocity is None:
+        return None
+    if url is None:
+        guest = spec.guests.get(velocity.guest)
+        ip = guest_ip(guest) if guest is not None else None
+        if ip is None:
+            raise ConfigurationError(
+                f"velocity.guest {velocity.guest!r} has no static IP, so the bridge's URL is "
+                "unknown; give the guest a static address"
+            )
+        url = f"http://{ip}:{velocity.bridge.port}"
+    try:
+        secret = read_secret(velocity.bridge.secret)
+    except ConfigurationError as exc:
+        raise ConfigurationError(f"velocity.bridge.secret: {exc}") from None
+    return VelocityProvider(url, secret, **options)
+
+
+@dataclass
+class AgentWatch:
+    """Which guests' agents to ask, where, and with what observer."""
+
+    observer: AgentObserver
+    endpoints: Mapping[str, tuple[str, int]]  # guest address -> (ip, port)
+    layers: tuple[str, ...]  # the layers whose guests run agents: the planner's gate
+
+
+def agent_layers(spec: PlatformSpec) -> tuple[str, ...]:
+    policy = spec.policies.agent_port
+    return policy.layers if policy is not None else ("runtime",)
+
+
+def agent_watch(
+    spec: PlatformSpec,
+    *,
+    endpoints: Mapping[str, tuple[str, int]] | None = None,
+    observer: AgentObserver | None = None,
+) -> AgentWatch:
+    """Every guest of an agent layer, at its static IP and the agent port; `endpoints`
+    (guest address -> (ip, port)) overrides some or all of them. A guest without a static IP
+    and no override is left out, and the planner treats it as not ready."""
+    policy = spec.policies.agent_port
+    port = policy.port if policy is not None else AGENT_PORT
+    layers = agent_layers(spec)
+    found: dict[str, tuple[str, int]] = {}
+    for name, guest in sorted(spec.guests.items()):
+        if spec.layer_of(name) not in layers:
+            continue
+        address = guest_address(name)
+        ip = guest_ip(guest)
+        if endpoints is not None and address in endpoints:
+            found[address] = endpoints[address]
+        elif ip is not None:
+            found[address] = (ip, port)
+    return AgentWatch(observer or AgentObserver(), found, layers)
+
+
+async def observe_health(
+    watch: AgentWatch, resources: Iterable[ObservedResource]
+) -> dict[str, GuestHealth]:
+    """Every watched guest's health: running from the guests observed, ready from its agent.
+    Only running guests' agents are asked."""
+    guests = {r.address: r for r in resources if r.kind is Kind.GUEST and r.owned and r.address}
+    health: dict[str, GuestHealth] = {}
+    targets: list[AgentTarget] = []
+    for address, (ip, port) in sorted(watch.endpoints.items()):
+        guest = guests.get(address)
+        if guest is None or "vmid" not in guest.id:
+            health[address] = GuestHealth(error="the guest does not exist")
+        elif guest.attributes.get("state") != "running":
+            health[address] = GuestHealth(error="the guest is stopped")
+        else:
+            targets.append(AgentTarget(vmid=guest.id["vmid"], address=address, ip=ip, port=port))
+    for address, seen in (await watch.observer.observe(targets)).items():
+        health[address] = GuestHealth(
+            running=True, reachable=seen.reachable, ready=seen.ready, error=seen.last_error
+        )
+    return dict(sorted(health.items()))
+
+
 async def observe_all(
-    providers: Mapping[Kind, Provider], platform: str, source: str = ""
+    providers: Mapping[Kind, Provider],
+    platform: str,
+    source: str = "",
+    agents: AgentWatch | None = None,
 ) -> ObservedState:
-    """Every provider once, guest providers first; a firewall provider gets the guests seen."""
+    """Every provider once, guest providers first; a firewall provider gets the guests seen,
+    and so does the agent watch. An edge provider's failure is recorded, not raised."""
     resources: list[ObservedResource] = []
+    errors: dict[str, str] = {}
+    kinds = set(providers)
     unique = list({id(p): p for p in providers.values()}.values())
     unique.sort(key=lambda p: Kind.GUEST not in p.kinds)
     for provider in unique:
         if isinstance(provider, FirewallProvider):
             guests = [r for r in resources if r.kind is Kind.GUEST]
             resources.extend(await provider.observe(guests))
-        else:
+            continue
+        try:
             resources.extend(await provider.observe())
+        except ProviderError as exc:
+            if not provider.kinds <= _EDGE:
+                raise
+            for kind in provider.kinds:
+                errors[kind.value] = str(exc)
+            kinds -= provider.kinds
+    health = await observe_health(agents, resources) if agents is not None else {}
     now = datetime.datetime.now(datetime.UTC).replace(microsecond=0).isoformat()
     return ObservedState(
         platform=platform,
         observed_at=now.replace("+00:00", "Z"),
         source=source,
-        kinds=tuple(sorted(providers, key=lambda k: k.rank)),
+        kinds=tuple(sorted(kinds, key=lambda k: k.rank)),
         resources=tuple(resources),
+        health=health,
+        errors=errors,
     )
 
 
@@ -111,6 +230,7 @@ async def converge(
     approve: Callable[[Plan], bool] = lambda _plan: True,
     progress: Progress | None = None,
     observed_checks: Iterable[ObservedCheck] = (),
+    agents: AgentWatch | None = None,
 ) -> Convergence:
     """Observe, plan, apply; when a change met a conflict (a stale digest, a vmid taken in a
     race), observe and plan again, up to `max_rounds` times."""
@@ -118,9 +238,14 @@ async def converge(
     targets = tuple(targets)
     checks = tuple(observed_checks)
     for _ in range(max_rounds):
-        observed = await observe_all(providers, graph.platform, source)
+        observed = await observe_all(providers, graph.platform, source, agents)
         plan = make_plan(
-            graph, observed, allow_destroy=allow_destroy, targets=targets, observed_checks=checks
+            graph,
+            observed,
+            allow_destroy=allow_destroy,
+            targets=targets,
+            observed_checks=checks,
+            agent_layers=agents.layers if agents is not None else (),
         )
         round_ = Round(plan)
         result.rounds.append(round_)

@@ -2,6 +2,11 @@
 
 Connection settings come from the spec (`proxmox:` or a host's `api:`); the `--proxmox-*` flags
 override them, for a lab or for pointing the example platform at fakepve.
+
+`--edge` adds the edge the spec declares: Velocity registrations through the bridge plugin
+(`--velocity-url` overrides the URL derived from the Velocity guest's IP) and the agents' health
+that gates them. It is opt-in while the Traefik provider is being written; it will become the
+default once the whole edge is observed.
 """
 
 from __future__ import annotations
@@ -15,7 +20,15 @@ from typing import TextIO
 import anyio
 
 from reconciler.applying.executor import Outcome, Progress, Result, execute
-from reconciler.applying.live import converge, firewall_provider, observe_all, proxmox_provider
+from reconciler.applying.live import (
+    AgentWatch,
+    agent_watch,
+    converge,
+    firewall_provider,
+    observe_all,
+    proxmox_provider,
+    velocity_provider,
+)
 from reconciler.cli import render
 from reconciler.loading.graph import build_graph
 from reconciler.loading.loader import load_directory
@@ -48,6 +61,13 @@ def add_connection_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--insecure", action="store_true", help="do not verify TLS (labs only; prints a warning)"
     )
+    e = p.add_argument_group("the edge")
+    e.add_argument(
+        "--edge",
+        action="store_true",
+        help="also observe and apply Velocity registrations, gated by the agents' health",
+    )
+    e.add_argument("--velocity-url", metavar="URL", help="the Velocity bridge (with --edge)")
 
 
 def connection_override(args: argparse.Namespace) -> ProxmoxApi | None:
@@ -88,17 +108,34 @@ def providers_for(
         )
     provider = proxmox_provider(spec, connection_override(args), insecure=args.insecure)
     firewall = firewall_provider(spec, provider)
-    return {Kind.GUEST: provider, **dict.fromkeys(firewall.kinds, firewall)}
+    providers: dict[Kind, Provider] = {
+        Kind.GUEST: provider,
+        **dict.fromkeys(firewall.kinds, firewall),
+    }
+    if getattr(args, "edge", False):
+        velocity = velocity_provider(spec, url=args.velocity_url)
+        if velocity is not None:
+            providers.update(dict.fromkeys(velocity.kinds, velocity))
+    return providers
 
 
-async def _observe(spec: PlatformSpec, providers: dict[Kind, Provider]) -> ObservedState:
+def agents_for(spec: PlatformSpec, args: argparse.Namespace) -> AgentWatch | None:
+    """The agents whose health gates the edge, with --edge and a spec that has one."""
+    if not getattr(args, "edge", False) or spec.velocity is None:
+        return None
+    return agent_watch(spec)
+
+
+async def _observe(
+    spec: PlatformSpec, providers: dict[Kind, Provider], agents: AgentWatch | None = None
+) -> ObservedState:
     source = next(iter(providers.values())).source if providers else ""  # type: ignore[attr-defined]
-    return await observe_all(providers, spec.platform.name, source)
+    return await observe_all(providers, spec.platform.name, source, agents)
 
 
 def observe_live(args: argparse.Namespace, spec: PlatformSpec, err: TextIO) -> ObservedState:
     providers = providers_for(spec, args, err)
-    return anyio.run(_observe, spec, providers)
+    return anyio.run(_observe, spec, providers, agents_for(spec, args))
 
 
 def cmd_observe(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
@@ -173,6 +210,7 @@ def cmd_apply(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 approve=approve,
                 progress=_progress(err),
                 observed_checks=[live_isolation(spec)],
+                agents=agents_for(spec, args),
             )
         )
     except ReconcilerError as exc:
@@ -227,7 +265,7 @@ def _apply_saved(
             f"{args.plan} is a plan for platform {plan.platform!r}, not {spec.platform.name!r}\n"
         )
         return EXIT_ERROR
-    observed = anyio.run(_observe, spec, providers)
+    observed = anyio.run(_observe, spec, providers, agents_for(spec, args))
     if observed.digest() != plan.observed_digest:
         err.write(
             f"{args.plan}: the platform changed since this plan was made "
@@ -258,8 +296,10 @@ def render_color(args: argparse.Namespace, out: TextIO) -> bool:
 def live_plan(
     args: argparse.Namespace, spec: PlatformSpec, graph: DesiredGraph, err: TextIO
 ) -> Plan | None:
+    agents = agents_for(spec, args)
     try:
-        observed = observe_live(args, spec, err)
+        providers = providers_for(spec, args, err)
+        observed = anyio.run(_observe, spec, providers, agents)
     except ReconcilerError as exc:
         err.write(f"error: {exc}\n")
         return None
@@ -269,4 +309,5 @@ def live_plan(
         allow_destroy=args.allow_destroy,
         targets=args.target,
         observed_checks=[live_isolation(spec)],
+        agent_layers=agents.layers if agents is not None else (),
     )

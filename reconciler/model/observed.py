@@ -3,11 +3,11 @@
 `reconciler observe --out FILE` writes it, `reconciler plan --observed FILE` reads it, and the
 controller publishes its latest one so CI can plan without reaching Proxmox.
 
-Format (version 1):
+Format (version 2; a version 1 snapshot, which has no `health` or `errors`, still reads):
 
     {
       "format": "reconciler/observed-state",
-      "format_version": 1,
+      "format_version": 2,
       "platform": "zpack",               # optional: the platform the observer was looking for
       "observed_at": "2026-11-23T09:00:00Z",
       "source": "https://pve.example:8006",
@@ -22,10 +22,26 @@ Format (version 1):
           "version": "9f2c..."           # optional: the config digest it was read at
                                          # (firewall: "options=.. rules=..", one per list)
         }
-      ]
+      ],
+      "health": {                        # optional (version 2): guests whose agent was asked
+        "guest/mc-lobby": {
+          "running": true,               # Proxmox reports the guest running
+          "reachable": true,             # its agent gave a valid `/status`
+          "ready": true,                 # ... and says the game server is ready
+          "error": null                  # why not, when it is not ready or not reachable
+        }
+      },
+      "errors": {"velocity": "..."}      # optional (version 2): kinds whose observer failed,
+                                         # with its message; such a kind is left out of `kinds`
     }
 
 Attributes of a foreign guest (not owned) hold at least `name`, `vmid` and `node`.
+
+`health` holds an entry for every guest of a layer that runs agents (the `agent_port` policy's
+layers), written by the live observation (`applying.live.observe_all`): the guest's power state
+from Proxmox, its agent's answer from `providers.agent`. The planner withholds Velocity
+registrations (and routes set to `when_unready: withhold`) from guests that are not both running
+and ready. An empty `health` means nobody asked, not that everything is healthy.
 """
 
 from __future__ import annotations
@@ -39,7 +55,23 @@ from pydantic import BaseModel, ConfigDict, Field
 from reconciler.model.resources import Kind
 
 FORMAT = "reconciler/observed-state"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+
+
+class GuestHealth(BaseModel):
+    """One guest's health, as the planner's readiness gate needs it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    running: bool = False
+    reachable: bool = False
+    ready: bool = False
+    error: str | None = None
+
+    @property
+    def serving(self) -> bool:
+        """Running with a ready agent: only then is it registered and routed to."""
+        return self.running and self.reachable and self.ready
 
 
 class ObservedResource(BaseModel):
@@ -68,18 +100,28 @@ class ObservedState(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     format: Literal["reconciler/observed-state"] = "reconciler/observed-state"
-    format_version: Literal[1] = 1
+    format_version: Literal[1, 2] = 2
     platform: str | None = None
     observed_at: str | None = None
     source: str = ""
     # The kinds the observers looked at; None means every kind. Planning leaves the others alone.
     kinds: tuple[Kind, ...] | None = None
     resources: tuple[ObservedResource, ...] = ()
+    # By guest address; see the module docstring.
+    health: dict[str, GuestHealth] = Field(default_factory=dict)
+    # Kinds whose observer failed (kind value -> message); those kinds are not in `kinds`.
+    errors: dict[str, str] = Field(default_factory=dict)
 
     def digest(self) -> str:
-        """Content hash of what was observed (not when): a saved plan applies only if it matches."""
-        body = [r.model_dump(mode="json") for r in self.resources]
-        text = json.dumps(sorted(body, key=_sort_key), sort_keys=True, separators=(",", ":"))
+        """Content hash of what was observed (not when): a saved plan applies only if it matches.
+        Health counts (a plan withholds by it); without any, the digest is version 1's."""
+        body: Any = sorted((r.model_dump(mode="json") for r in self.resources), key=_sort_key)
+        if self.health:
+            body = {
+                "resources": body,
+                "health": {a: h.model_dump(mode="json") for a, h in self.health.items()},
+            }
+        text = json.dumps(body, sort_keys=True, separators=(",", ":"))
         return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
     def owned(self) -> dict[str, ObservedResource]:

@@ -20,9 +20,13 @@ FORCES_REPLACE: dict[Kind, frozenset[str]] = {
     Kind.GUEST: frozenset({"vmid", "node", "type", "template", "unprivileged", "rootfs.storage"}),
 }
 
-# Fields that are ours alone and never observed (the role is read back from the vmid's range).
+# Fields that are ours alone and never observed (the role is read back from the vmid's range;
+# the Velocity bridge knows a server's name, address and port only, not its forced host).
 NOT_COMPARED: dict[Kind, frozenset[str]] = {
     Kind.GUEST: frozenset({"role"}),
+    Kind.VELOCITY: frozenset({"forced_host"}),
+    # Readiness policy of the controller: it is acted on, never written to Traefik.
+    Kind.ROUTE: frozenset({"when_unready"}),
 }
 
 # Fields an observer may be unable to see (Proxmox keeps no record of the ostemplate used):

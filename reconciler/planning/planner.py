@@ -13,6 +13,18 @@ with its guest, and a guest whose spec lost its firewall section keeps what it h
 The cluster options are never deleted. A guest's firewall is addressed through its guest's
 allocation (node, vmid, type), so a recreated guest gets its firewall back in the same apply.
 
+Readiness gate (`agent_layers`, and the observed state's per-guest `health`): a Velocity
+registration, and a route whose `when_unready` is `withhold`, is planned only while its target
+guest (the last of its `depends_on`, as the graph builds them) runs and its agent reports ready.
+Otherwise it is withheld: not created, and deleted (unregistered) if it exists. A guest without
+a health entry is taken as not ready when its layer runs agents (`agent_layers`): the platform
+registers a game server only while its agent says ready, and an agent nobody asked has said
+nothing. Guests of other layers have no agent to ask, so nothing to them is gated; with no
+`agent_layers` (an offline plan from a snapshot without health) only recorded health gates.
+Each withheld resource is a warning, and so is every running guest whose agent cannot be
+reached, naming the guest and the agent's error. An observer that failed (`observed.errors`)
+is a warning too: its kind is left out of the plan, and the rest of the platform is planned.
+
 `observed_checks` run on the observed state after the changes are made and add diagnostics
 (`planning.observed_policies`: the platform's isolation, checked on the live firewall).
 """
@@ -24,7 +36,7 @@ from dataclasses import replace
 from typing import Any
 
 from reconciler.model.diagnostics import Diagnostic, error, warning
-from reconciler.model.observed import ObservedResource, ObservedState
+from reconciler.model.observed import GuestHealth, ObservedResource, ObservedState
 from reconciler.model.plans import Action, Change, Plan
 from reconciler.model.resources import DesiredGraph, Kind, Resource, kind_of
 from reconciler.planning import diffing, normalize
@@ -84,8 +96,18 @@ def make_plan(
     allow_destroy: bool = False,
     targets: Iterable[str] = (),
     observed_checks: Iterable[ObservedCheck] = (),
+    agent_layers: Iterable[str] = (),
 ) -> Plan:
     vmids, diags = allocate_vmids(graph, observed)
+    for kind, message in sorted(observed.errors.items()):
+        diags.append(
+            warning(
+                "observe-failed",
+                f"{kind} could not be observed, so it is left out of this plan: {message}",
+            )
+        )
+    withheld, more = _readiness(graph, observed, frozenset(agent_layers))
+    diags.extend(more)
     owned = observed.owned()
     foreign_vmids = {
         r.id["vmid"]: r for r in observed.foreign() if r.kind is Kind.GUEST and "vmid" in r.id
@@ -98,6 +120,8 @@ def make_plan(
     for res in graph.ordered():
         if observed_kinds is not None and res.kind not in observed_kinds:
             continue  # nobody looked: planning it would create it again on every run
+        if res.address in withheld:
+            continue  # not ready: deleted below if it exists
         desired = dict(res.attributes)
         ident: dict[str, Any] = {}
         if res.kind is Kind.GUEST:
@@ -150,7 +174,7 @@ def make_plan(
             )
         changes[res.address] = change
 
-    deletes, more = _deletes(graph, owned, allow_destroy)
+    deletes, more = _deletes(graph, owned, allow_destroy, withheld)
     diags.extend(more)
     ordered = list(changes.values())
     last_wave = max((c.wave for c in ordered), default=-1)
@@ -279,18 +303,89 @@ def _vmid_conflict(
     return None
 
 
+def _target_guest(res: Resource) -> str | None:
+    """The guest a registration or route sends players to: the last of its dependencies
+    (loading.graph puts the proxy's own guest first, the target last)."""
+    return res.depends_on[-1] if res.depends_on else None
+
+
+def _gated(res: Resource) -> bool:
+    if res.kind is Kind.VELOCITY:
+        return True
+    return res.kind is Kind.ROUTE and res.attributes.get("when_unready") == "withhold"
+
+
+def _why_not(health: GuestHealth) -> str:
+    if not health.running:
+        return "is not running"
+    if not health.reachable:
+        return f"has no reachable agent ({health.error or 'no answer'})"
+    return "has an agent that is not ready" + (f" ({health.error})" if health.error else "")
+
+
+def _readiness(
+    graph: DesiredGraph, observed: ObservedState, agent_layers: frozenset[str]
+) -> tuple[dict[str, str], list[Diagnostic]]:
+    """The gated resources to withhold (address -> why) and the warnings that say so."""
+    ranges: Mapping[str, Any] = graph.settings.get("ranges", {})
+    diags: list[Diagnostic] = []
+    for address, seen in sorted(observed.health.items()):
+        if seen.running and not seen.reachable:
+            diags.append(
+                warning(
+                    "agent-unreachable",
+                    f"{address}: its agent cannot be reached: {seen.error or 'no answer'}; "
+                    "what depends on its readiness is withheld",
+                    address=address,
+                )
+            )
+    withheld: dict[str, str] = {}
+    for res in graph.ordered():
+        target = _target_guest(res) if _gated(res) else None
+        if target is None or (observed.kinds is not None and res.kind not in observed.kinds):
+            continue  # not gated, or not planned at all (nobody looked)
+        health = observed.health.get(target)
+        if health is None:
+            guest = graph.resources.get(target)
+            role = guest.attributes.get("role", "") if guest else ""
+            if ranges.get(role, {}).get("layer") not in agent_layers:
+                continue  # no agent runs there: nothing to wait for
+            why = f"{target} has no observed agent health"
+        elif health.serving:
+            continue
+        else:
+            why = f"{target} {_why_not(health)}"
+        withheld[res.address] = why
+        diags.append(
+            warning(
+                "withheld",
+                f"{res.address} is withheld: {why}",
+                position=res.position,
+                address=res.address,
+            )
+        )
+    return withheld, diags
+
+
 def _deletes(
-    graph: DesiredGraph, owned: dict[str, ObservedResource], allow_destroy: bool
+    graph: DesiredGraph,
+    owned: dict[str, ObservedResource],
+    allow_destroy: bool,
+    withheld: Mapping[str, str],
 ) -> tuple[list[Change], list[Diagnostic]]:
     prune = allow_destroy or bool(graph.settings.get("prune"))
     limit = int(graph.settings.get("max_deletes_per_run", 3))
-    gone = [r for a, r in sorted(owned.items()) if a not in graph.resources]
+    gone = [r for a, r in sorted(owned.items()) if a not in graph.resources or a in withheld]
     changes: list[Change] = []
     diags: list[Diagnostic] = []
     for r in gone:
         assert r.address is not None
         if r.kind in (Kind.FIREWALL_GUEST, Kind.FIREWALL_CLUSTER):
             continue  # goes with its guest; the cluster options are only ever left alone
+        # Velocity registrations and routes are soft state: what the edge is told about guests,
+        # rebuilt from the spec at any time (a Velocity restart forgets every registration
+        # anyway). Deleting one loses nothing, so it needs neither pruning nor --allow-destroy,
+        # and does not count against max_deletes_per_run.
         if not prune and r.kind in (Kind.GUEST, *_NAMED_FIREWALL):
             which = f" (vmid {r.id.get('vmid')})" if r.kind is Kind.GUEST else ""
             diags.append(
@@ -312,11 +407,13 @@ def _deletes(
                 dict(r.id),
                 dict(r.attributes),
                 None,
-                reason="not in the spec",
+                reason=f"withheld: {withheld[r.address]}"
+                if r.address in withheld
+                else "not in the spec",
                 version=r.version,
             )
         )
-    n = sum(1 for c in changes if c.kind is Kind.GUEST)
+    n = sum(1 for c in changes if c.kind is Kind.GUEST)  # soft-state deletes never count
     if n > limit:
         diags.append(
             error(
