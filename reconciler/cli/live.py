@@ -188,7 +188,7 @@ def cmd_apply(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if loaded is None:
         return EXIT_ERROR
     spec, graph = loaded
-    color = render_color(args, out)
+    color = render.use_color(getattr(args, "color", "auto"), out)
     try:
         providers = providers_for(spec, args, err)
         if args.plan:
@@ -280,17 +280,6 @@ def _apply_saved(
         lambda: execute(plan, providers, dry_run=args.dry_run, progress=_progress(err))
     )
     return _summarize(report, out)
-
-
-def render_color(args: argparse.Namespace, out: TextIO) -> bool:
-    import os
-
-    choice = getattr(args, "color", "auto")
-    if choice == "always":
-        return True
-    if choice == "never" or os.environ.get("NO_COLOR"):
-        return False
-    return out.isatty()
 
 
 def live_plan(

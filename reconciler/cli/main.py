@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from importlib import resources
 from pathlib import Path
@@ -32,14 +31,6 @@ DEFAULT_DIR = "specs"
 EXIT_OK, EXIT_ERROR, EXIT_CHANGES = 0, 1, 2
 
 
-def _use_color(choice: str, stream: TextIO) -> bool:
-    if choice == "always":
-        return True
-    if choice == "never" or os.environ.get("NO_COLOR"):
-        return False
-    return stream.isatty()
-
-
 def _report_load(result: LoadResult, fmt: str, out: TextIO, color: bool) -> None:
     if fmt == "json":
         json.dump(
@@ -56,7 +47,7 @@ def _report_load(result: LoadResult, fmt: str, out: TextIO, color: bool) -> None
 
 def cmd_validate(args: argparse.Namespace, out: TextIO) -> int:
     result = load_directory(args.dir)
-    color = _use_color(args.color, out)
+    color = render.use_color(args.color, out)
     _report_load(result, args.format, out, color)
     if args.format == "text":
         errors = sum(d.severity is Severity.ERROR for d in result.diagnostics)
@@ -137,7 +128,7 @@ def cmd_plan(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     plan = build_plan(args, err)
     if plan is None:
         return EXIT_ERROR
-    write_plan(plan, args.format, out, _use_color(args.color, out))
+    write_plan(plan, args.format, out, render.use_color(args.color, out))
     if args.out:
         Path(args.out).write_text(render.render_json(plan), encoding="utf-8")
     if plan.errored:
@@ -193,7 +184,7 @@ def cmd_graph(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 def cmd_demo(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """For now: validate the example platform and plan it against the shipped sample snapshot."""
-    color = _use_color(args.color, out)
+    color = render.use_color(args.color, out)
     out.write(f"== reconciler {__version__}: validate {args.dir}\n")
     ns = argparse.Namespace(dir=args.dir, format="text", color=args.color)
     if cmd_validate(ns, out) != EXIT_OK:

@@ -7,8 +7,9 @@ Renderers are pure functions of their inputs, so golden tests pin them byte for 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, TextIO
 
 from reconciler.model.diagnostics import Diagnostic, Severity
 from reconciler.model.plans import Action, Change, Plan
@@ -195,6 +196,15 @@ def render_markdown(plan: Plan) -> str:
 def _md_diag(d: Diagnostic) -> str:
     where = f"`{d.position}` " if d.position else ""
     return f"{where}{d.message} ({d.code})"
+
+
+def use_color(choice: str, stream: TextIO) -> bool:
+    """--color auto|always|never; auto means a terminal, and NO_COLOR turns it off."""
+    if choice == "always":
+        return True
+    if choice == "never" or os.environ.get("NO_COLOR"):
+        return False
+    return stream.isatty()
 
 
 def render_diagnostics(diags: Iterable[Diagnostic], *, color: bool = False) -> str:
