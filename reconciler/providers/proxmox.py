@@ -51,7 +51,6 @@ import anyio
 import requests
 from proxmoxer import ProxmoxAPI
 from proxmoxer.core import AuthenticationError, ResourceException
-from tenacity import RetryCallState, wait_random_exponential
 
 from reconciler.model.errors import (
     ConfigurationError,
@@ -69,6 +68,7 @@ from reconciler.model.plans import Action, Change
 from reconciler.model.resources import Kind
 from reconciler.model.spec import ProxmoxApi, SecretRef
 from reconciler.model.units import parse_kv, parse_mib
+from reconciler.providers.backoff import backoff
 
 MARK_PREFIX = "reconciler:v1"
 _MARK = re.compile(rf"^{re.escape(MARK_PREFIX)} (?P<body>.*)$", re.MULTILINE)
@@ -388,13 +388,7 @@ class ProxmoxProvider:
         await self.sleep(self._backoff(tries.temporary))
 
     def _backoff(self, attempt: int) -> float:
-        """tenacity's full-jitter exponential backoff. One policy loop (`again`) serves calls,
-        tasks and lock waits alike, so we use tenacity's wait strategy rather than its
-        decorator, which knows nothing of locks or tasks."""
-        state = RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
-        state.attempt_number = attempt
-        wait = wait_random_exponential(multiplier=self.retry.initial, max=self.retry.maximum)
-        return float(wait(state))
+        return backoff(attempt, initial=self.retry.initial, maximum=self.retry.maximum)
 
     async def retrying(self, what: str, fn: Callable[[], Any]) -> Any:
         """One call under the retry policy (see `again`)."""

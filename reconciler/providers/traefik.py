@@ -77,7 +77,6 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from tenacity import RetryCallState, wait_random_exponential
 
 from reconciler.model.errors import (
     OwnershipError,
@@ -88,6 +87,7 @@ from reconciler.model.errors import (
 from reconciler.model.observed import ObservedResource
 from reconciler.model.plans import Action, Change
 from reconciler.model.resources import Kind
+from reconciler.providers.backoff import backoff
 
 Sleep = Callable[[float], Awaitable[None]]
 T = TypeVar("T")
@@ -370,10 +370,7 @@ class TraefikProvider:
                 await self.sleep(self._backoff(tries))
 
     def _backoff(self, attempt: int) -> float:
-        state = RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
-        state.attempt_number = attempt
-        wait = wait_random_exponential(multiplier=self.retry.initial, max=self.retry.maximum)
-        return float(wait(state))
+        return backoff(attempt, initial=self.retry.initial, maximum=self.retry.maximum)
 
     # --- observe -----------------------------------------------------------------------
 

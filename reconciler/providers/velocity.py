@@ -51,7 +51,6 @@ from typing import Any
 
 import anyio
 import httpx
-from tenacity import RetryCallState, wait_random_exponential
 
 from reconciler.model.errors import (
     ConflictError,
@@ -64,6 +63,7 @@ from reconciler.model.errors import (
 from reconciler.model.observed import ObservedResource
 from reconciler.model.plans import Action, Change
 from reconciler.model.resources import Kind
+from reconciler.providers.backoff import backoff
 
 Sleep = Callable[[float], Awaitable[None]]
 
@@ -254,11 +254,7 @@ class VelocityProvider:
                 await self.sleep(self._backoff(tries))
 
     def _backoff(self, attempt: int) -> float:
-        """tenacity's full-jitter exponential backoff (as in the Proxmox provider)."""
-        state = RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
-        state.attempt_number = attempt
-        wait = wait_random_exponential(multiplier=self.retry.initial, max=self.retry.maximum)
-        return float(wait(state))
+        return backoff(attempt, initial=self.retry.initial, maximum=self.retry.maximum)
 
     # --- observe -----------------------------------------------------------------------
 
