@@ -122,14 +122,11 @@ def make_plan(
             continue  # nobody looked: planning it would create it again on every run
         if res.address in withheld:
             continue  # not ready: deleted below if it exists
-        desired = dict(res.attributes)
-        ident: dict[str, Any] = {}
-        if res.kind is Kind.GUEST:
-            if res.address not in vmids:
-                continue
-            desired["vmid"] = ident["vmid"] = vmids[res.address]
-            ident["node"] = desired["node"]
-        elif res.kind is Kind.FIREWALL_GUEST:
+        allocated = _with_vmid(res, vmids)
+        if allocated is None:
+            continue  # a guest without a vmid (its range is full): reported above
+        desired, ident = allocated
+        if res.kind is Kind.FIREWALL_GUEST:
             home = _guest_home(graph, res, vmids, changes, observed_kinds)
             if home is None:
                 continue  # its guest is not planned (a vmid problem): nothing to address
@@ -457,6 +454,20 @@ def _foreign_summary(r: ObservedResource, graph: DesiredGraph) -> dict[str, Any]
     }
 
 
+def _with_vmid(
+    res: Resource, vmids: Mapping[str, int]
+) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """A resource's attributes and identity; a guest gets its allocated vmid (None: it has none)."""
+    attrs = dict(res.attributes)
+    ident: dict[str, Any] = {}
+    if res.kind is Kind.GUEST:
+        if res.address not in vmids:
+            return None
+        attrs["vmid"] = ident["vmid"] = vmids[res.address]
+        ident["node"] = attrs["node"]
+    return attrs, ident
+
+
 def converged_state(graph: DesiredGraph, observed: ObservedState | None = None) -> ObservedState:
     """The observed state a perfect apply would leave: every desired resource, owned, as desired.
     Used by `plan --base` (the base revision taken as applied) and by the property tests."""
@@ -464,13 +475,10 @@ def converged_state(graph: DesiredGraph, observed: ObservedState | None = None) 
     vmids, _ = allocate_vmids(graph, observed)
     resources = []
     for res in graph.ordered():
-        attrs = dict(res.attributes)
-        ident: dict[str, Any] = {}
-        if res.kind is Kind.GUEST:
-            if res.address not in vmids:
-                continue
-            attrs["vmid"] = ident["vmid"] = vmids[res.address]
-            ident["node"] = attrs["node"]
+        allocated = _with_vmid(res, vmids)
+        if allocated is None:
+            continue
+        attrs, ident = allocated
         resources.append(
             ObservedResource(
                 address=res.address,
