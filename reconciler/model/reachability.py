@@ -346,14 +346,18 @@ def is_everywhere(addresses: Addresses) -> bool:
 
 
 def format_addresses(addresses: Addresses, *, limit: int = 3) -> str:
-    """For messages: "10.10.0.0/24", "any address", "any address except 10.10.0.11, ::/0"."""
+    """For messages: "10.10.0.0/24", "any address", "any IPv4 address except 10.10.0.11"."""
     if addresses is ANY or is_everywhere(addresses):
         return "any address"
     if len(addresses) > limit:
-        # Everything but a few hosts splits into dozens of CIDR blocks; name the few instead.
-        missing = subtract(list(EVERYWHERE), addresses)
+        # Everything but a few hosts splits into dozens of CIDR blocks; name the few instead,
+        # within the IP versions the addresses cover ("any IPv4 address except 10.10.0.11").
+        versions = {n.version for n in addresses}
+        space = [n for n in EVERYWHERE if n.version in versions]
+        missing = subtract(space, addresses)
         if len(missing) <= limit:
-            return "any address except " + _list_networks(missing, limit)
+            what = "any address" if len(space) == 2 else f"any IPv{space[0].version} address"
+            return f"{what} except " + _list_networks(missing, limit)
     return _list_networks(addresses, limit)
 
 
