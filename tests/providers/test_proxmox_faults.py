@@ -12,7 +12,6 @@ sleeps.
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,18 +20,16 @@ from typing import Any
 import anyio
 import pytest
 
-from reconciler.applying.executor import Outcome, Result
-from reconciler.applying.live import Convergence, converge, observe_all
-from reconciler.loading.graph import build_graph
-from reconciler.loading.loader import load_directory
+from reconciler.applying.executor import Outcome
+from reconciler.applying.live import observe_all
 from reconciler.model.resources import DesiredGraph, Kind
 from reconciler.model.spec import ProxmoxApi
 from reconciler.planning.planner import make_plan
 from reconciler.providers.proxmox import ProxmoxProvider, RetryPolicy, connect
 from tests.fakepve_fixtures import mutating_calls
+from tests.guest_helpers import load_copy, marks, results, run
 
 SPECS = Path(__file__).resolve().parents[2] / "specs"
-_MARK = re.compile(r"^reconciler:v1 platform=(\S+) address=(\S+)", re.MULTILINE)
 
 
 class VirtualTime:
@@ -74,30 +71,9 @@ def make_provider(
     )
 
 
-def run(graph: DesiredGraph, provider: ProxmoxProvider, **kw: Any) -> Convergence:
-    return anyio.run(lambda: converge(graph, {Kind.GUEST: provider}, **kw))
-
-
-def results(conv: Convergence, round_: int = -1) -> dict[str, Result]:
-    report = conv.rounds[round_].report
-    assert report is not None
-    return {r.change.address: r for r in report.results}
-
-
 def fresh_plan_changes(graph: DesiredGraph, provider: ProxmoxProvider) -> list[str]:
     observed = anyio.run(lambda: observe_all({Kind.GUEST: provider}, graph.platform))
     return [c.address for c in make_plan(graph, observed).actions]
-
-
-def marks(provider: ProxmoxProvider) -> dict[str, list[int]]:
-    """Address -> the vmids whose description carries our mark for it, read from Proxmox."""
-    out: dict[str, list[int]] = {}
-    for item in provider.client.cluster.resources.get(type="vm"):
-        config = provider.client.nodes(item["node"]).lxc(item["vmid"]).config.get()
-        m = _MARK.search(config.get("description") or "")
-        if m and m.group(1) == "zpack":
-            out.setdefault(m.group(2), []).append(int(item["vmid"]))
-    return out
 
 
 def assert_converged(graph: DesiredGraph, provider: ProxmoxProvider) -> None:
@@ -366,22 +342,6 @@ def test_a_task_past_its_timeout_fails_that_guest_only(
 
 
 # --- 4. a permanent error stops one guest and its dependents ------------------------------------
-
-
-def load_copy(tmp_path: Path, edits: dict[str, tuple[str, str]]) -> DesiredGraph:
-    """The example specs copied to tmp_path with text edits: file -> (old, new)."""
-    target = tmp_path / "specs"
-    target.mkdir()
-    for src in SPECS.glob("*.yaml"):
-        text = src.read_text(encoding="utf-8")
-        if src.name in edits:
-            old, new = edits[src.name]
-            assert old in text, (src.name, old)
-            text = text.replace(old, new, 1)
-        (target / src.name).write_text(text, encoding="utf-8")
-    loaded = load_directory(target)
-    assert loaded.ok and loaded.spec is not None, [str(d) for d in loaded.diagnostics]
-    return build_graph(loaded.spec, loaded.source)
 
 
 def test_a_permanent_error_stops_only_its_guest_and_dependents(

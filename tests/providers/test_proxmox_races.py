@@ -20,17 +20,15 @@ import pytest
 
 from reconciler.applying.executor import Outcome, Result, execute
 from reconciler.applying.live import Convergence, converge, observe_all
-from reconciler.loading.graph import build_graph
-from reconciler.loading.loader import load_directory
 from reconciler.model.plans import Action, Plan
 from reconciler.model.resources import DesiredGraph, Kind
 from reconciler.model.spec import ProxmoxApi
 from reconciler.planning.planner import make_plan
 from reconciler.providers.proxmox import ProxmoxProvider, RetryPolicy, connect, create_params
 from tests.fakepve_fixtures import TEMPLATE, mutating_calls, no_sleep
+from tests.guest_helpers import MARK, load_copy, marks, results, run
 
 SPECS = Path(__file__).resolve().parents[2] / "specs"
-_MARK = re.compile(r"^reconciler:v1 platform=(\S+) address=(\S+)(?: template=(\S+))?", re.MULTILINE)
 
 
 def make_provider(api: ProxmoxApi, *, real_sleep: bool = False) -> ProxmoxProvider:
@@ -43,34 +41,13 @@ def make_provider(api: ProxmoxApi, *, real_sleep: bool = False) -> ProxmoxProvid
     )
 
 
-def run(graph: DesiredGraph, provider: ProxmoxProvider, **kw: Any) -> Convergence:
-    return anyio.run(lambda: converge(graph, {Kind.GUEST: provider}, **kw))
-
-
 def plan_now(graph: DesiredGraph, provider: ProxmoxProvider, **kw: Any) -> Plan:
     observed = anyio.run(lambda: observe_all({Kind.GUEST: provider}, graph.platform))
     return make_plan(graph, observed, **kw)
 
 
-def results(conv: Convergence, round_: int = -1) -> dict[str, Result]:
-    report = conv.rounds[round_].report
-    assert report is not None
-    return {r.change.address: r for r in report.results}
-
-
 def guests_of(graph: DesiredGraph) -> set[str]:
     return {a for a, r in graph.resources.items() if r.kind is Kind.GUEST}
-
-
-def marks(provider: ProxmoxProvider) -> dict[str, list[int]]:
-    """Address -> vmids whose description carries our mark for it, read from Proxmox."""
-    out: dict[str, list[int]] = {}
-    for item in provider.client.cluster.resources.get(type="vm"):
-        cfg = provider.client.nodes(item["node"]).lxc(item["vmid"]).config.get()
-        m = _MARK.search(cfg.get("description") or "")
-        if m and m.group(1) == "zpack":
-            out.setdefault(m.group(2), []).append(int(item["vmid"]))
-    return out
 
 
 def assert_every_guest_once(graph: DesiredGraph, provider: ProxmoxProvider) -> dict[str, int]:
@@ -94,21 +71,6 @@ def assert_converged(graph: DesiredGraph, provider: ProxmoxProvider, pve: Any) -
 def touching(pve: Any, vmid: int) -> list[tuple[str, str]]:
     """Requests other than reads whose path names this vmid."""
     return [(m, p) for m, p, _ in pve.requests if m != "GET" and re.search(rf"/{vmid}(/|$)", p)]
-
-
-def load_copy(tmp_path: Path, edits: dict[str, tuple[str, str]]) -> DesiredGraph:
-    target = tmp_path / "specs"
-    target.mkdir()
-    for src in SPECS.glob("*.yaml"):
-        text = src.read_text(encoding="utf-8")
-        if src.name in edits:
-            old, new = edits[src.name]
-            assert old in text, (src.name, old)
-            text = text.replace(old, new, 1)
-        (target / src.name).write_text(text, encoding="utf-8")
-    loaded = load_directory(target)
-    assert loaded.ok and loaded.spec is not None, [str(d) for d in loaded.diagnostics]
-    return build_graph(loaded.spec, loaded.source)
 
 
 @pytest.fixture
@@ -427,7 +389,7 @@ def test_a_template_change_replaces_the_guest_under_the_same_vmid(
     create_body = next(b for m, p, b in pve.requests if m == "POST" and p.endswith("/lxc"))
     assert b"vmid=1001" in create_body and NEW_TEMPLATE.encode() in create_body
     cfg = client.nodes("pve-runtime").lxc(1001).config.get()
-    mark = _MARK.search(cfg["description"])
+    mark = MARK.search(cfg["description"])
     assert mark is not None and mark.group(3) == f"local:vztmpl/{NEW_TEMPLATE}"
     assert cfg["net0"] != old_mac  # a new container, not the old one edited
     assert TEMPLATE not in create_body.decode()

@@ -1,0 +1,59 @@
+"""Helpers shared by the Proxmox guest tests: converge, read outcomes, read ownership marks
+straight from Proxmox, and load an edited copy of the example specs."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from reconciler.applying.executor import Result
+from reconciler.applying.live import Convergence, converge
+from reconciler.loading.graph import build_graph
+from reconciler.loading.loader import load_directory
+from reconciler.model.resources import DesiredGraph, Kind
+from reconciler.providers.proxmox import ProxmoxProvider
+from tests.conftest import SPECS
+
+# Parsed here on its own, not with the provider's parser: the tests check what Proxmox holds.
+MARK = re.compile(r"^reconciler:v1 platform=(\S+) address=(\S+)(?: template=(\S+))?", re.MULTILINE)
+
+
+def run(graph: DesiredGraph, provider: ProxmoxProvider, **kw: Any) -> Convergence:
+    """Converge the guests of `graph` with `provider`."""
+    return anyio.run(lambda: converge(graph, {Kind.GUEST: provider}, **kw))
+
+
+def results(conv: Convergence, round_: int = -1) -> dict[str, Result]:
+    report = conv.rounds[round_].report
+    assert report is not None
+    return {r.change.address: r for r in report.results}
+
+
+def marks(provider: ProxmoxProvider) -> dict[str, list[int]]:
+    """Address -> the vmids whose description carries our mark for it, read from Proxmox."""
+    out: dict[str, list[int]] = {}
+    for item in provider.client.cluster.resources.get(type="vm"):
+        config = provider.client.nodes(item["node"]).lxc(item["vmid"]).config.get()
+        m = MARK.search(config.get("description") or "")
+        if m and m.group(1) == "zpack":
+            out.setdefault(m.group(2), []).append(int(item["vmid"]))
+    return out
+
+
+def load_copy(tmp_path: Path, edits: dict[str, tuple[str, str]]) -> DesiredGraph:
+    """The example specs copied to tmp_path with text edits: file -> (old, new)."""
+    target = tmp_path / "specs"
+    target.mkdir()
+    for src in SPECS.glob("*.yaml"):
+        text = src.read_text(encoding="utf-8")
+        if src.name in edits:
+            old, new = edits[src.name]
+            assert old in text, (src.name, old)
+            text = text.replace(old, new, 1)
+        (target / src.name).write_text(text, encoding="utf-8")
+    loaded = load_directory(target)
+    assert loaded.ok and loaded.spec is not None, [str(d) for d in loaded.diagnostics]
+    return build_graph(loaded.spec, loaded.source)
