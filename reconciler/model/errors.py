@@ -3,6 +3,8 @@ executor decides retry or stop from the class alone (kopf `_core/actions/executi
 
     ReconcilerError
     ├── ConfigurationError        bad settings (missing credentials, unreadable CA file)
+    ├── FencingError              this controller lost (or never held) the leader lease: it
+    │                             must not act; raised before a mutating action, never retried
     └── ProviderError             an outside system said no, or did not answer
         ├── TemporaryError        retry after a jittered backoff
         │   └── LockedError       a config lock (backup, migrate, ...): wait until it clears
@@ -22,6 +24,10 @@ class ReconcilerError(Exception):
 
 
 class ConfigurationError(ReconcilerError):
+    pass
+
+
+class FencingError(ReconcilerError):
     pass
 
 

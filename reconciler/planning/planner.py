@@ -279,6 +279,15 @@ def _vmid_conflict(
     vmid = desired["vmid"]
     if vmid in foreign:
         holder = foreign[vmid]
+        if holder.attributes.get("name") == res.attributes.get("name", res.name):
+            return warning(
+                "adoption-pending",
+                f"{res.address} matches guest {vmid} ({holder.attributes.get('name')!r} on node "
+                f"{holder.id.get('node', '?')}), which the controller does not own yet: it is "
+                f"only reported. Review it, then `reconciler adopt {res.address}` to manage it",
+                position=res.position,
+                address=res.address,
+            )
         return error(
             "vmid-held-by-foreign",
             f"vmid {vmid} wanted by {res.address} is held by guest "

@@ -105,6 +105,23 @@ def test_foreign_guest_holding_a_desired_vmid_is_a_plan_error(graph: DesiredGrap
     assert plan.foreign[0]["vmid"] == 1001
 
 
+def test_foreign_guest_with_the_desired_name_and_vmid_awaits_adoption(graph: DesiredGraph) -> None:
+    unadopted = ObservedResource(
+        kind=Kind.GUEST,
+        owned=False,
+        id={"vmid": 1001, "node": "pve-runtime"},
+        attributes={"name": "mc-survival"},
+    )
+    state = _with(converged_state(graph), unadopted, drop=("guest/mc-survival",))
+    plan = make_plan(graph, state)
+    assert not plan.errored
+    assert [(d.code, d.severity.value) for d in plan.diagnostics] == [
+        ("adoption-pending", "warning")
+    ]
+    assert "reconciler adopt guest/mc-survival" in plan.diagnostics[0].message
+    assert "guest/mc-survival" not in {c.address for c in plan.actions}
+
+
 def test_foreign_guests_are_never_deleted_even_when_destroy_is_allowed(graph: DesiredGraph) -> None:
     foreign = ObservedResource(
         kind=Kind.GUEST,
