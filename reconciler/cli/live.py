@@ -3,16 +3,19 @@
 Connection settings come from the spec (`proxmox:` or a host's `api:`); the `--proxmox-*` flags
 override them, for a lab or for pointing the example platform at fakepve.
 
-`--edge` adds the edge the spec declares: Velocity registrations through the bridge plugin
-(`--velocity-url` overrides the URL derived from the Velocity guest's IP) and the agents' health
-that gates them. It is opt-in while the Traefik provider is being written; it will become the
-default once the whole edge is observed.
+The edge the spec declares is observed and applied too: Velocity registrations through the
+bridge plugin, Traefik routes through each instance's feed (and what Traefik serves, through its
+API), gated by the agents' health. `--no-edge` leaves it out. Its endpoints come from the spec
+(the guests' static IPs); the `--velocity-url`, `--agent`, `--traefik-file` and `--traefik-api`
+flags point them elsewhere (a lab, the demo). A Redis feed needs the controller's Redis
+(`--redis-url`, or RECONCILER_REDIS_URL), which also caches the agents' health for the API.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import TextIO
@@ -21,25 +24,22 @@ import anyio
 
 from reconciler.applying.executor import Outcome, Progress, Result, execute
 from reconciler.applying.live import (
-    AgentWatch,
-    agent_watch,
+    Connection,
+    Convergence,
+    Endpoints,
+    connect_platform,
     converge,
-    firewall_provider,
-    observe_all,
-    proxmox_provider,
-    velocity_provider,
 )
 from reconciler.cli import render
 from reconciler.loading.graph import build_graph
 from reconciler.loading.loader import load_directory
-from reconciler.model.errors import ReconcilerError
+from reconciler.model.errors import ConfigurationError, ReconcilerError
 from reconciler.model.observed import ObservedState
 from reconciler.model.plans import Plan, plan_from_json
-from reconciler.model.resources import DesiredGraph, Kind
+from reconciler.model.resources import DesiredGraph
 from reconciler.model.spec import PlatformSpec, ProxmoxApi, SecretRef
 from reconciler.planning.observed_policies import live_isolation
 from reconciler.planning.planner import make_plan
-from reconciler.providers import Provider
 
 EXIT_OK, EXIT_ERROR, EXIT_CHANGES = 0, 1, 2
 
@@ -61,13 +61,69 @@ def add_connection_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--insecure", action="store_true", help="do not verify TLS (labs only; prints a warning)"
     )
-    e = p.add_argument_group("the edge")
+    e = p.add_argument_group("the edge (Velocity, Traefik, agents; on when the spec has one)")
+    e.add_argument("--no-edge", action="store_true", help="leave Velocity, Traefik and agents out")
+    e.add_argument("--velocity-url", metavar="URL", help="the Velocity bridge plugin")
     e.add_argument(
-        "--edge",
-        action="store_true",
-        help="also observe and apply Velocity registrations, gated by the agents' health",
+        "--agent",
+        action="append",
+        default=[],
+        metavar="GUEST=HOST:PORT",
+        help="where a guest's agent answers (repeat; default: its static IP and the agent port)",
     )
-    e.add_argument("--velocity-url", metavar="URL", help="the Velocity bridge (with --edge)")
+    e.add_argument("--agent-token-env", metavar="VAR", help="variable holding the agents' token")
+    e.add_argument(
+        "--traefik-file",
+        action="append",
+        default=[],
+        metavar="INSTANCE=PATH",
+        help="feed a Traefik instance through this file instead of what the spec says (repeat)",
+    )
+    e.add_argument(
+        "--traefik-api",
+        action="append",
+        default=[],
+        metavar="INSTANCE=URL",
+        help="a Traefik instance's API (repeat; default: the spec's api_url)",
+    )
+    e.add_argument(
+        "--redis-url",
+        metavar="URL",
+        default=os.environ.get("RECONCILER_REDIS_URL"),
+        help="the controller's Redis (default: $RECONCILER_REDIS_URL)",
+    )
+    e.add_argument("--redis-password-env", metavar="VAR", help="variable holding its password")
+
+
+def _pairs(values: list[str], flag: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for value in values:
+        key, sep, rest = value.partition("=")
+        if not sep or not key or not rest:
+            raise ConfigurationError(f"{flag} {value!r}: expected NAME=VALUE")
+        out[key] = rest
+    return out
+
+
+def endpoints_from(args: argparse.Namespace) -> Endpoints:
+    agents: dict[str, tuple[str, int]] = {}
+    for guest, where in _pairs(args.agent, "--agent").items():
+        host, _, port = where.rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigurationError(f"--agent {guest}={where}: expected GUEST=HOST:PORT")
+        agents[guest] = (host, int(port))
+    return Endpoints(
+        proxmox=connection_override(args),
+        insecure=args.insecure,
+        edge=not args.no_edge,
+        velocity_url=args.velocity_url,
+        agents=agents,
+        agent_token=SecretRef(env=args.agent_token_env) if args.agent_token_env else None,
+        traefik_files={k: Path(v) for k, v in _pairs(args.traefik_file, "--traefik-file").items()},
+        traefik_apis=_pairs(args.traefik_api, "--traefik-api"),
+        redis_url=args.redis_url,
+        redis_password=SecretRef(env=args.redis_password_env) if args.redis_password_env else None,
+    )
 
 
 def connection_override(args: argparse.Namespace) -> ProxmoxApi | None:
@@ -98,44 +154,23 @@ def load_checked(directory: str, err: TextIO) -> tuple[PlatformSpec, DesiredGrap
     return result.spec, build_graph(result.spec, result.source)
 
 
-def providers_for(
-    spec: PlatformSpec, args: argparse.Namespace, err: TextIO
-) -> dict[Kind, Provider]:
+def _warn_insecure(args: argparse.Namespace, err: TextIO) -> None:
     if args.insecure:
         err.write(
             "warning: TLS verification of the Proxmox API is OFF (--insecure); "
             "anyone on the path can read the credentials\n"
         )
-    provider = proxmox_provider(spec, connection_override(args), insecure=args.insecure)
-    firewall = firewall_provider(spec, provider)
-    providers: dict[Kind, Provider] = {
-        Kind.GUEST: provider,
-        **dict.fromkeys(firewall.kinds, firewall),
-    }
-    if getattr(args, "edge", False):
-        velocity = velocity_provider(spec, url=args.velocity_url)
-        if velocity is not None:
-            providers.update(dict.fromkeys(velocity.kinds, velocity))
-    return providers
-
-
-def agents_for(spec: PlatformSpec, args: argparse.Namespace) -> AgentWatch | None:
-    """The agents whose health gates the edge, with --edge and a spec that has one."""
-    if not getattr(args, "edge", False) or spec.velocity is None:
-        return None
-    return agent_watch(spec)
-
-
-async def _observe(
-    spec: PlatformSpec, providers: dict[Kind, Provider], agents: AgentWatch | None = None
-) -> ObservedState:
-    source = next(iter(providers.values())).source if providers else ""  # type: ignore[attr-defined]
-    return await observe_all(providers, spec.platform.name, source, agents)
 
 
 def observe_live(args: argparse.Namespace, spec: PlatformSpec, err: TextIO) -> ObservedState:
-    providers = providers_for(spec, args, err)
-    return anyio.run(_observe, spec, providers, agents_for(spec, args))
+    _warn_insecure(args, err)
+    endpoints = endpoints_from(args)
+
+    async def run() -> ObservedState:
+        async with connect_platform(spec, endpoints) as conn:
+            return await conn.observe(spec.platform.name)
+
+    return anyio.run(run)
 
 
 def cmd_observe(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
@@ -189,39 +224,43 @@ def cmd_apply(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         return EXIT_ERROR
     spec, graph = loaded
     color = render.use_color(getattr(args, "color", "auto"), out)
-    try:
-        providers = providers_for(spec, args, err)
-        if args.plan:
-            return _apply_saved(args, spec, providers, out, err)
+    _warn_insecure(args, err)
 
-        def approve(plan: Plan) -> bool:
-            out.write(render.render_text(plan, color=color))
-            out.flush()
-            return _confirm(plan, args, err)
+    def approve(plan: Plan) -> bool:
+        out.write(render.render_text(plan, color=color))
+        out.flush()
+        return _confirm(plan, args, err)
 
-        result = anyio.run(
-            lambda: converge(
+    async def run() -> Convergence | int:
+        async with connect_platform(spec, endpoints_from(args)) as conn:
+            if args.plan:
+                return await _apply_saved(args, spec, conn, out, err)
+            return await converge(
                 graph,
-                providers,
-                source=getattr(providers[Kind.GUEST], "source", ""),
+                conn.providers,
+                source=conn.source,
                 allow_destroy=args.allow_destroy,
                 targets=args.target,
                 dry_run=args.dry_run,
                 approve=approve,
                 progress=_progress(err),
                 observed_checks=[live_isolation(spec)],
-                agents=agents_for(spec, args),
+                agents=conn.agents,
             )
-        )
+
+    try:
+        result = anyio.run(run)
     except ReconcilerError as exc:
         err.write(f"error: {exc}\n")
         return EXIT_ERROR
+    if isinstance(result, int):
+        return result
     last = result.rounds[-1]
     if last.plan.errored:
         return EXIT_ERROR
     if len(result.rounds) > 1:
         err.write(f"re-planned {len(result.rounds) - 1} time(s) after conflicts\n")
-    return _summarize(result.rounds[-1].report, out)
+    return _summarize(last.report, out)
 
 
 def _summarize(report: object, out: TextIO) -> int:
@@ -248,10 +287,10 @@ def _summarize(report: object, out: TextIO) -> int:
     return EXIT_OK if report.ok else EXIT_ERROR
 
 
-def _apply_saved(
+async def _apply_saved(
     args: argparse.Namespace,
     spec: PlatformSpec,
-    providers: dict[Kind, Provider],
+    conn: Connection,
     out: TextIO,
     err: TextIO,
 ) -> int:
@@ -265,7 +304,7 @@ def _apply_saved(
             f"{args.plan} is a plan for platform {plan.platform!r}, not {spec.platform.name!r}\n"
         )
         return EXIT_ERROR
-    observed = anyio.run(_observe, spec, providers, agents_for(spec, args))
+    observed = await conn.observe(spec.platform.name)
     if observed.digest() != plan.observed_digest:
         err.write(
             f"{args.plan}: the platform changed since this plan was made "
@@ -276,27 +315,29 @@ def _apply_saved(
     if plan.errored:
         err.write(f"{args.plan} has errors; it cannot be applied\n")
         return EXIT_ERROR
-    report = anyio.run(
-        lambda: execute(plan, providers, dry_run=args.dry_run, progress=_progress(err))
-    )
+    report = await execute(plan, conn.providers, dry_run=args.dry_run, progress=_progress(err))
     return _summarize(report, out)
 
 
 def live_plan(
     args: argparse.Namespace, spec: PlatformSpec, graph: DesiredGraph, err: TextIO
 ) -> Plan | None:
-    agents = agents_for(spec, args)
+    _warn_insecure(args, err)
+
+    async def run() -> Plan:
+        async with connect_platform(spec, endpoints_from(args)) as conn:
+            observed = await conn.observe(spec.platform.name)
+            return make_plan(
+                graph,
+                observed,
+                allow_destroy=args.allow_destroy,
+                targets=args.target,
+                observed_checks=[live_isolation(spec)],
+                agent_layers=conn.agents.layers if conn.agents is not None else (),
+            )
+
     try:
-        providers = providers_for(spec, args, err)
-        observed = anyio.run(_observe, spec, providers, agents)
+        return anyio.run(run)
     except ReconcilerError as exc:
         err.write(f"error: {exc}\n")
         return None
-    return make_plan(
-        graph,
-        observed,
-        allow_destroy=args.allow_destroy,
-        targets=args.target,
-        observed_checks=[live_isolation(spec)],
-        agent_layers=agents.layers if agents is not None else (),
-    )

@@ -31,8 +31,16 @@ Format (version 2; a version 1 snapshot, which has no `health` or `errors`, stil
           "error": null                  # why not, when it is not ready or not reachable
         }
       },
-      "errors": {"velocity": "..."}      # optional (version 2): kinds whose observer failed,
+      "errors": {"velocity": "..."},     # optional (version 2): kinds whose observer failed,
                                          # with its message; such a kind is left out of `kinds`
+      "serving": {                       # optional (version 2): what Traefik serves, per route
+        "route/runtime/ide-alice": {     # the controller wrote (from Traefik's own API)
+          "served": true,                # listed with status enabled or warning
+          "status": "enabled",           # Traefik's status; null when it does not list it
+          "errors": []                   # Traefik's error texts for the router
+        },
+        "route/core": {"served": null, "errors": ["..."]}   # an instance whose API failed
+      }
     }
 
 Attributes of a foreign guest (not owned) hold at least `name`, `vmid` and `node`.
@@ -74,6 +82,16 @@ class GuestHealth(BaseModel):
         return self.running and self.reachable and self.ready
 
 
+class RouteServing(BaseModel):
+    """What a Traefik instance does with a route the controller wrote, read from its API."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    served: bool | None = None  # None: not known (the instance's API did not answer)
+    status: str | None = None
+    errors: tuple[str, ...] = ()
+
+
 class ObservedResource(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -111,6 +129,9 @@ class ObservedState(BaseModel):
     health: dict[str, GuestHealth] = Field(default_factory=dict)
     # Kinds whose observer failed (kind value -> message); those kinds are not in `kinds`.
     errors: dict[str, str] = Field(default_factory=dict)
+    # By route address (or `route/<instance>` for an instance whose API failed). Not part of
+    # the digest: no plan changes it, and a saved plan must not go stale when Traefik reloads.
+    serving: dict[str, RouteServing] = Field(default_factory=dict)
 
     def digest(self) -> str:
         """Content hash of what was observed (not when): a saved plan applies only if it matches.

@@ -108,6 +108,7 @@ def make_plan(
         )
     withheld, more = _readiness(graph, observed, frozenset(agent_layers))
     diags.extend(more)
+    diags.extend(_serving(graph, observed))
     owned = observed.owned()
     foreign_vmids = {
         r.id["vmid"]: r for r in observed.foreign() if r.kind is Kind.GUEST and "vmid" in r.id
@@ -319,6 +320,48 @@ def _gated(res: Resource) -> bool:
     if res.kind is Kind.VELOCITY:
         return True
     return res.kind is Kind.ROUTE and res.attributes.get("when_unready") == "withhold"
+
+
+def _serving(graph: DesiredGraph, observed: ObservedState) -> list[Diagnostic]:
+    """What Traefik does with the routes we wrote: one written but not served, or served with
+    errors, is a warning (the feed holds it, so no change would fix it; the cause is in the
+    rule, the TLS options or Traefik itself)."""
+    out: list[Diagnostic] = []
+    for address, seen in sorted(observed.serving.items()):
+        res = graph.resources.get(address)
+        position = res.position if res is not None else None
+        detail = "; ".join(seen.errors)
+        if seen.served is None:
+            out.append(
+                warning(
+                    "traefik-api-failed",
+                    f"{address}: cannot see what Traefik serves: {detail or 'no answer'}",
+                    address=address,
+                )
+            )
+        elif res is None:
+            continue  # a route on its way out
+        elif not seen.served:
+            status = f"status {seen.status}" if seen.status else "not listed"
+            out.append(
+                warning(
+                    "route-not-served",
+                    f"{address} is written to Traefik's feed but not served ({status})"
+                    + (f": {detail}" if detail else ""),
+                    position=position,
+                    address=address,
+                )
+            )
+        elif seen.errors:
+            out.append(
+                warning(
+                    "route-served-with-errors",
+                    f"{address} is served with errors (status {seen.status}): {detail}",
+                    position=position,
+                    address=address,
+                )
+            )
+    return out
 
 
 def _why_not(health: GuestHealth) -> str:

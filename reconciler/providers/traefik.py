@@ -625,3 +625,64 @@ def _replace_file(path: Path, text: str) -> None:
         with contextlib.suppress(OSError):
             os.unlink(temp)
         raise
+
+
+# --- every instance of a platform ----------------------------------------------------------------
+
+
+class TraefikRoutes:
+    """The platform's routes on all its Traefik instances: one provider per instance, chosen by
+    the instance in a route's address (`route/<instance>/<name>`).
+
+    `unavailable` names instances that cannot be reached as configured (a Redis feed with no
+    Redis given): observing then fails for the whole kind, with that reason, rather than
+    planning their routes as missing."""
+
+    kinds = frozenset({Kind.ROUTE})
+
+    def __init__(
+        self,
+        instances: Mapping[str, TraefikProvider],
+        unavailable: Mapping[str, str] | None = None,
+    ) -> None:
+        self.instances = dict(instances)
+        self.unavailable = dict(unavailable or {})
+
+    def __repr__(self) -> str:
+        return f"TraefikRoutes({sorted(self.instances)}, unavailable={sorted(self.unavailable)})"
+
+    @property
+    def retries(self) -> int:
+        return sum(p.retries for p in self.instances.values())
+
+    async def observe(self) -> list[ObservedResource]:
+        if self.unavailable:
+            raise PermanentError(
+                "; ".join(f"Traefik {i!r}: {why}" for i, why in sorted(self.unavailable.items()))
+            )
+        out: list[ObservedResource] = []
+        for _, provider in sorted(self.instances.items()):
+            out += await provider.observe()
+        return out
+
+    async def served(self, observed: list[ObservedResource]) -> dict[str, Served | ProviderError]:
+        """Per route written (by address), what its instance serves; an instance whose API
+        failed gives its error under `route/<instance>`. Instances without an API are skipped."""
+        out: dict[str, Served | ProviderError] = {}
+        for instance, provider in sorted(self.instances.items()):
+            if provider.api_url is None:
+                continue
+            mine = [r for r in observed if r.id.get("instance") == instance]
+            try:
+                out.update(await provider.served(mine))
+            except ProviderError as exc:
+                out[f"{Kind.ROUTE.value}/{instance}"] = exc
+        return out
+
+    async def apply(self, change: Change) -> None:
+        instance = change.address.removeprefix(f"{Kind.ROUTE.value}/").partition("/")[0]
+        provider = self.instances.get(instance)
+        if provider is None:
+            why = self.unavailable.get(instance, "no such Traefik instance")
+            raise PermanentError(f"{change.address}: {why}")
+        await provider.apply(change)

@@ -1,4 +1,5 @@
-"""The live commands through `main()`, against fakepve: observe, plan, apply, apply --plan."""
+"""The live commands through `main()`, against fakepve: observe, plan, apply, apply --plan.
+Guests and firewalls only (`--no-edge`); tests/cli/test_edge_cli.py runs them with the edge."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ def flags(api: ProxmoxApi) -> list[str]:
         "FAKEPVE_PASSWORD",
         "--ca-file",
         api.ca_file,
+        "--no-edge",
     ]
 
 
