@@ -1,0 +1,152 @@
+"""Prometheus metrics of the controller service, served as `/metrics` by the status listener
+(`reconciler.controller.http`).
+
+The loop (`reconciler.controller.service`) owns one `Metrics` per service and calls its
+methods as things happen. Each `Metrics` has its own `CollectorRegistry`, never the process-wide
+default one, so several services (and tests) live side by side without clashing names.
+
+    reconciler_cycles_total{kind,outcome}               counter  kind: full|inventory|edge
+    reconciler_cycle_duration_seconds{kind}             histogram
+    reconciler_actions_total{kind,action,result}        counter  kind: guest, firewall/guest,
+                                                                 route, velocity, ...;
+                                                                 action: create|update|
+                                                                 replace|delete;
+                                                                 result: done|failed|skipped
+    reconciler_drift                                    gauge    changes the last plan wanted
+    reconciler_proxmox_api_calls_total                  counter
+    reconciler_provider_retries_total{provider}         counter
+    reconciler_lease_changes_total                      counter  leadership gained or lost
+    reconciler_leader                                   gauge    1 while this replica leads
+    reconciler_revision_info{revision}                  gauge    1, for the loaded revision only
+    reconciler_last_success_timestamp_seconds           gauge    end of the last converged or
+                                                                 changed cycle (epoch seconds)
+    reconciler_resources_in_backoff                     gauge
+
+Label values are closed sets (the enums of `reconciler.controller.status` and
+`reconciler.model`), never addresses or error texts, so the number of series stays bounded.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from reconciler.applying.executor import ApplyReport, Outcome
+from reconciler.controller.status import SUCCESSFUL, CycleOutcome
+
+__all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
+
+# Cycles run from under a second (nothing to do) to minutes (clones, migrations).
+CYCLE_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
+
+# An executor outcome as the `result` label; a dry run is not an action and is not counted.
+RESULTS = {Outcome.DONE: "done", Outcome.FAILED: "failed", Outcome.SKIPPED: "skipped"}
+
+
+class Metrics:
+    """The service's metrics, in their own registry. See the module docstring."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
+        self.clock = clock
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.cycles = Counter(
+            "reconciler_cycles", "Reconcile cycles run.", ["kind", "outcome"], registry=r
+        )
+        self.cycle_duration = Histogram(
+            "reconciler_cycle_duration_seconds",
+            "Duration of a reconcile cycle.",
+            ["kind"],
+            buckets=CYCLE_BUCKETS,
+            registry=r,
+        )
+        self.actions = Counter(
+            "reconciler_actions",
+            "Changes applied, by resource kind, action and result.",
+            ["kind", "action", "result"],
+            registry=r,
+        )
+        self.drift = Gauge("reconciler_drift", "Changes the last plan wanted.", registry=r)
+        self.api_calls = Counter(
+            "reconciler_proxmox_api_calls", "Calls made to the Proxmox API.", registry=r
+        )
+        self.retries = Counter(
+            "reconciler_provider_retries",
+            "Retries of temporary provider errors.",
+            ["provider"],
+            registry=r,
+        )
+        self.lease_changes = Counter(
+            "reconciler_lease_changes", "Leadership gained or lost by this replica.", registry=r
+        )
+        self.leader = Gauge(
+            "reconciler_leader", "1 while this replica holds the lease.", registry=r
+        )
+        self.revision = Gauge(
+            "reconciler_revision_info",
+            "The spec revision loaded (value 1).",
+            ["revision"],
+            registry=r,
+        )
+        self.last_success = Gauge(
+            "reconciler_last_success_timestamp_seconds",
+            "When the last converged or changed cycle ended.",
+            registry=r,
+        )
+        self.backoff = Gauge(
+            "reconciler_resources_in_backoff", "Resources waiting to retry a change.", registry=r
+        )
+        self._is_leader = False
+        self._revision: str | None = None
+
+    def cycle(self, kind: str, outcome: str, seconds: float) -> None:
+        """A cycle ended after `seconds`; a successful one also stamps last_success."""
+        self.cycles.labels(kind=kind, outcome=outcome).inc()
+        self.cycle_duration.labels(kind=kind).observe(seconds)
+        if CycleOutcome(outcome) in SUCCESSFUL:
+            self.last_success.set(self.clock())
+
+    def action(self, kind: str, action: str, result: str) -> None:
+        self.actions.labels(kind=kind, action=action, result=result).inc()
+
+    def record_report(self, report: ApplyReport) -> None:
+        """Count every result of one apply (dry-run results are not actions)."""
+        for r in report.results:
+            result = RESULTS.get(r.outcome)
+            if result is not None:
+                self.action(r.change.kind.value, r.change.action.value, result)
+
+    def set_drift(self, n: int) -> None:
+        self.drift.set(n)
+
+    def add_api_calls(self, n: int = 1) -> None:
+        self.api_calls.inc(n)
+
+    def add_retries(self, provider: str, n: int = 1) -> None:
+        self.retries.labels(provider=provider).inc(n)
+
+    def set_leader(self, is_leader: bool) -> None:
+        """This replica's leadership; counts a change only when it flips."""
+        if is_leader != self._is_leader:
+            self.lease_changes.inc()
+            self._is_leader = is_leader
+        self.leader.set(1 if is_leader else 0)
+
+    def set_revision(self, revision: str) -> None:
+        """Only the loaded revision keeps a series: the previous one is removed."""
+        if self._revision is not None and self._revision != revision:
+            self.revision.remove(self._revision)
+        self._revision = revision
+        self.revision.labels(revision=revision).set(1)
+
+    def set_backoff(self, n: int) -> None:
+        self.backoff.set(n)
+
+    def render(self) -> bytes:
+        """The registry in the Prometheus text format (`content_type`)."""
+        return generate_latest(self.registry)

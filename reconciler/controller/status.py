@@ -1,0 +1,381 @@
+"""The service's live status: what the controller loop last did, as a plain mutable object the
+loop writes and the status listener (`reconciler.controller.http`) reads.
+
+The loop (`reconciler.controller.service`) owns one `StatusBoard` per service and records into
+it as it goes: the spec revision it loaded (`set_revision`) or refused (`set_revision_error`;
+the loop keeps converging to the last good revision and keeps reporting the bad one), the
+leader lease (`set_lease`), each observe (`record_observe`), each plan's drift
+(`record_plan`), each change's result (`record_result`, or `record_report` for a whole
+`ApplyReport`), each cycle (`record_cycle`), and a heartbeat on every loop tick (`beat`).
+The listener serves `to_json()` as `/status`, `heartbeat_age()` as `/healthz` and
+`readiness()` as `/readyz`.
+
+Everything runs on one event loop, so there is no lock: a reader never sees a half-made update
+because no update awaits. Wall-clock time comes from the injected `clock` (default
+`time.time`), so tests set the time instead of sleeping.
+
+Secrets never go in: the board holds only error messages the providers already redact, spec
+revision ids, and the lease holder's name and fencing token.
+
+`to_json()` shape (timestamps RFC 3339 UTC, null when unknown):
+
+    {"platform": "zpack", "source": "git https://... (main)",
+     "revision": {"id": "3f2a...", "fetched_at": "..."} | null,
+     "revision_error": {"id": "9c1e...", "diagnostics": "specs/x.yaml:3: ...", "at": "..."}
+                       | null,
+     "lease": {"holder": "ctl-a", "token": 7, "is_leader": true, "changed_at": "..."},
+     "last_cycle": {"kind": "full", "started_at": "...", "finished_at": "...",
+                    "seconds": 1.2, "outcome": "changed", "done": 2, "failed": 0,
+                    "skipped": 0, "error": ""} | null,
+     "drift": 2 | null,
+     "observe": {"ok": true, "at": "...", "error": ""} | null,
+     "heartbeat": {"at": "...", "age_seconds": 0.4},
+     "ready": {"ready": true, "reason": "", "revision": true, "observe": true},
+     "summary": {"converged": 10, "pending": 0, "failed": 1, "backoff": 0, "withheld": 0},
+     "resources": {"guest/api": {"state": "failed", "last_error": "...", "attempts": 1,
+                                 "next_retry_at": null, "last_change_at": null}, ...}}
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from reconciler.applying.executor import ApplyReport, Outcome
+
+Clock = Callable[[], float]
+
+
+class CycleKind(enum.StrEnum):
+    FULL = "full"  # observe everything, plan, apply
+    INVENTORY = "inventory"  # observe Proxmox only (a periodic re-read)
+    EDGE = "edge"  # routes and Velocity only (a guest's address changed)
+
+
+class CycleOutcome(enum.StrEnum):
+    CONVERGED = "converged"  # nothing to do
+    CHANGED = "changed"  # changes applied, all done
+    FAILED = "failed"  # some changes failed or were skipped
+    ERRORED = "errored"  # the cycle itself broke (observe failed, plan errored)
+    SKIPPED = "skipped"  # not run (not the leader, no good revision)
+
+
+class ResourceState(enum.StrEnum):
+    CONVERGED = "converged"  # the last change succeeded, or there was nothing to do
+    PENDING = "pending"  # the last plan wants a change not applied yet
+    FAILED = "failed"  # the last change failed; no retry scheduled
+    BACKOFF = "backoff"  # the last change failed; retried after `next_retry_at`
+    WITHHELD = "withheld"  # not applied: a dependency failed, or a policy holds it back
+
+
+# Outcomes after which the platform is as the spec says (last_success_timestamp in metrics).
+SUCCESSFUL = frozenset({CycleOutcome.CONVERGED, CycleOutcome.CHANGED})
+
+
+def rfc3339(ts: float | None) -> str | None:
+    """Epoch seconds -> `2024-05-01T12:00:00.000Z`; None stays None."""
+    if ts is None:
+        return None
+    moment = datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
+    return moment.replace("+00:00", "Z")
+
+
+@dataclass
+class Revision:
+    id: str
+    fetched_at: float
+
+
+@dataclass
+class RevisionError:
+    id: str
+    diagnostics: str  # the loader's diagnostics, rendered as text, one per line
+    at: float
+
+
+@dataclass
+class Lease:
+    holder: str | None = None
+    token: int | str | None = None  # the fencing token of the current holder
+    is_leader: bool = False
+    changed_at: float | None = None
+
+
+@dataclass
+class Cycle:
+    kind: CycleKind
+    outcome: CycleOutcome
+    started_at: float
+    finished_at: float
+    done: int = 0
+    failed: int = 0
+    skipped: int = 0
+    error: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind.value,
+            "started_at": rfc3339(self.started_at),
+            "finished_at": rfc3339(self.finished_at),
+            "seconds": round(self.finished_at - self.started_at, 3),
+            "outcome": self.outcome.value,
+            "done": self.done,
+            "failed": self.failed,
+            "skipped": self.skipped,
+            "error": self.error,
+        }
+
+
+@dataclass
+class Observe:
+    ok: bool
+    at: float
+    error: str = ""
+
+
+@dataclass
+class ResourceStatus:
+    state: ResourceState = ResourceState.CONVERGED
+    last_error: str = ""
+    attempts: int = 0  # failures in a row; 0 after a success
+    next_retry_at: float | None = None
+    last_change_at: float | None = None  # when a change to it last succeeded
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "state": self.state.value,
+            "last_error": self.last_error,
+            "attempts": self.attempts,
+            "next_retry_at": rfc3339(self.next_retry_at),
+            "last_change_at": rfc3339(self.last_change_at),
+        }
+
+
+@dataclass(frozen=True)
+class Readiness:
+    ready: bool
+    reason: str  # why not ready; "" when ready
+    revision: bool  # a good revision is loaded
+    observe: bool  # the last observe succeeded
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ready": self.ready,
+            "reason": self.reason,
+            "revision": self.revision,
+            "observe": self.observe,
+        }
+
+
+class StatusBoard:
+    """The live status of one controller service. See the module docstring."""
+
+    def __init__(self, platform: str, source: str = "", *, clock: Clock = time.time) -> None:
+        self.platform = platform
+        self.source = source
+        self.clock = clock
+        self.revision: Revision | None = None
+        self.revision_error: RevisionError | None = None
+        self.lease = Lease()
+        self.last_cycle: Cycle | None = None
+        self.drift: int | None = None
+        self.observe: Observe | None = None
+        self.resources: dict[str, ResourceStatus] = {}
+        # Counted from creation: a loop that never ticks goes unhealthy after the max age,
+        # while a service still starting up is not reported dead at once.
+        self.heartbeat: float = clock()
+
+    # -- recording (the loop) ---------------------------------------------------------------
+
+    def beat(self) -> None:
+        """The loop is alive: call on every tick, idle ones included."""
+        self.heartbeat = self.clock()
+
+    def set_revision(self, revision_id: str, fetched_at: float | None = None) -> None:
+        """A revision passed validation and is now the one converged to."""
+        self.revision = Revision(revision_id, self.clock() if fetched_at is None else fetched_at)
+        if self.revision_error is not None and self.revision_error.id == revision_id:
+            self.revision_error = None
+
+    def set_revision_error(self, revision_id: str, diagnostics: str) -> None:
+        """A newer revision failed validation; the loop keeps the last good one."""
+        self.revision_error = RevisionError(revision_id, diagnostics, self.clock())
+
+    def clear_revision_error(self) -> None:
+        self.revision_error = None
+
+    def set_lease(self, holder: str | None, token: int | str | None, is_leader: bool) -> None:
+        changed = (holder, token, is_leader) != (
+            self.lease.holder,
+            self.lease.token,
+            self.lease.is_leader,
+        )
+        if changed:
+            self.lease = Lease(holder, token, is_leader, self.clock())
+
+    def record_observe(self, ok: bool, error: str = "") -> None:
+        self.observe = Observe(ok, self.clock(), "" if ok else error)
+
+    def record_plan(self, wanted: Iterable[str]) -> None:
+        """The last plan wants changes to these addresses: drift is their count, and each one
+        not already failed or backing off becomes pending (a failure keeps its error and
+        retry time until its next result)."""
+        addresses = list(wanted)
+        self.drift = len(addresses)
+        wanted_set = set(addresses)
+        for address, status in self.resources.items():
+            if address not in wanted_set and status.state is ResourceState.PENDING:
+                status.state = ResourceState.CONVERGED  # converged without us (or by us)
+        for address in addresses:
+            status = self.resources.setdefault(address, ResourceStatus())
+            if status.state in (ResourceState.CONVERGED, ResourceState.WITHHELD):
+                status.state = ResourceState.PENDING
+
+    def set_drift(self, n: int) -> None:
+        self.drift = n
+
+    def record_result(
+        self,
+        address: str,
+        ok: bool,
+        error: str = "",
+        next_retry_at: float | None = None,
+    ) -> None:
+        """One change's result. A failure with `next_retry_at` is in backoff until then."""
+        status = self.resources.setdefault(address, ResourceStatus())
+        if ok:
+            status.state = ResourceState.CONVERGED
+            status.last_error = ""
+            status.attempts = 0
+            status.next_retry_at = None
+            status.last_change_at = self.clock()
+            return
+        status.attempts += 1
+        status.last_error = error
+        status.next_retry_at = next_retry_at
+        status.state = ResourceState.FAILED if next_retry_at is None else ResourceState.BACKOFF
+
+    def withhold(self, address: str, reason: str) -> None:
+        """Not applied on purpose: a dependency failed, or a policy holds it back."""
+        status = self.resources.setdefault(address, ResourceStatus())
+        status.state = ResourceState.WITHHELD
+        status.last_error = reason
+
+    def record_report(
+        self, report: ApplyReport, next_retry_at: Mapping[str, float] | None = None
+    ) -> None:
+        """Every result of one apply; `next_retry_at` maps a failed address to its retry."""
+        retries = next_retry_at or {}
+        for result in report.results:
+            address = result.change.address
+            if result.outcome is Outcome.DONE:
+                self.record_result(address, True)
+            elif result.outcome is Outcome.FAILED:
+                self.record_result(address, False, result.error, retries.get(address))
+            elif result.outcome is Outcome.SKIPPED:
+                self.withhold(address, result.error)
+            # DRY_RUN changes nothing: the resource keeps its state
+
+    def retain(self, addresses: Iterable[str]) -> None:
+        """Forget resources no longer desired or owned (removed from the spec and deleted)."""
+        keep = set(addresses)
+        for address in [a for a in self.resources if a not in keep]:
+            del self.resources[address]
+
+    def record_cycle(
+        self,
+        kind: CycleKind | str,
+        outcome: CycleOutcome | str,
+        *,
+        started_at: float,
+        finished_at: float | None = None,
+        done: int = 0,
+        failed: int = 0,
+        skipped: int = 0,
+        error: str = "",
+    ) -> Cycle:
+        """A cycle ended (`finished_at` defaults to now). Returns the record kept."""
+        cycle = Cycle(
+            CycleKind(kind),
+            CycleOutcome(outcome),
+            started_at,
+            self.clock() if finished_at is None else finished_at,
+            done,
+            failed,
+            skipped,
+            error,
+        )
+        self.last_cycle = cycle
+        return cycle
+
+    # -- reading (the listener) -------------------------------------------------------------
+
+    def heartbeat_age(self) -> float:
+        return max(0.0, self.clock() - self.heartbeat)
+
+    def readiness(self) -> Readiness:
+        """Ready when a good revision is loaded and the last observe succeeded. Leadership is
+        not a condition: a standby replica is healthy and ready to take over."""
+        has_revision = self.revision is not None
+        observed = self.observe is not None and self.observe.ok
+        reasons = []
+        if not has_revision:
+            if self.revision_error is not None:
+                reasons.append(f"no good revision loaded ({self.revision_error.id} is invalid)")
+            else:
+                reasons.append("no revision loaded yet")
+        if self.observe is None:
+            reasons.append("nothing observed yet")
+        elif not self.observe.ok:
+            reasons.append(f"last observe failed: {self.observe.error}")
+        return Readiness(has_revision and observed, "; ".join(reasons), has_revision, observed)
+
+    @property
+    def ready(self) -> bool:
+        return self.readiness().ready
+
+    def count_states(self) -> dict[str, int]:
+        counts = dict.fromkeys((s.value for s in ResourceState), 0)
+        for status in self.resources.values():
+            counts[status.state.value] += 1
+        return counts
+
+    def to_json(self) -> dict[str, Any]:
+        revision = self.revision
+        bad = self.revision_error
+        return {
+            "platform": self.platform,
+            "source": self.source,
+            "revision": None
+            if revision is None
+            else {"id": revision.id, "fetched_at": rfc3339(revision.fetched_at)},
+            "revision_error": None
+            if bad is None
+            else {"id": bad.id, "diagnostics": bad.diagnostics, "at": rfc3339(bad.at)},
+            "lease": {
+                "holder": self.lease.holder,
+                "token": self.lease.token,
+                "is_leader": self.lease.is_leader,
+                "changed_at": rfc3339(self.lease.changed_at),
+            },
+            "last_cycle": None if self.last_cycle is None else self.last_cycle.to_json(),
+            "drift": self.drift,
+            "observe": None
+            if self.observe is None
+            else {
+                "ok": self.observe.ok,
+                "at": rfc3339(self.observe.at),
+                "error": self.observe.error,
+            },
+            "heartbeat": {
+                "at": rfc3339(self.heartbeat),
+                "age_seconds": round(self.heartbeat_age(), 3),
+            },
+            "ready": self.readiness().to_json(),
+            "summary": self.count_states(),
+            "resources": {a: self.resources[a].to_json() for a in sorted(self.resources)},
+        }
