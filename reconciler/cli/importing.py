@@ -1,0 +1,195 @@
+"""`reconciler import` and `reconciler adopt`: bring an existing Proxmox estate under the
+controller. `reconciler.cli.main` registers them with `add_import_commands`.
+
+    reconciler import --out DIR [--dir SPECS] [--platform NAME] [--force] [connection flags]
+    reconciler adopt ADDR... [--dir SPECS] [--dry-run] [--auto-approve] [connection flags]
+
+`import` reads everything (owned or not) and writes spec YAML that describes it, then loads it
+back: exit 0 when it validates, 1 otherwise. `--dir` (or `--ranges-from`) takes the platform
+settings, Proxmox endpoint, layers, hosts and ranges from an existing spec; without it the
+example platform's ranges are used and `--platform` names the platform. `adopt` marks reviewed
+guests and firewall objects as owned; see `reconciler.importing.adopting`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TextIO
+
+import anyio
+
+from reconciler.applying.live import proxmox_provider
+from reconciler.cli.live import connection_override, load_checked
+from reconciler.importing.adopting import AdoptionReport, adopt
+from reconciler.importing.estate import read_estate
+from reconciler.importing.writer import Base, render_specs, spec_files_in, write_files
+from reconciler.loading.loader import load_directory
+from reconciler.model.errors import ReconcilerError
+from reconciler.model.spec import ProxmoxApi
+from reconciler.providers.proxmox import ProxmoxProvider, connect
+
+EXIT_OK, EXIT_ERROR = 0, 1
+
+
+def add_import_commands(
+    sub: argparse._SubParsersAction,  # type: ignore[type-arg]
+    add_connection_args: Callable[[argparse.ArgumentParser], None],
+) -> None:
+    im = sub.add_parser("import", help="write spec YAML for what exists in Proxmox")
+    im.add_argument("--out", required=True, metavar="DIR", help="directory to write specs to")
+    im.add_argument(
+        "--dir",
+        "--ranges-from",
+        dest="dir",
+        metavar="DIR",
+        help="an existing spec: its platform, Proxmox endpoint, layers, hosts and ranges",
+    )
+    im.add_argument("--platform", metavar="NAME", help="platform name (without --dir)")
+    im.add_argument("--force", action="store_true", help="replace the spec files in --out")
+    add_connection_args(im)
+    im.set_defaults(func=cmd_import)
+    ad = sub.add_parser("adopt", help="mark reviewed guests and firewall objects as owned")
+    ad.add_argument("addresses", nargs="+", metavar="ADDR", help="e.g. guest/mc-lobby")
+    ad.add_argument("--dir", default="specs", help="spec directory (default: specs)")
+    ad.add_argument("--dry-run", action="store_true", help="show what would be written")
+    ad.add_argument("--auto-approve", action="store_true", help="do not ask for confirmation")
+    add_connection_args(ad)
+    ad.set_defaults(func=cmd_adopt)
+
+
+def _warn_insecure(args: argparse.Namespace, err: TextIO) -> None:
+    if getattr(args, "insecure", False):
+        err.write(
+            "warning: TLS verification of the Proxmox API is OFF (--insecure); "
+            "anyone on the path can read the credentials\n"
+        )
+
+
+def _secret_ref(api: ProxmoxApi) -> dict[str, Any]:
+    """The endpoint as a spec's `proxmox:` section: references only, never a secret."""
+    out: dict[str, Any] = {"url": api.url, "user": api.user}
+    if api.ca_file:
+        out["ca_file"] = api.ca_file
+    if api.token_id is not None and api.token_secret is not None:
+        out["token_id"] = api.token_id
+        out["token_secret"] = api.token_secret.model_dump(exclude_none=True)
+    elif api.password is not None:
+        out["password"] = api.password.model_dump(exclude_none=True)
+    return out
+
+
+def cmd_import(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    target = Path(args.out)
+    if target.exists() and not target.is_dir():
+        err.write(f"{target} exists and is not a directory\n")
+        return EXIT_ERROR
+    if target.is_dir() and any(target.iterdir()) and not args.force:
+        err.write(f"{target} is not empty; pass --force to replace its spec files\n")
+        return EXIT_ERROR
+    override = connection_override(args)
+    try:
+        if args.dir:
+            loaded = load_checked(args.dir, err)
+            if loaded is None:
+                return EXIT_ERROR
+            spec, _ = loaded
+            base = Base.from_spec(spec)
+            provider = proxmox_provider(spec, override, insecure=args.insecure)
+        else:
+            if override is None or not args.platform:
+                err.write("import needs --dir SPECS, or --platform NAME with --proxmox-url\n")
+                return EXIT_ERROR
+            base = Base.default(args.platform, _secret_ref(override))
+            provider = ProxmoxProvider(
+                client=connect(override, insecure=args.insecure),
+                platform=args.platform,
+                source=override.url,
+            )
+        _warn_insecure(args, err)
+        estate = anyio.run(read_estate, provider)
+    except ReconcilerError as exc:
+        err.write(f"error: {exc}\n")
+        return EXIT_ERROR
+    result = render_specs(estate, base)
+    if target.is_dir() and args.force:
+        for old in spec_files_in(target):
+            old.unlink()
+    for path in write_files(result.files, target):
+        out.write(f"wrote {path}\n")
+    for note in result.notes:
+        err.write(f"note: {note}\n")
+    for address, fields in sorted(result.drift.items()):
+        err.write(
+            f"note: {address}: the first apply after adoption would change "
+            + ", ".join(fields)
+            + "\n"
+        )
+    check = load_directory(target)
+    if not check.ok or check.spec is None:
+        from reconciler.cli import render
+
+        err.write(render.render_diagnostics(check.diagnostics))
+        err.write(f"{target}: the imported specs do not validate (see the notes above)\n")
+        return EXIT_ERROR
+    out.write(
+        f"{target}: {len(result.guests)} guests imported from {estate.source}; valid. "
+        f"Review them, then `reconciler adopt ADDR... --dir {target}`.\n"
+    )
+    return EXIT_OK
+
+
+def _render_report(report: AdoptionReport, out: TextIO, *, dry_run: bool) -> None:
+    for address, why in report.refused.items():
+        out.write(f"  refused  {address}: {why}\n")
+    for a in report.adoptions:
+        out.write(f"  {a.status:<12} {a.address} ({a.target})\n")
+        for key, value in a.writes.items():
+            shown = value.replace("\n", "\\n")
+            out.write(f"      {key} = {shown}\n")
+        if a.error:
+            out.write(f"      error: {a.error}\n")
+        if a.drift:
+            out.write("      the next apply would change: " + ", ".join(a.drift) + "\n")
+    if report.refused:
+        out.write("Nothing was adopted: fix or leave out the refused addresses.\n")
+    elif dry_run:
+        out.write("Dry run: nothing was written.\n")
+
+
+def _confirm(args: argparse.Namespace, err: TextIO) -> bool:
+    if args.auto_approve:
+        return True
+    if not sys.stdin.isatty():
+        err.write("adopt needs confirmation: run it in a terminal or pass --auto-approve\n")
+        return False
+    err.write("Adopt these? The controller will manage them from now on. Only 'yes': ")
+    err.flush()
+    return sys.stdin.readline().strip() == "yes"
+
+
+def cmd_adopt(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    loaded = load_checked(args.dir, err)
+    if loaded is None:
+        return EXIT_ERROR
+    spec, graph = loaded
+    try:
+        provider = proxmox_provider(spec, connection_override(args), insecure=args.insecure)
+        _warn_insecure(args, err)
+        preview = anyio.run(lambda: adopt(graph, provider, args.addresses, dry_run=True))
+        _render_report(preview, out, dry_run=args.dry_run)
+        if args.dry_run or not preview.ok:
+            return EXIT_OK if preview.ok else EXIT_ERROR
+        if not any(a.writes for a in preview.adoptions):
+            out.write("Nothing to adopt.\n")
+            return EXIT_OK
+        if not _confirm(args, err):
+            return EXIT_ERROR
+        report = anyio.run(lambda: adopt(graph, provider, args.addresses))
+    except ReconcilerError as exc:
+        err.write(f"error: {exc}\n")
+        return EXIT_ERROR
+    _render_report(report, out, dry_run=False)
+    return EXIT_OK if report.ok else EXIT_ERROR

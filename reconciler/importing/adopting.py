@@ -1,0 +1,245 @@
+"""Adoption: mark guests and firewall objects that exist already as the controller's, so it
+manages them from then on. Called by `reconciler adopt ADDR...` once the imported (or written)
+specs have been reviewed; until then the planner only reports such guests (`adoption-pending`).
+
+What adopting writes, and nothing else:
+- a guest (`guest/<name>`): the owner tag added to its tags, and the mark line
+  (`reconciler:v1 platform=.. address=.. template=..`) appended to its description, whose text
+  is kept. The template is the spec's, so planning sees no template change. The config PUT
+  carries the digest read during the checks: a guest edited in between is not overwritten
+  (the adoption fails for it; run adopt again after a look);
+- an alias, IP set or security group (`firewall/alias|ipset|group/<name>`): the comment mark
+  `[reconciler:<platform>]` appended to its comment, with the list's digest.
+
+Refused, with nothing written for any address, when one address is not in the specs, is not a
+guest or a named firewall object, names a guest whose vmid is free, whose name, kind or node
+differs from the spec's (planning would replace or rename it), which is locked, or which
+carries another platform's mark (or ours for another address). A guest or object already ours
+is reported and left alone. A guest's own firewall follows its guest: it is managed once the
+guest is adopted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from reconciler.model.errors import ConflictError, ProviderError
+from reconciler.model.resources import DesiredGraph, Kind
+from reconciler.planning import diffing, normalize
+from reconciler.providers.firewall import read_comment_mark, with_comment_mark
+from reconciler.providers.proxmox import (
+    ProxmoxProvider,
+    guest_attributes,
+    read_mark,
+    with_mark,
+)
+
+_NAMED = (Kind.FIREWALL_ALIAS, Kind.FIREWALL_IPSET, Kind.FIREWALL_GROUP)
+
+
+@dataclass
+class Adoption:
+    """One address: what it is in Proxmox, what is (or would be) written, and how it went."""
+
+    address: str
+    target: str  # e.g. "lxc 1001 on pve-runtime", "alias api"
+    writes: dict[str, str] = field(default_factory=dict)  # parameter -> new value
+    status: str = "pending"  # adopted, would adopt, already owned, failed
+    error: str = ""
+    # Fields the first apply after adoption would change (the spec and Proxmox disagree).
+    drift: list[str] = field(default_factory=list)
+    _send: Callable[[], Awaitable[None]] | None = field(default=None, repr=False)
+
+
+@dataclass
+class AdoptionReport:
+    adoptions: list[Adoption] = field(default_factory=list)
+    refused: dict[str, str] = field(default_factory=dict)  # address -> why
+
+    @property
+    def ok(self) -> bool:
+        return not self.refused and all(a.status != "failed" for a in self.adoptions)
+
+
+class _Refused(Exception):
+    pass
+
+
+async def adopt(
+    graph: DesiredGraph,
+    provider: ProxmoxProvider,
+    addresses: Iterable[str],
+    *,
+    dry_run: bool = False,
+) -> AdoptionReport:
+    """Check every address, then (unless one is refused, or `dry_run`) write each one's
+    marks. Only the named addresses are touched."""
+    report = AdoptionReport()
+    wanted = list(dict.fromkeys(a.strip().rstrip("/") for a in addresses))
+    inventory = {int(i["vmid"]): i for i in (await provider.inventory()).guests}
+    for address in wanted:
+        try:
+            report.adoptions.append(await _check(graph, provider, inventory, address))
+        except _Refused as exc:
+            report.refused[address] = str(exc)
+        except ProviderError as exc:
+            report.refused[address] = f"cannot read it: {exc}"
+    if report.refused or dry_run:
+        for a in report.adoptions:
+            if a.status == "pending":
+                a.status = "would adopt" if not report.refused else "not adopted"
+        return report
+    for a in report.adoptions:
+        if a._send is None:
+            continue
+        try:
+            await a._send()
+            a.status = "adopted"
+        except ConflictError:
+            a.status, a.error = "failed", "changed since it was read; look again, then re-run"
+        except ProviderError as exc:
+            a.status, a.error = "failed", str(exc)
+    return report
+
+
+async def _check(
+    graph: DesiredGraph,
+    provider: ProxmoxProvider,
+    inventory: Mapping[int, Mapping[str, Any]],
+    address: str,
+) -> Adoption:
+    res = graph.resources.get(address)
+    if res is None:
+        raise _Refused("not in the specs")
+    if res.kind is Kind.GUEST:
+        return await _check_guest(graph, provider, inventory, address)
+    if res.kind in _NAMED:
+        return await _check_named(provider, graph.platform, res.kind, res.name, address)
+    if res.kind is Kind.FIREWALL_GUEST:
+        raise _Refused(f"a guest's firewall follows its guest: adopt guest/{res.name}")
+    raise _Refused(f"a {res.kind.value} is not adopted: apply writes it")
+
+
+async def _check_guest(
+    graph: DesiredGraph,
+    provider: ProxmoxProvider,
+    inventory: Mapping[int, Mapping[str, Any]],
+    address: str,
+) -> Adoption:
+    want = graph.resources[address].attributes
+    vmid = want.get("vmid")
+    if vmid is None:
+        raise _Refused("the spec gives it no vmid, so no existing guest is meant")
+    item = inventory.get(int(vmid))
+    if item is None:
+        raise _Refused(f"no guest holds vmid {vmid}; apply creates it")
+    kind, node = str(item.get("type")), str(item.get("node"))
+    target = f"{kind} {vmid} on {node}"
+    if kind != want.get("type", "lxc"):
+        raise _Refused(f"{target} is a {kind}; the spec says {want.get('type')}")
+    if node != want.get("node"):
+        raise _Refused(f"{target} runs on node {node}; the spec says {want.get('node')}")
+    api = provider.client.nodes(node)(kind)(int(vmid))
+    config: dict[str, Any] = await provider.retrying(
+        f"read config of {vmid}", lambda: api.config.get()
+    )
+    name = config.get("hostname") or config.get("name") or item.get("name")
+    if name != want.get("name"):
+        raise _Refused(f"{target} is named {name!r}; the spec says {want.get('name')!r}")
+    if config.get("lock"):
+        raise _Refused(f"{target} is locked ({config['lock']}); try again when it clears")
+    mark, description = read_mark(config.get("description"))
+    platform, owner_tag = graph.platform, str(graph.settings.get("owner_tag", "reconciler"))
+    if mark.get("platform") not in (None, platform):
+        raise _Refused(f"{target} carries the mark of platform {mark.get('platform')!r}")
+    if mark.get("platform") == platform and mark.get("address") != address:
+        raise _Refused(f"{target} is already this platform's, as {mark.get('address')}")
+    tags = sorted({t for t in str(config.get("tags") or "").split(";") if t})
+    writes: dict[str, str] = {}
+    if owner_tag not in tags:
+        writes["tags"] = ";".join(sorted({*tags, owner_tag}))
+    if not mark:
+        writes["description"] = with_mark(description, platform, address, want.get("template"))
+    after = {**config, **writes}
+    adoption = Adoption(address, target, writes, drift=_guest_drift(want, item, after))
+    if not writes:
+        adoption.status = "already owned"
+        return adoption
+    params = {**writes, "digest": config.get("digest")}
+
+    async def send() -> None:
+        await provider.run_task(f"adopt {address}", node, lambda: api.config.put(**params))
+
+    adoption._send = send
+    return adoption
+
+
+def _guest_drift(
+    want: Mapping[str, Any], item: Mapping[str, Any], config: Mapping[str, Any]
+) -> list[str]:
+    """The fields the next plan would change once the guest carries the mark."""
+    have = guest_attributes(item, config)
+    desired, observed = normalize.pair(Kind.GUEST, dict(want), have)
+    return [f.path for f in diffing.diff(Kind.GUEST, desired, observed)]
+
+
+async def _check_named(
+    provider: ProxmoxProvider, platform: str, kind: Kind, name: str, address: str
+) -> Adoption:
+    fw = provider.client.cluster.firewall
+    what = kind.value.removeprefix("firewall/")
+    target = f"{'IP set' if kind is Kind.FIREWALL_IPSET else what} {name}"
+    key = "group" if kind is Kind.FIREWALL_GROUP else "name"
+    endpoint = {
+        Kind.FIREWALL_ALIAS: fw.aliases,
+        Kind.FIREWALL_IPSET: fw.ipset,
+        Kind.FIREWALL_GROUP: fw.groups,
+    }[kind]
+
+    async def find() -> Mapping[str, Any] | None:
+        items: Sequence[Mapping[str, Any]] = await provider.retrying(
+            f"read firewall {what}s", lambda: endpoint.get()
+        )
+        return next((i for i in items if str(i[key]).lower() == name.lower()), None)
+
+    item = await find()
+    if item is None:
+        raise _Refused(f"no {target} exists; apply creates it")
+    marked, comment = read_comment_mark(item.get("comment"))
+    if marked not in (None, platform):
+        raise _Refused(f"{target} carries the mark of platform {marked!r}")
+    adoption = Adoption(address, target)
+    if marked == platform:
+        adoption.status = "already owned"
+        return adoption
+    new = with_comment_mark(comment, platform)
+    adoption.writes = {"comment": new}
+    real = str(item[key])
+    seen = {k: v for k, v in item.items() if k != "digest"}
+
+    async def send() -> None:
+        # One digest covers the whole list, and adopting its other items changes it: read it
+        # again, and write only if this item is still as it was checked.
+        now = await find()
+        if now is None or {k: v for k, v in now.items() if k != "digest"} != seen:
+            raise ConflictError(f"{target} changed since it was read")
+        digest = now.get("digest")
+        if kind is Kind.FIREWALL_ALIAS:
+            cidr = now.get("cidr")
+            call: Callable[[], Any] = lambda: fw.aliases(real).put(  # noqa: E731
+                cidr=cidr, comment=new, digest=digest
+            )
+        elif kind is Kind.FIREWALL_IPSET:
+            call = lambda: fw.ipset.post(  # noqa: E731
+                name=real, rename=real, comment=new, digest=digest
+            )
+        else:
+            call = lambda: fw.groups.post(  # noqa: E731
+                group=real, rename=real, comment=new, digest=digest
+            )
+        await provider.retrying(f"adopt {address}", call)
+
+    adoption._send = send
+    return adoption

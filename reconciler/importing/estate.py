@@ -1,0 +1,180 @@
+"""Read a whole Proxmox estate, owned or not: every guest's config and firewall, the cluster's
+firewall objects, and the nodes' size. `reconciler import` calls `read_estate`, then hands the
+`Estate` to `writer.write_specs`.
+
+It reads only. One `GET /cluster/resources` gives the guests and nodes; then each guest costs
+one config read (two for a VM: its pending values too, as observation does) and two firewall
+reads; each IP set and security group one read. All calls go through the provider's retry
+policy and its concurrency limiter, so a big cluster is read concurrently but bounded.
+
+Templates (`template: 1`) are not guests the spec can describe; they are listed in
+`Estate.skipped`, and so is a guest still being created or destroyed.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+
+from reconciler.model.errors import NotFoundError
+from reconciler.providers.firewall import clean_rule
+from reconciler.providers.proxmox import ProxmoxProvider, read_mark, with_pending
+
+# Locks held while a create or destroy task runs: such a guest has no settled config yet.
+_TRANSIENT_LOCKS = frozenset({"create", "destroyed"})
+
+
+@dataclass(frozen=True)
+class GuestRecord:
+    """One guest as Proxmox holds it: its `/cluster/resources` item, its config (a VM's with its
+    pending values merged in), and its own firewall."""
+
+    item: Mapping[str, Any]
+    config: Mapping[str, Any]
+    firewall_options: Mapping[str, Any]
+    firewall_rules: tuple[Mapping[str, Any], ...]
+
+    @property
+    def vmid(self) -> int:
+        return int(self.item["vmid"])
+
+    @property
+    def node(self) -> str:
+        return str(self.item.get("node"))
+
+    @property
+    def kind(self) -> str:
+        return str(self.item.get("type", "lxc"))
+
+    @property
+    def name(self) -> str:
+        return str(self.config.get("hostname") or self.config.get("name") or self.item.get("name"))
+
+    @property
+    def mark(self) -> dict[str, str]:
+        """The controller's mark line, if any platform's is there."""
+        return read_mark(self.config.get("description"))[0]
+
+
+@dataclass(frozen=True)
+class NamedObject:
+    """A cluster alias, IP set or security group, comment as stored (any mark still in it)."""
+
+    name: str
+    comment: str
+    cidr: str | None = None  # an alias
+    entries: tuple[Mapping[str, Any], ...] = ()  # an IP set's entries, raw
+    rules: tuple[Mapping[str, Any], ...] = ()  # a group's rules, cleaned
+
+
+@dataclass(frozen=True)
+class Estate:
+    source: str
+    read_at: str
+    guests: tuple[GuestRecord, ...]
+    nodes: Mapping[str, Mapping[str, Any]]  # node -> its resources item (maxcpu, maxmem)
+    cluster_options: Mapping[str, Any]
+    aliases: tuple[NamedObject, ...]
+    ipsets: tuple[NamedObject, ...]
+    groups: tuple[NamedObject, ...]
+    skipped: tuple[str, ...] = field(default=())  # what was seen but not read, and why
+
+
+async def read_estate(provider: ProxmoxProvider) -> Estate:
+    """Everything `import` needs, read once. Raises the provider's errors."""
+    client = provider.client
+    items: list[dict[str, Any]] = await provider.retrying(
+        "read inventory", lambda: client.cluster.resources.get()
+    )
+    nodes = {str(i["node"]): i for i in items if i.get("type") == "node"}
+    guests: list[GuestRecord] = []
+    skipped: list[str] = []
+
+    async def read_guest(item: dict[str, Any]) -> None:
+        node, vmid, kind = str(item["node"]), int(item["vmid"]), str(item["type"])
+        api = client.nodes(node)(kind)(vmid)
+        try:
+            config = await provider.retrying(f"read config of {vmid}", lambda: api.config.get())
+            if kind == "qemu":
+                pending = await provider.retrying(
+                    f"read pending config of {vmid}", lambda: api.pending.get()
+                )
+                config = with_pending(config, pending)
+            options = await provider.retrying(
+                f"read firewall options of {vmid}", lambda: api.firewall.options.get()
+            )
+            rules = await provider.retrying(
+                f"read firewall rules of {vmid}", lambda: api.firewall.rules.get()
+            )
+        except NotFoundError:
+            skipped.append(f"{kind} {vmid}: destroyed while the estate was read")
+            return
+        guests.append(
+            GuestRecord(
+                item=item,
+                config=config,
+                firewall_options=options,
+                firewall_rules=tuple(clean_rule(r) for r in rules),
+            )
+        )
+
+    fw = client.cluster.firewall
+    cluster: dict[str, Any] = {}
+    aliases: list[NamedObject] = []
+    ipsets: list[NamedObject] = []
+    groups: list[NamedObject] = []
+
+    async def read_cluster() -> None:
+        cluster.update(
+            await provider.retrying("read cluster firewall options", lambda: fw.options.get())
+        )
+
+    async def read_aliases() -> None:
+        for a in await provider.retrying("read firewall aliases", lambda: fw.aliases.get()):
+            aliases.append(NamedObject(str(a["name"]), str(a.get("comment") or ""), a.get("cidr")))
+
+    async def read_ipset(name: str, comment: str) -> None:
+        entries = await provider.retrying(f"read IP set {name}", lambda: fw.ipset(name).get())
+        ipsets.append(NamedObject(name, comment, entries=tuple(entries)))
+
+    async def read_group(name: str, comment: str) -> None:
+        raw = await provider.retrying(f"read security group {name}", lambda: fw.groups(name).get())
+        groups.append(NamedObject(name, comment, rules=tuple(clean_rule(r) for r in raw)))
+
+    async def read_indexes(tg: anyio.abc.TaskGroup) -> None:
+        for s in await provider.retrying("read firewall IP sets", lambda: fw.ipset.get()):
+            tg.start_soon(read_ipset, str(s["name"]), str(s.get("comment") or ""))
+        for g in await provider.retrying("read security groups", lambda: fw.groups.get()):
+            tg.start_soon(read_group, str(g["group"]), str(g.get("comment") or ""))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(read_cluster)
+        tg.start_soon(read_aliases)
+        tg.start_soon(read_indexes, tg)
+        for item in items:
+            if item.get("type") not in ("lxc", "qemu"):
+                continue
+            what = f"{item.get('type')} {item.get('vmid')} ({item.get('name')})"
+            if item.get("template"):
+                skipped.append(f"{what}: a template, not a guest")
+            elif item.get("lock") in _TRANSIENT_LOCKS:
+                skipped.append(f"{what}: locked ({item.get('lock')}); import again later")
+            else:
+                tg.start_soon(read_guest, item)
+
+    now = datetime.datetime.now(datetime.UTC).replace(microsecond=0).isoformat()
+    return Estate(
+        source=provider.source,
+        read_at=now.replace("+00:00", "Z"),
+        guests=tuple(sorted(guests, key=lambda g: g.vmid)),
+        nodes=dict(sorted(nodes.items())),
+        cluster_options=cluster,
+        aliases=tuple(sorted(aliases, key=lambda a: a.name)),
+        ipsets=tuple(sorted(ipsets, key=lambda a: a.name)),
+        groups=tuple(sorted(groups, key=lambda a: a.name)),
+        skipped=tuple(sorted(skipped)),
+    )

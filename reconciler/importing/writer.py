@@ -1,0 +1,805 @@
+"""Turn a read `Estate` into spec YAML files that describe it exactly. Called by
+`reconciler import` after `estate.read_estate`; pure (no I/O) except `write_files`.
+
+What is written (`render_specs`):
+- `platform.yaml`: `platform`, `proxmox`, `layers`, `hosts`, `ranges` and `policies`, taken
+  from an existing spec (`Base.from_spec`, the CLI's `--dir`) or from the example platform's
+  ranges (`Base.default`). A node no host names gets a host of its own, sized from Proxmox.
+  Policies: only `vmid_ranges` and `capacity` (raised to what the estate already uses); the
+  design policies of an existing spec are left out, listed in a comment, because an estate
+  made by hand rarely satisfies them yet and the output must validate.
+- `<role>.yaml`: the guests whose vmid lies in that role's range, each with an explicit `vmid`
+  (nothing moves), its `host`, and every setting Proxmox holds that the spec language has.
+  A vmid outside every range gets a one-id range `unassigned-<vmid>` in layer `unassigned`.
+- `profiles.yaml`: one profile per role with at least two guests. The rule: for each of kind,
+  template, cores, memory, swap, disk, features, unprivileged, onboot and firewall, the value
+  most of the role's guests have goes into the profile when at least two share it (ties go to
+  the value that sorts first); tags shared by every guest of the role go there too. A guest
+  then writes only where it differs from its profile (maps key by key, as profiles merge).
+- `firewall.yaml`: the cluster's aliases, IP sets and security groups (a mark of this platform
+  stripped from their comments). The cluster options are written commented out: declaring
+  them makes the controller manage them at once, and nothing marks them as reviewed.
+- Names: the guest's hostname, made a DNS label and unique (`<name>-<vmid>` on a clash); a
+  guest the controller already owns keeps the name of its mark's address.
+- Template: Proxmox does not record the ostemplate a container was made from. The spec needs
+  one only to re-create the guest. A guest already marked keeps its mark's template; any other
+  gets `unknown:vztmpl/<ostype>-imported.tar.zst`, with a comment: a storage that does not
+  exist, so a re-create fails loudly instead of installing the wrong system. `adopt` writes the
+  same template into the mark line, so no plan sees a template change.
+- Secrets are never written: `proxmox` credentials are `{env: ...}` references only.
+- Guests marked for another platform, templates and guests being created are not written; they
+  are listed in `ImportResult.notes`, and so is every setting the spec language cannot hold
+  (an extra NIC option, a nomatch IP set entry, ...), which the first apply after adoption
+  would change (`ImportResult.drift` names those fields per address).
+
+Output is deterministic: sorted names, a fixed key order, one header comment per file saying
+where and when the estate was read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from reconciler.importing.estate import Estate, GuestRecord, NamedObject
+from reconciler.loading.graph import build_graph
+from reconciler.loading.loader import LoadResult, load_texts
+from reconciler.model.resources import Kind
+from reconciler.model.spec import GuestSpec, PlatformSpec
+from reconciler.model.units import format_mib, parse_kv, parse_mib
+from reconciler.planning import diffing, normalize
+from reconciler.providers.firewall import OPTION_DEFAULTS, read_comment_mark
+from reconciler.providers.proxmox import guest_attributes
+
+PLACEHOLDER_TEMPLATE = "unknown:vztmpl/{ostype}-imported.tar.zst"
+TEMPLATE_NOTE = "unknown: only used to re-create a guest"
+UNASSIGNED_LAYER = "unassigned"
+
+# The example platform's layers and ranges (specs/platform.yaml): the default table.
+DEFAULT_LAYERS: dict[str, dict[str, Any]] = {
+    "control": {"description": "control plane", "may_depend_on": []},
+    "edge": {"description": "proxies and routers", "may_depend_on": ["control", "runtime"]},
+    "runtime": {"description": "game servers and dev containers", "may_depend_on": ["control"]},
+}
+DEFAULT_RANGES: dict[str, dict[str, Any]] = {
+    "core": {"first": 100, "last": 199, "layer": "control"},
+    "template": {"first": 200, "last": 299, "layer": "control"},
+    "network": {"first": 300, "last": 399, "layer": "edge"},
+    "game": {"first": 1000, "last": 1099, "layer": "runtime"},
+    "dev": {"first": 1100, "last": 1199, "layer": "runtime"},
+    "monitoring": {"first": 2000, "last": 999_999_999, "layer": "control"},
+}
+
+# Guest fields a role profile may carry (network, state and description stay per guest).
+PROFILE_CANDIDATES = (
+    "kind",
+    "template",
+    "cores",
+    "memory",
+    "swap",
+    "disk",
+    "features",
+    "unprivileged",
+    "onboot",
+    "firewall",
+)
+MAP_FIELDS = ("disk", "features", "firewall")
+_LXC_ONLY = ("template", "swap", "features", "unprivileged")
+# The order a guest's keys are written in (the example's order).
+GUEST_ORDER = (
+    "role",
+    "vmid",
+    "host",
+    "profile",
+    "hostname",
+    "kind",
+    "template",
+    "cores",
+    "memory",
+    "swap",
+    "disk",
+    "tags",
+    "features",
+    "unprivileged",
+    "onboot",
+    "state",
+    "network",
+    "firewall",
+    "description",
+)
+_FEATURES = ("nesting", "keyctl", "fuse", "mknod")
+_NIC_KEYS = ("name", "bridge", "ip", "gw", "tag", "firewall", "mtu")
+_RULE_KEYS = (
+    "type",
+    "action",
+    "source",
+    "dest",
+    "proto",
+    "dport",
+    "sport",
+    "macro",
+    "iface",
+    "enable",
+    "log",
+    "comment",
+)
+_LABEL_BAD = re.compile(r"[^a-z0-9-]+")
+
+
+# --- what comes from an existing spec ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Base:
+    """Platform settings, layers, hosts and ranges: the frame the guests are put in."""
+
+    platform: Mapping[str, Any]
+    proxmox: Mapping[str, Any] | None
+    layers: Mapping[str, Any]
+    hosts: Mapping[str, Any]
+    ranges: Mapping[str, Any]
+    cpu_overcommit: float = 1.0
+    memory_overcommit: float = 1.0
+    left_out_policies: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return str(self.platform["name"])
+
+    @property
+    def owner_tag(self) -> str:
+        return str(self.platform.get("owner_tag", "reconciler"))
+
+    @property
+    def default_storage(self) -> str:
+        return str(self.platform.get("default_storage", "local-lvm"))
+
+    @classmethod
+    def from_spec(cls, spec: PlatformSpec) -> Base:
+        dumped = spec.model_dump(mode="json", exclude_defaults=True)
+        policies = spec.policies
+        left_out = tuple(
+            name
+            for name in type(policies).model_fields
+            if name not in ("vmid_ranges", "capacity") and getattr(policies, name) is not None
+        )
+        return cls(
+            platform=spec.platform.model_dump(mode="json"),
+            proxmox=dumped.get("proxmox"),
+            layers=dumped.get("layers", {}),
+            hosts=dumped.get("hosts", {}),
+            ranges={n: r.model_dump(mode="json") for n, r in spec.ranges.items()},
+            cpu_overcommit=policies.capacity.cpu_overcommit,
+            memory_overcommit=policies.capacity.memory_overcommit,
+            left_out_policies=left_out,
+        )
+
+    @classmethod
+    def default(cls, platform: str, proxmox: Mapping[str, Any] | None = None) -> Base:
+        return cls(
+            platform={"name": platform, "owner_tag": "reconciler", "default_storage": "local-lvm"},
+            proxmox=proxmox,
+            layers=DEFAULT_LAYERS,
+            hosts={},
+            ranges=DEFAULT_RANGES,
+        )
+
+
+@dataclass
+class ImportResult:
+    files: dict[str, str]  # file name -> YAML text
+    guests: dict[str, int]  # guest name -> vmid
+    notes: list[str] = field(default_factory=list)  # what could not be carried over
+    drift: dict[str, list[str]] = field(default_factory=dict)  # address -> fields that differ
+    load: LoadResult | None = None  # the written specs, loaded back
+
+    @property
+    def ok(self) -> bool:
+        return self.load is not None and self.load.ok
+
+
+# --- a small YAML writer: block maps, flow items, comments ------------------------------------
+
+
+@dataclass(frozen=True)
+class Commented:
+    """A scalar written with a trailing comment."""
+
+    value: Any
+    comment: str
+
+
+def _plain(value: Any) -> Any:
+    """The data without comments: what the YAML must load back as."""
+    if isinstance(value, Commented):
+        return _plain(value.value)
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+# Plain scalars: no indicator at the start, nothing that ends a scalar in flow context, no
+# `: ` or ` #`; and in the end only what YAML reads back as this very string.
+_SAFE_PLAIN = re.compile(r"^[A-Za-z0-9_./+(][A-Za-z0-9 _./+@:()'-]*$")
+
+
+def _scalar(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    text = str(value)
+    if _SAFE_PLAIN.match(text) and ": " not in text and not text.endswith((":", " ")):
+        try:
+            if yaml.safe_load(text) == text:
+                return text
+        except yaml.YAMLError:
+            pass
+    return json.dumps(text, ensure_ascii=False)  # a JSON string is a YAML double-quoted one
+
+
+def _flow(value: Any) -> str:
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{_scalar(k)}: {_flow(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_flow(v) for v in value) + "]"
+    return _scalar(value)
+
+
+def _block(value: Any) -> bool:
+    return isinstance(value, Mapping) and bool(value)
+
+
+def _emit(data: Mapping[str, Any], indent: int = 0, *, gap_at: int = -1) -> list[str]:
+    """Block mappings; lists of mappings as `- {flow}` items; other lists and scalars in flow
+    style. A blank line between top-level sections, and between entries at `gap_at` that
+    span several lines (guests, profiles)."""
+    pad = " " * indent
+    lines: list[str] = []
+    previous: Any = None
+    for i, (key, value) in enumerate(data.items()):
+        if i and (indent == 0 or (indent == gap_at and _block(previous) and _block(value))):
+            lines.append("")
+        previous = value
+        head = f"{pad}{_scalar(key)}:"
+        if isinstance(value, Commented):
+            lines.append(f"{head} {_flow(value.value)}  # {value.comment}")
+        elif _block(value):
+            lines.append(head)
+            lines.extend(_emit(value, indent + 2, gap_at=gap_at))
+        elif isinstance(value, (list, tuple)) and any(isinstance(v, Mapping) for v in value):
+            lines.append(head)
+            lines.extend(f"{pad}  - {_flow(v)}" for v in value)
+        else:
+            lines.append(f"{head} {_flow(value)}")
+    return lines
+
+
+def dump(data: Mapping[str, Any], header: Sequence[str], *, gap_at: int = 2) -> str:
+    """YAML for `data` under a comment header; checked to load back as the same data."""
+    text = "\n".join([*(f"# {h}".rstrip() for h in header), "", *_emit(data, gap_at=gap_at), ""])
+    if yaml.safe_load(text) != _plain(data):
+        raise ValueError("internal error: the YAML written does not load back as its data")
+    return text
+
+
+# --- one guest: Proxmox config -> spec settings -----------------------------------------------
+
+
+def label(text: str) -> str:
+    """A DNS label made from a host name (empty when nothing usable is left)."""
+    out = _LABEL_BAD.sub("-", text.split(".")[0].lower()).strip("-")
+    return out[:63].rstrip("-")
+
+
+def _size(mib: int) -> str:
+    return format_mib(mib)
+
+
+def _nic(kind: str, index: int, value: str, notes: list[str], who: str) -> dict[str, Any]:
+    if kind == "qemu":
+        model, _mac, kv = normalize.qemu_nic(value)
+        if model != "virtio":
+            notes.append(f"{who}: net{index} is a {model or 'unknown'} NIC; specs make virtio")
+        known = {"bridge", "tag", "firewall", "mtu"}
+    else:
+        kv = parse_kv(value)
+        known = {*_NIC_KEYS, "hwaddr", "type"}
+        if "ip" not in kv:
+            notes.append(f"{who}: net{index} has no ip; the spec's default is dhcp")
+    extra = sorted(set(kv) - known)
+    if extra:
+        notes.append(f"{who}: net{index} options the spec cannot hold: {', '.join(extra)}")
+    nic: dict[str, Any] = {}
+    if kind != "qemu":
+        nic["name"] = kv.get("name", "eth0")
+    nic["bridge"] = kv.get("bridge", "vmbr0")
+    if kind != "qemu":
+        nic["ip"] = kv.get("ip", "dhcp")
+        if kv.get("gw"):
+            nic["gw"] = kv["gw"]
+    if kv.get("tag"):
+        nic["tag"] = int(kv["tag"])
+    if kv.get("firewall", "0") != "1":
+        nic["firewall"] = False
+    if kv.get("mtu"):
+        nic["mtu"] = int(kv["mtu"])
+    return nic
+
+
+def spec_rule(rule: Mapping[str, Any], notes: list[str], who: str) -> dict[str, Any]:
+    """A cleaned Proxmox rule -> a spec rule, in the spec's key order."""
+    if "icmp-type" in rule:
+        notes.append(f"{who}: a rule's icmp-type cannot be held by the spec; left out")
+    out: dict[str, Any] = {}
+    for key in _RULE_KEYS:
+        if key not in rule:
+            continue
+        value = rule[key]
+        if key == "enable":
+            if not int(value):
+                out["enable"] = False
+        elif key == "log":
+            if value != "nolog":
+                out["log"] = value
+        else:
+            out[key] = str(value)
+    return out
+
+
+def _guest_firewall(g: GuestRecord, notes: list[str], who: str) -> dict[str, Any] | None:
+    opts = g.firewall_options
+    enable = int(bool(int(opts.get("enable", 0) or 0)))
+    rules = [spec_rule(r, notes, who) for r in g.firewall_rules]
+    if not enable and not rules and "policy_in" not in opts and "policy_out" not in opts:
+        return None  # nothing set: leave it out, so the spec does not start managing it
+    return {
+        "enable": bool(enable),
+        "policy_in": str(opts.get("policy_in", OPTION_DEFAULTS["policy_in"])),
+        "policy_out": str(opts.get("policy_out", OPTION_DEFAULTS["policy_out"])),
+        "rules": rules,
+    }
+
+
+@dataclass
+class _Guest:
+    name: str
+    record: GuestRecord
+    role: str
+    host: str
+    settings: dict[str, Any]  # every field, explicit; None for what a VM does not have
+    tags: list[str]
+    network: list[dict[str, Any]]
+    description: str
+
+
+def _settings(
+    g: GuestRecord, base: Base, notes: list[str], who: str
+) -> tuple[dict[str, Any], list[str], list[dict[str, Any]], str]:
+    attrs = guest_attributes(g.item, g.config)
+    kind = g.kind
+    rootfs = normalize.rootfs(attrs["rootfs"]) if attrs.get("rootfs") else {}
+    if not rootfs:
+        notes.append(f"{who}: no {'scsi0' if kind == 'qemu' else 'rootfs'} disk to describe")
+    feats = parse_kv(str(attrs.get("features") or ""))
+    extra = sorted(k for k in feats if k not in _FEATURES)
+    if extra:
+        notes.append(f"{who}: features the spec cannot hold: {', '.join(extra)}")
+    template = g.mark.get("template") if g.mark.get("platform") == base.name else None
+    if kind == "lxc" and not template:
+        ostype = label(str(g.config.get("ostype") or "linux")) or "linux"
+        template = PLACEHOLDER_TEMPLATE.format(ostype=ostype)
+    settings: dict[str, Any] = {
+        "kind": kind,
+        "template": template if kind == "lxc" else None,
+        "cores": attrs["cores"],
+        "memory": attrs["memory"],
+        "swap": attrs.get("swap"),
+        "disk": {
+            "storage": rootfs.get("storage", base.default_storage),
+            "size": rootfs.get("size", "8G"),
+        },
+        "features": {k: feats.get(k) == "1" for k in _FEATURES} if kind == "lxc" else None,
+        "unprivileged": attrs.get("unprivileged"),
+        "onboot": attrs["onboot"],
+        "firewall": _guest_firewall(g, notes, who),
+    }
+    tags = [t for t in attrs["tags"] if t != base.owner_tag]
+    nets = attrs["net"]
+    if sorted(nets) != [f"net{i}" for i in range(len(nets))]:
+        notes.append(f"{who}: NICs {', '.join(sorted(nets))} are not numbered net0, net1, ...")
+    network = [
+        _nic(kind, i, nets[k], notes, who)
+        for i, k in enumerate(sorted(nets, key=lambda k: int(k[3:])))
+    ]
+    return settings, tags, network, str(attrs.get("description") or "").strip("\n")
+
+
+# --- roles, profiles, overrides ----------------------------------------------------------------
+
+
+def _key(value: Any) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
+def _defaults(base: Base) -> dict[str, Any]:
+    """GuestSpec's defaults, in the explicit settings shape."""
+    d = GuestSpec.model_fields
+    return {
+        "kind": d["kind"].default,
+        "template": None,
+        "cores": d["cores"].default,
+        "memory": d["memory"].default,
+        "swap": d["swap"].default,
+        "disk": {"storage": base.default_storage, "size": "8G"},
+        "features": dict.fromkeys(_FEATURES, False),
+        "unprivileged": d["unprivileged"].default,
+        "onboot": d["onboot"].default,
+        "firewall": None,
+    }
+
+
+def _profile(
+    guests: Sequence[_Guest], defaults: Mapping[str, Any]
+) -> tuple[dict[str, Any], list[str]]:
+    """The role profile: per field, the most common value when two or more guests share it
+    and it is not the default anyway. A field some guest cannot take from a profile is left
+    out: the firewall when a guest has none (a guest cannot unset an inherited firewall)."""
+    profile: dict[str, Any] = {}
+    for name in PROFILE_CANDIDATES:
+        values = [g.settings[name] for g in guests if g.settings[name] is not None]
+        if name == "firewall" and len(values) < len(guests):
+            continue
+        first = {_key(v): v for v in reversed(values)}  # each value as the first guest has it
+        counts = Counter(_key(v) for v in values)
+        if not counts:
+            continue
+        best, n = min(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+        if n >= 2 and first[best] != defaults[name]:
+            profile[name] = first[best]
+    shared = set(guests[0].tags)
+    for g in guests[1:]:
+        shared &= set(g.tags)
+    return profile, sorted(shared)
+
+
+def _overrides(
+    settings: Mapping[str, Any], effective: Mapping[str, Any], kind: str
+) -> dict[str, Any]:
+    """The fields a guest must write so that, merged over `effective` (its profile over the
+    defaults), it gets `settings`. Maps merge key by key, so a map writes only its keys that
+    differ."""
+    out: dict[str, Any] = {}
+    for name in PROFILE_CANDIDATES:
+        want, have = settings[name], effective.get(name)
+        if want is None or (kind == "qemu" and name in _LXC_ONLY):
+            continue
+        if name in MAP_FIELDS and isinstance(have, Mapping):
+            diff = {k: v for k, v in want.items() if have.get(k) != v}
+            if diff:
+                out[name] = diff
+        elif want != have:
+            out[name] = want
+    return out
+
+
+def _write_settings(
+    values: Mapping[str, Any], base: Base, *, profile: bool = False
+) -> dict[str, Any]:
+    """Settings as YAML values: sizes with units, the template with its comment, false
+    features and the default storage left out when nothing needs them."""
+    out: dict[str, Any] = {}
+    for name, value in values.items():
+        if name in ("memory", "swap"):
+            out[name] = _size(int(value))
+        elif name == "template" and str(value).startswith("unknown:"):
+            out[name] = Commented(value, TEMPLATE_NOTE)
+        elif name == "features":
+            on = {k: v for k, v in value.items() if v or not profile}
+            if on:
+                out[name] = on
+        elif name == "disk" and profile:
+            disk = {k: v for k, v in value.items() if k != "storage" or v != base.default_storage}
+            if disk:
+                out[name] = disk
+        elif name == "firewall":
+            fw = {k: value[k] for k in ("enable", "policy_in", "policy_out") if k in value}
+            if "rules" in value:
+                fw["rules"] = list(value["rules"])
+            out[name] = fw
+        else:
+            out[name] = value
+    return out
+
+
+# --- the whole estate -----------------------------------------------------------------------
+
+
+def _roles(base: Base) -> list[tuple[str, int, int]]:
+    return sorted(
+        (name, int(r["first"]), int(r.get("last", 999_999_999))) for name, r in base.ranges.items()
+    )
+
+
+def _host_keys(base: Base) -> dict[str, str]:
+    return {str(h.get("node") or key): key for key, h in base.hosts.items()}
+
+
+def render_specs(estate: Estate, base: Base) -> ImportResult:
+    """The spec files for `estate` in `base`'s frame, loaded back and compared with what was
+    read (`ImportResult.drift`)."""
+    notes: list[str] = [f"skipped {s}" for s in estate.skipped]
+    ranges = {k: dict(v) for k, v in base.ranges.items()}
+    layers = {k: dict(v) for k, v in base.layers.items()}
+    hosts = {k: dict(v) for k, v in base.hosts.items()}
+    by_node = _host_keys(base)
+    roles = _roles(base)
+    taken: set[str] = set()
+    guests: list[_Guest] = []
+    new_hosts: set[str] = set()
+
+    records = sorted(
+        estate.guests, key=lambda g: (g.mark.get("platform") != base.name, g.vmid)
+    )  # guests we own first: they keep the names of their marks
+    for g in records:
+        who = f"{g.kind} {g.vmid} ({g.name})"
+        platform = g.mark.get("platform")
+        if platform is not None and platform != base.name:
+            notes.append(f"skipped {who}: it carries the mark of platform {platform!r}")
+            continue
+        role = next((r for r, first, last in roles if first <= g.vmid <= last), None)
+        if role is None:
+            role = f"{UNASSIGNED_LAYER}-{g.vmid}"
+            ranges[role] = {"first": g.vmid, "last": g.vmid, "layer": UNASSIGNED_LAYER}
+            layers.setdefault(UNASSIGNED_LAYER, {"may_depend_on": []})
+            notes.append(f"{who}: vmid outside every range; put in range {role!r}")
+        owned_name = g.mark.get("address", "").removeprefix("guest/") if platform else ""
+        name = owned_name or label(g.name) or f"guest-{g.vmid}"
+        if name in taken:
+            name = f"{name}-{g.vmid}"
+        taken.add(name)
+        if name != g.name:
+            notes.append(
+                f"{who}: named {name!r}; its hostname {g.name!r} is not a unique DNS label, "
+                "so the first apply after adoption would rename it"
+            )
+        if g.node not in by_node:
+            by_node[g.node] = g.node
+            hosts[g.node] = {"layers": [], "capacity": _capacity(estate.nodes.get(g.node))}
+            new_hosts.add(g.node)
+        host = by_node[g.node]
+        if host in new_hosts:
+            # A host of our own serves the layers of the guests found on it.
+            hosts[host]["layers"] = sorted({*hosts[host]["layers"], ranges[role]["layer"]})
+        settings, tags, network, description = _settings(g, base, notes, who)
+        guests.append(_Guest(name, g, role, host, settings, tags, network, description))
+
+    profiles: dict[str, dict[str, Any]] = {}
+    profile_tags: dict[str, list[str]] = {}
+    by_role: dict[str, list[_Guest]] = {}
+    for guest in guests:
+        by_role.setdefault(guest.role, []).append(guest)
+    defaults = _defaults(base)
+    for role, members in sorted(by_role.items()):
+        if len(members) >= 2:
+            profile, shared = _profile(members, defaults)
+            if profile or shared:
+                profiles[role] = profile
+                profile_tags[role] = shared
+
+    files: dict[str, str] = {}
+    header = [
+        f"Imported by `reconciler import` from {estate.source or 'Proxmox'} at {estate.read_at}.",
+        "Guests not owned yet are only reported: review them, then `reconciler adopt ADDRESS`.",
+    ]
+    for role, members in sorted(by_role.items()):
+        entries: dict[str, Any] = {}
+        for guest in sorted(members, key=lambda m: m.name):
+            effective = {**defaults, **profiles.get(role, {})}
+            if guest.role in profiles and "disk" in profiles[role]:
+                effective["disk"] = {**defaults["disk"], **profiles[role]["disk"]}
+            if guest.role in profiles and "features" in profiles[role]:
+                effective["features"] = {**defaults["features"], **profiles[role]["features"]}
+            entry: dict[str, Any] = {"role": role, "vmid": guest.record.vmid, "host": guest.host}
+            if role in profiles:
+                entry["profile"] = role
+            over = _overrides(guest.settings, effective, guest.record.kind)
+            extra_tags = [t for t in guest.tags if t not in profile_tags.get(role, [])]
+            entry.update(_write_settings(over, base))
+            if extra_tags:
+                entry["tags"] = extra_tags
+            if guest.record.item.get("status") != "running":
+                entry["state"] = "stopped"
+            if guest.network:
+                entry["network"] = guest.network
+            if guest.description:
+                entry["description"] = guest.description
+            entries[guest.name] = {k: entry[k] for k in GUEST_ORDER if k in entry}
+        files[f"{role}.yaml"] = dump({"guests": entries}, [*header, "", f"Role {role}."])
+
+    if profiles:
+        written: dict[str, Any] = {}
+        for role, profile in sorted(profiles.items()):
+            values = _write_settings(profile, base, profile=True)
+            if profile_tags.get(role):
+                values["tags"] = profile_tags[role]
+            written[role] = {k: values[k] for k in GUEST_ORDER if k in values}
+        files["profiles.yaml"] = dump(
+            {"profiles": written},
+            [
+                *header,
+                "",
+                "One profile per role: a setting at least two of its guests share (the most",
+                "common), and the tags all of them have. Guests write only what differs.",
+            ],
+        )
+
+    files["firewall.yaml"] = _firewall_file(estate, base, header, notes)
+    files["platform.yaml"] = _platform_file(base, layers, hosts, ranges, guests, header)
+
+    result = ImportResult(files, {g.name: g.record.vmid for g in guests}, notes)
+    result.load = load_texts(files)
+    if result.load.ok and result.load.spec is not None:
+        result.drift = _drift(result.load.spec, guests, estate, base)
+    return result
+
+
+def _capacity(node: Mapping[str, Any] | None) -> dict[str, Any]:
+    if not node:
+        return {"cores": 1, "memory": "1G"}
+    return {
+        "cores": max(1, int(node.get("maxcpu") or 1)),
+        "memory": _size(max(1, int(node.get("maxmem") or 0) // (1024 * 1024))),
+    }
+
+
+def _firewall_file(estate: Estate, base: Base, header: list[str], notes: list[str]) -> str:
+    def ours(obj: NamedObject, what: str) -> str | None:
+        platform, comment = read_comment_mark(obj.comment)
+        if platform is not None and platform != base.name:
+            notes.append(f"skipped {what} {obj.name}: it carries the mark of platform {platform!r}")
+            return None
+        return comment.strip()
+
+    aliases: dict[str, Any] = {}
+    for a in estate.aliases:
+        comment = ours(a, "alias")
+        if comment is not None:
+            aliases[a.name] = {"cidr": a.cidr, **({"comment": comment} if comment else {})}
+    ipsets: dict[str, Any] = {}
+    for s in estate.ipsets:
+        comment = ours(s, "IP set")
+        if comment is None:
+            continue
+        entries = sorted(str(e["cidr"]) for e in s.entries if not e.get("nomatch"))
+        if any(e.get("nomatch") for e in s.entries):
+            notes.append(f"IP set {s.name}: nomatch entries cannot be held by the spec")
+        ipsets[s.name] = {"entries": entries, **({"comment": comment} if comment else {})}
+    groups: dict[str, Any] = {}
+    for grp in estate.groups:
+        comment = ours(grp, "security group")
+        if comment is None:
+            continue
+        rules = [spec_rule(r, notes, f"group {grp.name}") for r in grp.rules]
+        groups[grp.name] = {**({"comment": comment} if comment else {}), "rules": rules}
+    section: dict[str, Any] = {}
+    if aliases:
+        section["aliases"] = aliases
+    if ipsets:
+        section["ipsets"] = ipsets
+    if groups:
+        section["groups"] = groups
+    opts = {
+        k: estate.cluster_options.get(k, d) for k, d in OPTION_DEFAULTS.items()
+    }  # as Proxmox reads them, absent keys at their defaults
+    cluster = [
+        "The cluster options, as read. Declaring them makes the controller manage them at once,",
+        "so they are left for you to uncomment once reviewed:",
+        "firewall:",
+        "  cluster:",
+        f"    enable: {_scalar(bool(int(opts['enable'] or 0)))}",
+        f"    policy_in: {opts['policy_in']}",
+        f"    policy_out: {opts['policy_out']}",
+    ]
+    return dump({"firewall": section}, [*header, "", *cluster], gap_at=4)
+
+
+def _platform_file(
+    base: Base,
+    layers: Mapping[str, Any],
+    hosts: Mapping[str, Any],
+    ranges: Mapping[str, Any],
+    guests: Sequence[_Guest],
+    header: list[str],
+) -> str:
+    cores: Counter[str] = Counter()
+    memory: Counter[str] = Counter()
+    for g in guests:
+        cores[g.host] += int(g.settings["cores"])
+        memory[g.host] += int(g.settings["memory"])
+    cpu, mem = base.cpu_overcommit, base.memory_overcommit
+    for key, host in hosts.items():
+        cap = host["capacity"]
+        have_mem = parse_mib(cap["memory"])
+        cpu = max(cpu, math.ceil(cores[key] / int(cap["cores"]) * 4) / 4)
+        mem = max(mem, math.ceil(memory[key] / have_mem * 4) / 4)
+    data: dict[str, Any] = {"platform": dict(base.platform)}
+    if base.proxmox:
+        data["proxmox"] = dict(base.proxmox)
+    data["layers"] = {k: dict(v) for k, v in layers.items()}
+    data["hosts"] = {k: dict(v) for k, v in sorted(hosts.items())}
+    data["ranges"] = {
+        k: {f: x for f, x in v.items() if (f, x) != ("last", 999_999_999) and x != ""}
+        for k, v in sorted(ranges.items(), key=lambda kv: int(kv[1]["first"]))
+    }
+    data["policies"] = {
+        "vmid_ranges": {},
+        "capacity": {"cpu_overcommit": float(cpu), "memory_overcommit": float(mem)},
+    }
+    more = []
+    if base.left_out_policies:
+        more = [
+            "",
+            "Policies of the original spec left out (the estate may not satisfy them yet; add",
+            "them back after review): " + ", ".join(base.left_out_policies) + ".",
+        ]
+    return dump(data, [*header, *more])
+
+
+def _drift(
+    spec: PlatformSpec, guests: Sequence[_Guest], estate: Estate, base: Base
+) -> dict[str, list[str]]:
+    """Per address, the fields the written spec and Proxmox disagree on once the guest is
+    adopted (its mark then names the spec's template): what the first apply would change."""
+    graph = build_graph(spec)
+    drift: dict[str, list[str]] = {}
+    for g in guests:
+        address = f"guest/{g.name}"
+        desired = dict(graph.resources[address].attributes)
+        observed = guest_attributes(g.record.item, g.record.config)
+        if "template" in observed:
+            observed["template"] = desired.get("template")
+        observed["tags"] = sorted({*observed["tags"], base.owner_tag})
+        want, have = normalize.pair(Kind.GUEST, desired, observed)
+        fields = [f.path for f in diffing.diff(Kind.GUEST, want, have)]
+        fw = graph.resources.get(f"firewall/guest/{g.name}")
+        if fw is not None:
+            opts = g.record.firewall_options
+            seen = {
+                "enable": int(bool(int(opts.get("enable", 0) or 0))),
+                "policy_in": opts.get("policy_in", OPTION_DEFAULTS["policy_in"]),
+                "policy_out": opts.get("policy_out", OPTION_DEFAULTS["policy_out"]),
+                "rules": list(g.record.firewall_rules),
+            }
+            want, have = normalize.pair(Kind.FIREWALL_GUEST, dict(fw.attributes), seen)
+            fields += ["firewall." + f.path for f in diffing.diff(Kind.FIREWALL_GUEST, want, have)]
+        if fields:
+            drift[address] = fields
+    return drift
+
+
+def write_files(files: Mapping[str, str], out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, text in sorted(files.items()):
+        path = out / name
+        path.write_text(text, encoding="utf-8")
+        written.append(path)
+    return written
+
+
+def spec_files_in(directory: Path) -> Iterable[Path]:
+    """The spec files `--force` replaces: *.yaml and *.yml directly in the directory."""
+    return sorted(p for p in directory.glob("*.y*ml") if p.suffix in (".yaml", ".yml"))
