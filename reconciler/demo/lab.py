@@ -1,0 +1,291 @@
+"""The demo's lab: every outside part the example platform talks to, started on loopback, and the
+`Endpoints` that point the controller at them. Called by `reconciler.demo.script`.
+
+    fakepve          a fake Proxmox VE (subprocess, own TLS cert) with the spec's two nodes
+    Velocity         the bridge plugin simulator, its secret in the variable the spec names
+    agents           one simulated agent per guest of an agent layer, ready
+    Traefik          the real binary, one per instance of the spec: a file feed through its
+                     file provider (a file in the state dir), a Redis feed through a real Redis
+                     when `redis-server` is installed, else through the file provider too
+
+Everything lives under a state directory: `logs/` (the Traefik logs, fakepve's output, the
+demo's JSON-lines event log) and what the demo writes there (plans, the final snapshot).
+`Lab.stop` stops everything started, in reverse order, and puts back the environment variables
+it set; `pids` names every process started, so a test can check that none is left.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from reconciler.applying.live import Endpoints, agent_watch
+from reconciler.model.spec import FileFeed, PlatformSpec, ProxmoxApi, SecretRef
+from reconciler.simulators.agent import AgentFleet, SimulatedAgent
+from reconciler.simulators.fakepve_process import FakePveProcess
+from reconciler.simulators.processes import (
+    RedisProcess,
+    TraefikProcess,
+    redis_exe,
+    start_redis,
+    start_traefik,
+)
+from reconciler.simulators.velocity_bridge import VelocityBridgeSimulator
+
+TEMPLATE = "debian-12-standard_12.7-1_amd64.tar.zst"
+PVE_PASSWORD_ENV = "RECONCILER_DEMO_PVE_PASSWORD"
+_DEFAULT_BRIDGE_SECRET_ENV = "ZPACK_BRIDGE_SECRET"
+
+
+class EventLog:
+    """The demo's own log: one JSON object a line, with the seconds since the demo began."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.started = time.monotonic()
+        self._file: TextIO = path.open("a", encoding="utf-8")
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def write(self, event: str, **data: Any) -> None:
+        now = datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
+        record = {"at": now, "elapsed": round(self.elapsed(), 3), "event": event, **data}
+        self._file.write(json.dumps(record, default=str) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+@dataclass
+class Part:
+    """One started part, for the lab's description."""
+
+    name: str
+    where: str
+    what: str
+
+
+@dataclass
+class Lab:
+    spec: PlatformSpec
+    state_dir: Path
+    events: EventLog
+    fake: FakePveProcess
+    bridge: VelocityBridgeSimulator
+    fleet: AgentFleet
+    agents: dict[str, SimulatedAgent]  # by guest name
+    traefiks: dict[str, TraefikProcess]  # by instance
+    redis: RedisProcess | None
+    endpoints: Endpoints
+    parts: list[Part] = field(default_factory=list)
+    pids: dict[str, int] = field(default_factory=dict)  # every process started: name -> pid
+    _stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+
+    @property
+    def logs(self) -> Path:
+        return self.state_dir / "logs"
+
+    def pve(self) -> Any:
+        """A proxmoxer client on fakepve, for breaking things by hand."""
+        return self.fake.client()
+
+    def stop(self) -> None:
+        self._stack.close()
+
+
+def _set_env(stack: contextlib.ExitStack, name: str, value: str) -> None:
+    old = os.environ.get(name)
+    os.environ[name] = value
+
+    def restore() -> None:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+    stack.callback(restore)
+
+
+def _stop_fakepve(fake: FakePveProcess, log: Path) -> None:
+    """Stop fakepve, keeping what it printed. FakePveProcess only pipes its output, so it is
+    read here (after the process ended, so reading cannot block) before the pipes are closed."""
+    proc = fake._proc
+    lines = [f"fakepve at {fake.url}, time scale {fake.time_scale}"]
+    if proc is not None:
+        proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(5)
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None and proc.poll() is not None:
+                lines.append(stream.read().rstrip())
+        lines.append(f"exit status {proc.returncode}")
+    log.write_text("\n".join(line for line in lines if line) + "\n", encoding="utf-8")
+    fake.stop()
+
+
+def clear_state(state_dir: Path) -> None:
+    """Remove what an earlier demo left in `state_dir` (only the demo's own entries): an old
+    feed file would hand the new Traefik the old routes, and the platform would not start
+    empty."""
+    for path in state_dir.iterdir():
+        if path.name in ("logs", "plans") or path.name.startswith("traefik-"):
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.name == "observed.json":
+            path.unlink()
+
+
+def _bridge_secret_env(spec: PlatformSpec) -> str | None:
+    """The variable the spec reads the bridge secret from (None: a file, or no Velocity)."""
+    if spec.velocity is None:
+        return None
+    return spec.velocity.bridge.secret.env
+
+
+def start_lab(
+    spec: PlatformSpec,
+    state_dir: Path,
+    *,
+    time_scale: float = 0.0,
+    use_redis: bool | None = None,
+) -> Lab:
+    """Start every part; on a failure, stop what was started and raise. `use_redis` None means
+    "when redis-server is installed"."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    clear_state(state_dir)
+    logs = state_dir / "logs"
+    logs.mkdir(exist_ok=True)
+    stack = contextlib.ExitStack()
+    try:
+        events = EventLog(logs / "events.jsonl")
+        stack.callback(events.close)
+        parts: list[Part] = []
+        pids: dict[str, int] = {}
+
+        nodes = tuple(sorted(h.node or name for name, h in spec.hosts.items()))
+        fake = FakePveProcess(nodes=nodes, time_scale=time_scale)
+        fake.start()
+        stack.callback(_stop_fakepve, fake, logs / "fakepve.log")
+        if fake._proc is not None:
+            pids["fakepve"] = fake._proc.pid
+        # Once one template is in storage, fakepve checks that a create names one that exists.
+        fake.seed_template(TEMPLATE)
+        _set_env(stack, PVE_PASSWORD_ENV, fake.password)
+        speed = "tasks finish at once (time scale 0)" if not time_scale else f"time x{time_scale}"
+        parts.append(
+            Part("fakepve", fake.url, f"fake Proxmox VE, nodes {', '.join(nodes)}; {speed}")
+        )
+        events.write("started", part="fakepve", url=fake.url, nodes=nodes, time_scale=time_scale)
+
+        secret = secrets.token_hex(16)
+        secret_env = _bridge_secret_env(spec) or _DEFAULT_BRIDGE_SECRET_ENV
+        _set_env(stack, secret_env, secret)
+        bridge = VelocityBridgeSimulator(secret).start()
+        stack.callback(bridge.stop)
+        parts.append(
+            Part("Velocity", bridge.url, f"bridge plugin simulator, secret in ${secret_env}")
+        )
+        events.write("started", part="velocity-bridge", url=bridge.url)
+
+        fleet = AgentFleet(control=False).start()
+        stack.callback(fleet.stop)
+        agents: dict[str, SimulatedAgent] = {}
+        agent_endpoints: dict[str, tuple[str, int]] = {}
+        for i, address in enumerate(sorted(agent_watch(spec).endpoints), start=1):
+            name = address.removeprefix("guest/")
+            # The fleet keys agents by vmid; an index will do: the observer is told where each
+            # guest's agent answers, and some guests get their vmid only when planned.
+            agents[name] = fleet.add(i, name=name)
+            agent_endpoints[name] = fleet.endpoint(i)
+        what = f"{len(agents)} simulated agents, one per runtime guest, all ready"
+        parts.append(Part("agents", fleet.host, what))
+        events.write("started", part="agents", guests=sorted(agents))
+
+        # One Traefik per instance of the spec: a file feed stays a file (in the state dir),
+        # a Redis feed gets a real Redis when one is installed, else a file too.
+        if use_redis is None:
+            use_redis = redis_exe() is not None
+        redis: RedisProcess | None = None
+        traefiks: dict[str, TraefikProcess] = {}
+        files: dict[str, Path] = {}
+        for name, inst in sorted(spec.traefik.items()):
+            if isinstance(inst.feed, FileFeed) or not use_redis:
+                feed_dir = state_dir / f"traefik-{name}"
+                feed_dir.mkdir(exist_ok=True)
+                files[name] = feed_dir / (
+                    Path(inst.feed.path).name if isinstance(inst.feed, FileFeed) else f"{name}.yml"
+                )
+                args = [f"--providers.file.directory={feed_dir}", "--providers.file.watch=true"]
+                feed = f"file provider: {files[name]}"
+                if not isinstance(inst.feed, FileFeed):
+                    feed += " (the spec says Redis; this lab runs none)"
+            else:
+                if redis is None:
+                    redis = start_redis()
+                    stack.callback(redis.stop)
+                    pids["redis"] = redis.proc.pid
+                args = [
+                    f"--providers.redis.endpoints=127.0.0.1:{redis.port}",
+                    f"--providers.redis.rootkey={inst.feed.root_key}",
+                ]
+                feed = f"Redis provider: {redis.url}, root key {inst.feed.root_key}"
+            traefik = start_traefik(args, logs, name=name)
+            stack.callback(traefik.stop)
+            traefiks[name] = traefik
+            pids[f"traefik-{name}"] = traefik.proc.pid
+            parts.append(Part(f"Traefik {name}", traefik.api_url, f"real Traefik, {feed}"))
+            events.write("started", part=f"traefik-{name}", api=traefik.api_url, feed=feed)
+
+        endpoints = Endpoints(
+            proxmox=ProxmoxApi(
+                url=fake.url,
+                user=fake.user,
+                password=SecretRef(env=PVE_PASSWORD_ENV),
+                ca_file=fake.cafile,
+            ),
+            velocity_url=bridge.url,
+            agents=agent_endpoints,
+            traefik_files=files,
+            traefik_apis={name: t.api_url for name, t in traefiks.items()},
+            redis_url=redis.url if redis is not None else None,
+        )
+    except BaseException:
+        stack.close()
+        raise
+    return Lab(
+        spec=spec,
+        state_dir=state_dir,
+        events=events,
+        fake=fake,
+        bridge=bridge,
+        fleet=fleet,
+        agents=agents,
+        traefiks=traefiks,
+        redis=redis,
+        endpoints=endpoints,
+        parts=parts,
+        pids=pids,
+        _stack=stack,
+    )
+
+
+@contextlib.contextmanager
+def running_lab(
+    spec: PlatformSpec, state_dir: Path, *, time_scale: float = 0.0, use_redis: bool | None = None
+) -> Iterator[Lab]:
+    lab = start_lab(spec, state_dir, time_scale=time_scale, use_redis=use_redis)
+    try:
+        yield lab
+    finally:
+        lab.stop()

@@ -1,0 +1,929 @@
+"""The demo's story, told on a lab (`reconciler.demo.lab`): `reconciler demo` runs it through
+`cmd_demo_live`, the tests through `run_demo`.
+
+    1. the platform is empty: plan, apply with progress, again until the plan is empty (what
+       the spec gates on the agents' readiness follows once the new guests' agents answer);
+    2. break it the way production breaks: Velocity restarts and forgets its servers, a game
+       server's memory is changed by hand, the agent-port firewall rule is deleted, a container
+       nobody declared appears in the game range, a game server's agent goes unready;
+    3. one cycle detects and heals each (the plan is shown first; the foreign container is
+       reported, never touched), the agent comes back, the next cycle restores what was
+       withheld, and the last plan is empty;
+    4. stop the lab and say where its state and logs are.
+
+Breaking goes through the same doors people and outages use: the Proxmox API (proxmoxer against
+fakepve), the bridge simulator's restart, the agent's own status. `--offline` keeps the old demo:
+validate the specs and plan them against the shipped sample snapshot, with nothing started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import tempfile
+import textwrap
+import time
+import traceback
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from importlib import resources
+from pathlib import Path
+from typing import Any, TextIO
+
+import anyio
+
+from reconciler import __version__
+from reconciler.applying.executor import Outcome, Result
+from reconciler.applying.live import Convergence, connect_platform, converge
+from reconciler.cli import render
+from reconciler.demo.lab import TEMPLATE, Lab, start_lab
+from reconciler.loading.graph import build_graph
+from reconciler.loading.loader import load_directory
+from reconciler.model.diagnostics import Severity
+from reconciler.model.errors import ReconcilerError
+from reconciler.model.observed import ObservedState
+from reconciler.model.plans import Action, Change, Plan
+from reconciler.model.resources import DesiredGraph, Kind
+from reconciler.model.spec import PlatformSpec
+from reconciler.planning.observed_policies import live_isolation
+from reconciler.planning.planner import make_plan
+from reconciler.simulators.processes import PartMissing
+
+EXIT_OK, EXIT_ERROR = 0, 1
+WIDTH = 100
+_BOLD, _DIM, _GREEN, _YELLOW, _RED, _CYAN = (
+    "\033[1m",
+    "\033[2m",
+    "\033[32m",
+    "\033[33m",
+    "\033[31m",
+    "\033[36m",
+)
+_RESET = "\033[0m"
+FOREIGN_NAME = "hand-made"
+
+
+# --- the command ------------------------------------------------------------------------------
+
+
+def add_demo_args(p: argparse.ArgumentParser) -> None:
+    """The demo's own flags (the CLI adds `dir` and `--color`)."""
+    p.add_argument(
+        "--offline",
+        action="store_true",
+        help="start nothing: validate the specs and plan them against the sample snapshot",
+    )
+    p.add_argument(
+        "--state-dir", metavar="DIR", help="keep state and logs here (default: a new temp dir)"
+    )
+    p.add_argument(
+        "--time-scale",
+        type=float,
+        default=0.0,
+        metavar="X",
+        help="fakepve's real seconds per Proxmox second (default 0: tasks finish at once)",
+    )
+    p.add_argument(
+        "--no-redis",
+        action="store_true",
+        help="feed the runtime Traefik through a file even when redis-server is installed",
+    )
+
+
+def cmd_demo_live(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """`reconciler demo`: the live demo, or with `--offline` the offline validate and plan."""
+    directory = str(getattr(args, "dir", "specs"))
+    color = render.use_color(getattr(args, "color", "auto"), out)
+    if getattr(args, "offline", False):
+        return run_offline(directory, out, err, color=color)
+    state = getattr(args, "state_dir", None)
+    state_dir = Path(state) if state else Path(tempfile.mkdtemp(prefix="reconciler-demo-"))
+    try:
+        result = run_demo(
+            directory,
+            out,
+            color=color,
+            state_dir=state_dir,
+            time_scale=float(getattr(args, "time_scale", 0.0) or 0.0),
+            use_redis=False if getattr(args, "no_redis", False) else None,
+        )
+    except PartMissing as exc:
+        err.write(f"error: the demo needs a part that is not installed: {exc}\n")
+        return EXIT_ERROR
+    if result.error:
+        err.write(f"error: {result.error}\n")
+    return EXIT_OK if result.ok else EXIT_ERROR
+
+
+def run_offline(directory: str, out: TextIO, err: TextIO, *, color: bool) -> int:
+    """The demo before there was a lab: validate, then plan against the shipped snapshot."""
+    out.write(f"== reconciler {__version__}: validate {directory}\n")
+    loaded = load_directory(directory)
+    out.write(render.render_diagnostics(loaded.diagnostics, color=color))
+    if not loaded.ok or loaded.spec is None:
+        errors = sum(d.severity is Severity.ERROR for d in loaded.diagnostics)
+        out.write(f"{directory}: {errors} errors in {len(loaded.files)} files\n")
+        return EXIT_ERROR
+    graph = build_graph(loaded.spec, loaded.source)
+    out.write(
+        f"{directory}: valid ({len(loaded.files)} files, {len(loaded.spec.guests)} guests, "
+        f"{len(graph.resources)} resources)\n"
+    )
+    out.write(
+        f"\n== plan {directory} against the sample observed state "
+        "(reconciler/data/sample-observed.json)\n"
+    )
+    text = resources.files("reconciler.data").joinpath("sample-observed.json").read_text()
+    try:
+        observed = ObservedState.model_validate_json(text)
+    except ValueError as exc:
+        err.write(f"the sample snapshot does not load: {exc}\n")
+        return EXIT_ERROR
+    plan = make_plan(graph, observed, observed_checks=[live_isolation(loaded.spec)])
+    if loaded.diagnostics:
+        plan = replace(plan, diagnostics=(*loaded.diagnostics, *plan.diagnostics))
+    out.write(render.render_text(plan, color=color))
+    return EXIT_OK
+
+
+# --- what the demo reports --------------------------------------------------------------------
+
+
+@dataclass
+class Break:
+    """One thing broken on purpose, and what became of it."""
+
+    key: str  # velocity, memory, firewall, foreign, unready
+    what: str  # for people, with how it was done
+    short: str  # for the summary table
+    expect: tuple[str, ...]  # the addresses (or `foreign:<vmid>`) the plan should show
+    guest: str = ""  # the guest it happened to
+    broken_at: float = 0.0
+    detected: list[str] = field(default_factory=list)  # the plan lines that showed it
+    healed: str = ""  # how it healed, for people
+    healed_at: float | None = None
+    ok: bool = False  # healed (or, for the foreign container, left untouched)
+
+
+@dataclass
+class Step:
+    title: str
+    seconds: float = 0.0
+    plans: list[Plan] = field(default_factory=list)  # the plans shown, in order
+    ok: bool = True
+
+
+@dataclass
+class DemoResult:
+    state_dir: Path
+    steps: list[Step] = field(default_factory=list)
+    breaks: list[Break] = field(default_factory=list)
+    detect_plan: Plan | None = None  # the plan that saw the breaks
+    final_plan: Plan | None = None
+    foreign_untouched: bool = False
+    pids: dict[str, int] = field(default_factory=dict)  # every process the lab started
+    seconds: float = 0.0
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return (
+            not self.error
+            and self.final_plan is not None
+            and not self.final_plan.has_changes
+            and not self.final_plan.errored
+            and all(s.ok for s in self.steps)
+            and all(b.ok for b in self.breaks)
+        )
+
+
+# --- output -----------------------------------------------------------------------------------
+
+
+class Screen:
+    """What the reader sees: headings, explanations, plans, progress, the summary table."""
+
+    def __init__(self, out: TextIO, color: bool) -> None:
+        self.out = out
+        self.color = color
+
+    def paint(self, code: str, text: str) -> str:
+        return f"{code}{text}{_RESET}" if self.color else text
+
+    def line(self, text: str = "") -> None:
+        self.out.write(text + "\n")
+        self.out.flush()
+
+    def heading(self, text: str) -> None:
+        self.line()
+        self.line(self.paint(_BOLD + _CYAN, f"== {text}"))
+
+    def say(self, text: str, *, hang: int = 0) -> None:
+        """Plain text, wrapped; `hang` indents the lines after the first."""
+        lines = textwrap.wrap(text, WIDTH - 3, subsequent_indent=" " * hang, break_on_hyphens=False)
+        for para in lines:
+            self.line("   " + para)
+
+    def plan(self, plan: Plan) -> None:
+        """A plan, compact: updates and replaces field by field through the text renderer,
+        creates and deletes one line each (a create holds nothing the spec does not say), and by
+        kind when there are many; warnings that something is withheld folded into one list."""
+        self.line(f"   Observed: {plan.observed_source} at {plan.observed_at}")
+        if len(plan.actions) > 25:
+            groups: dict[tuple[Action, Kind], list[str]] = {}
+            for change in plan.actions:
+                name = change.address.removeprefix(change.kind.value + "/")
+                groups.setdefault((change.action, change.kind), []).append(name)
+            for (action, kind), names in groups.items():
+                head = f"{action.symbol} {len(names):>2} {kind.value}".ljust(22)
+                names = [n for n in names if n != kind.value]  # firewall/cluster is one
+                self.wrapped(self.paint(_action_color(action), head), names, 22)
+        for change in plan.actions if len(plan.actions) <= 25 else ():
+            if change.action in (Action.UPDATE, Action.REPLACE):
+                one = replace(plan, changes=(change,), foreign=(), diagnostics=())
+                lines = render.render_text(one, color=self.color).split("\n")[3:]
+                for line in lines[: lines.index("")]:
+                    self.line("   " + line)
+            else:
+                self.line("     " + self.paint(_action_color(change.action), _head(change)))
+        if plan.foreign:
+            self.line("   Not owned by the controller (reported, never touched):")
+            for f in plan.foreign:
+                where = f" in the {f['in_range']} range" if f.get("in_range") else ""
+                self.line(
+                    f"     ? {f['kind']} {f.get('name')!r} vmid {f.get('vmid')} "
+                    f"on {f.get('node')}{where}"
+                )
+        withheld = [d for d in plan.diagnostics if d.code == "withheld"]
+        if len(withheld) > 3:
+            self.wrapped(
+                f"   {len(withheld)} withheld until their guests run and their agents are ready:",
+                [d.address for d in withheld],
+                0,
+            )
+        else:
+            for d in withheld:
+                why = d.message.split(" is withheld: ", 1)[-1]
+                self.say(f"{self.paint(_YELLOW, '!')} {d.address} withheld: {why}", hang=2)
+        others = [d for d in plan.diagnostics if d.code != "withheld"]
+        if others:
+            text = render.render_diagnostics(others, color=self.color)
+            for line in text.rstrip("\n").split("\n"):
+                self.line("   " + line)
+        self.line("   " + self.paint(_BOLD, render.summary_line(plan)))
+
+    def wrapped(self, head: str, items: list[str], indent: int) -> None:
+        """`head` then `items` comma-separated, wrapped under themselves (or on new lines)."""
+        if indent:
+            body = _wrap(", ".join(items), WIDTH - 7 - indent) or [""]
+            self.line(f"     {head}  {body[0]}")
+            for more in body[1:]:
+                self.line(" " * (7 + indent) + more)
+            return
+        self.line(head)
+        for more in _wrap(", ".join(items), WIDTH - 7):
+            self.line("       " + more)
+
+    def progress(self, plan: Plan, clock: Callable[[], float]) -> ProgressLines:
+        return ProgressLines(self, plan, clock)
+
+
+def _action_color(action: Action) -> str:
+    return {
+        Action.CREATE: _GREEN,
+        Action.UPDATE: _YELLOW,
+        Action.REPLACE: _YELLOW,
+        Action.DELETE: _RED,
+    }.get(action, "")
+
+
+def _head(change: Change) -> str:
+    where = ""
+    if "vmid" in change.id:
+        where = f"  (vmid {change.id['vmid']} on {change.id.get('node', '?')})"
+    return f"{change.action.symbol} {change.address}{where}"
+
+
+class ProgressLines:
+    """Progress as changes apply: a line a change for small applies; for big ones a line a
+    dependency wave (what it did, how long it took), and every failure as it happens."""
+
+    def __init__(self, screen: Screen, plan: Plan, clock: Callable[[], float]) -> None:
+        self.screen = screen
+        self.clock = clock
+        self.per_change = len(plan.actions) <= 12
+        self.wave_total = Counter(c.wave for c in plan.actions)
+        self.wave_done: Counter[int] = Counter()
+        self.wave_what: dict[int, Counter[str]] = {}
+        self.wave_started: dict[int, float] = {}
+        self.done_at: dict[str, float] = {}  # address -> when it was applied (demo clock)
+        self.failed = 0
+
+    def __call__(self, result: Result, done: int, total: int) -> None:
+        c, s = result.change, self.screen
+        if result.outcome is Outcome.DONE:
+            self.done_at[c.address] = self.clock()
+        else:
+            self.failed += 1
+        ok = result.outcome is Outcome.DONE
+        mark = s.paint(_GREEN if ok else _RED, result.outcome.value)
+        if self.per_change or not ok:
+            took = f"  {result.seconds:.2f} s" if result.seconds >= 0.01 else ""
+            s.line(f"     [{done:>{len(str(total))}}/{total}] {_head(c)}: {mark}{took}")
+            if result.error:
+                s.line(f"         {result.error}")
+            if self.per_change:
+                return
+        wave = c.wave
+        self.wave_started.setdefault(wave, self.clock() - result.seconds)
+        self.wave_done[wave] += 1
+        verb = {"create": "created", "update": "updated", "replace": "replaced"}
+        self.wave_what.setdefault(wave, Counter())[
+            f"{c.kind.value} {verb.get(c.action.value, 'deleted')}"
+        ] += 1
+        if self.wave_done[wave] == self.wave_total[wave]:
+            what = ", ".join(f"{n} {k}" for k, n in self.wave_what[wave].items())
+            spent = self.clock() - self.wave_started[wave]
+            head = f"     [{done:>{len(str(total))}}/{total}] wave {wave} done in {spent:.1f} s: "
+            body = _wrap(what, WIDTH - len(head))
+            s.line(head + body[0])
+            for more in body[1:]:
+                s.line(" " * len(head) + more)
+
+
+# --- the story --------------------------------------------------------------------------------
+
+
+def run_demo(
+    directory: str,
+    out: TextIO,
+    *,
+    color: bool = False,
+    state_dir: Path,
+    time_scale: float = 0.0,
+    use_redis: bool | None = None,
+) -> DemoResult:
+    """Run the whole demo, printing as it goes; the lab is stopped whatever happens."""
+    screen = Screen(out, color)
+    began = time.monotonic()
+    result = DemoResult(state_dir=state_dir)
+    loaded = load_directory(directory)
+    if not loaded.ok or loaded.spec is None:
+        out.write(render.render_diagnostics(loaded.diagnostics, color=color))
+        result.error = f"{directory}: the specs do not validate"
+        return result
+    spec = loaded.spec
+    graph = build_graph(spec, loaded.source)
+    screen.line(
+        screen.paint(_BOLD, f"reconciler {__version__} demo: platform {spec.platform.name}")
+        + f" from {directory}/ ({len(spec.guests)} guests, {len(graph.resources)} resources)"
+    )
+    screen.say(
+        "Everything runs on this machine, on 127.0.0.1: a fake Proxmox VE, simulated agents and "
+        "Velocity, and real Traefik. Nothing outside is touched."
+    )
+    screen.line()
+    screen.line(f"   Starting the lab (state and logs: {state_dir})")
+    lab = start_lab(spec, state_dir, time_scale=time_scale, use_redis=use_redis)
+    result.pids = dict(lab.pids)
+    try:
+        width = max(len(p.name) for p in lab.parts)
+        for part in lab.parts:
+            screen.line(f"     {part.name.ljust(width)}  {part.where}")
+            screen.line(f"     {' ' * width}  {screen.paint(_DIM, part.what)}")
+        screen.line(f"   Lab ready in {time.monotonic() - began:.1f} s.")
+        story = Story(screen, lab, spec, graph, result)
+        try:
+            story.run()
+        except Exception as exc:  # a demo reports and stops cleanly, whatever failed
+            result.error = f"{type(exc).__name__}: {exc}"
+            detail = "" if isinstance(exc, ReconcilerError) else traceback.format_exc()
+            lab.events.write("error", error=result.error, traceback=detail or None)
+            screen.line(screen.paint(_RED, f"   The demo stopped: {result.error}"))
+        result.seconds = time.monotonic() - began
+        story.summary()
+        lab.events.write("finished", ok=result.ok, seconds=round(result.seconds, 2))
+    finally:
+        screen.heading("4. Stopping everything the demo started")
+        lab.stop()
+    screen.say(
+        f"Stopped {', '.join(lab.pids)} (processes {', '.join(map(str, lab.pids.values()))}), "
+        "the Velocity and agent simulators, and put back the environment."
+    )
+    screen.line(f"   State and logs: {state_dir}")
+    for path in sorted(state_dir.rglob("*")):
+        if path.is_file():
+            screen.line(f"     {path.relative_to(state_dir)}")
+    result.seconds = time.monotonic() - began
+    verdict = "healed everything" if result.ok else "did NOT heal everything"
+    screen.line()
+    screen.line(
+        screen.paint(
+            _BOLD + (_GREEN if result.ok else _RED),
+            f"The demo {verdict} in {result.seconds:.1f} s.",
+        )
+    )
+    return result
+
+
+class Story:
+    """Steps 1 to 3 on a started lab, and the summary table; fills the DemoResult."""
+
+    def __init__(
+        self,
+        screen: Screen,
+        lab: Lab,
+        spec: PlatformSpec,
+        graph: DesiredGraph,
+        result: DemoResult,
+    ) -> None:
+        self.screen = screen
+        self.lab = lab
+        self.spec = spec
+        self.graph = graph
+        self.result = result
+        self.plans_dir = lab.state_dir / "plans"
+        self.plans_dir.mkdir(exist_ok=True)
+        self.saved = 0
+        self.applied_at: dict[str, float] = {}  # address -> when last applied (demo clock)
+        self.foreign: tuple[str, int, dict[str, Any]] | None = None  # node, vmid, state
+        self._progress: ProgressLines | None = None
+
+    # --- talking to the platform --------------------------------------------------------
+
+    def clock(self) -> float:
+        return self.lab.events.elapsed()
+
+    def save(self, plan: Plan, name: str) -> None:
+        self.saved += 1
+        path = self.plans_dir / f"{self.saved:02d}-{name}.json"
+        path.write_text(render.render_json(plan), encoding="utf-8")
+        self.lab.events.write(
+            "plan", name=name, summary=plan.summary(), file=str(path), foreign=len(plan.foreign)
+        )
+
+    def cycle(self, step: Step, name: str) -> Convergence:
+        """One controller cycle: observe, plan (shown), apply with progress."""
+
+        def approve(plan: Plan) -> bool:
+            step.plans.append(plan)
+            self.save(plan, name)
+            self.screen.plan(plan)
+            self.screen.line("   Applying:")
+            self._progress = self.screen.progress(plan, self.clock)
+            return True
+
+        def progress(result: Result, done: int, total: int) -> None:
+            if self._progress is not None:
+                self._progress(result, done, total)
+            if result.outcome is Outcome.DONE:
+                self.applied_at[result.change.address] = self.clock()
+            self.lab.events.write(
+                "applied",
+                address=result.change.address,
+                action=result.change.action.value,
+                outcome=result.outcome.value,
+                seconds=round(result.seconds, 3),
+                error=result.error or None,
+            )
+
+        async def run() -> Convergence:
+            async with connect_platform(self.spec, self.lab.endpoints) as conn:
+                return await converge(
+                    self.graph,
+                    conn.providers,
+                    source=conn.source,
+                    approve=approve,
+                    progress=progress,
+                    observed_checks=[live_isolation(self.spec)],
+                    agents=conn.agents,
+                )
+
+        began = time.monotonic()
+        conv = anyio.run(run)
+        last = conv.rounds[-1]
+        if not step.plans or step.plans[-1] is not last.plan:  # not applied: shown here
+            step.plans.append(last.plan)
+            self.save(last.plan, name)
+            self.screen.plan(last.plan)
+        if last.plan.errored or (last.report is not None and not last.report.ok):
+            step.ok = False
+        if len(conv.rounds) > 1:
+            self.screen.say(f"Planned again {len(conv.rounds) - 1} time(s) after a conflict.")
+        if last.report is not None:
+            r = last.report
+            self.screen.line(
+                f"   Applied in {time.monotonic() - began:.1f} s: {r.count(Outcome.DONE)} done, "
+                f"{r.count(Outcome.FAILED)} failed, {r.count(Outcome.SKIPPED)} skipped."
+            )
+        return conv
+
+    def observe_and_plan(self) -> tuple[ObservedState, Plan]:
+        async def run() -> tuple[ObservedState, Plan]:
+            async with connect_platform(self.spec, self.lab.endpoints) as conn:
+                observed = await conn.observe(self.spec.platform.name)
+                plan = make_plan(
+                    self.graph,
+                    observed,
+                    observed_checks=[live_isolation(self.spec)],
+                    agent_layers=conn.agents.layers if conn.agents is not None else (),
+                )
+                return observed, plan
+
+        return anyio.run(run)
+
+    # --- the steps ----------------------------------------------------------------------
+
+    def run(self) -> None:
+        self.step_one()
+        breaks = self.step_two()
+        self.step_three(breaks)
+
+    def step_one(self) -> None:
+        s = self.screen
+        step = Step("an empty platform")
+        self.result.steps.append(step)
+        began = time.monotonic()
+        s.heading("1. An empty platform: plan, then apply")
+        s.say(
+            f"The controller observes the fake Proxmox VE (no guests yet), compares it with "
+            f"the {len(self.graph.resources)} resources the spec declares, and applies the plan "
+            "in dependency waves: firewall objects, then guests, then their firewalls, routes "
+            "and Velocity registrations."
+        )
+        for n in range(1, 4):
+            conv = self.cycle(step, f"empty-{n}")
+            if not conv.rounds[-1].plan.has_changes or not step.ok:
+                break
+            if n == 1:
+                s.line()
+                s.say(
+                    "Velocity registrations and the runtime routes wait until their guest's "
+                    "agent answers ready (the spec gates them on it); the new guests now run "
+                    "and their agents answer, so the next cycle adds them."
+                )
+        step.seconds = time.monotonic() - began
+        s.say(f"Converged in {step.seconds:.1f} s.")
+
+    def step_two(self) -> list[Break]:
+        s = self.screen
+        step = Step("break it")
+        self.result.steps.append(step)
+        began = time.monotonic()
+        s.heading("2. Breaking it the way production breaks")
+        pve = self.lab.pve()
+        guests = {
+            r["name"]: r for r in pve.cluster.resources.get(type="vm") if r.get("type") == "lxc"
+        }
+        unready_guest, unready_server = self._unready_target()
+        memory_guest = self._memory_target(unready_guest)
+        breaks = [
+            self.break_velocity(),
+            self.break_memory(pve, guests[memory_guest]),
+            self.break_firewall(pve),
+            self.break_foreign(pve, guests, memory_guest),
+            self.break_unready(unready_guest, unready_server),
+        ]
+        s.say(
+            "Five things go wrong at once, each through the door it takes in production: the "
+            "Proxmox API, a restart, the agent's own status."
+        )
+        for b in breaks:
+            s.say(f"{s.paint(_RED, 'x')} {b.what}", hang=2)
+            self.lab.events.write("broke", key=b.key, what=b.what)
+        step.seconds = time.monotonic() - began
+        self.result.breaks = breaks
+        return breaks
+
+    def step_three(self, breaks: list[Break]) -> None:
+        s = self.screen
+        step = Step("detect and heal")
+        self.result.steps.append(step)
+        began = time.monotonic()
+        s.heading("3. One controller cycle: detect, then heal")
+        s.say(
+            "The controller knows nothing of what happened: it observes, compares with the spec, "
+            "and the plan shows each problem."
+        )
+        conv = self.cycle(step, "heal")
+        detect = conv.rounds[0].plan
+        self.result.detect_plan = detect
+        for b in breaks:
+            b.detected = detected_lines(detect, b)
+
+        unready = next(b for b in breaks if b.key == "unready")
+        name = unready.guest
+        s.line()
+        s.say(
+            f"{name}'s agent answers ready again. The next cycle puts back what was withheld "
+            "while it was not."
+        )
+        self.lab.agents[name].ready()
+        self.lab.events.write("agent-ready", guest=name)
+        self.cycle(step, "after-ready")
+
+        s.line()
+        s.say("A last look: observe everything and plan once more.")
+        observed, final = self.observe_and_plan()
+        step.plans.append(final)
+        self.save(final, "final")
+        (self.lab.state_dir / "observed.json").write_text(
+            observed.model_dump_json(indent=1) + "\n", encoding="utf-8"
+        )
+        self.screen.plan(final)
+        self.result.final_plan = final
+        self.check_healed(breaks, final)
+        step.seconds = time.monotonic() - began
+        step.ok = step.ok and not final.has_changes and not final.errored
+
+    # --- breaking -----------------------------------------------------------------------
+
+    def _unready_target(self) -> tuple[str, str | None]:
+        """A game server whose readiness gates the most: a Velocity server, and the target of a
+        route withheld while unready when there is one."""
+        velocity = self.spec.velocity
+        servers = dict(velocity.servers) if velocity is not None else {}
+        gated = {
+            r.target.guest
+            for inst in self.spec.traefik.values()
+            if inst.when_unready == "withhold"
+            for r in inst.routes.values()
+        }
+        agents = sorted(self.lab.agents)
+        candidates = [(srv.guest, name) for name, srv in servers.items() if srv.guest in agents]
+        for guest, server in candidates:
+            if guest in gated:
+                return guest, server
+        if candidates:
+            return candidates[0]
+        return agents[0], None
+
+    def _memory_target(self, unready: str) -> str:
+        velocity = self.spec.velocity
+        servers = [srv.guest for srv in velocity.servers.values()] if velocity else []
+        for guest in [*servers, *sorted(self.lab.agents)]:
+            if guest != unready:
+                return guest
+        return unready
+
+    def break_velocity(self) -> Break:
+        velocity = self.spec.velocity
+        names = list(velocity.servers) if velocity is not None else []
+        before = len(self.lab.bridge.servers())
+        self.lab.bridge.restart()
+        return Break(
+            "velocity",
+            f"Velocity restarts and forgets its {before} registered servers",
+            f"Velocity restarted, forgot its {before} servers",
+            tuple(f"velocity/{n}" for n in names),
+            broken_at=self.clock(),
+        )
+
+    def break_memory(self, pve: Any, guest: dict[str, Any]) -> Break:
+        node, vmid, name = guest["node"], guest["vmid"], guest["name"]
+        ct = pve.nodes(node).lxc(vmid)
+        memory = int(ct.config.get()["memory"])
+        ct.config.put(memory=memory + 1024)
+        return Break(
+            "memory",
+            f"someone sets {name}'s memory by hand: {memory} -> {memory + 1024} MiB "
+            f"(PUT /nodes/{node}/lxc/{vmid}/config)",
+            f"{name}'s memory changed by hand to {memory + 1024} MiB",
+            (f"guest/{name}",),
+            broken_at=self.clock(),
+        )
+
+    def _agent_rule_home(self) -> tuple[str, str | None]:
+        """Where the rule opening the agent port lives in the spec: ('group', name) or
+        ('guest', name)."""
+        port = self._agent_port()
+        for name, group in sorted(self.spec.firewall.groups.items()):
+            if any(port in (r.dport or "").split(",") for r in group.rules):
+                return "group", name
+        for name in sorted(self.lab.agents):
+            fw = self.spec.guests[name].firewall
+            if fw is not None and any(port in (r.dport or "").split(",") for r in fw.rules):
+                return "guest", name
+        return "group", None
+
+    def _agent_port(self) -> str:
+        policy = self.spec.policies.agent_port
+        return str(policy.port if policy is not None else 18888)
+
+    def break_firewall(self, pve: Any) -> Break:
+        port = self._agent_port()
+        kind, name = self._agent_rule_home()
+        if name is None:
+            nothing = f"(no rule opens port {port} in the spec: nothing to delete)"
+            return Break("firewall", nothing, nothing, ())
+        if kind == "group":
+            rules = pve.cluster.firewall.groups(name)
+            where, address = f"security group {name!r}", f"firewall/group/{name}"
+            path = f"/cluster/firewall/groups/{name}"
+        else:
+            res = next(r for r in pve.cluster.resources.get(type="vm") if r.get("name") == name)
+            rules = pve.nodes(res["node"]).lxc(res["vmid"]).firewall.rules
+            where, address = f"{name}'s firewall", f"firewall/guest/{name}"
+            path = f"/nodes/{res['node']}/lxc/{res['vmid']}/firewall/rules"
+        pos = next(r["pos"] for r in rules.get() if str(r.get("dport", "")) == port)
+        rules(pos).delete()
+        return Break(
+            "firewall",
+            f"the rule opening the agent port {port} is deleted from {where} (DELETE {path}/{pos})",
+            f"agent-port rule ({port}) deleted from {where}",
+            (address,),
+            broken_at=self.clock(),
+        )
+
+    def break_foreign(self, pve: Any, guests: dict[str, Any], near: str) -> Break:
+        """A container nobody declared, in the range of `near`'s role, on its node."""
+        role = self.spec.guests[near].role
+        rng = self.spec.ranges[role]
+        taken = {int(r["vmid"]) for r in pve.cluster.resources.get(type="vm")}
+        taken |= {g.vmid for g in self.spec.guests.values() if g.vmid is not None}
+        vmid = next(v for v in range(rng.first, rng.last + 1) if v not in taken)
+        node = guests[near]["node"]
+        upid = pve.nodes(node).lxc.post(
+            vmid=vmid,
+            hostname=FOREIGN_NAME,
+            ostemplate=f"local:vztmpl/{TEMPLATE}",
+            rootfs="local-lvm:8",
+            memory=1024,
+            net0="name=eth0,bridge=vmbr0,ip=dhcp",
+            start=1,
+        )
+        _wait_task(pve, node, upid)
+        self.foreign = (node, vmid, _guest_state(pve, node, vmid))
+        return Break(
+            "foreign",
+            f"a container nobody declared appears in the {role} range: {FOREIGN_NAME!r}, "
+            f"vmid {vmid} on {node}, no owner tag",
+            f"a foreign container, vmid {vmid}, in the {role} range",
+            (f"foreign:{vmid}",),
+            broken_at=self.clock(),
+        )
+
+    def break_unready(self, guest: str, server: str | None) -> Break:
+        reason = "the world is still loading"
+        self.lab.agents[guest].unready(reason)
+        routes = tuple(
+            f"route/{iname}/{rname}"
+            for iname, inst in sorted(self.spec.traefik.items())
+            if inst.when_unready == "withhold"
+            for rname, route in sorted(inst.routes.items())
+            if route.target.guest == guest
+        )
+        return Break(
+            "unready",
+            f"{guest}'s agent stops answering ready ({reason!r})",
+            f"{guest}'s agent not ready",
+            (*((f"velocity/{server}",) if server else ()), *routes),
+            guest=guest,
+            broken_at=self.clock(),
+        )
+
+    # --- checking -----------------------------------------------------------------------
+
+    def check_healed(self, breaks: list[Break], final: Plan) -> None:
+        pve = self.lab.pve()
+        for b in breaks:
+            if b.key == "foreign" and self.foreign is not None:
+                node, vmid, before = self.foreign
+                after = _guest_state(pve, node, vmid)
+                b.ok = after == before and any(f.get("vmid") == vmid for f in final.foreign)
+                b.healed = (
+                    "reported as not owned, never touched: its config and firewall are as they were"
+                    if b.ok
+                    else "CHANGED by the controller"
+                )
+                self.result.foreign_untouched = after == before
+                continue
+            addresses = [a for a in b.expect if "/" in a]
+            times = [self.applied_at[a] for a in addresses if a in self.applied_at]
+            b.healed_at = max(times) if times else None
+            b.ok = all(not any(c.address == a for c in final.actions) for a in addresses)
+            b.healed = {
+                "velocity": "the servers registered again"
+                + ("; the unready one once its agent was ready" if len(b.expect) else ""),
+                "memory": "set back to the spec's value, in place",
+                "firewall": "the rule put back in its place",
+                "unready": "its registration and routes withheld while unready, restored when "
+                "ready",
+            }[b.key]
+            if b.key == "velocity":
+                registered = set(self.lab.bridge.servers())
+                wanted = {a.removeprefix("velocity/") for a in b.expect}
+                b.ok = b.ok and wanted <= {n.lower() for n in registered} | registered
+            if not b.ok:
+                b.healed = "NOT healed: " + b.healed
+
+    def summary(self) -> None:
+        s = self.screen
+        if not self.result.breaks:
+            return
+        s.heading("What broke, how the controller saw it, how it healed")
+        cols = (("what broke", 28), ("seen in the plan as", 34), ("healed", 24), ("after", 5))
+        s.line("   " + "  ".join(s.paint(_BOLD, name.ljust(w)) for name, w in cols))
+        s.line("   " + "  ".join("-" * w for _, w in cols))
+        for b in self.result.breaks:
+            after = (
+                f"{b.healed_at - b.broken_at:.1f} s"
+                if b.healed_at is not None
+                else ("-" if b.ok else "never")
+            )
+            cells = [
+                _wrap(b.short, cols[0][1]),
+                _wrap("; ".join(b.detected) or "NOT DETECTED", cols[1][1]),
+                _wrap(b.healed, cols[2][1]),
+                [after],
+            ]
+            for row in itertools.zip_longest(*cells, fillvalue=""):
+                s.line("   " + "  ".join(c.ljust(w) for c, (_, w) in zip(row, cols, strict=True)))
+            s.line()
+        s.say("after: seconds from the break to the change that healed it.")
+        final = self.result.final_plan
+        if final is not None:
+            s.say(
+                f"Final plan: {render.summary_line(final)} "
+                + (
+                    "The foreign container is still there, untouched and reported."
+                    if self.result.foreign_untouched
+                    else ""
+                )
+            )
+
+
+def detected_lines(plan: Plan, b: Break) -> list[str]:
+    """The lines of `plan` that show break `b`, in plan order: its changes, then what is
+    withheld, or the foreign guest."""
+    lines: list[str] = []
+    wanted = set(b.expect)
+    withheld = {d.address for d in plan.diagnostics if d.code == "withheld"} & wanted
+    for c in plan.actions:
+        if c.address in wanted:
+            line = f"{c.action.symbol} {c.address}"
+            if c.action is Action.UPDATE and c.fields:
+                first = c.fields[0]
+                line += f" {first.path} {_short(first.before)} -> {_short(first.after)}"
+            lines.append(line + (" (withheld)" if c.address in withheld else ""))
+    changed = {c.address for c in plan.actions}
+    lines += [f"{a} withheld" for a in sorted(withheld - changed)]
+    for f in plan.foreign:
+        if f"foreign:{f.get('vmid')}" in wanted:
+            lines.append(f"? {f['kind']} {f.get('name')!r} vmid {f.get('vmid')}: not owned")
+    return _fold(lines)
+
+
+def _fold(lines: list[str]) -> list[str]:
+    """`+ velocity/a`, `+ velocity/b` -> `+ velocity/{a,b}`: a table cell stays short."""
+    out: list[str] = []
+    groups: dict[str, list[str]] = {}
+    for line in lines:
+        head, sep, name = line.rpartition("/")
+        if sep and " " in head and " " not in name and head.count(" ") == 1:
+            if head not in groups:
+                groups[head] = []
+                out.append(head)
+            groups[head].append(name)
+        else:
+            out.append(line)
+    return [
+        (f"{h}/{{{','.join(groups[h])}}}" if len(groups[h]) > 1 else f"{h}/{groups[h][0]}")
+        if h in groups
+        else h
+        for h in out
+    ]
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    return textwrap.wrap(text, width, break_on_hyphens=False)
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, dict) and "action" in value:
+        bits = [str(value.get(k)) for k in ("type", "action", "proto", "dport") if value.get(k)]
+        return "{" + " ".join(bits) + "}"
+    return "(none)" if value is None else str(value)
+
+
+def _wait_task(pve: Any, node: str, upid: str) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        status = pve.nodes(node).tasks(upid).status.get()
+        if status.get("status") == "stopped":
+            if status.get("exitstatus") != "OK":
+                raise OSError(f"task {upid} failed: {status.get('exitstatus')}")
+            return
+        time.sleep(0.05)
+    raise OSError(f"task {upid} did not finish")
+
+
+def _guest_state(pve: Any, node: str, vmid: int) -> dict[str, Any]:
+    """A guest's config and firewall, to compare before and after."""
+    ct = pve.nodes(node).lxc(vmid)
+    return {
+        "config": ct.config.get(),
+        "firewall_options": ct.firewall.options.get(),
+        "firewall_rules": ct.firewall.rules.get(),
+    }
