@@ -10,6 +10,12 @@ failed. A failure with a ConflictError is marked `conflict`, which asks the call
 (`applying.live.converge`) to observe and plan again. A failed task's log lines travel with its
 result. A bug in a provider (an exception outside our hierarchy) fails its change only, reported
 as an internal error, so one bad change never hides the outcome of the others.
+
+The service passes two more things. `guard` is awaited right before every provider call that
+changes something: the leader lease's fencing check. When it raises FencingError this change
+and every one not yet started are skipped; changes already running finish (a Proxmox task
+cannot be taken back). `stop` is set on shutdown: changes not yet started are skipped, the
+ones in flight are awaited (the caller bounds how long).
 """
 
 from __future__ import annotations
@@ -17,12 +23,18 @@ from __future__ import annotations
 import enum
 import time
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 import anyio
 
-from reconciler.model.errors import ConflictError, ProviderError, TaskFailedError
+from reconciler.model.errors import (
+    ConflictError,
+    FencingError,
+    ProviderError,
+    TaskFailedError,
+    TemporaryError,
+)
 from reconciler.model.plans import Change, Plan
 from reconciler.model.resources import Kind
 from reconciler.providers import Provider
@@ -43,6 +55,7 @@ class Result:
     seconds: float = 0.0
     conflict: bool = False
     log: tuple[str, ...] = ()  # a failed task's last log lines
+    temporary: bool = False  # failed with a TemporaryError: worth retrying soon
 
 
 @dataclass
@@ -71,6 +84,8 @@ async def execute(
     dry_run: bool = False,
     per_host: int = 4,
     progress: Progress | None = None,
+    guard: Callable[[], Awaitable[object]] | None = None,
+    stop: anyio.Event | None = None,
 ) -> ApplyReport:
     if plan.errored:
         raise ValueError("refusing to apply a plan with errors")
@@ -78,6 +93,7 @@ async def execute(
     changes = list(plan.actions)
     total = len(changes)
     failed: set[str] = set()
+    fenced: list[str] = []  # why this executor may no longer act, once it may not
     limits: dict[str, anyio.CapacityLimiter] = defaultdict(lambda: anyio.CapacityLimiter(per_host))
     waves: dict[int, list[Change]] = defaultdict(list)
     for change in changes:
@@ -105,6 +121,19 @@ async def execute(
             if dry_run:
                 record(Result(change, Outcome.DRY_RUN))
                 return
+            if fenced:
+                record(Result(change, Outcome.SKIPPED, f"not applied: {fenced[0]}"))
+                return
+            if stop is not None and stop.is_set():
+                record(Result(change, Outcome.SKIPPED, "not started: shutting down"))
+                return
+            if guard is not None:
+                try:
+                    await guard()
+                except FencingError as exc:
+                    fenced.append(str(exc))
+                    record(Result(change, Outcome.SKIPPED, f"not applied: {exc}"))
+                    return
             try:
                 await provider.apply(change)
             except ProviderError as exc:
@@ -116,6 +145,7 @@ async def execute(
                         time.monotonic() - started,
                         conflict=isinstance(exc, ConflictError),
                         log=exc.log_tail if isinstance(exc, TaskFailedError) else (),
+                        temporary=isinstance(exc, TemporaryError),
                     )
                 )
                 return

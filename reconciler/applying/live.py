@@ -18,20 +18,21 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import anyio
 from redis.asyncio import Redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from reconciler.applying.executor import ApplyReport, Progress, execute
 from reconciler.loading.graph import guest_ip
-from reconciler.model.errors import ConfigurationError, ProviderError
+from reconciler.model.errors import ConfigurationError, PermanentError, ProviderError
 from reconciler.model.observed import GuestHealth, ObservedResource, ObservedState, RouteServing
-from reconciler.model.plans import Plan
+from reconciler.model.plans import Change, Plan
 from reconciler.model.resources import DesiredGraph, Kind, guest_address
 from reconciler.model.spec import FileFeed, PlatformSpec, ProxmoxApi, SecretRef
 from reconciler.planning.planner import ObservedCheck, make_plan
@@ -198,6 +199,21 @@ def redis_client(url: str, password: str | None = None) -> Redis:
     return client
 
 
+@dataclass
+class Unavailable:
+    """An edge provider that cannot be built as configured (a secret that is not set): its
+    kinds fail to observe with the reason, so the plan warns and leaves them out."""
+
+    kinds: frozenset[Kind]
+    reason: str
+
+    async def observe(self) -> list[ObservedResource]:
+        raise PermanentError(self.reason)
+
+    async def apply(self, change: Change) -> None:
+        raise PermanentError(f"{change.address}: {self.reason}")
+
+
 @dataclass(frozen=True)
 class Endpoints:
     """Where the outside systems are when not where the spec says, and the controller's own
@@ -250,7 +266,12 @@ async def connect_platform(
     agents = None
     try:
         if ep.edge:
-            velocity = velocity_provider(spec, url=ep.velocity_url)
+            velocity: Provider | None
+            try:
+                velocity = velocity_provider(spec, url=ep.velocity_url)
+            except ConfigurationError as exc:
+                # Like an unreachable bridge: Velocity is left out, the rest converges.
+                velocity = Unavailable(frozenset({Kind.VELOCITY}), str(exc))
             if velocity is not None:
                 providers.update(dict.fromkeys(velocity.kinds, velocity))
             routes = traefik_routes(spec, redis=redis, files=ep.traefik_files, apis=ep.traefik_apis)
@@ -348,6 +369,7 @@ async def observe_all(
 class Round:
     plan: Plan
     report: ApplyReport | None = None
+    observed: ObservedState | None = None  # what the plan was made from
 
 
 @dataclass
@@ -375,9 +397,14 @@ async def converge(
     progress: Progress | None = None,
     observed_checks: Iterable[ObservedCheck] = (),
     agents: AgentWatch | None = None,
+    guard: Callable[[], Awaitable[object]] | None = None,
+    stop: anyio.Event | None = None,
+    exclude: Callable[[Plan], Plan] | None = None,
 ) -> Convergence:
     """Observe, plan, apply; when a change met a conflict (a stale digest, a vmid taken in a
-    race), observe and plan again, up to `max_rounds` times."""
+    race), observe and plan again, up to `max_rounds` times. `guard`, `stop`: see
+    `applying.executor.execute`; `exclude` trims a plan before it is applied (the service
+    leaves out resources waiting out a backoff)."""
     result = Convergence()
     targets = tuple(targets)
     checks = tuple(observed_checks)
@@ -391,11 +418,17 @@ async def converge(
             observed_checks=checks,
             agent_layers=agents.layers if agents is not None else (),
         )
-        round_ = Round(plan)
+        round_ = Round(plan, observed=observed)
         result.rounds.append(round_)
+        if exclude is not None:
+            plan = exclude(plan)
         if plan.errored or not plan.has_changes or not approve(plan):
             break
-        round_.report = await execute(plan, providers, dry_run=dry_run, progress=progress)
+        if stop is not None and stop.is_set():
+            break
+        round_.report = await execute(
+            plan, providers, dry_run=dry_run, progress=progress, guard=guard, stop=stop
+        )
         if dry_run or not round_.report.needs_replan:
             break
     return result

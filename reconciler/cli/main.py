@@ -1,4 +1,5 @@
-"""`reconciler` command line: validate, plan, schema, graph and demo.
+"""`reconciler` command line: validate, plan, observe, apply, run (the service), import, adopt,
+schema, graph and demo.
 
 Exit codes follow Terraform's: 0 success, 1 error; with `plan --detailed-exitcode`, 0 means no
 changes and 2 means changes. Nothing here decides anything: it wires loading, planning and
@@ -16,7 +17,10 @@ from typing import TextIO
 
 from reconciler import __version__
 from reconciler.cli import render
+from reconciler.cli.importing import add_import_commands, cmd_adopt, cmd_import
 from reconciler.cli.live import add_connection_args, cmd_apply, cmd_observe
+from reconciler.cli.service import add_run_parser, cmd_run
+from reconciler.demo.script import add_demo_args, cmd_demo_live
 from reconciler.loading.graph import build_graph
 from reconciler.loading.loader import LoadResult, load_directory
 from reconciler.loading.revisions import load_revision
@@ -182,27 +186,6 @@ def cmd_graph(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return EXIT_OK
 
 
-def cmd_demo(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    """For now: validate the example platform and plan it against the shipped sample snapshot."""
-    color = render.use_color(args.color, out)
-    out.write(f"== reconciler {__version__}: validate {args.dir}\n")
-    ns = argparse.Namespace(dir=args.dir, format="text", color=args.color)
-    if cmd_validate(ns, out) != EXIT_OK:
-        return EXIT_ERROR
-    out.write(
-        f"\n== plan {args.dir} against the sample observed state "
-        "(reconciler/data/sample-observed.json)\n"
-    )
-    ns = argparse.Namespace(
-        dir=args.dir, observed="sample", base=None, allow_destroy=False, target=[]
-    )
-    plan = build_plan(ns, err)
-    if plan is None:
-        return EXIT_ERROR
-    write_plan(plan, "text", out, color)
-    return EXIT_OK
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="reconciler", description=__doc__.split("\n")[0])
     p.add_argument("--version", action="version", version=f"reconciler {__version__}")
@@ -273,9 +256,16 @@ def parser() -> argparse.ArgumentParser:
     g = sub.add_parser("graph", help="print the desired resources by dependency wave")
     g.add_argument("dir", nargs="?", default=DEFAULT_DIR)
 
-    d = sub.add_parser("demo", help="run the demo on the example platform")
+    add_run_parser(sub)
+    add_import_commands(sub, add_connection_args)
+
+    d = sub.add_parser(
+        "demo",
+        help="the demo: a fake Proxmox VE, simulators and Traefik, converged, broken and healed",
+    )
     d.add_argument("dir", nargs="?", default=DEFAULT_DIR)
     color_opt(d)
+    add_demo_args(d)
     return p
 
 
@@ -292,11 +282,17 @@ def main(argv: list[str] | None = None) -> int:
         case "graph":
             return cmd_graph(args, out, err)
         case "demo":
-            return cmd_demo(args, out, err)
+            return cmd_demo_live(args, out, err)
         case "observe":
             return cmd_observe(args, out, err)
         case "apply":
             return cmd_apply(args, out, err)
+        case "run":
+            return cmd_run(args, out, err)
+        case "import":
+            return cmd_import(args, out, err)
+        case "adopt":
+            return cmd_adopt(args, out, err)
     return EXIT_ERROR
 
 

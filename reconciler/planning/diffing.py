@@ -25,8 +25,9 @@ FORCES_REPLACE: dict[Kind, frozenset[str]] = {
 NOT_COMPARED: dict[Kind, frozenset[str]] = {
     Kind.GUEST: frozenset({"role"}),
     Kind.VELOCITY: frozenset({"forced_host"}),
-    # Readiness policy of the controller: it is acted on, never written to Traefik.
-    Kind.ROUTE: frozenset({"when_unready"}),
+    # Readiness policy of the controller: it is acted on, never written to Traefik. The feed
+    # is where a route is read from, not part of it (a lab may feed an instance by file).
+    Kind.ROUTE: frozenset({"when_unready", "feed"}),
 }
 
 # Fields an observer may be unable to see (Proxmox keeps no record of the ostemplate used):

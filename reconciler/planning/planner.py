@@ -258,6 +258,15 @@ def _name_conflict(res: Resource, observed: ObservedState, platform: str) -> Dia
     for r in observed.foreign():
         if r.kind is res.kind and str(r.attributes.get("name", "")).lower() == res.name.lower():
             what = res.kind.value.removeprefix("firewall/")
+            if _same_content(res.kind, dict(res.attributes), dict(r.attributes)):
+                return warning(
+                    "adoption-pending",
+                    f"{res.address} matches the {what} {r.attributes.get('name')!r}, which the "
+                    "controller does not own yet: it is only reported. Review it, then "
+                    f"`reconciler adopt {res.address}` to manage it",
+                    position=res.position,
+                    address=res.address,
+                )
             return error(
                 "firewall-name-held-by-foreign",
                 f"{res.address}: a {what} named {r.attributes.get('name')!r} exists without the "
@@ -267,6 +276,16 @@ def _name_conflict(res: Resource, observed: ObservedState, platform: str) -> Dia
                 address=res.address,
             )
     return None
+
+
+def _same_content(kind: Kind, desired: dict[str, Any], seen: dict[str, Any]) -> bool:
+    """A foreign firewall object that is what the spec wants, as far as it was read (the
+    comment aside, which is where the mark goes; IP set entries and group rules are read
+    only for what we own, and `adopt` shows any difference before it writes): an adoption
+    candidate, not a conflict."""
+    have = {k: v for k, v in seen.items() if k != "name"}
+    want, have = normalize.pair(kind, {k: v for k, v in desired.items() if k in have}, have)
+    return all(c.path.split(".")[0] == "comment" for c in diffing.diff(kind, want, have))
 
 
 def _vmid_conflict(

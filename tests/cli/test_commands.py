@@ -163,6 +163,6 @@ def test_schema_is_fresh_and_partial_files_are_allowed(capsys: pytest.CaptureFix
 
 
 def test_demo_runs(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = run(["demo", str(SPECS), "--color", "never"], capsys)
+    code, out, _ = run(["demo", str(SPECS), "--offline", "--color", "never"], capsys)
     assert code == 0
     assert "must be replaced" in out and "legacy-test" in out

@@ -1,0 +1,153 @@
+"""`reconciler run`: the controller as a long-running service (reconciler.controller.service).
+
+Its settings are flags, each with an environment variable for container and systemd use
+(`RECONCILER_<FLAG>`, e.g. RECONCILER_REDIS_URL); secrets are named by the variable or file
+that holds them, never passed as values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import TextIO
+
+import anyio
+
+from reconciler.cli.live import add_connection_args, endpoints_from
+from reconciler.controller.logs import setup_logging
+from reconciler.controller.service import build_service, fields, log, redact_secrets
+from reconciler.controller.status import CycleOutcome
+from reconciler.controller.timing import Trigger
+from reconciler.model.errors import ReconcilerError
+from reconciler.providers.redisconn import describe_redis_url
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(f"RECONCILER_{name}", default)
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text}: must be more than 0 seconds")
+    return value
+
+
+def add_run_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    r = sub.add_parser(
+        "run",
+        help="run the controller as a service: keep the platform converged",
+        description="Keep the platform converged with the specs: a full cycle at an interval, "
+        "a cheap inventory check in between, a faster poll of the edge, and a new revision "
+        "of the specs as soon as it is fetched. One replica acts at a time (leader lease).",
+    )
+    r.add_argument("dir", nargs="?", default=_env("DIR", "specs"), help="specs directory")
+    g = r.add_argument_group("a git source instead of a directory")
+    g.add_argument("--git-url", metavar="URL", default=_env("GIT_URL"))
+    g.add_argument("--git-branch", metavar="BRANCH", default=_env("GIT_BRANCH", "main"))
+    g.add_argument(
+        "--git-subdir", metavar="PATH", default=_env("GIT_SUBDIR", "specs"), help="specs in it"
+    )
+    t = r.add_argument_group("timing (seconds)")
+    t.add_argument(
+        "--interval",
+        type=_seconds,
+        default=_seconds(_env("INTERVAL", "300") or "300"),
+        help="full cycle: observe everything, plan, apply (default 300)",
+    )
+    t.add_argument(
+        "--inventory-interval",
+        type=_seconds,
+        default=_seconds(_env("INVENTORY_INTERVAL", "30") or "30"),
+        help="cheap inventory check between full cycles: one Proxmox call (default 30)",
+    )
+    t.add_argument(
+        "--edge-interval",
+        type=_seconds,
+        default=_seconds(_env("EDGE_INTERVAL", "10") or "10"),
+        help="poll of Velocity, Traefik and the agents (default 10)",
+    )
+    t.add_argument(
+        "--source-interval",
+        type=_seconds,
+        default=_seconds(_env("SOURCE_INTERVAL", "60") or "60"),
+        help="fetch of the specs' source (default 60)",
+    )
+    s = r.add_argument_group("service")
+    s.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        default=_env("STATE_DIR", "/var/lib/reconciler"),
+        help="snapshot, git checkouts, the single-copy lock (default /var/lib/reconciler)",
+    )
+    s.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        default=_env("LISTEN", "127.0.0.1:9180"),
+        help="status listener: /healthz /readyz /status /metrics /snapshot",
+    )
+    s.add_argument(
+        "--lease-ttl",
+        type=_seconds,
+        default=_seconds(_env("LEASE_TTL", "15") or "15"),
+        help="leader lease time in Redis; a standby takes over within it (default 15)",
+    )
+    s.add_argument("--lease-name", metavar="NAME", default=_env("LEASE_NAME"))
+    s.add_argument("--holder", metavar="ID", default=_env("HOLDER"), help="this replica's name")
+    s.add_argument("--log-format", choices=["json", "text"], default=_env("LOG_FORMAT", "json"))
+    s.add_argument("--log-level", default=_env("LOG_LEVEL", "info"))
+    s.add_argument(
+        "--allow-destroy",
+        action="store_true",
+        default=_env("ALLOW_DESTROY", "") in ("1", "true", "yes"),
+        help="delete owned resources that left the spec",
+    )
+    s.add_argument(
+        "--shutdown-grace",
+        type=_seconds,
+        default=60.0,
+        help="on SIGTERM, wait this long for in-flight changes (default 60)",
+    )
+    s.add_argument("--once", action="store_true", help="one full cycle, then exit")
+    add_connection_args(r)
+
+
+def cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """`reconciler run`: build the service from the command line and run it until SIGTERM
+    (or, with --once, for one full cycle). Exit 0, or 1 when it could not start (or the
+    --once cycle did not converge)."""
+    try:
+        redactor = setup_logging(args.log_format, args.log_level, err)
+    except ValueError as exc:
+        err.write(f"error: {exc}\n")
+        return 1
+    try:
+        endpoints = endpoints_from(args)
+        redact_secrets(redactor, endpoints)
+        service, close = build_service(args, endpoints=endpoints)
+    except ReconcilerError as exc:
+        log.error("cannot start", extra=fields(error=str(exc)))
+        return 1
+
+    async def main() -> None:
+        try:
+            await service.run()
+        finally:
+            await close()
+
+    log.info(
+        "starting",
+        extra=fields(
+            source=service.source.describe(),
+            holder=service.lease.holder,
+            redis=describe_redis_url(endpoints.redis_url) if endpoints.redis_url else None,
+            state_dir=str(service.settings.state_dir),
+        ),
+    )
+    anyio.run(main)
+    if args.once:
+        outcomes = [o for t, o in service.cycles if t is Trigger.FULL]
+        return (
+            0 if outcomes and outcomes[-1] in (CycleOutcome.CONVERGED, CycleOutcome.CHANGED) else 1
+        )
+    return 0

@@ -1,0 +1,668 @@
+"""The controller as a service (`reconciler run`): keeps the platform converged with the last
+good revision of its specs, as one of possibly several replicas of which exactly one acts.
+
+An anyio reactor in the style of kopf's: one task group holding
+
+    the lease keeper   gains and keeps the leader lease (controller.lease); a change of
+                       leadership wakes the worker (a new leader starts with a full cycle: the
+                       resume, which finishes whatever a previous leader left half-done)
+    the worker         the only task that observes and applies: it runs the due triggers of
+                       `controller.timing.Schedule` one after the other, so nothing runs twice
+                       at once and triggers coalesce
+    the listener       /healthz /readyz /status /metrics /snapshot (controller.http)
+    the signal watch   SIGTERM/SIGINT: stop starting changes, await those in flight up to
+                       the grace period, release the lease, exit
+
+The worker's triggers:
+
+    SOURCE     poll the specs' source (controller.sources): a new revision is validated; a bad
+               one is reported (status, log) and never applied, not even in part; a good one
+               replaces the graph and asks for a FULL at once
+    FULL       observe everything, plan, apply (applying.live.converge); resources waiting out
+               a backoff are left out of the plan; the observed state is published (file
+               `<state dir>/observed.json`, the Redis key `reconciler:<platform>:observed`, and
+               /snapshot) for CI to plan against; after changes, another FULL soon, which sees
+               their effect (and registers what became ready)
+    INVENTORY  one Proxmox call (`/cluster/resources`) compared with the last snapshot; any
+               drift asks for a FULL at once
+    EDGE       Velocity, Traefik and the agents, with the guests' power state from one
+               inventory call: registrations and routes follow readiness within seconds
+
+Every mutating action passes the lease's `check()` first (the executor's `guard`): a replica
+that lost the lease, or never had it, changes nothing. A standby runs SOURCE only and reports.
+
+Failures: a change that fails waits out a backoff per resource and kind (`timing.Backoffs`,
+`timing.HANDLERS`): temporary errors retry with a growing delay, permanent ones wait long (or
+for a new revision); one failing resource never blocks the others. An observer that fails
+(Proxmox unreachable) fails the cycle, which the next interval retries; it is reported in
+/status and /readyz.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+
+from reconciler.applying.executor import ApplyReport, Outcome, Result, execute
+from reconciler.applying.live import Connection, Endpoints, connect_platform, converge, observe_all
+from reconciler.controller.http import serve_status
+from reconciler.controller.lease import Lease, LeaseKeeper, LocalLease, RedisLease
+from reconciler.controller.logs import Redactor
+from reconciler.controller.metrics import Metrics
+from reconciler.controller.sources import (
+    DirectorySource,
+    GitSource,
+    RevisionTracker,
+    SpecSource,
+    poll,
+)
+from reconciler.controller.status import CycleKind, CycleOutcome, StatusBoard
+from reconciler.controller.timing import Backoffs, Schedule, Trigger
+from reconciler.loading.graph import build_graph
+from reconciler.model.errors import ConfigurationError, ReconcilerError
+from reconciler.model.observed import ObservedResource, ObservedState
+from reconciler.model.plans import Plan
+from reconciler.model.resources import DesiredGraph, Kind
+from reconciler.model.spec import PlatformSpec, SecretRef
+from reconciler.planning.observed_policies import live_isolation
+from reconciler.planning.planner import make_plan
+from reconciler.providers import Provider
+from reconciler.providers.proxmox import ProxmoxProvider, read_secret
+from reconciler.providers.proxmox_inventory import inventory_drift
+from reconciler.providers.redisconn import connect_redis
+
+log = logging.getLogger("reconciler.service")
+
+EDGE_KINDS = (Kind.VELOCITY, Kind.ROUTE)
+# A follow-up FULL after changes were applied: soon, to see their effect, but not at once.
+FOLLOW_UP = 5.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    intervals: Mapping[Trigger, float] = field(
+        default_factory=lambda: {
+            Trigger.SOURCE: 60.0,
+            Trigger.FULL: 300.0,
+            Trigger.INVENTORY: 30.0,
+            Trigger.EDGE: 10.0,
+        }
+    )
+    state_dir: Path = Path("/var/lib/reconciler")
+    listen: tuple[str, int] | None = ("127.0.0.1", 9180)
+    lease_interval: float = 5.0  # ttl / 3
+    allow_destroy: bool = False
+    shutdown_grace: float = 60.0
+    once: bool = False  # one SOURCE and one FULL, then stop
+
+
+def fields(**kw: Any) -> dict[str, Any]:
+    return {"fields": kw}
+
+
+class _Known:
+    """A provider that 'observes' resources already known (the guests of the last full
+    snapshot, with a fresh power state): the edge poll needs them, not their configs."""
+
+    def __init__(self, resources: list[ObservedResource]) -> None:
+        self.resources = resources
+        self.kinds = frozenset({Kind.GUEST})
+
+    async def observe(self) -> list[ObservedResource]:
+        return self.resources
+
+    async def apply(self, change: object) -> None:  # pragma: no cover - never planned
+        raise AssertionError("guests are not planned by the edge poll")
+
+
+class Service:
+    """One replica of the controller. `run()` until cancelled or stopped."""
+
+    def __init__(
+        self,
+        source: SpecSource,
+        lease: Lease,
+        endpoints: Endpoints,
+        settings: Settings,
+        *,
+        board: StatusBoard | None = None,
+        metrics: Metrics | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.source = source
+        self.lease = lease
+        self.endpoints = endpoints
+        self.settings = settings
+        self.clock = clock
+        self.wall = wall
+        self.board = board or StatusBoard("", source.describe())
+        self.metrics = metrics or Metrics()
+        self.tracker = RevisionTracker(source.describe())
+        self.schedule = Schedule.starting(settings.intervals, clock())
+        self.backoffs = Backoffs()
+        self.keeper = LeaseKeeper(
+            lease, interval=settings.lease_interval, on_change=self._leadership
+        )
+        self.stopping = anyio.Event()
+        self.port: int | None = None  # the listener's, once bound
+        self.cycles: list[tuple[Trigger, CycleOutcome]] = []  # for --once and the tests
+        self._wake = anyio.Event()
+        self._spec: PlatformSpec | None = None
+        self._graph: DesiredGraph | None = None
+        self._revision: str | None = None
+        self._conn: Connection | None = None
+        self._conn_stack = contextlib.AsyncExitStack()
+        self._snapshot: ObservedState | None = None
+        self._snapshot_bytes: bytes | None = None
+        self._calls_seen = 0
+        self._retries_seen: dict[str, int] = {}
+
+    # --- the reactor ------------------------------------------------------------------------
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        self.settings.state_dir.mkdir(parents=True, exist_ok=True)
+        async with anyio.create_task_group() as tg:
+            if self.settings.listen is not None:
+                host, port = self.settings.listen
+                self.port = await tg.start(
+                    lambda task_status: serve_status(
+                        self.board,
+                        self.metrics,
+                        host=host,
+                        port=port,
+                        snapshot=lambda: self._snapshot_bytes,
+                        task_status=task_status,
+                    )
+                )
+                log.info("listening", extra=fields(address=f"{host}:{self.port}"))
+            tg.start_soon(self.keeper.run)
+            tg.start_soon(self._signals)
+            task_status.started()
+            try:
+                await self._work()
+            finally:
+                await self._conn_stack.aclose()
+                tg.cancel_scope.cancel()
+        log.info("stopped")
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self._wake.set()
+
+    async def _signals(self) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info(
+                    "shutting down",
+                    extra=fields(
+                        signal=signal.Signals(signum).name, grace=self.settings.shutdown_grace
+                    ),
+                )
+                self.stop()
+                return
+
+    def _leadership(self, is_leader: bool) -> None:
+        self.metrics.set_leader(is_leader)
+        self.board.set_lease(self.lease.holder, self.lease.token, is_leader)
+        if is_leader:
+            log.info("leader", extra=fields(holder=self.lease.holder, token=self.lease.token))
+            self.schedule.request(Trigger.FULL, self.clock())  # the resume
+        else:
+            log.warning("not the leader", extra=fields(holder=self.lease.holder))
+        self._wake.set()
+
+    async def _work(self) -> None:
+        while not self.stopping.is_set():
+            self.board.beat()
+            now = self.clock()
+            due = self.schedule.due(now)
+            if not due:
+                delay = max(0.0, self.schedule.next_wake() - now)
+                with anyio.move_on_after(min(delay, 5.0)):  # 5 s: the heartbeat
+                    await self._wake.wait()
+                self._wake = anyio.Event()
+                continue
+            for trigger in due:
+                if self.stopping.is_set():
+                    break
+                await self._run(trigger)
+            if self.settings.once and any(t is Trigger.FULL for t, _ in self.cycles):
+                break
+
+    async def _run(self, trigger: Trigger) -> None:
+        # Scheduled from its start, so that a request made while it runs (a follow-up, drift
+        # seen) is kept.
+        self.schedule.ran(trigger, self.clock())
+        with anyio.CancelScope() as scope:
+            # On shutdown, what is in flight gets the grace period, then is cancelled.
+            async def bound() -> None:
+                await self.stopping.wait()
+                scope.deadline = anyio.current_time() + self.settings.shutdown_grace
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(bound)
+                try:
+                    match trigger:
+                        case Trigger.SOURCE:
+                            await self._source()
+                        case Trigger.FULL:
+                            await self._full()
+                        case Trigger.INVENTORY:
+                            await self._inventory()
+                        case Trigger.EDGE:
+                            await self._edge()
+                finally:
+                    tg.cancel_scope.cancel()
+        if scope.cancelled_caught:
+            log.warning("cut short at the end of the grace period", extra=fields(cycle=trigger))
+
+    # --- SOURCE ------------------------------------------------------------------------------
+
+    async def _source(self) -> None:
+        before_bad = self.tracker.bad.revision.id if self.tracker.bad else None
+        try:
+            target = await poll(self.source, self.tracker)
+        except ReconcilerError as exc:
+            log.error(
+                "specs fetch failed", extra=fields(source=self.source.describe(), error=str(exc))
+            )
+            return
+        status = self.tracker.status()
+        if status.bad_id and status.bad_id != before_bad:
+            self.board.set_revision_error(status.bad_id, status.bad_diagnostics)
+            log.error(
+                "revision does not validate; not applied",
+                extra=fields(
+                    revision=status.bad_id,
+                    converging_to=status.good_id,
+                    diagnostics=status.bad_diagnostics,
+                ),
+            )
+        if target is None or target.id == self._revision:
+            return
+        result = self.tracker.good_result
+        assert result is not None and result.spec is not None
+        spec = result.spec
+        self._spec, self._graph = spec, build_graph(spec, result.source)
+        self._revision = target.id
+        self.board.platform = spec.platform.name
+        self.board.set_revision(target.id)
+        if status.bad_id is None:
+            self.board.clear_revision_error()
+        self.metrics.set_revision(target.id)
+        self.backoffs.new_revision()
+        await self._reconnect(spec)
+        log.info("revision", extra=fields(revision=target.id, summary=target.summary))
+        self.schedule.request(Trigger.FULL, self.clock())
+
+    async def _reconnect(self, spec: PlatformSpec) -> None:
+        await self._conn_stack.aclose()
+        self._conn_stack = contextlib.AsyncExitStack()
+        self._conn = None
+        try:
+            self._conn = await self._conn_stack.enter_async_context(
+                connect_platform(spec, self.endpoints)
+            )
+        except ReconcilerError as exc:
+            self.board.record_observe(False, str(exc))
+            log.error("cannot connect", extra=fields(error=str(exc)))
+
+    # --- FULL --------------------------------------------------------------------------------
+
+    def _may_act(self, kind: CycleKind) -> bool:
+        if self._graph is None or self._spec is None:
+            return False
+        if self.keeper.is_leader:
+            return True
+        now = self.wall()
+        self.board.record_cycle(
+            kind, CycleOutcome.SKIPPED, started_at=now, finished_at=now, error="standby"
+        )
+        return False
+
+    async def _full(self) -> None:
+        if not self._may_act(CycleKind.FULL):
+            return
+        assert self._graph is not None and self._spec is not None
+        if self._conn is None:
+            await self._reconnect(self._spec)
+            if self._conn is None:
+                self._cycle_done(
+                    CycleKind.FULL, CycleOutcome.ERRORED, self.wall(), 0.0, "no connection"
+                )
+                return
+        conn, graph, spec = self._conn, self._graph, self._spec
+        started, t0 = self.wall(), self.clock()
+        try:
+            result = await converge(
+                graph,
+                conn.providers,
+                source=conn.source,
+                allow_destroy=self.settings.allow_destroy,
+                observed_checks=[live_isolation(spec)],
+                agents=conn.agents,
+                guard=self.lease.check,
+                stop=self.stopping,
+                exclude=self._exclude,
+                progress=self._progress,
+            )
+        except ReconcilerError as exc:
+            self.board.record_observe(False, str(exc))
+            self._cycle_done(CycleKind.FULL, CycleOutcome.ERRORED, started, t0, str(exc))
+            return
+        finally:
+            self._count_calls()
+        self.board.record_observe(True)
+        last = result.rounds[-1]
+        if last.observed is not None:
+            await self._publish(last.observed)
+        reports = [r.report for r in result.rounds if r.report is not None]
+        outcome = self._record(last.plan, reports)
+        error = "; ".join(d.message for d in last.plan.diagnostics if d.severity.value == "error")
+        self._cycle_done(CycleKind.FULL, outcome, started, t0, error, reports)
+        if any(r.count(Outcome.DONE) for r in reports):
+            self.schedule.request(Trigger.FULL, self.clock() + FOLLOW_UP)
+
+    def _exclude(self, plan: Plan) -> Plan:
+        """Leave out the resources waiting out a backoff; they are retried when it ends."""
+        blocked = self.backoffs.blocked(self.clock())
+        if not blocked:
+            return plan
+        kept = tuple(c for c in plan.changes if c.address not in blocked)
+        return replace(plan, changes=kept)
+
+    def _progress(self, result: Result, done: int, total: int) -> None:
+        c = result.change
+        extra = fields(
+            address=c.address,
+            action=c.action.value,
+            outcome=result.outcome.value,
+            seconds=round(result.seconds, 3),
+            step=f"{done}/{total}",
+            **({"error": result.error} if result.error else {}),
+        )
+        level = (
+            logging.WARNING if result.outcome in (Outcome.FAILED, Outcome.SKIPPED) else logging.INFO
+        )
+        log.log(level, "change", extra=extra)
+
+    def _record(self, plan: Plan, reports: list[ApplyReport]) -> CycleOutcome:
+        """Results into backoffs, status and metrics; the cycle's outcome."""
+        wanted = [c.address for c in plan.actions]
+        self.board.record_plan(wanted)
+        self.metrics.set_drift(len(wanted))
+        self._record_results(reports)
+        if plan.errored:
+            return CycleOutcome.ERRORED
+        if any(r.count(Outcome.FAILED) or r.count(Outcome.SKIPPED) for r in reports):
+            return CycleOutcome.FAILED
+        if reports:
+            return CycleOutcome.CHANGED
+        return CycleOutcome.CONVERGED
+
+    def _cycle_done(
+        self,
+        kind: CycleKind,
+        outcome: CycleOutcome,
+        started: float,
+        t0: float,
+        error: str = "",
+        reports: list[ApplyReport] | None = None,
+    ) -> None:
+        reports = reports or []
+        seconds = max(0.0, self.clock() - t0) if t0 else 0.0
+
+        def count(which: Outcome) -> int:
+            return sum(r.count(which) for r in reports)
+
+        self.board.record_cycle(
+            kind,
+            outcome,
+            started_at=started,
+            finished_at=self.wall(),
+            done=count(Outcome.DONE),
+            failed=count(Outcome.FAILED),
+            skipped=count(Outcome.SKIPPED),
+            error=error,
+        )
+        self.metrics.cycle(kind.value, outcome.value, seconds)
+        self.cycles.append((Trigger(kind.value), outcome))
+        level = (
+            logging.INFO
+            if outcome in (CycleOutcome.CONVERGED, CycleOutcome.CHANGED)
+            else logging.WARNING
+        )
+        log.log(
+            level,
+            "cycle",
+            extra=fields(
+                kind=kind.value,
+                outcome=outcome.value,
+                seconds=round(seconds, 3),
+                drift=self.board.drift,
+                revision=self._revision,
+                **({"error": error} if error else {}),
+            ),
+        )
+
+    def _count_calls(self) -> None:
+        if self._conn is None:
+            return
+        seen: dict[int, Provider] = {id(p): p for p in self._conn.providers.values()}
+        calls = sum(int(getattr(p, "calls", 0)) for p in seen.values())
+        if calls >= self._calls_seen:
+            self.metrics.add_api_calls(calls - self._calls_seen)
+        self._calls_seen = calls
+        for p in seen.values():
+            name = type(p).__name__
+            retries = int(getattr(p, "retries", 0))
+            before = self._retries_seen.get(name, 0)
+            if retries > before:
+                self.metrics.add_retries(name, retries - before)
+            self._retries_seen[name] = retries
+
+    async def _publish(self, observed: ObservedState) -> None:
+        """The snapshot for CI: a file (atomically replaced), /snapshot, and a Redis key."""
+        self._snapshot = observed
+        data = (observed.model_dump_json(indent=1) + "\n").encode()
+        self._snapshot_bytes = data
+        path = self.settings.state_dir / "observed.json"
+        fd, temp = tempfile.mkstemp(dir=path.parent, prefix=".observed.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(temp, path)
+        if self._conn is not None and self._conn.redis is not None and self._spec is not None:
+            key = f"reconciler:{self._spec.platform.name}:observed"
+            try:
+                await self._conn.redis.set(key, data)
+            except Exception as exc:  # the file and /snapshot still have it
+                log.warning("snapshot not published to Redis", extra=fields(error=str(exc)))
+
+    # --- INVENTORY ---------------------------------------------------------------------------
+
+    def _guests(self) -> ProxmoxProvider | None:
+        if self._conn is None:
+            return None
+        provider = self._conn.providers.get(Kind.GUEST)
+        return provider if isinstance(provider, ProxmoxProvider) else None
+
+    async def _inventory(self) -> None:
+        guests = self._guests()
+        if not self._may_act(CycleKind.INVENTORY) or guests is None:
+            return
+        if self._snapshot is None:
+            self.schedule.request(Trigger.FULL, self.clock())
+            return
+        started, t0 = self.wall(), self.clock()
+        try:
+            inventory = await guests.inventory()
+        except ReconcilerError as exc:
+            self._cycle_done(CycleKind.INVENTORY, CycleOutcome.ERRORED, started, t0, str(exc))
+            return
+        finally:
+            self._count_calls()
+        drift = inventory_drift(self._snapshot, inventory)
+        if drift:
+            log.info("inventory drift", extra=fields(drift=drift[:20], count=len(drift)))
+            self.schedule.request(Trigger.FULL, self.clock())
+        outcome = CycleOutcome.CHANGED if drift else CycleOutcome.CONVERGED
+        self._cycle_done(CycleKind.INVENTORY, outcome, started, t0, "; ".join(drift[:5]))
+
+    # --- EDGE --------------------------------------------------------------------------------
+
+    async def _edge(self) -> None:
+        guests = self._guests()
+        conn = self._conn
+        if not self._may_act(CycleKind.EDGE) or guests is None or conn is None:
+            return
+        edge = {k: p for k, p in conn.providers.items() if k in EDGE_KINDS}
+        if not edge or self._snapshot is None:
+            return
+        assert self._graph is not None
+        started, t0 = self.wall(), self.clock()
+        try:
+            inventory = await guests.inventory()
+            power = {
+                int(i["vmid"]): "running" if i.get("status") == "running" else "stopped"
+                for i in inventory.guests
+            }
+            known = [
+                r.model_copy(
+                    update={
+                        "attributes": {
+                            **r.attributes,
+                            "state": power.get(int(r.id["vmid"]), "gone"),
+                        }
+                    }
+                )
+                for r in self._snapshot.resources
+                if r.kind is Kind.GUEST and r.owned and r.id.get("vmid") in power
+            ]
+            providers: dict[Kind, Provider] = {Kind.GUEST: _Known(known), **edge}
+            observed = await observe_all(providers, self._graph.platform, conn.source, conn.agents)
+            kinds = tuple(k for k in (observed.kinds or ()) if k in EDGE_KINDS)
+            observed = observed.model_copy(update={"kinds": kinds})
+            plan = self._exclude(
+                make_plan(
+                    self._graph,
+                    observed,
+                    agent_layers=conn.agents.layers if conn.agents is not None else (),
+                )
+            )
+            reports: list[ApplyReport] = []
+            if plan.has_changes and not plan.errored:
+                reports.append(
+                    await execute(
+                        plan,
+                        conn.providers,
+                        progress=self._progress,
+                        guard=self.lease.check,
+                        stop=self.stopping,
+                    )
+                )
+        except ReconcilerError as exc:
+            self._cycle_done(CycleKind.EDGE, CycleOutcome.ERRORED, started, t0, str(exc))
+            return
+        finally:
+            self._count_calls()
+        outcome = self._record_edge(plan, reports)
+        self._cycle_done(CycleKind.EDGE, outcome, started, t0, "", reports)
+
+    def _record_results(self, reports: list[ApplyReport]) -> None:
+        now, wall = self.clock(), self.wall()
+        retry_at: dict[str, float] = {}
+        for report in reports:
+            for r in report.results:
+                if r.outcome is Outcome.DONE:
+                    self.backoffs.succeeded(r.change.address)
+                elif r.outcome is Outcome.FAILED:
+                    until = self.backoffs.failed(
+                        r.change, now, temporary=r.temporary, error=r.error
+                    )
+                    retry_at[r.change.address] = wall + (until - now)
+            self.board.record_report(report, retry_at)
+            self.metrics.record_report(report)
+        self.metrics.set_backoff(len(self.backoffs.blocked(now)))
+
+    def _record_edge(self, plan: Plan, reports: list[ApplyReport]) -> CycleOutcome:
+        self._record_results(reports)
+        if any(r.count(Outcome.FAILED) or r.count(Outcome.SKIPPED) for r in reports):
+            return CycleOutcome.FAILED
+        return CycleOutcome.CHANGED if reports else CycleOutcome.CONVERGED
+
+
+# --- the command --------------------------------------------------------------------------------
+
+
+def build_service(
+    args: Any, *, endpoints: Endpoints, board: StatusBoard | None = None
+) -> tuple[Service, Callable[[], Awaitable[None]]]:
+    """The service as the command line describes it, and how to close what it opened."""
+    state_dir = Path(args.state_dir)
+    source: SpecSource
+    if args.git_url:
+        source = GitSource(
+            args.git_url, branch=args.git_branch, subdir=args.git_subdir, workdir=state_dir / "git"
+        )
+    else:
+        source = DirectorySource(args.dir)
+    redis = None
+    lease: Lease
+    if endpoints.redis_url:
+        password = read_secret(endpoints.redis_password) if endpoints.redis_password else None
+        redis = connect_redis(endpoints.redis_url, password=password)
+        lease = RedisLease(
+            redis, name=args.lease_name or "reconciler", holder=args.holder, ttl=args.lease_ttl
+        )
+    else:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        lease = LocalLease(state_dir / "reconciler.lock", holder=args.holder)
+    host, _, port = str(args.listen).rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigurationError(f"--listen {args.listen!r}: expected HOST:PORT")
+    settings = Settings(
+        intervals={
+            Trigger.SOURCE: args.source_interval,
+            Trigger.FULL: args.interval,
+            Trigger.INVENTORY: args.inventory_interval,
+            Trigger.EDGE: args.edge_interval,
+        },
+        state_dir=state_dir,
+        listen=(host.strip("[]"), int(port)),
+        lease_interval=args.lease_ttl / 3,
+        allow_destroy=args.allow_destroy,
+        shutdown_grace=args.shutdown_grace,
+        once=args.once,
+    )
+    service = Service(source, lease, endpoints, settings, board=board)
+
+    async def close() -> None:
+        if redis is not None:
+            await redis.aclose()
+
+    return service, close
+
+
+def redact_secrets(redactor: Redactor, endpoints: Endpoints) -> None:
+    """Known secrets never reach a log line, whatever message carries them."""
+    refs: list[SecretRef] = []
+    if endpoints.proxmox is not None:
+        refs += [r for r in (endpoints.proxmox.password, endpoints.proxmox.token_secret) if r]
+    refs += [r for r in (endpoints.agent_token, endpoints.redis_password) if r is not None]
+    for r in refs:
+        with contextlib.suppress(ReconcilerError):
+            redactor.add(read_secret(r))

@@ -1,0 +1,240 @@
+"""The service in-process, on fakepve: a git source with a broken then a fixed commit, a forced
+failure in /status, /metrics as Prometheus text, and the fencing check before every change."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from reconciler.applying.live import Endpoints
+from reconciler.controller.lease import LocalLease
+from reconciler.controller.service import Service, Settings
+from reconciler.controller.sources import DirectorySource, GitSource, SpecSource
+from reconciler.controller.timing import Trigger
+from reconciler.model.errors import FencingError
+from reconciler.model.spec import ProxmoxApi
+from tests.conftest import SPECS
+from tests.fakepve_fixtures import mutating_calls
+
+FAST = {Trigger.SOURCE: 0.2, Trigger.FULL: 60.0, Trigger.INVENTORY: 60.0, Trigger.EDGE: 60.0}
+
+
+def git(repo: Path, *args: str) -> str:
+    return subprocess.run(
+        ["git", "-C", str(repo), *args], check=True, capture_output=True, text=True
+    ).stdout.strip()
+
+
+def make_repo(tmp_path: Path) -> Path:
+    repo = tmp_path / "platform"
+    shutil.copytree(SPECS, repo / "specs")
+    git(repo.parent, "init", "-q", "-b", "main", str(repo))
+    git(repo, "config", "user.email", "ops@example.invalid")
+    git(repo, "config", "user.name", "ops")
+    commit(repo, "the platform")
+    return repo
+
+
+def commit(repo: Path, message: str) -> str:
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", message)
+    return git(repo, "rev-parse", "HEAD")
+
+
+def edit(repo: Path, file: str, old: str, new: str) -> None:
+    path = repo / "specs" / file
+    text = path.read_text()
+    assert old in text, old
+    path.write_text(text.replace(old, new, 1))
+
+
+class Running:
+    def __init__(self, service: Service) -> None:
+        self.service = service
+
+    async def status(self) -> dict[str, Any]:
+        async with httpx.AsyncClient(trust_env=False, timeout=5) as client:
+            r = await client.get(f"http://127.0.0.1:{self.service.port}/status")
+            r.raise_for_status()
+            result: dict[str, Any] = r.json()
+            return result
+
+    async def get(self, path: str) -> httpx.Response:
+        async with httpx.AsyncClient(trust_env=False, timeout=5) as client:
+            return await client.get(f"http://127.0.0.1:{self.service.port}{path}")
+
+    async def until(
+        self, what: Callable[[dict[str, Any]], bool], timeout: float = 30
+    ) -> dict[str, Any]:
+        status: dict[str, Any] = {}
+        try:
+            with anyio.fail_after(timeout):
+                while True:
+                    status = await self.status()
+                    if what(status):
+                        return status
+                    await anyio.sleep(0.05)
+        except TimeoutError:
+            raise AssertionError(f"timed out; last status: {status}") from None
+
+
+def run_service(
+    source: SpecSource,
+    api: ProxmoxApi,
+    tmp_path: Path,
+    body: Callable[[Running], Awaitable[None]],
+    intervals: dict[Trigger, float] = FAST,
+) -> Service:
+    service = Service(
+        source,
+        LocalLease(tmp_path / "lock"),
+        Endpoints(proxmox=api, edge=False),
+        Settings(
+            intervals=intervals,
+            state_dir=tmp_path / "state",
+            listen=("127.0.0.1", 0),
+            lease_interval=0.2,
+        ),
+    )
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tg:
+            await tg.start(service.run)
+            try:
+                await body(Running(service))
+            finally:
+                service.stop()
+
+    anyio.run(main)
+    return service
+
+
+def full_cycle_done(status: dict[str, Any], revision: str | None = None) -> bool:
+    """A full cycle that started after the revision was fetched applied all it wanted."""
+    cycle = status["last_cycle"]
+    rev = status["revision"] or {}
+    return (
+        cycle is not None
+        and cycle["kind"] == "full"
+        and cycle["outcome"] in ("converged", "changed")
+        and cycle["started_at"] >= rev.get("fetched_at", "")
+        and (revision is None or rev.get("id") == revision)
+    )
+
+
+def test_a_broken_revision_is_reported_and_never_applied_the_fixed_one_is(
+    pve_api: ProxmoxApi, pve: Any, tmp_path: Path
+) -> None:
+    repo = make_repo(tmp_path)
+    first = git(repo, "rev-parse", "HEAD")
+    source = GitSource(str(repo), branch="main", subdir="specs", workdir=tmp_path / "git")
+    lobby = 1000  # mc-lobby's vmid in the example
+
+    async def body(svc: Running) -> None:
+        await svc.until(lambda s: full_cycle_done(s, first))
+        memory = pve.ct(lobby).config["memory"]
+        # A valid change and a broken one in one commit: nothing of it may be applied.
+        edit(repo, "game.yaml", "cores: 1\n    memory: 2G", "cores: 1\n    memory: 3G")
+        edit(repo, "game.yaml", "    cores: 1\n", "    corez: 1\n")
+        bad = commit(repo, "bigger lobby, and a typo")
+        status = await svc.until(lambda s: (s["revision_error"] or {}).get("id") == bad)
+        assert "corez" in status["revision_error"]["diagnostics"]
+        assert "game.yaml" in status["revision_error"]["diagnostics"]
+        assert status["revision"]["id"] == first  # still converging to the last good one
+        await anyio.sleep(0.5)  # a few more source polls: still nothing applied
+        assert pve.ct(lobby).config["memory"] == memory
+        edit(repo, "game.yaml", "    corez: 1\n", "    cores: 1\n")
+        fixed = commit(repo, "fix the typo")
+        status = await svc.until(lambda s: full_cycle_done(s, fixed))
+        assert status["revision_error"] is None
+        assert pve.ct(lobby).config["memory"] == 3072
+
+    run_service(source, pve_api, tmp_path, body)
+
+
+def test_status_shows_a_forced_failure_and_metrics_parse(
+    pve_api: ProxmoxApi, pve: Any, tmp_path: Path
+) -> None:
+    # Every create of mc-survival's vmid fails with a permanent error from Proxmox.
+    pve.fail(
+        "POST", "/nodes/{node}/lxc", status=400, message="storage 'local-lvm' is full", times=None
+    )
+
+    async def body(svc: Running) -> None:
+        status = await svc.until(lambda s: (s["last_cycle"] or {}).get("kind") == "full")
+        assert status["last_cycle"]["outcome"] == "failed"
+        guest = status["resources"]["guest/mc-survival"]
+        assert guest["state"] == "backoff"
+        assert "storage 'local-lvm' is full" in guest["last_error"]
+        assert guest["next_retry_at"] is not None
+        guests = {a: r for a, r in status["resources"].items() if a.startswith("guest/")}
+        # each failed (and waits out its backoff) or was not tried because what it depends on
+        # failed
+        assert len(guests) == 20
+        assert {r["state"] for r in guests.values()} == {"backoff", "withheld"}
+        # what depends on a failed guest is reported, not hidden
+        assert status["resources"]["firewall/guest/mc-survival"]["state"] == "withheld"
+        # the cluster-wide firewall objects did not depend on the guests: they converged
+        assert status["resources"]["firewall/group/agent"]["state"] == "converged"
+        metrics = (await svc.get("/metrics")).text
+        families = {f.name: f for f in text_string_to_metric_families(metrics)}
+        cycles = {
+            (s.labels["kind"], s.labels["outcome"]): s.value
+            for s in families["reconciler_cycles"].samples
+            if s.name == "reconciler_cycles_total"
+        }
+        assert cycles[("full", "failed")] >= 1
+        actions = {
+            (s.labels["kind"], s.labels["action"], s.labels["result"]): s.value
+            for s in families["reconciler_actions"].samples
+            if s.name == "reconciler_actions_total"
+        }
+        failed = actions[("guest", "create", "failed")]
+        assert failed == sum(1 for r in guests.values() if r["state"] == "backoff")
+        assert actions[("firewall/group", "create", "done")] == 3
+        calls = [
+            s.value
+            for s in families["reconciler_proxmox_api_calls"].samples
+            if s.name.endswith("_total")
+        ]
+        assert calls and calls[0] > 20
+        assert (await svc.get("/readyz")).status_code == 200
+        assert (await svc.get("/healthz")).status_code == 200
+
+    run_service(DirectorySource(SPECS), pve_api, tmp_path, body)
+
+
+def test_every_change_passes_the_fencing_check_first(
+    pve_api: ProxmoxApi, pve: Any, tmp_path: Path
+) -> None:
+    """A lease that says no (this replica lost it): the service plans but changes nothing."""
+
+    class Lost(LocalLease):
+        async def check(self) -> int:
+            raise FencingError("the lease was taken over by ctl-b (token 8)")
+
+    service = Service(
+        DirectorySource(SPECS),
+        Lost(tmp_path / "lock"),
+        Endpoints(proxmox=pve_api, edge=False),
+        Settings(intervals=FAST, state_dir=tmp_path / "state", listen=None, lease_interval=0.2),
+    )
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tg:
+            await tg.start(service.run)
+            with anyio.fail_after(30):
+                while not any(t is Trigger.FULL for t, _ in service.cycles):
+                    await anyio.sleep(0.05)
+            service.stop()
+
+    anyio.run(main)
+    assert mutating_calls(pve) == []
+    assert service.board.last_cycle is not None and service.board.last_cycle.skipped > 0
