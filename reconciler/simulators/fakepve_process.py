@@ -23,6 +23,7 @@ class FakePveProcess:
     user: str = "root@pam"
     password: str = "secret"
     time_scale: float = 0.0
+    latency: float = 0.0  # PVE seconds added to every response (times time_scale in real time)
     guests: list[dict[str, Any]] = field(default_factory=list)
     url: str = ""
     cafile: str = ""
@@ -53,6 +54,8 @@ class FakePveProcess:
                 "0",
                 "--time-scale",
                 str(self.time_scale),
+                "--latency",
+                str(self.latency),
                 "--cert",
                 cert,
                 "--key",

@@ -11,15 +11,20 @@ from typing import Any
 
 import anyio
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from reconciler.applying.live import Endpoints
+from reconciler.applying.live import Endpoints, agent_watch
 from reconciler.controller.lease import LocalLease
 from reconciler.controller.service import Service, Settings
 from reconciler.controller.sources import DirectorySource, GitSource, SpecSource
+from reconciler.controller.status import CycleOutcome
 from reconciler.controller.timing import Trigger
+from reconciler.loading.loader import LoadResult
 from reconciler.model.errors import FencingError
 from reconciler.model.spec import ProxmoxApi
+from reconciler.simulators.agent import AgentFleet
+from reconciler.simulators.velocity_bridge import VelocityBridgeSimulator
 from tests.conftest import SPECS
 from tests.fakepve_fixtures import mutating_calls
 
@@ -238,3 +243,68 @@ def test_every_change_passes_the_fencing_check_first(
     anyio.run(main)
     assert mutating_calls(pve) == []
     assert service.board.last_cycle is not None and service.board.last_cycle.skipped > 0
+
+
+def test_the_edge_poll_heals_a_velocity_restart_and_follows_readiness_between_full_cycles(
+    pve_api: ProxmoxApi,
+    pve: Any,
+    tmp_path: Path,
+    traefik_factory: Any,
+    example: LoadResult,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert example.spec is not None
+    monkeypatch.setenv("ZPACK_BRIDGE_SECRET", "bridge-secret")
+    feeds = tmp_path / "feeds"
+    feeds.mkdir()
+    traefik = traefik_factory([f"--providers.file.directory={feeds}"])
+    intervals = {
+        Trigger.SOURCE: 60.0,
+        Trigger.FULL: 60.0,
+        Trigger.INVENTORY: 60.0,
+        Trigger.EDGE: 0.3,
+    }
+    with VelocityBridgeSimulator("bridge-secret") as bridge, AgentFleet(control=False) as fleet:
+        agents = {}
+        for i, address in enumerate(sorted(agent_watch(example.spec).endpoints), start=1):
+            agents[address.removeprefix("guest/")] = fleet.add(i, name=address)
+        endpoints = Endpoints(
+            proxmox=pve_api,
+            velocity_url=bridge.url,
+            agents={name: fleet.endpoint(a.vmid) for name, a in agents.items()},
+            traefik_files={"core": feeds / "core.yml", "runtime": feeds / "runtime.yml"},
+            traefik_apis={"core": traefik.api_url, "runtime": traefik.api_url},
+        )
+        service = Service(
+            DirectorySource(SPECS),
+            LocalLease(tmp_path / "lock"),
+            endpoints,
+            Settings(
+                intervals=intervals, state_dir=tmp_path / "state", listen=None, lease_interval=0.2
+            ),
+        )
+
+        async def until(what: Callable[[], bool], timeout: float = 30) -> None:
+            with anyio.fail_after(timeout):
+                while not what():
+                    await anyio.sleep(0.05)
+
+        async def main() -> None:
+            async with anyio.create_task_group() as tg:
+                await tg.start(service.run)
+                await until(lambda: len(bridge.servers()) == 5)
+                fulls = sum(1 for t, _ in service.cycles if t is Trigger.FULL)
+
+                bridge.restart()  # Velocity forgot every registration
+                await until(lambda: len(bridge.servers()) == 5, timeout=10)
+                agents["mc-lobby"].unready("world is loading")
+                await until(lambda: "lobby" not in bridge.servers(), timeout=10)
+                agents["mc-lobby"].ready()
+                await until(lambda: len(bridge.servers()) == 5, timeout=10)
+                # all of it by the edge poll: no full cycle ran meanwhile
+                assert sum(1 for t, _ in service.cycles if t is Trigger.FULL) == fulls
+                assert (Trigger.EDGE, CycleOutcome.CHANGED) in service.cycles
+                service.stop()
+
+        anyio.run(main)
+    assert (feeds / "runtime.yml").read_text().count("rc-") >= 4
