@@ -124,7 +124,7 @@ def cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     try:
         endpoints = endpoints_from(args)
         redact_secrets(redactor, endpoints)
-        service, close = build_service(args, endpoints=endpoints)
+        service, close = build_service(args, endpoints=endpoints, redactor=redactor)
     except ReconcilerError as exc:
         log.error("cannot start", extra=fields(error=str(exc)))
         return 1

@@ -140,8 +140,10 @@ class Service:
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
+        redactor: Redactor | None = None,
     ) -> None:
         self.source = source
+        self.redactor = redactor
         self.lease = lease
         self.endpoints = endpoints
         self.settings = settings
@@ -304,6 +306,8 @@ class Service:
         if status.bad_id is None:
             self.board.clear_revision_error()
         self.metrics.set_revision(target.id)
+        if self.redactor is not None:
+            redact_spec_secrets(self.redactor, spec)
         self.backoffs.new_revision()
         await self._reconnect(spec)
         log.info("revision", extra=fields(revision=target.id, summary=target.summary))
@@ -609,7 +613,11 @@ class Service:
 
 
 def build_service(
-    args: Any, *, endpoints: Endpoints, board: StatusBoard | None = None
+    args: Any,
+    *,
+    endpoints: Endpoints,
+    board: StatusBoard | None = None,
+    redactor: Redactor | None = None,
 ) -> tuple[Service, Callable[[], Awaitable[None]]]:
     """The service as the command line describes it, and how to close what it opened."""
     state_dir = Path(args.state_dir)
@@ -648,13 +656,27 @@ def build_service(
         shutdown_grace=args.shutdown_grace,
         once=args.once,
     )
-    service = Service(source, lease, endpoints, settings, board=board)
+    service = Service(source, lease, endpoints, settings, board=board, redactor=redactor)
 
     async def close() -> None:
         if redis is not None:
             await redis.aclose()
 
     return service, close
+
+
+def redact_spec_secrets(redactor: Redactor, spec: PlatformSpec) -> None:
+    """The secrets a spec references (Proxmox credentials, the bridge secret) are masked in
+    every log line from the moment the spec is loaded."""
+    apis = [h.api for h in spec.hosts.values() if h.api is not None]
+    if spec.proxmox is not None:
+        apis.append(spec.proxmox)
+    refs = [r for api in apis for r in (api.password, api.token_secret) if r is not None]
+    if spec.velocity is not None:
+        refs.append(spec.velocity.bridge.secret)
+    for r in refs:
+        with contextlib.suppress(ReconcilerError):
+            redactor.add(read_secret(r))
 
 
 def redact_secrets(redactor: Redactor, endpoints: Endpoints) -> None:

@@ -494,19 +494,25 @@ def _deletes(
 
 
 def _only_targets(changes: list[Change], graph: DesiredGraph, targets: set[str]) -> list[Change]:
-    """Keep the targeted resources (an address or a prefix like `guest/`) and what they need."""
+    """Keep the targeted resources (an address or a prefix like `guest/`), what they need, and
+    what is attached to any guest kept (its firewall: a guest never goes without it)."""
 
     def hit(address: str) -> bool:
         return any(address == t or address.startswith(t.rstrip("/") + "/") for t in targets)
 
+    attached: dict[str, list[str]] = {}
+    for r in graph.resources.values():
+        if r.attached_to is not None:
+            attached.setdefault(r.attached_to, []).append(r.address)
     keep = {c.address for c in changes if hit(c.address)}
     frontier = list(keep)
     while frontier:
-        res = graph.resources.get(frontier.pop())
-        for dep in res.depends_on if res else ():
-            if dep not in keep:
-                keep.add(dep)
-                frontier.append(dep)
+        address = frontier.pop()
+        found = graph.resources.get(address)
+        for more in [*(found.depends_on if found else ()), *attached.get(address, ())]:
+            if more not in keep:
+                keep.add(more)
+                frontier.append(more)
     return [c for c in changes if c.address in keep]
 
 

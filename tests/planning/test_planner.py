@@ -216,14 +216,17 @@ guests:
 def test_target_keeps_what_the_target_needs(graph: DesiredGraph) -> None:
     plan = make_plan(graph, ObservedState(), targets=["route/core/portal"])
     addresses = {c.address for c in plan.changes}
-    assert addresses == {
+    guests = {"traefik-core", "zpack-portal", "zpack-api", "zpack-db", "zpack-redis"}
+    assert {a for a in addresses if not a.startswith("firewall/")} == {
         "route/core/portal",
-        "guest/traefik-core",
-        "guest/zpack-portal",
-        "guest/zpack-api",
-        "guest/zpack-db",
-        "guest/zpack-redis",
+        *(f"guest/{g}" for g in guests),
     }
+    # a guest is never created without its firewall, nor a firewall without what it refers to
+    assert {a for a in addresses if a.startswith("firewall/guest/")} == {
+        f"firewall/guest/{g}" for g in guests
+    }
+    for change in plan.changes:
+        assert set(change.depends_on) <= addresses, change.address
 
 
 def test_deletes_come_after_everything_else(graph: DesiredGraph) -> None:
