@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from typing import Any, TextIO
 
 from reconciler.model.diagnostics import Diagnostic, Severity
-from reconciler.model.plans import Action, Change, Plan
+from reconciler.model.plans import HOLD_START, START_GUEST, Action, Change, Plan
 
 _COLORS = {
     Action.CREATE: "\033[32m",
@@ -70,9 +70,14 @@ def _change_lines(change: Change) -> list[str]:
         head += "  must be replaced"
     elif change.action is Action.CREATE and change.reason not in ("", "not found"):
         head += f"  ({change.reason})"
+    after = change.after or {}
+    if after.get(HOLD_START):
+        head += "  (starts once its firewall is in place)"
+    if after.get(START_GUEST):
+        head += "  (then starts the guest)"
     lines = [head]
     if change.action is Action.CREATE:
-        rows = flatten(change.after or {})
+        rows = flatten({k: v for k, v in after.items() if k not in (HOLD_START, START_GUEST)})
         width = max((len(p) for p, _ in rows), default=0)
         lines += [f"      {p.ljust(width)}  {v}" for p, v in rows]
     elif change.action in (Action.UPDATE, Action.REPLACE):

@@ -62,6 +62,15 @@ class FieldChange:
         return out
 
 
+# Firewall first: a guest about to start (created, replaced, or started) whose firewall this
+# plan also changes is created or left stopped (HOLD_START in its change's `after`), and its
+# firewall change starts it once the rules are in place (START_GUEST). A guest never runs
+# without its rules, even for the seconds between two waves; if the firewall fails, it stays
+# stopped (fail closed) and the next run tries both again.
+HOLD_START = "hold_start"
+START_GUEST = "start_guest"
+
+
 @dataclass(frozen=True)
 class Change:
     address: str

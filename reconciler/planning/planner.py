@@ -37,7 +37,7 @@ from typing import Any
 
 from reconciler.model.diagnostics import Diagnostic, error, warning
 from reconciler.model.observed import GuestHealth, ObservedResource, ObservedState
-from reconciler.model.plans import Action, Change, Plan
+from reconciler.model.plans import HOLD_START, START_GUEST, Action, Change, Plan
 from reconciler.model.resources import DesiredGraph, Kind, Resource, kind_of
 from reconciler.planning import diffing, normalize
 
@@ -172,6 +172,7 @@ def make_plan(
             )
         changes[res.address] = change
 
+    _firewall_first(changes, graph)
     deletes, more = _deletes(graph, owned, allow_destroy, withheld)
     diags.extend(more)
     ordered = list(changes.values())
@@ -491,6 +492,26 @@ def _deletes(
             )
         )
     return changes, diags
+
+
+def _firewall_first(changes: dict[str, Change], graph: DesiredGraph) -> None:
+    """A guest that this plan starts, and whose firewall it also changes, starts only once its
+    rules are in place: see HOLD_START in reconciler.model.plans."""
+    firewall_of = {
+        r.attached_to: r.address for r in graph.resources.values() if r.attached_to is not None
+    }
+    for address, change in list(changes.items()):
+        after = change.after
+        if change.kind is not Kind.GUEST or after is None or after.get("state") != "running":
+            continue
+        starts = change.action in _ACTIVE or (
+            change.action is Action.UPDATE and any(f.path == "state" for f in change.fields)
+        )
+        fw = changes.get(firewall_of.get(address, ""))
+        if not starts or fw is None or fw.after is None or fw.action is Action.NOOP:
+            continue
+        changes[address] = replace(change, after={**after, HOLD_START: True})
+        changes[fw.address] = replace(fw, after={**fw.after, START_GUEST: True})
 
 
 def _only_targets(changes: list[Change], graph: DesiredGraph, targets: set[str]) -> list[Change]:

@@ -45,7 +45,7 @@ import json
 import re
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, Literal
 
@@ -58,7 +58,7 @@ from reconciler.model.errors import (
     PermanentError,
 )
 from reconciler.model.observed import ObservedResource
-from reconciler.model.plans import Action, Change
+from reconciler.model.plans import START_GUEST, Action, Change
 from reconciler.model.resources import Kind
 from reconciler.providers.proxmox import ProxmoxProvider, read_mark
 
@@ -808,6 +808,10 @@ class FirewallProvider:
             list(change.after.get("rules", [])),
             digests.get("rules"),
         )
+        if change.after.get(START_GUEST):
+            # The guest was held stopped until its rules were in place (firewall first).
+            guest = replace(change, after={"type": change.id.get("type", "lxc")})
+            await self.pve.set_state(guest, "running")
 
     # rule lists
 

@@ -64,7 +64,7 @@ from reconciler.model.errors import (
     TemporaryError,
 )
 from reconciler.model.observed import ObservedResource
-from reconciler.model.plans import Action, Change
+from reconciler.model.plans import HOLD_START, Action, Change
 from reconciler.model.resources import Kind
 from reconciler.model.spec import ProxmoxApi, SecretRef
 from reconciler.model.units import parse_kv, parse_mib
@@ -636,7 +636,7 @@ class ProxmoxProvider:
                 node,
                 lambda: guest.resize.put(disk=disk, size=size),
             )
-        if "state" in paths:
+        if "state" in paths and not change.after.get(HOLD_START):
             await self.set_state(change, change.after["state"])
 
     async def set_state(self, change: Change, state: str) -> None:
@@ -713,7 +713,7 @@ def create_params(platform: str, address: str, want: Mapping[str, Any]) -> dict[
         "description": with_mark(
             want.get("description", ""), platform, address, want.get("template")
         ),
-        "start": int(want["state"] == "running"),
+        "start": int(want["state"] == "running" and not want.get(HOLD_START)),
     }
     rootfs = want.get("rootfs") or {}
     if kind == "lxc":

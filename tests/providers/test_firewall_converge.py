@@ -9,6 +9,7 @@ path without the query string, form body).
 from __future__ import annotations
 
 import re
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -508,3 +509,69 @@ def test_rules_edited_between_plan_and_apply_are_re_planned_not_edited_blindly(
     assert first.conflict and "changed" in first.error
     assert by_address(conv.rounds[1].plan)["firewall/guest/mc-lobby"].fields[0].path == "rules[0]"
     assert rules_of(lobby.rules) == desired_rules(graph, "firewall/guest/mc-lobby")
+
+
+# --- firewall first ----------------------------------------------------------------------------
+
+
+def test_a_new_guest_starts_only_once_its_firewall_is_in_place(
+    graph: DesiredGraph, spec: PlatformSpec, provider: ProxmoxProvider, pve: Any
+) -> None:
+    conv = run(graph, spec, provider)
+    assert conv.ok, failures(conv)
+    requests = [
+        (m, p.removeprefix("/api2/json"), dict(urllib.parse.parse_qsl(body.decode())))
+        for m, p, body in pve.requests
+    ]
+    guests = [
+        r
+        for r in graph.resources.values()
+        if r.kind is Kind.GUEST and r.attributes.get("state") == "running"
+    ]
+    vmids = {c.address: c.id["vmid"] for c in conv.rounds[0].plan.changes if c.kind is Kind.GUEST}
+    checked = 0
+    for res in guests:
+        if f"firewall/guest/{res.name}" not in graph.resources:
+            continue
+        vmid, node = vmids[res.address], res.attributes["node"]
+        base = f"/nodes/{node}/lxc"
+        [create] = [
+            i
+            for i, (m, p, body) in enumerate(requests)
+            if (m, p) == ("POST", base) and int(body.get("vmid", 0)) == vmid
+        ]
+        assert int(requests[create][2].get("start", 0)) == 0, res.address
+        rules = [
+            i
+            for i, (m, p, _) in enumerate(requests)
+            if m != "GET" and p.startswith(f"{base}/{vmid}/firewall/")
+        ]
+        [start] = [
+            i
+            for i, (m, p, _) in enumerate(requests)
+            if (m, p) == ("POST", f"{base}/{vmid}/status/start")
+        ]
+        assert create < max(rules) < start, res.address
+        checked += 1
+    assert checked == 20
+    assert {pve.ct(vmids[r.address]).status for r in guests} == {"running"}
+    assert not plan_now(graph, spec, provider).has_changes
+
+
+def test_a_guest_whose_firewall_fails_stays_stopped(
+    graph: DesiredGraph, spec: PlatformSpec, provider: ProxmoxProvider, pve: Any
+) -> None:
+    """Fail closed: the rules could not be written, so the guest is not started."""
+    pve.fail(
+        "PUT",
+        "/nodes/{node}/lxc/{vmid}/firewall/options",
+        status=400,
+        message="bad option",
+        times=None,
+    )
+    conv = run(graph, spec, provider)
+    assert not conv.ok
+    vmids = {c.address: c.id["vmid"] for c in conv.rounds[0].plan.changes if c.kind is Kind.GUEST}
+    held = [a for a in vmids if f"firewall/guest/{a.removeprefix('guest/')}" in graph.resources]
+    assert "guest/mc-lobby" in held and len(held) == 20
+    assert {pve.ct(vmids[a]).status for a in held} == {"stopped"}
