@@ -3,6 +3,7 @@ failure in /status, /metrics as Prometheus text, and the fencing check before ev
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from collections.abc import Awaitable, Callable
@@ -160,6 +161,13 @@ def test_a_broken_revision_is_reported_and_never_applied_the_fixed_one_is(
         status = await svc.until(lambda s: full_cycle_done(s, fixed))
         assert status["revision_error"] is None
         assert pve.ct(lobby).config["memory"] == 3072
+        # The snapshot CI plans against: served, and written to the state directory.
+        served = (await svc.get("/snapshot")).json()
+        assert served["format"] == "reconciler/observed-state"
+        on_disk = json.loads((tmp_path / "state" / "observed.json").read_text())
+        assert on_disk == served
+        owned = [r for r in served["resources"] if r["owned"] and r["kind"] == "guest"]
+        assert len(owned) == 20
 
     run_service(source, pve_api, tmp_path, body)
 
