@@ -2,6 +2,7 @@
 controller. `reconciler.cli.main` registers them with `add_import_commands`.
 
     reconciler import --out DIR [--dir SPECS] [--platform NAME] [--force] [connection flags]
+        [--velocity-url URL --velocity-secret-env VAR] [--traefik-api I=URL [--traefik-guest I=G]]
     reconciler adopt ADDR... [--dir SPECS] [--dry-run] [--auto-approve] [connection flags]
 
 `import` reads everything (owned or not) and writes spec YAML that describes it, then loads it
@@ -9,6 +10,10 @@ back: exit 0 when it validates, 1 otherwise. `--dir` (or `--ranges-from`) takes 
 settings, Proxmox endpoint, layers, hosts and ranges from an existing spec; without it the
 example platform's ranges are used and `--platform` names the platform. `adopt` marks reviewed
 guests and firewall objects as owned; see `reconciler.importing.adopting`.
+
+The edge, where configured (the `--dir` spec's `velocity` and Traefik instances with an
+`api_url`, or the flags), is read too and written to `edge.yaml` (`reconciler.importing.edge`,
+`edge_writer`); `--no-edge` leaves it out. A part that cannot be read is a note.
 """
 
 from __future__ import annotations
@@ -22,13 +27,14 @@ from typing import Any, TextIO
 import anyio
 
 from reconciler.applying.live import proxmox_provider
-from reconciler.cli.live import connection_override, load_checked
+from reconciler.cli.live import _pairs, connection_override, load_checked
 from reconciler.importing.adopting import AdoptionReport, adopt
+from reconciler.importing.edge import edge_sources, read_edge
 from reconciler.importing.estate import read_estate
 from reconciler.importing.writer import Base, render_specs, spec_files_in, write_files
 from reconciler.loading.loader import load_directory
 from reconciler.model.errors import ReconcilerError
-from reconciler.model.spec import ProxmoxApi
+from reconciler.model.spec import PlatformSpec, ProxmoxApi
 from reconciler.providers.proxmox import ProxmoxProvider, connect
 
 EXIT_OK, EXIT_ERROR = 0, 1
@@ -50,6 +56,18 @@ def add_import_commands(
     im.add_argument("--platform", metavar="NAME", help="platform name (without --dir)")
     im.add_argument("--force", action="store_true", help="replace the spec files in --out")
     add_connection_args(im)
+    im.add_argument(
+        "--velocity-secret-env",
+        metavar="VAR",
+        help="variable holding the Velocity bridge's secret (written as a reference)",
+    )
+    im.add_argument(
+        "--traefik-guest",
+        action="append",
+        default=[],
+        metavar="INSTANCE=GUEST",
+        help="the imported guest a --traefik-api instance runs in (repeat)",
+    )
     im.set_defaults(func=cmd_import)
     ad = sub.add_parser("adopt", help="mark reviewed guests and firewall objects as owned")
     ad.add_argument("addresses", nargs="+", metavar="ADDR", help="e.g. guest/mc-lobby")
@@ -90,6 +108,7 @@ def cmd_import(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         err.write(f"{target} is not empty; pass --force to replace its spec files\n")
         return EXIT_ERROR
     override = connection_override(args)
+    spec: PlatformSpec | None = None
     try:
         if args.dir:
             loaded = load_checked(args.dir, err)
@@ -109,11 +128,21 @@ def cmd_import(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 source=override.url,
             )
         _warn_insecure(args, err)
+        sources = None
+        if not args.no_edge:
+            sources = edge_sources(
+                spec,
+                velocity_url=args.velocity_url,
+                velocity_secret_env=args.velocity_secret_env,
+                traefik_apis=_pairs(args.traefik_api, "--traefik-api"),
+                traefik_guests=_pairs(args.traefik_guest, "--traefik-guest"),
+            )
         estate = anyio.run(read_estate, provider)
+        edge = anyio.run(read_edge, sources) if sources is not None else None
     except ReconcilerError as exc:
         err.write(f"error: {exc}\n")
         return EXIT_ERROR
-    result = render_specs(estate, base)
+    result = render_specs(estate, base, edge)
     if target.is_dir() and args.force:
         for old in spec_files_in(target):
             old.unlink()
@@ -134,10 +163,19 @@ def cmd_import(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         err.write(render.render_diagnostics(check.diagnostics))
         err.write(f"{target}: the imported specs do not validate (see the notes above)\n")
         return EXIT_ERROR
+    edge_text = ""
+    if "edge.yaml" in result.files:
+        routes = sum(len(i.routes) for i in check.spec.traefik.values())
+        edge_text = f", {len(result.velocity_servers)} Velocity servers, {routes} routes"
     out.write(
-        f"{target}: {len(result.guests)} guests imported from {estate.source}; valid. "
+        f"{target}: {len(result.guests)} guests{edge_text} imported from {estate.source}; valid. "
         f"Review them, then `reconciler adopt ADDR... --dir {target}`.\n"
     )
+    if result.routes:
+        out.write(
+            f"{len(result.routes)} routes come from hand-made routers: the first apply adds an "
+            "rc- router next to each (see the notes and edge.yaml).\n"
+        )
     return EXIT_OK
 
 

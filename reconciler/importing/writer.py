@@ -19,6 +19,13 @@ What is written (`render_specs`):
 - `firewall.yaml`: the cluster's aliases, IP sets and security groups (a mark of this platform
   stripped from their comments). The cluster options are written commented out: declaring
   them makes the controller manage them at once, and nothing marks them as reviewed.
+- `edge.yaml` (when the edge was read: `edge.read_edge`, the CLI's `--dir` velocity and
+  Traefik instances or `--velocity-url` / `--traefik-api`): `velocity:` (its guest, the bridge's
+  port and secret reference, one server per registration on an imported guest) and
+  `traefik:` (per instance: guest, routes_to, feed, api_url, and one route per router the spec
+  can say exactly), rendered by `edge_writer`; what it cannot say is a note. Its header says
+  that routes from hand-made routers are not adopted: the first apply adds `rc-` routers next
+  to them.
 - Names: the guest's hostname, made a DNS label and unique (`<name>-<vmid>` on a clash); a
   guest the controller already owns keeps the name of its mark's address.
 - Template: Proxmox does not record the ostemplate a container was made from. The spec needs
@@ -47,6 +54,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from reconciler.importing.edge import EdgeEstate
+from reconciler.importing.edge_writer import EDGE_HEADER, ImportedGuest, render_edge
 from reconciler.importing.estate import Estate, GuestRecord, NamedObject
 from reconciler.importing.yamltext import Commented, dump, scalar
 from reconciler.loading.graph import build_graph
@@ -198,6 +207,8 @@ class ImportResult:
     guests: dict[str, int]  # guest name -> vmid
     notes: list[str] = field(default_factory=list)  # what could not be carried over
     drift: dict[str, list[str]] = field(default_factory=dict)  # address -> fields that differ
+    routes: dict[str, str] = field(default_factory=dict)  # route address -> hand-made router
+    velocity_servers: dict[str, str] = field(default_factory=dict)  # server name -> guest
     load: LoadResult | None = None  # the written specs, loaded back
 
     @property
@@ -447,9 +458,9 @@ def _host_keys(base: Base) -> dict[str, str]:
     return {str(h.get("node") or key): key for key, h in base.hosts.items()}
 
 
-def render_specs(estate: Estate, base: Base) -> ImportResult:
-    """The spec files for `estate` in `base`'s frame, loaded back and compared with what was
-    read (`ImportResult.drift`)."""
+def render_specs(estate: Estate, base: Base, edge: EdgeEstate | None = None) -> ImportResult:
+    """The spec files for `estate` in `base`'s frame (and `edge.yaml` for what `edge` holds),
+    loaded back and compared with what was read (`ImportResult.drift`)."""
     notes: list[str] = [f"skipped {s}" for s in estate.skipped]
     ranges = {k: dict(v) for k, v in base.ranges.items()}
     layers = {k: dict(v) for k, v in base.layers.items()}
@@ -559,11 +570,28 @@ def render_specs(estate: Estate, base: Base) -> ImportResult:
     files["firewall.yaml"] = _firewall_file(estate, base, header, notes)
     files["platform.yaml"] = _platform_file(base, layers, hosts, ranges, guests, header)
 
+    edged = render_edge(
+        edge or EdgeEstate(),
+        [ImportedGuest(g.name, ranges[g.role]["layer"], _static_ip(g.network)) for g in guests],
+    )
+    notes.extend(edged.notes)
+    if edged.sections:
+        files["edge.yaml"] = dump(edged.sections, [*header, "", *EDGE_HEADER])
+
     result = ImportResult(files, {g.name: g.record.vmid for g in guests}, notes)
+    result.routes, result.velocity_servers = edged.routes, edged.servers
     result.load = load_texts(files)
     if result.load.ok and result.load.spec is not None:
         result.drift = _drift(result.load.spec, guests, estate, base)
     return result
+
+
+def _static_ip(network: Sequence[Mapping[str, Any]]) -> str | None:
+    for nic in network:
+        ip = str(nic.get("ip") or "")
+        if "/" in ip:
+            return ip.split("/")[0]
+    return None
 
 
 def _capacity(node: Mapping[str, Any] | None) -> dict[str, Any]:
