@@ -19,7 +19,6 @@ The edge, where configured (the `--dir` spec's `velocity` and Traefik instances 
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
@@ -27,7 +26,7 @@ from typing import Any, TextIO
 import anyio
 
 from reconciler.applying.live import proxmox_provider
-from reconciler.cli.live import _pairs, connection_override, load_checked
+from reconciler.cli.live import confirm, connection_override, load_checked, parse_pairs
 from reconciler.importing.adopting import AdoptionReport, adopt
 from reconciler.importing.edge import edge_sources, read_edge
 from reconciler.importing.estate import read_estate
@@ -134,8 +133,8 @@ def cmd_import(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 spec,
                 velocity_url=args.velocity_url,
                 velocity_secret_env=args.velocity_secret_env,
-                traefik_apis=_pairs(args.traefik_api, "--traefik-api"),
-                traefik_guests=_pairs(args.traefik_guest, "--traefik-guest"),
+                traefik_apis=parse_pairs(args.traefik_api, "--traefik-api"),
+                traefik_guests=parse_pairs(args.traefik_guest, "--traefik-guest"),
             )
         estate = anyio.run(read_estate, provider)
         edge = anyio.run(read_edge, sources) if sources is not None else None
@@ -197,17 +196,6 @@ def _render_report(report: AdoptionReport, out: TextIO, *, dry_run: bool) -> Non
         out.write("Dry run: nothing was written.\n")
 
 
-def _confirm(args: argparse.Namespace, err: TextIO) -> bool:
-    if args.auto_approve:
-        return True
-    if not sys.stdin.isatty():
-        err.write("adopt needs confirmation: run it in a terminal or pass --auto-approve\n")
-        return False
-    err.write("Adopt these? The controller will manage them from now on. Only 'yes': ")
-    err.flush()
-    return sys.stdin.readline().strip() == "yes"
-
-
 def cmd_adopt(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     loaded = load_checked(args.dir, err)
     if loaded is None:
@@ -223,7 +211,9 @@ def cmd_adopt(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         if not any(a.writes for a in preview.adoptions):
             out.write("Nothing to adopt.\n")
             return EXIT_OK
-        if not _confirm(args, err):
+        if not args.auto_approve and not confirm(
+            "adopt", "Adopt these? The controller will manage them from now on.", err
+        ):
             return EXIT_ERROR
         report = anyio.run(lambda: adopt(graph, provider, args.addresses))
     except ReconcilerError as exc:

@@ -95,7 +95,7 @@ def add_connection_args(p: argparse.ArgumentParser) -> None:
     e.add_argument("--redis-password-env", metavar="VAR", help="variable holding its password")
 
 
-def _pairs(values: list[str], flag: str) -> dict[str, str]:
+def parse_pairs(values: list[str], flag: str) -> dict[str, str]:
     out: dict[str, str] = {}
     for value in values:
         key, sep, rest = value.partition("=")
@@ -107,7 +107,7 @@ def _pairs(values: list[str], flag: str) -> dict[str, str]:
 
 def endpoints_from(args: argparse.Namespace) -> Endpoints:
     agents: dict[str, tuple[str, int]] = {}
-    for guest, where in _pairs(args.agent, "--agent").items():
+    for guest, where in parse_pairs(args.agent, "--agent").items():
         host, _, port = where.rpartition(":")
         if not host or not port.isdigit():
             raise ConfigurationError(f"--agent {guest}={where}: expected GUEST=HOST:PORT")
@@ -119,8 +119,10 @@ def endpoints_from(args: argparse.Namespace) -> Endpoints:
         velocity_url=args.velocity_url,
         agents=agents,
         agent_token=SecretRef(env=args.agent_token_env) if args.agent_token_env else None,
-        traefik_files={k: Path(v) for k, v in _pairs(args.traefik_file, "--traefik-file").items()},
-        traefik_apis=_pairs(args.traefik_api, "--traefik-api"),
+        traefik_files={
+            k: Path(v) for k, v in parse_pairs(args.traefik_file, "--traefik-file").items()
+        },
+        traefik_apis=parse_pairs(args.traefik_api, "--traefik-api"),
         redis_url=args.redis_url,
         redis_password=SecretRef(env=args.redis_password_env) if args.redis_password_env else None,
     )
@@ -207,13 +209,12 @@ def _progress(err: TextIO) -> Progress:
     return show
 
 
-def _confirm(plan: Plan, args: argparse.Namespace, err: TextIO) -> bool:
-    if args.auto_approve or args.dry_run:
-        return True
+def confirm(verb: str, question: str, err: TextIO) -> bool:
+    """Ask in a terminal; only 'yes' counts. Without a terminal, say how to confirm instead."""
     if not sys.stdin.isatty():
-        err.write("apply needs confirmation: run it in a terminal or pass --auto-approve\n")
+        err.write(f"{verb} needs confirmation: run it in a terminal or pass --auto-approve\n")
         return False
-    err.write("Apply these changes? Only 'yes' is accepted: ")
+    err.write(f"{question} Only 'yes' is accepted: ")
     err.flush()
     return sys.stdin.readline().strip() == "yes"
 
@@ -229,7 +230,9 @@ def cmd_apply(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     def approve(plan: Plan) -> bool:
         out.write(render.render_text(plan, color=color))
         out.flush()
-        return _confirm(plan, args, err)
+        if args.auto_approve or args.dry_run:
+            return True
+        return confirm("apply", "Apply these changes?", err)
 
     async def run() -> Convergence | int:
         async with connect_platform(spec, endpoints_from(args)) as conn:

@@ -1,3 +1,3 @@
-"""The long-running service (issue 6): triggers, leader lease, cycle, status, health and
-metrics. Empty today; the layer is declared in the import contracts so nothing below it may
-import it."""
+"""The long-running service, `reconciler run` (`service`): where its specs come from
+(`sources`), when it does what (`timing`), which replica may act (`lease`), and what it shows
+(`status`, `metrics`, `http`, `logs`). Called by the CLI's `run`; nothing below imports it."""

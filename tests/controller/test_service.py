@@ -301,6 +301,8 @@ def test_the_edge_poll_heals_a_velocity_restart_and_follows_readiness_between_fu
             async with anyio.create_task_group() as tg:
                 await tg.start(service.run)
                 await until(lambda: len(bridge.servers()) == 5)
+                # settled: the full cycle that follows the first apply found nothing to do
+                await until(lambda: (Trigger.FULL, CycleOutcome.CONVERGED) in service.cycles)
                 fulls = sum(1 for t, _ in service.cycles if t is Trigger.FULL)
 
                 bridge.restart()  # Velocity forgot every registration
