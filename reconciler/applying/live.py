@@ -109,6 +109,7 @@ def velocity_provider(
         secret = read_secret(velocity.bridge.secret)
     except ConfigurationError as exc:
         raise ConfigurationError(f"velocity.bridge.secret: {exc}") from None
+    options.setdefault("unmanaged", velocity.unmanaged)
     return VelocityProvider(url, secret, **options)
 
 

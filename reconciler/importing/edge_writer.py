@@ -8,9 +8,10 @@ Every reference is to an imported guest, found by static IP (the proxy's guest a
 - Velocity: `guest`, `bridge: {port, secret}` (the secret as a reference, never its value) and
   one server per registration, `{guest, port}` (the port only when not 25565; a `forced_host`
   kept from the `--dir` spec's server of the same name). Registrations are soft state: the
-  first apply finds them registered (no-op), nothing to adopt. The other side of that: a
-  registration that is no imported guest's is not written, and the first apply unregisters it
-  (withdrawing a registration needs no --allow-destroy); the note says so.
+  first apply finds them registered (no-op), nothing to adopt. A registration that is no
+  imported guest's cannot be declared (the spec registers guests only): it goes into
+  `velocity.unmanaged`, so the controller reports it and never unregisters it; the note says
+  so, and removing it from that list hands it to the controller (which then unregisters it).
 - Traefik, per instance: `guest`, `routes_to` (the spec's, plus every layer a route targets),
   `feed` (the spec's; else a file feed, marked as a guess the operator must settle), `api_url`
   and one route per router that the spec language can say exactly: a rule of `Host(...)`s
@@ -191,15 +192,16 @@ def _velocity(
         )
         return
     servers: dict[str, Any] = {}
+    unmanaged: list[str] = []
     for reg in read.registrations:
         name, address, port = str(reg["server_name"]), str(reg["address"]), int(reg["port"])
         guest = by_ip.get(address) or (address if address in names else None)
         if guest is None:
             out.notes.append(
                 f"velocity server {name} ({address}:{port}): no imported guest has that "
-                "address, so it is not written (the spec registers guests only); the first "
-                "apply UNREGISTERS it (registrations are soft state: no --allow-destroy needed)"
+                "address, so it is listed as `unmanaged`: reported, never unregistered"
             )
+            unmanaged.append(name)
             continue
         server: dict[str, Any] = {"guest": guest}
         if port != DEFAULT_GAME_PORT:
@@ -215,6 +217,8 @@ def _velocity(
     }
     if servers:
         section["servers"] = servers
+    if unmanaged:
+        section["unmanaged"] = sorted(unmanaged)
     out.sections["velocity"] = section
 
 
@@ -340,7 +344,7 @@ def render_edge(edge: EdgeEstate, guests: Sequence[ImportedGuest]) -> EdgeResult
 EDGE_HEADER = (
     "The edge as it was read: Velocity's registrations and the routers Traefik serves.",
     "Velocity registrations are soft state: the first apply finds them registered, nothing to",
-    "adopt (it unregisters any the import's notes list as not written).",
+    "adopt; those of no imported guest are listed as unmanaged and never touched.",
     "Routes from routers the controller does not own (not named rc-...) are NOT adopted: the",
     "first apply ADDS a router rc-<route> for each, next to the hand-made one, both serving the",
     "same hosts. Then: apply, check that Traefik serves the rc- routers (`reconciler plan`",

@@ -160,6 +160,16 @@ def check_references(spec: PlatformSpec, source: Source) -> Iterator[Diagnostic]
                     _missing("guest", server.guest, spec.guests),
                     ("velocity", "servers", sname, "guest"),
                 )
+        declared = {name.lower() for name in spec.velocity.servers}
+        for i, name in enumerate(spec.velocity.unmanaged):
+            if name.lower() in declared:
+                yield _err(
+                    source,
+                    "velocity-unmanaged-declared",
+                    f"velocity server {name!r} is both declared in `servers` and listed as "
+                    "unmanaged; drop one of them",
+                    ("velocity", "unmanaged", i),
+                )
     known_sets = set(spec.firewall.ipsets)
     known_aliases = set(spec.firewall.aliases)
     for path, value in _firewall_addresses(spec, source):

@@ -437,6 +437,11 @@ class VelocitySpec(Strict):
     guest: str = Field(description="The guest Velocity runs in")
     bridge: VelocityBridge
     servers: FrozenMap[VelocityServer] = Field(default_factory=dict)
+    unmanaged: Annotated[tuple[str, ...], BeforeValidator(_as_tuple)] = Field(
+        (),
+        description="Registrations someone else makes (velocity.toml, the platform API): "
+        "reported, never registered or unregistered by the controller",
+    )
 
 
 # --- policies ------------------------------------------------------------------------------

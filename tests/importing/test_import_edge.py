@@ -201,6 +201,7 @@ def test_edge_yaml_holds_the_registrations_and_routes_on_the_imported_guests(
             "lobby": {"guest": "mc-lobby"},
             "survival": {"guest": "mc-survival", "port": 25566},
         },
+        "unmanaged": ["ghost"],
     }
     runtime = edge["traefik"]["runtime"]
     assert runtime["guest"] == "traefik-runtime"
@@ -241,7 +242,7 @@ def test_edge_yaml_holds_the_registrations_and_routes_on_the_imported_guests(
 def test_what_the_spec_cannot_say_is_a_note(imported: ImportResult) -> None:
     notes = "\n".join(imported.notes)
     assert "velocity server ghost (10.99.0.5:25565): no imported guest" in notes
-    assert "the first apply UNREGISTERS it" in notes
+    assert "so it is listed as `unmanaged`: reported, never unregistered" in notes
     assert "router api-pool@file not imported: 2 backend servers" in notes
     assert "router elsewhere@file not imported: backend http://192.0.2.7:80 is no imported" in (
         notes
@@ -289,7 +290,7 @@ def edge_providers(
 ) -> dict[Kind, Provider]:
     routes = traefik_routes(spec, files={"runtime": feed}, apis={"runtime": traefik.api_url})
     assert routes is not None
-    velocity = VelocityProvider(bridge.url, SECRET)
+    velocity = VelocityProvider(bridge.url, SECRET, unmanaged=spec.velocity.unmanaged)
     return {
         **providers_of(provider, graph),
         Kind.VELOCITY: velocity,
@@ -318,15 +319,17 @@ def test_a_plan_finds_the_registrations_and_adds_rc_routers_next_to_the_handmade
     assert "route/runtime/lobby-map" in actions, (plan.diagnostics, observed.errors)
     assert actions["route/runtime/lobby-map"] is Action.CREATE
     assert actions["route/runtime/console-survival"] is Action.CREATE
-    # A registration the spec cannot hold is soft state the controller withdraws, as the
-    # import's note warns.
-    assert actions["velocity/ghost"] is Action.DELETE
+    # A registration the spec cannot hold is listed as unmanaged: never touched.
+    assert "velocity/ghost" not in actions
+    assert loaded.spec is not None and loaded.spec.velocity is not None
+    assert loaded.spec.velocity.unmanaged == ("ghost",)
     requests_before = len(bridge.requests)
     conv = anyio.run(lambda: converge(graph, providers))
     assert conv.ok
     posts = [(m, path) for m, path, _ in bridge.requests[requests_before:] if m == "POST"]
-    assert posts == [("POST", "/zpack/unregister")]  # nothing registered again
+    assert posts == []  # nothing registered again, nothing unregistered
     assert bridge.servers() == {
+        "ghost": ("10.99.0.5", 25565),
         "lobby": ("10.20.0.10", 25565),
         "survival": ("10.20.0.11", 25566),
     }

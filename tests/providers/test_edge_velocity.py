@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -19,7 +20,7 @@ from reconciler.applying.live import (
     firewall_provider,
     velocity_provider,
 )
-from reconciler.loading.loader import LoadResult
+from reconciler.loading.loader import LoadResult, load_directory
 from reconciler.model.errors import ConfigurationError
 from reconciler.model.plans import Action
 from reconciler.model.resources import DesiredGraph, Kind
@@ -31,6 +32,7 @@ from reconciler.providers.velocity import RetryPolicy
 from reconciler.simulators.agent import AgentFleet, SimulatedAgent
 from reconciler.simulators.velocity_bridge import VelocityBridgeSimulator, secret_hash
 from tests.fakepve_fixtures import no_sleep
+from tests.guest_helpers import load_copy
 
 SECRET = "bridge-secret-for-tests"
 SERVERS = {
@@ -214,3 +216,30 @@ def test_the_bridge_url_comes_from_the_velocity_guest(
     assert velocity is not None and velocity.url == "http://10.30.0.21:8081"
     watch: Any = agent_watch(spec_of(example))
     assert watch.endpoints["guest/mc-lobby"][1] == 18888 and watch.layers == ("runtime",)
+
+
+def test_unmanaged_registrations_are_reported_and_never_touched(
+    edge: Edge, provider: ProxmoxProvider, tmp_path: Path
+) -> None:
+    converged(edge)
+    edge.bridge.register("hub", "10.9.9.9", 25565)  # registered by someone else
+    edge.bridge.register("stray", "10.9.9.8", 25565)  # nobody declared it
+    graph = load_copy(
+        tmp_path,
+        {
+            "edge.yaml": (
+                "velocity:\n  guest: velocity\n",
+                "velocity:\n  guest: velocity\n  unmanaged: [hub]\n",
+            )
+        },
+    )
+    loaded = load_directory(tmp_path / "specs")
+    assert loaded.spec is not None and loaded.spec.velocity is not None
+    edge.graph = graph
+    edge.providers = edge_providers(loaded.spec, provider, edge.bridge)
+    result = edge.converge()
+    assert result.ok
+    assert actions(result) == {("velocity/stray", Action.DELETE)}
+    assert edge.registered()["hub"] == ("10.9.9.9", 25565)
+    assert "stray" not in edge.registered()
+    assert "velocity/hub" not in {c.address for c in result.rounds[0].plan.changes}
