@@ -130,9 +130,10 @@ async def execute(
             if guard is not None:
                 try:
                     await guard()
-                except FencingError as exc:
-                    fenced.append(str(exc))
-                    record(Result(change, Outcome.SKIPPED, f"not applied: {exc}"))
+                except Exception as exc:  # a lease that cannot say yes says no
+                    why = str(exc) if isinstance(exc, FencingError) else f"lease check: {exc}"
+                    fenced.append(why)
+                    record(Result(change, Outcome.SKIPPED, f"not applied: {why}"))
                     return
             try:
                 await provider.apply(change)

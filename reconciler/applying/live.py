@@ -200,6 +200,14 @@ def redis_client(url: str, password: str | None = None) -> Redis:
     return client
 
 
+def close_client(client: Any) -> None:
+    """Close a proxmoxer client's HTTP session (the service reconnects on every revision)."""
+    session = getattr(client, "_store", {}).get("session")
+    if session is not None:
+        with contextlib.suppress(Exception):
+            session.close()
+
+
 @dataclass
 class Unavailable:
     """An edge provider that cannot be built as configured (a secret that is not set): its
@@ -290,6 +298,7 @@ async def connect_platform(
     finally:
         if redis is not None:
             await redis.aclose()
+        close_client(guests.client)
 
 
 async def observe_health(

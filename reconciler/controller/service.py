@@ -111,6 +111,22 @@ def fields(**kw: Any) -> dict[str, Any]:
     return {"fields": kw}
 
 
+def without(plan: Plan, leave_out: set[str]) -> Plan:
+    """The plan without these resources, and without every change that needs one of them: it
+    would fail, or (a guest's firewall change, which starts a guest held for it) act on a
+    guest whose own change did not run. A held guest whose firewall change is left out stays
+    stopped: fail closed."""
+    out = set(leave_out)
+    grew = True
+    while grew:
+        grew = False
+        for c in plan.changes:
+            if c.address not in out and any(d in out for d in c.depends_on):
+                out.add(c.address)
+                grew = True
+    return replace(plan, changes=tuple(c for c in plan.changes if c.address not in out))
+
+
 class _Known:
     """A provider that 'observes' resources already known (the guests of the last full
     snapshot, with a fresh power state): the edge poll needs them, not their configs."""
@@ -242,6 +258,8 @@ class Service:
                 if self.stopping.is_set():
                     break
                 await self._run(trigger)
+                if trigger is Trigger.SOURCE:
+                    break  # a new revision asks for a full cycle first: look again
             if self.settings.once and any(t is Trigger.FULL for t, _ in self.cycles):
                 break
 
@@ -258,19 +276,28 @@ class Service:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(bound)
                 try:
-                    match trigger:
-                        case Trigger.SOURCE:
-                            await self._source()
-                        case Trigger.FULL:
-                            await self._full()
-                        case Trigger.INVENTORY:
-                            await self._inventory()
-                        case Trigger.EDGE:
-                            await self._edge()
+                    await self._dispatch(trigger)
+                except Exception as exc:  # a bug or an unwrapped error: report, keep serving
+                    log.exception("cycle failed", extra=fields(cycle=trigger.value))
+                    kind = CycleKind(trigger.value) if trigger is not Trigger.SOURCE else None
+                    if kind is not None:
+                        message = f"internal error: {type(exc).__name__}: {exc}"
+                        self._cycle_done(kind, CycleOutcome.ERRORED, self.wall(), 0.0, message)
                 finally:
                     tg.cancel_scope.cancel()
         if scope.cancelled_caught:
             log.warning("cut short at the end of the grace period", extra=fields(cycle=trigger))
+
+    async def _dispatch(self, trigger: Trigger) -> None:
+        match trigger:
+            case Trigger.SOURCE:
+                await self._source()
+            case Trigger.FULL:
+                await self._full()
+            case Trigger.INVENTORY:
+                await self._inventory()
+            case Trigger.EDGE:
+                await self._edge()
 
     # --- SOURCE ------------------------------------------------------------------------------
 
@@ -386,8 +413,7 @@ class Service:
         blocked = self.backoffs.blocked(self.clock())
         if not blocked:
             return plan
-        kept = tuple(c for c in plan.changes if c.address not in blocked)
-        return replace(plan, changes=kept)
+        return without(plan, blocked)
 
     def _progress(self, result: Result, done: int, total: int) -> None:
         c = result.change
@@ -485,10 +511,18 @@ class Service:
         data = (observed.model_dump_json(indent=1) + "\n").encode()
         self._snapshot_bytes = data
         path = self.settings.state_dir / "observed.json"
-        fd, temp = tempfile.mkstemp(dir=path.parent, prefix=".observed.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(temp, path)
+        try:
+            fd, temp = tempfile.mkstemp(dir=path.parent, prefix=".observed.", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "wb") as handle:
+                    handle.write(data)
+                os.replace(temp, path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(temp)
+                raise
+        except OSError as exc:  # /snapshot and Redis still have it
+            log.warning("snapshot not written", extra=fields(path=str(path), error=str(exc)))
         if self._conn is not None and self._conn.redis is not None and self._spec is not None:
             key = f"reconciler:{self._spec.platform.name}:observed"
             try:
@@ -567,12 +601,15 @@ class Service:
                     agent_layers=conn.agents.layers if conn.agents is not None else (),
                 )
             )
+            # The edge poll acts on the edge only, whatever the plan holds: guests and their
+            # firewall are the full cycle's, with its fresh observation and its checks.
+            plan = replace(plan, changes=tuple(c for c in plan.changes if c.kind in EDGE_KINDS))
             reports: list[ApplyReport] = []
             if plan.has_changes and not plan.errored:
                 reports.append(
                     await execute(
                         plan,
-                        conn.providers,
+                        edge,
                         progress=self._progress,
                         guard=self.lease.check,
                         stop=self.stopping,

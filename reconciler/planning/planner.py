@@ -173,7 +173,10 @@ def make_plan(
         changes[res.address] = change
 
     _firewall_first(changes, graph)
-    deletes, more = _deletes(graph, owned, allow_destroy, withheld)
+    # Only what was observed can be found gone: a partial observation (the service's edge
+    # poll, an observer that failed) never deletes anything of the kinds it did not look at.
+    seen = {a: r for a, r in owned.items() if observed_kinds is None or r.kind in observed_kinds}
+    deletes, more = _deletes(graph, seen, allow_destroy, withheld)
     diags.extend(more)
     ordered = list(changes.values())
     last_wave = max((c.wave for c in ordered), default=-1)
@@ -280,12 +283,14 @@ def _name_conflict(res: Resource, observed: ObservedState, platform: str) -> Dia
 
 
 def _same_content(kind: Kind, desired: dict[str, Any], seen: dict[str, Any]) -> bool:
-    """A foreign firewall object that is what the spec wants, as far as it was read (the
-    comment aside, which is where the mark goes; IP set entries and group rules are read
-    only for what we own, and `adopt` shows any difference before it writes): an adoption
-    candidate, not a conflict."""
+    """A foreign firewall object that is what the spec wants (the comment aside, which is where
+    the mark goes): an adoption candidate, not a conflict. IP set entries and group rules are
+    read only for what we own (or what our rules name), so a foreign one whose content was not
+    read never matches: it stays a conflict."""
     have = {k: v for k, v in seen.items() if k != "name"}
-    want, have = normalize.pair(kind, {k: v for k, v in desired.items() if k in have}, have)
+    if set(desired) - {"comment"} - set(have):
+        return False  # its entries or rules were not read: nothing to compare, not a match
+    want, have = normalize.pair(kind, dict(desired), have)
     return all(c.path.split(".")[0] == "comment" for c in diffing.diff(kind, want, have))
 
 
@@ -510,7 +515,11 @@ def _firewall_first(changes: dict[str, Change], graph: DesiredGraph) -> None:
         fw = changes.get(firewall_of.get(address, ""))
         if not starts or fw is None or fw.after is None or fw.action is Action.NOOP:
             continue
-        changes[address] = replace(change, after={**after, HOLD_START: True})
+        held = replace(change, after={**after, HOLD_START: True})
+        if change.action is Action.UPDATE and {f.path for f in change.fields} == {"state"}:
+            # Starting was all it would do, and the firewall change does that now.
+            held = replace(held, action=Action.NOOP, fields=(), reason="")
+        changes[address] = held
         changes[fw.address] = replace(fw, after={**fw.after, START_GUEST: True})
 
 

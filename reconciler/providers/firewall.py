@@ -811,7 +811,9 @@ class FirewallProvider:
         if change.after.get(START_GUEST):
             # The guest was held stopped until its rules were in place (firewall first).
             guest = replace(change, after={"type": change.id.get("type", "lxc")})
-            await self.pve.set_state(guest, "running")
+            # Someone (HA, onboot after a reboot, a person) may have started it meanwhile.
+            if await self.pve.power(guest) != "running":
+                await self.pve.set_state(guest, "running")
 
     # rule lists
 

@@ -668,6 +668,10 @@ class ProxmoxProvider:
             lambda: guest.delete(purge=1, **{"destroy-unreferenced-disks": 1}),
         )
 
+    async def power(self, change: Change) -> str:
+        """The guest's power state now: running, stopped (one status read)."""
+        return await self._power(change)
+
     async def _power(self, change: Change) -> str:
         guest = self._guest(change)
         status = await self.retrying(

@@ -17,13 +17,16 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from reconciler.applying.live import Endpoints, agent_watch
 from reconciler.controller.lease import LocalLease
-from reconciler.controller.service import Service, Settings
-from reconciler.controller.sources import DirectorySource, GitSource, SpecSource
+from reconciler.controller.service import Service, Settings, without
+from reconciler.controller.sources import DirectorySource, GitSource, Revision, SpecSource
 from reconciler.controller.status import CycleOutcome
 from reconciler.controller.timing import Trigger
 from reconciler.loading.loader import LoadResult
 from reconciler.model.errors import FencingError
+from reconciler.model.observed import ObservedState
+from reconciler.model.resources import DesiredGraph
 from reconciler.model.spec import ProxmoxApi
+from reconciler.planning.planner import make_plan
 from reconciler.simulators.agent import AgentFleet
 from reconciler.simulators.velocity_bridge import VelocityBridgeSimulator
 from tests.conftest import SPECS
@@ -318,3 +321,38 @@ def test_the_edge_poll_heals_a_velocity_restart_and_follows_readiness_between_fu
 
         anyio.run(main)
     assert (feeds / "runtime.yml").read_text().count("rc-") >= 4
+
+
+def test_a_bug_in_one_cycle_is_reported_and_the_service_keeps_serving(
+    pve_api: ProxmoxApi, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Flaky(DirectorySource):
+        """A source with a bug that shows once: not one of our errors."""
+
+        calls = 0
+
+        async def fetch(self) -> Revision:
+            Flaky.calls += 1
+            if Flaky.calls == 1:
+                raise KeyError("a bug")
+            return await super().fetch()
+
+    async def body(svc: Running) -> None:
+        status = await svc.until(lambda s: full_cycle_done(s))
+        assert status["revision"]["id"].startswith("dir-")
+        assert (await svc.get("/healthz")).status_code == 200
+
+    run_service(Flaky(SPECS), pve_api, tmp_path, body)
+    assert Flaky.calls >= 2
+    assert any(r.getMessage() == "cycle failed" and r.exc_info for r in caplog.records)
+
+
+def test_leaving_a_resource_out_leaves_out_what_needs_it(graph: DesiredGraph) -> None:
+    """A guest waiting out a backoff takes its firewall change with it, which would otherwise
+    start the guest without the guest's own change."""
+    plan = make_plan(graph, ObservedState())
+    trimmed = without(plan, {"guest/mc-lobby"})
+    left = {c.address for c in trimmed.changes}
+    assert "guest/mc-lobby" not in left and "firewall/guest/mc-lobby" not in left
+    assert "velocity/lobby" not in left  # registered only once its guest is there
+    assert "guest/mc-survival" in left and "firewall/guest/mc-survival" in left

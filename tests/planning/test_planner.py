@@ -7,7 +7,7 @@ from typing import Any
 from reconciler.loading.graph import build_graph
 from reconciler.loading.loader import load_texts
 from reconciler.model.observed import ObservedResource, ObservedState
-from reconciler.model.plans import Action, Plan
+from reconciler.model.plans import HOLD_START, START_GUEST, Action, Plan
 from reconciler.model.resources import DesiredGraph, Kind
 from reconciler.planning.planner import allocate_vmids, converged_state, make_plan
 
@@ -23,13 +23,13 @@ def _with(
     return state.model_copy(update={"resources": (*kept, *extra)})
 
 
-def _edit(state: ObservedState, address: str, **attrs: Any) -> ObservedState:
+def _edit(observed: ObservedState, address: str, **attrs: Any) -> ObservedState:
     out = []
-    for r in state.resources:
+    for r in observed.resources:
         if r.address == address:
             r = r.model_copy(update={"attributes": {**r.attributes, **attrs}})
         out.append(r)
-    return state.model_copy(update={"resources": tuple(out)})
+    return observed.model_copy(update={"resources": tuple(out)})
 
 
 def test_empty_cluster_creates_everything_in_dependency_order(graph: DesiredGraph) -> None:
@@ -234,3 +234,57 @@ def test_deletes_come_after_everything_else(graph: DesiredGraph) -> None:
     state = _with(converged_state(graph), gone, drop=("guest/dev-bob",))
     plan = make_plan(graph, state, allow_destroy=True)
     assert [c.action for c in plan.actions][-1] is Action.DELETE
+
+
+# --- review findings: partial observations, unread foreign objects, firewall first ----------------
+
+
+def test_a_partial_observation_never_deletes_what_it_did_not_look_at(graph: DesiredGraph) -> None:
+    """The service's edge poll observes Velocity and routes only, with the guests it already
+    knew: a guest gone from the spec is the full cycle's business, never the poll's."""
+    leftover = ObservedResource(
+        address="guest/old-one",
+        kind=Kind.GUEST,
+        owned=True,
+        id={"vmid": 1090, "node": "pve-runtime"},
+        attributes={"name": "old-one", "state": "running"},
+    )
+    state = _with(converged_state(graph), leftover)
+    partial = state.model_copy(update={"kinds": (Kind.VELOCITY, Kind.ROUTE)})
+    plan = make_plan(graph, partial, allow_destroy=True)
+    assert "guest/old-one" not in {c.address for c in plan.actions}
+    full = make_plan(graph, state, allow_destroy=True)
+    assert _by_address(full)["guest/old-one"].action is Action.DELETE
+
+
+def test_a_foreign_group_whose_rules_were_not_read_stays_a_conflict(graph: DesiredGraph) -> None:
+    handmade = ObservedResource(
+        kind=Kind.FIREWALL_GROUP,
+        owned=False,
+        id={"name": "ssh-admin"},
+        attributes={"name": "ssh-admin", "comment": "made by hand"},
+    )
+    state = _with(converged_state(graph), handmade, drop=("firewall/group/ssh-admin",))
+    plan = make_plan(graph, state)
+    assert plan.errored
+    assert [(d.code, d.address) for d in plan.diagnostics if d.severity.value == "error"] == [
+        ("firewall-name-held-by-foreign", "firewall/group/ssh-admin")
+    ]
+
+
+def test_a_stopped_guest_is_started_by_its_firewall_change_when_both_change(
+    graph: DesiredGraph,
+) -> None:
+    base = converged_state(graph)
+    state = _edit(base, "guest/mc-lobby", state="stopped")
+    rules = next(r for r in base.resources if r.address == "firewall/guest/mc-lobby").attributes
+    state = _edit(state, "firewall/guest/mc-lobby", rules=rules["rules"][:-1])
+    plan = _by_address(make_plan(graph, state))
+    guest, fw = plan["guest/mc-lobby"], plan["firewall/guest/mc-lobby"]
+    # starting was all the guest change would do: the firewall change does it, rules first
+    assert guest.action is Action.NOOP
+    assert fw.action is Action.UPDATE and fw.after[START_GUEST] is True
+    # a guest with only its power to change starts on its own when its firewall is in place
+    alone = _by_address(make_plan(graph, _edit(base, "guest/mc-lobby", state="stopped")))
+    assert alone["guest/mc-lobby"].action is Action.UPDATE
+    assert HOLD_START not in (alone["guest/mc-lobby"].after or {})

@@ -16,12 +16,13 @@ from typing import Any
 import anyio
 import pytest
 
+from reconciler.applying.executor import execute
 from reconciler.applying.live import Convergence, converge, observe_all
 from reconciler.cli.main import main
 from reconciler.loading.graph import build_graph
 from reconciler.loading.loader import LoadResult, load_directory
 from reconciler.model.diagnostics import Diagnostic, Severity
-from reconciler.model.plans import Action, Change, Plan
+from reconciler.model.plans import START_GUEST, Action, Change, Plan
 from reconciler.model.resources import DesiredGraph, Kind
 from reconciler.model.spec import PlatformSpec
 from reconciler.planning.observed_policies import live_isolation
@@ -575,3 +576,22 @@ def test_a_guest_whose_firewall_fails_stays_stopped(
     held = [a for a in vmids if f"firewall/guest/{a.removeprefix('guest/')}" in graph.resources]
     assert "guest/mc-lobby" in held and len(held) == 20
     assert {pve.ct(vmids[a]).status for a in held} == {"stopped"}
+
+
+def test_a_held_guest_started_by_someone_else_meanwhile_is_not_started_twice(
+    graph: DesiredGraph, spec: PlatformSpec, provider: ProxmoxProvider, pve: Any
+) -> None:
+    assert run(graph, spec, provider).ok
+    vmid = graph.resources["guest/mc-lobby"].attributes["vmid"]
+    pve.ct(vmid).status = "stopped"
+    fw = fw_of(provider, "mc-lobby")
+    [first] = [r for r in fw.rules.get() if r["pos"] == 0]
+    fw.rules(0).delete(digest=first["digest"])
+    plan = plan_now(graph, spec, provider)
+    changes = by_address(plan)
+    assert changes["firewall/guest/mc-lobby"].after[START_GUEST] is True
+    pve.ct(vmid).status = "running"  # HA (or a person) started it before the apply
+    report = anyio.run(lambda: execute(plan, providers_of(provider)))
+    assert report.ok, [(r.change.address, r.error) for r in report.results]
+    assert pve.ct(vmid).status == "running"
+    assert not plan_now(graph, spec, provider).has_changes
