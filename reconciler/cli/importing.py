@@ -25,14 +25,21 @@ from typing import Any, TextIO
 
 import anyio
 
-from reconciler.applying.live import proxmox_provider
-from reconciler.cli.live import confirm, connection_override, load_checked, parse_pairs
+from reconciler.applying.live import proxmox_provider, redis_client
+from reconciler.cli.live import (
+    confirm,
+    connection_override,
+    holding_lease,
+    load_checked,
+    parse_pairs,
+)
 from reconciler.importing.adopting import AdoptionReport, adopt
 from reconciler.importing.edge import edge_sources, read_edge
 from reconciler.importing.estate import read_estate
 from reconciler.importing.writer import Base, render_specs, spec_files_in, write_files
 from reconciler.loading.loader import load_directory
 from reconciler.model.errors import ReconcilerError
+from reconciler.model.resources import DesiredGraph
 from reconciler.model.spec import PlatformSpec, ProxmoxApi
 from reconciler.providers.proxmox import ProxmoxProvider, connect
 
@@ -196,6 +203,20 @@ def _render_report(report: AdoptionReport, out: TextIO, *, dry_run: bool) -> Non
         out.write("Dry run: nothing was written.\n")
 
 
+async def _adopt_holding_lease(
+    args: argparse.Namespace, graph: DesiredGraph, provider: ProxmoxProvider
+) -> AdoptionReport:
+    """Adopting changes guests: with the controller's Redis it holds the leader lease, so a
+    running service never acts at the same moment (see `holding_lease`)."""
+    redis = redis_client(args.redis_url) if args.redis_url else None
+    try:
+        async with holding_lease(redis, args):
+            return await adopt(graph, provider, args.addresses)
+    finally:
+        if redis is not None:
+            await redis.aclose()
+
+
 def cmd_adopt(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     loaded = load_checked(args.dir, err)
     if loaded is None:
@@ -215,7 +236,7 @@ def cmd_adopt(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             "adopt", "Adopt these? The controller will manage them from now on.", err
         ):
             return EXIT_ERROR
-        report = anyio.run(lambda: adopt(graph, provider, args.addresses))
+        report = anyio.run(lambda: _adopt_holding_lease(args, graph, provider))
     except ReconcilerError as exc:
         err.write(f"error: {exc}\n")
         return EXIT_ERROR

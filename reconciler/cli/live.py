@@ -14,13 +14,16 @@ flags point them elsewhere (a lab, the demo). A Redis feed needs the controller'
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import TextIO
 
 import anyio
+from redis.asyncio import Redis
 
 from reconciler.applying.executor import Outcome, Progress, Result, execute
 from reconciler.applying.live import (
@@ -31,6 +34,7 @@ from reconciler.applying.live import (
     converge,
 )
 from reconciler.cli import render
+from reconciler.controller.lease import LeaseKeeper, RedisLease, default_holder
 from reconciler.loading.graph import build_graph
 from reconciler.loading.loader import load_directory
 from reconciler.model.errors import ConfigurationError, ReconcilerError
@@ -93,6 +97,13 @@ def add_connection_args(p: argparse.ArgumentParser) -> None:
         help="the controller's Redis (default: $RECONCILER_REDIS_URL)",
     )
     e.add_argument("--redis-password-env", metavar="VAR", help="variable holding its password")
+    e.add_argument(
+        "--lease-name",
+        metavar="NAME",
+        default=os.environ.get("RECONCILER_LEASE_NAME"),
+        help="the leader lease in Redis that the service and a manual apply share "
+        "(default: reconciler)",
+    )
 
 
 def parse_pairs(values: list[str], flag: str) -> dict[str, str]:
@@ -154,6 +165,45 @@ def load_checked(directory: str, err: TextIO) -> tuple[PlatformSpec, DesiredGrap
         err.write(f"{directory}: the specs do not validate; nothing done\n")
         return None
     return result.spec, build_graph(result.spec, result.source)
+
+
+Guard = Callable[[], Awaitable[object]]
+
+
+@contextlib.asynccontextmanager
+async def holding_lease(
+    redis: Redis | None, args: argparse.Namespace, *, dry_run: bool = False
+) -> AsyncIterator[Guard | None]:
+    """With the controller's Redis, a manual apply (or adopt) is one more replica: it takes the
+    service's leader lease for as long as it acts, every change passes the lease's check, and
+    while a running service holds the lease it refuses, naming the holder. Without Redis (or
+    for a dry run) there is nothing to share."""
+    if redis is None or dry_run:
+        yield None
+        return
+    lease = RedisLease(
+        redis,
+        name=args.lease_name or "reconciler",
+        holder=f"cli:{default_holder()}",
+        ttl=MANUAL_LEASE_TTL,
+    )
+    if not await lease.acquire():
+        info = await lease.info()
+        holder = info.holder if info is not None else "another replica"
+        raise ReconcilerError(
+            f"the leader lease {lease.name!r} is held by {holder}: a running controller is "
+            "acting on this platform. Let it converge (see its /status), or stop it first"
+        )
+    keeper = LeaseKeeper(lease, interval=MANUAL_LEASE_TTL / 3)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(keeper.run)  # renews while we act; releases when cancelled
+        try:
+            yield lease.check
+        finally:
+            tg.cancel_scope.cancel()
+
+
+MANUAL_LEASE_TTL = 15.0
 
 
 def _warn_insecure(args: argparse.Namespace, err: TextIO) -> None:
@@ -235,9 +285,12 @@ def cmd_apply(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         return confirm("apply", "Apply these changes?", err)
 
     async def run() -> Convergence | int:
-        async with connect_platform(spec, endpoints_from(args)) as conn:
+        async with (
+            connect_platform(spec, endpoints_from(args)) as conn,
+            holding_lease(conn.redis, args, dry_run=args.dry_run) as guard,
+        ):
             if args.plan:
-                return await _apply_saved(args, spec, conn, out, err)
+                return await _apply_saved(args, spec, conn, out, err, guard)
             return await converge(
                 graph,
                 conn.providers,
@@ -249,6 +302,7 @@ def cmd_apply(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 progress=_progress(err),
                 observed_checks=[live_isolation(spec)],
                 agents=conn.agents,
+                guard=guard,
             )
 
     try:
@@ -296,6 +350,7 @@ async def _apply_saved(
     conn: Connection,
     out: TextIO,
     err: TextIO,
+    guard: Guard | None = None,
 ) -> int:
     try:
         plan = plan_from_json(json.loads(Path(args.plan).read_text(encoding="utf-8")))
@@ -318,7 +373,9 @@ async def _apply_saved(
     if plan.errored:
         err.write(f"{args.plan} has errors; it cannot be applied\n")
         return EXIT_ERROR
-    report = await execute(plan, conn.providers, dry_run=args.dry_run, progress=_progress(err))
+    report = await execute(
+        plan, conn.providers, dry_run=args.dry_run, progress=_progress(err), guard=guard
+    )
     return _summarize(report, out)
 
 

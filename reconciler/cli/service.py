@@ -91,7 +91,6 @@ def add_run_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
         "15",
         "leader lease time in Redis; a standby takes over within it (default 15)",
     )
-    s.add_argument("--lease-name", metavar="NAME", default=_env("LEASE_NAME"))
     s.add_argument("--holder", metavar="ID", default=_env("HOLDER"), help="this replica's name")
     s.add_argument("--log-format", choices=["json", "text"], default=_env("LOG_FORMAT", "json"))
     s.add_argument("--log-level", default=_env("LOG_LEVEL", "info"))

@@ -14,8 +14,9 @@ Ownership:
 - an alias, IP set or security group is ours only when its comment ends with our mark
   `[reconciler:<platform>]`. The observed comment has the mark stripped, so it diffs against
   the spec's comment. Anything else is foreign: observed, never changed, never deleted. IP set
-  entries and group rules are read for ours, and for foreign ones only when a rule we read
-  refers to them (so the isolation check knows what those rules admit);
+  entries and group rules are read for foreign ones too (one call each): the isolation check
+  needs what a rule of ours that names one admits, and the planner compares a foreign one with
+  the spec's before it calls it an adoption candidate;
 - a managed guest's firewall options and its whole rule list are ours.
 
 Rules (FIELD-NOTES, fakepve-findings §9): POST inserts at position 0 and creates the rule
@@ -44,7 +45,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, Literal
@@ -293,21 +294,6 @@ def _options(raw: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _refs(rules: Iterable[Mapping[str, Any]]) -> tuple[set[str], set[str]]:
-    """(security groups, IP sets) a rule list names."""
-    groups: set[str] = set()
-    ipsets: set[str] = set()
-    for rule in rules:
-        if rule.get("type") == "group":
-            groups.add(str(rule.get("action")))
-        for value in (rule.get("source"), rule.get("dest")):
-            for part in str(value or "").split(","):
-                part = part.strip()
-                if part.startswith("+"):
-                    ipsets.add(part[1:].removeprefix("dc/").removeprefix("guest/"))
-    return groups, ipsets
-
-
 def _entry(raw: Mapping[str, Any]) -> str:
     return ("!" if raw.get("nomatch") else "") + str(raw["cidr"])
 
@@ -357,7 +343,6 @@ class FirewallProvider:
             guests = await self.pve.observe()
         fw = self.client.cluster.firewall
         out: list[ObservedResource] = []
-        rules_read: list[Rule] = []
         foreign_ipsets: dict[str, dict[str, Any]] = {}
         foreign_groups: dict[str, dict[str, Any]] = {}
 
@@ -419,7 +404,6 @@ class FirewallProvider:
         async def group(name: str, comment: str, index: str | None) -> None:
             raw = await self._call(f"read security group {name}", lambda: fw.groups(name).get())
             rules = [clean_rule(r) for r in raw]
-            rules_read.extend(rules)
             out.append(
                 ObservedResource(
                     address=f"firewall/group/{name}",
@@ -454,7 +438,6 @@ class FirewallProvider:
             except NotFoundError:
                 return  # destroyed since the guests were read: no firewall to speak of
             rules = [clean_rule(r) for r in raw]
-            rules_read.extend(rules)
             out.append(
                 ObservedResource(
                     address="firewall/guest/" + res.address.removeprefix("guest/"),
@@ -477,33 +460,32 @@ class FirewallProvider:
                 if res.kind is Kind.GUEST and res.owned and res.address:
                     tg.start_soon(guest, res)
 
-        out.extend(await self._foreign(rules_read, foreign_ipsets, foreign_groups))
+        out.extend(await self._foreign(foreign_ipsets, foreign_groups))
         return sorted(out, key=lambda r: (r.kind.rank, r.address or "", json.dumps(r.id)))
 
     async def _foreign(
         self,
-        rules: list[Rule],
         ipsets: dict[str, dict[str, Any]],
         groups: dict[str, dict[str, Any]],
     ) -> list[ObservedResource]:
-        """Foreign IP sets and groups, with their content when one of our rules names them."""
+        """Foreign IP sets and groups, with their content: one of our rules may name them (the
+        isolation check needs what they allow), and one may be what the spec wants, not yet
+        adopted (the planner compares contents before it calls it a match). One call each;
+        a platform has few."""
         fw = self.client.cluster.firewall
-        named_groups, named_ipsets = _refs(rules)
 
         async def group(name: str) -> None:
             raw = await self._call(f"read security group {name}", lambda: fw.groups(name).get())
             groups[name]["rules"] = [clean_rule(r) for r in raw]
-            named_ipsets.update(_refs(groups[name]["rules"])[1])
 
         async def ipset(name: str) -> None:
             raw = await self._call(f"read IP set {name}", lambda: fw.ipset(name).get())
             ipsets[name]["entries"] = sorted(_entry(e) for e in raw)
 
         async with anyio.create_task_group() as tg:
-            for name in sorted(named_groups & set(groups)):
+            for name in sorted(groups):
                 tg.start_soon(group, name)
-        async with anyio.create_task_group() as tg:
-            for name in sorted(named_ipsets & set(ipsets)):
+            for name in sorted(ipsets):
                 tg.start_soon(ipset, name)
         return [
             ObservedResource(kind=kind, owned=False, id={"name": name}, attributes=attrs)

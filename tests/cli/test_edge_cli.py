@@ -10,17 +10,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import pytest
+from redis.asyncio import Redis
 
 from reconciler.applying.live import agent_watch
 from reconciler.cli.main import main
+from reconciler.controller.lease import RedisLease
 from reconciler.loading.loader import LoadResult
 from reconciler.model.spec import ProxmoxApi
 from reconciler.simulators.agent import AgentFleet, SimulatedAgent
 from reconciler.simulators.velocity_bridge import VelocityBridgeSimulator
 from tests.cli.test_live import flags as proxmox_flags
 from tests.conftest import SPECS
+from tests.fakepve_fixtures import mutating_calls
 from tests.traefik_fixtures import Traefik
 
 SECRET = "bridge-secret-for-tests"
@@ -202,3 +206,40 @@ def test_an_unreachable_traefik_api_and_a_missing_redis_cost_only_the_routes(
     out = capsys.readouterr()
     assert code == 0, out.out + out.err
     assert "no Redis is configured" in out.out + out.err
+
+
+def test_a_manual_apply_shares_the_services_lease(
+    lab: Lab, redis_port: int, pve: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With the controller's Redis, `apply` is one more replica: refused while a service holds
+    the lease; otherwise it holds it while it acts and lets go after."""
+
+    async def hold(release: bool) -> bool:
+        client = Redis(port=redis_port)
+        try:
+            lease = RedisLease(client, name="reconciler", holder="ctl-a", ttl=30)
+            if release:
+                await client.delete(lease.lease_key)
+                return True
+            return await lease.acquire()
+        finally:
+            await client.aclose()
+
+    assert anyio.run(hold, False)
+    pve.requests.clear()
+    assert lab.run("apply", "--auto-approve") == 1
+    err = capsys.readouterr().err
+    assert "held by ctl-a" in err and "running controller" in err
+    assert mutating_calls(pve) == []
+
+    assert anyio.run(hold, True)
+    assert lab.run("apply", "--auto-approve") == 0
+    assert not anyio.run(lambda: _lease_exists(redis_port))  # released when done
+
+
+async def _lease_exists(port: int) -> bool:
+    client = Redis(port=port)
+    try:
+        return bool(await client.exists("reconciler:reconciler:lease"))
+    finally:
+        await client.aclose()
