@@ -34,7 +34,8 @@ from reconciler.simulators.fakepve_process import FakePveProcess
 TEMPLATE = "debian-12-standard_12.7-1_amd64.tar.zst"
 
 
-def platform(n: int) -> DesiredGraph:
+def spec_text(n: int) -> str:
+    """N game guests on two nodes, each with a NIC firewall flag, as one spec file's text."""
     lines = [
         "platform: {name: bench}",
         "layers: {runtime: {}}",
@@ -55,7 +56,11 @@ def platform(n: int) -> DesiredGraph:
     for i in range(n):
         node = "pve-core" if i % 2 else "pve-runtime"
         lines.append(f"  g{i:04d}: {{role: game, host: {node}, profile: game}}")
-    result = load_texts({"bench.yaml": "\n".join(lines) + "\n"})
+    return "\n".join(lines) + "\n"
+
+
+def platform(n: int) -> DesiredGraph:
+    result = load_texts({"bench.yaml": spec_text(n)})
     assert result.ok and result.spec is not None, [str(d) for d in result.diagnostics]
     return build_graph(result.spec)
 

@@ -40,6 +40,9 @@ from pathlib import Path
 
 import anyio
 
+# The same platform as bench_proxmox.py (run as a script, bench/ is on the import path).
+from bench_proxmox import TEMPLATE, spec_text
+
 from reconciler.applying.live import Endpoints
 from reconciler.controller.lease import LocalLease
 from reconciler.controller.service import Service, Settings
@@ -51,35 +54,8 @@ from reconciler.model.spec import ProxmoxApi, SecretRef
 from reconciler.providers.proxmox import ProxmoxProvider
 from reconciler.simulators.fakepve_process import FakePveProcess
 
-TEMPLATE = "debian-12-standard_12.7-1_amd64.tar.zst"  # as in bench_proxmox.py
 PASSWORD_ENV = "BENCH_SERVICE_PVE_PASSWORD"
 FULL_EVERY, INVENTORY_EVERY = 300.0, 30.0
-
-
-def spec_text(n: int) -> str:
-    """The spec of bench_proxmox.platform, as a file's text (that function returns a graph,
-    and the service reads a directory)."""
-    lines = [
-        "platform: {name: bench}",
-        "layers: {runtime: {}}",
-        "hosts:",
-        "  pve-core: {layers: [runtime], capacity: {cores: 100000, memory: 100T}}",
-        "  pve-runtime: {layers: [runtime], capacity: {cores: 100000, memory: 100T}}",
-        "ranges: {game: {first: 1000, last: 9999, layer: runtime}}",
-        "profiles:",
-        "  game:",
-        f"    template: local:vztmpl/{TEMPLATE}",
-        "    cores: 2",
-        "    memory: 2G",
-        "    disk: {storage: local-lvm, size: 8G}",
-        "    tags: [game]",
-        "    network: [{name: eth0, bridge: vmbr0, ip: dhcp, firewall: true}]",
-        "guests:",
-    ]
-    for i in range(n):
-        node = "pve-core" if i % 2 else "pve-runtime"
-        lines.append(f"  g{i:04d}: {{role: game, host: {node}, profile: game}}")
-    return "\n".join(lines) + "\n"
 
 
 Row = tuple[str, int, float, float | None, int, str]
