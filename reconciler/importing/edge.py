@@ -24,7 +24,7 @@ from reconciler.model.errors import ConfigurationError, ProviderError, Temporary
 from reconciler.model.spec import PlatformSpec, SecretRef
 from reconciler.providers.backoff import backoff
 from reconciler.providers.proxmox import read_secret
-from reconciler.providers.traefik import BadAnswer, classify
+from reconciler.providers.traefik import classify, list_api
 from reconciler.providers.velocity import VelocityProvider
 
 Sleep = Callable[[float], Awaitable[None]]
@@ -240,7 +240,7 @@ async def read_routers(
             tries = 0
             while True:
                 try:
-                    return await _list(client, path)
+                    return await list_api(client, path)
                 except Exception as exc:
                     error = classify(exc, f"Traefik {api_url} {path}")
                     tries += 1
@@ -276,25 +276,6 @@ async def read_routers(
                     )
                 )
     return tuple(sorted(out, key=lambda x: (x.protocol, x.name)))
-
-
-async def _list(client: httpx.AsyncClient, path: str) -> list[dict[str, Any]]:
-    entries: list[dict[str, Any]] = []
-    page = 1
-    while True:
-        response = await client.get(path, params={"per_page": 500, "page": page})
-        response.raise_for_status()
-        try:
-            body = response.json()
-        except ValueError:
-            raise BadAnswer(f"{path} answered something not JSON") from None
-        if not isinstance(body, list):
-            raise BadAnswer(f"{path} answered without a list")
-        entries += [e for e in body if isinstance(e, dict)]
-        following = response.headers.get("X-Next-Page", "1")
-        if not following.isdigit() or int(following) <= page:
-            return entries
-        page = int(following)
 
 
 def resolve_guest(

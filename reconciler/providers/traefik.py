@@ -305,6 +305,27 @@ def _text(value: str | bytes) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+async def list_api(client: httpx.AsyncClient, path: str) -> list[dict[str, Any]]:
+    """Every entry of one of Traefik's API lists (`/api/http/routers`, ...), page by page
+    (`X-Next-Page`)."""
+    entries: list[dict[str, Any]] = []
+    page = 1
+    while True:
+        response = await client.get(path, params={"per_page": 500, "page": page})
+        response.raise_for_status()
+        try:
+            body = response.json()
+        except ValueError:
+            raise BadAnswer(f"{path} answered something not JSON") from None
+        if not isinstance(body, list):
+            raise BadAnswer(f"{path} answered without a list")
+        entries += [e for e in body if isinstance(e, dict)]
+        following = response.headers.get("X-Next-Page", "1")
+        if not following.isdigit() or int(following) <= page:
+            return entries
+        page = int(following)
+
+
 # --- the provider ------------------------------------------------------------------------------
 
 
@@ -493,24 +514,7 @@ class TraefikProvider:
 
     @staticmethod
     async def _list_routers(client: httpx.AsyncClient, protocol: str) -> list[dict[str, Any]]:
-        entries: list[dict[str, Any]] = []
-        page = 1
-        while True:
-            response = await client.get(
-                f"/api/{protocol}/routers", params={"per_page": 500, "page": page}
-            )
-            response.raise_for_status()
-            try:
-                body = response.json()
-            except ValueError:
-                raise BadAnswer(f"/api/{protocol}/routers answered something not JSON") from None
-            if not isinstance(body, list):
-                raise BadAnswer(f"/api/{protocol}/routers answered without a list")
-            entries += [e for e in body if isinstance(e, dict)]
-            following = response.headers.get("X-Next-Page", "1")
-            if not following.isdigit() or int(following) <= page:
-                return entries
-            page = int(following)
+        return await list_api(client, f"/api/{protocol}/routers")
 
     # --- apply -------------------------------------------------------------------------
 
