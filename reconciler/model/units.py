@@ -96,3 +96,12 @@ def parse_kv(value: str) -> dict[str, str]:
         elif i == 0:
             out["volume"] = part.strip()
     return out
+
+
+def ipset_entry(value: str) -> str:
+    """Proxmox stores a single address in an IP set without its /32 (or /128)."""
+    if value.endswith("/32") and ":" not in value:
+        return value[:-3]
+    if value.endswith("/128") and ":" in value:
+        return value[:-4]
+    return value

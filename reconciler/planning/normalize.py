@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from reconciler.model import units
 from reconciler.model.resources import Kind
 from reconciler.model.units import format_mib, parse_kv, parse_mib
 
@@ -171,6 +172,9 @@ def rule(value: dict[str, Any]) -> dict[str, Any]:
         out.pop("log")
     if "dport" in out:
         out["dport"] = str(out["dport"])
+    if isinstance(out.get("macro"), str):
+        # Proxmox stores a macro under its preferred spelling (ssh -> SSH).
+        out["macro"] = out["macro"].lower()
     return out
 
 
@@ -181,7 +185,7 @@ def firewall(attrs: dict[str, Any]) -> dict[str, Any]:
     if "enable" in out:
         out["enable"] = int(out["enable"])
     if isinstance(out.get("entries"), list):
-        out["entries"] = sorted(out["entries"])
+        out["entries"] = sorted(units.ipset_entry(str(e)) for e in out["entries"])
     return out
 
 

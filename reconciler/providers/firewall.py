@@ -61,6 +61,7 @@ from reconciler.model.errors import (
 from reconciler.model.observed import ObservedResource
 from reconciler.model.plans import START_GUEST, Action, Change
 from reconciler.model.resources import Kind
+from reconciler.model.units import ipset_entry
 from reconciler.providers.proxmox import ProxmoxProvider, read_mark
 
 FIREWALL_KINDS = frozenset(
@@ -695,6 +696,7 @@ class FirewallProvider:
     ) -> None:
         name = self._name(change)
         ipset = self.client.cluster.firewall.ipset(name)
+        want = [ipset_entry(e) for e in want]  # as Proxmox will store them
         current = set(have)
         for entry in sorted(current - set(want)):
             if digest is None:

@@ -595,3 +595,17 @@ def test_a_held_guest_started_by_someone_else_meanwhile_is_not_started_twice(
     assert report.ok, [(r.change.address, r.error) for r in report.results]
     assert pve.ct(vmid).status == "running"
     assert not plan_now(graph, spec, provider).has_changes
+
+
+def test_an_address_written_with_its_prefix_converges_as_proxmox_stores_it(
+    provider: ProxmoxProvider, pve: Any, tmp_path: Path
+) -> None:
+    """An IP set entry `10.9.9.9/32` is stored by Proxmox as `10.9.9.9`: applied once, then no
+    drift (the spec's spelling and Proxmox's are the same address)."""
+    graph, spec = load_copy(
+        tmp_path, "firewall.yaml", "[192.168.50.0/24]", "[192.168.50.0/24, 10.9.9.9/32]"
+    )
+    assert run(graph, spec, provider).ok
+    entries = [e["cidr"] for e in provider.client.cluster.firewall.ipset("admins").get()]
+    assert sorted(entries) == ["10.9.9.9", "192.168.50.0/24"]
+    assert not plan_now(graph, spec, provider).has_changes
