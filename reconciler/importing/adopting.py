@@ -28,7 +28,12 @@ from typing import Any
 from reconciler.model.errors import ConflictError, ProviderError
 from reconciler.model.resources import DesiredGraph, Kind
 from reconciler.planning import diffing, normalize
-from reconciler.providers.firewall import read_comment_mark, with_comment_mark
+from reconciler.providers.firewall import (
+    clean_rule,
+    ipset_entry_of,
+    read_comment_mark,
+    with_comment_mark,
+)
 from reconciler.providers.proxmox import (
     ProxmoxProvider,
     guest_attributes,
@@ -116,7 +121,10 @@ async def _check(
     if res.kind is Kind.GUEST:
         return await _check_guest(graph, provider, inventory, address)
     if res.kind in _NAMED:
-        return await _check_named(provider, graph.platform, res.kind, res.name, address)
+        adoption = await _check_named(provider, graph.platform, res.kind, res.name, address)
+        if adoption.status != "already owned":
+            adoption.drift = await _named_drift(provider, res.kind, res.name, dict(res.attributes))
+        return adoption
     if res.kind is Kind.FIREWALL_GUEST:
         raise _Refused(f"a guest's firewall follows its guest: adopt guest/{res.name}")
     raise _Refused(f"a {res.kind.value} is not adopted: apply writes it")
@@ -183,6 +191,29 @@ def _guest_drift(
     have = guest_attributes(item, config)
     desired, observed = normalize.pair(Kind.GUEST, dict(want), have)
     return [f.path for f in diffing.diff(Kind.GUEST, desired, observed)]
+
+
+async def _named_drift(
+    provider: ProxmoxProvider, kind: Kind, name: str, want: dict[str, Any]
+) -> list[str]:
+    """The fields the next plan would change once the alias, IP set or group is ours (its
+    comment aside: the mark goes there)."""
+    fw = provider.client.cluster.firewall
+    have: dict[str, Any]
+    if kind is Kind.FIREWALL_ALIAS:
+        items = await provider.retrying("read firewall aliases", lambda: fw.aliases.get())
+        item: Mapping[str, Any] = next(
+            (i for i in items if str(i["name"]).lower() == name.lower()), {}
+        )
+        have = {"cidr": item.get("cidr")}
+    elif kind is Kind.FIREWALL_IPSET:
+        raw = await provider.retrying(f"read IP set {name}", lambda: fw.ipset(name).get())
+        have = {"entries": sorted(ipset_entry_of(e) for e in raw)}
+    else:
+        raw = await provider.retrying(f"read security group {name}", lambda: fw.groups(name).get())
+        have = {"rules": [clean_rule(r) for r in raw]}
+    desired, observed = normalize.pair(kind, {k: v for k, v in want.items() if k in have}, have)
+    return [f.path for f in diffing.diff(kind, desired, observed)]
 
 
 async def _check_named(

@@ -295,7 +295,8 @@ def _options(raw: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _entry(raw: Mapping[str, Any]) -> str:
+def ipset_entry_of(raw: Mapping[str, Any]) -> str:
+    """An IP set entry as Proxmox lists it, in the spec's spelling (`!` for nomatch)."""
     return ("!" if raw.get("nomatch") else "") + str(raw["cidr"])
 
 
@@ -387,7 +388,10 @@ class FirewallProvider:
                     kind=Kind.FIREWALL_IPSET,
                     owned=True,
                     id={"name": name},
-                    attributes={"entries": sorted(_entry(e) for e in entries), "comment": comment},
+                    attributes={
+                        "entries": sorted(ipset_entry_of(e) for e in entries),
+                        "comment": comment,
+                    },
                     version=join_version(index=index, entries=digest),
                 )
             )
@@ -481,7 +485,7 @@ class FirewallProvider:
 
         async def ipset(name: str) -> None:
             raw = await self._call(f"read IP set {name}", lambda: fw.ipset(name).get())
-            ipsets[name]["entries"] = sorted(_entry(e) for e in raw)
+            ipsets[name]["entries"] = sorted(ipset_entry_of(e) for e in raw)
 
         async with anyio.create_task_group() as tg:
             for name in sorted(groups):
@@ -687,7 +691,7 @@ class FirewallProvider:
                 change, lambda: ipset.post(name=name, comment=comment), "an IP set"
             )
             raw = await self._call(f"read IP set {name}", lambda: ipset(name).get())
-            have = [_entry(e) for e in raw]
+            have = [ipset_entry_of(e) for e in raw]
             digest = raw[0].get("digest") if raw else None
         await self._sync_entries(change, have, list(change.after.get("entries", [])), digest)
 
@@ -701,7 +705,7 @@ class FirewallProvider:
         for entry in sorted(current - set(want)):
             if digest is None:
                 raw = await self._call(f"read IP set {name}", lambda: ipset.get())
-                if {_entry(e) for e in raw} != current:
+                if {ipset_entry_of(e) for e in raw} != current:
                     raise ConflictError(f"{change.address}: changed while applying; re-plan")
                 digest = raw[0].get("digest") if raw else None
             remove = partial(ipset(entry.removeprefix("!")).delete, digest=digest)

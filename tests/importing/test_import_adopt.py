@@ -576,3 +576,15 @@ def test_the_adopt_command_dry_runs_then_adopts_with_approval(
     assert mutating_calls(pve) == [("PUT", "/api2/json/nodes/pve-runtime/lxc/1000/config")]
     code, text, _ = run_cli(["adopt", "guest/nope", "--dir", specs, *connection(pve_api)])
     assert code == 1 and "refused  guest/nope: not in the specs" in text
+
+
+def test_adopting_an_ip_set_that_differs_from_the_spec_shows_what_apply_would_change(
+    graph: DesiredGraph, provider: ProxmoxProvider, pve: Any
+) -> None:
+    """Someone added an entry after the import: adopt says the next apply takes it out."""
+    provider.client.cluster.firewall.ipset("admins").post(cidr="198.51.100.7")
+    pve.requests.clear()
+    report = anyio.run(lambda: adopt(graph, provider, ["firewall/ipset/admins"], dry_run=True))
+    [adoption] = report.adoptions
+    assert adoption.drift == ["entries"]
+    assert mutating_calls(pve) == []
