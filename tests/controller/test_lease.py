@@ -6,11 +6,8 @@ from __future__ import annotations
 
 import itertools
 import os
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -30,7 +27,7 @@ from reconciler.controller.lease import (
 )
 from reconciler.model.errors import ConfigurationError, FencingError, TemporaryError
 from reconciler.providers.redisconn import connect_redis
-from tests.redis_fixtures import free_port
+from reconciler.simulators import processes
 
 _names = itertools.count()
 
@@ -80,31 +77,15 @@ def run(fn: Callable[[], Awaitable[object]]) -> object:
 @pytest.fixture
 def own_redis() -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
     """A redis-server this test may kill, to see the lease with Redis gone."""
-    exe = shutil.which("redis-server")
-    if exe is None:
-        pytest.fail("redis-server is not on PATH: apt-get install redis-server")
-    workdir = tempfile.mkdtemp(prefix="redis-lease-")
-    port = free_port()
-    proc = subprocess.Popen(
-        [exe, "--port", str(port), "--bind", "127.0.0.1", "--dir", workdir, "--save", ""],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 5
-    while True:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                break
-        if time.monotonic() > deadline or proc.poll() is not None:
-            proc.kill()
-            pytest.fail("our redis-server did not start")
-        time.sleep(0.02)
     try:
-        yield port, proc
+        server = processes.start_redis()
+    except processes.PartMissing as exc:
+        pytest.fail(str(exc))
+    try:
+        yield server.port, server.proc
     finally:
-        proc.kill()
-        proc.wait(5)
-        shutil.rmtree(workdir, ignore_errors=True)
+        server.proc.kill()
+        server.stop()
 
 
 # -- RedisLease --------------------------------------------------------------------------------

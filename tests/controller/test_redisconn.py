@@ -4,7 +4,6 @@ Sentinel started here (`redis-server <conf> --sentinel`) that monitors it."""
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -19,6 +18,7 @@ from redis.exceptions import AuthenticationError, ConnectionError
 from reconciler.controller.lease import RedisLease
 from reconciler.model.errors import ConfigurationError
 from reconciler.providers.redisconn import connect_redis, describe_redis_url
+from reconciler.simulators.processes import wait_for_port
 from tests.redis_fixtures import free_port
 
 SECRET = "s3cret"
@@ -170,15 +170,9 @@ def sentinel_port(redis_port: int) -> Iterator[int]:
     proc = subprocess.Popen(
         [exe, str(conf), "--sentinel"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    deadline = time.monotonic() + 5
-    while True:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                break
-        if time.monotonic() > deadline or proc.poll() is not None:
-            proc.kill()
-            pytest.fail("redis-server --sentinel did not start")
-        time.sleep(0.02)
+    if not wait_for_port(port, proc):
+        proc.kill()
+        pytest.fail("redis-server --sentinel did not start")
     try:
         yield port
     finally:
