@@ -81,7 +81,7 @@ def lab(
             agent_flags += ["--agent", f"{name}={host}:{port}"]
         yield Lab(
             [
-                *[f for f in proxmox_flags(pve_api) if f != "--no-edge"],
+                *proxmox_flags(pve_api, edge=True),
                 "--velocity-url",
                 bridge.url,
                 *agent_flags,

@@ -15,7 +15,9 @@ from tests.conftest import SPECS
 from tests.fakepve_fixtures import mutating_calls
 
 
-def flags(api: ProxmoxApi) -> list[str]:
+def flags(api: ProxmoxApi, *, edge: bool = False) -> list[str]:
+    """The command-line flags that point a live command at fakepve (guests and firewall only,
+    unless `edge`)."""
     assert api.ca_file is not None
     return [
         "--proxmox-url",
@@ -24,7 +26,7 @@ def flags(api: ProxmoxApi) -> list[str]:
         "FAKEPVE_PASSWORD",
         "--ca-file",
         api.ca_file,
-        "--no-edge",
+        *([] if edge else ["--no-edge"]),
     ]
 
 

@@ -23,7 +23,6 @@ from reconciler.cli.live import add_connection_args
 from reconciler.importing.adopting import AdoptionReport, adopt
 from reconciler.importing.estate import Estate, read_estate
 from reconciler.importing.writer import Base, ImportResult, render_specs, write_files
-from reconciler.loading.graph import build_graph
 from reconciler.loading.loader import load_directory
 from reconciler.model.diagnostics import Severity
 from reconciler.model.plans import Action, Plan
@@ -33,6 +32,7 @@ from reconciler.planning.planner import make_plan
 from reconciler.providers import Provider
 from reconciler.providers.firewall import FirewallProvider
 from reconciler.providers.proxmox import ProxmoxProvider
+from tests.cli.test_live import flags
 from tests.fakepve_fixtures import mutating_calls
 
 PLATFORM = "zpack"
@@ -225,13 +225,6 @@ def imported(estate: Estate, tmp_path: Path) -> ImportResult:
     result = render_specs(estate, base())
     write_files(result.files, tmp_path / "imported")
     return result
-
-
-@pytest.fixture
-def graph(imported: ImportResult, tmp_path: Path) -> DesiredGraph:
-    loaded = load_directory(tmp_path / "imported")
-    assert loaded.ok and loaded.spec is not None, [str(d) for d in loaded.diagnostics]
-    return build_graph(loaded.spec, loaded.source)
 
 
 FIREWALL_OBJECTS = (
@@ -519,17 +512,6 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def connection(api: ProxmoxApi) -> list[str]:
-    return [
-        "--proxmox-url",
-        api.url,
-        "--proxmox-password-env",
-        "FAKEPVE_PASSWORD",
-        "--ca-file",
-        str(api.ca_file),
-    ]
-
-
 def run_cli(argv: list[str]) -> tuple[int, str, str]:
     args = parser().parse_args(argv)
     out, err = io.StringIO(), io.StringIO()
@@ -541,7 +523,7 @@ def test_the_import_command_writes_valid_specs_and_refuses_to_overwrite(
     estate: Estate, pve_api: ProxmoxApi, tmp_path: Path, pve: Any
 ) -> None:
     out = tmp_path / "out"
-    argv = ["import", "--out", str(out), "--platform", PLATFORM, *connection(pve_api)]
+    argv = ["import", "--out", str(out), "--platform", PLATFORM, *flags(pve_api)]
     code, text, err = run_cli(argv)
     assert code == 0, err
     assert "7 guests imported" in text and "valid" in text
@@ -561,7 +543,7 @@ def test_the_adopt_command_dry_runs_then_adopts_with_approval(
     imported: ImportResult, pve_api: ProxmoxApi, tmp_path: Path, pve: Any
 ) -> None:
     specs = str(tmp_path / "imported")
-    base_argv = ["adopt", "guest/mc-lobby", "--dir", specs, *connection(pve_api)]
+    base_argv = ["adopt", "guest/mc-lobby", "--dir", specs, *flags(pve_api)]
     code, text, err = run_cli([*base_argv, "--dry-run"])
     assert code == 0, err
     assert "would adopt  guest/mc-lobby (lxc 1000 on pve-runtime)" in text
@@ -574,7 +556,7 @@ def test_the_adopt_command_dry_runs_then_adopts_with_approval(
     assert code == 0, err
     assert "adopted      guest/mc-lobby" in text
     assert mutating_calls(pve) == [("PUT", "/api2/json/nodes/pve-runtime/lxc/1000/config")]
-    code, text, _ = run_cli(["adopt", "guest/nope", "--dir", specs, *connection(pve_api)])
+    code, text, _ = run_cli(["adopt", "guest/nope", "--dir", specs, *flags(pve_api)])
     assert code == 1 and "refused  guest/nope: not in the specs" in text
 
 

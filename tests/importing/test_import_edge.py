@@ -26,7 +26,6 @@ from reconciler.importing.edge import (
 from reconciler.importing.edge_writer import parse_rule
 from reconciler.importing.estate import Estate, read_estate
 from reconciler.importing.writer import ImportResult, render_specs, write_files
-from reconciler.loading.graph import build_graph
 from reconciler.loading.loader import load_directory
 from reconciler.model.plans import Action
 from reconciler.model.resources import DesiredGraph, Kind
@@ -36,12 +35,12 @@ from reconciler.providers import Provider
 from reconciler.providers.proxmox import ProxmoxProvider
 from reconciler.providers.velocity import VelocityProvider
 from reconciler.simulators.velocity_bridge import VelocityBridgeSimulator
+from tests.cli.test_live import flags
 from tests.fakepve_fixtures import mutating_calls
 from tests.importing.test_import_adopt import (
     NET,
     base,
     build_estate,
-    connection,
     providers_of,
     run_cli,
 )
@@ -176,13 +175,6 @@ def imported(
     assert len(result.routes) == 2, (result.notes, edge.traefik)
     write_files(result.files, tmp_path / "imported")
     return result
-
-
-@pytest.fixture
-def graph(imported: ImportResult, tmp_path: Path) -> DesiredGraph:
-    loaded = load_directory(tmp_path / "imported")
-    assert loaded.ok and loaded.spec is not None, [str(d) for d in loaded.diagnostics]
-    return build_graph(loaded.spec, loaded.source)
 
 
 # --- what is written ----------------------------------------------------------------------------
@@ -374,7 +366,7 @@ def test_the_import_command_reads_the_edge_the_dir_spec_configures(
             str(out),
             "--dir",
             str(specs),
-            *connection(pve_api),
+            *flags(pve_api, edge=True),
             "--velocity-url",
             bridge.url,
             "--traefik-api",
@@ -405,7 +397,7 @@ def test_the_import_command_refuses_a_velocity_url_without_its_secret(
             str(tmp_path / "out"),
             "--platform",
             "zpack",
-            *connection(pve_api),
+            *flags(pve_api, edge=True),
             "--velocity-url",
             "http://127.0.0.1:9",
         ]
