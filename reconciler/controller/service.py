@@ -78,7 +78,7 @@ from reconciler.model.spec import PlatformSpec, SecretRef
 from reconciler.planning.observed_policies import live_isolation
 from reconciler.planning.planner import make_plan
 from reconciler.providers import Provider
-from reconciler.providers.proxmox import ProxmoxProvider, read_secret
+from reconciler.providers.proxmox import Inventory, ProxmoxProvider, read_secret
 from reconciler.providers.proxmox_inventory import inventory_drift
 from reconciler.providers.redisconn import connect_redis
 
@@ -553,12 +553,20 @@ class Service:
             return
         finally:
             self._count_calls()
+        self._inventory_checked(inventory, started, t0)
+
+    def _inventory_checked(self, inventory: Inventory, started: float, t0: float) -> None:
+        """Compare a fresh inventory with the last snapshot; drift asks for a full cycle. The
+        edge poll reads the inventory anyway and checks it here too, so the separate
+        inventory check is pushed back instead of asking Proxmox again."""
+        assert self._snapshot is not None
         drift = inventory_drift(self._snapshot, inventory)
         if drift:
             log.info("inventory drift", extra=fields(drift=drift[:20], count=len(drift)))
             self.schedule.request(Trigger.FULL, self.clock())
         outcome = CycleOutcome.CHANGED if drift else CycleOutcome.CONVERGED
         self._cycle_done(CycleKind.INVENTORY, outcome, started, t0, "; ".join(drift[:5]))
+        self.schedule.ran(Trigger.INVENTORY, self.clock())
 
     # --- EDGE --------------------------------------------------------------------------------
 
@@ -574,6 +582,7 @@ class Service:
         started, t0 = self.wall(), self.clock()
         try:
             inventory = await guests.inventory()
+            self._inventory_checked(inventory, started, t0)
             power = {
                 int(i["vmid"]): "running" if i.get("status") == "running" else "stopped"
                 for i in inventory.guests

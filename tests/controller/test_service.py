@@ -256,6 +256,10 @@ def test_every_change_passes_the_fencing_check_first(
     assert service.board.last_cycle is not None and service.board.last_cycle.skipped > 0
 
 
+def self_count(service: Service, trigger: Trigger) -> int:
+    return sum(1 for t, _ in service.cycles if t is trigger)
+
+
 def test_the_edge_poll_heals_a_velocity_restart_and_follows_readiness_between_full_cycles(
     pve_api: ProxmoxApi,
     pve: Any,
@@ -272,7 +276,7 @@ def test_the_edge_poll_heals_a_velocity_restart_and_follows_readiness_between_fu
     intervals = {
         Trigger.SOURCE: 60.0,
         Trigger.FULL: 60.0,
-        Trigger.INVENTORY: 60.0,
+        Trigger.INVENTORY: 0.5,  # due often, but the edge poll's inventory read covers it
         Trigger.EDGE: 0.3,
     }
     with VelocityBridgeSimulator("bridge-secret") as bridge, AgentFleet(control=False) as fleet:
@@ -317,6 +321,20 @@ def test_the_edge_poll_heals_a_velocity_restart_and_follows_readiness_between_fu
                 # all of it by the edge poll: no full cycle ran meanwhile
                 assert sum(1 for t, _ in service.cycles if t is Trigger.FULL) == fulls
                 assert (Trigger.EDGE, CycleOutcome.CHANGED) in service.cycles
+                # One Proxmox call per edge poll (its inventory read, which also serves as the
+                # drift check): no separate inventory call on top.
+                guests = service._guests()
+                assert guests is not None
+
+                async def after_an_edge_poll() -> tuple[int, int]:
+                    seen = self_count(service, Trigger.EDGE)
+                    await until(lambda: self_count(service, Trigger.EDGE) > seen)
+                    return guests.calls, self_count(service, Trigger.EDGE)
+
+                calls, edges = await after_an_edge_poll()
+                await anyio.sleep(2.0)
+                calls_now, edges_now = await after_an_edge_poll()
+                assert calls_now - calls == edges_now - edges > 3
                 service.stop()
 
         anyio.run(main)
