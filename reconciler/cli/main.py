@@ -137,7 +137,7 @@ def cmd_plan(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         Path(args.out).write_text(render.render_json(plan), encoding="utf-8")
     if plan.errored:
         return EXIT_ERROR
-    if args.detailed_exitcode and plan.has_changes:
+    if args.detailed_exitcode and plan.drifted:
         return EXIT_CHANGES
     return EXIT_OK
 

@@ -17,6 +17,7 @@ from reconciler.model.plans import HOLD_START, START_GUEST, Action, Change, Plan
 _COLORS = {
     Action.CREATE: "\033[32m",
     Action.UPDATE: "\033[33m",
+    Action.MIGRATE: "\033[36m",
     Action.REPLACE: "\033[35m",
     Action.DELETE: "\033[31m",
     Action.NOOP: "",
@@ -59,13 +60,35 @@ def _ident(change: Change) -> str:
     bits = []
     if "vmid" in change.id:
         bits.append(f"vmid {change.id['vmid']}")
-    if "node" in change.id:
+    moves = change.moves
+    if moves is not None:
+        bits.append(f"from {moves[0]} to {moves[1]}")
+    elif "node" in change.id:
         bits.append(f"on {change.id['node']}")
     return f"  ({' '.join(bits)})" if bits else ""
 
 
+def destroy_line(change: Change) -> str:
+    """`guest/mc-x: replace destroys rootfs 8 GiB, mp0 50 GiB (why)`: one line per change that
+    destroys data or is held back, for the banner."""
+    what = (
+        f"{change.action.value} destroys {', '.join(change.destroys)}"
+        if change.destroys
+        else change.action.value
+    )
+    why = f" ({change.reason})" if change.reason else ""
+    return f"{change.address}: {what}{why}"
+
+
+def _banner_changes(plan: Plan) -> list[Change]:
+    """Changes a reviewer must not miss: every one that destroys data, and every blocked one."""
+    return [c for c in plan.changes if c.destroys or c.blocked]
+
+
 def _change_lines(change: Change) -> list[str]:
     head = f"{change.action.symbol} {change.address}{_ident(change)}"
+    if change.blocked:
+        head += "  BLOCKED"
     if change.action is Action.REPLACE:
         head += "  must be replaced"
     elif change.action is Action.CREATE and change.reason not in ("", "not found"):
@@ -80,10 +103,13 @@ def _change_lines(change: Change) -> list[str]:
         rows = flatten({k: v for k, v in after.items() if k not in (HOLD_START, START_GUEST)})
         width = max((len(p) for p, _ in rows), default=0)
         lines += [f"      {p.ljust(width)}  {v}" for p, v in rows]
-    elif change.action in (Action.UPDATE, Action.REPLACE):
+    elif change.action in (Action.UPDATE, Action.MIGRATE, Action.REPLACE):
         width = max((len(f.path) for f in change.fields), default=0)
         for f in change.fields:
-            note = "   # forces replacement" if f.forces_replace else ""
+            note = ""
+            if f.forces_replace:
+                moving = change.action is Action.MIGRATE
+                note = "   # moves the guest" if moving else "   # forces replacement"
             if f.moved_from is not None:
                 moved = f"{_value(f.after)} moved from {f.moved_from}"
                 lines.append(f"      {f.path.ljust(width)}  {moved}")
@@ -96,12 +122,21 @@ def _change_lines(change: Change) -> list[str]:
 
 def summary_line(plan: Plan) -> str:
     s = plan.summary()
+    blocked = f"; {s['blocked']} blocked (never applied without pruning)" if s["blocked"] else ""
     if not plan.has_changes:
-        return f"No changes. {s['no-op']} resources match the spec."
+        return f"No changes. {s['no-op']} resources match the spec{blocked}."
+    migrate = f"{s['migrate']} to migrate, " if s["migrate"] else ""
     return (
-        f"Plan: {s['create']} to create, {s['update']} to update, {s['replace']} to replace, "
-        f"{s['delete']} to delete, {s['no-op']} unchanged."
+        f"Plan: {s['create']} to create, {s['update']} to update, {migrate}"
+        f"{s['replace']} to replace, {s['delete']} to delete, {s['no-op']} unchanged{blocked}."
     )
+
+
+BANNER_TITLE = "THIS PLAN DESTROYS DATA OR HOLDS BACK A DESTROY: read these first"
+BLOCKED_NOTE = (
+    "Blocked changes are never applied: they need platform.prune or --allow-destroy "
+    "(reconciler run: platform.prune only)."
+)
 
 
 def render_text(plan: Plan, *, color: bool = False) -> str:
@@ -113,7 +148,16 @@ def render_text(plan: Plan, *, color: bool = False) -> str:
     when = f" at {plan.observed_at}" if plan.observed_at else ""
     out.append(f"Observed: {src}{when} ({plan.observed_digest[:19]})")
     out.append("")
-    for change in plan.actions:
+    banner = _banner_changes(plan)
+    if banner:
+        out.append(paint(_BOLD + _RED, f"!! {BANNER_TITLE}"))
+        for change in banner:
+            state = "BLOCKED" if change.blocked else "APPLIES"
+            out.append("  " + paint(_RED, f"{state}  {destroy_line(change)}"))
+        if plan.blocked:
+            out.append("  " + BLOCKED_NOTE)
+        out.append("")
+    for change in (*plan.blocked, *plan.actions):
         lines = _change_lines(change)
         out.append("  " + paint(_COLORS[change.action], lines[0]))
         out.extend("  " + line for line in lines[1:])
@@ -146,11 +190,26 @@ def render_markdown(plan: Plan) -> str:
     s = plan.summary()
     out = [f"### reconciler plan for `{plan.platform}`", ""]
     status = "errored" if plan.errored else ("changes" if plan.has_changes else "no changes")
-    out.append("| status | create | update | replace | delete | unchanged | foreign |")
-    out.append("|---|---:|---:|---:|---:|---:|---:|")
+    banner = _banner_changes(plan)
+    if banner:
+        out.append("> [!CAUTION]")
+        out.append(f"> **{BANNER_TITLE}**")
+        out.append(">")
+        for change in banner:
+            state = "BLOCKED" if change.blocked else "APPLIES"
+            what = destroy_line(change)[len(change.address) + 2 :]
+            out.append(f"> - **{state}** `{change.address}`: {what}")
+        if plan.blocked:
+            out.append(">")
+            out.append(f"> {BLOCKED_NOTE}")
+        out.append("")
     out.append(
-        f"| {status} | {s['create']} | {s['update']} | {s['replace']} | {s['delete']} | "
-        f"{s['no-op']} | {len(plan.foreign)} |"
+        "| status | create | update | migrate | replace | delete | blocked | unchanged | foreign |"
+    )
+    out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    out.append(
+        f"| {status} | {s['create']} | {s['update']} | {s['migrate']} | {s['replace']} | "
+        f"{s['delete']} | {s['blocked']} | {s['no-op']} | {len(plan.foreign)} |"
     )
     out.append("")
     errors = [d for d in plan.diagnostics if d.severity is Severity.ERROR]
@@ -161,24 +220,23 @@ def render_markdown(plan: Plan) -> str:
             out.append("")
             out.extend(f"- {_md_diag(d)}" for d in items)
             out.append("")
-    for action in (Action.CREATE, Action.UPDATE, Action.REPLACE, Action.DELETE):
-        changes = [c for c in plan.actions if c.action is action]
+    groups: list[tuple[str, Action | None, list[Change]]] = [
+        (f"to {a.value}", a, [c for c in plan.actions if c.action is a])
+        for a in (Action.CREATE, Action.UPDATE, Action.MIGRATE, Action.REPLACE, Action.DELETE)
+    ]
+    groups.append(("blocked (not applied)", None, list(plan.blocked)))
+    for verb, action, changes in groups:
         if not changes:
             continue
-        verb = {
-            "create": "to create",
-            "update": "to update",
-            "replace": "to replace",
-            "delete": "to delete",
-        }[action.value]
         out.append(f"<details><summary>{len(changes)} {verb}</summary>")
         out.append("")
         out.append("```diff")
         for change in changes:
             lines = _change_lines(change)
-            sym = {"create": "+", "update": "!", "replace": "!", "delete": "-"}[action.value]
-            out.append(f"{sym} {lines[0][len(action.symbol) + 1 :]}")
-            out.extend(f"{'+' if action is Action.CREATE else '#'}{line[1:]}" for line in lines[1:])
+            sym = {"create": "+", "delete": "-"}.get(change.action.value, "!")
+            out.append(f"{sym} {lines[0][len(change.action.symbol) + 1 :]}")
+            create = action is Action.CREATE
+            out.extend(f"{'+' if create else '#'}{line[1:]}" for line in lines[1:])
         out.append("```")
         out.append("")
         out.append("</details>")

@@ -95,12 +95,6 @@ def add_run_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
     s.add_argument("--log-format", choices=["json", "text"], default=_env("LOG_FORMAT", "json"))
     s.add_argument("--log-level", default=_env("LOG_LEVEL", "info"))
     s.add_argument(
-        "--allow-destroy",
-        action="store_true",
-        default=_env("ALLOW_DESTROY", "") in ("1", "true", "yes"),
-        help="delete owned resources that left the spec",
-    )
-    s.add_argument(
         "--shutdown-grace",
         type=_seconds,
         default=60.0,

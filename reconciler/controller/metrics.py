@@ -13,6 +13,9 @@ default one, so several services (and tests) live side by side without clashing 
                                                                  replace|delete;
                                                                  result: done|failed|skipped
     reconciler_drift                                    gauge    changes the last plan wanted
+    reconciler_destroys_held_back                       gauge    changes the last plan held
+                                                                 back: they destroy data and
+                                                                 platform.prune is off
     reconciler_proxmox_api_calls_total                  counter
     reconciler_provider_retries_total{provider}         counter
     reconciler_lease_changes_total                      counter  leadership gained or lost
@@ -72,6 +75,11 @@ class Metrics:
             registry=r,
         )
         self.drift = Gauge("reconciler_drift", "Changes the last plan wanted.", registry=r)
+        self.held_back = Gauge(
+            "reconciler_destroys_held_back",
+            "Changes the last plan held back: they destroy data and pruning is off.",
+            registry=r,
+        )
         self.api_calls = Counter(
             "reconciler_proxmox_api_calls", "Calls made to the Proxmox API.", registry=r
         )
@@ -123,6 +131,9 @@ class Metrics:
 
     def set_drift(self, n: int) -> None:
         self.drift.set(n)
+
+    def set_held_back(self, n: int) -> None:
+        self.held_back.set(n)
 
     def add_api_calls(self, n: int = 1) -> None:
         self.api_calls.inc(n)

@@ -102,7 +102,6 @@ class Settings:
     state_dir: Path = Path("/var/lib/reconciler")
     listen: tuple[str, int] | None = ("127.0.0.1", 9180)
     lease_interval: float = 5.0  # ttl / 3
-    allow_destroy: bool = False
     shutdown_grace: float = 60.0
     once: bool = False  # one SOURCE and one FULL, then stop
 
@@ -383,7 +382,9 @@ class Service:
                 graph,
                 conn.providers,
                 source=conn.source,
-                allow_destroy=self.settings.allow_destroy,
+                # Unattended, a disk is destroyed only when the spec itself says prune: no
+                # flag or environment variable of the service can allow it.
+                allow_destroy=False,
                 observed_checks=[live_isolation(spec)],
                 agents=conn.agents,
                 guard=self.lease.check,
@@ -435,6 +436,7 @@ class Service:
         wanted = [c.address for c in plan.actions]
         self.board.record_plan(wanted)
         self.metrics.set_drift(len(wanted))
+        self._held_back(plan)
         self._record_results(reports)
         if plan.errored:
             return CycleOutcome.ERRORED
@@ -443,6 +445,24 @@ class Service:
         if reports:
             return CycleOutcome.CHANGED
         return CycleOutcome.CONVERGED
+
+    def _held_back(self, plan: Plan) -> None:
+        """Destroys the plan holds back (pruning is off): in /status, a gauge, and a warning
+        in the log for each, every cycle, until someone decides."""
+        held = plan.blocked
+        self.board.record_held_back(held)
+        self.metrics.set_held_back(len(held))
+        for change in held:
+            log.warning(
+                "held back",
+                extra=fields(
+                    address=change.address,
+                    action=change.action.value,
+                    destroys=list(change.destroys),
+                    reason=change.reason,
+                    why=change.blocked,
+                ),
+            )
 
     def _cycle_done(
         self,
@@ -698,7 +718,6 @@ def build_service(
         state_dir=state_dir,
         listen=(host.strip("[]"), int(port)),
         lease_interval=args.lease_ttl / 3,
-        allow_destroy=args.allow_destroy,
         shutdown_grace=args.shutdown_grace,
         once=args.once,
     )

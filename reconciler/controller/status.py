@@ -28,6 +28,8 @@ revision ids, and the lease holder's name and fencing token.
                     "seconds": 1.2, "outcome": "changed", "done": 2, "failed": 0,
                     "skipped": 0, "error": ""} | null,
      "drift": 2 | null,
+     "held_back": [{"address": "guest/mc-x", "action": "replace",
+                    "destroys": ["rootfs 8 GiB"], "reason": "...", "why": "..."}],
      "observe": {"ok": true, "at": "...", "error": ""} | null,
      "heartbeat": {"at": "...", "age_seconds": 0.4},
      "ready": {"ready": true, "reason": "", "revision": true, "observe": true},
@@ -46,6 +48,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from reconciler.applying.executor import ApplyReport, Outcome
+from reconciler.model.plans import Change
 
 Clock = Callable[[], float]
 
@@ -183,6 +186,8 @@ class StatusBoard:
         self.lease = Lease()
         self.last_cycle: Cycle | None = None
         self.drift: int | None = None
+        # Destroys the last full plan held back (pruning is off), as shown in /status.
+        self.held_back: list[dict[str, Any]] = []
         self.observe: Observe | None = None
         self.resources: dict[str, ResourceStatus] = {}
         # Counted from creation: a loop that never ticks goes unhealthy after the max age,
@@ -237,6 +242,21 @@ class StatusBoard:
 
     def set_drift(self, n: int) -> None:
         self.drift = n
+
+    def record_held_back(self, changes: Iterable[Change]) -> None:
+        """The last plan's blocked changes: each is listed, and its resource is withheld."""
+        self.held_back = [
+            {
+                "address": c.address,
+                "action": c.action.value,
+                "destroys": list(c.destroys),
+                "reason": c.reason,
+                "why": c.blocked,
+            }
+            for c in changes
+        ]
+        for item in self.held_back:
+            self.withhold(item["address"], f"held back: {item['why']}")
 
     def record_result(
         self,
@@ -364,6 +384,7 @@ class StatusBoard:
             },
             "last_cycle": None if self.last_cycle is None else self.last_cycle.to_json(),
             "drift": self.drift,
+            "held_back": self.held_back,
             "observe": None
             if self.observe is None
             else {

@@ -240,7 +240,7 @@ class Screen:
                 names = [n for n in names if n != kind.value]  # firewall/cluster is one
                 self.wrapped(self.paint(_action_color(action), head), names, 22)
         for change in plan.actions if len(plan.actions) <= 25 else ():
-            if change.action in (Action.UPDATE, Action.REPLACE):
+            if change.action in (Action.UPDATE, Action.MIGRATE, Action.REPLACE):
                 one = replace(plan, changes=(change,), foreign=(), diagnostics=())
                 lines = render.render_text(one, color=self.color).split("\n")[3:]
                 for line in lines[: lines.index("")]:
@@ -293,6 +293,7 @@ def _action_color(action: Action) -> str:
     return {
         Action.CREATE: _GREEN,
         Action.UPDATE: _YELLOW,
+        Action.MIGRATE: _YELLOW,
         Action.REPLACE: _YELLOW,
         Action.DELETE: _RED,
     }.get(action, "")

@@ -4,12 +4,22 @@ Made by `reconciler.planning`, rendered by `reconciler.cli.render`, executed by
 `reconciler.applying`. The `reason` of a change is for people only; decisions read `action`
 and `fields`. A plan with errors is `errored` and apply refuses it.
 
-JSON format (version 1), documented in README "Plan JSON":
+JSON format (version 2), documented in README "Plan JSON":
 
-    {"format": "reconciler/plan", "format_version": 1, "platform": ..., "observed": {...},
-     "errored": bool, "applyable": bool, "summary": {"create": n, ...},
-     "changes": [{"address", "kind", "action", "wave", "id", "fields": [...], ...}],
+    {"format": "reconciler/plan", "format_version": 2, "platform": ..., "observed": {...},
+     "errored": bool, "applyable": bool, "summary": {"create": n, ..., "blocked": n},
+     "changes": [{"address", "kind", "action", "wave", "id", "fields": [...],
+                  "destroys": [...], "blocked": null | "why", ...}],
      "foreign": [...], "diagnostics": [...]}
+
+Version 2 added the `migrate` action (its `id` holds `from` and `to` nodes), `destroys` (what a
+change would destroy: `["rootfs 8 GiB", "mp0 50 GiB"]`) and `blocked` (why a destroying change is
+held back). A version 1 document still reads.
+
+Data safety: a change that destroys a disk (a guest's replace or delete, a volume's detach)
+carries what it destroys in `destroys`. Without pruning (`platform.prune` or `--allow-destroy`)
+the planner leaves it in the plan `blocked`: shown first, under a banner, and never executed
+(`Plan.actions` leaves it out).
 """
 
 from __future__ import annotations
@@ -23,21 +33,31 @@ from reconciler.model.diagnostics import Diagnostic, has_errors
 from reconciler.model.resources import Kind
 
 FORMAT = "reconciler/plan"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 
 class Action(enum.StrEnum):
     NOOP = "no-op"
     CREATE = "create"
     UPDATE = "update"
+    MIGRATE = "migrate"
     REPLACE = "replace"
     DELETE = "delete"
 
     @property
     def symbol(self) -> str:
-        return {"no-op": " ", "create": "+", "update": "~", "replace": "-/+", "delete": "-"}[
-            self.value
-        ]
+        return _SYMBOLS[self.value]
+
+
+_SYMBOLS = {
+    "no-op": " ",
+    "create": "+",
+    "update": "~",
+    "migrate": ">",
+    "replace": "-/+",
+    "delete": "-",
+}
 
 
 @dataclass(frozen=True)
@@ -84,10 +104,27 @@ class Change:
     depends_on: tuple[str, ...] = ()
     reason: str = ""
     version: str | None = None  # the observed version the change was planned against
+    # What this change destroys, for people: "rootfs 8 GiB", "mp0 50 GiB". Empty: nothing.
+    destroys: tuple[str, ...] = ()
+    # Why it is held back (a destroy without pruning): None when it may run.
+    blocked: str | None = None
 
     @property
     def replace_because(self) -> tuple[str, ...]:
+        if self.action is not Action.REPLACE:
+            return ()
         return tuple(f.path for f in self.fields if f.forces_replace)
+
+    @property
+    def destructive(self) -> bool:
+        return bool(self.destroys)
+
+    @property
+    def moves(self) -> tuple[str, str] | None:
+        """A migration's (from node, to node)."""
+        if self.action is not Action.MIGRATE:
+            return None
+        return str(self.id.get("from")), str(self.id.get("node"))
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -103,6 +140,8 @@ class Change:
             "after": self.after,
             "depends_on": list(self.depends_on),
             "version": self.version,
+            "destroys": list(self.destroys),
+            "blocked": self.blocked,
         }
 
 
@@ -122,8 +161,23 @@ class Plan:
 
     @property
     def actions(self) -> tuple[Change, ...]:
-        """Changes that do something (no-ops left out)."""
-        return tuple(c for c in self.changes if c.action is not Action.NOOP)
+        """Changes that apply would make (no-ops and blocked changes left out)."""
+        return tuple(c for c in self.changes if c.action is not Action.NOOP and not c.blocked)
+
+    @property
+    def blocked(self) -> tuple[Change, ...]:
+        """Changes held back: they destroy data and pruning is off."""
+        return tuple(c for c in self.changes if c.blocked)
+
+    @property
+    def destructive(self) -> tuple[Change, ...]:
+        """Every change that destroys data, allowed or blocked: the banner's list."""
+        return tuple(c for c in self.changes if c.destroys)
+
+    @property
+    def drifted(self) -> bool:
+        """Differs from the spec: changes to make, or changes held back."""
+        return bool(self.actions or self.blocked)
 
     @property
     def has_changes(self) -> bool:
@@ -134,8 +188,10 @@ class Plan:
         return not self.errored and self.has_changes
 
     def summary(self) -> dict[str, int]:
-        counts = Counter(c.action for c in self.changes)
-        return {a.value: counts.get(a, 0) for a in Action}
+        counts = Counter(c.action for c in self.changes if not c.blocked)
+        out = {a.value: counts.get(a, 0) for a in Action}
+        out["blocked"] = len(self.blocked)
+        return out
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -160,7 +216,7 @@ def plan_from_json(doc: dict[str, Any]) -> Plan:
     """Read back a saved plan (`plan --out`), for `apply --plan FILE`."""
     from reconciler.model.diagnostics import Diagnostic, Position, Severity
 
-    if doc.get("format") != FORMAT or doc.get("format_version") != FORMAT_VERSION:
+    if doc.get("format") != FORMAT or doc.get("format_version") not in READABLE_VERSIONS:
         raise ValueError(f"not a {FORMAT} v{FORMAT_VERSION} document")
     changes = tuple(
         Change(
@@ -184,6 +240,8 @@ def plan_from_json(doc: dict[str, Any]) -> Plan:
             depends_on=tuple(c.get("depends_on", ())),
             reason=c.get("reason", ""),
             version=c.get("version"),
+            destroys=tuple(str(d) for d in c.get("destroys") or ()),
+            blocked=c.get("blocked"),
         )
         for c in doc["changes"]
     )

@@ -15,26 +15,27 @@ from reconciler.model.plans import FieldChange
 from reconciler.model.resources import Kind
 from reconciler.model.units import parse_mib
 
-# Fields Proxmox cannot change in place: changing them means destroy and create.
+# Fields Proxmox cannot change in place: changing them means destroy and create, except that
+# the planner turns a change of `node` (with or without the disks' storage) into a migration.
 FORCES_REPLACE: dict[Kind, frozenset[str]] = {
-    Kind.GUEST: frozenset({"vmid", "node", "type", "template", "unprivileged", "rootfs.storage"}),
+    Kind.GUEST: frozenset({"vmid", "node", "type", "unprivileged", "rootfs.storage"}),
 }
 
 # Fields that are ours alone and never observed (the role is read back from the vmid's range;
-# the Velocity bridge knows a server's name, address and port only, not its forced host).
+# the Velocity bridge knows a server's name, address and port only, not its forced host). A
+# guest's template is used once, to create it: Proxmox keeps no record of it, so a template
+# that differs on an existing guest (an imported guest's placeholder, a newer image) is not a
+# change, and never a reason to destroy a guest.
 NOT_COMPARED: dict[Kind, frozenset[str]] = {
-    Kind.GUEST: frozenset({"role"}),
+    Kind.GUEST: frozenset({"role", "template"}),
     Kind.VELOCITY: frozenset({"forced_host"}),
     # Readiness policy of the controller: it is acted on, never written to Traefik. The feed
     # is where a route is read from, not part of it (a lab may feed an instance by file).
     Kind.ROUTE: frozenset({"when_unready", "feed"}),
 }
 
-# Fields an observer may be unable to see (Proxmox keeps no record of the ostemplate used):
-# compared only when the observed side has them.
-OPTIONAL_OBSERVED: dict[Kind, frozenset[str]] = {
-    Kind.GUEST: frozenset({"template"}),
-}
+# Fields an observer may be unable to see: compared only when the observed side has them.
+OPTIONAL_OBSERVED: dict[Kind, frozenset[str]] = {}
 
 
 def diff(kind: Kind, desired: dict[str, Any], observed: dict[str, Any]) -> list[FieldChange]:
@@ -47,14 +48,19 @@ def diff(kind: Kind, desired: dict[str, Any], observed: dict[str, Any]) -> list[
         if key in skip or (key in optional and observed.get(key) is None):
             continue
         _walk(observed.get(key), desired[key], key, out)
-    return [replace(c, forces_replace=c.path in forced or _shrinks(kind, c)) for c in out]
+    return [replace(c, forces_replace=c.path in forced) for c in out]
 
 
-def _shrinks(kind: Kind, change: FieldChange) -> bool:
-    """A root disk can grow in place but never shrink."""
-    if kind is Kind.GUEST and change.path == "rootfs.size" and change.before and change.after:
-        return parse_mib(change.after, bare_unit="G") < parse_mib(change.before, bare_unit="G")
-    return False
+def shrinks(kind: Kind, change: FieldChange) -> bool:
+    """A disk (the root disk, a volume) made smaller: Proxmox cannot, and the planner never
+    destroys a disk to get there; it is a plan error."""
+    if kind is not Kind.GUEST or not change.path.endswith(".size"):
+        return False
+    if not (change.path == "rootfs.size" or change.path.startswith("volumes.")):
+        return False
+    if not change.before or not change.after:
+        return False
+    return parse_mib(change.after, bare_unit="G") < parse_mib(change.before, bare_unit="G")
 
 
 def _walk(before: Any, after: Any, path: str, out: list[FieldChange]) -> None:

@@ -5,13 +5,19 @@ Called by `reconciler plan` (offline against a snapshot, or live after observing
 controller's cycle. Pure: the same graph and observed state always give the same plan.
 
 Pairing (gitops-engine's reconcile): desired only -> create; observed only -> delete, and only
-for what carries our mark; both -> diff, which gives no-op, update or replace.
+for what carries our mark; both -> diff, which gives no-op, update, migrate or replace.
 
-Deletes of owned guests and owned firewall objects (aliases, IP sets, groups) need pruning
-(`platform.prune` or `--allow-destroy`). A guest's firewall is never deleted on its own: it goes
-with its guest, and a guest whose spec lost its firewall section keeps what it has, unmanaged.
-The cluster options are never deleted. A guest's firewall is addressed through its guest's
-allocation (node, vmid, type), so a recreated guest gets its firewall back in the same apply.
+Data safety. A guest whose only change that cannot be made in place is its node (and with it,
+perhaps, its disks' storage) is migrated, never replaced. A change that destroys a disk (a
+guest's replace or delete) says what it destroys (`Change.destroys`) and needs pruning
+(`platform.prune` or `--allow-destroy`); without it, it stays in the plan `blocked` and is never
+applied. Allowed ones count toward `max_deletes_per_run`. A smaller disk is a plan error: Proxmox
+cannot shrink one, and the planner never destroys one to get there. Deletes of owned firewall
+objects (aliases, IP sets, groups) need pruning too. A guest's firewall is never deleted on its
+own: it goes with its guest, and a guest whose spec lost its firewall section keeps what it
+has, unmanaged. The cluster options are never deleted. A guest's firewall is addressed through
+its guest's allocation (node, vmid, type), so a recreated guest gets its firewall back in the
+same apply.
 
 Readiness gate (`agent_layers`, and the observed state's per-guest `health`): a Velocity
 registration, and a route whose `when_unready` is `withhold`, is planned only while its target
@@ -39,9 +45,14 @@ from reconciler.model.diagnostics import Diagnostic, error, warning
 from reconciler.model.observed import GuestHealth, ObservedResource, ObservedState
 from reconciler.model.plans import HOLD_START, START_GUEST, Action, Change, Plan
 from reconciler.model.resources import DesiredGraph, Kind, Resource, kind_of
+from reconciler.model.units import parse_mib
 from reconciler.planning import diffing, normalize
 
 _ACTIVE = (Action.CREATE, Action.REPLACE)
+# What may change along with a guest's node in one migration: its disks' target storage.
+_MIGRATES = frozenset({"node", "rootfs.storage"})
+NEEDS_PRUNE = "needs platform.prune or --allow-destroy"
+BLOCKED_WHY = f"destroys data: {NEEDS_PRUNE}"
 _NAMED_FIREWALL = (Kind.FIREWALL_ALIAS, Kind.FIREWALL_IPSET, Kind.FIREWALL_GROUP)
 
 # A check of the observed state: (observed, addresses this plan changes) -> diagnostics.
@@ -118,6 +129,7 @@ def make_plan(
     }
     changes: dict[str, Change] = {}
     observed_kinds = set(observed.kinds) if observed.kinds is not None else None
+    prune = allow_destroy or bool(graph.settings.get("prune"))
     for res in graph.ordered():
         if observed_kinds is not None and res.kind not in observed_kinds:
             continue  # nobody looked: planning it would create it again on every run
@@ -156,8 +168,19 @@ def make_plan(
             change = _compare(res, desired, obs, wave)
             if ident and res.kind is Kind.FIREWALL_GUEST:
                 change = replace(change, id=ident)
+            if change.action is Action.REPLACE and change.destroys and not prune:
+                change = replace(change, blocked=BLOCKED_WHY)
+                diags.append(_blocked_replace(res, change))
+        if res.kind is Kind.GUEST and (shrunk := _shrinks(res, change)) is not None:
+            diags.append(shrunk)
+            continue
         parent = changes.get(res.attached_to) if res.attached_to else None
-        if parent is not None and parent.action in _ACTIVE and change.action not in _ACTIVE:
+        if (
+            parent is not None
+            and parent.action in _ACTIVE
+            and not parent.blocked
+            and change.action not in _ACTIVE
+        ):
             change = Change(
                 res.address,
                 res.kind,
@@ -178,6 +201,7 @@ def make_plan(
     seen = {a: r for a, r in owned.items() if observed_kinds is None or r.kind in observed_kinds}
     deletes, more = _deletes(graph, seen, allow_destroy, withheld)
     diags.extend(more)
+    diags.extend(_count_destroys([*changes.values(), *deletes], graph))
     ordered = list(changes.values())
     last_wave = max((c.wave for c in ordered), default=-1)
     for change in sorted(deletes, key=lambda c: (-c.kind.rank, c.address)):
@@ -189,7 +213,9 @@ def make_plan(
     if targets:
         ordered = _only_targets(ordered, graph, set(targets))
     foreign = tuple(_foreign_summary(r, graph) for r in observed.foreign() if r.kind is Kind.GUEST)
-    changing = frozenset(c.address for c in ordered if c.action is not Action.NOOP)
+    changing = frozenset(
+        c.address for c in ordered if c.action is not Action.NOOP and not c.blocked
+    )
     for check in observed_checks:
         diags.extend(check(observed, changing))
     return Plan(
@@ -211,11 +237,17 @@ def _compare(res: Resource, desired: dict[str, Any], obs: ObservedResource, wave
         if res.kind is not Kind.GUEST
         else {"vmid": desired["vmid"], "node": desired["node"]}
     )
+    forced = {f.path for f in fields if f.forces_replace}
     if not fields:
         action, reason = Action.NOOP, ""
-    elif any(f.forces_replace for f in fields):
+    elif "node" in forced and forced <= _MIGRATES:
+        # Only its place changes: Proxmox moves it, disks and all (the world stays).
+        action = Action.MIGRATE
+        ident = {"vmid": obs.id.get("vmid"), "node": desired["node"], "from": obs.id.get("node")}
+        reason = f"moves from {obs.id.get('node')} to {desired['node']}"
+    elif forced:
         action = Action.REPLACE
-        reason = "cannot change in place: " + ", ".join(f.path for f in fields if f.forces_replace)
+        reason = "cannot change in place: " + ", ".join(sorted(forced))
     else:
         action, reason = Action.UPDATE, ""
     return Change(
@@ -230,7 +262,83 @@ def _compare(res: Resource, desired: dict[str, Any], obs: ObservedResource, wave
         res.depends_on,
         reason,
         obs.version,
+        destroys=disks(have) if action is Action.REPLACE else (),
     )
+
+
+def disks(attrs: Mapping[str, Any] | None) -> tuple[str, ...]:
+    """What destroying a guest destroys, for people: `("rootfs 8 GiB", "mp0 50 GiB")`. Reads
+    observed attributes, raw or normalized."""
+    if not attrs:
+        return ()
+    out: list[str] = []
+    rootfs = attrs.get("rootfs")
+    if rootfs:
+        out.append(f"rootfs {_size(normalize.rootfs(rootfs).get('size'))}")
+    volumes = attrs.get("volumes") or {}
+    for key in sorted(volumes, key=_natural):
+        vol = volumes[key]
+        size = vol.get("size") if isinstance(vol, Mapping) else normalize.rootfs(vol).get("size")
+        out.append(f"{key} {_size(size)}")
+    return tuple(out)
+
+
+def _natural(key: str) -> tuple[str, int]:
+    head = key.rstrip("0123456789")
+    return head, int(key[len(head) :] or 0)
+
+
+def _size(value: Any) -> str:
+    if value in (None, ""):
+        return "(size unknown)"
+    mib = parse_mib(value, bare_unit="G")
+    return f"{mib / 1024:g} GiB" if mib >= 1024 else f"{mib} MiB"
+
+
+def _shrinks(res: Resource, change: Change) -> Diagnostic | None:
+    """A disk made smaller: an error at the spec's line; the guest is left as it is."""
+    smaller = [f for f in change.fields if diffing.shrinks(res.kind, f)]
+    if not smaller:
+        return None
+    what = ", ".join(f"{f.path.removesuffix('.size')} {f.before} -> {f.after}" for f in smaller)
+    return error(
+        "disk-shrink",
+        f"{res.address}: {what}: a disk can grow but never shrink (Proxmox cannot, and the "
+        "controller never destroys a disk to make it smaller). Keep the size, or move the data "
+        "to a new guest yourself",
+        position=res.position,
+        address=res.address,
+    )
+
+
+def _blocked_replace(res: Resource, change: Change) -> Diagnostic:
+    return warning(
+        "destroy-blocked",
+        f"{res.address}: replace destroys {', '.join(change.destroys)} ({change.reason}); "
+        f"held back: {BLOCKED_WHY}",
+        position=res.position,
+        address=res.address,
+    )
+
+
+def _count_destroys(changes: Iterable[Change], graph: DesiredGraph) -> list[Diagnostic]:
+    """Allowed destroys of guests (replaces and deletes) count toward max_deletes_per_run."""
+    limit = int(graph.settings.get("max_deletes_per_run", 3))
+    n = sum(
+        1
+        for c in changes
+        if c.kind is Kind.GUEST and c.action in (Action.REPLACE, Action.DELETE) and not c.blocked
+    )
+    if n <= limit:
+        return []
+    return [
+        error(
+            "too-many-deletes",
+            f"this plan would destroy {n} guests (replaces and deletes); "
+            f"platform.max_deletes_per_run is {limit}. A spec file may be missing, or a typo "
+            "may have changed what guests are; if the destroys are meant, raise the limit",
+        )
+    ]
 
 
 def _guest_home(
@@ -448,7 +556,6 @@ def _deletes(
     withheld: Mapping[str, str],
 ) -> tuple[list[Change], list[Diagnostic]]:
     prune = allow_destroy or bool(graph.settings.get("prune"))
-    limit = int(graph.settings.get("max_deletes_per_run", 3))
     gone = [r for a, r in sorted(owned.items()) if a not in graph.resources or a in withheld]
     changes: list[Change] = []
     diags: list[Diagnostic] = []
@@ -460,6 +567,7 @@ def _deletes(
         # rebuilt from the spec at any time (a Velocity restart forgets every registration
         # anyway). Deleting one loses nothing, so it needs neither pruning nor --allow-destroy,
         # and does not count against max_deletes_per_run.
+        blocked = None
         if not prune and r.kind in (Kind.GUEST, *_NAMED_FIREWALL):
             which = f" (vmid {r.id.get('vmid')})" if r.kind is Kind.GUEST else ""
             diags.append(
@@ -471,7 +579,7 @@ def _deletes(
                     address=r.address,
                 )
             )
-            continue
+            blocked = BLOCKED_WHY if r.kind is Kind.GUEST else NEEDS_PRUNE
         changes.append(
             Change(
                 r.address,
@@ -485,15 +593,8 @@ def _deletes(
                 if r.address in withheld
                 else "not in the spec",
                 version=r.version,
-            )
-        )
-    n = sum(1 for c in changes if c.kind is Kind.GUEST)  # soft-state deletes never count
-    if n > limit:
-        diags.append(
-            error(
-                "too-many-deletes",
-                f"this plan would delete {n} guests; platform.max_deletes_per_run is {limit}. "
-                "A spec file may be missing; if the deletes are meant, raise the limit",
+                destroys=disks(r.attributes) if r.kind is Kind.GUEST else (),
+                blocked=blocked,
             )
         )
     return changes, diags
@@ -508,6 +609,8 @@ def _firewall_first(changes: dict[str, Change], graph: DesiredGraph) -> None:
     for address, change in list(changes.items()):
         after = change.after
         if change.kind is not Kind.GUEST or after is None or after.get("state") != "running":
+            continue
+        if change.blocked:
             continue
         starts = change.action in _ACTIVE or (
             change.action is Action.UPDATE and any(f.path == "state" for f in change.fields)

@@ -148,7 +148,7 @@ def _connect_sentinel(url: str, shown: str, password: str | None, options: dict[
         master_options["password"] = password if password is not None else url_password
     # The sentinels get the same short timeouts and no retries, but not the master's password.
     # redis-py leaves Sentinel's constructor unannotated.
-    sentinel = Sentinel(sentinels, sentinel_kwargs=dict(options))  # type: ignore[no-untyped-call]
+    sentinel = Sentinel(sentinels, sentinel_kwargs=dict(options))  # type: ignore[no-untyped-call,unused-ignore]
     client: Redis = sentinel.master_for(master, redis_class=_SentinelRedis, **master_options)
     return client
 

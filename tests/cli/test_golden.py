@@ -46,21 +46,46 @@ def test_rendering_matches_golden(name: str, sample_plan: Plan) -> None:
 
 def test_sample_plan_holds_every_kind_of_change(sample_plan: Plan) -> None:
     summary = sample_plan.summary()
-    assert summary["create"] and summary["update"] and summary["replace"] and summary["no-op"]
+    assert summary["create"] and summary["update"] and summary["migrate"] and summary["no-op"]
+    assert summary["blocked"] == 2, "a replace and a delete, held back without pruning"
     assert sample_plan.foreign, "the sample has a foreign guest"
-    assert [d.code for d in sample_plan.diagnostics] == ["orphan"]
+    assert [d.code for d in sample_plan.diagnostics] == ["destroy-blocked", "orphan"]
 
 
 def test_json_plan_is_versioned_and_self_describing(sample_plan: Plan) -> None:
     doc = json.loads(render.render_json(sample_plan))
-    assert doc["format"] == "reconciler/plan" and doc["format_version"] == 1
+    assert doc["format"] == "reconciler/plan" and doc["format_version"] == 2
     assert doc["observed"]["digest"].startswith("sha256:")
     assert sum(doc["summary"].values()) == len(doc["changes"])
     replace = next(c for c in doc["changes"] if c["action"] == "replace")
-    assert replace["replace_because"] == ["template"]
+    assert replace["replace_because"] == ["unprivileged"]
+    assert replace["destroys"] == ["rootfs 16 GiB"] and "prune" in replace["blocked"]
+    migrate = next(c for c in doc["changes"] if c["action"] == "migrate")
+    assert (migrate["id"]["from"], migrate["id"]["node"]) == ("pve-core", "pve-runtime")
+    assert migrate["destroys"] == [] and migrate["blocked"] is None
 
 
-def test_markdown_puts_the_summary_first(sample_plan: Plan) -> None:
+def test_markdown_puts_destroys_first_then_the_summary(sample_plan: Plan) -> None:
     md = render.render_markdown(sample_plan).splitlines()
     assert md[0].startswith("### reconciler plan")
-    assert md[2].startswith("| status |") and "<details>" not in "\n".join(md[:6])
+    assert md[2] == "> [!CAUTION]" and "DESTROYS DATA" in md[3]
+    assert "**BLOCKED** `guest/mc-creative`: replace destroys rootfs 16 GiB" in md[5]
+    table = md.index(next(line for line in md if line.startswith("| status |")))
+    assert "<details>" not in "\n".join(md[:table])
+
+
+def test_text_puts_destroys_first(sample_plan: Plan) -> None:
+    text = render.render_text(sample_plan).splitlines()
+    assert text[3].startswith("!! ") and "DESTROYS DATA" in text[3]
+    assert text[4].strip() == (
+        "BLOCKED  guest/mc-creative: replace destroys rootfs 16 GiB "
+        "(cannot change in place: unprivileged)"
+    )
+    assert text[5].strip().startswith("BLOCKED  guest/mc-oldmap: delete destroys rootfs 16 GiB")
+
+
+def test_a_plan_without_destroys_has_no_banner(graph: DesiredGraph) -> None:
+    from reconciler.planning.planner import converged_state
+
+    plan = make_plan(graph, converged_state(graph))
+    assert "DESTROYS" not in render.render_text(plan) + render.render_markdown(plan)

@@ -74,20 +74,96 @@ def test_memory_drift_is_an_update_of_that_field(graph: DesiredGraph) -> None:
     assert [(f.path, f.before, f.after) for f in change.fields] == [("memory", 6144, 4096)]
 
 
-def test_template_change_forces_replace_and_recreates_the_firewall(graph: DesiredGraph) -> None:
+def test_a_different_template_on_an_existing_guest_is_not_a_change(graph: DesiredGraph) -> None:
+    # Proxmox keeps no record of the template a container was made from (an imported guest
+    # carries a placeholder): it decides nothing for a guest that exists.
     state = _edit(converged_state(graph), "guest/mc-creative", template="local:vztmpl/old.tar.zst")
-    changes = _by_address(make_plan(graph, state))
+    assert _by_address(make_plan(graph, state))["guest/mc-creative"].action is Action.NOOP
+
+
+def test_replace_is_blocked_without_pruning_and_says_what_it_destroys(graph: DesiredGraph) -> None:
+    state = _edit(converged_state(graph), "guest/mc-creative", unprivileged=False)
+    plan = make_plan(graph, state)
+    change = _by_address(plan)["guest/mc-creative"]
+    assert change.action is Action.REPLACE and change.replace_because == ("unprivileged",)
+    assert change.destroys == ("rootfs 16 GiB",)
+    assert change.blocked and "platform.prune or --allow-destroy" in change.blocked
+    assert change not in plan.actions and plan.blocked == (change,)
+    # Its firewall is planned as it is (the guest stays), not recreated with it.
+    assert _by_address(plan)["firewall/guest/mc-creative"].action is Action.NOOP
+    [warn] = [d for d in plan.diagnostics if d.code == "destroy-blocked"]
+    assert warn.position is not None and warn.position.file.endswith("game.yaml")
+    assert "replace destroys rootfs 16 GiB" in warn.message
+    assert not plan.has_changes and plan.drifted
+
+
+def test_allowed_replace_recreates_the_firewall_too(graph: DesiredGraph) -> None:
+    state = _edit(converged_state(graph), "guest/mc-creative", unprivileged=False)
+    changes = _by_address(make_plan(graph, state, allow_destroy=True))
     assert changes["guest/mc-creative"].action is Action.REPLACE
-    assert changes["guest/mc-creative"].replace_because == ("template",)
+    assert not changes["guest/mc-creative"].blocked
     assert changes["firewall/guest/mc-creative"].action is Action.CREATE
 
 
-def test_disk_shrink_forces_replace_but_growth_does_not(graph: DesiredGraph) -> None:
+def test_replaces_count_toward_max_deletes_per_run(graph: DesiredGraph) -> None:
+    state = converged_state(graph)
+    for name in ("mc-lobby", "mc-survival", "mc-creative", "mc-skyblock"):
+        state = _edit(state, f"guest/{name}", unprivileged=False)
+    blocked = make_plan(graph, state)
+    assert not blocked.errored and len(blocked.blocked) == 4
+    allowed = make_plan(graph, state, allow_destroy=True)
+    assert allowed.errored
+    assert [d.code for d in allowed.diagnostics if d.severity.value == "error"] == [
+        "too-many-deletes"
+    ]
+
+
+def test_a_node_change_is_a_migration_not_a_replace(graph: DesiredGraph) -> None:
+    state = _edit(converged_state(graph), "guest/mc-survival", node="pve-core", memory=6144)
+    state = state.model_copy(
+        update={
+            "resources": tuple(
+                r.model_copy(update={"id": {**r.id, "node": "pve-core"}})
+                if r.address == "guest/mc-survival"
+                else r
+                for r in state.resources
+            )
+        }
+    )
+    plan = make_plan(graph, state)
+    change = _by_address(plan)["guest/mc-survival"]
+    assert change.action is Action.MIGRATE and not change.destroys and not change.blocked
+    assert change.moves == ("pve-core", "pve-runtime")
+    assert change.id["vmid"] == 1001
+    assert {f.path for f in change.fields} == {"node", "memory"}
+    assert change in plan.actions and not plan.errored
+
+
+def test_a_storage_change_with_the_node_migrates_to_that_storage(graph: DesiredGraph) -> None:
+    state = _edit(
+        converged_state(graph),
+        "guest/mc-survival",
+        node="pve-core",
+        rootfs={"storage": "local-zfs", "size": "16G"},
+    )
+    change = _by_address(make_plan(graph, state))["guest/mc-survival"]
+    assert change.action is Action.MIGRATE
+    state = _edit(converged_state(graph), "guest/mc-survival", rootfs="local-zfs:vm-1001-disk-0")
+    change = _by_address(make_plan(graph, state))["guest/mc-survival"]
+    assert change.action is Action.REPLACE and change.blocked  # same node: no migration
+
+
+def test_disk_growth_is_an_update_and_a_shrink_is_a_plan_error(graph: DesiredGraph) -> None:
     base = converged_state(graph)
-    bigger = _edit(base, "guest/mc-lobby", rootfs={"storage": "local-lvm", "size": "32G"})
-    smaller = _edit(base, "guest/mc-lobby", rootfs={"storage": "local-lvm", "size": "8G"})
-    assert _by_address(make_plan(graph, bigger))["guest/mc-lobby"].action is Action.REPLACE
-    assert _by_address(make_plan(graph, smaller))["guest/mc-lobby"].action is Action.UPDATE
+    smaller_seen = _edit(base, "guest/mc-lobby", rootfs={"storage": "local-lvm", "size": "8G"})
+    bigger_seen = _edit(base, "guest/mc-lobby", rootfs={"storage": "local-lvm", "size": "32G"})
+    grow = make_plan(graph, smaller_seen)
+    assert _by_address(grow)["guest/mc-lobby"].action is Action.UPDATE
+    shrink = make_plan(graph, bigger_seen)
+    assert shrink.errored and "guest/mc-lobby" not in _by_address(shrink)
+    [err] = [d for d in shrink.diagnostics if d.code == "disk-shrink"]
+    assert err.position is not None and err.position.file.endswith("game.yaml")
+    assert "rootfs 32G -> 16G" in err.message
 
 
 def test_foreign_guest_holding_a_desired_vmid_is_a_plan_error(graph: DesiredGraph) -> None:
