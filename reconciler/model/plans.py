@@ -127,6 +127,7 @@ class Change:
         return str(self.id.get("from")), str(self.id.get("node"))
 
     def to_json(self) -> dict[str, Any]:
+        moves = self.moves
         return {
             "address": self.address,
             "kind": self.kind.value,
@@ -142,6 +143,7 @@ class Change:
             "version": self.version,
             "destroys": list(self.destroys),
             "blocked": self.blocked,
+            **({"from": moves[0], "to": moves[1]} if moves else {}),
         }
 
 

@@ -61,7 +61,7 @@ def test_json_plan_is_versioned_and_self_describing(sample_plan: Plan) -> None:
     assert replace["replace_because"] == ["unprivileged"]
     assert replace["destroys"] == ["rootfs 16 GiB"] and "prune" in replace["blocked"]
     migrate = next(c for c in doc["changes"] if c["action"] == "migrate")
-    assert (migrate["id"]["from"], migrate["id"]["node"]) == ("pve-core", "pve-runtime")
+    assert (migrate["from"], migrate["to"]) == ("pve-core", "pve-runtime")
     assert migrate["destroys"] == [] and migrate["blocked"] is None
 
 
