@@ -3,16 +3,19 @@ platform's two nodes, and the real proxmoxer client against it.
 
 fakepve is a third party's fake Proxmox VE that checks requests against PVE's API schema. Its
 pytest plugin starts one per test; if the package is missing these tests error (never skip).
+The fixture serves `PlatformPve` (reconciler.simulators.pve: fakepve plus QEMU migration).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import fakepve.pytest_plugin as fakepve_plugin
 import pytest
 
 from reconciler.model.spec import ProxmoxApi, SecretRef
 from reconciler.providers.proxmox import ProxmoxProvider, RetryPolicy, connect
+from reconciler.simulators.pve import PlatformPve
 
 TEMPLATE = "debian-12-standard_12.7-1_amd64.tar.zst"
 MUTATING = ("POST", "PUT", "DELETE")
@@ -20,6 +23,20 @@ MUTATING = ("POST", "PUT", "DELETE")
 
 async def no_sleep(_seconds: float) -> None:
     return None
+
+
+@pytest.fixture
+def _platform_pve(monkeypatch: pytest.MonkeyPatch) -> None:
+    # fakepve's plugin builds `fakepve.pytest_plugin.FakePve(...)` and offers no hook for
+    # another class: substituting the name it serves, for one test, is the least intrusive way
+    # to serve PlatformPve with the plugin's own fixture (its TLS, thread and shutdown).
+    monkeypatch.setattr(fakepve_plugin, "FakePve", PlatformPve)
+
+
+@pytest.fixture
+def fakepve(_platform_pve: None, fakepve: Any) -> Any:
+    """fakepve's own fixture (the marker's options included), serving PlatformPve."""
+    return fakepve
 
 
 @pytest.fixture

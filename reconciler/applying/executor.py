@@ -1,5 +1,6 @@
 """The executor: runs a plan's changes wave by wave, concurrently within a wave, at most
-`per_host` at a time on one Proxmox node, and reports each change's outcome.
+`per_host` at a time on one Proxmox node (a migration counts on both its nodes), and reports
+each change's outcome.
 
 Called by `reconciler apply` and the controller. A failed change never stops the others; what
 depends on it is skipped and reported, and the next run converges. Dry-run walks the very same
@@ -20,6 +21,7 @@ ones in flight are awaited (the caller bounds how long).
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import time
 from collections import defaultdict
@@ -77,6 +79,15 @@ class ApplyReport:
 Progress = Callable[[Result, int, int], None]
 
 
+def nodes_of(change: Change) -> list[str]:
+    """The Proxmox nodes whose `per_host` limit a change counts toward, sorted: its node, and for
+    a migration the node it leaves too (both work for the whole move)."""
+    nodes = {str(change.id.get("node", "-"))}
+    if change.moves is not None:
+        nodes.add(change.moves[0])
+    return sorted(nodes)
+
+
 async def execute(
     plan: Plan,
     providers: Mapping[Kind, Provider],
@@ -115,9 +126,10 @@ async def execute(
         if provider is None:
             record(Result(change, Outcome.FAILED, f"no provider for {change.kind.value}"))
             return
-        node = str(change.id.get("node", "-"))
         started = time.monotonic()
-        async with limits[node]:
+        async with contextlib.AsyncExitStack() as held:
+            for node in nodes_of(change):  # in sorted order: opposite moves cannot deadlock
+                await held.enter_async_context(limits[node])
             if dry_run:
                 record(Result(change, Outcome.DRY_RUN))
                 return

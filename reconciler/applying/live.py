@@ -25,18 +25,18 @@ from typing import Any
 
 import anyio
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.retry import Retry
 
-from reconciler.applying.executor import ApplyReport, Progress, execute
+from reconciler.applying.executor import ApplyReport, Outcome, Progress, execute
 from reconciler.loading.graph import guest_ip
 from reconciler.model.errors import ConfigurationError, PermanentError, ProviderError
 from reconciler.model.observed import GuestHealth, ObservedResource, ObservedState, RouteServing
-from reconciler.model.plans import Change, Plan
+from reconciler.model.plans import Action, Change, Plan
 from reconciler.model.resources import DesiredGraph, Kind, guest_address
 from reconciler.model.spec import FileFeed, PlatformSpec, ProxmoxApi, SecretRef
 from reconciler.planning.planner import ObservedCheck, make_plan
-from reconciler.providers import Provider
+from reconciler.providers import ClusterObserver, Provider
 from reconciler.providers.agent import AGENT_PORT, AgentObserver, AgentTarget
 from reconciler.providers.firewall import FirewallProvider
 from reconciler.providers.proxmox import ProxmoxProvider, connect, read_secret
@@ -79,7 +79,18 @@ def proxmox_provider(
         platform=spec.platform.name,
         owner_tag=spec.platform.owner_tag,
         source=api.url,
+        wanted_templates=wanted_templates(spec),
     )
+
+
+def wanted_templates(spec: PlatformSpec) -> dict[str, tuple[str, str]]:
+    """Guest address -> (node, template) for every container the spec declares: where the
+    guest provider looks for templates when such a guest is still to be created."""
+    return {
+        guest_address(name): (spec.node_of(guest.host), guest.template)
+        for name, guest in sorted(spec.guests.items())
+        if guest.kind == "lxc" and guest.template and guest.host in spec.hosts
+    }
 
 
 def firewall_provider(spec: PlatformSpec, guests: ProxmoxProvider) -> FirewallProvider:
@@ -331,7 +342,10 @@ async def observe_all(
     agents: AgentWatch | None = None,
 ) -> ObservedState:
     """Every provider once, guest providers first; a firewall provider gets the guests seen,
-    and so does the agent watch. An edge provider's failure is recorded, not raised."""
+    and so does the agent watch. An edge provider's failure is recorded, not raised. The
+    guest provider, when it can (`ClusterObserver`), also reports the cluster's nodes and
+    storages for the planner's placement checks (the edge poll's stand-in cannot: no facts,
+    no checks)."""
     resources: list[ObservedResource] = []
     errors: dict[str, str] = {}
     kinds = set(providers)
@@ -350,6 +364,10 @@ async def observe_all(
             for kind in provider.kinds:
                 errors[kind.value] = str(exc)
             kinds -= provider.kinds
+    guests_provider = providers.get(Kind.GUEST)
+    cluster = None
+    if isinstance(guests_provider, ClusterObserver):
+        cluster = await guests_provider.observe_cluster(resources)
     health = await observe_health(agents, resources) if agents is not None else {}
     serving: dict[str, RouteServing] = {}
     for provider in unique:
@@ -372,6 +390,7 @@ async def observe_all(
         health=health,
         errors=errors,
         serving=serving,
+        cluster=cluster,
     )
 
 
@@ -380,11 +399,24 @@ class Round:
     plan: Plan
     report: ApplyReport | None = None
     observed: ObservedState | None = None  # what the plan was made from
+    # Why another round followed: "conflict" (re-plan after a stale digest or a vmid race),
+    # "migrated" (re-verify what follows a moved guest); "" when this round was the last.
+    again: str = ""
 
 
 @dataclass
 class Convergence:
     rounds: list[Round] = field(default_factory=list)
+
+    def again(self) -> str:
+        """For people: why it observed and planned more than once ("" when it did not)."""
+        why = {"conflict": "after a conflict", "migrated": "to re-verify a migrated guest"}
+        reasons = [why[r.again] for r in self.rounds if r.again]
+        if not reasons:
+            return ""
+        return f"observed and planned again {len(reasons)} time(s): " + ", ".join(
+            dict.fromkeys(reasons)
+        )
 
     @property
     def ok(self) -> bool:
@@ -412,9 +444,10 @@ async def converge(
     exclude: Callable[[Plan], Plan] | None = None,
 ) -> Convergence:
     """Observe, plan, apply; when a change met a conflict (a stale digest, a vmid taken in a
-    race), observe and plan again, up to `max_rounds` times. `guard`, `stop`: see
-    `applying.executor.execute`; `exclude` trims a plan before it is applied (the service
-    leaves out resources waiting out a backoff)."""
+    race), or a guest was migrated (its firewall, Velocity registration and routes are
+    re-verified on its new node), observe and plan again, up to `max_rounds` times. `guard`,
+    `stop`: see `applying.executor.execute`; `exclude` trims a plan before it is applied (the
+    service leaves out resources waiting out a backoff)."""
     result = Convergence()
     targets = tuple(targets)
     checks = tuple(observed_checks)
@@ -439,6 +472,20 @@ async def converge(
         round_.report = await execute(
             plan, providers, dry_run=dry_run, progress=progress, guard=guard, stop=stop
         )
-        if dry_run or not round_.report.needs_replan:
+        if dry_run:
+            break
+        if round_.report.needs_replan:
+            round_.again = "conflict"
+        elif _migrated(round_.report):
+            round_.again = "migrated"
+        else:
             break
     return result
+
+
+def _migrated(report: ApplyReport) -> bool:
+    """Did a guest move? What was observed before the move (where its firewall is, which
+    address Velocity and the routes reach) is stale, so the caller looks again."""
+    return any(
+        r.outcome is Outcome.DONE and r.change.action is Action.MIGRATE for r in report.results
+    )

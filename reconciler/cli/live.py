@@ -315,8 +315,8 @@ def cmd_apply(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     last = result.rounds[-1]
     if last.plan.errored:
         return EXIT_ERROR
-    if len(result.rounds) > 1:
-        err.write(f"re-planned {len(result.rounds) - 1} time(s) after conflicts\n")
+    if result.again():
+        err.write(result.again() + "\n")
     return _summarize(last.report, out)
 
 

@@ -9,7 +9,9 @@
     3. one cycle detects and heals each (the plan is shown first; the foreign container is
        reported, never touched), the agent comes back, the next cycle restores what was
        withheld, and the last plan is empty;
-    4. stop the lab and say where its state and logs are.
+    4. a pull request moves a game server to another node: the plan says migrate (`>`), the
+       apply moves it, and its disks (the world) are the very same volumes after;
+    5. stop the lab and say where its state and logs are.
 
 Breaking goes through the same doors people and outages use: the Proxmox API (proxmoxer against
 fakepve), the bridge simulator's restart, the agent's own status. `--offline` keeps the old demo:
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import shutil
 import tempfile
 import textwrap
 import time
@@ -62,6 +65,7 @@ _BOLD, _DIM, _GREEN, _YELLOW, _RED, _CYAN = (
 )
 _RESET = "\033[0m"
 FOREIGN_NAME = "hand-made"
+MOVED = "mc-survival"
 
 
 # --- the command ------------------------------------------------------------------------------
@@ -182,6 +186,7 @@ class DemoResult:
     detect_plan: Plan | None = None  # the plan that saw the breaks
     final_plan: Plan | None = None
     foreign_untouched: bool = False
+    moved: str = ""  # the move's outcome, for people ("" when the demo had no second node)
     pids: dict[str, int] = field(default_factory=dict)  # every process the lab started
     seconds: float = 0.0
     error: str = ""
@@ -301,7 +306,9 @@ def _action_color(action: Action) -> str:
 
 def _head(change: Change) -> str:
     where = ""
-    if "vmid" in change.id:
+    if change.moves is not None:
+        where = f"  (vmid {change.id['vmid']} from {change.moves[0]} to {change.moves[1]})"
+    elif "vmid" in change.id:
         where = f"  (vmid {change.id['vmid']} on {change.id.get('node', '?')})"
     return f"{change.action.symbol} {change.address}{where}"
 
@@ -394,7 +401,7 @@ def run_demo(
             screen.line(f"     {part.name.ljust(width)}  {part.where}")
             screen.line(f"     {' ' * width}  {screen.paint(_DIM, part.what)}")
         screen.line(f"   Lab ready in {time.monotonic() - began:.1f} s.")
-        story = Story(screen, lab, spec, graph, result)
+        story = Story(screen, lab, spec, graph, result, spec_dir=Path(directory))
         try:
             story.run()
         except Exception as exc:  # a demo reports and stops cleanly, whatever failed
@@ -406,7 +413,7 @@ def run_demo(
         story.summary()
         lab.events.write("finished", ok=result.ok, seconds=round(result.seconds, 2))
     finally:
-        screen.heading("4. Stopping everything the demo started")
+        screen.heading("5. Stopping everything the demo started")
         lab.stop()
     screen.say(
         f"Stopped {', '.join(lab.pids)} (processes {', '.join(map(str, lab.pids.values()))}), "
@@ -438,7 +445,9 @@ class Story:
         spec: PlatformSpec,
         graph: DesiredGraph,
         result: DemoResult,
+        spec_dir: Path = Path("specs"),
     ) -> None:
+        self.spec_dir = spec_dir
         self.screen = screen
         self.lab = lab
         self.spec = spec
@@ -510,8 +519,8 @@ class Story:
             self.screen.plan(last.plan)
         if last.plan.errored or (last.report is not None and not last.report.ok):
             step.ok = False
-        if len(conv.rounds) > 1:
-            self.screen.say(f"Planned again {len(conv.rounds) - 1} time(s) after a conflict.")
+        if conv.again():
+            self.screen.say(conv.again()[0].upper() + conv.again()[1:] + ".")
         if last.report is not None:
             r = last.report
             self.screen.line(
@@ -540,6 +549,7 @@ class Story:
         self.step_one()
         breaks = self.step_two()
         self.step_three(breaks)
+        self.step_four()
 
     def step_one(self) -> None:
         s = self.screen
@@ -637,6 +647,79 @@ class Story:
         self.check_healed(breaks, final)
         step.seconds = time.monotonic() - began
         step.ok = step.ok and not final.has_changes and not final.errored
+
+    def _move_target(self) -> tuple[str, str, str] | None:
+        """A game server to move, its host, and another host serving its layer: the one whose
+        disks hold the most (a world volume), else the first."""
+        hosts = self.spec.hosts
+        best: tuple[int, str, str, str] | None = None
+        for name, guest in sorted(self.spec.guests.items()):
+            if self.spec.layer_of(name) != "runtime" or guest.kind != "lxc":
+                continue
+            layer = self.spec.layer_of(name)
+            others = [h for h, hs in sorted(hosts.items()) if layer in hs.layers]
+            other = next((h for h in others if h != guest.host), None)
+            if other is None:
+                continue
+            size = guest.disk.size + sum(v.size for v in getattr(guest, "volumes", {}).values())
+            if name == MOVED:  # the example's story: players of survival keep their world
+                size = 1 << 40
+            if best is None or size > best[0]:
+                best = (size, name, guest.host, other)
+        return None if best is None else best[1:]
+
+    def step_four(self) -> None:
+        target = self._move_target()
+        if target is None:
+            return
+        name, src, dst = target
+        s = self.screen
+        step = Step("move a game server")
+        self.result.steps.append(step)
+        began = time.monotonic()
+        s.heading("4. A pull request moves a game server to another node")
+        pr = self.lab.state_dir / "pr-specs"
+        edited = _edit_host(self.spec_dir, pr, name, src, dst)
+        s.say(
+            f"The edit a pull request makes: {edited}: guests.{name}.host {src} -> {dst}. "
+            "Changing a guest's node cannot be done in place; a controller that replaced it "
+            "would destroy its world. This one plans a migration."
+        )
+        loaded = load_directory(pr, display="specs")
+        if not loaded.ok or loaded.spec is None:
+            raise ReconcilerError(render.render_diagnostics(loaded.diagnostics))
+        pve = self.lab.pve()
+        vmid, before = _disks_of(pve, name)
+        self.spec, self.graph = loaded.spec, build_graph(loaded.spec, loaded.source)
+        conv = self.cycle(step, "move")
+        moved = any(
+            c.action is Action.MIGRATE and c.address == f"guest/{name}"
+            for r in conv.rounds
+            for c in r.plan.actions
+        )
+        _, after = _disks_of(pve, name)
+        node = _node_of(pve, vmid)
+        same = bool(before) and before == after
+        step.ok = step.ok and moved and node == self.spec.node_of(dst) and same
+        disks = ", ".join(f"{k} {v}" for k, v in sorted(after.items()))
+        self.result.moved = (
+            f"{name} (vmid {vmid}) moved from {src} to {dst} by a migration; its disks are "
+            f"the same volumes ({disks})"
+            if step.ok
+            else f"{name} did NOT move as planned (node {node}; disks before {before}, after "
+            f"{after})"
+        )
+        s.say(self.result.moved + ".")
+        # The round after the move (conv.again) is the last look: it must plan nothing.
+        last = conv.rounds[-1]
+        final = last.plan
+        if last.observed is not None:
+            (self.lab.state_dir / "observed.json").write_text(
+                last.observed.model_dump_json(indent=1) + "\n", encoding="utf-8"
+            )
+        self.result.final_plan = final
+        step.ok = step.ok and not final.has_changes and not final.errored
+        step.seconds = time.monotonic() - began
 
     # --- breaking -----------------------------------------------------------------------
 
@@ -928,3 +1011,39 @@ def _guest_state(pve: Any, node: str, vmid: int) -> dict[str, Any]:
         "firewall_options": ct.firewall.options.get(),
         "firewall_rules": ct.firewall.rules.get(),
     }
+
+
+def _edit_host(specs: Path, into: Path, guest: str, src: str, dst: str) -> str:
+    """Copy the spec directory to `into` with `guest`'s host changed, as a pull request would
+    edit it; the file edited, relative to the directory."""
+    shutil.rmtree(into, ignore_errors=True)
+    shutil.copytree(specs, into)
+    for path in sorted(into.rglob("*.y*ml")):
+        text = path.read_text(encoding="utf-8")
+        at = text.find(f"\n  {guest}:\n")
+        if at < 0:
+            continue
+        line = f"    host: {src}\n"
+        found = text.find(line, at)
+        if found < 0:
+            continue
+        path.write_text(text[:found] + f"    host: {dst}\n" + text[found + len(line) :])
+        return str(path.relative_to(into))
+    raise ReconcilerError(f"guest {guest}'s host line was not found under {specs}")
+
+
+def _node_of(pve: Any, vmid: int) -> str:
+    items = [g for g in pve.cluster.resources.get(type="vm") if int(g["vmid"]) == vmid]
+    return str(items[0]["node"]) if len(items) == 1 else f"{len(items)} guests at {vmid}"
+
+
+def _disks_of(pve: Any, name: str) -> tuple[int, dict[str, str]]:
+    """A guest's vmid and its disks' volume ids (`rootfs`, `mpN`), read from Proxmox."""
+    item = next(g for g in pve.cluster.resources.get(type="vm") if g.get("name") == name)
+    config = pve.nodes(item["node"]).lxc(item["vmid"]).config.get()
+    disks = {
+        key: str(value).split(",", 1)[0]
+        for key, value in config.items()
+        if key == "rootfs" or (key.startswith("mp") and key[2:].isdigit())
+    }
+    return int(item["vmid"]), disks

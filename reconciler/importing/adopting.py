@@ -12,11 +12,11 @@ What adopting writes, and nothing else:
   `[reconciler:<platform>]` appended to its comment, with the list's digest.
 
 Refused, with nothing written for any address, when one address is not in the specs, is not a
-guest or a named firewall object, names a guest whose vmid is free, whose name, kind or node
-differs from the spec's (planning would replace or rename it), which is locked, or which
-carries another platform's mark (or ours for another address). A guest or object already ours
-is reported and left alone. A guest's own firewall follows its guest: it is managed once the
-guest is adopted.
+guest or a named firewall object, names a vmid that is free or held by a template, names a
+guest whose name, kind or node differs from the spec's (planning would replace or rename it),
+which is locked, or which carries another platform's mark (or ours for another address). A
+guest or object already ours is reported and left alone. A guest's own firewall follows its
+guest: it is managed once the guest is adopted.
 """
 
 from __future__ import annotations
@@ -145,6 +145,8 @@ async def _check_guest(
         raise _Refused(f"no guest holds vmid {vmid}; apply creates it")
     kind, node = str(item.get("type")), str(item.get("node"))
     target = f"{kind} {vmid} on {node}"
+    if item.get("template"):
+        raise _Refused(f"{target} is a template: templates are never managed")
     if kind != want.get("type", "lxc"):
         raise _Refused(f"{target} is a {kind}; the spec says {want.get('type')}")
     if node != want.get("node"):

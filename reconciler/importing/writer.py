@@ -12,10 +12,13 @@ What is written (`render_specs`):
   (nothing moves), its `host`, and every setting Proxmox holds that the spec language has.
   A vmid outside every range gets a one-id range `unassigned-<vmid>` in layer `unassigned`.
 - `profiles.yaml`: one profile per role with at least two guests. The rule: for each of kind,
-  template, cores, memory, swap, disk, features, unprivileged, onboot and firewall, the value
-  most of the role's guests have goes into the profile when at least two share it (ties go to
-  the value that sorts first); tags shared by every guest of the role go there too. A guest
-  then writes only where it differs from its profile (maps key by key, as profiles merge).
+  template, cores, memory, swap, disk, features, unprivileged, onboot, protection and firewall,
+  the value most of the role's guests have goes into the profile when at least two share it
+  (ties go to the value that sorts first); tags shared by every guest of the role go there too.
+  A guest then writes only where it differs from its profile (maps key by key, as profiles
+  merge). Volumes stay with their guest (`volumes:`, each with its path, storage, size and
+  backup spelled out), so an imported guest with a mount point plans empty; a bind mount, and
+  a volume option the spec cannot hold, is a note.
 - `firewall.yaml`: the cluster's aliases, IP sets and security groups (a mark of this platform
   stripped from their comments). The cluster options are written commented out: declaring
   them makes the controller manage them at once, and nothing marks them as reviewed.
@@ -97,6 +100,7 @@ PROFILE_CANDIDATES = (
     "features",
     "unprivileged",
     "onboot",
+    "protection",
     "firewall",
 )
 MAP_FIELDS = ("disk", "features", "firewall")
@@ -114,10 +118,12 @@ GUEST_ORDER = (
     "memory",
     "swap",
     "disk",
+    "volumes",
     "tags",
     "features",
     "unprivileged",
     "onboot",
+    "protection",
     "state",
     "network",
     "firewall",
@@ -304,6 +310,7 @@ class _Guest:
     tags: list[str]
     network: list[dict[str, Any]]
     description: str
+    volumes: dict[str, Any] = field(default_factory=dict)
 
 
 def _settings(
@@ -335,6 +342,7 @@ def _settings(
         "features": {k: feats.get(k) == "1" for k in _FEATURES} if kind == "lxc" else None,
         "unprivileged": attrs.get("unprivileged"),
         "onboot": attrs["onboot"],
+        "protection": attrs["protection"],
         "firewall": _guest_firewall(g, notes, who),
     }
     tags = [t for t in attrs["tags"] if t != base.owner_tag]
@@ -346,6 +354,47 @@ def _settings(
         for i, k in enumerate(sorted(nets, key=lambda k: int(k[3:])))
     ]
     return settings, tags, network, str(attrs.get("description") or "").strip("\n")
+
+
+# What a volume's property string may hold beyond what the spec says (Proxmox's own keys).
+_VOLUME_OWN = {"volume", "size", "mp", "backup", "acl", "quota", "ro", "replicate", "mountoptions"}
+
+
+def _natural(key: str) -> tuple[str, int]:
+    """mp2 before mp10."""
+    head = key.rstrip("0123456789")
+    return head, int(key[len(head) :] or 0)
+
+
+def _volumes(g: GuestRecord, notes: list[str], who: str) -> dict[str, Any]:
+    """A guest's volumes (mount points, a VM's extra disks) in the spec's words, each with its
+    storage, size and backup setting spelled out. What the spec cannot hold is a note."""
+    out: dict[str, Any] = {}
+    raw = guest_attributes(g.item, g.config)["volumes"]
+    for key in sorted(g.config):
+        if re.fullmatch(r"mp\d+", key) and key not in raw and g.kind == "lxc":
+            notes.append(f"{who}: {key} is a bind or device mount, which the spec cannot hold")
+    for key in sorted(raw, key=_natural):
+        kv = parse_kv(raw[key])
+        extra = sorted(set(kv) - _VOLUME_OWN)
+        if extra:
+            notes.append(f"{who}: {key} options the spec cannot hold: {', '.join(extra)}")
+        vol = normalize.volume(g.kind, raw[key])
+        spec: dict[str, Any] = {}
+        if g.kind == "lxc":
+            spec["path"] = vol.get("path")
+        spec["storage"] = vol.get("storage")
+        spec["size"] = vol.get("size")
+        spec["backup"] = vol["backup"]
+        options: dict[str, Any] = {
+            k: vol[k] for k in ("acl", "quota", "ro", "replicate") if k in vol
+        }
+        if vol.get("mountoptions"):
+            options["mountoptions"] = str(vol["mountoptions"]).split(";")
+        if options:
+            spec["options"] = options
+        out[key] = spec
+    return out
 
 
 # --- roles, profiles, overrides ----------------------------------------------------------------
@@ -368,6 +417,7 @@ def _defaults(base: Base) -> dict[str, Any]:
         "features": dict.fromkeys(_FEATURES, False),
         "unprivileged": d["unprivileged"].default,
         "onboot": d["onboot"].default,
+        "protection": d["protection"].default,
         "firewall": None,
     }
 
@@ -505,7 +555,8 @@ def render_specs(estate: Estate, base: Base, edge: EdgeEstate | None = None) -> 
             # A host of our own serves the layers of the guests found on it.
             hosts[host]["layers"] = sorted({*hosts[host]["layers"], ranges[role]["layer"]})
         settings, tags, network, description = _settings(g, base, notes, who)
-        guests.append(_Guest(name, g, role, host, settings, tags, network, description))
+        volumes = _volumes(g, notes, who)
+        guests.append(_Guest(name, g, role, host, settings, tags, network, description, volumes))
 
     profiles: dict[str, dict[str, Any]] = {}
     profile_tags: dict[str, list[str]] = {}
@@ -545,6 +596,8 @@ def render_specs(estate: Estate, base: Base, edge: EdgeEstate | None = None) -> 
                 entry["state"] = "stopped"
             if guest.network:
                 entry["network"] = guest.network
+            if guest.volumes:
+                entry["volumes"] = guest.volumes
             if guest.description:
                 entry["description"] = guest.description
             entries[guest.name] = {k: entry[k] for k in GUEST_ORDER if k in entry}

@@ -1,6 +1,6 @@
 """Structural checks every platform gets, whatever its policies: references resolve, names and
 vmids are unique, dependencies have no cycle, hosts have room, routes and proxy names do not
-collide. Design rules a platform opts into live in `policies`.
+collide, volumes fit their guest's kind. Design rules a platform opts into live in `policies`.
 
 Each check yields diagnostics and never stops at the first; `run_all` is called by the loader
 once the spec has validated.
@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 
 from reconciler.loading.sources import PathT, Source, dotted
 from reconciler.model.diagnostics import Diagnostic, error
-from reconciler.model.spec import HttpRoute, PlatformSpec
+from reconciler.model.spec import HttpRoute, PlatformSpec, volume_kind
 
 Check = Callable[[PlatformSpec, Source], Iterator[Diagnostic]]
 
@@ -436,6 +436,72 @@ def check_networks(spec: PlatformSpec, source: Source) -> Iterator[Diagnostic]:
                     seen[addr] = (gname, at)
 
 
+def check_volumes(spec: PlatformSpec, source: Source) -> Iterator[Diagnostic]:
+    """A guest's volume keys fit its kind (mount points `mpN` on a container, disks `scsiN` on
+    a VM); a mount point has a path, unique in its guest; a VM disk has neither path nor mount
+    options. A volume inherited from a profile is reported once, at the profile's line."""
+    said: set[tuple[object, str]] = set()
+
+    def once(d: Diagnostic) -> Iterator[Diagnostic]:
+        if (d.position, d.message) not in said:
+            said.add((d.position, d.message))
+            yield d
+
+    for gname, guest in spec.guests.items():
+        paths: dict[str, str] = {}
+        for key, vol in sorted(guest.volumes.items()):
+            at: PathT = ("guests", gname, "volumes", key)
+            if volume_kind(key) != guest.kind:
+                what = "a container mount point" if key.startswith("mp") else "a VM disk"
+                takes = "mount points mp0..mp255" if guest.kind == "lxc" else "disks scsi1..scsi30"
+                yield from once(
+                    _err(
+                        source,
+                        "volume-kind",
+                        f"volume {key!r} is {what}, but this guest is kind {guest.kind}: "
+                        f"its volumes are {takes}",
+                        at,
+                        key=True,
+                    )
+                )
+                continue
+            if guest.kind == "qemu":
+                for field in ("path", "options"):
+                    if getattr(vol, field) is not None:
+                        yield from once(
+                            _err(
+                                source,
+                                "invalid-value",
+                                f"{key}.{field}: a VM disk has no {field}; it is mounted "
+                                "inside the VM",
+                                (*at, field),
+                                key=True,
+                            )
+                        )
+                continue
+            if vol.path is None:
+                yield from once(
+                    _err(
+                        source,
+                        "missing-field",
+                        f"mount point {key!r} needs 'path': where the container sees it "
+                        "(e.g. /srv/world)",
+                        at,
+                        key=True,
+                    )
+                )
+            elif vol.path in paths:
+                yield _err(
+                    source,
+                    "duplicate-mount-path",
+                    f"{key}.path {vol.path} is already the path of {paths[vol.path]} in guest "
+                    f"{gname!r}",
+                    (*at, "path"),
+                )
+            else:
+                paths[vol.path] = key
+
+
 ALL: tuple[Check, ...] = (
     check_references,
     check_unique,
@@ -443,6 +509,7 @@ ALL: tuple[Check, ...] = (
     check_capacity,
     check_routes,
     check_networks,
+    check_volumes,
 )
 
 

@@ -4,8 +4,10 @@ and waves. Called by the planner (through the CLI and the controller) after load
 Attributes are written in the normalized shape observers produce (see planning.normalize), so
 a converged platform diffs empty. LXC and QEMU guests share one attribute shape, less what a
 kind does not have: a VM has no template, swap, features or unprivileged flag, and its boot disk
-(`scsi0`) is the `rootfs` attribute, so the planner's replace rules (a new storage, a smaller
-disk) hold for both kinds.
+(`scsi0`) is the `rootfs` attribute, so the planner's rules for disks (a new storage, a smaller
+disk) hold for both kinds. `volumes` are a container's mount points and a VM's extra disks by
+Proxmox key: `{"mp0": {"storage": "local-lvm", "size": "50G", "path": "/data", "backup": True}}`
+(a VM disk has no path or mount options).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from reconciler.model.spec import (
     NetworkInterface,
     PlatformSpec,
     TcpRoute,
+    Volume,
+    VolumeOptions,
 )
 from reconciler.model.units import format_mib
 
@@ -44,6 +48,12 @@ def build_graph(spec: PlatformSpec, source: Source | None = None) -> DesiredGrap
                     name: {"first": r.first, "last": r.last, "layer": r.layer}
                     for name, r in sorted(spec.ranges.items())
                 },
+                # For the placement checks against the live cluster (planning.placement).
+                "hosts": {
+                    name: {"node": spec.node_of(name), "node_set": h.node is not None}
+                    for name, h in sorted(spec.hosts.items())
+                },
+                "memory_overcommit": spec.policies.capacity.memory_overcommit,
             }
         ),
     )
@@ -120,6 +130,41 @@ def features_string(guest: GuestSpec) -> str:
     return ",".join(f"{k}=1" for k in on)
 
 
+def mount_options(options: VolumeOptions | None) -> dict[str, Any]:
+    """A mount point's options as attributes: only those that differ from Proxmox's defaults
+    (so a mount point Proxmox reads back without them compares equal)."""
+    if options is None:
+        return {}
+    out: dict[str, Any] = {}
+    if options.acl is not None:
+        out["acl"] = options.acl
+    if options.quota:
+        out["quota"] = True
+    if options.ro:
+        out["ro"] = True
+    if not options.replicate:
+        out["replicate"] = False
+    if options.mountoptions:
+        out["mountoptions"] = ";".join(sorted(set(options.mountoptions)))
+    return out
+
+
+def volume_attributes(kind: str, volume: Volume, default_storage: str) -> dict[str, Any]:
+    """One volume in the normalized shape (planning.normalize.volume reads Proxmox's strings
+    into the same): storage, size, and for a mount point its path and options; `backup` with
+    Proxmox's default filled in (off for a mount point, on for a VM disk)."""
+    out: dict[str, Any] = {
+        "storage": volume.storage or default_storage,
+        "size": format_mib(volume.size),
+    }
+    if kind == "lxc":
+        out["path"] = volume.path
+    out["backup"] = volume.backup if volume.backup is not None else kind == "qemu"
+    if kind == "lxc":
+        out.update(mount_options(volume.options))
+    return out
+
+
 def guest_attributes(spec: PlatformSpec, name: str, guest: GuestSpec) -> dict[str, Any]:
     storage = guest.disk.storage or spec.platform.default_storage
     tags = sorted({*guest.tags, spec.platform.owner_tag})
@@ -138,10 +183,15 @@ def guest_attributes(spec: PlatformSpec, name: str, guest: GuestSpec) -> dict[st
         "memory": guest.memory,
         "swap": guest.swap,
         "rootfs": {"storage": storage, "size": format_mib(guest.disk.size)},
+        "volumes": {
+            key: volume_attributes(guest.kind, vol, spec.platform.default_storage)
+            for key, vol in sorted(guest.volumes.items())
+        },
         "net": net,
         "tags": tags,
         "features": features_string(guest),
         "unprivileged": guest.unprivileged,
+        "protection": guest.protection,
         "onboot": guest.onboot,
         "state": guest.state,
         "description": guest.description,

@@ -195,8 +195,9 @@ def resolve_profiles(source: Source, diags: list[Diagnostic]) -> dict[PathT, Pat
 
     Returns origins: guest field path -> the path it was inherited from, so an error in an
     inherited value is reported once, at the profile (and an item of a union list at the item
-    the person wrote). Maps merge key by key, `tags` are the union (profile's first), anything
-    else the guest sets wins. Every profile's chain is checked, used or not.
+    the person wrote). Maps (`disk`, `features`, `firewall`, `volumes`) merge key by key, and a
+    volume field by field; `tags` are the union (profile's first); anything else the guest sets
+    wins. Every profile's chain is checked, used or not.
     """
     profiles = source.data.get("profiles")
     guests = source.data.get("guests")
@@ -248,6 +249,10 @@ def resolve_profiles(source: Source, diags: list[Diagnostic]) -> dict[PathT, Pat
                     guest[key] = [v for v, _ in items[key]]
                 else:
                     items.pop(key, None)
+                    if isinstance(value, dict) and isinstance(guest[key], dict):
+                        _inherit_under(
+                            source, origins, origin[key], gpath, value, guest[key], under
+                        )
                     guest[key] = _merge_value(key, value, guest[key])
             else:
                 guest[key] = value
@@ -334,6 +339,26 @@ def _merge_value(key: str, base: Any, top: Any) -> Any:
             out[k] = _merge_value(k, base.get(k), v) if isinstance(v, dict) else v
         return out
     return top
+
+
+def _inherit_under(
+    source: Source,
+    origins: dict[PathT, PathT],
+    src: PathT,
+    dst: PathT,
+    inherited: dict[str, Any],
+    own: dict[str, Any],
+    under: dict[PathT, list[tuple[int, PathT, Any]]],
+) -> None:
+    """In a map the guest and its profile both set (`volumes`, `disk`), the keys only the
+    profile wrote keep the profile's positions and origin, so a problem in one is reported
+    once, at the profile's line."""
+    for k, v in inherited.items():
+        if k not in own:
+            origins[(*dst, k)] = (*src, k)
+            _alias_positions(source, (*src, k), (*dst, k), under)
+        elif isinstance(v, dict) and isinstance(own[k], dict):
+            _inherit_under(source, origins, (*src, k), (*dst, k), v, own[k], under)
 
 
 def _profile_entries(source: Source) -> dict[PathT, list[tuple[int, PathT, Any]]]:
@@ -566,7 +591,8 @@ def _map_errors(
             path = path[:-1] if path and path[-1] == missing else path
         else:
             code = "invalid-value"
-            where_key = False
+            # A bad map key (a volume key) is pointed at where the key is written.
+            where_key = loc[-1] == "[key]"
             text = err["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
             if "literal secret" in text:
                 code = "literal-secret"

@@ -40,6 +40,22 @@ Format (version 2; a version 1 snapshot, which has no `health` or `errors`, stil
           "errors": []                   # Traefik's error texts for the router
         },
         "route/core": {"served": null, "errors": ["..."]}   # an instance whose API failed
+      },
+      "cluster": {                       # optional (version 2): the Proxmox cluster's nodes,
+        "nodes": {                       # from the same /cluster/resources answer as guests
+          "pve-runtime": {
+            "online": true,
+            "maxcpu": 32,
+            "maxmem": 137438953472,      # bytes, as Proxmox says
+            "storages": {                # null: the answer listed no storage at all
+              "local": {"content": ["backup", "iso", "vztmpl"], "shared": false,
+                        "active": true,
+                        "templates": ["local:vztmpl/debian-12-standard_12.7-1_amd64.tar.zst"]},
+              "local-lvm": {"content": ["images", "rootdir"], "shared": false,
+                            "active": true, "templates": null}   # null: not listed
+            }
+          }
+        }
       }
     }
 
@@ -50,6 +66,14 @@ layers), written by the live observation (`applying.live.observe_all`): the gues
 from Proxmox, its agent's answer from `providers.agent`. The planner withholds Velocity
 registrations (and routes set to `when_unready: withhold`) from guests that are not both running
 and ready. An empty `health` means nobody asked, not that everything is healthy.
+
+`cluster` holds what the planner's placement checks (`planning.placement`) compare the spec's
+hosts with: the nodes, whether each is online, its size, and its storages. A storage's
+`templates` are the container templates (`vztmpl` volumes) found on it, listed only where a
+guest still to be created wants a template from it; null means nobody looked, so nothing is
+checked against it. A missing `cluster` (an older snapshot, a partial observation such as the
+service's edge poll) means the cluster was not observed: no placement check runs. It is not
+part of the digest: a saved plan must not go stale because a node's memory figure moved.
 """
 
 from __future__ import annotations
@@ -92,6 +116,39 @@ class RouteServing(BaseModel):
     errors: tuple[str, ...] = ()
 
 
+class StorageFacts(BaseModel):
+    """One storage as one node sees it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    content: tuple[str, ...] = ()  # what it takes: images, rootdir, vztmpl, iso, backup, ...
+    shared: bool = False
+    active: bool = True
+    # Container templates on it (volids, `local:vztmpl/x.tar.zst`); None: not listed.
+    templates: tuple[str, ...] | None = None
+
+
+class NodeFacts(BaseModel):
+    """One cluster node."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    online: bool = True
+    maxcpu: int = 0
+    maxmem: int = 0  # bytes
+    # By storage id; None when the observation listed no storage at all (a token that may not
+    # audit storage): unknown, not empty.
+    storages: dict[str, StorageFacts] | None = None
+
+
+class ClusterFacts(BaseModel):
+    """The Proxmox cluster the guests live on: see the module docstring."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    nodes: dict[str, NodeFacts] = Field(default_factory=dict)
+
+
 class ObservedResource(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -132,6 +189,8 @@ class ObservedState(BaseModel):
     # By route address (or `route/<instance>` for an instance whose API failed). Not part of
     # the digest: no plan changes it, and a saved plan must not go stale when Traefik reloads.
     serving: dict[str, RouteServing] = Field(default_factory=dict)
+    # The cluster's nodes and storages; None: not observed. Not part of the digest either.
+    cluster: ClusterFacts | None = None
 
     def digest(self) -> str:
         """Content hash of what was observed (not when): a saved plan applies only if it matches.

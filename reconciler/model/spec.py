@@ -12,6 +12,7 @@ Conventions a spec author sees:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Annotated, Any, Literal, TypeVar
@@ -40,8 +41,9 @@ SCHEMA_VERSION = 1
 V = TypeVar("V")
 
 
-def _freeze(value: Mapping[str, Any]) -> Mapping[str, Any]:
-    return MappingProxyType(dict(value))
+def _freeze(value: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+    # None only where a profile leaves the map out (`volumes:` with nothing under it).
+    return MappingProxyType(dict(value)) if value is not None else None
 
 
 FrozenMap = Annotated[
@@ -69,8 +71,6 @@ Policy = Literal["ACCEPT", "DROP", "REJECT"]
 
 def _tag(value: str) -> str:
     # Proxmox lowercases tags; insisting on lowercase in the spec keeps plans honest.
-    import re
-
     if not re.match(r"^[a-z0-9_][a-z0-9_+.-]*$", value):
         raise ValueError(
             f"{value!r} is not a valid Proxmox tag: use lowercase letters, digits, _ + . -"
@@ -276,6 +276,86 @@ class Disk(Strict):
     size: DiskMiB = Field(8 * 1024, description="GiB, or a size with a unit (8G, 512M)")
 
 
+# Mount options a container's mount point takes (pve-container's `mountoptions`).
+MountOption = Literal["discard", "lazytime", "noatime", "nodev", "noexec", "nosuid"]
+# Volume keys: a container's mount points, a VM's extra SCSI disks (scsi0 is its boot disk).
+_VOLUME_KEY = re.compile(r"^(?P<bus>mp|scsi)(?P<n>0|[1-9][0-9]{0,2})$")
+VOLUME_KEYS = {"mp": (0, 255), "scsi": (1, 30)}
+# The same keys for the JSON Schema (editors complete and check them).
+_VOLUME_KEY_SCHEMA = (
+    r"^(mp([0-9]|[1-9][0-9]|1[0-9]{2}|2[0-4][0-9]|25[0-5])|scsi([1-9]|[12][0-9]|30))$"
+)
+
+
+def volume_kind(key: str) -> Literal["lxc", "qemu"]:
+    """The guest kind a (valid) volume key belongs to: `mpN` a container, `scsiN` a VM."""
+    return "lxc" if key.startswith("mp") else "qemu"
+
+
+def _volume_key(value: str) -> str:
+    m = _VOLUME_KEY.match(value)
+    if m is not None:
+        first, last = VOLUME_KEYS[m["bus"]]
+        if first <= int(m["n"]) <= last:
+            return value
+    if value == "scsi0":
+        raise ValueError("scsi0 is a VM's boot disk: size it under 'disk'")
+    raise ValueError(
+        f"{value!r} is not a volume key: use mp0..mp255 (container mount points) "
+        "or scsi1..scsi30 (VM disks)"
+    )
+
+
+def _mount_path(value: str) -> str:
+    if not value.startswith("/") or value == "/":
+        raise ValueError(f"{value!r} is not an absolute path below / (e.g. /srv/world)")
+    parts = value.split("/")[1:]
+    if any(p in ("", ".", "..") for p in parts) or any(c == "," or c < " " for c in value):
+        # A comma would end the path inside Proxmox's `mp=...,backup=1` property string.
+        raise ValueError(
+            f"{value!r}: a mount path has no empty, '.' or '..' parts, no trailing '/', "
+            "no comma and no control characters"
+        )
+    return value
+
+
+VolumeKey = Annotated[str, AfterValidator(_volume_key)]
+MountPath = Annotated[str, AfterValidator(_mount_path)]
+
+
+class VolumeOptions(Strict):
+    """Mount options of a container's mount point, as pve-container takes them. A closed set:
+    anything else is an error, so nothing unknown reaches Proxmox."""
+
+    acl: bool | None = Field(None, description="POSIX ACLs; left out: the filesystem's default")
+    quota: bool = Field(False, description="User quotas in the container (privileged only)")
+    ro: bool = Field(False, description="Mounted read-only")
+    replicate: bool = Field(True, description="Included in storage replication jobs")
+    mountoptions: tuple[MountOption, ...] = Field(
+        (), description="Extra mount flags: discard, lazytime, noatime, nodev, noexec, nosuid"
+    )
+
+
+class Volume(Strict):
+    """A data volume: a container's mount point (`mpN`) or a VM's extra disk (`scsiN`). Created
+    with the guest or added to it, grown in place, never shrunk, moved or (without pruning)
+    detached by the controller."""
+
+    path: MountPath | None = Field(
+        None, description="Container only, required there: where it is mounted (absolute)"
+    )
+    storage: str | None = Field(None, description="Defaults to platform.default_storage")
+    size: DiskMiB = Field(
+        description="GiB, or a size with a unit (50G, 512M); grows, never shrinks"
+    )
+    backup: bool | None = Field(
+        None,
+        description="Included in vzdump backups. Left out: Proxmox's own default, which is "
+        "false for a container mount point (mpN: backup=0) and true for a VM disk (scsiN)",
+    )
+    options: VolumeOptions | None = Field(None, description="Container mount points only")
+
+
 class Features(Strict):
     nesting: bool = False
     keyctl: bool = False
@@ -297,10 +377,25 @@ class GuestSpec(Strict):
     memory: MiB = 512
     swap: MiB = 512
     disk: Disk = Disk()
+    volumes: Annotated[
+        Mapping[VolumeKey, Volume],
+        AfterValidator(_freeze),
+        PlainSerializer(dict, return_type=dict),
+    ] = Field(
+        default_factory=dict,
+        description="Data volumes by Proxmox key: mp0..mp255 on a container, scsi1..scsi30 "
+        "on a VM. A profile's and a guest's merge key by key",
+        json_schema_extra={"propertyNames": {"pattern": _VOLUME_KEY_SCHEMA}},
+    )
     network: tuple[NetworkInterface, ...] = ()
     tags: tuple[Tag, ...] = ()
     features: Features = Features()
     unprivileged: bool = True
+    protection: bool = Field(
+        False,
+        description="Proxmox's protection flag: the guest and its disks cannot be removed. "
+        "The controller lifts it only inside a delete or replace allowed by pruning",
+    )
     onboot: bool = True
     state: Literal["running", "stopped"] = "running"
     firewall: GuestFirewall | None = None

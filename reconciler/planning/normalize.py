@@ -8,6 +8,10 @@ QEMU spells things its own way: a NIC is `virtio=BC:24:11:..,bridge=vmbr0` (the 
 the generated MAC; `model=virtio,macaddr=..` is accepted too), and memory comes back as a
 string (`"2048"`, or the property-string form `"current=2048"`). A VM's boot disk (`scsi0`) is
 compared as `rootfs`, like a container's.
+
+Volumes (a container's `mpN`, a VM's `scsiN`) come back as `local-lvm:vm-1001-disk-1,mp=/data,
+backup=1,size=50G`; both sides become `{"storage", "size", "path", "backup", options...}` with
+Proxmox's defaults filled in (`volume`).
 """
 
 from __future__ import annotations
@@ -122,9 +126,63 @@ def features(value: Any) -> str:
     return ",".join(f"{k}=1" for k in sorted(kv) if kv[k] in ("1", "True"))
 
 
+# A mount point's options as Proxmox stores them, and their defaults: an option at its
+# default is left out of the normalized shape (loading.graph.mount_options writes the same).
+_MOUNT_FLAGS = {"acl": None, "quota": False, "ro": False, "replicate": True}
+
+
+def volume(kind: str, value: Any) -> dict[str, Any]:
+    """One volume, from Proxmox's string (`local-lvm:vm-1001-disk-1,mp=/data,backup=1,size=50G`,
+    or the allocation form `local-lvm:50,mp=/data` as sent) or from the normalized dict, into
+    the normalized dict: storage, size, path (containers), backup with Proxmox's default (a
+    mount point is not backed up unless `backup=1`, a VM disk is unless `backup=0`), and the
+    mount options that differ from their defaults. What the spec cannot say (a VM disk's
+    iothread, a mount point's idmap) is left out."""
+    if isinstance(value, dict):
+        kv = {k: v for k, v in value.items() if v is not None}
+        storage, size = kv.get("storage"), kv.get("size")
+        path = kv.get("path")
+    else:
+        kv = parse_kv(str(value))
+        vol = kv.get("volume", "")
+        storage = vol.split(":", 1)[0] if ":" in vol else vol or None
+        size = kv.get("size")
+        if size is None and ":" in vol and vol.split(":", 1)[1].replace(".", "", 1).isdigit():
+            size = vol.split(":", 1)[1]  # `local-lvm:50` as sent when allocating
+        path = kv.get("mp")
+    out: dict[str, Any] = {}
+    if storage:
+        out["storage"] = str(storage)
+    if size is not None:
+        out["size"] = format_mib(parse_mib(size, bare_unit="G"))
+    if kind == "lxc" and path is not None:
+        out["path"] = str(path)
+    backup = _bool(kv.get("backup"))
+    out["backup"] = (kind == "qemu") if backup is None else bool(backup)
+    if kind == "lxc":
+        for flag, default in _MOUNT_FLAGS.items():
+            found = _bool(kv.get(flag))
+            if found is not None and bool(found) != default:
+                out[flag] = bool(found)
+        options = str(kv.get("mountoptions") or "")
+        flags = sorted({o for o in options.split(";") if o})
+        if flags:
+            out["mountoptions"] = ";".join(flags)
+    return out
+
+
+def volumes(kind: str, value: Any) -> dict[str, dict[str, Any]]:
+    """Every volume by key (none: `{}`)."""
+    return {k: volume(kind, v) for k, v in sorted((value or {}).items())}
+
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
 def _bool(value: Any) -> Any:
-    if isinstance(value, str) and value in ("0", "1"):
-        return value == "1"
+    if isinstance(value, str) and value.lower() in (*_TRUE, *_FALSE):
+        return value.lower() in _TRUE
     if isinstance(value, int) and not isinstance(value, bool):
         return bool(value)
     return value
@@ -144,9 +202,11 @@ def guest(
         keep = net_keep or {}
         one = qemu_net if out.get("type") == "qemu" else net
         out["net"] = {k: one(v, keep.get(k, frozenset())) for k, v in sorted(out["net"].items())}
-    for key in ("onboot", "unprivileged"):
+    for key in ("onboot", "unprivileged", "protection"):
         if key in out:
             out[key] = _bool(out[key])
+    if "volumes" in out:
+        out["volumes"] = volumes(str(out.get("type") or "lxc"), out["volumes"])
     if "memory" in out:
         out["memory"] = memory(out["memory"])
     for key in ("cores", "swap"):
@@ -196,6 +256,13 @@ def pair(
     if kind is Kind.GUEST:
         qemu = desired.get("type") == "qemu"
         keep = {k: _pinned(v, qemu) for k, v in (desired.get("net") or {}).items()}
+        # What Proxmox leaves out of a config is at its default: no volumes, no protection
+        # (an observer, or a saved observation, that does not list them saw none).
+        observed = dict(observed)
+        if "volumes" in desired and observed.get("volumes") is None:
+            observed["volumes"] = {}
+        if "protection" in desired and observed.get("protection") is None:
+            observed["protection"] = False
         return guest(desired, net_keep=keep), guest(observed, net_keep=keep)
     if kind.value.startswith("firewall"):
         return firewall(desired), firewall(observed)

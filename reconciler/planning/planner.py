@@ -9,11 +9,13 @@ for what carries our mark; both -> diff, which gives no-op, update, migrate or r
 
 Data safety. A guest whose only change that cannot be made in place is its node (and with it,
 perhaps, its disks' storage) is migrated, never replaced. A change that destroys a disk (a
-guest's replace or delete) says what it destroys (`Change.destroys`) and needs pruning
-(`platform.prune` or `--allow-destroy`); without it, it stays in the plan `blocked` and is never
-applied. Allowed ones count toward `max_deletes_per_run`. A smaller disk is a plan error: Proxmox
-cannot shrink one, and the planner never destroys one to get there. Deletes of owned firewall
-objects (aliases, IP sets, groups) need pruning too. A guest's firewall is never deleted on its
+guest's replace or delete, an update that detaches a volume the spec dropped) says what it
+destroys (`Change.destroys`) and needs pruning (`platform.prune` or `--allow-destroy`); without
+it, it stays in the plan `blocked` and is never applied. Allowed ones count toward
+`max_deletes_per_run`. A smaller disk is a plan error: Proxmox cannot shrink one, and the
+planner never destroys one to get there; so is a volume's new storage (the controller never
+moves a volume: Proxmox's move-volume does). Deletes of owned firewall objects (aliases, IP
+sets, groups) need pruning too. A guest's firewall is never deleted on its
 own: it goes with its guest, and a guest whose spec lost its firewall section keeps what it
 has, unmanaged. The cluster options are never deleted. A guest's firewall is addressed through
 its guest's allocation (node, vmid, type), so a recreated guest gets its firewall back in the
@@ -46,7 +48,7 @@ from reconciler.model.observed import GuestHealth, ObservedResource, ObservedSta
 from reconciler.model.plans import HOLD_START, START_GUEST, Action, Change, Plan
 from reconciler.model.resources import DesiredGraph, Kind, Resource, kind_of
 from reconciler.model.units import parse_mib
-from reconciler.planning import diffing, normalize
+from reconciler.planning import diffing, normalize, placement
 
 _ACTIVE = (Action.CREATE, Action.REPLACE)
 # What may change along with a guest's node in one migration: its disks' target storage.
@@ -110,6 +112,9 @@ def make_plan(
     agent_layers: Iterable[str] = (),
 ) -> Plan:
     vmids, diags = allocate_vmids(graph, observed)
+    # Against the live cluster: a guest that cannot go where the spec says gets nothing.
+    placed = placement.check_placement(graph, observed, vmids)
+    diags.extend(placed.diagnostics)
     for kind, message in sorted(observed.errors.items()):
         diags.append(
             warning(
@@ -135,6 +140,8 @@ def make_plan(
             continue  # nobody looked: planning it would create it again on every run
         if res.address in withheld:
             continue  # not ready: deleted below if it exists
+        if res.address in placed.unplaced or res.attached_to in placed.unplaced:
+            continue  # its node, storage or template is not there: reported by placement
         allocated = _with_vmid(res, vmids)
         if allocated is None:
             continue  # a guest without a vmid (its range is full): reported above
@@ -171,9 +178,16 @@ def make_plan(
             if change.action is Action.REPLACE and change.destroys and not prune:
                 change = replace(change, blocked=BLOCKED_WHY)
                 diags.append(_blocked_replace(res, change))
-        if res.kind is Kind.GUEST and (shrunk := _shrinks(res, change)) is not None:
-            diags.append(shrunk)
-            continue
+            elif res.kind is Kind.GUEST and (gone := _detached(change)):
+                change = replace(change, destroys=gone)
+                if not prune:
+                    change = replace(change, blocked=BLOCKED_WHY)
+                    diags.append(_blocked_detach(res, change))
+        if res.kind is Kind.GUEST:
+            wrong = [d for d in (_shrinks(res, change), _moves_volumes(res, change)) if d]
+            if wrong:
+                diags.extend(wrong)
+                continue
         parent = changes.get(res.attached_to) if res.attached_to else None
         if (
             parent is not None
@@ -311,6 +325,48 @@ def _shrinks(res: Resource, change: Change) -> Diagnostic | None:
     )
 
 
+def _moves_volumes(res: Resource, change: Change) -> Diagnostic | None:
+    """A volume whose storage changed: an error at the spec's line. The controller never moves
+    a volume (nor recreates one elsewhere): Proxmox's move-volume does, with the data."""
+    moved = [
+        f
+        for f in change.fields
+        if f.path.startswith("volumes.") and f.path.endswith(".storage") and f.before and f.after
+    ]
+    if not moved:
+        return None
+    what = ", ".join(f"{f.path.removesuffix('.storage')} {f.before} -> {f.after}" for f in moved)
+    return error(
+        "volume-storage",
+        f"{res.address}: {what}: the controller never moves a volume to another storage. "
+        "Move it with Proxmox (`pct move-volume VMID mpN STORAGE`, or Disk Action > Move "
+        "Storage for a VM disk), or keep the storage in the spec",
+        position=res.position,
+        address=res.address,
+    )
+
+
+def _detached(change: Change) -> tuple[str, ...]:
+    """What an update (or migration) destroys by detaching volumes the spec no longer has:
+    `("mp0 50 GiB",)`."""
+    gone = {
+        f.path.split(".")[1]: f.before
+        for f in change.fields
+        if f.path.count(".") == 1 and f.path.startswith("volumes.") and f.after is None
+    }
+    return disks({"volumes": gone}) if gone else ()
+
+
+def _blocked_detach(res: Resource, change: Change) -> Diagnostic:
+    return warning(
+        "destroy-blocked",
+        f"{res.address}: detaching {', '.join(change.destroys)} (no longer in the spec) "
+        f"destroys data; held back, with the rest of this guest's changes: {BLOCKED_WHY}",
+        position=res.position,
+        address=res.address,
+    )
+
+
 def _blocked_replace(res: Resource, change: Change) -> Diagnostic:
     return warning(
         "destroy-blocked",
@@ -322,19 +378,23 @@ def _blocked_replace(res: Resource, change: Change) -> Diagnostic:
 
 
 def _count_destroys(changes: Iterable[Change], graph: DesiredGraph) -> list[Diagnostic]:
-    """Allowed destroys of guests (replaces and deletes) count toward max_deletes_per_run."""
+    """Allowed destroys of guests (replaces, deletes, and updates that detach volumes) count
+    toward max_deletes_per_run."""
     limit = int(graph.settings.get("max_deletes_per_run", 3))
     n = sum(
         1
         for c in changes
-        if c.kind is Kind.GUEST and c.action in (Action.REPLACE, Action.DELETE) and not c.blocked
+        if c.kind is Kind.GUEST
+        and not c.blocked
+        and (c.action in (Action.REPLACE, Action.DELETE) or c.destroys)
     )
     if n <= limit:
         return []
     return [
         error(
             "too-many-deletes",
-            f"this plan would destroy {n} guests (replaces and deletes); "
+            f"this plan would destroy data on {n} guests (replaces, deletes, detached "
+            f"volumes); "
             f"platform.max_deletes_per_run is {limit}. A spec file may be missing, or a typo "
             "may have changed what guests are; if the destroys are meant, raise the limit",
         )
@@ -413,7 +473,8 @@ def _vmid_conflict(
     vmid = desired["vmid"]
     if vmid in foreign:
         holder = foreign[vmid]
-        if holder.attributes.get("name") == res.attributes.get("name", res.name):
+        template = holder.attributes.get("template") is True
+        if not template and holder.attributes.get("name") == res.attributes.get("name", res.name):
             return warning(
                 "adoption-pending",
                 f"{res.address} matches guest {vmid} ({holder.attributes.get('name')!r} on node "
@@ -424,10 +485,11 @@ def _vmid_conflict(
             )
         return error(
             "vmid-held-by-foreign",
-            f"vmid {vmid} wanted by {res.address} is held by guest "
+            f"vmid {vmid} wanted by {res.address} is held by "
+            f"{'template' if template else 'guest'} "
             f"{holder.attributes.get('name', '?')!r} on node {holder.id.get('node', '?')}, which "
             "the controller does not own; it will not be overwritten. Free the id, choose "
-            "another, or adopt that guest",
+            "another" + ("" if template else ", or adopt that guest"),
             position=res.position,
             address=res.address,
         )
@@ -661,6 +723,7 @@ def _foreign_summary(r: ObservedResource, graph: DesiredGraph) -> dict[str, Any]
         "vmid": vmid,
         "node": r.id.get("node"),
         "in_range": role,
+        "template": r.attributes.get("template") is True,
     }
 
 

@@ -3,9 +3,10 @@ wraps its client's errors in reconciler.model.errors. Providers do not import ea
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Iterable
+from typing import Protocol, runtime_checkable
 
-from reconciler.model.observed import ObservedResource
+from reconciler.model.observed import ClusterFacts, ObservedResource
 from reconciler.model.plans import Change
 from reconciler.model.resources import Kind
 
@@ -16,3 +17,13 @@ class Provider(Protocol):
     async def observe(self) -> list[ObservedResource]: ...
 
     async def apply(self, change: Change) -> None: ...
+
+
+@runtime_checkable
+class ClusterObserver(Protocol):
+    """A guest provider that also sees the cluster its guests live on (nodes, storages,
+    templates), for the planner's placement checks. `seen` is what its `observe` returned."""
+
+    async def observe_cluster(
+        self, seen: Iterable[ObservedResource] = ()
+    ) -> ClusterFacts | None: ...

@@ -5,8 +5,11 @@ in worker threads (anyio.to_thread) behind a limiter, so observation and apply a
 but bounded.
 
 What it knows of Proxmox (see ../shared/FIELD-NOTES.md):
-- the inventory of every guest is one `GET /cluster/resources?type=vm`; a config read per guest
-  that carries our tag fills in the rest;
+- the inventory of every guest is one `GET /cluster/resources` (every type: its node and
+  storage items are the cluster facts of `observe_cluster`, at no extra call); a config read
+  per guest that carries our tag fills in the rest;
+- every guest takes its vmid, templates included: a template (`template: 1`) is observed as
+  foreign, whatever its tags or mark say, and is never read further, changed or deleted;
 - ownership is the owner tag plus a mark line in the description naming the platform and the
   resource address; nothing without both is ever changed;
 - every mutating call that returns a task id (UPID) is awaited; the config `digest` read at
@@ -17,6 +20,19 @@ What it knows of Proxmox (see ../shared/FIELD-NOTES.md):
   `migrate`, ...) is waited out up to `RetryPolicy.lock_timeout`, both on the injected `sleep`
   and `clock`; a guest whose create or destroy task is still running is waited for before it is
   judged ours or foreign (during a create Proxmox shows it without tags or description);
+- volumes (a container's `mpN`, a VM's `scsiN` after its boot disk) are created with the guest
+  or added in place in the allocation form (`local-lvm:50,mp=/data`), changed in place with
+  their volume id kept, grown with `resize`; never moved, never shrunk; detached (`delete`,
+  Proxmox keeps the volume as `unusedN`) only in a change the planner allowed;
+- `protection` is set and healed like any setting, and lifted by the controller only in
+  `destroy_guest`, right before an allowed destroy; a protected container's mount points are
+  left alone (Proxmox refuses) unless the spec lifts the flag in the same change;
+- a guest whose node changes is migrated (`migrate_guest`), never recreated: a running
+  container in restart mode, a running VM online with its local disks, a stopped VM offline,
+  with the target storage when its disk's storage changes too. Where Proxmox says the guest is
+  now decides: a migration already done (a run cut off) is not made again, one running is
+  waited out like any lock. A replace destroys the guest observed (its vmid and node), never
+  the one wanted;
 - a QEMU VM is created empty (no template): one disk, `scsi0` on virtio-scsi-single, virtio NICs,
   ostype l26. Its config is read with its pending values, what it runs with after its next
   start (a running VM takes cores and memory changes only then, unless hotplugged). Proxmox's
@@ -38,6 +54,7 @@ Errors (reconciler.model.errors), as `classify` hands them out:
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import time
@@ -63,7 +80,7 @@ from reconciler.model.errors import (
     TaskFailedError,
     TemporaryError,
 )
-from reconciler.model.observed import ObservedResource
+from reconciler.model.observed import ClusterFacts, NodeFacts, ObservedResource, StorageFacts
 from reconciler.model.plans import HOLD_START, Action, Change
 from reconciler.model.resources import Kind
 from reconciler.model.spec import ProxmoxApi, SecretRef
@@ -243,9 +260,73 @@ def read_mark(description: str | None) -> tuple[dict[str, str], str]:
 
 @dataclass
 class Inventory:
-    """One `/cluster/resources` answer, the cheap view of every guest."""
+    """One `/cluster/resources` answer, the cheap view of every guest (templates included), and
+    of the cluster's nodes and storages (one item per storage and node)."""
 
     guests: list[dict[str, Any]]
+    nodes: list[dict[str, Any]] = field(default_factory=list)
+    storages: list[dict[str, Any]] = field(default_factory=list)
+
+
+_MIB = 1024 * 1024
+
+
+def cluster_facts(inventory: Inventory) -> ClusterFacts | None:
+    """The nodes and their storages, as one inventory lists them; None when it lists no node
+    (a token that may not audit nodes sees none: unknown, not an empty cluster)."""
+    if not inventory.nodes:
+        return None
+    storages: dict[str, dict[str, StorageFacts]] = {}
+    for item in inventory.storages:
+        node, sid = item.get("node"), item.get("storage")
+        if not node or not sid:
+            continue
+        storages.setdefault(str(node), {})[str(sid)] = StorageFacts(
+            content=tuple(sorted({c for c in str(item.get("content") or "").split(",") if c})),
+            shared=bool(int(item.get("shared") or 0)),
+            active=item.get("status") == "available",
+        )
+    nodes: dict[str, NodeFacts] = {}
+    for item in inventory.nodes:
+        name = str(item.get("node") or "")
+        if not name:
+            continue
+        nodes[name] = NodeFacts(
+            online=item.get("status") == "online",
+            maxcpu=int(item.get("maxcpu") or 0),
+            maxmem=int(item.get("maxmem") or 0),
+            storages=storages.get(name, {}) if inventory.storages else None,
+        )
+    return ClusterFacts(nodes=dict(sorted(nodes.items())))
+
+
+def _refuse_offline(inventory: Inventory, owner_tag: str) -> None:
+    """Guests with our tag on an offline node cannot be read (Proxmox answers 595 for any call
+    routed to the node), so whether they are ours, and as what, is unknown. Planning without
+    them could create a second copy elsewhere: the observation stops instead, naming them."""
+    offline = {str(n.get("node")) for n in inventory.nodes if n.get("status") != "online"}
+    stuck = sorted(
+        (str(i.get("node")), int(i["vmid"]))
+        for i in inventory.guests
+        if i.get("node") in offline and not i.get("template") and owner_tag in _tags(i.get("tags"))
+    )
+    if stuck:
+        nodes = ", ".join(sorted({node for node, _ in stuck}))
+        vmids = ", ".join(str(vmid) for _, vmid in stuck)
+        raise TemporaryError(
+            f"node {nodes} is offline: guests {vmids} there carry the owner tag {owner_tag!r} "
+            "and cannot be read; nothing is planned until the node is back"
+        )
+
+
+def _is_template(config: Mapping[str, Any]) -> bool:
+    return str(config.get("template", 0)).lower() in ("1", "true")
+
+
+def template_storage(template: str) -> str | None:
+    """The storage a template volid names: `local` of `local:vztmpl/x.tar.zst`."""
+    storage, sep, _ = template.partition(":")
+    return storage if sep and storage else None
 
 
 def _tags(value: Any) -> list[str]:
@@ -272,6 +353,33 @@ def with_pending(config: Mapping[str, Any], pending: Iterable[Mapping[str, Any]]
     return out
 
 
+# Volume keys: a container's mount points; a VM's SCSI disks after its boot disk (scsi0).
+_LXC_VOLUME = re.compile(r"mp\d+")
+_QEMU_VOLUME = re.compile(r"scsi(?:[1-9]|[12]\d|30)")
+
+
+def observed_volumes(kind: str, config: Mapping[str, Any]) -> dict[str, str]:
+    """A guest's volumes as Proxmox spells them, by key. A VM's CD-ROM and cloud-init drives
+    are not volumes, nor is a container's bind or device mount (`mp0: /host/dir,mp=/x`: on no
+    storage, nothing of it is destroyed with the guest, and only root makes one); neither are
+    `unusedN` (volumes detached from the guest: still on their storage, not mounted)."""
+    out: dict[str, str] = {}
+    pattern = _QEMU_VOLUME if kind == "qemu" else _LXC_VOLUME
+    for key, value in config.items():
+        if not pattern.fullmatch(key):
+            continue
+        kv = parse_kv(str(value))
+        volume = kv.get("volume", "")
+        if kind == "qemu" and (
+            kv.get("media") == "cdrom" or "cloudinit" in volume or volume in ("none", "cdrom")
+        ):
+            continue
+        if kind != "qemu" and volume.startswith("/"):
+            continue
+        out[key] = str(value)
+    return out
+
+
 def guest_attributes(item: Mapping[str, Any], config: Mapping[str, Any]) -> dict[str, Any]:
     """A guest's Proxmox config -> our attribute shape (normalization finishes in planning). A
     VM has no template, swap, features or unprivileged flag; its boot disk is `rootfs`."""
@@ -290,6 +398,8 @@ def guest_attributes(item: Mapping[str, Any], config: Mapping[str, Any]) -> dict
         "state": "running" if item.get("status") == "running" else "stopped",
         "description": description,
         "net": {k: str(v) for k, v in sorted(config.items()) if re.fullmatch(r"net\d+", k)},
+        "protection": bool(int(config.get("protection", 0) or 0)),
+        "volumes": observed_volumes(str(kind), config),
     }
     if kind == "lxc":
         attrs["swap"] = int(config.get("swap", 512))
@@ -303,6 +413,11 @@ def guest_attributes(item: Mapping[str, Any], config: Mapping[str, Any]) -> dict
 
 
 # --- the provider --------------------------------------------------------------------------
+
+# What a migration changes by itself: the node, and the disks' storage (its target storage).
+_MIGRATED = frozenset({"node", "rootfs.storage"})
+# Lookups of a guest that moves while we wait for its lock, before giving up for this run.
+_RELOCATES = 5
 
 # Locks held by a create or destroy task: the guest's identity (our mark, or the guest itself)
 # is only known once the task has ended, so observation waits for them.
@@ -349,10 +464,15 @@ class ProxmoxProvider:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     sleep: Sleep = anyio.sleep
     clock: Clock = time.monotonic
+    # Guest address -> (node, template volid) the spec creates it from: `observe_cluster`
+    # lists the templates of the storages that guests still to be created need.
+    wanted_templates: Mapping[str, tuple[str, str]] = field(default_factory=dict)
     calls: int = 0  # Proxmox API calls made
     retries: int = 0  # calls (or tasks) repeated after a temporary error
     waits: int = 0  # polls while waiting for a lock to clear
     _limiter: anyio.CapacityLimiter | None = None
+    # The inventory the last `observe` read, for `observe_cluster` (no second call).
+    _observed_inventory: Inventory | None = None
 
     kinds = frozenset({Kind.GUEST})
 
@@ -400,10 +520,13 @@ class ProxmoxProvider:
                 await self.again(exc, tries)
 
     async def inventory(self) -> Inventory:
-        items = await self.retrying(
-            "read inventory", lambda: self.client.cluster.resources.get(type="vm")
+        """Every guest, node and storage: one `GET /cluster/resources`."""
+        items = await self.retrying("read inventory", lambda: self.client.cluster.resources.get())
+        return Inventory(
+            guests=[i for i in items if i.get("type") in ("lxc", "qemu")],
+            nodes=[i for i in items if i.get("type") == "node"],
+            storages=[i for i in items if i.get("type") == "storage"],
         )
-        return Inventory([i for i in items if i.get("type") in ("lxc", "qemu")])
 
     async def settled_inventory(self) -> Inventory:
         """The inventory once no create or destroy task holds a guest. A guest being created
@@ -424,8 +547,11 @@ class ProxmoxProvider:
                 return inv
 
     async def observe(self) -> list[ObservedResource]:
-        """Every guest: inventory in one call, config only for guests carrying our tag."""
+        """Every guest: inventory in one call, config only for guests carrying our tag. A
+        template is foreign, whatever it carries: it holds its vmid and is never touched."""
         inv = await self.settled_inventory()
+        self._observed_inventory = inv
+        _refuse_offline(inv, self.owner_tag)
         out: list[ObservedResource] = []
 
         async def read(item: dict[str, Any]) -> None:
@@ -436,27 +562,86 @@ class ProxmoxProvider:
         async with anyio.create_task_group() as tg:
             for item in inv.guests:
                 if item.get("template"):
-                    continue
-                if self.owner_tag in _tags(item.get("tags")):
+                    out.append(self._foreign(item))
+                elif self.owner_tag in _tags(item.get("tags")):
                     tg.start_soon(read, item)
                 else:
                     out.append(self._foreign(item))
         return sorted(out, key=lambda r: r.id["vmid"])
 
     def _foreign(self, item: Mapping[str, Any]) -> ObservedResource:
+        """A guest that is not ours, from its inventory item: `template` says whether it is a
+        Proxmox template, `memory` (MiB, its maxmem) counts toward its node's capacity."""
+        attributes: dict[str, Any] = {
+            "name": item.get("name"),
+            "vmid": int(item["vmid"]),
+            "node": item.get("node"),
+            "type": item.get("type"),
+            "state": "running" if item.get("status") == "running" else "stopped",
+            "tags": _tags(item.get("tags")),
+            "template": bool(int(item.get("template") or 0)),
+        }
+        if item.get("maxmem") is not None:
+            attributes["memory"] = int(item["maxmem"]) // _MIB
         return ObservedResource(
             kind=Kind.GUEST,
             owned=False,
             id={"vmid": int(item["vmid"]), "node": item.get("node")},
-            attributes={
-                "name": item.get("name"),
-                "vmid": int(item["vmid"]),
-                "node": item.get("node"),
-                "type": item.get("type"),
-                "state": "running" if item.get("status") == "running" else "stopped",
-                "tags": _tags(item.get("tags")),
-            },
+            attributes=attributes,
         )
+
+    async def observe_cluster(self, seen: Iterable[ObservedResource] = ()) -> ClusterFacts | None:
+        """The cluster's nodes and storages, from the inventory the last `observe` read (or one
+        call when none is at hand), and the container templates on the storages that guests
+        still to be created need: one `GET .../storage/{storage}/content?content=vztmpl` per
+        node and storage (once for a shared storage); none when every such guest exists
+        (`seen`: what `observe` returned). A listing that fails is left unknown (None), so
+        nothing is checked against it; a temporary failure is retried first."""
+        inventory, self._observed_inventory = self._observed_inventory, None
+        if inventory is None:
+            inventory = await self.inventory()
+        facts = cluster_facts(inventory)
+        if facts is None:
+            return None
+        existing = {r.address for r in seen if r.kind is Kind.GUEST and r.owned}
+        wanted: set[tuple[str, str]] = set()
+        for address, (node, template) in self.wanted_templates.items():
+            storage = template_storage(template)
+            found = facts.nodes.get(node)
+            if address in existing or storage is None or found is None or not found.online:
+                continue
+            st = (found.storages or {}).get(storage)
+            if st is not None and st.active and "vztmpl" in st.content:
+                wanted.add((node, storage))
+        listed: dict[tuple[str, str], tuple[str, ...] | None] = {}
+        shared: dict[str, tuple[str, ...] | None] = {}
+        for node, storage in sorted(wanted):
+            is_shared = (facts.nodes[node].storages or {})[storage].shared
+            if is_shared and storage in shared:
+                listed[node, storage] = shared[storage]
+                continue
+            listed[node, storage] = await self._templates_on(node, storage)
+            if is_shared:
+                shared[storage] = listed[node, storage]
+        if not listed:
+            return facts
+        nodes = dict(facts.nodes)
+        for (node, storage), templates in listed.items():
+            found = nodes[node]
+            storages = dict(found.storages or {})
+            storages[storage] = storages[storage].model_copy(update={"templates": templates})
+            nodes[node] = found.model_copy(update={"storages": storages})
+        return ClusterFacts(nodes=nodes)
+
+    async def _templates_on(self, node: str, storage: str) -> tuple[str, ...] | None:
+        content = self.client.nodes(node).storage(storage).content
+        try:
+            items = await self.retrying(
+                f"list templates on {node}/{storage}", lambda: content.get(content="vztmpl")
+            )
+        except ProviderError:
+            return None
+        return tuple(sorted(str(i["volid"]) for i in items if i.get("volid")))
 
     async def observe_guest(self, item: Mapping[str, Any]) -> ObservedResource:
         node, vmid, kind = item["node"], int(item["vmid"]), item.get("type", "lxc")
@@ -489,6 +674,8 @@ class ProxmoxProvider:
                 await self.create_guest(change)
             case Action.UPDATE:
                 await self.update_guest(change)
+            case Action.MIGRATE:
+                await self.migrate_guest(change)
             case Action.REPLACE:
                 await self.destroy_guest(_observed_side(change))
                 await self.create_guest(change)
@@ -582,11 +769,18 @@ class ProxmoxProvider:
             config = await self.config_when_unlocked(self._guest(change), what, _TRANSIENT_LOCKS)
         except (NotFoundError, LockedError):
             return False
+        if _is_template(config):
+            return False  # never ours, whatever mark it carries
         mark, _ = read_mark(config.get("description"))
         return mark.get("platform") == self.platform and mark.get("address") == change.address
 
     def _check_mark(self, change: Change, config: Mapping[str, Any]) -> None:
         mark, _ = read_mark(config.get("description"))
+        if _is_template(config):
+            # A template is never ours, even with our mark (observation calls it foreign).
+            raise OwnershipError(
+                f"{change.address}: vmid {change.id['vmid']} is a template; it will not be touched"
+            )
         if mark.get("platform") != self.platform or mark.get("address") != change.address:
             raise OwnershipError(
                 f"{change.address}: vmid {change.id['vmid']} does not carry "
@@ -616,11 +810,37 @@ class ProxmoxProvider:
 
     async def update_guest(self, change: Change) -> None:
         assert change.after is not None
+        _refuse_blocked(change)
+        paths = {f.path for f in change.fields}
+        moved = sorted(p for p in paths if p.startswith("volumes.") and p.endswith(".storage"))
+        if moved:
+            # The planner makes this a plan error; a saved or hand-made plan gets here.
+            raise PermanentError(
+                f"{change.address}: {', '.join(moved)}: a volume is never moved by the "
+                "controller; use Proxmox's move-volume"
+            )
         config = await self._checked_config(change)
         guest = self._guest(change)
         node = change.id["node"]
-        paths = {f.path for f in change.fields}
+        kind = self._kind(change)
         params, delete = update_params(self.platform, change.address, change.after, config, paths)
+        mounts = [k for k in (*params, *delete) if _is_volume_key(kind, k)]
+        if mounts and _protected(config):
+            if change.after.get("protection"):
+                _refuse_protected(change, kind, mounts, delete)
+            else:
+                # The spec lifts the protection along with the volume change: Proxmox checks
+                # the flag it has before the PUT, so it goes first, on its own.
+                params.pop("protection", None)
+                lifted = {"protection": 0, "digest": config["digest"]}
+                await self.run_task(
+                    f"lift protection of {change.address}",
+                    node,
+                    lambda: guest.config.put(**lifted),
+                )
+                config = await self.retrying(
+                    f"read config of {change.id['vmid']}", lambda: guest.config.get()
+                )
         if params or delete:
             if delete:
                 params["delete"] = ",".join(delete)
@@ -630,11 +850,19 @@ class ProxmoxProvider:
             )
         if "rootfs.size" in paths:
             size = change.after["rootfs"]["size"]
-            disk = QEMU_DISK if self._kind(change) == "qemu" else "rootfs"
+            disk = QEMU_DISK if kind == "qemu" else "rootfs"
             await self.run_task(
                 f"resize {change.address}",
                 node,
                 lambda: guest.resize.put(disk=disk, size=size),
+            )
+        for key in grown_volumes(paths, config):
+            # Grown in place: Proxmox refuses to shrink (and the planner never asks).
+            size = change.after["volumes"][key]["size"]
+            await self.run_task(
+                f"resize {key} of {change.address}",
+                node,
+                functools.partial(guest.resize.put, disk=key, size=size),
             )
         if "state" in paths and not change.after.get(HOLD_START):
             await self.set_state(change, change.after["state"])
@@ -651,14 +879,133 @@ class ProxmoxProvider:
                 lambda: guest.status.shutdown.post(timeout=60, forceStop=1),
             )
 
+    # --- migration ---------------------------------------------------------------------------
+
+    async def migrate_guest(self, change: Change) -> None:
+        """Move a guest to another node with Proxmox's own migration: it keeps its vmid, config
+        and disks (moved to the desired `rootfs.storage` when that changes too). A running
+        container restarts on the target (containers do not live-migrate); a running VM
+        migrates online with its local disks, a stopped one offline.
+
+        Where the guest is now decides, not the plan: one already on the target (a run cut off
+        while Proxmox finished the migration) is not migrated again, and a migration still
+        running (lock `migrate`) is waited out like any lock. The change's other fields are
+        then made on the target, checked against the config the plan saw (a config changed
+        since raises ConflictError, and the caller re-plans). When the plan saw the guest in
+        the middle of something (locked, or already moved), they were judged against a state
+        that has passed: they are left to the next plan (`converge` plans again after a
+        migration)."""
+        assert change.after is not None and change.moves is not None
+        source, target = change.moves
+        item, waited = await self._settled(change)
+        if item["node"] != target:
+            if item["node"] != source:
+                raise ConflictError(
+                    f"{change.address}: vmid {change.id['vmid']} is on {item['node']}, not on "
+                    f"{source} as planned; re-plan"
+                )
+            await self._migrate(change, item, target)
+        elif not waited:
+            waited = True  # moved since the plan: by whom, and what else changed, is unknown
+        rest = tuple(f for f in change.fields if f.path not in _MIGRATED)
+        if rest and not waited:
+            here = {"vmid": change.id["vmid"], "node": target}
+            await self.update_guest(replace(change, action=Action.UPDATE, id=here, fields=rest))
+
+    async def _settled(self, change: Change) -> tuple[dict[str, Any], bool]:
+        """The guest's inventory entry (where it is, whether it runs) once no lock holds it,
+        after checking it carries our mark for this address, and whether it had to be waited
+        for. A guest that moves while we wait (a migration ending) is looked up again."""
+        vmid = int(change.id["vmid"])
+        what = f"read config of {vmid}"
+        waited = False
+        for _ in range(_RELOCATES):
+            item = await self._locate(change)
+            guest = self.client.nodes(item["node"])(item.get("type", "lxc"))(vmid)
+            try:
+                config = await self.config_when_unlocked(guest, what)
+            except NotFoundError:
+                waited = True
+                continue  # gone from that node while we waited: it moved
+            self._check_mark(change, config)
+            if not item.get("lock"):
+                return item, waited
+            # Listed while locked: where it is and whether it runs may have changed since.
+            waited = True
+        raise TemporaryError(f"{change.address}: vmid {vmid} keeps moving; try again")
+
+    async def _locate(self, change: Change) -> dict[str, Any]:
+        """Where Proxmox says the guest is now: its `/cluster/resources` entry (one call)."""
+        vmid = int(change.id["vmid"])
+        for item in (await self.inventory()).guests:
+            if int(item["vmid"]) == vmid:
+                return item
+        raise NotFoundError(f"{change.address}: vmid {vmid} is not in the cluster any more")
+
+    async def _migrate(self, change: Change, item: Mapping[str, Any], target: str) -> None:
+        """The migrate call, with what the guest's kind and power state need, and its task
+        (a failed one reports its log's last lines)."""
+        assert change.after is not None
+        source, kind, vmid = item["node"], item.get("type", "lxc"), int(change.id["vmid"])
+        guest = self.client.nodes(source)(kind)(vmid)
+        running = item.get("status") == "running"
+        storage = None
+        if any(f.path == "rootfs.storage" for f in change.fields):
+            storage = (change.after.get("rootfs") or {}).get("storage")
+        params: dict[str, Any] = {"target": target}
+        if kind == "qemu":
+            if running:
+                params.update({"online": 1, "with-local-disks": 1})
+            if storage:
+                params["targetstorage"] = storage
+        else:
+            if running:
+                params["restart"] = 1
+            if storage:
+                params["target-storage"] = storage
+        await self.run_task(
+            f"migrate {change.address} to {target}",
+            source,
+            lambda: guest.migrate.post(**params),
+        )
+        await self._until_on(change, target)
+
+    async def _until_on(self, change: Change, target: str) -> None:
+        """Wait until the guest shows on `target`, unlocked. At once after a migrate task; an
+        HA-managed guest's task only queues the request, and the HA manager moves it later."""
+        deadline = self.clock() + self.retry.task_timeout
+        delay = self.retry.task_poll
+        while True:
+            item = await self._locate(change)
+            if item["node"] == target and not item.get("lock"):
+                return
+            if self.clock() >= deadline:
+                raise TemporaryError(
+                    f"{change.address}: still on {item['node']} after its migrate task"
+                )
+            await self.sleep(delay)
+            delay = min(delay * 1.5, self.retry.task_poll_max)
+
     async def destroy_guest(self, change: Change) -> None:
-        """Stop, then destroy with purge; only a guest that carries our mark for this address."""
+        """Stop, then destroy with purge; only a guest that carries our mark for this address.
+        Its protection flag, if set, is lifted first: this is the allowed destroy it waits for.
+        (Its detached volumes, `unusedN`, go with it.)"""
         guest = self._guest(change)
         node = change.id["node"]
+        _refuse_blocked(change)
         try:
-            await self._checked_config(replace(change, version=None))
+            config = await self._checked_config(replace(change, version=None))
         except NotFoundError:
             return  # already gone: a re-run after a crash
+        if _protected(config):
+            # Only here: this delete (or replace) was allowed by pruning, and Proxmox refuses
+            # to destroy a protected guest. Lifted right before the destroy, in the same apply.
+            lifted = {"protection": 0, "digest": config["digest"]}
+            await self.run_task(
+                f"lift protection of {change.address}",
+                node,
+                lambda: guest.config.put(**lifted),
+            )
         if await self._power(change) == "running":
             await self.run_task(f"stop {change.address}", node, lambda: guest.status.stop.post())
             await self._until_stopped(change)
@@ -690,11 +1037,16 @@ class ProxmoxProvider:
 
 
 def _observed_side(change: Change) -> Change:
-    """A replace's old guest, to destroy: its kind and node are what was observed (a kind or node
-    change is what forced the replace), not what is wanted."""
+    """A replace's old guest, to destroy: its vmid, kind and node are what was observed (a kind
+    or node change is what forced the replace), never what is wanted: the desired vmid or node
+    may name another guest, or none."""
     before = change.before or {}
-    node = before.get("node") or change.id["node"]
-    return replace(change, after=None, id={**change.id, "node": node})
+    ident = {
+        **change.id,
+        "vmid": before.get("vmid") or change.id["vmid"],
+        "node": before.get("node") or change.id["node"],
+    }
+    return replace(change, after=None, id=ident)
 
 
 # --- request parameters ----------------------------------------------------------------------
@@ -742,6 +1094,10 @@ def create_params(platform: str, address: str, want: Mapping[str, Any]) -> dict[
             }
         )
         params.update(dict(want.get("net") or {}))
+    if want.get("protection"):
+        params["protection"] = 1
+    for key, volume in sorted((want.get("volumes") or {}).items()):
+        params[key] = volume_value(str(kind), volume, None)
     return params
 
 
@@ -808,4 +1164,97 @@ def update_params(
             delete.append(key)
             continue
         params[key] = _keep_mac(kind, value, str(config.get(key, "")))
+    if "protection" in paths:
+        params["protection"] = int(bool(want.get("protection")))
+    volumes = want.get("volumes") or {}
+    for key in sorted({p.split(".")[1] for p in paths if p.startswith("volumes.")}):
+        volume = volumes.get(key)
+        current = config.get(key)
+        fields = {p.split(".")[2] for p in paths if p.startswith(f"volumes.{key}.")}
+        if volume is None:
+            # Detached (the planner allowed it: pruning is on). Proxmox keeps the volume as
+            # `unusedN`: its data stays on the storage until that unused volume is removed,
+            # or the guest is destroyed (a purge destroys its unused volumes too). On a
+            # running container the detach waits in `pending` until the next restart.
+            if current is not None:
+                delete.append(key)
+        elif current is None:
+            params[key] = volume_value(kind, volume, None)  # added: Proxmox allocates it
+        elif fields - {"size", "storage"}:
+            params[key] = volume_value(kind, volume, str(current))  # in place, same volume
     return params, delete
+
+
+# --- volumes and protection -------------------------------------------------------------------
+
+# What the spec manages in a volume's property string; the rest (a VM disk's iothread, a mount
+# point's size or idmap) is kept as Proxmox has it when the volume is changed in place.
+_MANAGED_VOLUME_KEYS = {
+    "lxc": ("mp", "backup", "acl", "quota", "ro", "replicate", "mountoptions"),
+    "qemu": ("backup",),
+}
+
+
+def volume_value(kind: str, volume: Mapping[str, Any], current: str | None) -> str:
+    """A volume's config value. New (`current` None): the allocation form, which makes
+    Proxmox allocate it, `local-lvm:50,mp=/data,backup=1` (a VM disk: `local-lvm:50`, with
+    `backup=0` when left out of backups). Existing: its volume id and what Proxmox holds
+    beyond the spec, with the spec's settings: `local-lvm:vm-1001-disk-1,mp=/new,size=50G`."""
+    props: dict[str, str] = {}
+    if kind == "lxc":
+        props["mp"] = str(volume["path"])
+        if volume.get("backup"):
+            props["backup"] = "1"
+        for flag in ("acl", "quota", "ro", "replicate"):
+            if flag in volume:
+                props[flag] = str(int(bool(volume[flag])))
+        if volume.get("mountoptions"):
+            props["mountoptions"] = str(volume["mountoptions"])
+    elif not volume.get("backup", True):
+        props["backup"] = "0"
+    if current is None:
+        head = f"{volume['storage']}:{_gib(volume['size'])}"
+    else:
+        kv = parse_kv(current)
+        head = kv.pop("volume", "")
+        managed = _MANAGED_VOLUME_KEYS.get(kind, ())
+        props.update({k: v for k, v in kv.items() if k not in managed})
+    return ",".join([head, *(f"{k}={v}" for k, v in props.items())])
+
+
+def grown_volumes(paths: Iterable[str], config: Mapping[str, Any]) -> list[str]:
+    """The volumes of a change whose size changed and that exist already (a new one is
+    allocated at its size)."""
+    keys = {p.split(".")[1] for p in paths if p.startswith("volumes.") and p.endswith(".size")}
+    return sorted(k for k in keys if config.get(k) is not None)
+
+
+def _is_volume_key(kind: str, key: str) -> bool:
+    return bool((_QEMU_VOLUME if kind == "qemu" else _LXC_VOLUME).fullmatch(key))
+
+
+def _protected(config: Mapping[str, Any]) -> bool:
+    return str(config.get("protection", 0)).lower() in ("1", "true")
+
+
+def _refuse_blocked(change: Change) -> None:
+    """A blocked change (it destroys data and pruning is off) is never applied, whoever
+    hands it over: the plan leaves it out of `actions`; this is the provider's own check."""
+    if change.blocked:
+        raise PermanentError(f"{change.address}: held back, not applied: {change.blocked}")
+
+
+def _refuse_protected(
+    change: Change, kind: str, mounts: Iterable[str], delete: Iterable[str]
+) -> None:
+    """A guest that stays protected keeps its volumes as they are where Proxmox says so: a
+    container's mount points are not added, changed or detached ("protection mode enabled"),
+    a VM's disks not detached. The controller does not lift the flag for that: the spec
+    must (`protection: false` for this apply)."""
+    refused = sorted(mounts) if kind == "lxc" else sorted(k for k in delete if k in mounts)
+    if refused:
+        raise PermanentError(
+            f"{change.address}: {', '.join(refused)}: Proxmox refuses to change the volumes of "
+            "a protected guest; set protection: false in the spec for this change (and back "
+            "to true after it)"
+        )

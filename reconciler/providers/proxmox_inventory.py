@@ -2,9 +2,9 @@
 `GET /cluster/resources` call? The service runs it between full refreshes (issue: no config
 read per guest unless something moved).
 
-It sees what the inventory carries: guests appearing or disappearing, node, name, power state,
-cores, memory, tags and locks. Changes only visible in a guest's config (network, features,
-description) wait for the next full observation.
+It sees what the inventory carries: guests (templates included) appearing or disappearing,
+node, name, power state, cores, memory, tags and locks. Changes only visible in a guest's
+config (network, features, description) wait for the next full observation.
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ def inventory_drift(snapshot: ObservedState, inventory: Inventory) -> list[str]:
                 "tags": sorted(a.get("tags") or []),
                 "lock": None,
             }
-    now = {int(i["vmid"]): _fingerprint(i) for i in inventory.guests if not i.get("template")}
+    # Templates too: the snapshot holds them (as foreign guests), since they take vmids.
+    now = {int(i["vmid"]): _fingerprint(i) for i in inventory.guests}
     out: list[str] = []
     for vmid in sorted(set(seen) | set(now)):
         before, after = seen.get(vmid), now.get(vmid)

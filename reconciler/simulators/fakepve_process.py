@@ -1,8 +1,10 @@
 """Run fakepve (a third party's fake Proxmox VE, PyPI `fakepve`) as a subprocess on a free
 loopback port, with its own TLS certificate so the real client verifies TLS as in production.
 
-Used by the benchmark and the demo. fakepve is a test and demo dependency (extra `dev`), so it
-is imported only when a fake is started.
+Used by the benchmark, the demo and the process tests. By default it serves `PlatformPve`
+(reconciler.simulators.pve: fakepve plus QEMU migration) through fakepve's own CLI
+(`python -m reconciler.simulators.pve`); `platform=False` runs the plain `fakepve` CLI. fakepve
+is a test and demo dependency (extra `dev`), so it is imported only when a fake is started.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ class FakePveProcess:
     time_scale: float = 0.0
     latency: float = 0.0  # PVE seconds added to every response (times time_scale in real time)
     guests: list[dict[str, Any]] = field(default_factory=list)
+    platform: bool = True  # serve PlatformPve (QEMU migration too), not the plain fakepve
+    migrate_secs: float | None = None  # PVE seconds a migration takes (PlatformPve's default)
     url: str = ""
     cafile: str = ""
     _proc: subprocess.Popen[str] | None = None
@@ -43,10 +47,15 @@ class FakePveProcess:
             for i, node in enumerate(self.nodes)
         ]
         seed.write_text(json.dumps({"guests": [*placeholders, *self.guests]}))
-        exe = shutil.which("fakepve") or str(Path(sys.executable).parent / "fakepve")
+        if self.platform:
+            program = [sys.executable, "-m", "reconciler.simulators.pve"]
+            if self.migrate_secs is not None:
+                program += ["--migrate-secs", str(self.migrate_secs)]
+        else:
+            program = [shutil.which("fakepve") or str(Path(sys.executable).parent / "fakepve")]
         self._proc = subprocess.Popen(
             [
-                exe,
+                *program,
                 str(seed),
                 "--host",
                 "127.0.0.1",

@@ -43,7 +43,7 @@ def test_the_service_holds_back_a_replace_until_the_spec_allows_pruning(
         status = await svc.until(lambda s: full_cycle_done(s, risky) and s["held_back"])
         [held] = status["held_back"]
         assert held["address"] == "guest/mc-lobby" and held["action"] == "replace"
-        assert held["destroys"] == ["rootfs 16 GiB"]
+        assert held["destroys"] == ["rootfs 16 GiB", "mp0 16 GiB"]  # the world volume too
         assert "platform.prune" in held["why"]
         assert status["resources"]["guest/mc-lobby"]["state"] == "withheld"
         assert _gauge((await svc.get("/metrics")).text, "reconciler_destroys_held_back") == 1

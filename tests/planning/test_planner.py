@@ -86,7 +86,7 @@ def test_replace_is_blocked_without_pruning_and_says_what_it_destroys(graph: Des
     plan = make_plan(graph, state)
     change = _by_address(plan)["guest/mc-creative"]
     assert change.action is Action.REPLACE and change.replace_because == ("unprivileged",)
-    assert change.destroys == ("rootfs 16 GiB",)
+    assert change.destroys == ("rootfs 16 GiB", "mp0 16 GiB")  # the world's volume too
     assert change.blocked and "platform.prune or --allow-destroy" in change.blocked
     assert change not in plan.actions and plan.blocked == (change,)
     # Its firewall is planned as it is (the guest stays), not recreated with it.
@@ -214,6 +214,7 @@ def test_foreign_guests_are_never_deleted_even_when_destroy_is_allowed(graph: De
             "vmid": 1050,
             "node": "pve-runtime",
             "in_range": "game",
+            "template": False,
         },
     )
 

@@ -379,21 +379,14 @@ def test_a_replaced_guest_gets_its_firewall_back_in_the_same_apply(
 
     monkeypatch.setattr(pve, "_drop", drop_with_firewall)
     client = converged.client
-    upid = (
-        client.nodes("pve-core")
-        .storage("local")("download-url")
-        .post(url=f"http://example.invalid/{NEW_TEMPLATE}", content="vztmpl", filename=NEW_TEMPLATE)
-    )
-    assert client.nodes("pve-core").tasks(upid).status.get()["exitstatus"] == "OK"
+    # A privileged container cannot be made from an unprivileged one in place: a replace,
+    # allowed here (it destroys the disk).
     graph, spec = load_copy(
-        tmp_path,
-        "game.yaml",
-        "    vmid: 1002\n",
-        f"    vmid: 1002\n    template: local:vztmpl/{NEW_TEMPLATE}\n",
+        tmp_path, "game.yaml", "    vmid: 1002\n", "    vmid: 1002\n    unprivileged: false\n"
     )
     pve.requests.clear()
 
-    conv = run(graph, spec, converged)
+    conv = run(graph, spec, converged, allow_destroy=True)
     assert conv.ok, failures(conv)
     actions = {c.address: c for c in conv.rounds[0].plan.actions}
     assert actions["guest/mc-creative"].action is Action.REPLACE

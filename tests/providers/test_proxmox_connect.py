@@ -70,7 +70,10 @@ def test_missing_secret_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_insecure_prints_a_warning(
-    pve: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    pve: Any,
+    pve_api: ProxmoxApi,  # the template in storage: a create without it is a plan error
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.setenv("FAKEPVE_PASSWORD", "secret")
     with pytest.warns(Warning):  # urllib3's InsecureRequestWarning, on top of ours

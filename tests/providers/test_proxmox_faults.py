@@ -347,15 +347,24 @@ def test_a_task_past_its_timeout_fails_that_guest_only(
 def test_a_permanent_error_stops_only_its_guest_and_dependents(
     tmp_path: Path, pve_api: ProxmoxApi, pve: Any
 ) -> None:
+    # A template that is not in storage: the create task fails. (A missing storage, or a
+    # template the plan can see is missing, is a plan error now: planning.placement. This
+    # provider lists no templates, so only the create finds out.)
     graph = load_copy(
-        tmp_path, {"control.yaml": ("disk: {size: 64G}", "disk: {size: 64G, storage: zfs}")}
+        tmp_path,
+        {
+            "control.yaml": (
+                "disk: {size: 64G}",
+                f"disk: {{size: 64G}}\n    template: {_DB_TEMPLATE}",
+            )
+        },
     )
     provider = make_provider(pve_api)
     conv = run(graph, provider)
     assert not conv.ok
     by = results(conv)
     assert by["guest/zpack-db"].outcome is Outcome.FAILED
-    assert "storage 'zfs' does not exist" in by["guest/zpack-db"].error
+    assert f"volume '{_DB_TEMPLATE}' does not exist" in by["guest/zpack-db"].error
     dependents = {"guest/zpack-api", "guest/zpack-portal", "guest/zpack-backup"}
     assert {a for a, r in by.items() if r.outcome is Outcome.SKIPPED} == dependents
     assert {a for a, r in by.items() if r.outcome is Outcome.DONE} == set(by) - dependents - {
@@ -368,9 +377,16 @@ def test_a_permanent_error_stops_only_its_guest_and_dependents(
     assert existing.isdisjoint({101, 102, 103, 107})
     assert len(existing) == len(by) - 4
 
-    pve.storages["zfs"] = {**pve.storages["local-lvm"], "files": set()}
+    name = _DB_TEMPLATE.split("/", 1)[1]
+    local = provider.client.nodes("pve-core").storage("local")
+    local("download-url").post(
+        url=f"http://example.invalid/{name}", content="vztmpl", filename=name
+    )
     assert run(graph, provider).ok
     assert_converged(graph, provider)
+
+
+_DB_TEMPLATE = "local:vztmpl/zpack-db-custom_1.0_amd64.tar.zst"
 
 
 # --- 5. a failed task is its action's error, with the log's last lines ----------------------------

@@ -84,15 +84,15 @@ def lab(*edits: tuple[str, str]) -> DesiredGraph:
     return build_graph(loaded.spec, loaded.source)
 
 
-def run(graph: DesiredGraph, provider: ProxmoxProvider) -> Convergence:
-    conv = anyio.run(lambda: converge(graph, {Kind.GUEST: provider}))
+def run(graph: DesiredGraph, provider: ProxmoxProvider, **kw: Any) -> Convergence:
+    conv = anyio.run(lambda: converge(graph, {Kind.GUEST: provider}, **kw))
     assert conv.ok, [(r.change.address, r.error) for r in conv.rounds[-1].report.results]
     return conv
 
 
-def plan_now(graph: DesiredGraph, provider: ProxmoxProvider) -> Plan:
+def plan_now(graph: DesiredGraph, provider: ProxmoxProvider, **kw: Any) -> Plan:
     observed = anyio.run(lambda: observe_all({Kind.GUEST: provider}, graph.platform))
-    return make_plan(graph, observed)
+    return make_plan(graph, observed, **kw)
 
 
 def by_address(plan: Plan) -> dict[str, Change]:
@@ -336,22 +336,31 @@ def test_several_out_of_band_changes_are_one_update_per_guest(
 # --- disks -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("edit", "field"),
-    [
-        (("disk: {size: 16G}", "disk: {size: 8G}"), "rootfs.size"),
-        (("disk: {size: 16G}", "disk: {size: 16G, storage: ceph-vm}"), "rootfs.storage"),
-    ],
-    ids=["shrink", "storage"],
-)
-def test_a_disk_the_vm_cannot_change_in_place_plans_a_replace_naming_the_field(
-    edit: tuple[str, str], field: str, converged: ProxmoxProvider
+def test_a_new_disk_storage_plans_a_blocked_replace_naming_the_field(
+    converged: ProxmoxProvider, pve: Any
 ) -> None:
-    plan = plan_now(lab(edit), converged)
-    (change,) = plan.actions
+    missing = plan_now(lab(("disk: {size: 16G}", "disk: {size: 16G, storage: ceph-vm}")), converged)
+    assert missing.errored and "ceph-vm" in " ".join(d.message for d in missing.diagnostics)
+    pve.add_ceph_storage("ceph-vm")
+    edited = lab(("disk: {size: 16G}", "disk: {size: 16G, storage: ceph-vm}"))
+    plan = plan_now(edited, converged)
+    assert not plan.actions and not plan.errored
+    (change,) = plan.blocked
     assert (change.address, change.action) == ("guest/db-vm", Action.REPLACE)
-    assert [(f.path, f.forces_replace) for f in change.fields] == [(field, True)]
-    assert change.reason == f"cannot change in place: {field}"
+    assert [(f.path, f.forces_replace) for f in change.fields] == [("rootfs.storage", True)]
+    assert change.reason == "cannot change in place: rootfs.storage"
+    assert change.destroys == ("rootfs 16 GiB",)
+    pve.requests.clear()
+    anyio.run(lambda: converge(edited, {Kind.GUEST: converged}))
+    assert mutating_calls(pve) == []
+
+
+def test_a_smaller_vm_disk_is_a_plan_error_and_nothing_is_touched(
+    converged: ProxmoxProvider, pve: Any
+) -> None:
+    plan = plan_now(lab(("disk: {size: 16G}", "disk: {size: 8G}")), converged)
+    assert plan.errored and [d.code for d in plan.diagnostics] == ["disk-shrink"]
+    assert plan.diagnostics[0].position is not None
 
 
 def test_disk_growth_resizes_scsi0_in_place(converged: ProxmoxProvider, pve: Any) -> None:
@@ -375,7 +384,7 @@ def test_a_container_turned_vm_is_destroyed_as_a_container_and_created_as_a_vm(
     converged: ProxmoxProvider, pve: Any
 ) -> None:
     as_vm = lab(("  web-ct:\n    role: core", "  web-ct:\n    kind: qemu\n    role: core"))
-    conv = run(as_vm, converged)
+    conv = run(as_vm, converged, allow_destroy=True)
     (change,) = conv.rounds[0].plan.actions
     assert (change.address, change.action) == ("guest/web-ct", Action.REPLACE)
     assert "type" in change.reason
@@ -390,16 +399,13 @@ def test_a_container_turned_vm_is_destroyed_as_a_container_and_created_as_a_vm(
     assert_silent(as_vm, converged, pve)
 
 
-def test_a_vm_moved_to_another_node_is_destroyed_where_it_was(
+def test_a_vm_moved_to_another_node_is_migrated_not_destroyed(
     converged: ProxmoxProvider, pve: Any
 ) -> None:
     moved = lab(("    role: build\n    host: pve-runtime", "    role: build\n    host: pve-core"))
     conv = run(moved, converged)
     (change,) = conv.rounds[0].plan.actions
-    assert (change.address, change.action) == ("guest/build-vm", Action.REPLACE)
-    assert mutating_calls(pve) == [
-        ("POST", "/api2/json/nodes/pve-runtime/qemu/500/status/stop"),
-        ("DELETE", "/api2/json/nodes/pve-runtime/qemu/500"),
-        ("POST", "/api2/json/nodes/pve-core/qemu"),
-    ]
+    assert (change.address, change.action) == ("guest/build-vm", Action.MIGRATE)
+    assert [c for c in mutating_calls(pve) if c[0] == "DELETE"] == []
+    assert ("POST", "/api2/json/nodes/pve-runtime/qemu/500/migrate") in mutating_calls(pve)
     assert_silent(moved, converged, pve)

@@ -1,0 +1,420 @@
+"""fakepve with the parts the platform needs and fakepve 0.5 lacks: QEMU migration.
+
+fakepve (PyPI, AGPL-3.0, a third party's fake Proxmox VE) is used unmodified: `PlatformPve`
+stacks one more mixin on its `FakePve`, built the way fakepve builds its own areas (a
+`_routes_<area>` table of `(method, schema path template, handler)`, registered in front of
+its generic handler, which would otherwise answer `POST .../qemu/{vmid}/migrate` with a sample
+UPID and move nothing). Served by the tests' `fakepve` fixture (tests/fakepve_fixtures.py) and,
+through `python -m reconciler.simulators.pve` (fakepve's own CLI serving this class), by
+`FakePveProcess` for the demo, the benchmarks and the process tests. Imported only where a fake
+runs: fakepve is a test and demo dependency.
+
+`POST /nodes/{node}/qemu/{vmid}/migrate` follows qemu-server, `PVE/API2/Qemu.pm` (migrate_vm),
+`PVE/QemuMigrate.pm` (prepare, scan_local_volumes, phase1) and pve-guest-common
+`PVE/AbstractMigrate.pm` (migrate: the task's locks, log and exit status):
+
+- before any task (HTTP errors): `target` equal to the node -> 400 "target is local node.";
+  no quorum; an unknown target -> 500 "no such cluster node 'X'"; `force`, `migration_type`,
+  `migration_network` from anyone but root@pam -> 400 "Only root may use this option."; no
+  config on this node -> 500 "Configuration file ... does not exist"; a config lock -> 500
+  "VM is locked (backup)"; a running VM without `online` -> 500 "can't migrate running VM
+  without --online" (a stopped one migrates offline whatever `online` says); `targetstorage`
+  (a storage map: `target`, `source:target,...`, or `1` for the same ids) whose targets are
+  not enabled on the target node or do not take VM images -> 500; without a map, every disk's
+  storage must be enabled on the target (check_storage_availability);
+- an HA-managed VM gets a `hamigrate` task that only queues the request ("Requesting HA
+  migration for VM N to node T") and ends; `ha_delay` PVE seconds later the HA manager runs
+  the migration itself (pve-ha-manager `Resources/PVEVM.pm` migrate: `online` when running,
+  `with-local-disks=1`, `force=1`);
+- otherwise a `qmigrate` task on the source node that holds the config file lock for its
+  whole run (AbstractMigrate takes lock_config around every phase, so config writes meanwhile
+  fail with "can't lock file"), checks the config lock again (prepare: "migration aborted",
+  the log saying "VM is locked (...)") and sets `lock: migrate` in the config (phase1). It scans the
+  disks: a local one attached to a running VM needs `with-local-disks` ("can't live migrate
+  attached local disks without with-local-disks option"); a local ISO ("local cdrom image"),
+  a disk another VM owns, snapshots on storage that cannot carry them, or a storage type that
+  cannot migrate abort it. An aborted scan ends the task "migration aborted", the log
+  explaining why, the lock cleared and the VM where it was (phase1_cleanup);
+- the migration takes `migrate_secs` PVE seconds (scaled by `time_scale`), then the VM lives
+  on the target, running again if it ran (an online migration never stops it). Disks keep
+  their volume ids: fakepve's storage is one for the whole cluster, so a local volume "copied"
+  to the same storage id on the target is the same volume. A disk mapped to another storage
+  moves there (allocated under the next free name, as storage_migrate does with renaming
+  allowed) and its old volume is freed.
+
+Containers: fakepve's own LXC migrate is kept; `PlatformPve` only gives its task the same
+duration (`ct_secs['migrate']`). A known gap of fakepve's: it accepts `target-storage` and
+ignores it (on PVE the container's volumes move to that storage, under new volume ids).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import fakepve.__main__ as fakepve_cli
+from fakepve.lxc import volume_owner
+from fakepve.model import PveError, TaskError
+from fakepve.qemu import drives_of, is_cdrom, join_drive, split_drive, volume_ref
+from fakepve.routing import StatefulRoutes, die, param_error, split_list
+from fakepve.server import FakePve
+from fakepve.storage import _is_file
+
+# PVE seconds a migration holds its lock: enough for a test to see it, nothing at time scale 0.
+MIGRATE_SECS = 10.0
+# Storage types whose local volumes QemuMigrate can move (scan_local_volumes).
+_MIGRATABLE = ("dir", "btrfs", "zfspool", "lvmthin", "lvm")
+_ROOT_ONLY = ("force", "migration_type", "migration_network")
+
+Handler = Callable[[dict[str, Any], str], Awaitable[Any]]
+
+
+def _stamp() -> str:
+    """AbstractMigrate prefixes every log line with the local time."""
+    return time.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _duration(seconds: float) -> str:
+    whole = int(seconds)
+    return f"{whole // 3600:02d}:{whole // 60 % 60:02d}:{whole % 60:02d}"
+
+
+def parse_storage_map(text: str) -> tuple[dict[str, str], str | None, bool]:
+    """pve-common PVE::JSONSchema::parse_idmap for `targetstorage`: (source -> target entries,
+    the default target, identity). `1` maps every storage to itself; a bare id is the default.
+    Its errors come back as Qemu.pm's "failed to parse storage map"."""
+
+    def fail(why: str) -> PveError:
+        return param_error(targetstorage=f"failed to parse storage map: {why}")
+
+    entries: dict[str, str] = {}
+    default: str | None = None
+    identity = False
+    for item in split_list(text):
+        if item == "1":
+            identity = True
+        elif ":" in item:
+            source, _, target = item.partition(":")
+            if source in entries:
+                raise fail(f"duplicate mapping for source '{source}'")
+            entries[source] = target
+        elif default is not None:
+            raise fail("default target ID can only be provided once")
+        else:
+            default = item
+    if identity and (entries or default):
+        raise fail("identity mapping cannot be combined with other mappings")
+    return entries, default, identity
+
+
+class QemuMigrateApi(StatefulRoutes):  # type: ignore[misc]  # fakepve ships no types
+    """Mixin for FakePve: `POST /nodes/{node}/qemu/{vmid}/migrate` (see the module docstring)."""
+
+    migrate_secs = MIGRATE_SECS
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._mg_jobs: set[asyncio.Future[None]] = set()
+
+    def _routes_qemu_migrate(self) -> list[tuple[str, str, Handler]]:
+        return [("POST", "/nodes/{node}/qemu/{vmid}/migrate", self._qm_migrate)]
+
+    # --------------------------------------------------------------- checks
+
+    def _mg_node_ip(self, node: str) -> str:
+        """The address /cluster/status gives the node in fakepve."""
+        return f"192.0.2.{10 + sorted(self.nodes).index(node) + 1}"
+
+    def _mg_storage_access(self, user: str, sid: str, target: str) -> None:
+        """Qemu.pm check_storage_access_migrate: enabled on the target, the user may allocate
+        there, and it takes VM images."""
+        store = self._check_enabled(sid, target)
+        self.require(user, "/storage/" + sid, "Datastore.AllocateSpace")
+        if "images" not in split_list(store.get("content")):
+            raise die(f"storage '{sid}' does not support vm images")
+
+    def _mg_storage_available(self, vm: Any, target: str) -> None:
+        """QemuServer::check_storage_availability: every disk's storage is enabled here and on
+        the target, and takes the disk's content."""
+        for _key, volume, props in drives_of(vm.config):
+            sid, _name = volume_ref(volume)
+            if sid is None:
+                continue
+            store = self._check_enabled(sid, vm.node)
+            self._check_enabled(sid, target)
+            vtype = "iso" if is_cdrom(volume, props) else "images"
+            if vtype not in split_list(store.get("content")):
+                raise die(f"{volume}: content type '{vtype}' is not available on storage '{sid}'")
+
+    def _mg_target_sid(self, sid: str, storemap: tuple[dict[str, str], str | None, bool]) -> str:
+        """PVE::JSONSchema::map_id: where a local volume of `sid` goes."""
+        entries, default, _identity = storemap
+        return entries.get(sid) or default or sid
+
+    def _mg_scan(
+        self, vm: Any, target: str, running: bool, local_disks: bool, storemap: Any
+    ) -> tuple[dict[str, str], list[str], list[str]]:
+        """QemuMigrate::scan_local_volumes: (local volume -> its storage on the target, info
+        lines, errors). Volumes on shared storage stay as they are."""
+        moves: dict[str, str] = {}
+        info: list[str] = []
+        errors: list[str] = []
+        in_snapshots = {v for snap in vm.snapshots.values() for _k, v, _p in drives_of(snap)}
+        drives = list(drives_of(vm.config))
+        drives += [
+            (k, split_drive(vm.config[k])[0], {})
+            for k in sorted(vm.config)
+            if re.fullmatch(r"unused\d+", k)
+        ]
+        for key, volume, props in drives:
+            attached = not key.startswith("unused")
+            cdrom = is_cdrom(volume, props)
+            if volume in ("none", ""):
+                continue
+            if volume == "cdrom":
+                errors.append("can't migrate local cdrom drive")
+                continue
+            sid, name = volume_ref(volume)
+            if sid is None:
+                errors.append(f"can't migrate local disk '{volume}': local file/device")
+                continue
+            store = self.storages.get(sid)
+            if store is None:
+                errors.append(
+                    f"can't migrate local disk '{volume}': storage '{sid}' does not exist"
+                )
+                continue
+            dest = (
+                self._mg_target_sid(sid, storemap) if storemap and not store.get("shared") else sid
+            )
+            generated = cdrom and re.search(r"vm-\d+-cloudinit", name) is not None
+            vtype = "iso" if cdrom and not generated else "images"
+            try:
+                dest_store = self._check_enabled(dest, target)
+            except PveError as exc:
+                errors.append(f"can't migrate local disk '{volume}': {exc.message}")
+                continue
+            if vtype not in split_list(dest_store.get("content")):
+                errors.append(
+                    f"can't migrate local disk '{volume}': {volume}: content type '{vtype}' "
+                    f"is not available on storage '{dest}'"
+                )
+                continue
+            if store.get("shared"):
+                continue
+            if generated:
+                info.append(f"found generated disk '{volume}' (in current VM config)")
+                moves[volume] = dest
+                continue
+            if cdrom:
+                errors.append(f"can't migrate local disk '{volume}': local cdrom image")
+                continue
+            owner = volume_owner(name)
+            if owner != vm.vmid:
+                errors.append(
+                    f"can't migrate local disk '{volume}': owned by other VM (owner = VM {owner})"
+                )
+                continue
+            if volume in in_snapshots:
+                if running:
+                    errors.append(
+                        f"can't migrate local disk '{volume}': online storage migration not "
+                        "possible if non-replicated snapshot exists"
+                    )
+                    continue
+                if store.get("type") != "zfspool" and not name.endswith(".qcow2"):
+                    errors.append(
+                        f"can't migrate local disk '{volume}': non-migratable snapshot exists"
+                    )
+                    continue
+            if attached and running and not local_disks:
+                errors.append(
+                    f"can't migrate local disk '{volume}': can't live migrate attached local "
+                    "disks without with-local-disks option"
+                )
+                continue
+            if store.get("type") not in _MIGRATABLE:
+                errors.append(
+                    f"can't migrate '{volume}' - storage type '{store.get('type')}' not supported"
+                )
+                continue
+            info.append(f"found local disk '{volume}' ({'attached' if attached else 'unused'})")
+            moves[volume] = dest
+        return moves, info, errors
+
+    # ---------------------------------------------------------------- route
+
+    async def _qm_migrate(self, v: dict[str, Any], user: str) -> Any:
+        node, target, vmid = v["node"], v["target"], int(v["vmid"])
+        if target == node:
+            raise param_error(target="target is local node.")
+        self.need_quorum()
+        if target not in self.nodes:
+            raise die(f"no such cluster node '{target}'")
+        for option in _ROOT_ONLY:
+            if v.get(option) and user != "root@pam":
+                raise param_error(**{option: "Only root may use this option."})
+        vm = self.find(node, vmid)
+        self._check_lock(vm)
+        online = bool(v.get("online"))
+        if vm.status == "running" and not online:
+            raise die("can't migrate running VM without --online")
+        if vm.status != "running":
+            online = False  # "VM isn't running. Doing offline migration instead."
+        storemap = None
+        if v.get("targetstorage"):
+            storemap = parse_storage_map(str(v["targetstorage"]))
+            entries, default, identity = storemap
+            if not identity:
+                self._qm_perm(user, vmid, None, "VM.Config.Disk")
+            for sid in sorted({*entries.values(), *([default] if default else [])}):
+                self._mg_storage_access(user, sid, target)
+            if identity:
+                self._mg_storage_available(vm, target)
+        else:
+            self._mg_storage_available(vm, target)
+        if vm.ha_managed:
+            return await self._mg_ha_request(vm, target, user)
+        return await self._mg_start(
+            vm, target, user, online, bool(v.get("with-local-disks")), storemap
+        )
+
+    async def _mg_ha_request(self, vm: Any, target: str, user: str) -> Any:
+        """The API only queues the request with the HA manager; its LRM migrates later, online
+        when the VM runs, with its local disks."""
+
+        async def request() -> None:
+            async def later() -> None:
+                await self.pause(self.ha_delay)
+                try:
+                    self._check_lock(vm)
+                    await self._mg_start(vm, target, "root@pam", vm.status == "running", True, None)
+                except PveError:
+                    pass  # the HA manager logs it and tries again; the fake gives up
+
+            if self.time_scale:
+                job = asyncio.ensure_future(later())
+                self._mg_jobs.add(job)  # held until done: the loop keeps only a weak reference
+                job.add_done_callback(self._mg_jobs.discard)
+            else:
+                await later()
+
+        return await self.task(
+            vm.node,
+            "hamigrate",
+            vm.vmid,
+            user,
+            request,
+            lock=False,
+            log=[f"Requesting HA migration for VM {vm.vmid} to node {target}"],
+        )
+
+    def _mg_log(self, vmid: int) -> list[str]:
+        """The log of the VM's running qmigrate task: one runs at a time (the config lock)."""
+        for record in reversed(self.tasklog):
+            if (record["type"], record["id"], record["status"]) == (
+                "qmigrate",
+                str(vmid),
+                "running",
+            ):
+                log: list[str] = record["log"]
+                return log
+        return []
+
+    async def _mg_start(
+        self, vm: Any, target: str, user: str, online: bool, local_disks: bool, storemap: Any
+    ) -> Any:
+        """The qmigrate task (AbstractMigrate::migrate): prepare, phase1 with its volume scan,
+        the transfer, then the VM lives on the target."""
+        source = vm.node
+        running = vm.status == "running" and online
+        started = time.monotonic()
+
+        async def body() -> str:
+            log = self._mg_log(vm.vmid)
+
+            def say(line: str, error: bool = False) -> None:
+                log.append(f"{_stamp()} {'ERROR: ' if error else ''}{line}")
+
+            def abort(why: str) -> TaskError:
+                took = _duration(time.monotonic() - started)
+                say(f"migration aborted (duration {took}): {why}", error=True)
+                return TaskError("migration aborted")
+
+            if vm.lock:  # prepare: check_lock
+                raise abort(f"VM is locked ({vm.lock})")
+            say(
+                f"starting migration of VM {vm.vmid} to node '{target}' "
+                f"({self._mg_node_ip(target)})"
+            )
+            self._qm_lock(vm, "migrate")  # phase1
+            try:
+                moves, info, errors = self._mg_scan(vm, target, running, local_disks, storemap)
+                for line in info + errors:
+                    say(line)
+                if errors:
+                    why = "Problem found while scanning volumes - can't migrate VM - check log"
+                    say(why, error=True)  # phase1 fails; phase1_cleanup clears the lock
+                    raise abort(why)
+                await self.pause(self.migrate_secs)
+                for key, volume, props in drives_of(vm.config):
+                    if volume in moves:
+                        vm.config[key] = join_drive(self._mg_move(vm, volume, moves[volume]), props)
+                for key in sorted(vm.config):
+                    if re.fullmatch(r"unused\d+", key):
+                        volume = split_drive(vm.config[key])[0]
+                        if volume in moves:
+                            vm.config[key] = self._mg_move(vm, volume, moves[volume])
+                vm.node = target
+                if running:
+                    vm.started_at = time.time()
+            finally:
+                self._qm_lock(vm, None)
+            took = _duration(time.monotonic() - started)
+            return f"{_stamp()} migration finished successfully (duration {took})"
+
+        return await self.task(source, "qmigrate", vm.vmid, user, body, vm=vm)
+
+    def _mg_move(self, vm: Any, volume: str, dest: str) -> str:
+        """A local volume on the target: the same one when its storage id stays (fakepve's
+        storage spans the cluster), else allocated on `dest` and the old one freed."""
+        sid, name = volume_ref(volume)
+        if sid == dest:
+            return volume
+        vol = self._volumes(sid).get(name) or {}
+        fmt = vol.get("format") if _is_file(self.storages[dest]) else None
+        new, _fmt = self._qm_alloc(dest, vm.vmid, fmt, int(vol.get("size") or 0))
+        self._qm_free(volume)
+        return str(new)
+
+
+class PlatformPve(QemuMigrateApi, FakePve):  # type: ignore[misc]  # fakepve ships no types
+    """fakepve's FakePve plus QEMU migration; container migrations take as long."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.ct_secs["migrate"] = self.migrate_secs
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """fakepve's own CLI serving PlatformPve. One option of ours: `--migrate-secs` (PVE seconds
+    a migration takes); everything else is fakepve's."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--migrate-secs", type=float, default=MIGRATE_SECS)
+    ours, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+
+    class Served(PlatformPve):
+        migrate_secs = ours.migrate_secs
+
+    fakepve_cli.FakePve = Served
+    sys.argv = [f"{sys.argv[0]} (reconciler.simulators.pve)", *rest]
+    fakepve_cli.main()
+
+
+if __name__ == "__main__":
+    main()
