@@ -52,7 +52,27 @@ def test_the_demo_heals_everything_and_ends_with_an_empty_plan(
     assert not result.final_plan.errored
     assert "No changes. 62 resources match the spec." in text
     assert seconds < 300  # a sanity bound: the issue asks under two minutes on two cores
-    assert [s.title for s in result.steps] == ["an empty platform", "break it", "detect and heal"]
+    assert [s.title for s in result.steps] == [
+        "an empty platform",
+        "break it",
+        "detect and heal",
+        "move a game server",
+    ]
+
+
+def test_a_spec_edit_moves_a_game_server_by_migration_and_its_world_stays(
+    demo: tuple[DemoResult, str, float],
+) -> None:
+    result, text, _ = demo
+    move = result.steps[-1]
+    assert move.ok, text
+    migrations = [c for p in move.plans for c in p.actions if c.address == "guest/mc-survival"]
+    assert [c.action.value for c in migrations] == ["migrate"]
+    assert migrations[0].moves == ("pve-runtime", "pve-runtime-2")
+    assert not any(c.destroys for p in move.plans for c in p.changes)
+    assert "> guest/mc-survival  (vmid 1001 from pve-runtime to pve-runtime-2)" in text
+    # The world's volume (mp0) and the root disk are the very same volumes after the move.
+    assert "its disks are the same volumes (mp0 local-lvm:vm-1001-disk-1" in result.moved
 
 
 def test_each_break_is_detected_by_the_plan_and_healed(
