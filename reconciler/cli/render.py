@@ -68,6 +68,12 @@ def _ident(change: Change) -> str:
     return f"  ({' '.join(bits)})" if bits else ""
 
 
+def foreign_where(item: dict[str, Any]) -> str:
+    """` in the game range (a template)`: where a foreign guest sits, for the plan's list."""
+    where = f" in the {item['in_range']} range" if item.get("in_range") else ""
+    return where + (" (a template)" if item.get("template") else "")
+
+
 def destroy_line(change: Change) -> str:
     """`guest/mc-x: replace destroys rootfs 8 GiB, mp0 50 GiB (why)`: one line per change that
     destroys data or is held back, for the banner."""
@@ -168,7 +174,7 @@ def render_text(plan: Plan, *, color: bool = False) -> str:
     if plan.foreign:
         out.append(paint(_BOLD, "Not owned by the controller (reported, never touched):"))
         for f in plan.foreign:
-            where = f" in the {f['in_range']} range" if f.get("in_range") else ""
+            where = foreign_where(f)
             out.append(
                 f"  ? {f['kind']} {f.get('name')!r} vmid {f.get('vmid')} on {f.get('node')}{where}"
             )
@@ -245,7 +251,7 @@ def render_markdown(plan: Plan) -> str:
         out.append(f"<details><summary>{len(plan.foreign)} not owned (never touched)</summary>")
         out.append("")
         for f in plan.foreign:
-            where = f" in the {f['in_range']} range" if f.get("in_range") else ""
+            where = foreign_where(f)
             out.append(
                 f"- {f['kind']} `{f.get('name')}` vmid {f.get('vmid')} on {f.get('node')}{where}"
             )

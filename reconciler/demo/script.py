@@ -255,7 +255,7 @@ class Screen:
         if plan.foreign:
             self.line("   Not owned by the controller (reported, never touched):")
             for f in plan.foreign:
-                where = f" in the {f['in_range']} range" if f.get("in_range") else ""
+                where = render.foreign_where(f)
                 self.line(
                     f"     ? {f['kind']} {f.get('name')!r} vmid {f.get('vmid')} "
                     f"on {f.get('node')}{where}"

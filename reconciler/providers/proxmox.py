@@ -677,12 +677,42 @@ class ProxmoxProvider:
             case Action.MIGRATE:
                 await self.migrate_guest(change)
             case Action.REPLACE:
+                # Nothing is destroyed that could not be made again: the template first.
+                await self.require_template(change)
                 await self.destroy_guest(_observed_side(change))
                 await self.create_guest(change)
             case Action.DELETE:
                 await self.destroy_guest(change)
             case Action.NOOP:
                 return
+
+    async def require_template(self, change: Change) -> None:
+        """A container to be recreated needs its template on the target node, or the replace
+        would destroy it and then fail to create it. One content listing; a template that
+        cannot be seen there (missing, or the listing refused) stops the replace before any
+        destroy."""
+        want = change.after or {}
+        template = want.get("template")
+        if want.get("type", "lxc") != "lxc" or not template:
+            return
+        node, storage = change.id["node"], template_storage(str(template))
+        if storage is None:
+            raise PermanentError(f"{change.address}: template {template!r} names no storage")
+        content = self.client.nodes(node).storage(storage).content
+        try:
+            listed = await self.retrying(
+                f"list templates on {node}/{storage}", lambda: content.get(content="vztmpl")
+            )
+        except ProviderError as exc:
+            raise PermanentError(
+                f"{change.address}: not replaced: its template {template!r} cannot be checked "
+                f"on {node} ({exc}); nothing was destroyed"
+            ) from None
+        if template not in {str(item.get("volid")) for item in listed}:
+            raise PermanentError(
+                f"{change.address}: not replaced: its template {template!r} is not on node "
+                f"{node}; nothing was destroyed. Download it there first"
+            )
 
     def _kind(self, change: Change) -> str:
         return str((change.after or change.before or {}).get("type", "lxc"))

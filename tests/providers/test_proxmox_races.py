@@ -402,3 +402,28 @@ def test_an_allowed_replace_recreates_the_guest_under_the_same_vmid(
     cfg = client.nodes("pve-runtime").lxc(1001).config.get()
     assert cfg["net0"] != old_mac  # a new container, not the old one edited
     assert_converged(privileged, converged, pve)
+
+
+def test_an_allowed_replace_whose_template_is_missing_destroys_nothing(
+    tmp_path: Path, converged: ProxmoxProvider, pve: Any
+) -> None:
+    # The create after the destroy would fail ("template not found"): the guest would be gone
+    # and not made again. The replace checks the template first.
+    missing = "local:vztmpl/debian-99-nowhere.tar.zst"
+    privileged = load_copy(
+        tmp_path,
+        {
+            "game.yaml": (
+                "    vmid: 1001\n",
+                f"    vmid: 1001\n    unprivileged: false\n    template: {missing}\n",
+            )
+        },
+    )
+    before = converged.client.nodes("pve-runtime").lxc(1001).config.get()
+    pve.requests.clear()
+    conv = run(privileged, converged, allow_destroy=True)
+    failed = results(conv)["guest/mc-survival"]
+    assert failed.outcome.value == "failed"
+    assert "is not on node pve-runtime; nothing was destroyed" in failed.error
+    assert mutating_calls(pve) == []
+    assert converged.client.nodes("pve-runtime").lxc(1001).config.get() == before
