@@ -294,6 +294,9 @@ def disks(attrs: Mapping[str, Any] | None) -> tuple[str, ...]:
         vol = volumes[key]
         size = vol.get("size") if isinstance(vol, Mapping) else normalize.rootfs(vol).get("size")
         out.append(f"{key} {_size(size)}")
+    unused = attrs.get("unused") or {}
+    for key in sorted(unused, key=_natural):
+        out.append(f"{key} {unused[key]} (detached)")
     return tuple(out)
 
 

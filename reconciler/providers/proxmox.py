@@ -358,6 +358,9 @@ _LXC_VOLUME = re.compile(r"mp\d+")
 _QEMU_VOLUME = re.compile(r"scsi(?:[1-9]|[12]\d|30)")
 
 
+_UNUSED = re.compile(r"unused\d+")
+
+
 def observed_volumes(kind: str, config: Mapping[str, Any]) -> dict[str, str]:
     """A guest's volumes as Proxmox spells them, by key. A VM's CD-ROM and cloud-init drives
     are not volumes, nor is a container's bind or device mount (`mp0: /host/dir,mp=/x`: on no
@@ -400,6 +403,11 @@ def guest_attributes(item: Mapping[str, Any], config: Mapping[str, Any]) -> dict
         "net": {k: str(v) for k, v in sorted(config.items()) if re.fullmatch(r"net\d+", k)},
         "protection": bool(int(config.get("protection", 0) or 0)),
         "volumes": observed_volumes(str(kind), config),
+        # Detached volumes (`unusedN`): never compared (the spec cannot want one), but a
+        # destroy of the guest destroys them too, so the plan must say so.
+        "unused": {
+            k: str(v).split(",", 1)[0] for k, v in sorted(config.items()) if _UNUSED.fullmatch(k)
+        },
     }
     if kind == "lxc":
         attrs["swap"] = int(config.get("swap", 512))

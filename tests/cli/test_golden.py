@@ -59,7 +59,7 @@ def test_json_plan_is_versioned_and_self_describing(sample_plan: Plan) -> None:
     assert sum(doc["summary"].values()) == len(doc["changes"])
     replace = next(c for c in doc["changes"] if c["action"] == "replace")
     assert replace["replace_because"] == ["unprivileged"]
-    assert replace["destroys"] == ["rootfs 16 GiB"] and "prune" in replace["blocked"]
+    assert replace["destroys"] == ["rootfs 16 GiB", "mp0 16 GiB"] and "prune" in replace["blocked"]
     migrate = next(c for c in doc["changes"] if c["action"] == "migrate")
     assert (migrate["from"], migrate["to"]) == ("pve-core", "pve-runtime")
     assert migrate["destroys"] == [] and migrate["blocked"] is None
@@ -78,10 +78,14 @@ def test_text_puts_destroys_first(sample_plan: Plan) -> None:
     text = render.render_text(sample_plan).splitlines()
     assert text[3].startswith("!! ") and "DESTROYS DATA" in text[3]
     assert text[4].strip() == (
-        "BLOCKED  guest/mc-creative: replace destroys rootfs 16 GiB "
+        "BLOCKED  guest/mc-creative: replace destroys rootfs 16 GiB, mp0 16 GiB "
         "(cannot change in place: unprivileged)"
     )
-    assert text[5].strip().startswith("BLOCKED  guest/mc-oldmap: delete destroys rootfs 16 GiB")
+    assert (
+        text[5]
+        .strip()
+        .startswith("BLOCKED  guest/mc-oldmap: delete destroys rootfs 16 GiB, mp0 50 GiB")
+    )
 
 
 def test_a_plan_without_destroys_has_no_banner(graph: DesiredGraph) -> None:

@@ -365,3 +365,19 @@ def test_a_stopped_guest_is_started_by_its_firewall_change_when_both_change(
     alone = _by_address(make_plan(graph, _edit(base, "guest/mc-lobby", state="stopped")))
     assert alone["guest/mc-lobby"].action is Action.UPDATE
     assert HOLD_START not in (alone["guest/mc-lobby"].after or {})
+
+
+def test_destroys_name_detached_volumes_too() -> None:
+    # A purge destroys a guest's `unusedN` volumes with it: a detached world is data too.
+    from reconciler.planning.planner import disks
+
+    observed = {
+        "rootfs": "local-lvm:vm-1001-disk-0,size=16G",
+        "volumes": {"mp0": "local-lvm:vm-1001-disk-2,mp=/srv/world,size=50G"},
+        "unused": {"unused0": "local-lvm:vm-1001-disk-1"},
+    }
+    assert disks(observed) == (
+        "rootfs 16 GiB",
+        "mp0 50 GiB",
+        "unused0 local-lvm:vm-1001-disk-1 (detached)",
+    )
