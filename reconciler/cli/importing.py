@@ -23,8 +23,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-import anyio
-
 from reconciler.applying.live import proxmox_provider, redis_client
 from reconciler.cli.live import (
     confirm,
@@ -32,6 +30,7 @@ from reconciler.cli.live import (
     holding_lease,
     load_checked,
     parse_pairs,
+    run_async,
 )
 from reconciler.importing.adopting import AdoptionReport, adopt
 from reconciler.importing.edge import edge_sources, read_edge
@@ -143,8 +142,8 @@ def cmd_import(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 traefik_apis=parse_pairs(args.traefik_api, "--traefik-api"),
                 traefik_guests=parse_pairs(args.traefik_guest, "--traefik-guest"),
             )
-        estate = anyio.run(read_estate, provider)
-        edge = anyio.run(read_edge, sources) if sources is not None else None
+        estate = run_async(lambda: read_estate(provider))
+        edge = run_async(lambda: read_edge(sources)) if sources is not None else None
     except ReconcilerError as exc:
         err.write(f"error: {exc}\n")
         return EXIT_ERROR
@@ -225,7 +224,7 @@ def cmd_adopt(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     try:
         provider = proxmox_provider(spec, connection_override(args), insecure=args.insecure)
         _warn_insecure(args, err)
-        preview = anyio.run(lambda: adopt(graph, provider, args.addresses, dry_run=True))
+        preview = run_async(lambda: adopt(graph, provider, args.addresses, dry_run=True))
         _render_report(preview, out, dry_run=args.dry_run)
         if args.dry_run or not preview.ok:
             return EXIT_OK if preview.ok else EXIT_ERROR
@@ -236,7 +235,7 @@ def cmd_adopt(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             "adopt", "Adopt these? The controller will manage them from now on.", err
         ):
             return EXIT_ERROR
-        report = anyio.run(lambda: _adopt_holding_lease(args, graph, provider))
+        report = run_async(lambda: _adopt_holding_lease(args, graph, provider))
     except ReconcilerError as exc:
         err.write(f"error: {exc}\n")
         return EXIT_ERROR

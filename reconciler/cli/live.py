@@ -20,7 +20,7 @@ import os
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import TextIO
+from typing import TextIO, TypeVar
 
 import anyio
 from redis.asyncio import Redis
@@ -37,15 +37,32 @@ from reconciler.cli import render
 from reconciler.controller.lease import LeaseKeeper, RedisLease, default_holder
 from reconciler.loading.graph import build_graph
 from reconciler.loading.loader import load_directory
-from reconciler.model.errors import ConfigurationError, ReconcilerError
+from reconciler.model.diagnostics import Severity
+from reconciler.model.errors import ConfigurationError, ReconcilerError, first_error
 from reconciler.model.observed import ObservedState
 from reconciler.model.plans import Plan, plan_from_json
 from reconciler.model.resources import DesiredGraph
 from reconciler.model.spec import PlatformSpec, ProxmoxApi, SecretRef
 from reconciler.planning.observed_policies import live_isolation
 from reconciler.planning.planner import make_plan
+from reconciler.planning.provenance import first_difference, spec_digest
 
 EXIT_OK, EXIT_ERROR, EXIT_CHANGES = 0, 1, 2
+
+T = TypeVar("T")
+
+
+def run_async(fn: Callable[[], Awaitable[T]]) -> T:
+    """`anyio.run` for every command. Concurrent work (anyio task groups) fails with an
+    ExceptionGroup; one made only of our errors is raised as its first, so that the command
+    reports one line (the call, the status, what is missing) and exits 1, no traceback."""
+    try:
+        return anyio.run(fn)
+    except BaseExceptionGroup as group:
+        error = first_error(group)
+        if error is None:
+            raise
+        raise error from None
 
 
 def add_connection_args(p: argparse.ArgumentParser) -> None:
@@ -222,7 +239,7 @@ def observe_live(args: argparse.Namespace, spec: PlatformSpec, err: TextIO) -> O
         async with connect_platform(spec, endpoints) as conn:
             return await conn.observe(spec.platform.name)
 
-    return anyio.run(run)
+    return run_async(run)
 
 
 def cmd_observe(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
@@ -290,7 +307,7 @@ def cmd_apply(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             holding_lease(conn.redis, args, dry_run=args.dry_run) as guard,
         ):
             if args.plan:
-                return await _apply_saved(args, spec, conn, out, err, guard)
+                return await _apply_saved(args, spec, graph, conn, out, err, guard)
             return await converge(
                 graph,
                 conn.providers,
@@ -306,7 +323,7 @@ def cmd_apply(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             )
 
     try:
-        result = anyio.run(run)
+        result = run_async(run)
     except ReconcilerError as exc:
         err.write(f"error: {exc}\n")
         return EXIT_ERROR
@@ -314,6 +331,8 @@ def cmd_apply(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         return result
     last = result.rounds[-1]
     if last.plan.errored:
+        # Never offered for approval (converge stops first): show why nothing is applied.
+        out.write(render.render_text(last.plan, color=color))
         return EXIT_ERROR
     if result.again():
         err.write(result.again() + "\n")
@@ -347,36 +366,97 @@ def _summarize(report: object, out: TextIO) -> int:
 async def _apply_saved(
     args: argparse.Namespace,
     spec: PlatformSpec,
+    graph: DesiredGraph,
     conn: Connection,
     out: TextIO,
     err: TextIO,
     guard: Guard | None = None,
 ) -> int:
-    try:
-        plan = plan_from_json(json.loads(Path(args.plan).read_text(encoding="utf-8")))
-    except (OSError, ValueError, KeyError) as exc:
-        err.write(f"{args.plan}: not a saved plan: {exc}\n")
+    """`apply --plan FILE`. A saved plan is a request, never an authority (README "Plans"): it
+    is applied only if a plan made now, from these specs, the platform as it is and the file's
+    own options, makes the same changes; and what runs is that fresh plan, never the file's
+    changes, so every gate, cap, ownership check and policy holds whatever the file says."""
+    saved = _read_saved(args.plan, err)
+    if saved is None:
         return EXIT_ERROR
-    if plan.platform != spec.platform.name:
-        err.write(
-            f"{args.plan} is a plan for platform {plan.platform!r}, not {spec.platform.name!r}\n"
-        )
+    why = _unusable(saved, args, spec, graph)
+    if why is not None:
+        err.write(f"{args.plan}: not applied: {why}\n")
         return EXIT_ERROR
     observed = await conn.observe(spec.platform.name)
-    if observed.digest() != plan.observed_digest:
+    if observed.digest() != saved.observed_digest:
         err.write(
             f"{args.plan}: the platform changed since this plan was made "
-            f"({plan.observed_digest[:19]} then, {observed.digest()[:19]} now); "
+            f"({saved.observed_digest[:19]} then, {observed.digest()[:19]} now); "
             "make a new plan\n"
         )
         return EXIT_ERROR
-    if plan.errored:
-        err.write(f"{args.plan} has errors; it cannot be applied\n")
+    fresh = make_plan(
+        graph,
+        observed,
+        allow_destroy=saved.allow_destroy,
+        targets=saved.targets,
+        observed_checks=[live_isolation(spec)],
+        agent_layers=conn.agents.layers if conn.agents is not None else (),
+    )
+    if fresh.errored:
+        errors = [d for d in fresh.diagnostics if d.severity is Severity.ERROR]
+        err.write(render.render_diagnostics(errors))
+        err.write(f"{args.plan}: not applied: a fresh plan has errors\n")
+        return EXIT_ERROR
+    difference = first_difference(saved, fresh)
+    if difference is not None:
+        err.write(
+            f"{args.plan}: not applied, it is not what a fresh plan does: {difference}. "
+            "Make a new plan\n"
+        )
         return EXIT_ERROR
     report = await execute(
-        plan, conn.providers, dry_run=args.dry_run, progress=_progress(err), guard=guard
+        fresh, conn.providers, dry_run=args.dry_run, progress=_progress(err), guard=guard
     )
     return _summarize(report, out)
+
+
+def _read_saved(path: str, err: TextIO) -> Plan | None:
+    try:
+        return plan_from_json(json.loads(Path(path).read_text(encoding="utf-8")))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        err.write(f"{path}: not a saved plan: {exc}\n")
+        return None
+
+
+def _unusable(
+    saved: Plan, args: argparse.Namespace, spec: PlatformSpec, graph: DesiredGraph
+) -> str | None:
+    """Why a saved plan cannot be applied with these specs and flags, before anything is asked
+    of the platform; None when it may be planned again."""
+    if saved.platform != spec.platform.name:
+        return f"it is a plan for platform {saved.platform!r}, not {spec.platform.name!r}"
+    if not saved.spec_digest:
+        return (
+            "it does not record the specs it was made from (saved by an older reconciler), so "
+            "it cannot be checked against them; make a new plan"
+        )
+    if saved.errored:
+        return "it has errors; it cannot be applied"
+    if saved.allow_destroy and not args.allow_destroy:
+        return (
+            "it was made with --allow-destroy, which a file cannot grant: give --allow-destroy "
+            "to apply it too"
+        )
+    if args.target and tuple(sorted(set(args.target))) != saved.targets:
+        made_for = ", ".join(saved.targets) or "every resource"
+        return (
+            f"it was made for {made_for}; apply a saved plan without --target (its own are "
+            "used) or with the same"
+        )
+    now = spec_digest(graph)
+    if now != saved.spec_digest:
+        return (
+            "it was made from another revision of the specs "
+            f"({saved.spec_digest[:19]} then, {now[:19]} now); make a new plan"
+        )
+    return None
 
 
 def live_plan(
@@ -397,7 +477,7 @@ def live_plan(
             )
 
     try:
-        return anyio.run(run)
+        return run_async(run)
     except ReconcilerError as exc:
         err.write(f"error: {exc}\n")
         return None

@@ -1,5 +1,5 @@
 """`reconciler` command line: validate, plan, observe, apply, run (the service), import, adopt,
-schema, graph and demo.
+check (the Proxmox token's privileges), schema, graph and demo.
 
 Exit codes follow Terraform's: 0 success, 1 error; with `plan --detailed-exitcode`, 0 means no
 changes and 2 means changes. Nothing here decides anything: it wires loading, planning and
@@ -17,6 +17,7 @@ from typing import TextIO
 
 from reconciler import __version__
 from reconciler.cli import render
+from reconciler.cli.check import add_check_parser, cmd_check
 from reconciler.cli.importing import add_import_commands, cmd_adopt, cmd_import
 from reconciler.cli.live import add_connection_args, cmd_apply, cmd_observe
 from reconciler.cli.service import add_run_parser, cmd_run
@@ -258,6 +259,7 @@ def parser() -> argparse.ArgumentParser:
 
     add_run_parser(sub)
     add_import_commands(sub, add_connection_args)
+    add_check_parser(sub, add_connection_args)
 
     d = sub.add_parser(
         "demo",
@@ -293,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_import(args, out, err)
         case "adopt":
             return cmd_adopt(args, out, err)
+        case "check":
+            return cmd_check(args, out, err)
     return EXIT_ERROR
 
 

@@ -59,7 +59,10 @@ def flatten(value: Any, prefix: str = "") -> list[tuple[str, str]]:
 def _ident(change: Change) -> str:
     bits = []
     if "vmid" in change.id:
-        bits.append(f"vmid {change.id['vmid']}")
+        # A replace that renumbers destroys the old vmid: say both.
+        old = (change.before or {}).get("vmid") if change.action is Action.REPLACE else None
+        was = f"{old} -> " if old is not None and old != change.id["vmid"] else ""
+        bits.append(f"vmid {was}{change.id['vmid']}")
     moves = change.moves
     if moves is not None:
         bits.append(f"from {moves[0]} to {moves[1]}")

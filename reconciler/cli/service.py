@@ -85,6 +85,19 @@ def add_run_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
         default=_env("LISTEN", "127.0.0.1:9180"),
         help="status listener: /healthz /readyz /status /metrics /snapshot",
     )
+    s.add_argument(
+        "--status-token-env",
+        metavar="VAR",
+        default=_env("STATUS_TOKEN_ENV"),
+        help="variable holding a bearer token that /status, /snapshot and /metrics then "
+        "require (/healthz and /readyz stay open); give one beyond loopback",
+    )
+    s.add_argument(
+        "--status-token-file",
+        metavar="FILE",
+        default=_env("STATUS_TOKEN_FILE"),
+        help="file holding that token instead (a systemd credential)",
+    )
     _seconds_flag(
         s,
         "--lease-ttl",
@@ -117,6 +130,8 @@ def cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         endpoints = endpoints_from(args)
         redact_secrets(redactor, endpoints)
         service, close = build_service(args, endpoints=endpoints, redactor=redactor)
+        if service.settings.status_token is not None:
+            redactor.add(service.settings.status_token)
     except ReconcilerError as exc:
         log.error("cannot start", extra=fields(error=str(exc)))
         return 1

@@ -56,7 +56,7 @@ import anyio.abc
 
 from reconciler.applying.executor import ApplyReport, Outcome, Result, execute
 from reconciler.applying.live import Connection, Endpoints, connect_platform, converge, observe_all
-from reconciler.controller.http import serve_status
+from reconciler.controller.http import read_token, serve_status
 from reconciler.controller.lease import Lease, LeaseKeeper, LocalLease, RedisLease
 from reconciler.controller.logs import Redactor
 from reconciler.controller.metrics import Metrics
@@ -70,7 +70,7 @@ from reconciler.controller.sources import (
 from reconciler.controller.status import CycleKind, CycleOutcome, StatusBoard
 from reconciler.controller.timing import Backoffs, Schedule, Trigger
 from reconciler.loading.graph import build_graph
-from reconciler.model.errors import ConfigurationError, ReconcilerError
+from reconciler.model.errors import ConfigurationError, ReconcilerError, first_error
 from reconciler.model.observed import ObservedResource, ObservedState
 from reconciler.model.plans import Plan
 from reconciler.model.resources import DesiredGraph, Kind
@@ -101,6 +101,7 @@ class Settings:
     )
     state_dir: Path = Path("/var/lib/reconciler")
     listen: tuple[str, int] | None = ("127.0.0.1", 9180)
+    status_token: str | None = None  # required by /status, /snapshot, /metrics when set
     lease_interval: float = 5.0  # ttl / 3
     shutdown_grace: float = 60.0
     once: bool = False  # one SOURCE and one FULL, then stop
@@ -202,6 +203,7 @@ class Service:
                         host=host,
                         port=port,
                         snapshot=lambda: self._snapshot_bytes,
+                        token=self.settings.status_token,
                         task_status=task_status,
                     )
                 )
@@ -392,7 +394,11 @@ class Service:
                 exclude=self._exclude,
                 progress=self._progress,
             )
-        except ReconcilerError as exc:
+        except (ReconcilerError, ExceptionGroup) as caught:
+            # Concurrent observation fails with a group: ours is reported like one error.
+            exc = first_error(caught)
+            if exc is None:
+                raise
             self.board.record_observe(False, str(exc))
             self._cycle_done(CycleKind.FULL, CycleOutcome.ERRORED, started, t0, str(exc))
             return
@@ -644,7 +650,10 @@ class Service:
                         stop=self.stopping,
                     )
                 )
-        except ReconcilerError as exc:
+        except (ReconcilerError, ExceptionGroup) as caught:
+            exc = first_error(caught)
+            if exc is None:
+                raise
             self._cycle_done(CycleKind.EDGE, CycleOutcome.ERRORED, started, t0, str(exc))
             return
         finally:
@@ -717,6 +726,7 @@ def build_service(
         },
         state_dir=state_dir,
         listen=(host.strip("[]"), int(port)),
+        status_token=read_token(args.status_token_env, args.status_token_file),
         lease_interval=args.lease_ttl / 3,
         shutdown_grace=args.shutdown_grace,
         once=args.once,

@@ -13,7 +13,9 @@ ready for `load_directory`.
 `RevisionTracker` remembers the last revision that validated (the one to converge to) and the
 last one that did not, with its diagnostics (the one to report). A revision whose specs do not
 validate is never returned as a target, not even in part: the loop keeps converging to the last
-good one. If the very first revision is bad there is no target at all.
+good one. If the very first revision is bad there is no target at all. A hostile revision (an
+alias bomb, a link out of the spec folder, a file of a gigabyte) is a bad revision like any
+other: the loader bounds its work, and `load_revision` never raises.
 
 Failures while fetching use our own exceptions (`reconciler.model.errors`):
 `TemporaryError` when the remote cannot be reached (try again next interval),
@@ -24,10 +26,13 @@ credentials (waiting will not fix either).
 from __future__ import annotations
 
 import hashlib
-import io
+import json
+import logging
 import os
+import posixpath
 import re
 import shutil
+import stat
 import subprocess
 import tarfile
 import tempfile
@@ -35,14 +40,24 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Protocol
-from urllib.parse import urlsplit, urlunsplit
+from typing import IO, Protocol
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import anyio.to_thread
 
-from reconciler.loading.loader import LoadResult, load_directory, spec_files
-from reconciler.model.diagnostics import Diagnostic
+from reconciler.controller.logs import fields
+from reconciler.loading.loader import (
+    SPEC_SUFFIXES,
+    LoadResult,
+    list_spec_files,
+    load_directory,
+    outside_link,
+)
+from reconciler.loading.sources import LIMITS
+from reconciler.model.diagnostics import Diagnostic, Position, error
 from reconciler.model.errors import ConfigurationError, TemporaryError
+
+log = logging.getLogger(__name__)
 
 # --- revisions and sources -------------------------------------------------------------------
 
@@ -61,6 +76,9 @@ class Revision:
     """The commit's date (ISO 8601) for git; None for a directory."""
     display: str = ""
     """How file names appear in diagnostics (`<sha12>:specs`); the directory when empty."""
+    refused: tuple[tuple[str, str], ...] = ()
+    """Links the checkout left out, as (path under `directory`, where the link led): they
+    lead out of the spec folder, and `load_revision` reports each."""
 
 
 class SpecSource(Protocol):
@@ -105,28 +123,44 @@ class DirectorySource:
 def directory_id(directory: Path) -> str:
     """`dir-` and 12 hex digits of a sha256 over the spec files' relative paths and contents.
 
-    The same files `load_directory` reads (hidden folders skipped), so an edit to any of them,
-    an added or a removed file changes the id, and nothing else does.
+    The same files `load_directory` reads (hidden folders skipped, nothing outside the
+    directory), so an edit to any of them, an added or a removed file, or a link changed
+    changes the id, and nothing else does. A file over the loader's size limit, which the
+    loader refuses unread, counts by its size and time instead: a poll never reads 1 GB.
     """
     digest = hashlib.sha256()
-    for path in spec_files(directory):
-        rel = path.relative_to(directory).as_posix().encode()
-        try:
-            content = path.read_bytes()
-        except OSError as exc:
-            # Still a revision: load_directory reports the unreadable file as a diagnostic.
-            content = f"\0unreadable: {exc}".encode()
+    for found in list_spec_files(directory):
+        rel = found.rel.encode()
+        if found.refused is not None:
+            content = f"\0refused {found.refused.code}: {found.link}".encode()
+        else:
+            content = _file_digest(found.path)
+        if found.link is not None:  # pointing a link elsewhere is a new revision
+            rel += f"\0-> {found.link}".encode()
         # Lengths first, so no two different sets of files can hash the same stream.
         digest.update(b"%d:%s%d:" % (len(rel), rel, len(content)))
         digest.update(content)
     return f"dir-{digest.hexdigest()[:12]}"
 
 
+def _file_digest(path: Path) -> bytes:
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        with os.fdopen(os.open(path, flags), "rb") as f:
+            info = os.fstat(f.fileno())
+            if not stat.S_ISREG(info.st_mode) or info.st_size > LIMITS.file_bytes:
+                # Still a revision: load_directory reports the file as a diagnostic.
+                return f"\0unread: {info.st_mode} {info.st_size} {info.st_mtime_ns}".encode()
+            return hashlib.sha256(f.read(LIMITS.file_bytes + 1)).digest()
+    except OSError as exc:
+        return f"\0unreadable: {exc}".encode()
+
+
 # --- git -------------------------------------------------------------------------------------
 
 _FETCH_TIMEOUT = 300.0
 _LOCAL_TIMEOUT = 60.0
-_SHA = re.compile(r"^[0-9a-f]{40}([0-9a-f]{24})?$")
+_SHA = re.compile(r"^[0-9a-f]{40}([0-9a-f]{24})?\Z")
 # git's messages when the branch is not there, and when the server refuses who we are.
 _MISSING_REF = ("couldn't find remote ref",)
 _AUTH_FAILED = (
@@ -164,6 +198,34 @@ def _scrub(text: str, url: str) -> str:
     return re.sub(r"(\b[a-z][a-z0-9+.-]*://)[^/\s@]*@", r"\1***@", text)
 
 
+# A git credential helper (run by git through the shell, with "get", "store" or "erase"): on
+# "get" it prints what the environment of this one command holds. The token is in no argument.
+_HELPER = (
+    "!f() { test \"$1\" = get && printf 'username=%s\\npassword=%s\\n' "
+    '"$RECONCILER_GIT_USERNAME" "$RECONCILER_GIT_PASSWORD"; }; f'
+)
+_REFUSED = ".refused-links.json"  # beside the spec folder in a checkout: hidden, never a spec
+
+
+def _split_credentials(url: str) -> tuple[str, tuple[str, str] | None]:
+    """An http(s) URL without its userinfo, and the (user, password) it held, decoded; other
+    URLs as they are, but for a password (ssh never takes one from the URL)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url, None
+    if "@" not in parts.netloc:
+        return url, None
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user, has_password, password = userinfo.partition(":")
+    if parts.scheme in ("http", "https"):
+        bare = urlunsplit(parts._replace(netloc=host))
+        return bare, (unquote(user), unquote(password))
+    if has_password:
+        return urlunsplit(parts._replace(netloc=f"{user}@{host}")), None
+    return url, None
+
+
 class GitSource:
     """A branch of a git repository, mirrored under `workdir` and materialized per commit.
 
@@ -176,6 +238,15 @@ class GitSource:
     A checkout is extracted once and reused for every later fetch of the same commit. After each
     fetch, checkouts beyond the `keep` most recent are deleted, except the ids given to
     `retain` (the tracker's current and last good revision).
+
+    Credentials in an http(s) URL (`https://user:token@host/repo.git`) are never written to
+    disk: the mirror's remote is the URL without them, and a fetch gets them from a credential
+    helper configured for that command only, through its environment (never its arguments,
+    which any local user can read), scoped to that host, with every other helper switched off
+    so none of them stores the token. Both directories are 0700.
+
+    Links: a checkout never holds a link out of the spec folder. Such a link is left out and
+    recorded in `Revision.refused`, so the revision is reported, not quietly missing a file.
     """
 
     def __init__(
@@ -189,6 +260,7 @@ class GitSource:
         timeout: float = _FETCH_TIMEOUT,
     ) -> None:
         self.url = url
+        self._remote_url, self._credentials = _split_credentials(url)
         self.branch = branch
         self.subdir = PurePosixPath(subdir).as_posix().strip("/") if subdir not in ("", ".") else ""
         self.workdir = Path(workdir).absolute()
@@ -224,7 +296,7 @@ class GitSource:
             sha = self._git(
                 ["rev-parse", "--verify", f"refs/heads/{self.branch}^{{commit}}"]
             ).strip()
-            directory = self._materialize(sha)
+            directory, refused = self._materialize(sha)
             committed_at, summary = (
                 self._git(["log", "-1", "--format=%cI%x00%s", sha]).rstrip("\n").split("\0", 1)
             )
@@ -236,6 +308,7 @@ class GitSource:
                 summary=summary,
                 committed_at=committed_at,
                 display=f"{sha[:12]}:{where}",
+                refused=refused,
             )
 
     def _refspec(self) -> str:
@@ -244,14 +317,24 @@ class GitSource:
     def _start(self) -> None:
         """Create the mirror (or point an existing one at our URL) and tidy what a previous
         process left: half-made extractions, and the order of the checkouts it made."""
+        if self._credentials is not None:
+            user, password = self._credentials
+            if any(c in user + password for c in "\n\0"):
+                raise ConfigurationError(
+                    f"the credentials in {redact_url(self.url)} hold a newline or a NUL"
+                )
         self._checkouts.mkdir(parents=True, exist_ok=True)
         if not (self._mirror / "HEAD").is_file():
             # init + fetch rather than `clone --bare`: only our branch, the same path as later.
             shutil.rmtree(self._mirror, ignore_errors=True)
             self._git(["init", "--quiet", "--bare", str(self._mirror)], cwd=self.workdir)
-            self._git(["remote", "add", "origin", self.url])
+            self._git(["remote", "add", "origin", self._remote_url])
         else:
-            self._git(["remote", "set-url", "origin", self.url])
+            # Also takes a token out of the config of a mirror made before it was kept out.
+            self._git(["remote", "set-url", "origin", self._remote_url])
+        # Only the service's user reads the mirror and the checkouts (workdir may be shared).
+        for private in (self._mirror, self._checkouts):
+            private.chmod(0o700)
         for path in self._checkouts.iterdir():
             if path.name.startswith(".tmp-"):
                 shutil.rmtree(path, ignore_errors=True)
@@ -259,7 +342,7 @@ class GitSource:
         self._recent = [p.name for p in sorted(existing, key=lambda p: p.stat().st_mtime_ns)]
         self._started = True
 
-    def _materialize(self, sha: str) -> Path:
+    def _materialize(self, sha: str) -> tuple[Path, tuple[tuple[str, str], ...]]:
         target = self._checkouts / sha
         if not target.is_dir():
             kind = self._git(["cat-file", "-t", f"{sha}:{self.subdir}"], check=False).strip()
@@ -271,12 +354,15 @@ class GitSource:
             args = ["archive", "--format=tar", sha]
             if self.subdir:
                 args += ["--", self.subdir]
-            tar = self._git_bytes(args)
             staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self._checkouts))
             try:
-                with tarfile.open(fileobj=io.BytesIO(tar)) as archive:
-                    # "data": no absolute paths, no links out of the checkout, no devices.
-                    archive.extractall(staging, filter="data")
+                # Through a file, not memory: a commit may hold a file of any size (the loader
+                # refuses it unread, but git archive has to write it somewhere).
+                with tempfile.TemporaryFile(dir=self._checkouts) as tar:
+                    self._git_bytes(args, stdout=tar)
+                    tar.seek(0)
+                    refused = self._extract(tar, staging)
+                (staging / _REFUSED).write_text(json.dumps(refused), encoding="utf-8")
                 # A complete checkout appears at once, so its presence means "done".
                 staging.rename(target)
             except BaseException:
@@ -285,7 +371,57 @@ class GitSource:
         if sha in self._recent:
             self._recent.remove(sha)
         self._recent.append(sha)
-        return target / self.subdir if self.subdir else target
+        try:
+            listed = json.loads((target / _REFUSED).read_text(encoding="utf-8"))
+            refused_links = tuple((str(a), str(b)) for a, b in listed)
+        except (OSError, ValueError, TypeError):
+            refused_links = ()
+        return (target / self.subdir if self.subdir else target), refused_links
+
+    def _extract(self, tar: IO[bytes], staging: Path) -> list[tuple[str, str]]:
+        """Extract the archive into `staging`, leaving out every link that leads out of the spec
+        folder; return those that are spec files, as (path under the folder, link text).
+
+        A link is kept only if its text stays in the folder and tarfile's "data" filter, which
+        resolves it against what is already extracted, agrees; the loader checks again where
+        each link really leads before it reads anything."""
+        base = PurePosixPath(self.subdir) if self.subdir else PurePosixPath()
+        refused: list[tuple[str, str]] = []
+
+        def leave_out(member: tarfile.TarInfo) -> None:
+            rel = PurePosixPath(member.name).relative_to(base)
+            hidden = any(part.startswith(".") for part in rel.parts)
+            if rel.suffix in SPEC_SUFFIXES and not hidden:  # what the loader would have read
+                refused.append((rel.as_posix(), member.linkname))
+
+        def keep(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:
+            link = member.issym() or member.islnk()
+            if link:
+                parent = str(PurePosixPath(member.name).parent)
+                led = posixpath.normpath(posixpath.join(parent, member.linkname))
+                if not (
+                    member.issym()
+                    and not posixpath.isabs(member.linkname)
+                    and not led.startswith("..")
+                    and PurePosixPath(led).is_relative_to(base)
+                ):
+                    leave_out(member)
+                    return None
+            try:
+                # "data": no absolute paths, no links out of the checkout, no devices.
+                return tarfile.data_filter(member, dest)
+            except tarfile.FilterError:
+                if not link:
+                    raise
+                leave_out(member)  # inside by its text, out through another link
+                return None
+
+        try:
+            with tarfile.open(fileobj=tar) as archive:
+                archive.extractall(staging, filter=keep)
+        except tarfile.TarError as exc:
+            raise TemporaryError(f"cannot extract {self.subdir or '.'}: {exc}") from exc
+        return sorted(refused)
 
     def _prune(self) -> None:
         keep = set(self._recent[-self.keep :]) | self._retained
@@ -293,11 +429,30 @@ class GitSource:
             shutil.rmtree(self._checkouts / sha, ignore_errors=True)
             self._recent.remove(sha)
 
-    def _env(self) -> dict[str, str]:
+    def _env(self, *, remote: bool = False) -> dict[str, str]:
         env = dict(os.environ)
         # Never wait for a password nobody will type; read git's messages in one language.
         env.update(GIT_TERMINAL_PROMPT="0", LC_ALL="C", LANGUAGE="C")
         env.setdefault("GIT_SSH_COMMAND", "ssh -o BatchMode=yes")
+        if remote and self._credentials is not None:
+            user, password = self._credentials
+            # Config for this command only (git >= 2.31): an empty helper clears the list, so no
+            # helper of the user's or the system's is asked, or told to store the token; then
+            # ours, for this host only, which prints the credentials from the environment.
+            n = int(env.get("GIT_CONFIG_COUNT", "0") or "0")
+            host = urlsplit(self._remote_url)
+            for i, (key, value) in enumerate(
+                (
+                    ("credential.helper", ""),
+                    (f"credential.{host.scheme}://{host.netloc}.helper", _HELPER),
+                ),
+                start=n,
+            ):
+                env[f"GIT_CONFIG_KEY_{i}"] = key
+                env[f"GIT_CONFIG_VALUE_{i}"] = value
+            env["GIT_CONFIG_COUNT"] = str(n + 2)
+            env["RECONCILER_GIT_USERNAME"] = user
+            env["RECONCILER_GIT_PASSWORD"] = password
         return env
 
     def _git(
@@ -306,15 +461,23 @@ class GitSource:
         return self._git_bytes(args, cwd=cwd, remote=remote, check=check).decode("utf-8", "replace")
 
     def _git_bytes(
-        self, args: list[str], *, cwd: Path | None = None, remote: bool = False, check: bool = True
+        self,
+        args: list[str],
+        *,
+        cwd: Path | None = None,
+        remote: bool = False,
+        check: bool = True,
+        stdout: IO[bytes] | None = None,
     ) -> bytes:
+        """Run git; its output, or nothing when it goes to `stdout`."""
         command = ["git", *args] if cwd is not None else ["git", f"--git-dir={self._mirror}", *args]
         try:
             proc = subprocess.run(
                 command,
                 cwd=cwd,
-                env=self._env(),
-                capture_output=True,
+                env=self._env(remote=remote),
+                stdout=stdout if stdout is not None else subprocess.PIPE,
+                stderr=subprocess.PIPE,
                 timeout=self.timeout if remote else _LOCAL_TIMEOUT,
                 check=False,
             )
@@ -325,7 +488,7 @@ class GitSource:
         except OSError as exc:
             raise ConfigurationError(f"cannot run git: {exc}") from exc
         if proc.returncode == 0 or not check:
-            return proc.stdout
+            return proc.stdout or b""
         # One line for status and logs: git spreads a refusal over several, with blank ones.
         lines = proc.stderr.decode("utf-8", "replace").splitlines()
         message = _scrub("; ".join(line.strip() for line in lines if line.strip()), self.url)
@@ -447,11 +610,28 @@ class RevisionTracker:
 
 
 async def load_revision(revision: Revision) -> LoadResult:
-    """Load a revision's specs in a worker thread (reading and validating YAML blocks)."""
+    """Load a revision's specs in a worker thread (reading and validating YAML blocks).
+
+    Links the checkout left out are reported as the loader reports a link out of a directory.
+    Loading never raises: should it fail all the same, the revision is bad, reported with the
+    failure, and the loop keeps converging to the last good one."""
     display = revision.display or None
-    return await anyio.to_thread.run_sync(
-        lambda: load_directory(revision.directory, display=display)
-    )
+    shown = display if display is not None else str(revision.directory)
+    refused = [outside_link(f"{shown}/{rel}", target) for rel, target in revision.refused]
+
+    def load() -> LoadResult:
+        try:
+            return load_directory(revision.directory, display=display, problems=refused)
+        except Exception as exc:  # a loader bug must not stop the loop, nor pass a revision
+            log.exception("loading the specs failed", extra=fields(revision=revision.id))
+            failed = error(
+                "load-failed",
+                f"the specs could not be loaded: {type(exc).__name__}",
+                position=Position(shown),
+            )
+            return LoadResult(None, [*refused, failed])
+
+    return await anyio.to_thread.run_sync(load)
 
 
 async def poll(source: SpecSource, tracker: RevisionTracker) -> Revision | None:

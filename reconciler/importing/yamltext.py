@@ -34,7 +34,7 @@ def _plain(value: Any) -> Any:
 
 # Plain scalars: no indicator at the start, nothing that ends a scalar in flow context, no
 # `: ` or ` #`; and in the end only what YAML reads back as this very string.
-_SAFE_PLAIN = re.compile(r"^[A-Za-z0-9_./+(][A-Za-z0-9 _./+@:()'-]*$")
+_SAFE_PLAIN = re.compile(r"^[A-Za-z0-9_./+(][A-Za-z0-9 _./+@:()'-]*\Z")
 
 
 def scalar(value: Any) -> str:

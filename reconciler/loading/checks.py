@@ -1,6 +1,7 @@
 """Structural checks every platform gets, whatever its policies: references resolve, names and
 vmids are unique, dependencies have no cycle, hosts have room, routes and proxy names do not
-collide, volumes fit their guest's kind. Design rules a platform opts into live in `policies`.
+collide, volumes fit their guest's kind, no description or firewall comment reads as the
+controller's ownership mark. Design rules a platform opts into live in `policies`.
 
 Each check yields diagnostics and never stops at the first; `run_all` is called by the loader
 once the spec has validated.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from reconciler.loading.sources import PathT, Source, dotted
 from reconciler.model.diagnostics import Diagnostic, error
@@ -502,6 +504,67 @@ def check_volumes(spec: PlatformSpec, source: Source) -> Iterator[Diagnostic]:
                 paths[vol.path] = key
 
 
+# The controller's ownership marks, as providers.proxmox and providers.firewall write them: a
+# description's last line `reconciler:v1 platform=.. address=..`, a comment's `[reconciler:..]`.
+_MARK_LINE = "reconciler:v1"
+_COMMENT_MARK = "[reconciler:"
+
+
+def forges_mark(text: str) -> bool:
+    """Text that reads as the controller's mark: a line starting with `reconciler:v1`, or
+    `[reconciler:` anywhere."""
+    return _COMMENT_MARK in text or any(
+        line.strip().startswith(_MARK_LINE) for line in text.split("\n")
+    )
+
+
+def check_marks(spec: PlatformSpec, source: Source) -> Iterator[Diagnostic]:
+    """No text the controller writes into Proxmox (descriptions, firewall comments) carries
+    something that reads as its mark: the mark says what it owns, and only it writes one. A
+    value inherited from a profile is reported once, at the profile's line."""
+    said: set[object] = set()
+    texts: list[tuple[PathT, str | None]] = []
+    bodies: list[tuple[str, str, Any]] = [("profiles", n, p) for n, p in spec.profiles.items()]
+    bodies += [("guests", n, g) for n, g in spec.guests.items()]
+    for section, name, body in bodies:  # a profile's fields are a guest's, all optional
+        texts.append(((section, name, "description"), body.description))
+        rules = body.firewall.rules if body.firewall else ()
+        texts += [
+            ((section, name, "firewall", "rules", i, "comment"), r.comment)
+            for i, r in enumerate(rules)
+        ]
+    for section, named in (
+        ("aliases", spec.firewall.aliases),
+        ("ipsets", spec.firewall.ipsets),
+        ("groups", spec.firewall.groups),
+    ):
+        for name, obj in named.items():
+            texts.append((("firewall", section, name, "comment"), obj.comment))
+    for name, group in spec.firewall.groups.items():
+        texts += [
+            (("firewall", "groups", name, "rules", i, "comment"), r.comment)
+            for i, r in enumerate(group.rules)
+        ]
+    for path, text in texts:
+        if not text or not forges_mark(text):
+            continue
+        where = source.where(path, key=False)
+        seen = where if where is not None else path
+        if seen in said:
+            continue
+        said.add(seen)
+        field = "description" if path[-1] == "description" else "comment"
+        yield _err(
+            source,
+            "forged-mark",
+            f"this {field} holds text that reads as the controller's ownership mark "
+            f"('{_MARK_LINE} ...' as a line, or '{_COMMENT_MARK}...]'): only the controller "
+            "writes its mark, and a copied one could make it claim a guest or firewall object "
+            "that is not its own. Reword it",
+            path,
+        )
+
+
 ALL: tuple[Check, ...] = (
     check_references,
     check_unique,
@@ -510,6 +573,7 @@ ALL: tuple[Check, ...] = (
     check_routes,
     check_networks,
     check_volumes,
+    check_marks,
 )
 
 

@@ -215,14 +215,26 @@ def rule_attributes(rule: FirewallRule) -> dict[str, Any]:
     return out
 
 
+def rule_literal(value: str) -> str:
+    """`value` as a string in a Traefik rule: between backticks, Go's raw string, which has no
+    escapes, so it ends at the next backtick and nowhere else. Anything that cannot sit there
+    unchanged is refused, not escaped: a backtick, a character outside printable ASCII (Go drops
+    a carriage return from a raw string; Traefik refuses non-ASCII hosts), or nothing at all.
+    The spec refuses such values already; this holds for any field a rule is ever built from."""
+    if not value or any(c == "`" or not " " <= c <= "~" for c in value):
+        raise ValueError(f"{value!r} cannot be quoted in a Traefik rule")
+    return f"`{value}`"
+
+
 def route_rule(route: HttpRoute | TcpRoute) -> str:
+    """The Traefik rule of a route, every value through `rule_literal`."""
     if isinstance(route, HttpRoute):
-        hosts = " || ".join(f"Host(`{h}`)" for h in route.host)
+        hosts = " || ".join(f"Host({rule_literal(h)})" for h in route.host)
         rule = f"({hosts})" if len(route.host) > 1 else hosts
-        if route.path_prefix:
-            rule += f" && PathPrefix(`{route.path_prefix}`)"
+        if route.path_prefix is not None:
+            rule += f" && PathPrefix({rule_literal(route.path_prefix)})"
         return rule
-    return " || ".join(f"HostSNI(`{h}`)" for h in route.sni)
+    return " || ".join(f"HostSNI({rule_literal(h)})" for h in route.sni)
 
 
 def _resources(spec: PlatformSpec, source: Source) -> Iterator[Resource]:

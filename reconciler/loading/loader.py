@@ -5,14 +5,21 @@ read and merge every YAML file -> look for literal secrets -> check guest names 
 profiles into guests -> validate with pydantic (errors mapped back to file:line, suggestions
 drawn from the keys valid at the error) -> structural checks -> policies.
 Nothing here touches the outside world except reading the files.
+
+The files may be hostile (CI validates pull requests; the service loads whatever was pushed):
+nothing outside the directory is read, links included (`list_spec_files`); reading and parsing
+stay within `Limits` (see `sources`); and no diagnostic repeats a secret written where it does
+not belong, nor the userinfo of a URL (`redact`), since CI posts them and the service shows
+them in /status and its log.
 """
 
 from __future__ import annotations
 
 import difflib
+import os
 import re
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import UnionType
 from typing import Annotated, Any, Literal, TypeGuard, Union, get_args, get_origin
@@ -20,8 +27,27 @@ from typing import Annotated, Any, Literal, TypeGuard, Union, get_args, get_orig
 from pydantic import BaseModel, ValidationError
 
 from reconciler.loading import checks, policies
-from reconciler.loading.sources import PathT, Source, dotted, merge_into, read_file, read_text
-from reconciler.model.diagnostics import Diagnostic, Position, error, has_errors, sorted_unique
+from reconciler.loading.sources import (
+    LIMITS,
+    Budget,
+    Limits,
+    PathT,
+    Source,
+    clip,
+    dotted,
+    merge_into,
+    read_spec_file,
+    read_text,
+)
+from reconciler.model.diagnostics import (
+    Diagnostic,
+    Position,
+    Severity,
+    error,
+    has_errors,
+    sorted_unique,
+    warning,
+)
 from reconciler.model.spec import PROFILE_FIELDS, PlatformSpec, ProfileSpec
 from reconciler.model.units import check_label
 
@@ -41,55 +67,167 @@ class LoadResult:
         return self.spec is not None and not has_errors(self.diagnostics)
 
 
-def spec_files(directory: Path) -> list[Path]:
-    return sorted(
-        p
-        for p in directory.rglob("*")
-        if p.suffix in SPEC_SUFFIXES
-        and p.is_file()
-        and not any(part.startswith(".") for part in p.relative_to(directory).parts)
+@dataclass(frozen=True)
+class SpecFile:
+    """A *.yaml / *.yml file found under a spec directory, and whether it may be read."""
+
+    rel: str
+    """Its path under the directory, with `/`: what diagnostics show after the directory."""
+    path: Path
+    """What to read: the file itself, or the file inside the directory a link leads to."""
+    refused: Diagnostic | None = None
+    """Why it is not read (shown under the name `rel` was given), or None."""
+    link: str | None = None
+    """Where it leads, as the link says, when it is a link."""
+
+    def diagnostic(self, name: str) -> Diagnostic | None:
+        if self.refused is None:
+            return None
+        return replace(self.refused, position=Position(name, 1, 1))
+
+
+def list_spec_files(directory: Path) -> list[SpecFile]:
+    """Every spec file under `directory`, hidden files and folders skipped, sorted.
+
+    Nothing outside the directory is ever read: a link is resolved and must lead to a regular
+    file inside it (a Kubernetes ConfigMap volume links each file into a hidden folder beside
+    it), else it is refused, with the link named and nothing of its target. Links to folders
+    are not followed. Special files (a FIFO named x.yaml) are skipped as before.
+    """
+    root = Path(os.path.realpath(directory))
+    out: list[SpecFile] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for d in [d for d in dirnames if (here / d).is_symlink()]:
+            dirnames.remove(d)  # os.walk would not enter it either; say so
+            link = here / d
+            out.append(
+                SpecFile(
+                    link.relative_to(root).as_posix(),
+                    link,
+                    link=_link_text(link),
+                    refused=warning(
+                        "link-not-followed",
+                        f"a link to a folder ({clip(repr(_link_text(link)))}): links to "
+                        "folders are not followed, so no spec file under it is read",
+                    ),
+                )
+            )
+        for fname in filenames:
+            path = here / fname
+            if fname.startswith(".") or path.suffix not in SPEC_SUFFIXES:
+                continue
+            rel = path.relative_to(root).as_posix()
+            if not path.is_symlink():
+                if path.is_file():
+                    out.append(SpecFile(rel, path))
+                continue
+            target, text = Path(os.path.realpath(path)), _link_text(path)
+            if not target.is_relative_to(root):
+                why = outside_link(rel, text)
+            elif not target.is_file():
+                why = error("read-error", f"a link to {clip(repr(text))}, which is not a file")
+            else:
+                out.append(SpecFile(rel, target, link=text))
+                continue
+            out.append(SpecFile(rel, path, why, text))
+    return sorted(out, key=lambda f: f.rel)
+
+
+def _link_text(link: Path) -> str:
+    try:
+        return os.readlink(link)
+    except OSError:
+        return "?"
+
+
+def outside_link(name: str, target: str) -> Diagnostic:
+    """A spec file that is a link out of the spec directory: named, never read."""
+    return error(
+        "link-outside",
+        f"a link to {clip(repr(target))}, outside the spec directory: files outside it are "
+        "never read (copy the file in instead)",
+        position=Position(name, 1, 1),
     )
 
 
-def load_directory(directory: Path | str, *, display: str | None = None) -> LoadResult:
-    """Load every *.yaml / *.yml under `directory` (hidden folders skipped) as one platform."""
+def spec_files(directory: Path) -> list[Path]:
+    """The spec files `load_directory` reads (what `list_spec_files` lets through)."""
+    return [directory / f.rel for f in list_spec_files(directory) if f.refused is None]
+
+
+def load_directory(
+    directory: Path | str,
+    *,
+    display: str | None = None,
+    limits: Limits = LIMITS,
+    problems: Iterable[Diagnostic] = (),
+) -> LoadResult:
+    """Load every *.yaml / *.yml under `directory` (hidden folders skipped) as one platform.
+
+    Files are read within `limits` (sizes are checked before reading) and never from outside
+    the directory (see `list_spec_files`). `problems` are the caller's, found before (a link
+    the git source would not check out)."""
     directory = Path(directory)
     shown = display if display is not None else str(directory)
     if not directory.is_dir():
         d = error("no-specs", f"{shown} is not a directory", position=Position(shown))
         return LoadResult(None, [d])
     texts: dict[str, str] = {}
-    diags: list[Diagnostic] = []
-    found = spec_files(directory)
-    for path in found:
-        name = str(Path(shown) / path.relative_to(directory))
-        try:
-            texts[name] = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            diags.append(error("read-error", f"cannot read file: {exc}", position=Position(name)))
+    diags: list[Diagnostic] = list(problems)
+    budget = Budget(limits)
+    found = list_spec_files(directory)
+    for spec_file in found:
+        name = str(Path(shown) / spec_file.rel)
+        refused = spec_file.diagnostic(name)
+        if refused is not None:
+            diags.append(refused)
+            continue
+        text = read_spec_file(spec_file.path, name, budget, diags)
+        if text is not None:
+            texts[name] = text
     if not texts and not diags:
         return LoadResult(None, [error("no-specs", f"no *.yaml files under {shown}")])
-    result = load_texts(texts)
-    result.diagnostics = sorted_unique([*diags, *result.diagnostics])
-    result.files = [str(Path(shown) / p.relative_to(directory)) for p in found]
+    result = load_texts(texts, problems=diags, limits=limits)
+    result.files = [
+        str(Path(shown) / f.rel)
+        for f in found
+        if f.refused is None or f.refused.code != "link-not-followed"
+    ]
     return result
 
 
-def load_texts(texts: dict[str, str]) -> LoadResult:
-    """Load a platform from {display name: YAML text}; used for directories and git revisions."""
-    diags: list[Diagnostic] = []
+# Problems that make what a file defines look missing: reported alone, without the cascade of
+# false "not defined" errors they would cause. (A leading-zero number is read as the decimal
+# meant, so it cascades into nothing.)
+def _stops_loading(d: Diagnostic) -> bool:
+    return d.severity is Severity.ERROR and (
+        (d.code.startswith("yaml-") and d.code != "yaml-octal")
+        or d.code in ("read-error", "link-outside")
+    )
+
+
+def load_texts(
+    texts: dict[str, str], *, problems: Iterable[Diagnostic] = (), limits: Limits = LIMITS
+) -> LoadResult:
+    """Load a platform from {display name: YAML text}; used for directories and git revisions.
+
+    `problems` are those found before (files that could not be read); the texts are parsed
+    within `limits`, all of them sharing one budget."""
+    diags: list[Diagnostic] = list(problems)
     source = Source()
-    for name in sorted(texts):
-        part = read_text(texts[name], name, diags)
+    budget = Budget(limits)
+    # Past a limit of the directory (files, bytes) the load stops: parsing the rest is waste.
+    parse = {} if any(d.code == "yaml-limit" for d in diags) else texts
+    for name in sorted(parse):
+        part = read_text(parse[name], name, diags, budget)
         if part is not None:
             merge_into(source, part, diags)
     diags.extend(find_literal_secrets(source))
     files = sorted(texts)
-    if any(d.code.startswith("yaml-") and d.code != "yaml-octal" for d in diags):
-        # A file that does not parse would make everything it defines look missing: report the
-        # syntax errors alone rather than a cascade of false "not defined" errors. (A leading-zero
-        # number is read as the decimal meant, so it cascades into nothing.)
-        return LoadResult(None, sorted_unique(diags), source, files)
+    if any(_stops_loading(d) for d in diags):
+        return LoadResult(None, redact(sorted_unique(diags), source), source, files)
     diags.extend(find_bad_names(source))
     origins = resolve_profiles(source, diags)
     spec, dropped = validate(source, origins, diags)
@@ -97,7 +235,7 @@ def load_texts(texts: dict[str, str]) -> LoadResult:
         found = [*checks.run_all(spec, source), *policies.run_all(spec, source)]
         # Entries left out because they are invalid are not "not defined": don't say so.
         diags.extend(d for d in found if not _about_dropped(d, dropped))
-    diags = sorted_unique(diags)
+    diags = redact(sorted_unique(diags), source)
     return LoadResult(spec if not has_errors(diags) else None, diags, source, files)
 
 
@@ -109,10 +247,10 @@ def _about_dropped(d: Diagnostic, dropped: set[str]) -> bool:
 
 def load_file(path: Path) -> LoadResult:
     diags: list[Diagnostic] = []
-    part = read_file(path, str(path), diags)
-    if part is None:
+    text = read_spec_file(path, str(path), Budget(), diags)
+    if text is None:
         return LoadResult(None, diags)
-    return load_texts({str(path): path.read_text(encoding="utf-8")})
+    return load_texts({str(path): text})
 
 
 # --- secrets -------------------------------------------------------------------------------
@@ -157,6 +295,66 @@ def find_literal_secrets(source: Source) -> Iterator[Diagnostic]:
                     break
 
     yield from walk(source.data, ())
+
+
+# Fields that hold a secret reference ({env: NAME} or {file: PATH}): whatever else is written
+# there may be the secret itself, so no message repeats it.
+_SECRET_FIELDS = {"password", "token_secret", "secret"}
+_REFERENCE_KEYS = {"env", "file"}
+_MASK = "***"
+# `scheme://userinfo@` and a bare `user:password@host`: the userinfo is masked, the rest kept.
+_URL_USERINFO = re.compile(r"\b([a-z][a-z0-9+.-]*://)[^/\s@'\"]+@", re.I)
+_BARE_USERINFO = re.compile(r"(?<![\w/.:@%+-])[^\s/:@'\"]+:[^\s/@'\"]+@(?=[\w\[])")
+
+
+def redact(diags: Iterable[Diagnostic], source: Source) -> list[Diagnostic]:
+    """`diags` with no secret in their messages or paths, however a message was built.
+
+    Masks the userinfo of any URL, and every value written under a secret field that is not a
+    reference (`{MySecret}` makes the secret a key; `{env: X, value: hunter2}` a value), so a
+    malformed reference never reaches `validate`, a pull request comment, /status or a log."""
+    values = sorted(_secret_values(source.data), key=len, reverse=True)
+
+    def clean(text: str) -> str:
+        for value in values:
+            text = text.replace(value, _MASK)
+        text = _URL_USERINFO.sub(rf"\1{_MASK}@", text)
+        return _BARE_USERINFO.sub(f"{_MASK}@", text)
+
+    out = []
+    for d in diags:
+        message, path = clean(d.message), clean(d.path)
+        out.append(
+            d if (message, path) == (d.message, d.path) else replace(d, message=message, path=path)
+        )
+    return out
+
+
+def _secret_values(data: Any) -> set[str]:
+    found: set[str] = set()
+
+    def walk(value: Any, secret: bool) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                if secret and k in _REFERENCE_KEYS and isinstance(v, str):
+                    continue  # a reference: the name of a variable or a file, not the secret
+                if secret and v is None:
+                    found.add(str(k))  # `{MySecret}`: the key is all there is
+                walk(v, secret or str(k) in _SECRET_FIELDS)
+        elif isinstance(value, list):
+            for v in value:
+                walk(v, secret)
+        elif secret and value is not None and not isinstance(value, bool):
+            found.add(str(value))
+        elif isinstance(value, str) and "@" in value:
+            for m in (*_URL_USERINFO.finditer(value), *_BARE_USERINFO.finditer(value)):
+                userinfo = m.group(0).rstrip("@").rpartition("//")[2]
+                found.add(userinfo)
+                found.add(userinfo.partition(":")[2])
+
+    walk(data, False)
+    # Too short to mask without garbling every message (and a 2-letter secret is no secret).
+    return {v for v in found if len(v) >= 3}
 
 
 # --- names ---------------------------------------------------------------------------------
@@ -563,9 +761,6 @@ def validate(
     return None, dropped
 
 
-_SECRET_FIELDS = {"password", "token_secret", "secret"}
-
-
 def _map_errors(
     exc: ValidationError, source: Source, origins: dict[PathT, PathT], prefix: PathT
 ) -> Iterator[Diagnostic]:
@@ -579,10 +774,22 @@ def _map_errors(
                 path = origins[path[:n]] + path[n:]
                 break
         where_key = True
+        if kind == "extra_forbidden" and any(str(p) in _SECRET_FIELDS for p in loc[:-1]):
+            # The key may be the secret itself (`token_secret: {MySecret}`): never named.
+            msg = (
+                "a secret reference is {env: VARIABLE} or {file: /path}; this one has another "
+                "key, not shown in case it is the secret itself"
+            )
+            at = path
+            path = path[:-1] if path and path[-1] == loc[-1] else path
+            yield error("unknown-field", msg, position=source.where(at), path=dotted(path))
+            continue
         if kind == "extra_forbidden":
             bad = str(loc[-1])
             code = "unknown-field"
-            msg = f"unknown field {bad!r}{_suggest(bad, _fields_at(source.data, loc[:-1]))}"
+            msg = (
+                f"unknown field {clip(repr(bad))}{_suggest(bad, _fields_at(source.data, loc[:-1]))}"
+            )
             path = (*path[:-1], bad) if path and path[-1] == bad else (*path, bad)
         elif kind == "missing":
             code = "missing-field"
@@ -604,6 +811,6 @@ def _map_errors(
                 and isinstance(shown, (str, int, float))
                 and kind not in ("value_error", "assertion_error")
             ):
-                text = f"{text} (got {shown!r})"
+                text = f"{text} (got {clip(repr(shown))})"
             msg = f"{_field_label(path)}: {text}" if path else text
         yield error(code, msg, position=source.where(path, key=where_key), path=dotted(path))

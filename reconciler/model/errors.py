@@ -14,6 +14,9 @@ executor decides retry or stop from the class alone (kopf `_core/actions/executi
             ├── NotFoundError     the target does not exist (a re-run destroy: done)
             ├── TaskFailedError   a Proxmox task ended with an error exit status
             └── OwnershipError    the target does not carry our mark: never touched
+
+Work done concurrently (anyio task groups) fails with an ExceptionGroup; `first_error` says which
+of ours it stands for, so a command or a cycle reports one line, not a traceback.
 """
 
 from __future__ import annotations
@@ -69,3 +72,16 @@ class TaskFailedError(PermanentError):
 
 class OwnershipError(PermanentError):
     pass
+
+
+def first_error(exc: BaseException) -> ReconcilerError | None:
+    """The ReconcilerError `exc` stands for: itself, or the first member of an exception group
+    whose members (nested groups too) are all ReconcilerErrors. None for anything else: a group
+    holding a bug keeps its traceback."""
+    if isinstance(exc, ReconcilerError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        found = [first_error(e) for e in exc.exceptions]
+        if found and all(e is not None for e in found):
+            return found[0]
+    return None

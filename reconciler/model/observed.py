@@ -59,7 +59,9 @@ Format (version 2; a version 1 snapshot, which has no `health` or `errors`, stil
       }
     }
 
-Attributes of a foreign guest (not owned) hold at least `name`, `vmid` and `node`.
+Attributes of a foreign guest (not owned) hold at least `name`, `vmid` and `node`. An address
+is claimed by one resource at most; more than one (a guest copied by hand, its mark with it)
+are listed by `duplicates()`, and the planner makes that a plan error and touches none of them.
 
 `health` holds an entry for every guest of a layer that runs agents (the `agent_port` policy's
 layers), written by the live observation (`applying.live.observe_all`): the guest's power state
@@ -205,7 +207,18 @@ class ObservedState(BaseModel):
         return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
     def owned(self) -> dict[str, ObservedResource]:
+        """By address. An address that more than one resource claims (see `duplicates`) maps
+        to one of them: the planner plans nothing for such an address."""
         return {r.address: r for r in self.resources if r.owned and r.address}
+
+    def duplicates(self) -> dict[str, list[ObservedResource]]:
+        """Addresses that more than one owned resource claims (a hand-made copy of a guest
+        carries its mark), each with all of its claimants, in the order observed."""
+        claims: dict[str, list[ObservedResource]] = {}
+        for r in self.resources:
+            if r.owned and r.address:
+                claims.setdefault(r.address, []).append(r)
+        return {a: rs for a, rs in sorted(claims.items()) if len(rs) > 1}
 
     def foreign(self) -> list[ObservedResource]:
         return [r for r in self.resources if not r.owned]

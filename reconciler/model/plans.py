@@ -7,6 +7,7 @@ and `fields`. A plan with errors is `errored` and apply refuses it.
 JSON format (version 2), documented in README "Plan JSON":
 
     {"format": "reconciler/plan", "format_version": 2, "platform": ..., "observed": {...},
+     "spec": {"digest": "sha256:..."}, "options": {"allow_destroy": bool, "targets": [...]},
      "errored": bool, "applyable": bool, "summary": {"create": n, ..., "blocked": n},
      "changes": [{"address", "kind", "action", "wave", "id", "fields": [...],
                   "destroys": [...], "blocked": null | "why", ...}],
@@ -15,6 +16,12 @@ JSON format (version 2), documented in README "Plan JSON":
 Version 2 added the `migrate` action (its `id` holds `from` and `to` nodes), `destroys` (what a
 change would destroy: `["rootfs 8 GiB", "mp0 50 GiB"]`) and `blocked` (why a destroying change is
 held back). A version 1 document still reads.
+
+What a plan was made from: the observed state's digest (`observed`), the spec's
+(`spec.digest`: `planning.provenance.spec_digest`) and the options that shaped it
+(`options`). A saved plan is a request, never an authority: `apply --plan` plans again from
+them and applies the fresh plan only if its changes are these. A plan without a spec digest
+(saved before it was recorded) reads, and is refused for apply.
 
 Data safety: a change that destroys a disk (a guest's replace or delete, a volume's detach)
 carries what it destroys in `destroys`. Without pruning (`platform.prune` or `--allow-destroy`)
@@ -156,6 +163,11 @@ class Plan:
     observed_source: str = ""
     foreign: tuple[dict[str, Any], ...] = ()
     diagnostics: tuple[Diagnostic, ...] = ()
+    # What it was made from besides the observed state: the spec (its digest; "" when unknown)
+    # and the options (`--allow-destroy`, `--target`). `apply --plan` plans again with them.
+    spec_digest: str = ""
+    allow_destroy: bool = False
+    targets: tuple[str, ...] = ()
 
     @property
     def errored(self) -> bool:
@@ -205,6 +217,8 @@ class Plan:
                 "observed_at": self.observed_at,
                 "source": self.observed_source,
             },
+            "spec": {"digest": self.spec_digest},
+            "options": {"allow_destroy": self.allow_destroy, "targets": list(self.targets)},
             "errored": self.errored,
             "applyable": self.applyable,
             "summary": self.summary(),
@@ -261,6 +275,8 @@ def plan_from_json(doc: dict[str, Any]) -> Plan:
         for d in doc.get("diagnostics", ())
     )
     observed = doc.get("observed") or {}
+    spec = doc.get("spec") or {}
+    options = doc.get("options") or {}
     return Plan(
         platform=doc["platform"],
         changes=changes,
@@ -269,4 +285,8 @@ def plan_from_json(doc: dict[str, Any]) -> Plan:
         observed_source=observed.get("source", ""),
         foreign=tuple(doc.get("foreign", ())),
         diagnostics=diags,
+        spec_digest=str(spec.get("digest") or ""),
+        # Only a JSON `true` is one: anything else in a hand-edited file is not.
+        allow_destroy=options.get("allow_destroy") is True,
+        targets=tuple(str(t) for t in options.get("targets") or ()),
     )

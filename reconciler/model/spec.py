@@ -24,15 +24,21 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainSerializer,
+    WithJsonSchema,
     create_model,
     model_validator,
 )
 
 from reconciler.model.units import (
     check_cidr,
+    check_comment,
     check_hostname,
+    check_identifier,
+    check_key_path,
     check_label,
     check_port,
+    check_sni,
+    check_url_path,
     parse_mib,
 )
 
@@ -61,17 +67,58 @@ def _as_tuple(value: object) -> object:
 
 
 Label = Annotated[str, AfterValidator(check_label)]
+# The same as a JSON Schema pattern, for editors (map keys are names).
+_LABEL_SCHEMA = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+# A map whose keys name things in other systems' keys (a Traefik instance, a route's router and
+# its Redis keys, a Velocity registration): each key a DNS label, reported where it is written.
+LabelMap = Annotated[
+    Mapping[Label, V],
+    AfterValidator(_freeze),
+    PlainSerializer(dict, return_type=dict),
+    Field(json_schema_extra={"propertyNames": {"pattern": _LABEL_SCHEMA}}),
+]
 Hostname = Annotated[str, AfterValidator(check_hostname)]
 Port = Annotated[int, AfterValidator(check_port)]
 MiB = Annotated[int, BeforeValidator(parse_mib)]
 DiskMiB = Annotated[int, BeforeValidator(lambda v: parse_mib(v, bare_unit="G"))]
 Cidr = Annotated[str, AfterValidator(check_cidr)]
 Policy = Literal["ACCEPT", "DROP", "REJECT"]
+# Text written into another system's syntax: a Traefik rule or key, a firewall config line.
+# The checks are units' (their messages say what is wrong); the patterns are the same rules for
+# editors, in the JSON Schema.
+Sni = Annotated[str, AfterValidator(check_sni)]
+UrlPath = Annotated[
+    str,
+    AfterValidator(check_url_path),
+    WithJsonSchema(
+        {"type": "string", "pattern": r"^/([A-Za-z0-9._~!$*+,;=:@/-]|%[0-9A-Fa-f]{2})*$"}
+    ),
+]
+Identifier = Annotated[
+    str,
+    AfterValidator(check_identifier),
+    WithJsonSchema({"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$"}),
+]
+KeyPath = Annotated[
+    str,
+    AfterValidator(check_key_path),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "pattern": r"^(?!\.\.?(/|$))[A-Za-z0-9._-]+(/(?!\.\.?(/|$))[A-Za-z0-9._-]+)*/?$",
+        }
+    ),
+]
+Comment = Annotated[
+    str,
+    AfterValidator(check_comment),
+    WithJsonSchema({"type": "string", "pattern": "^[^\u0000-\u001f\u007f-\u009f\u2028\u2029]*$"}),
+]
 
 
 def _tag(value: str) -> str:
     # Proxmox lowercases tags; insisting on lowercase in the spec keeps plans honest.
-    if not re.match(r"^[a-z0-9_][a-z0-9_+.-]*$", value):
+    if not re.match(r"^[a-z0-9_][a-z0-9_+.-]*\Z", value):
         raise ValueError(
             f"{value!r} is not a valid Proxmox tag: use lowercase letters, digits, _ + . -"
         )
@@ -122,7 +169,9 @@ class PlatformSettings(Strict):
         "reconciler", description="Tag the controller puts on every guest it creates"
     )
     prune: bool = Field(False, description="Delete owned guests that left the spec")
-    max_deletes_per_run: int = Field(3, ge=0, description="Upper bound on deletes in one apply")
+    max_deletes_per_run: int = Field(
+        3, ge=0, strict=True, description="Upper bound on deletes in one apply"
+    )
     default_storage: str = "local-lvm"
     description: str = ""
 
@@ -157,7 +206,7 @@ class LayerSpec(Strict):
 
 
 class Capacity(Strict):
-    cores: int = Field(gt=0)
+    cores: int = Field(gt=0, strict=True)
     memory: MiB
 
 
@@ -169,8 +218,8 @@ class HostSpec(Strict):
 
 
 class RangeSpec(Strict):
-    first: int = Field(ge=100, le=999_999_999)
-    last: int = Field(999_999_999, ge=100, le=999_999_999)
+    first: int = Field(ge=100, le=999_999_999, strict=True)
+    last: int = Field(999_999_999, ge=100, le=999_999_999, strict=True)
     layer: str
     description: str = ""
 
@@ -207,7 +256,7 @@ class FirewallRule(Strict):
     log: Literal["emerg", "alert", "crit", "err", "warning", "notice", "info", "debug", "nolog"] = (
         "nolog"
     )
-    comment: str = ""
+    comment: Comment = ""
 
 
 class GuestFirewall(Strict):
@@ -225,16 +274,16 @@ class ClusterFirewallOptions(Strict):
 
 class AliasSpec(Strict):
     cidr: Cidr
-    comment: str = ""
+    comment: Comment = ""
 
 
 class IpsetSpec(Strict):
     entries: tuple[Cidr, ...] = ()
-    comment: str = ""
+    comment: Comment = ""
 
 
 class GroupSpec(Strict):
-    comment: str = ""
+    comment: Comment = ""
     rules: tuple[FirewallRule, ...] = ()
 
 
@@ -279,7 +328,7 @@ class Disk(Strict):
 # Mount options a container's mount point takes (pve-container's `mountoptions`).
 MountOption = Literal["discard", "lazytime", "noatime", "nodev", "noexec", "nosuid"]
 # Volume keys: a container's mount points, a VM's extra SCSI disks (scsi0 is its boot disk).
-_VOLUME_KEY = re.compile(r"^(?P<bus>mp|scsi)(?P<n>0|[1-9][0-9]{0,2})$")
+_VOLUME_KEY = re.compile(r"^(?P<bus>mp|scsi)(?P<n>0|[1-9][0-9]{0,2})\Z")
 VOLUME_KEYS = {"mp": (0, 255), "scsi": (1, 30)}
 # The same keys for the JSON Schema (editors complete and check them).
 _VOLUME_KEY_SCHEMA = (
@@ -368,12 +417,14 @@ class GuestSpec(Strict):
 
     role: str = Field(description="A key of 'ranges'; decides the vmid block and the layer")
     host: str = Field(description="A key of 'hosts'")
-    vmid: int | None = Field(None, ge=100, le=999_999_999, description="Omit to allocate")
+    vmid: int | None = Field(
+        None, ge=100, le=999_999_999, strict=True, description="Omit to allocate"
+    )
     profile: str | None = None
     kind: Literal["lxc", "qemu"] = "lxc"
     hostname: Label | None = Field(None, description="Defaults to the guest's name")
     template: str | None = Field(None, description="LXC: ostemplate volume; QEMU: not used")
-    cores: int = Field(1, ge=1, le=8192)
+    cores: int = Field(1, ge=1, le=8192, strict=True)
     memory: MiB = 512
     swap: MiB = 512
     disk: Disk = Disk()
@@ -435,7 +486,7 @@ ProfileSpec: type[BaseModel] = create_model(  # type: ignore[call-overload]
 
 class RedisFeed(Strict):
     type: Literal["redis"]
-    root_key: str = Field(description="One root key per Traefik instance")
+    root_key: KeyPath = Field(description="One root key per Traefik instance")
     url: str | None = Field(None, description="redis://host:port/db; defaults to the controller's")
 
 
@@ -451,43 +502,55 @@ class Target(Strict):
 
 
 class Tls(Strict):
-    certresolver: str | None = None
+    certresolver: Identifier | None = None
     passthrough: bool = False
 
 
+def _one_or_more(value: tuple[str, ...]) -> tuple[str, ...]:
+    # Not min_length: pydantic counts only the items that validated, so one bad host name would
+    # also be reported as "no host".
+    if not value:
+        raise ValueError("give at least one name")
+    return value
+
+
 class HttpRoute(Strict):
+    """An HTTP route: Traefik's rule is `Host(...)` for each host, and `PathPrefix(...)` with a
+    path prefix. Each value is checked for what it is, a host name or a URL path, so none can
+    change the rule around it."""
+
     type: Literal["http"] = "http"
-    host: Annotated[tuple[Hostname, ...], BeforeValidator(_as_tuple)] = Field(min_length=1)
-    path_prefix: str | None = None
-    entrypoints: Annotated[tuple[str, ...], BeforeValidator(_as_tuple)] = ("websecure",)
+    host: Annotated[
+        tuple[Hostname, ...], BeforeValidator(_as_tuple), AfterValidator(_one_or_more)
+    ] = Field(
+        description="Host names, each matched exactly (no wildcards)",
+        json_schema_extra={"minItems": 1},
+    )
+    path_prefix: UrlPath | None = Field(
+        None,
+        description="A URL path: '/', then letters, digits, - . _ ~ ! $ * + , ; = : @ / "
+        "and %XX escapes",
+    )
+    entrypoints: Annotated[tuple[Identifier, ...], BeforeValidator(_as_tuple)] = ("websecure",)
     tls: Tls | None = None
     target: Target
     when_unready: Literal["withhold", "keep"] | None = Field(
         None, description="Defaults to the instance's setting"
     )
 
-    @model_validator(mode="after")
-    def _path(self) -> HttpRoute:
-        if self.path_prefix is not None and not self.path_prefix.startswith("/"):
-            raise ValueError(f"path_prefix {self.path_prefix!r} must start with '/'")
-        return self
-
 
 class TcpRoute(Strict):
     type: Literal["tcp"]
-    sni: Annotated[tuple[str, ...], BeforeValidator(_as_tuple)] = Field(
-        min_length=1, description="Host names for HostSNI, or '*'"
+    sni: Annotated[tuple[Sni, ...], BeforeValidator(_as_tuple), AfterValidator(_one_or_more)] = (
+        Field(description="Host names for HostSNI, or '*' alone", json_schema_extra={"minItems": 1})
     )
-    entrypoints: Annotated[tuple[str, ...], BeforeValidator(_as_tuple)] = ("websecure",)
+    entrypoints: Annotated[tuple[Identifier, ...], BeforeValidator(_as_tuple)] = ("websecure",)
     tls: Tls | None = None
     target: Target
     when_unready: Literal["withhold", "keep"] | None = None
 
     @model_validator(mode="after")
     def _sni(self) -> TcpRoute:
-        for name in self.sni:
-            if name != "*":
-                check_hostname(name)
         if self.sni != ("*",) and self.tls is None:
             raise ValueError("HostSNI needs TLS: set tls (passthrough: true to keep it end to end)")
         return self
@@ -512,8 +575,8 @@ class TraefikInstance(Strict):
     when_unready: Literal["withhold", "keep"] = Field(
         "keep", description="Routes to a guest whose agent is not ready: keep or withhold"
     )
-    routes: FrozenMap[Annotated[Route, BeforeValidator(_default_route_type)]] = Field(
-        default_factory=dict
+    routes: LabelMap[Annotated[Route, BeforeValidator(_default_route_type)]] = Field(
+        default_factory=dict, description="Routes by name; the router is rc-<name>"
     )
 
 
@@ -531,7 +594,7 @@ class VelocityServer(Strict):
 class VelocitySpec(Strict):
     guest: str = Field(description="The guest Velocity runs in")
     bridge: VelocityBridge
-    servers: FrozenMap[VelocityServer] = Field(default_factory=dict)
+    servers: LabelMap[VelocityServer] = Field(default_factory=dict)
     unmanaged: Annotated[tuple[str, ...], BeforeValidator(_as_tuple)] = Field(
         (),
         description="Registrations someone else makes (velocity.toml, the platform API): "
@@ -619,7 +682,7 @@ class PlatformSpec(Strict):
     ranges: FrozenMap[RangeSpec] = Field(default_factory=dict)
     profiles: FrozenMap[ProfileSpec] = Field(default_factory=dict)
     guests: FrozenMap[GuestSpec] = Field(default_factory=dict)
-    traefik: FrozenMap[TraefikInstance] = Field(default_factory=dict)
+    traefik: LabelMap[TraefikInstance] = Field(default_factory=dict)
     velocity: VelocitySpec | None = None
     firewall: FirewallSpec = FirewallSpec()
     policies: Policies = Policies()

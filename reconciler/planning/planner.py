@@ -5,7 +5,10 @@ Called by `reconciler plan` (offline against a snapshot, or live after observing
 controller's cycle. Pure: the same graph and observed state always give the same plan.
 
 Pairing (gitops-engine's reconcile): desired only -> create; observed only -> delete, and only
-for what carries our mark; both -> diff, which gives no-op, update, migrate or replace.
+for what carries our mark; both -> diff, which gives no-op, update, migrate or replace. An
+address that two observed resources claim (a guest copied by hand, with its mark) is a plan
+error naming both, and nothing of it is planned, so neither is ever destroyed for the other.
+A guest whose vmid changes is replaced: the observed vmid is destroyed, the new one created.
 
 Data safety. A guest whose only change that cannot be made in place is its node (and with it,
 perhaps, its disks' storage) is migrated, never replaced. A change that destroys a disk (a
@@ -49,6 +52,7 @@ from reconciler.model.plans import HOLD_START, START_GUEST, Action, Change, Plan
 from reconciler.model.resources import DesiredGraph, Kind, Resource, kind_of
 from reconciler.model.units import parse_mib
 from reconciler.planning import diffing, normalize, placement
+from reconciler.planning.provenance import spec_digest
 
 _ACTIVE = (Action.CREATE, Action.REPLACE)
 # What may change along with a guest's node in one migration: its disks' target storage.
@@ -125,12 +129,16 @@ def make_plan(
     withheld, more = _readiness(graph, observed, frozenset(agent_layers))
     diags.extend(more)
     diags.extend(_serving(graph, observed))
+    contested, more = _contested(graph, observed)
+    diags.extend(more)
     owned = observed.owned()
     foreign_vmids = {
         r.id["vmid"]: r for r in observed.foreign() if r.kind is Kind.GUEST and "vmid" in r.id
     }
     owned_by_vmid = {
-        r.id["vmid"]: r for r in owned.values() if r.kind is Kind.GUEST and "vmid" in r.id
+        r.id["vmid"]: r
+        for r in observed.resources
+        if r.owned and r.address and r.kind is Kind.GUEST and "vmid" in r.id
     }
     changes: dict[str, Change] = {}
     observed_kinds = set(observed.kinds) if observed.kinds is not None else None
@@ -138,6 +146,8 @@ def make_plan(
     for res in graph.ordered():
         if observed_kinds is not None and res.kind not in observed_kinds:
             continue  # nobody looked: planning it would create it again on every run
+        if res.address in contested or res.attached_to in contested:
+            continue  # two guests claim it: reported by _contested, neither is touched
         if res.address in withheld:
             continue  # not ready: deleted below if it exists
         if res.address in placed.unplaced or res.attached_to in placed.unplaced:
@@ -172,6 +182,13 @@ def make_plan(
                 reason="not found",
             )
         else:
+            if res.kind is Kind.GUEST and desired["vmid"] != obs.id.get("vmid"):
+                # Renumbered: the new vmid must be free, or the replace would destroy the
+                # old guest and then fail to create the new one.
+                problem = _vmid_conflict(res, desired, foreign_vmids, owned_by_vmid)
+                if problem:
+                    diags.append(problem)
+                    continue
             change = _compare(res, desired, obs, wave)
             if ident and res.kind is Kind.FIREWALL_GUEST:
                 change = replace(change, id=ident)
@@ -212,7 +229,11 @@ def make_plan(
     _firewall_first(changes, graph)
     # Only what was observed can be found gone: a partial observation (the service's edge
     # poll, an observer that failed) never deletes anything of the kinds it did not look at.
-    seen = {a: r for a, r in owned.items() if observed_kinds is None or r.kind in observed_kinds}
+    seen = {
+        a: r
+        for a, r in owned.items()
+        if (observed_kinds is None or r.kind in observed_kinds) and a not in contested
+    }
     deletes, more = _deletes(graph, seen, allow_destroy, withheld)
     diags.extend(more)
     diags.extend(_count_destroys([*changes.values(), *deletes], graph))
@@ -240,7 +261,51 @@ def make_plan(
         observed_source=observed.source,
         foreign=tuple(sorted(foreign, key=lambda f: (f.get("vmid") or 0, str(f.get("name"))))),
         diagnostics=tuple(diags),
+        # What it was made from, so that a saved plan can be planned again (README "Plans").
+        spec_digest=spec_digest(graph),
+        allow_destroy=allow_destroy,
+        targets=tuple(sorted(set(targets))),
     )
+
+
+def _contested(
+    graph: DesiredGraph, observed: ObservedState
+) -> tuple[frozenset[str], list[Diagnostic]]:
+    """Addresses that more than one observed resource claims, and an error for each: a copy of
+    a guest made by hand carries its mark. Which one is the controller's cannot be told, so
+    nothing is planned for the address (nor its guest's firewall), and neither is deleted as
+    an orphan. A guest's firewall is claimed twice along with its guest: one error says it."""
+    dups = observed.duplicates()
+    diags: list[Diagnostic] = []
+    for address, claims in dups.items():
+        if address.startswith("firewall/guest/") and "guest/" + address.split("/", 2)[2] in dups:
+            continue
+        by_vmid = sorted(claims, key=lambda r: (len(str(r.id.get("vmid"))), str(r.id)))
+        who = [_claimant(r) for r in by_vmid]
+        named = ", ".join(who[:-1]) + f" and {who[-1]}"
+        if claims[0].kind is Kind.GUEST:
+            fix = (
+                "a copy carries the controller's mark; remove the mark from the copy (its "
+                "description's last line) or delete it"
+            )
+        else:
+            fix = "only one may carry the controller's mark; remove it from the others"
+        res = graph.resources.get(address)
+        diags.append(
+            error(
+                "duplicate-owner",
+                f"{address} is claimed by {named}: {fix}. Nothing of it is planned until then",
+                position=res.position if res is not None else None,
+                address=address,
+            )
+        )
+    return frozenset(dups), diags
+
+
+def _claimant(r: ObservedResource) -> str:
+    if "vmid" in r.id:
+        return f"vmid {r.id['vmid']} on {r.id.get('node', '?')}"
+    return ", ".join(f"{k} {v}" for k, v in sorted(r.id.items())) or "an unnamed resource"
 
 
 def _compare(res: Resource, desired: dict[str, Any], obs: ObservedResource, wave: int) -> Change:
@@ -262,6 +327,8 @@ def _compare(res: Resource, desired: dict[str, Any], obs: ObservedResource, wave
     elif forced:
         action = Action.REPLACE
         reason = "cannot change in place: " + ", ".join(sorted(forced))
+        if "vmid" in forced:
+            reason += f" (destroys vmid {obs.id.get('vmid')}, creates vmid {desired['vmid']})"
     else:
         action, reason = Action.UPDATE, ""
     return Change(

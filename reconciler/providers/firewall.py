@@ -3,7 +3,8 @@ guest's options and ordered rule list. Observe them and apply their changes.
 
 Called by the CLI and the controller next to `ProxmoxProvider`, on the same API endpoint. It
 composes that provider for every call (`retrying`: one thread hop, one count, one retry policy,
-one error translation in `proxmox.classify`), so all Proxmox calls share one retry loop.
+one error translation in `proxmox.classify`), so all Proxmox calls share one retry loop;
+observation only reads (`_read`), and a read is retried on any server error.
 `applying.live.observe_all` observes guests first and hands the owned ones to `observe`: a
 guest's firewall is read only for guests that carry our mark.
 
@@ -325,6 +326,10 @@ class FirewallProvider:
     async def _call(self, what: str, fn: Callable[[], Any]) -> Any:
         return await self.pve.retrying(what, fn)
 
+    async def _read(self, what: str, fn: Callable[[], Any]) -> Any:
+        """A call that only reads: retried on any server error (see `proxmox.classify`)."""
+        return await self.pve.retrying(what, fn, read=True)
+
     def _lock(self, name: str) -> anyio.Lock:
         if name not in self._locks:
             self._locks[name] = anyio.Lock()
@@ -349,7 +354,7 @@ class FirewallProvider:
         foreign_groups: dict[str, dict[str, Any]] = {}
 
         async def cluster() -> None:
-            raw = await self._call("read cluster firewall options", lambda: fw.options.get())
+            raw = await self._read("read cluster firewall options", lambda: fw.options.get())
             owned = self.manage_cluster
             out.append(
                 ObservedResource(
@@ -363,7 +368,7 @@ class FirewallProvider:
             )
 
         async def aliases() -> None:
-            items = await self._call("read firewall aliases", lambda: fw.aliases.get())
+            items = await self._read("read firewall aliases", lambda: fw.aliases.get())
             for item in items:
                 name = str(item["name"])
                 ours, comment = self._ours(item.get("comment"))
@@ -380,7 +385,7 @@ class FirewallProvider:
                 )
 
         async def ipset(name: str, comment: str, index: str | None) -> None:
-            entries = await self._call(f"read IP set {name}", lambda: fw.ipset(name).get())
+            entries = await self._read(f"read IP set {name}", lambda: fw.ipset(name).get())
             digest = entries[0].get("digest") if entries else None
             out.append(
                 ObservedResource(
@@ -397,7 +402,7 @@ class FirewallProvider:
             )
 
         async def ipsets(tg: anyio.abc.TaskGroup) -> None:
-            items = await self._call("read firewall IP sets", lambda: fw.ipset.get())
+            items = await self._read("read firewall IP sets", lambda: fw.ipset.get())
             for item in items:
                 name = str(item["name"])
                 ours, comment = self._ours(item.get("comment"))
@@ -407,7 +412,7 @@ class FirewallProvider:
                     foreign_ipsets[name] = {"name": name, "comment": item.get("comment", "")}
 
         async def group(name: str, comment: str, index: str | None) -> None:
-            raw = await self._call(f"read security group {name}", lambda: fw.groups(name).get())
+            raw = await self._read(f"read security group {name}", lambda: fw.groups(name).get())
             rules = [clean_rule(r) for r in raw]
             out.append(
                 ObservedResource(
@@ -421,7 +426,7 @@ class FirewallProvider:
             )
 
         async def groups(tg: anyio.abc.TaskGroup) -> None:
-            items = await self._call("read security groups", lambda: fw.groups.get())
+            items = await self._read("read security groups", lambda: fw.groups.get())
             for item in items:
                 name = str(item["group"])
                 ours, comment = self._ours(item.get("comment"))
@@ -436,10 +441,10 @@ class FirewallProvider:
             kind = str(res.attributes.get("type") or "lxc")
             base = self.client.nodes(node)(kind)(vmid).firewall
             try:
-                opts = await self._call(
+                opts = await self._read(
                     f"read firewall options of {vmid}", lambda: base.options.get()
                 )
-                raw = await self._call(f"read firewall rules of {vmid}", lambda: base.rules.get())
+                raw = await self._read(f"read firewall rules of {vmid}", lambda: base.rules.get())
             except NotFoundError:
                 return  # destroyed since the guests were read: no firewall to speak of
             rules = [clean_rule(r) for r in raw]
@@ -480,11 +485,11 @@ class FirewallProvider:
         fw = self.client.cluster.firewall
 
         async def group(name: str) -> None:
-            raw = await self._call(f"read security group {name}", lambda: fw.groups(name).get())
+            raw = await self._read(f"read security group {name}", lambda: fw.groups(name).get())
             groups[name]["rules"] = [clean_rule(r) for r in raw]
 
         async def ipset(name: str) -> None:
-            raw = await self._call(f"read IP set {name}", lambda: fw.ipset(name).get())
+            raw = await self._read(f"read IP set {name}", lambda: fw.ipset(name).get())
             ipsets[name]["entries"] = sorted(ipset_entry_of(e) for e in raw)
 
         async with anyio.create_task_group() as tg:
@@ -586,14 +591,34 @@ class FirewallProvider:
             raise ConflictError(f"{change.address}: changed since the plan was made; re-plan")
         return digest
 
+    async def _alias_ours(self, change: Change) -> str | None:
+        """The alias still exists and carries our mark, checked before it is updated or deleted
+        (as an IP set's or group's is): the aliases list's digest now. OwnershipError for one
+        without our mark, whatever the change says; ConflictError for one that is gone."""
+        item, digest = await self._alias(self._name(change))
+        if item is None:
+            raise ConflictError(f"{change.address}: gone since the plan was made; re-plan")
+        if not self._ours(item.get("comment"))[0]:
+            raise OwnershipError(
+                f"{change.address}: the alias {item['name']!r} does not carry our mark "
+                f"{comment_mark(self.platform)}; it will not be touched"
+            )
+        return digest
+
     async def apply_alias(self, change: Change) -> None:
         name = self._name(change)
         aliases = self.client.cluster.firewall.aliases
+        planned: str | None = None
+        if change.action is not Action.CREATE:
+            now = await self._alias_ours(change)
+            # Sent with the digest the plan saw (a list changed since is read again, and our
+            # alias must still be as planned); one the plan has not is taken from this read.
+            planned = split_version(change.version).get("aliases") or now
         if change.action is Action.DELETE:
             await self._guarded(
                 f"delete {change.address}",
                 "aliases",
-                split_version(change.version).get("aliases"),
+                planned,
                 lambda d: aliases(name).delete(digest=d),
                 lambda: self._alias_as_planned(change),
             )
@@ -617,7 +642,7 @@ class FirewallProvider:
         await self._guarded(
             f"update {change.address}",
             "aliases",
-            split_version(change.version).get("aliases"),
+            planned,
             lambda d: aliases(name).put(**body, digest=d),
             lambda: self._alias_as_planned(change),
         )

@@ -11,7 +11,10 @@ What it knows of Proxmox (see ../shared/FIELD-NOTES.md):
 - every guest takes its vmid, templates included: a template (`template: 1`) is observed as
   foreign, whatever its tags or mark say, and is never read further, changed or deleted;
 - ownership is the owner tag plus a mark line in the description naming the platform and the
-  resource address; nothing without both is ever changed;
+  resource address; nothing without both is ever changed. The mark is the description's last
+  line (`with_mark` writes it there, `read_mark` reads nowhere else), so a mark quoted in a
+  guest's notes claims nothing. A copy made by hand carries the mark too: two guests claim one
+  address, and the planner makes that an error and touches neither;
 - every mutating call that returns a task id (UPID) is awaited; the config `digest` read at
   observation is sent with every update, so a config changed since the plan is never overwritten;
 - all client errors, and the exit status of every task that failed, are turned into ours in
@@ -42,9 +45,10 @@ What it knows of Proxmox (see ../shared/FIELD-NOTES.md):
 Errors (reconciler.model.errors), as `classify` hands them out:
 
     ProviderError
-    ├── TemporaryError        5xx from a proxy, 595, "no quorum", "can't lock file", no worker
+    ├── TemporaryError        5xx from a proxy, 595, "no quorum", "can't lock file", no worker;
+    │                         on a read, any 5xx but 501 (a read changes nothing: try again)
     │   └── LockedError       "CT is locked (backup)": waited out, not retried on a budget
-    └── PermanentError        everything else: reported
+    └── PermanentError        everything else: reported (a 403 names the privilege missing)
         ├── NotFoundError     "Configuration file ... does not exist" (here: the guest is gone)
         ├── ConflictError     stale digest, "already exists": re-observe and re-plan
         ├── TaskFailedError   a task's exit status, with the task log's last lines
@@ -88,7 +92,11 @@ from reconciler.model.units import parse_kv, parse_mib
 from reconciler.providers.backoff import backoff
 
 MARK_PREFIX = "reconciler:v1"
-_MARK = re.compile(rf"^{re.escape(MARK_PREFIX)} (?P<body>.*)$", re.MULTILINE)
+# The whole of a description's last non-empty line, as `mark_line` writes it; a guest's address.
+_MARK = re.compile(
+    rf"{re.escape(MARK_PREFIX)} platform=(?P<platform>\S+) address=(?P<address>guest/[^\s/]+)"
+    r"(?: template=(?P<template>\S+))?"
+)
 
 # A VM's one disk (its boot disk, observed and compared as `rootfs`), and what a VM is created
 # with besides the spec's fields: an empty Linux VM, booting from that disk.
@@ -116,6 +124,8 @@ _TEMPORARY = (
 _CONFLICT = ("detected modified configuration", "checksum mismatch", "already exists")
 _NOT_FOUND = re.compile(r"Configuration file '[^']*' does not exist")
 _LOCKED = re.compile(r"(?:CT|VM) is locked \((?P<lock>[\w-]+)\)")
+# PVE's refusal: "Permission check failed (/vms/100, VM.Config.CPU)"; `|` joins alternatives.
+_DENIED = re.compile(r"Permission check failed \((?P<path>/[^,()]*), (?P<privs>[\w.|]+)\)")
 _TASK_LOG_LINES = 5
 
 
@@ -142,9 +152,20 @@ def _by_text(text: str, message: str, status: int | None) -> ProviderError | Non
     return None
 
 
-def classify(exc: BaseException, context: str = "") -> ProviderError:
+def _needs(detail: str) -> str:
+    """What a 403 says is missing, for people: ": the token needs Sys.Audit on /"."""
+    m = _DENIED.search(detail)
+    if m is None:
+        return ""
+    privs = " or ".join(m.group("privs").split("|"))
+    return f": the token needs {privs} on {m.group('path')}"
+
+
+def classify(exc: BaseException, context: str = "", *, read: bool = False) -> ProviderError:
     """Turn any client exception, or a failed task, into ours: temporary (retry), locked (wait),
-    conflict (re-plan), not found, task failed, or permanent (report)."""
+    conflict (re-plan), not found, task failed, or permanent (report). A `read` (a GET) changes
+    nothing, so any server error but 501 (not implemented: it stays so) is temporary; a write
+    that got a 500 may have half-happened, and only the messages known to be temporary retry."""
     if isinstance(exc, ProviderError):
         return exc
     prefix = f"{context}: " if context else ""
@@ -167,8 +188,10 @@ def classify(exc: BaseException, context: str = "") -> ProviderError:
             return found
         if status > 500 and status != 501:
             return TemporaryError(message, status=status)  # 502, 503, 504, 595 ...
-        if status == 500 and not detail:
+        if status == 500 and (read or not detail):
             return TemporaryError(message, status=status)
+        if status == 403:
+            message += _needs(detail)
         return PermanentError(message, status=status)
     if isinstance(exc, AuthenticationError):
         return PermanentError(f"{prefix}authentication failed: {exc}")
@@ -239,20 +262,26 @@ def mark_line(platform: str, address: str, template: str | None) -> str:
 
 
 def with_mark(description: str, platform: str, address: str, template: str | None) -> str:
+    """The description as sent: the spec's text, then the mark as its last line."""
     body = description.rstrip("\n")
     mark = mark_line(platform, address, template)
     return f"{body}\n\n{mark}" if body else mark
 
 
 def read_mark(description: str | None) -> tuple[dict[str, str], str]:
-    """Description -> (mark fields, the description without the mark)."""
+    """Description -> (mark fields, the description without the mark). The mark is read from
+    the last non-empty line only, where `with_mark` puts it: a mark-like line anywhere else
+    (notes quoting another guest's mark) is description text, never a claim of ownership."""
     text = description or ""
-    m = _MARK.search(text)
-    if not m:
+    lines = text.split("\n")
+    last = len(lines) - 1
+    while last >= 0 and not lines[last].strip():
+        last -= 1
+    m = _MARK.fullmatch(lines[last].strip()) if last >= 0 else None
+    if m is None:
         return {}, text
-    fields = dict(p.split("=", 1) for p in m.group("body").split() if "=" in p)
-    rest = (text[: m.start()] + text[m.end() :]).strip("\n")
-    return fields, rest
+    fields = {k: v for k, v in m.groupdict().items() if v is not None}
+    return fields, "\n".join(lines[:last]).strip("\n")
 
 
 # --- observation ---------------------------------------------------------------------------
@@ -485,14 +514,15 @@ class ProxmoxProvider:
     kinds = frozenset({Kind.GUEST})
 
     # Every Proxmox call goes through here: one thread hop, one count, one error translation.
-    async def call(self, what: str, fn: Callable[[], Any]) -> Any:
+    # `read`: the call only reads (a GET), so any server error is worth another try.
+    async def call(self, what: str, fn: Callable[[], Any], *, read: bool = False) -> Any:
         if self._limiter is None:
             self._limiter = anyio.CapacityLimiter(self.concurrency)
         self.calls += 1
         try:
             return await anyio.to_thread.run_sync(fn, limiter=self._limiter)
         except Exception as exc:
-            raise classify(exc, what) from None
+            raise classify(exc, what, read=read) from None
 
     async def again(self, error: ProviderError, tries: _Tries) -> None:
         """Sleep before the next try, or raise `error` when the policy says stop: a temporary
@@ -518,18 +548,21 @@ class ProxmoxProvider:
     def _backoff(self, attempt: int) -> float:
         return backoff(attempt, initial=self.retry.initial, maximum=self.retry.maximum)
 
-    async def retrying(self, what: str, fn: Callable[[], Any]) -> Any:
-        """One call under the retry policy (see `again`)."""
+    async def retrying(self, what: str, fn: Callable[[], Any], *, read: bool = False) -> Any:
+        """One call under the retry policy (see `again`); `read=True` for a call that only
+        reads, which `classify` retries on any server error."""
         tries = _Tries()
         while True:
             try:
-                return await self.call(what, fn)
+                return await self.call(what, fn, read=read)
             except TemporaryError as exc:
                 await self.again(exc, tries)
 
     async def inventory(self) -> Inventory:
         """Every guest, node and storage: one `GET /cluster/resources`."""
-        items = await self.retrying("read inventory", lambda: self.client.cluster.resources.get())
+        items = await self.retrying(
+            "read inventory", lambda: self.client.cluster.resources.get(), read=True
+        )
         return Inventory(
             guests=[i for i in items if i.get("type") in ("lxc", "qemu")],
             nodes=[i for i in items if i.get("type") == "node"],
@@ -645,7 +678,9 @@ class ProxmoxProvider:
         content = self.client.nodes(node).storage(storage).content
         try:
             items = await self.retrying(
-                f"list templates on {node}/{storage}", lambda: content.get(content="vztmpl")
+                f"list templates on {node}/{storage}",
+                lambda: content.get(content="vztmpl"),
+                read=True,
             )
         except ProviderError:
             return None
@@ -654,10 +689,12 @@ class ProxmoxProvider:
     async def observe_guest(self, item: Mapping[str, Any]) -> ObservedResource:
         node, vmid, kind = item["node"], int(item["vmid"]), item.get("type", "lxc")
         guest = self.client.nodes(node)(kind)(vmid)
-        config = await self.retrying(f"read config of {vmid}", lambda: guest.config.get())
+        config = await self.retrying(
+            f"read config of {vmid}", lambda: guest.config.get(), read=True
+        )
         if kind == "qemu":
             pending = await self.retrying(
-                f"read pending config of {vmid}", lambda: guest.pending.get()
+                f"read pending config of {vmid}", lambda: guest.pending.get(), read=True
             )
             config = with_pending(config, pending)
         mark, _ = read_mark(config.get("description"))
@@ -677,6 +714,7 @@ class ProxmoxProvider:
     async def apply(self, change: Change) -> None:
         if change.kind is not Kind.GUEST:
             raise PermanentError(f"{change.address}: no provider for kind {change.kind.value}")
+        _require_version(change)
         match change.action:
             case Action.CREATE:
                 await self.create_guest(change)
@@ -750,7 +788,9 @@ class ProxmoxProvider:
         deadline = self.clock() + self.retry.task_timeout
         delay = self.retry.task_poll
         while True:
-            status = await self.retrying(f"{what}: task status", lambda: task.status.get())
+            status = await self.retrying(
+                f"{what}: task status", lambda: task.status.get(), read=True
+            )
             if status.get("status") == "stopped":
                 break
             if self.clock() >= deadline:
@@ -825,11 +865,15 @@ class ProxmoxProvider:
                 "our mark; it will not be touched"
             )
 
-    async def _checked_config(self, change: Change) -> dict[str, Any]:
+    async def _checked_config(self, change: Change, *, any_version: bool = False) -> dict[str, Any]:
         """Read the config fresh once no lock holds it, and refuse unless it is ours and
         unchanged since the plan. A lock that comes and goes is not a change: the digest is
         compared after it is gone, and if the plan itself saw the lock, the config must be the
-        one it saw, less the lock."""
+        one it saw, less the lock. A change without the version it was planned against is
+        refused (never a skip of the check); only `any_version`, the destroy's own re-read,
+        leaves the digest out."""
+        if not any_version:
+            _require_version(change)
         guest = self._guest(change)
         what = f"read config of {change.id['vmid']}"
         seen: dict[str, Any] = await self.retrying(what, lambda: guest.config.get())
@@ -838,7 +882,7 @@ class ProxmoxProvider:
         if seen.get("lock"):
             config = await self.config_when_unlocked(guest, what)
             self._check_mark(change, config)
-        if change.version is None or config.get("digest") == change.version:
+        if any_version or config.get("digest") == change.version:
             return config
         if seen.get("digest") == change.version and _without_lock(seen) == _without_lock(config):
             return config
@@ -1032,7 +1076,9 @@ class ProxmoxProvider:
         node = change.id["node"]
         _refuse_blocked(change)
         try:
-            config = await self._checked_config(replace(change, version=None))
+            # The mark decides a destroy, not the digest: the whole guest goes, and a run cut
+            # off after lifting its protection has changed its config since the plan.
+            config = await self._checked_config(change, any_version=True)
         except NotFoundError:
             return  # already gone: a re-run after a crash
         if _protected(config):
@@ -1140,7 +1186,7 @@ def create_params(platform: str, address: str, want: Mapping[str, Any]) -> dict[
 
 
 _PLAIN_KEYS = ("cores", "memory", "swap", "features")
-_MAC = re.compile(r"^[0-9A-Fa-f]{2}(?::[0-9A-Fa-f]{2}){5}$")
+_MAC = re.compile(r"^[0-9A-Fa-f]{2}(?::[0-9A-Fa-f]{2}){5}\Z")
 
 
 def _keep_mac(kind: str, value: str, current: str) -> str:
@@ -1273,6 +1319,18 @@ def _is_volume_key(kind: str, key: str) -> bool:
 
 def _protected(config: Mapping[str, Any]) -> bool:
     return str(config.get("protection", 0)).lower() in ("1", "true")
+
+
+# Changes to a guest that exists: each was planned against its config's digest.
+_VERSIONED = frozenset({Action.UPDATE, Action.MIGRATE, Action.REPLACE, Action.DELETE})
+
+
+def _require_version(change: Change) -> None:
+    """A change to an existing guest without the version it was planned against (a saved plan
+    edited to `version: null`, a hand-made change) is refused: nothing would tell whether the
+    guest is still what the plan saw."""
+    if change.action in _VERSIONED and change.version is None:
+        raise PermanentError(f"{change.address}: no observed version: re-plan")
 
 
 def _refuse_blocked(change: Change) -> None:

@@ -13,6 +13,14 @@ Naming and ownership: the route `route/<instance>/<name>` becomes a router and a
 named `rc-<name>` (ROUTER_PREFIX). Only routers and services carrying that prefix are read or
 touched; everything else under the root key, or in a file without our header, is someone else's.
 
+What is written where: names become parts of keys, so a route's name must be a DNS label to be
+written (a '/' would reach into another router's keys, a '.' splits a name in Traefik's KV
+reading), the instance a DNS label (it is in the file's header comment), entrypoints and the
+certificate resolver simple names, and `tls` holds only `certresolver` and `passthrough`;
+anything else is refused (PermanentError) before a key is touched. The rule is written as the
+graph built it (reconciler.loading.graph.route_rule quotes every value). The file is serialized
+by the YAML library, never by joining text.
+
 Redis layout, under the instance's root key (one root per instance):
 
     <root>/http/routers/rc-<name>/rule                         Host(`a.example`) && ...
@@ -79,6 +87,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from reconciler.model.errors import (
+    ConfigurationError,
     OwnershipError,
     PermanentError,
     ProviderError,
@@ -87,6 +96,7 @@ from reconciler.model.errors import (
 from reconciler.model.observed import ObservedResource
 from reconciler.model.plans import Action, Change
 from reconciler.model.resources import Kind
+from reconciler.model.units import check_identifier, check_key_path, check_label
 from reconciler.providers.backoff import backoff
 
 Sleep = Callable[[float], Awaitable[None]]
@@ -101,6 +111,7 @@ PLACEHOLDER_VALUE = "keep"
 FILE_HEADER = "# Managed by reconciler: routes of Traefik instance {instance}. Edits are lost.\n"
 FILE_MARK = "# Managed by reconciler"
 PROTOCOLS = ("http", "tcp")
+TLS_KEYS = ("certresolver", "passthrough")
 # What Traefik's API reports for a router it serves; "disabled" means it is not served.
 SERVED_STATUSES = frozenset({"enabled", "warning"})
 
@@ -199,19 +210,39 @@ def router_name(route: str) -> str:
     return f"{ROUTER_PREFIX}{route}"
 
 
+def _checked(check: Callable[[str], str], value: object, what: str) -> str:
+    try:
+        return check(str(value))
+    except ValueError as exc:
+        raise PermanentError(f"{what}: {exc}") from None
+
+
 def route_config(name: str, attrs: Mapping[str, Any]) -> tuple[str, dict[str, Any], dict[str, Any]]:
-    """A route's attributes -> (protocol, router, service), in Traefik's dynamic-config shape."""
+    """A route's attributes -> (protocol, router, service), in Traefik's dynamic-config shape.
+    Refuses (PermanentError) a name, entrypoint, TLS key or resolver that is not a plain name:
+    each becomes part of a Redis key or a YAML key."""
+    _checked(check_label, name, "route name")
     protocol = str(attrs.get("protocol") or "http")
     if protocol not in PROTOCOLS:
         raise PermanentError(f"route {name!r}: unknown protocol {protocol!r}")
     router: dict[str, Any] = {
         "rule": str(attrs["rule"]),
-        "entryPoints": [str(e) for e in attrs.get("entrypoints") or ()],
+        "entryPoints": [
+            _checked(check_identifier, e, f"route {name!r}: entrypoint")
+            for e in attrs.get("entrypoints") or ()
+        ],
         "service": router_name(name),
     }
     tls = attrs.get("tls")
     if tls is not None:
         router["tls"] = {k: v for k, v in dict(tls).items() if v not in (None, False)}
+        unknown = sorted(repr(k) for k in router["tls"] if k not in TLS_KEYS)
+        if unknown:
+            raise PermanentError(f"route {name!r}: unknown tls option(s) {', '.join(unknown)}")
+        if "certresolver" in router["tls"]:
+            router["tls"]["certresolver"] = _checked(
+                check_identifier, router["tls"]["certresolver"], f"route {name!r}: certresolver"
+            )
     server_key = "url" if protocol == "http" else "address"
     service = {"loadBalancer": {"servers": [{server_key: str(attrs["server"])}]}}
     return protocol, router, service
@@ -344,6 +375,14 @@ class TraefikProvider:
         retry: RetryPolicy | None = None,
         sleep: Sleep = anyio.sleep,
     ) -> None:
+        # The instance is in every address and in the file's header line; the root key is the
+        # prefix of every key written.
+        try:
+            check_label(instance)
+            if isinstance(feed, RedisFeedClient):
+                check_key_path(feed.root_key)
+        except ValueError as exc:
+            raise ConfigurationError(f"Traefik instance {instance!r}: {exc}") from None
         self.instance = instance
         self.feed = feed
         self.api_url = api_url.rstrip("/") if api_url else None

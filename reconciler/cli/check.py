@@ -1,0 +1,98 @@
+"""`reconciler check [DIR]`: does the Proxmox token (or user) the controller connects as hold
+every privilege the spec needs? Run it before a first apply, and after changing its role.
+
+    reconciler check [DIR] [--proxmox-* flags]
+
+It connects with the spec's credentials (or the flags'), reads what the token holds on each
+path the spec's features need (`reconciler.providers.proxmox_access`) and prints what is
+missing, by feature: exit 0 when nothing is, 1 otherwise or when it cannot ask. It changes
+nothing. `reconciler.cli.main` registers it with `add_check_parser`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import TextIO
+
+from reconciler.applying.live import close_client, proxmox_endpoint, proxmox_provider
+from reconciler.cli.live import _warn_insecure, connection_override, load_checked, run_async
+from reconciler.model.errors import ReconcilerError
+from reconciler.model.spec import ProxmoxApi
+from reconciler.providers.proxmox_access import (
+    Need,
+    missing,
+    needed_privileges,
+    read_privileges,
+)
+
+EXIT_OK, EXIT_ERROR = 0, 1
+_SHOWN_PATHS = 3
+
+
+def add_check_parser(
+    sub: argparse._SubParsersAction,  # type: ignore[type-arg]
+    add_connection_args: Callable[[argparse.ArgumentParser], None],
+) -> None:
+    c = sub.add_parser(
+        "check",
+        help="check that the Proxmox token holds the privileges the spec needs; exit 0 when so",
+    )
+    c.add_argument("dir", nargs="?", default="specs")
+    add_connection_args(c)
+
+
+def identity(api: ProxmoxApi) -> str:
+    """Who the controller connects as: `user@realm!token`, or the user."""
+    return f"{api.user}!{api.token_id}" if api.token_id is not None else api.user
+
+
+def render_missing(lacking: list[Need]) -> list[str]:
+    """One line per feature, privilege and purpose, with the paths it is missing on."""
+    groups: dict[tuple[str, tuple[str, ...], str], list[str]] = {}
+    for need in lacking:
+        paths = groups.setdefault((need.feature, need.privileges, need.why), [])
+        if need.path not in paths:
+            paths.append(need.path)
+    lines = []
+    for (feature, privileges, why), paths in groups.items():
+        if not privileges:
+            lines.append(f"  {feature}: {why}: only root@pam may set them (no role grants it)")
+            continue
+        shown = ", ".join(paths[:_SHOWN_PATHS])
+        if len(paths) > _SHOWN_PATHS:
+            shown += f" and {len(paths) - _SHOWN_PATHS} more"
+        lines.append(f"  {feature}: {' or '.join(privileges)} on {shown}: {why}")
+    return lines
+
+
+def cmd_check(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    loaded = load_checked(args.dir, err)
+    if loaded is None:
+        return EXIT_ERROR
+    spec, _ = loaded
+    needs = needed_privileges(spec)
+    try:
+        api = proxmox_endpoint(spec, connection_override(args))
+        _warn_insecure(args, err)
+        provider = proxmox_provider(spec, api, insecure=args.insecure)
+        try:
+            held = run_async(lambda: read_privileges(provider, {n.path for n in needs}))
+        finally:
+            close_client(provider.client)
+    except ReconcilerError as exc:
+        err.write(f"error: {exc}\n")
+        return EXIT_ERROR
+    who = identity(api)
+    lacking = missing(needs, held, root=api.user == "root@pam" and api.token_id is None)
+    if not lacking:
+        out.write(
+            f"{who} at {api.url} holds every privilege the spec needs "
+            f"({len(needs)} on {len(held)} paths)\n"
+        )
+        return EXIT_OK
+    out.write(f"{who} at {api.url} lacks {len(lacking)} of the {len(needs)} privileges needed:\n")
+    for line in render_missing(lacking):
+        out.write(line + "\n")
+    out.write("Grant them (the README's role for the controller lists them), then check again.\n")
+    return EXIT_ERROR

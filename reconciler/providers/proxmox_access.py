@@ -1,0 +1,161 @@
+"""What the controller needs of Proxmox VE's permissions, and what a token (or user) holds.
+
+Called by `reconciler check` (reconciler.cli.check) before a first apply:
+`needed_privileges(spec)` lists the privileges the spec's features need and on which ACL paths;
+`read_privileges(provider, paths)` asks Proxmox what the connected token or user holds there
+(`GET /access/permissions?path=P`, one call per path: PVE answers the privileges in effect at
+P, inherited ones included); `missing(needs, held, root=...)` is what is left.
+
+Per feature, as PVE checks each call the controller makes (the README's role is this list):
+
+- guests: `VM.Audit` on `/vms` (the inventory lists only the guests one may audit: a guest
+  unseen is a vmid the controller might take twice); on each guest (`/vms/{vmid}`, or `/vms`
+  while its vmid is allocated) `VM.Audit`, `VM.Allocate`, `VM.Config.CPU`, `.Memory`, `.Disk`,
+  `.Network`, `.Options` (`.HWType` for a VM), `VM.PowerMgmt`; `Datastore.AllocateSpace` on
+  each storage its disks are on; `SDN.Use` on each bridge it is attached to
+  (`/sdn/zones/localnetwork/{bridge}[/{vlan}]`); `Sys.Modify` on `/` for a privileged
+  container; feature flags other than nesting only root@pam may set (no role grants that);
+- firewall: `Sys.Audit` on `/` always (observation reads the cluster's firewall: the isolation
+  check needs its switch); `Sys.Modify` on `/` when the spec declares cluster options, aliases,
+  IP sets or groups; a guest's own firewall is its `VM.Config.Network`;
+- cluster facts (placement checks): `Sys.Audit` on each host's node, `Datastore.Audit` (or
+  `Datastore.AllocateSpace`) on each storage the guests use;
+- templates: `Datastore.Audit` (or `Datastore.AllocateSpace`) on each template's storage, to
+  list them and to create from them;
+- migration: `VM.Migrate` on each guest (a guest whose host changes is migrated).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+
+from reconciler.model.resources import guest_address
+from reconciler.model.spec import GuestSpec, PlatformSpec
+from reconciler.providers.proxmox import ProxmoxProvider, template_storage
+
+# Features, in the order they are reported.
+GUESTS, FIREWALL, CLUSTER, TEMPLATES, MIGRATION = (
+    "guests",
+    "firewall",
+    "cluster facts",
+    "templates",
+    "migration",
+)
+FEATURES = (GUESTS, FIREWALL, CLUSTER, TEMPLATES, MIGRATION)
+
+_ON_GUEST = (
+    ("VM.Audit", "read guest configs"),
+    ("VM.Allocate", "create, destroy and replace guests"),
+    ("VM.Config.CPU", "set cores"),
+    ("VM.Config.Memory", "set memory and swap"),
+    ("VM.Config.Disk", "create and grow disks and volumes"),
+    ("VM.Config.Network", "set hostnames and network interfaces"),
+    ("VM.Config.Options", "set tags, description, onboot, protection"),
+    ("VM.PowerMgmt", "start and stop guests"),
+)
+_AUDIT_STORAGE = ("Datastore.Audit", "Datastore.AllocateSpace")
+
+
+@dataclass(frozen=True)
+class Need:
+    """One privilege (any one of `privileges`) on one ACL path, for one feature. No privileges:
+    what only root@pam may do (a login as root@pam, not a token: no role grants it)."""
+
+    feature: str
+    path: str
+    privileges: tuple[str, ...]
+    why: str
+
+
+def guest_path(guest: GuestSpec) -> str:
+    """The ACL path PVE checks for a guest; `/vms` while its vmid is still to be allocated."""
+    return f"/vms/{guest.vmid}" if guest.vmid is not None else "/vms"
+
+
+def _storages(spec: PlatformSpec, guest: GuestSpec) -> set[str]:
+    default = spec.platform.default_storage
+    return {guest.disk.storage or default} | {v.storage or default for v in guest.volumes.values()}
+
+
+def needed_privileges(spec: PlatformSpec) -> list[Need]:
+    """Every privilege the spec's features need, on which path, once each."""
+    needs: set[Need] = {
+        Need(GUESTS, "/vms", ("VM.Audit",), "see every guest: an unseen one's vmid could be taken"),
+        Need(FIREWALL, "/", ("Sys.Audit",), "read the cluster firewall (always observed)"),
+    }
+    fw = spec.firewall
+    if fw.cluster is not None or fw.aliases or fw.ipsets or fw.groups:
+        needs.add(
+            Need(FIREWALL, "/", ("Sys.Modify",), "change cluster options, aliases, IP sets, groups")
+        )
+    for host in sorted(spec.hosts):
+        node = spec.node_of(host)
+        needs.add(Need(CLUSTER, f"/nodes/{node}", ("Sys.Audit",), "see nodes, for placement"))
+    for name, guest in sorted(spec.guests.items()):
+        path = guest_path(guest)
+        for privilege, why in _ON_GUEST:
+            needs.add(Need(GUESTS, path, (privilege,), why))
+        if guest.kind == "qemu":
+            needs.add(Need(GUESTS, path, ("VM.Config.HWType",), "set a VM's SCSI controller"))
+        if guest.firewall is not None:
+            needs.add(Need(FIREWALL, path, ("VM.Config.Network",), "set guests' firewalls"))
+        needs.add(Need(MIGRATION, path, ("VM.Migrate",), "move a guest whose host changes"))
+        for storage in _storages(spec, guest):
+            where = f"/storage/{storage}"
+            needs.add(Need(GUESTS, where, ("Datastore.AllocateSpace",), "allocate disks"))
+            needs.add(Need(CLUSTER, where, _AUDIT_STORAGE, "see storages, for placement"))
+        for nic in guest.network:
+            bridge = f"/sdn/zones/localnetwork/{nic.bridge}"
+            if nic.tag is not None:
+                bridge += f"/{nic.tag}"
+            needs.add(Need(GUESTS, bridge, ("SDN.Use",), "attach interfaces to bridges"))
+        if guest.kind == "lxc" and not guest.unprivileged:
+            needs.add(Need(GUESTS, "/", ("Sys.Modify",), "create privileged containers"))
+        flags = sorted(k for k, on in guest.features.model_dump().items() if on and k != "nesting")
+        if guest.kind == "lxc" and flags:
+            why = f"{guest_address(name)}: feature flags {', '.join(flags)}"
+            needs.add(Need(GUESTS, "/", (), why))
+        templates = template_storage(guest.template) if guest.template else None
+        if guest.kind == "lxc" and templates is not None:
+            where = f"/storage/{templates}"
+            needs.add(Need(TEMPLATES, where, _AUDIT_STORAGE, "list and use templates"))
+    return sorted(needs, key=lambda n: (FEATURES.index(n.feature), n.path, n.privileges, n.why))
+
+
+async def read_privileges(
+    provider: ProxmoxProvider, paths: Iterable[str]
+) -> dict[str, frozenset[str]]:
+    """The privileges the connected token or user holds on each path: one
+    `GET /access/permissions?path=P` each (anyone may read their own). PVE answers
+    `{P: {privilege: propagate}}`, in effect at P; every entry of the answer counts."""
+    access = provider.client.access.permissions
+    held: dict[str, frozenset[str]] = {}
+
+    async def read(path: str) -> None:
+        answer: Mapping[str, Any] = await provider.retrying(
+            f"read permissions on {path}", lambda: access.get(path=path), read=True
+        )
+        held[path] = frozenset(p for privs in (answer or {}).values() for p in privs or {})
+
+    async with anyio.create_task_group() as tg:
+        for path in sorted(set(paths)):
+            tg.start_soon(read, path)
+    return dict(sorted(held.items()))
+
+
+def missing(
+    needs: Iterable[Need], held: Mapping[str, frozenset[str]], *, root: bool = False
+) -> list[Need]:
+    """The needs `held` does not meet. `root`: logged in as root@pam (not a token), who holds
+    every privilege and may do what only root may."""
+    if root:
+        return []
+    return [
+        n
+        for n in needs
+        if not n.privileges or not set(n.privileges) & held.get(n.path, frozenset())
+    ]
