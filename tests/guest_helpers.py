@@ -18,7 +18,10 @@ from reconciler.providers.proxmox import ProxmoxProvider
 from tests.conftest import SPECS
 
 # Parsed here on its own, not with the provider's parser: the tests check what Proxmox holds.
-MARK = re.compile(r"^reconciler:v1 platform=(\S+) address=(\S+)(?: template=(\S+))?", re.MULTILINE)
+MARK = re.compile(
+    r"^reconciler:v1 platform=(\S+) address=(\S+)(?: vmid=(\d+))?(?: template=(\S+))?",
+    re.MULTILINE,
+)
 
 
 def run(graph: DesiredGraph, provider: ProxmoxProvider, **kw: Any) -> Convergence:

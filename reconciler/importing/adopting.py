@@ -36,6 +36,7 @@ from reconciler.providers.firewall import (
 )
 from reconciler.providers.proxmox import (
     ProxmoxProvider,
+    claimed,
     guest_attributes,
     read_mark,
     with_mark,
@@ -164,6 +165,11 @@ async def _check_guest(
     platform, owner_tag = graph.platform, str(graph.settings.get("owner_tag", "reconciler"))
     if mark.get("platform") not in (None, platform):
         raise _Refused(f"{target} carries the mark of platform {mark.get('platform')!r}")
+    if mark and claimed(mark, platform, int(item["vmid"])) is None:
+        raise _Refused(
+            f"{target} carries a mark written for vmid {mark.get('vmid')} (a copy made by hand?); "
+            "remove its description's last line before adopting it"
+        )
     if mark.get("platform") == platform and mark.get("address") != address:
         raise _Refused(f"{target} is already this platform's, as {mark.get('address')}")
     tags = sorted({t for t in str(config.get("tags") or "").split(";") if t})
@@ -171,7 +177,9 @@ async def _check_guest(
     if owner_tag not in tags:
         writes["tags"] = ";".join(sorted({*tags, owner_tag}))
     if not mark:
-        writes["description"] = with_mark(description, platform, address, want.get("template"))
+        writes["description"] = with_mark(
+            description, platform, address, want.get("template"), int(item["vmid"])
+        )
     after = {**config, **writes}
     adoption = Adoption(address, target, writes, drift=_guest_drift(want, item, after))
     if not writes:

@@ -78,7 +78,8 @@ LabelMap = Annotated[
     Field(json_schema_extra={"propertyNames": {"pattern": _LABEL_SCHEMA}}),
 ]
 Hostname = Annotated[str, AfterValidator(check_hostname)]
-Port = Annotated[int, AfterValidator(check_port)]
+# Strict: YAML reads `port: true` as a boolean, which must not pass as port 1.
+Port = Annotated[int, Field(strict=True), AfterValidator(check_port)]
 MiB = Annotated[int, BeforeValidator(parse_mib)]
 DiskMiB = Annotated[int, BeforeValidator(lambda v: parse_mib(v, bare_unit="G"))]
 Cidr = Annotated[str, AfterValidator(check_cidr)]
@@ -304,9 +305,9 @@ class NetworkInterface(Strict):
     bridge: str = "vmbr0"
     ip: str = Field("dhcp", description="CIDR (10.0.0.5/24), dhcp or manual")
     gw: str | None = None
-    tag: int | None = Field(None, ge=1, le=4094, description="VLAN tag")
+    tag: int | None = Field(None, ge=1, le=4094, strict=True, description="VLAN tag")
     firewall: bool = True
-    mtu: int | None = Field(None, ge=576, le=65535)
+    mtu: int | None = Field(None, ge=576, le=65535, strict=True)
     hwaddr: str | None = Field(None, description="Pin a MAC; otherwise Proxmox generates one")
 
     @model_validator(mode="after")

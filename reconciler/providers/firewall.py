@@ -63,7 +63,7 @@ from reconciler.model.observed import ObservedResource
 from reconciler.model.plans import START_GUEST, Action, Change
 from reconciler.model.resources import Kind
 from reconciler.model.units import ipset_entry
-from reconciler.providers.proxmox import ProxmoxProvider, read_mark
+from reconciler.providers.proxmox import ProxmoxProvider, claimed, read_mark
 
 FIREWALL_KINDS = frozenset(
     {
@@ -781,7 +781,7 @@ class FirewallProvider:
         config = await self._call(f"read config of {vmid}", lambda: guest.config.get())
         mark, _ = read_mark(config.get("description"))
         address = "guest/" + self._name(change)
-        if mark.get("platform") != self.platform or mark.get("address") != address:
+        if claimed(mark, self.platform, vmid) != address:
             raise OwnershipError(
                 f"{change.address}: vmid {vmid} does not carry our mark for {address}; "
                 "its firewall will not be touched"

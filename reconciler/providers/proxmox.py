@@ -95,7 +95,7 @@ MARK_PREFIX = "reconciler:v1"
 # The whole of a description's last non-empty line, as `mark_line` writes it; a guest's address.
 _MARK = re.compile(
     rf"{re.escape(MARK_PREFIX)} platform=(?P<platform>\S+) address=(?P<address>guest/[^\s/]+)"
-    r"(?: template=(?P<template>\S+))?"
+    r"(?: vmid=(?P<vmid>[1-9][0-9]*))?(?: template=(?P<template>\S+))?"
 )
 
 # A VM's one disk (its boot disk, observed and compared as `rootfs`), and what a VM is created
@@ -254,18 +254,36 @@ def connect(api: ProxmoxApi, *, insecure: bool = False, timeout: float = 15.0) -
 # --- ownership mark ------------------------------------------------------------------------
 
 
-def mark_line(platform: str, address: str, template: str | None) -> str:
+def mark_line(platform: str, address: str, template: str | None, vmid: int | None = None) -> str:
     parts = [f"platform={platform}", f"address={address}"]
+    if vmid is not None:
+        parts.append(f"vmid={int(vmid)}")
     if template:
         parts.append(f"template={template}")
     return f"{MARK_PREFIX} {' '.join(parts)}"
 
 
-def with_mark(description: str, platform: str, address: str, template: str | None) -> str:
-    """The description as sent: the spec's text, then the mark as its last line."""
+def with_mark(
+    description: str, platform: str, address: str, template: str | None, vmid: int | None = None
+) -> str:
+    """The description as sent: the spec's text, then the mark as its last line. The mark names
+    the vmid it was written for, so a hand-made copy of the guest (a clone copies the
+    description) is not a claim: see `claimed`."""
     body = description.rstrip("\n")
-    mark = mark_line(platform, address, template)
+    mark = mark_line(platform, address, template, vmid)
     return f"{body}\n\n{mark}" if body else mark
+
+
+def claimed(mark: Mapping[str, str], platform: str, vmid: int) -> str | None:
+    """The address a guest's mark claims for this platform, or None: no mark, another
+    platform's, or a mark written for another vmid (a copy made by hand: the controller never
+    moves a guest to another vmid). A mark without a vmid (written before marks named one) is
+    taken at its word; two guests claiming one address that way are a plan error."""
+    if mark.get("platform") != platform or not mark.get("address"):
+        return None
+    if "vmid" in mark and mark["vmid"] != str(vmid):
+        return None
+    return mark["address"]
 
 
 def read_mark(description: str | None) -> tuple[dict[str, str], str]:
@@ -698,10 +716,11 @@ class ProxmoxProvider:
             )
             config = with_pending(config, pending)
         mark, _ = read_mark(config.get("description"))
-        if mark.get("platform") != self.platform or not mark.get("address"):
-            return self._foreign(item)  # our tag alone, perhaps copied by hand: not ours
+        address = claimed(mark, self.platform, vmid)
+        if address is None:
+            return self._foreign(item)  # our tag alone, or a copy made by hand: not ours
         return ObservedResource(
-            address=mark["address"],
+            address=address,
             kind=Kind.GUEST,
             owned=True,
             id={"vmid": vmid, "node": node},
@@ -850,7 +869,7 @@ class ProxmoxProvider:
         if _is_template(config):
             return False  # never ours, whatever mark it carries
         mark, _ = read_mark(config.get("description"))
-        return mark.get("platform") == self.platform and mark.get("address") == change.address
+        return claimed(mark, self.platform, int(change.id["vmid"])) == change.address
 
     def _check_mark(self, change: Change, config: Mapping[str, Any]) -> None:
         mark, _ = read_mark(config.get("description"))
@@ -859,7 +878,7 @@ class ProxmoxProvider:
             raise OwnershipError(
                 f"{change.address}: vmid {change.id['vmid']} is a template; it will not be touched"
             )
-        if mark.get("platform") != self.platform or mark.get("address") != change.address:
+        if claimed(mark, self.platform, int(change.id["vmid"])) != change.address:
             raise OwnershipError(
                 f"{change.address}: vmid {change.id['vmid']} does not carry "
                 "our mark; it will not be touched"
@@ -1151,7 +1170,7 @@ def create_params(platform: str, address: str, want: Mapping[str, Any]) -> dict[
         "onboot": int(want["onboot"]),
         "tags": ";".join(want["tags"]),
         "description": with_mark(
-            want.get("description", ""), platform, address, want.get("template")
+            want.get("description", ""), platform, address, want.get("template"), want["vmid"]
         ),
         "start": int(want["state"] == "running" and not want.get(HOLD_START)),
     }
@@ -1239,7 +1258,11 @@ def update_params(
         params["onboot"] = int(want["onboot"])
     if "description" in paths or "template" in paths:
         params["description"] = with_mark(
-            want.get("description", ""), platform, address, want.get("template")
+            want.get("description", ""),
+            platform,
+            address,
+            want.get("template"),
+            want.get("vmid") or config.get("vmid"),
         )
     for path in sorted(p for p in paths if p.startswith("net.")):
         key = path.split(".", 1)[1]

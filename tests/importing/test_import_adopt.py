@@ -365,7 +365,7 @@ def test_adopting_one_guest_marks_only_that_guest(
     lobby = after[1000]
     assert lobby["tags"] == "game;reconciler;vanilla"
     assert lobby["description"] == (
-        "the lobby\n\nreconciler:v1 platform=zpack address=guest/mc-lobby "
+        "the lobby\n\nreconciler:v1 platform=zpack address=guest/mc-lobby vmid=1000 "
         "template=unknown:vztmpl/debian-imported.tar.zst"
     )
     assert {k: v for k, v in lobby.items() if k not in ("tags", "description")} == {

@@ -1,6 +1,8 @@
 """A hand-made copy of a managed guest, on fakepve through the real client: the copy carries the
-controller's owner tag and mark, so two guests claim one address. The plan is an error naming
-both, nothing of either (nor its firewall) is touched, and `apply` refuses.
+controller's owner tag and mark. The mark names the vmid it was written for, so the copy is
+foreign and never touched. A copy of a mark written before marks named a vmid makes two guests
+claim one address: the plan is an error naming both, nothing of either (nor its firewall) is
+touched, and `apply` refuses.
 
 Also: a mark-like line that is not the description's last line is description text, never an
 ownership claim; and a guest whose spec vmid changes is replaced only with pruning, destroying
@@ -129,28 +131,45 @@ def converged(graph: DesiredGraph, provider: ProxmoxProvider, pve: Any) -> Proxm
     return provider
 
 
-def copy_lobby(provider: ProxmoxProvider) -> None:
+def copy_lobby(provider: ProxmoxProvider, *, legacy: bool = False) -> None:
     """Clone mc-lobby by hand, as an operator would: a running container is cloned from a
-    snapshot, with its description (the mark included); the clone keeps its tags."""
+    snapshot, with its description (the mark included); the clone keeps its tags. `legacy`:
+    the copy's mark is one written before marks named their vmid."""
     lobby = provider.client.nodes(RUNTIME).lxc(LOBBY)
     original = lobby.config.get()
+    assert f" vmid={LOBBY}" in original["description"]  # what the controller writes now
+    description = original["description"]
+    if legacy:
+        description = description.replace(f" vmid={LOBBY}", "")
     by_hand(provider, "snapshot", lambda: lobby.snapshot.post(snapname="copy"))
     by_hand(
         provider,
         "clone",
-        lambda: lobby.clone.post(
-            newid=COPY, snapname="copy", full=1, description=original["description"]
-        ),
+        lambda: lobby.clone.post(newid=COPY, snapname="copy", full=1, description=description),
     )
     copy = provider.client.nodes(RUNTIME).lxc(COPY).config.get()
-    assert copy["description"] == original["description"]
+    assert copy["description"] == description
     assert copy["tags"] == original["tags"]
 
 
-def test_a_hand_made_copy_errors_the_plan_naming_both_and_touches_neither(
+def test_a_hand_made_copy_is_foreign_and_neither_is_touched(
     graph: DesiredGraph, converged: ProxmoxProvider, pve: Any
 ) -> None:
     copy_lobby(converged)
+    pve.requests.clear()
+    plan = plan_now(graph, converged, allow_destroy=True)
+    assert not plan.errored, [str(d) for d in plan.diagnostics]
+    assert [f["name"] for f in plan.foreign if f["vmid"] == COPY] == ["mc-lobby"]
+    assert not [c for c in plan.actions if c.id.get("vmid") in (LOBBY, COPY)]
+    conv = anyio.run(lambda: converge(graph, providers_of(converged), allow_destroy=True))
+    assert conv.ok
+    assert touching(pve, LOBBY, COPY) == []
+
+
+def test_a_copy_of_a_mark_without_vmid_errors_the_plan_naming_both_and_touches_neither(
+    graph: DesiredGraph, converged: ProxmoxProvider, pve: Any
+) -> None:
+    copy_lobby(converged, legacy=True)
     pve.requests.clear()
 
     plan = plan_now(graph, converged, allow_destroy=True)
@@ -193,7 +212,7 @@ def test_apply_refuses_while_a_copy_claims_a_guest(
     pve: Any,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    copy_lobby(converged)
+    copy_lobby(converged, legacy=True)
     pve.requests.clear()
     capsys.readouterr()
     flags = cli_flags(pve_api)
@@ -277,3 +296,15 @@ def test_a_vmid_changed_in_the_spec_replaces_the_observed_guest_only_when_allowe
     assert marks(converged)["guest/mc-lobby"] == [COPY]
     destroyed = [p for m, p in mutating_calls(pve) if m == "DELETE"]
     assert destroyed == [f"/api2/json/nodes/{RUNTIME}/lxc/{LOBBY}"]
+
+
+def test_a_mark_claims_only_the_vmid_it_was_written_for() -> None:
+    from reconciler.providers.proxmox import claimed
+
+    written = read_mark(with_mark("", "zpack", "guest/mc-lobby", None, 1000))[0]
+    assert written["vmid"] == "1000"
+    assert claimed(written, "zpack", 1000) == "guest/mc-lobby"
+    assert claimed(written, "zpack", 1050) is None  # a copy
+    assert claimed(written, "other", 1000) is None
+    legacy = read_mark(MARK)[0]
+    assert claimed(legacy, "zpack", 1050) == "guest/mc-lobby"  # taken at its word

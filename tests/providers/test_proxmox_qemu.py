@@ -218,7 +218,7 @@ def test_converges_from_empty_then_second_apply_is_silent(
         "onboot": "1",
         "tags": "db;reconciler",
         "description": "Postgres for the portal\n\n"
-        "reconciler:v1 platform=zpack address=guest/db-vm",
+        "reconciler:v1 platform=zpack address=guest/db-vm vmid=150",
         "start": "1",
         "scsi0": "local-lvm:16",
         "scsihw": "virtio-scsi-single",
