@@ -22,6 +22,7 @@ import httpx
 from reconciler.loading.graph import guest_ip
 from reconciler.model.errors import ConfigurationError, ProviderError, TemporaryError
 from reconciler.model.spec import PlatformSpec, SecretRef
+from reconciler.model.units import check_label
 from reconciler.providers.backoff import backoff
 from reconciler.providers.proxmox import read_secret
 from reconciler.providers.traefik import classify, list_api
@@ -123,7 +124,8 @@ def edge_sources(
     traefik_guests: Mapping[str, str] | None = None,
 ) -> EdgeSources:
     """What to read: the `--dir` spec's velocity and Traefik instances (with `api_url`), and
-    the ones the flags add. Raises ConfigurationError for flags that cannot work together."""
+    the ones the flags add. Raises ConfigurationError for flags that cannot work together, and
+    for an instance the flags name with no DNS label (the spec would refuse its key)."""
     apis, guests = dict(traefik_apis or {}), dict(traefik_guests or {})
     notes: list[str] = []
     velocity: VelocitySource | None = None
@@ -186,6 +188,10 @@ def edge_sources(
         )
     for name, api in sorted(apis.items()):
         if name not in known:
+            try:
+                check_label(name)  # the instance's key in the spec written
+            except ValueError as exc:
+                raise ConfigurationError(f"--traefik-api INSTANCE=URL: instance {exc}") from None
             traefik.append(TraefikSource(name, api, api, guest=guests.get(name)))
     stray = sorted(set(guests) - set(apis) - set(known))
     if stray:

@@ -9,17 +9,23 @@ Every reference is to an imported guest, found by static IP (the proxy's guest a
   one server per registration, `{guest, port}` (the port only when not 25565; a `forced_host`
   kept from the `--dir` spec's server of the same name). Registrations are soft state: the
   first apply finds them registered (no-op), nothing to adopt. A registration that is no
-  imported guest's cannot be declared (the spec registers guests only): it goes into
-  `velocity.unmanaged`, so the controller reports it and never unregisters it; the note says
-  so, and removing it from that list hands it to the controller (which then unregisters it).
+  imported guest's cannot be declared (the spec registers guests only), nor one whose name is
+  no DNS label (`Lobby`: a declared server's name is one, and declaring it under another name
+  would unregister it and register it again): it goes into `velocity.unmanaged`, so the
+  controller reports it and never unregisters it; the note says so, and removing it from that
+  list hands it to the controller (which then unregisters it).
 - Traefik, per instance: `guest`, `routes_to` (the spec's, plus every layer a route targets),
   `feed` (the spec's; else a file feed, marked as a guess the operator must settle), `api_url`
   and one route per router that the spec language can say exactly: a rule of `Host(...)`s
   (`||`), optionally `&& PathPrefix(...)`, or of `HostSNI(...)`s; no middlewares; one backend
   server on an imported guest; tls with at most a cert resolver or passthrough. Anything else
-  is a note naming the router. `@internal` routers are Traefik's own; a router named `rc-x` is
-  the controller's own route `x` (written as the `--dir` spec declares it, when it does).
-  Route names are router names without `@provider`, made DNS-label-like and unique.
+  is a note naming the router, and so is a host or path prefix the spec refuses (a wildcard,
+  a character outside a host name or a URL path): the route is validated as the spec would.
+  `@internal` routers are Traefik's own; a router named `rc-x` is the controller's own route
+  `x` (written as the `--dir` spec declares it, when it does) when `x` is a DNS label; one
+  whose `x` is not (`rc-Lobby_Map`) cannot be named by any route, and is read as a hand-made
+  router. Route names are router names without `@provider` (and without `rc-`), made DNS
+  labels and unique.
 
 The round trip: a hand-made router is not the controller's, so the first apply writes a router
 `rc-<route>` next to it; `edge.yaml`'s header and the notes say so, with the steps.
@@ -38,6 +44,7 @@ from pydantic import ValidationError
 from reconciler.importing.edge import EdgeEstate, Router, TraefikRead, VelocityRead, resolve_guest
 from reconciler.importing.yamltext import Commented
 from reconciler.model.spec import HttpRoute, TcpRoute
+from reconciler.model.units import check_label
 from reconciler.providers.traefik import ROUTER_PREFIX
 
 DEFAULT_GAME_PORT = 25565
@@ -85,8 +92,24 @@ def parse_rule(protocol: str, rule: str) -> tuple[list[str], str | None] | None:
     return [m.group(1) for m in _HOST.finditer(text)], path
 
 
+def is_label(name: str) -> bool:
+    try:
+        check_label(name)
+    except ValueError:
+        return False
+    return True
+
+
+def is_ours(router: Router) -> bool:
+    """A router the controller wrote for route `x`: named `rc-x`, with `x` a DNS label (the
+    only names its routes have)."""
+    name = router.bare_name
+    return name.startswith(ROUTER_PREFIX) and is_label(name.removeprefix(ROUTER_PREFIX))
+
+
 def _route_name(router: Router, taken: set[str]) -> str:
-    base = _NAME_BAD.sub("-", router.bare_name.lower()).strip("-")[:60].strip("-") or "route"
+    bare = router.bare_name.removeprefix(ROUTER_PREFIX)
+    base = _NAME_BAD.sub("-", bare.lower()).strip("-")[:60].strip("-") or "route"
     name, n = base, 2
     while name in taken:
         name, n = f"{base}-{n}", n + 1
@@ -164,10 +187,14 @@ def route_of(router: Router, by_ip: Mapping[str, str]) -> tuple[dict[str, Any] |
         route["tls"] = tls
     route["target"] = target
     try:
-        (TcpRoute if router.protocol == "tcp" else HttpRoute).model_validate(route)
+        valid = (TcpRoute if router.protocol == "tcp" else HttpRoute).model_validate(route)
     except ValidationError as exc:
         first = exc.errors()[0]
         return None, f"not a valid spec route: {first['msg']}"
+    # Names as the spec holds them (lowercase, no trailing dot), so two routers naming one
+    # host in different spellings are found to clash here, not by `validate` later.
+    names = list(valid.sni if isinstance(valid, TcpRoute) else valid.host)
+    route["sni" if router.protocol == "tcp" else "host"] = names[0] if len(names) == 1 else names
     return route, ""
 
 
@@ -196,6 +223,15 @@ def _velocity(
     for reg in read.registrations:
         name, address, port = str(reg["server_name"]), str(reg["address"]), int(reg["port"])
         guest = by_ip.get(address) or (address if address in names else None)
+        if not is_label(name):
+            out.notes.append(
+                f"velocity server {name!r} ({address}:{port}): its name is not a DNS label, "
+                "which a declared server's name is, so it is listed as `unmanaged`: reported, "
+                "never unregistered (declaring it under another name would unregister it and "
+                "register it again)"
+            )
+            unmanaged.append(name)
+            continue
         if guest is None:
             out.notes.append(
                 f"velocity server {name} ({address}:{port}): no imported guest has that "
@@ -241,17 +277,24 @@ def _instance(
         )
         return None
     routes: dict[str, Any] = {}
-    sources: dict[str, str] = {}
     claimed: dict[tuple[str, str, str], str] = {}
     taken: set[str] = set()
+    handmade: list[tuple[str, str]] = []
     # The controller's own routers first: their routes keep their names.
     ordered = sorted(
         (r for r in read.routers if r.provider != "internal"),
-        key=lambda r: (not r.bare_name.startswith(ROUTER_PREFIX), r.name),
+        key=lambda r: (not is_ours(r), r.name),
     )
     for router in ordered:
-        ours = router.bare_name.startswith(ROUTER_PREFIX)
-        declared = src.routes.get(router.bare_name.removeprefix(ROUTER_PREFIX)) if ours else None
+        own = is_ours(router)
+        if not own and router.bare_name.startswith(ROUTER_PREFIX):
+            out.notes.append(
+                f"traefik {inst}: router {router.name} is named like the controller's "
+                f"({ROUTER_PREFIX}<route>), but "
+                f"{router.bare_name.removeprefix(ROUTER_PREFIX)!r} is not a DNS label, which "
+                "a route's name is: it is read as a hand-made router"
+            )
+        declared = src.routes.get(router.bare_name.removeprefix(ROUTER_PREFIX)) if own else None
         if declared is not None and declared["target"]["guest"] in names:
             route = {k: v for k, v in declared.items() if (k, v) != ("type", "http")}
         else:
@@ -267,15 +310,15 @@ def _instance(
                 f"{clash} already does"
             )
             continue
-        if ours:
+        if own:
             name = router.bare_name.removeprefix(ROUTER_PREFIX)
             taken.add(name)
         else:
             name = _route_name(router, taken)
+            handmade.append((name, router.name))
         for c in _claims(route):
             claimed[c] = router.name
         routes[name] = route
-        sources[name] = router.name
     layers = list(src.routes_to)
     for route in routes.values():
         layer = layer_of[route["target"]["guest"]]
@@ -304,9 +347,7 @@ def _instance(
         section["when_unready"] = src.when_unready
     if routes:
         section["routes"] = dict(sorted(routes.items()))
-    handmade = sorted(
-        (n, r) for n, r in sources.items() if not r.partition("@")[0].startswith(ROUTER_PREFIX)
-    )
+    handmade.sort()
     for name, from_router in handmade:
         out.routes[f"route/{inst}/{name}"] = from_router
     if handmade:
@@ -344,9 +385,11 @@ def render_edge(edge: EdgeEstate, guests: Sequence[ImportedGuest]) -> EdgeResult
 EDGE_HEADER = (
     "The edge as it was read: Velocity's registrations and the routers Traefik serves.",
     "Velocity registrations are soft state: the first apply finds them registered, nothing to",
-    "adopt; those of no imported guest are listed as unmanaged and never touched.",
-    "Routes from routers the controller does not own (not named rc-...) are NOT adopted: the",
-    "first apply ADDS a router rc-<route> for each, next to the hand-made one, both serving the",
-    "same hosts. Then: apply, check that Traefik serves the rc- routers (`reconciler plan`",
-    "warns route-not-served otherwise), and remove the hand-made routers.",
+    "adopt; those of no imported guest, or whose name is no DNS label, are listed as",
+    "unmanaged and never touched.",
+    "Routes from routers the controller does not own (not named rc-<route>, the route's name a",
+    "DNS label) are NOT adopted: the first apply ADDS a router rc-<route> for each, next to the",
+    "hand-made one, both serving the same hosts. Then: apply, check that Traefik serves the",
+    "rc- routers (`reconciler plan` warns route-not-served otherwise), and remove the",
+    "hand-made routers.",
 )

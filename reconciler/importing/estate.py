@@ -56,8 +56,12 @@ class GuestRecord:
 
     @property
     def mark(self) -> dict[str, str]:
-        """The controller's mark line, if any platform's is there."""
-        return read_mark(self.config.get("description"))[0]
+        """The controller's mark line, if any platform's is there and it was written for this
+        vmid (a copy made by hand carries the original's mark: it claims nothing)."""
+        fields = read_mark(self.config.get("description"))[0]
+        if "vmid" in fields and fields["vmid"] != str(self.vmid):
+            return {}
+        return fields
 
 
 @dataclass(frozen=True)

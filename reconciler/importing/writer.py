@@ -41,6 +41,11 @@ What is written (`render_specs`):
   are listed in `ImportResult.notes`, and so is every setting the spec language cannot hold
   (an extra NIC option, a nomatch IP set entry, ...), which the first apply after adoption
   would change (`ImportResult.drift` names those fields per address).
+- Text the spec refuses as it is, so that `validate` would: a description line that reads as
+  the controller's mark (its own mark on the last line is ours, and simply taken off), a
+  firewall comment with a line break or control character, or with `[reconciler:` in it. It is
+  left out, never reworded, and named in a note; a description with lines left out says so in
+  a comment on its line.
 
 Output is deterministic: sorted names, a fixed key order, one header comment per file saying
 where and when the estate was read.
@@ -61,17 +66,19 @@ from reconciler.importing.edge import EdgeEstate
 from reconciler.importing.edge_writer import EDGE_HEADER, ImportedGuest, render_edge
 from reconciler.importing.estate import Estate, GuestRecord, NamedObject
 from reconciler.importing.yamltext import Commented, dump, scalar
+from reconciler.loading.checks import forges_mark
 from reconciler.loading.graph import build_graph
 from reconciler.loading.loader import LoadResult, load_texts
 from reconciler.model.resources import Kind
 from reconciler.model.spec import GuestSpec, PlatformSpec
-from reconciler.model.units import format_mib, parse_kv, parse_mib
+from reconciler.model.units import check_comment, format_mib, parse_kv, parse_mib
 from reconciler.planning import diffing, normalize
 from reconciler.providers.firewall import OPTION_DEFAULTS, read_comment_mark
 from reconciler.providers.proxmox import guest_attributes
 
 PLACEHOLDER_TEMPLATE = "unknown:vztmpl/{ostype}-imported.tar.zst"
 TEMPLATE_NOTE = "unknown: only used to re-create a guest"
+DESCRIPTION_NOTE = "lines that read as the controller's mark left out: see the import's notes"
 UNASSIGNED_LAYER = "unassigned"
 
 # The example platform's layers and ranges (specs/platform.yaml): the default table.
@@ -266,8 +273,11 @@ def _nic(kind: str, index: int, value: str, notes: list[str], who: str) -> dict[
     return nic
 
 
-def spec_rule(rule: Mapping[str, Any], notes: list[str], who: str) -> dict[str, Any]:
-    """A cleaned Proxmox rule -> a spec rule, in the spec's key order."""
+def spec_rule(
+    rule: Mapping[str, Any], notes: list[str], who: str, position: int = 0
+) -> dict[str, Any]:
+    """A cleaned Proxmox rule -> a spec rule, in the spec's key order. `position` (0 the top
+    rule) names the rule in a note."""
     if "icmp-type" in rule:
         notes.append(f"{who}: a rule's icmp-type cannot be held by the spec; left out")
     out: dict[str, Any] = {}
@@ -281,15 +291,62 @@ def spec_rule(rule: Mapping[str, Any], notes: list[str], who: str) -> dict[str, 
         elif key == "log":
             if value != "nolog":
                 out["log"] = value
+        elif key == "comment":
+            comment = spec_comment(str(value), notes, f"{who}: rule {position}")
+            if comment:
+                out["comment"] = comment
         else:
             out[key] = str(value)
     return out
 
 
+# --- text the spec holds only in part ---------------------------------------------------------
+
+
+def spec_comment(text: str, notes: list[str], what: str) -> str:
+    """A firewall comment as the spec holds it: one line (Proxmox writes it at the end of a
+    config line) that does not read as the controller's mark. Any other is left out and named
+    in a note, never reworded: once adopted, the controller writes the spec's comment."""
+    try:
+        check_comment(text)
+    except ValueError:
+        notes.append(
+            f"{what}: comment {text!r} left out: the spec holds a comment of one line, without "
+            "line breaks or control characters"
+        )
+        return ""
+    if forges_mark(text):
+        notes.append(
+            f"{what}: comment {text!r} left out: it reads as the controller's ownership mark "
+            "('[reconciler:...]'), which only the controller writes"
+        )
+        return ""
+    return text
+
+
+def spec_description(text: str, notes: list[str], who: str) -> tuple[str, bool]:
+    """A guest's description as the spec holds it, and whether lines were left out.
+    `guest_attributes` has taken the controller's mark off its last line already (the
+    controller writes it again on adoption); any other line that reads as a mark (a line
+    starting `reconciler:v1`, or holding `[reconciler:`) is refused by `validate`
+    (forged-mark), so it is left out and named in a note."""
+    kept: list[str] = []
+    dropped: list[str] = []
+    for line in text.split("\n"):
+        (dropped if forges_mark(line) else kept).append(line)
+    if dropped:
+        notes.append(
+            f"{who}: description lines that read as the controller's ownership mark left out "
+            "(only the controller writes its mark; once adopted, it writes the description "
+            "without them): " + "; ".join(repr(line.strip()) for line in dropped)
+        )
+    return "\n".join(kept).strip("\n"), bool(dropped)
+
+
 def _guest_firewall(g: GuestRecord, notes: list[str], who: str) -> dict[str, Any] | None:
     opts = g.firewall_options
     enable = int(bool(int(opts.get("enable", 0) or 0)))
-    rules = [spec_rule(r, notes, who) for r in g.firewall_rules]
+    rules = [spec_rule(r, notes, who, i) for i, r in enumerate(g.firewall_rules)]
     if not enable and not rules and "policy_in" not in opts and "policy_out" not in opts:
         return None  # nothing set: leave it out, so the spec does not start managing it
     return {
@@ -311,6 +368,7 @@ class _Guest:
     network: list[dict[str, Any]]
     description: str
     volumes: dict[str, Any] = field(default_factory=dict)
+    description_cut: bool = False  # mark-like lines were left out of the description
 
 
 def _settings(
@@ -555,8 +613,11 @@ def render_specs(estate: Estate, base: Base, edge: EdgeEstate | None = None) -> 
             # A host of our own serves the layers of the guests found on it.
             hosts[host]["layers"] = sorted({*hosts[host]["layers"], ranges[role]["layer"]})
         settings, tags, network, description = _settings(g, base, notes, who)
+        description, cut = spec_description(description, notes, who)
         volumes = _volumes(g, notes, who)
-        guests.append(_Guest(name, g, role, host, settings, tags, network, description, volumes))
+        guests.append(
+            _Guest(name, g, role, host, settings, tags, network, description, volumes, cut)
+        )
 
     profiles: dict[str, dict[str, Any]] = {}
     profile_tags: dict[str, list[str]] = {}
@@ -599,7 +660,11 @@ def render_specs(estate: Estate, base: Base, edge: EdgeEstate | None = None) -> 
             if guest.volumes:
                 entry["volumes"] = guest.volumes
             if guest.description:
-                entry["description"] = guest.description
+                entry["description"] = (
+                    Commented(guest.description, DESCRIPTION_NOTE)
+                    if guest.description_cut
+                    else guest.description
+                )
             entries[guest.name] = {k: entry[k] for k in GUEST_ORDER if k in entry}
         files[f"{role}.yaml"] = dump({"guests": entries}, [*header, "", f"Role {role}."])
 
@@ -662,7 +727,7 @@ def _firewall_file(estate: Estate, base: Base, header: list[str], notes: list[st
         if platform is not None and platform != base.name:
             notes.append(f"skipped {what} {obj.name}: it carries the mark of platform {platform!r}")
             return None
-        return comment.strip()
+        return spec_comment(comment.strip(), notes, f"{what} {obj.name}")
 
     aliases: dict[str, Any] = {}
     for a in estate.aliases:
@@ -683,7 +748,7 @@ def _firewall_file(estate: Estate, base: Base, header: list[str], notes: list[st
         comment = ours(grp, "security group")
         if comment is None:
             continue
-        rules = [spec_rule(r, notes, f"group {grp.name}") for r in grp.rules]
+        rules = [spec_rule(r, notes, f"group {grp.name}", i) for i, r in enumerate(grp.rules)]
         groups[grp.name] = {**({"comment": comment} if comment else {}), "rules": rules}
     section: dict[str, Any] = {}
     if aliases:

@@ -237,6 +237,13 @@ class RangeSpec(Strict):
 # --- firewall ------------------------------------------------------------------------------
 
 
+def _port_text(value: object) -> object:
+    """A port or port list as text (`25565`, `"80,443"`, `"8000:8100"`); `true` is no port."""
+    if isinstance(value, bool):
+        raise ValueError("a port is a number or a list of numbers, not true or false")
+    return str(value) if isinstance(value, int) else value
+
+
 class FirewallRule(Strict):
     """One Proxmox firewall rule. For `type: group`, `action` names the security group."""
 
@@ -245,12 +252,8 @@ class FirewallRule(Strict):
     source: str | None = None
     dest: str | None = None
     proto: str | None = None
-    dport: Annotated[str | None, BeforeValidator(lambda v: str(v) if isinstance(v, int) else v)] = (
-        None
-    )
-    sport: Annotated[str | None, BeforeValidator(lambda v: str(v) if isinstance(v, int) else v)] = (
-        None
-    )
+    dport: Annotated[str | None, BeforeValidator(_port_text)] = None
+    sport: Annotated[str | None, BeforeValidator(_port_text)] = None
     macro: str | None = None
     iface: str | None = None
     enable: bool = True
@@ -620,7 +623,7 @@ class PlacementPolicy(_PolicyBase):
 
 class IsolationException(Strict):
     to: str = Field(description="The guest that may be reached")
-    port: Annotated[str, BeforeValidator(lambda v: str(v))] | None = None
+    port: Annotated[str, BeforeValidator(_port_text)] | None = None
     reason: str
 
 

@@ -139,6 +139,51 @@ def test_what_the_spec_cannot_hold_is_noted() -> None:
     assert result.drift == {"guest/a": ["net.net0"]}
 
 
+def test_text_the_spec_refuses_is_left_out_and_noted() -> None:
+    """Mark-like text and line breaks: the controller's own trailing mark goes silently (it
+    writes it again), every other such line or comment is left out and named in a note."""
+    mark = "reconciler:v1 platform=zpack address=guest/lobby"
+    description = f"keep\n[reconciler:zpack] quoted\n{mark}\n\n{mark}"
+    group = NamedObject(
+        "ops",
+        "ops\tteam",
+        rules=({"type": "in", "action": "ACCEPT", "dport": "22", "comment": "ssh [reconciler:x]"},),
+    )
+    ipset = NamedObject("admins", "operators [reconciler:zpack]", entries=({"cidr": "10.0.0.0/8"},))
+    alias = NamedObject("api", "api\u0085host", cidr="10.0.0.5")
+    result = render_specs(
+        estate(
+            ct(1000, "lobby", description=description, tags="reconciler"),
+            groups=(group,),
+            ipsets=(ipset,),
+            aliases=(alias,),
+        ),
+        Base.default("zpack"),
+    )
+    assert result.ok, result.load.diagnostics if result.load else None
+    assert guests_of(result.files)["lobby"]["description"] == "keep"
+    firewall = yaml.safe_load(result.files["firewall.yaml"])["firewall"]
+    assert firewall["groups"]["ops"] == {
+        "rules": [{"type": "in", "action": "ACCEPT", "dport": "22"}]
+    }
+    assert firewall["ipsets"]["admins"] == {"entries": ["10.0.0.0/8"], "comment": "operators"}
+    assert firewall["aliases"]["api"] == {"cidr": "10.0.0.5"}
+    notes = "\n".join(result.notes)
+    assert (
+        "lxc 1000 (lobby): description lines that read as the controller's ownership mark left "
+        f"out (only the controller writes its mark; once adopted, it writes the description "
+        f"without them): '[reconciler:zpack] quoted'; {mark!r}" in notes
+    )
+    assert "security group ops: comment 'ops\\tteam' left out: the spec holds a comment of one" in (
+        notes
+    )
+    assert "group ops: rule 0: comment 'ssh [reconciler:x]' left out: it reads as the" in notes
+    assert "alias api: comment 'api\\x85host' left out" in notes
+    assert "admins" not in notes
+    # The guest is ours already: the next apply writes the description the spec holds.
+    assert result.drift == {"guest/lobby": ["description"]}
+
+
 @pytest.mark.parametrize(
     "text",
     [
