@@ -766,7 +766,9 @@ class ProxmoxProvider:
         content = self.client.nodes(node).storage(storage).content
         try:
             listed = await self.retrying(
-                f"list templates on {node}/{storage}", lambda: content.get(content="vztmpl")
+                f"list templates on {node}/{storage}",
+                lambda: content.get(content="vztmpl"),
+                read=True,
             )
         except ProviderError as exc:
             raise PermanentError(
@@ -835,7 +837,9 @@ class ProxmoxProvider:
         under the lock policy; LockedError when the lock outlasts it."""
         tries = _Tries()
         while True:
-            config: dict[str, Any] = await self.retrying(what, lambda: guest.config.get())
+            config: dict[str, Any] = await self.retrying(
+                what, lambda: guest.config.get(), read=True
+            )
             lock = config.get("lock")
             if not lock or (locks is not None and lock not in locks):
                 return config
@@ -895,7 +899,7 @@ class ProxmoxProvider:
             _require_version(change)
         guest = self._guest(change)
         what = f"read config of {change.id['vmid']}"
-        seen: dict[str, Any] = await self.retrying(what, lambda: guest.config.get())
+        seen: dict[str, Any] = await self.retrying(what, lambda: guest.config.get(), read=True)
         self._check_mark(change, seen)
         config = seen
         if seen.get("lock"):
@@ -940,7 +944,7 @@ class ProxmoxProvider:
                     lambda: guest.config.put(**lifted),
                 )
                 config = await self.retrying(
-                    f"read config of {change.id['vmid']}", lambda: guest.config.get()
+                    f"read config of {change.id['vmid']}", lambda: guest.config.get(), read=True
                 )
         if params or delete:
             if delete:
@@ -1125,7 +1129,7 @@ class ProxmoxProvider:
     async def _power(self, change: Change) -> str:
         guest = self._guest(change)
         status = await self.retrying(
-            f"status of {change.address}", lambda: guest.status.current.get()
+            f"status of {change.address}", lambda: guest.status.current.get(), read=True
         )
         return str(status.get("status"))
 
