@@ -25,8 +25,6 @@ from typing import Any
 
 import anyio
 from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 from reconciler.applying.executor import ApplyReport, Outcome, Progress, execute
 from reconciler.loading.graph import guest_ip
@@ -40,6 +38,7 @@ from reconciler.providers import ClusterObserver, Provider
 from reconciler.providers.agent import AGENT_PORT, AgentObserver, AgentTarget
 from reconciler.providers.firewall import FirewallProvider
 from reconciler.providers.proxmox import ProxmoxProvider, connect, read_secret
+from reconciler.providers.redisconn import connect_redis
 from reconciler.providers.traefik import (
     FileFeedPath,
     RedisFeedClient,
@@ -195,22 +194,6 @@ def traefik_routes(
     return TraefikRoutes(instances, unavailable)
 
 
-def redis_client(url: str, password: str | None = None) -> Redis:
-    """A client for the controller's Redis with redis-py's own retries off: they would sleep
-    for real, outside the providers' retry policies."""
-    try:
-        client: Redis = Redis.from_url(
-            url,
-            password=password,
-            retry=Retry(NoBackoff(), 0),
-            socket_timeout=5.0,
-            socket_connect_timeout=5.0,
-        )
-    except ValueError as exc:
-        raise ConfigurationError(f"redis url: {exc}") from None
-    return client
-
-
 def close_client(client: Any) -> None:
     """Close a proxmoxer client's HTTP session (the service reconnects on every revision)."""
     session = getattr(client, "_store", {}).get("session")
@@ -282,7 +265,9 @@ async def connect_platform(
     redis = None
     if ep.redis_url:
         password = read_secret(ep.redis_password) if ep.redis_password else None
-        redis = redis_client(ep.redis_url, password)
+        # The one builder of the controller's Redis clients (the lease uses it too): plain,
+        # TLS, unix socket or Sentinel URLs, redis-py's own retries off.
+        redis = connect_redis(ep.redis_url, password=password)
     agents = None
     try:
         if ep.edge:

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-from reconciler.applying.live import proxmox_provider, redis_client
+from reconciler.applying.live import proxmox_provider
 from reconciler.cli.live import (
     confirm,
     connection_override,
@@ -41,6 +41,7 @@ from reconciler.model.errors import ReconcilerError
 from reconciler.model.resources import DesiredGraph
 from reconciler.model.spec import PlatformSpec, ProxmoxApi
 from reconciler.providers.proxmox import ProxmoxProvider, connect
+from reconciler.providers.redisconn import connect_redis
 
 EXIT_OK, EXIT_ERROR = 0, 1
 
@@ -207,7 +208,7 @@ async def _adopt_holding_lease(
 ) -> AdoptionReport:
     """Adopting changes guests: with the controller's Redis it holds the leader lease, so a
     running service never acts at the same moment (see `holding_lease`)."""
-    redis = redis_client(args.redis_url) if args.redis_url else None
+    redis = connect_redis(args.redis_url) if args.redis_url else None
     try:
         async with holding_lease(redis, args):
             return await adopt(graph, provider, args.addresses)

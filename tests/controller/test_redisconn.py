@@ -9,6 +9,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -261,3 +262,52 @@ def test_an_unknown_master_name_is_a_connection_error(sentinel_port: int) -> Non
             await client.aclose()
 
     anyio.run(main)
+
+
+def test_the_whole_service_runs_on_a_sentinel_url(
+    sentinel_port: int, pve_api: Any, pve: Any, tmp_path: Path
+) -> None:
+    """The lease and every cycle's connection come from one builder: a Sentinel URL that the
+    lease accepts must not fail the cycles (it did: the cycle built its own client, which
+    refused `redis+sentinel://`)."""
+    from reconciler.applying.live import Endpoints
+    from reconciler.controller.service import Service, Settings
+    from reconciler.controller.sources import DirectorySource
+    from reconciler.controller.status import CycleOutcome
+    from reconciler.controller.timing import Trigger
+    from tests.conftest import SPECS
+
+    url = f"redis+sentinel://127.0.0.1:{sentinel_port}/mymaster/0"
+    lease_client = connect_redis(url)
+    service = Service(
+        DirectorySource(SPECS),
+        RedisLease(lease_client, name="sentinel-service", holder="ctl-a", ttl=3),
+        Endpoints(proxmox=pve_api, edge=False, redis_url=url),
+        Settings(
+            intervals={
+                Trigger.SOURCE: 0.2,
+                Trigger.FULL: 60.0,
+                Trigger.INVENTORY: 60.0,
+                Trigger.EDGE: 60.0,
+            },
+            state_dir=tmp_path / "state",
+            listen=None,
+            lease_interval=0.5,
+        ),
+    )
+
+    async def main() -> None:
+        try:
+            async with anyio.create_task_group() as tg:
+                await tg.start(service.run)
+                with anyio.fail_after(60):
+                    while not any(t is Trigger.FULL for t, _ in service.cycles):
+                        await anyio.sleep(0.05)
+                service.stop()
+        finally:
+            await lease_client.aclose()
+
+    anyio.run(main)
+    first = next(outcome for t, outcome in service.cycles if t is Trigger.FULL)
+    assert first in (CycleOutcome.CHANGED, CycleOutcome.CONVERGED), service.board.to_json()
+    assert len([r for r in pve.requests if r[0] == "POST" and r[1].endswith("/lxc")]) == 20
