@@ -9,13 +9,20 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 from typing import TextIO
 
 import anyio
 
 from reconciler.cli.live import add_connection_args, endpoints_from
 from reconciler.controller.logs import setup_logging
-from reconciler.controller.service import build_service, fields, log, redact_secrets
+from reconciler.controller.service import (
+    ServiceOptions,
+    build_service,
+    fields,
+    log,
+    redact_secrets,
+)
 from reconciler.controller.status import CycleOutcome
 from reconciler.controller.timing import Trigger
 from reconciler.model.errors import ReconcilerError
@@ -117,6 +124,29 @@ def add_run_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
     add_connection_args(r)
 
 
+def options_from(args: argparse.Namespace) -> ServiceOptions:
+    """`run`'s flags as the controller's typed options: argparse stops here."""
+    return ServiceOptions(
+        dir=str(args.dir),
+        git_url=args.git_url,
+        git_branch=args.git_branch,
+        git_subdir=args.git_subdir,
+        state_dir=Path(args.state_dir),
+        lease_name=args.lease_name,
+        holder=args.holder,
+        lease_ttl=float(args.lease_ttl),
+        listen=str(args.listen),
+        status_token_env=args.status_token_env,
+        status_token_file=args.status_token_file,
+        source_interval=float(args.source_interval),
+        interval=float(args.interval),
+        inventory_interval=float(args.inventory_interval),
+        edge_interval=float(args.edge_interval),
+        shutdown_grace=float(args.shutdown_grace),
+        once=bool(args.once),
+    )
+
+
 def cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """`reconciler run`: build the service from the command line and run it until SIGTERM
     (or, with --once, for one full cycle). Exit 0, or 1 when it could not start (or the
@@ -129,7 +159,7 @@ def cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     try:
         endpoints = endpoints_from(args)
         redact_secrets(redactor, endpoints)
-        service, close = build_service(args, endpoints=endpoints, redactor=redactor)
+        service, close = build_service(options_from(args), endpoints=endpoints, redactor=redactor)
         if service.settings.status_token is not None:
             redactor.add(service.settings.status_token)
     except ReconcilerError as exc:

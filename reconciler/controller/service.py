@@ -687,49 +687,79 @@ class Service:
 # --- the command --------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class ServiceOptions:
+    """How to build a service: what `reconciler run`'s flags say (`cli.service.options_from`),
+    typed, so the controller never sees the command line's namespace."""
+
+    dir: str = "specs"
+    git_url: str | None = None
+    git_branch: str = "main"
+    git_subdir: str = ""
+    state_dir: Path = Path("/var/lib/reconciler")
+    lease_name: str | None = None
+    holder: str | None = None
+    lease_ttl: float = 15.0
+    listen: str = "127.0.0.1:9180"
+    status_token_env: str | None = None
+    status_token_file: str | None = None
+    source_interval: float = 60.0
+    interval: float = 300.0
+    inventory_interval: float = 30.0
+    edge_interval: float = 10.0
+    shutdown_grace: float = 60.0
+    once: bool = False
+
+
 def build_service(
-    args: Any,
+    options: ServiceOptions,
     *,
     endpoints: Endpoints,
     board: StatusBoard | None = None,
     redactor: Redactor | None = None,
 ) -> tuple[Service, Callable[[], Awaitable[None]]]:
-    """The service as the command line describes it, and how to close what it opened."""
-    state_dir = Path(args.state_dir)
+    """The service the options describe, and how to close what it opened."""
+    state_dir = Path(options.state_dir)
     source: SpecSource
-    if args.git_url:
+    if options.git_url:
         source = GitSource(
-            args.git_url, branch=args.git_branch, subdir=args.git_subdir, workdir=state_dir / "git"
+            options.git_url,
+            branch=options.git_branch,
+            subdir=options.git_subdir,
+            workdir=state_dir / "git",
         )
     else:
-        source = DirectorySource(args.dir)
+        source = DirectorySource(options.dir)
     redis = None
     lease: Lease
     if endpoints.redis_url:
         password = read_secret(endpoints.redis_password) if endpoints.redis_password else None
         redis = connect_redis(endpoints.redis_url, password=password)
         lease = RedisLease(
-            redis, name=args.lease_name or "reconciler", holder=args.holder, ttl=args.lease_ttl
+            redis,
+            name=options.lease_name or "reconciler",
+            holder=options.holder,
+            ttl=options.lease_ttl,
         )
     else:
         state_dir.mkdir(parents=True, exist_ok=True)
-        lease = LocalLease(state_dir / "reconciler.lock", holder=args.holder)
-    host, _, port = str(args.listen).rpartition(":")
+        lease = LocalLease(state_dir / "reconciler.lock", holder=options.holder)
+    host, _, port = str(options.listen).rpartition(":")
     if not host or not port.isdigit():
-        raise ConfigurationError(f"--listen {args.listen!r}: expected HOST:PORT")
+        raise ConfigurationError(f"--listen {options.listen!r}: expected HOST:PORT")
     settings = Settings(
         intervals={
-            Trigger.SOURCE: args.source_interval,
-            Trigger.FULL: args.interval,
-            Trigger.INVENTORY: args.inventory_interval,
-            Trigger.EDGE: args.edge_interval,
+            Trigger.SOURCE: options.source_interval,
+            Trigger.FULL: options.interval,
+            Trigger.INVENTORY: options.inventory_interval,
+            Trigger.EDGE: options.edge_interval,
         },
         state_dir=state_dir,
         listen=(host.strip("[]"), int(port)),
-        status_token=read_token(args.status_token_env, args.status_token_file),
-        lease_interval=args.lease_ttl / 3,
-        shutdown_grace=args.shutdown_grace,
-        once=args.once,
+        status_token=read_token(options.status_token_env, options.status_token_file),
+        lease_interval=options.lease_ttl / 3,
+        shutdown_grace=options.shutdown_grace,
+        once=options.once,
     )
     service = Service(source, lease, endpoints, settings, board=board, redactor=redactor)
 
