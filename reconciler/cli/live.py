@@ -18,7 +18,7 @@ import contextlib
 import json
 import os
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import TextIO, TypeVar
 
@@ -391,13 +391,8 @@ async def _apply_saved(
             "make a new plan\n"
         )
         return EXIT_ERROR
-    fresh = make_plan(
-        graph,
-        observed,
-        allow_destroy=saved.allow_destroy,
-        targets=saved.targets,
-        observed_checks=[live_isolation(spec)],
-        agent_layers=conn.agents.layers if conn.agents is not None else (),
+    fresh = plan_observed(
+        graph, spec, conn, observed, allow_destroy=saved.allow_destroy, targets=saved.targets
     )
     if fresh.errored:
         errors = [d for d in fresh.diagnostics if d.severity is Severity.ERROR]
@@ -459,6 +454,27 @@ def _unusable(
     return None
 
 
+def plan_observed(
+    graph: DesiredGraph,
+    spec: PlatformSpec,
+    conn: Connection,
+    observed: ObservedState,
+    *,
+    allow_destroy: bool,
+    targets: Iterable[str],
+) -> Plan:
+    """The live plan, made one way for `plan` and for a saved plan's re-planning at `apply
+    --plan` (the two must agree for an honest saved plan to apply)."""
+    return make_plan(
+        graph,
+        observed,
+        allow_destroy=allow_destroy,
+        targets=targets,
+        observed_checks=[live_isolation(spec)],
+        agent_layers=conn.agents.layers if conn.agents is not None else (),
+    )
+
+
 def live_plan(
     args: argparse.Namespace, spec: PlatformSpec, graph: DesiredGraph, err: TextIO
 ) -> Plan | None:
@@ -467,13 +483,8 @@ def live_plan(
     async def run() -> Plan:
         async with connect_platform(spec, endpoints_from(args)) as conn:
             observed = await conn.observe(spec.platform.name)
-            return make_plan(
-                graph,
-                observed,
-                allow_destroy=args.allow_destroy,
-                targets=args.target,
-                observed_checks=[live_isolation(spec)],
-                agent_layers=conn.agents.layers if conn.agents is not None else (),
+            return plan_observed(
+                graph, spec, conn, observed, allow_destroy=args.allow_destroy, targets=args.target
             )
 
     try:
