@@ -17,6 +17,9 @@ changes something: the leader lease's fencing check. When it raises FencingError
 and every one not yet started are skipped; changes already running finish (a Proxmox task
 cannot be taken back). `stop` is set on shutdown: changes not yet started are skipped, the
 ones in flight are awaited (the caller bounds how long).
+
+A plan with errors is refused with PlanError before anything runs; every caller checks
+`plan.errored` first, so meeting it is a caller's bug, reported as one line by the CLI.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import anyio
 from reconciler.model.errors import (
     ConflictError,
     FencingError,
+    PlanError,
     ProviderError,
     TaskFailedError,
     TemporaryError,
@@ -99,7 +103,7 @@ async def execute(
     stop: anyio.Event | None = None,
 ) -> ApplyReport:
     if plan.errored:
-        raise ValueError("refusing to apply a plan with errors")
+        raise PlanError("refusing to apply a plan with errors")
     report = ApplyReport()
     changes = list(plan.actions)
     total = len(changes)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +29,12 @@ from redis.asyncio import Redis
 from reconciler.applying.executor import ApplyReport, Outcome, Progress, execute
 from reconciler.loading.graph import guest_ip
 from reconciler.model.errors import ConfigurationError, PermanentError, ProviderError
-from reconciler.model.observed import GuestHealth, ObservedResource, ObservedState, RouteServing
+from reconciler.model.observed import GuestHealth, ObservedResource, ObservedState
 from reconciler.model.plans import Action, Change, Plan
 from reconciler.model.resources import DesiredGraph, Kind, guest_address
 from reconciler.model.spec import FileFeed, PlatformSpec, ProxmoxApi, SecretRef
 from reconciler.planning.planner import ObservedCheck, make_plan
-from reconciler.providers import ClusterObserver, Provider
+from reconciler.providers import Observation, Provider
 from reconciler.providers.agent import AGENT_PORT, AgentObserver, AgentTarget
 from reconciler.providers.firewall import FirewallProvider
 from reconciler.providers.proxmox import ProxmoxProvider, connect, read_secret
@@ -209,8 +209,9 @@ class Unavailable:
 
     kinds: frozenset[Kind]
     reason: str
+    needs: frozenset[Kind] = frozenset()
 
-    async def observe(self) -> list[ObservedResource]:
+    async def observe(self, seen: Observation | None = None) -> list[ObservedResource]:
         raise PermanentError(self.reason)
 
     async def apply(self, change: Change) -> None:
@@ -243,6 +244,9 @@ class Connection:
     agents: AgentWatch | None
     source: str
     redis: Redis | None = None
+    # The guests' provider also as itself: the controller's inventory check and edge poll read
+    # the inventory in one call (`ProxmoxProvider.inventory`), outside any observation.
+    guests: ProxmoxProvider | None = None
 
     async def observe(self, platform: str) -> ObservedState:
         return await observe_all(self.providers, platform, self.source, self.agents)
@@ -290,7 +294,7 @@ async def connect_platform(
                     endpoints=endpoints_by_address,
                     observer=AgentObserver(token=token, redis=redis),
                 )
-        yield Connection(providers, agents, guests.source, redis)
+        yield Connection(providers, agents, guests.source, redis, guests)
     finally:
         if redis is not None:
             await redis.aclose()
@@ -320,62 +324,69 @@ async def observe_health(
     return dict(sorted(health.items()))
 
 
+def observation_order(providers: Iterable[Provider]) -> list[Provider]:
+    """Each provider once, after the providers of the kinds it `needs`, otherwise in the order
+    given. A need nobody here provides is what the caller already knows (the edge poll's
+    guests): it does not hold the provider back."""
+    pending = list({id(p): p for p in providers}.values())
+    provided = {k for p in pending for k in p.kinds}
+    ordered: list[Provider] = []
+    done: set[Kind] = set()
+    while pending:
+        ready = next((p for p in pending if not (p.needs & provided) - done - p.kinds), None)
+        if ready is None:
+            names = sorted(type(p).__name__ for p in pending)
+            raise ConfigurationError("providers need each other's kinds: " + ", ".join(names))
+        ordered.append(ready)
+        done |= ready.kinds
+        pending.remove(ready)
+    return ordered
+
+
 async def observe_all(
     providers: Mapping[Kind, Provider],
     platform: str,
     source: str = "",
     agents: AgentWatch | None = None,
+    *,
+    kinds: Iterable[Kind] | None = None,
+    given: Iterable[ObservedResource] = (),
 ) -> ObservedState:
-    """Every provider once, guest providers first; a firewall provider gets the guests seen,
-    and so does the agent watch. An edge provider's failure is recorded, not raised. The
-    guest provider, when it can (`ClusterObserver`), also reports the cluster's nodes and
-    storages for the planner's placement checks (the edge poll's stand-in cannot: no facts,
-    no checks)."""
-    resources: list[ObservedResource] = []
+    """The providers of `kinds` (default: every kind in `providers`) once each, in the order
+    of their `needs`, each handed what was seen before it; `given` is what the caller already
+    knows (the edge poll's guests, with a fresh power state), seen first but not looked at, so
+    its kinds are not in the state's `kinds` and nothing of them is planned. The agent watch
+    gets the guests seen. An edge provider's failure is recorded, not raised."""
+    seen = Observation(list(given))
     errors: dict[str, str] = {}
-    kinds = set(providers)
-    unique = list({id(p): p for p in providers.values()}.values())
-    unique.sort(key=lambda p: Kind.GUEST not in p.kinds)
-    for provider in unique:
-        if isinstance(provider, FirewallProvider):
-            guests = [r for r in resources if r.kind is Kind.GUEST]
-            resources.extend(await provider.observe(guests))
-            continue
+    looked = set(providers) if kinds is None else set(kinds) & set(providers)
+    order = observation_order(p for k, p in providers.items() if k in looked)
+    health: dict[str, GuestHealth] | None = None
+    for i, provider in enumerate(order):
+        if health is None and not any(Kind.GUEST in p.kinds for p in order[i:]):
+            # The agent watch needs the guests, like a provider: asked once they are all seen.
+            health = await observe_health(agents, seen.resources) if agents is not None else {}
         try:
-            resources.extend(await provider.observe())
+            seen.resources.extend(await provider.observe(seen))
         except ProviderError as exc:
             if not provider.kinds <= _EDGE:
                 raise
-            for kind in provider.kinds:
+            for kind in sorted(provider.kinds, key=lambda k: k.rank):
                 errors[kind.value] = str(exc)
-            kinds -= provider.kinds
-    guests_provider = providers.get(Kind.GUEST)
-    cluster = None
-    if isinstance(guests_provider, ClusterObserver):
-        cluster = await guests_provider.observe_cluster(resources)
-    health = await observe_health(agents, resources) if agents is not None else {}
-    serving: dict[str, RouteServing] = {}
-    for provider in unique:
-        if isinstance(provider, TraefikRoutes) and Kind.ROUTE in kinds:
-            routes = [r for r in resources if r.kind is Kind.ROUTE]
-            for address, seen in (await provider.served(routes)).items():
-                if isinstance(seen, ProviderError):
-                    serving[address] = RouteServing(served=None, errors=(str(seen),))
-                else:
-                    serving[address] = RouteServing(
-                        served=seen.served, status=seen.status, errors=seen.errors
-                    )
+            looked -= provider.kinds
+    if health is None:
+        health = await observe_health(agents, seen.resources) if agents is not None else {}
     now = datetime.datetime.now(datetime.UTC).replace(microsecond=0).isoformat()
     return ObservedState(
         platform=platform,
         observed_at=now.replace("+00:00", "Z"),
         source=source,
-        kinds=tuple(sorted(kinds, key=lambda k: k.rank)),
-        resources=tuple(resources),
+        kinds=tuple(sorted(looked, key=lambda k: k.rank)),
+        resources=tuple(seen.resources),
         health=health,
         errors=errors,
-        serving=serving,
-        cluster=cluster,
+        serving=seen.serving,
+        cluster=seen.cluster,
     )
 
 
@@ -427,17 +438,27 @@ async def converge(
     guard: Callable[[], Awaitable[object]] | None = None,
     stop: anyio.Event | None = None,
     exclude: Callable[[Plan], Plan] | None = None,
+    kinds: Iterable[Kind] | None = None,
+    given: Iterable[ObservedResource] = (),
 ) -> Convergence:
     """Observe, plan, apply; when a change met a conflict (a stale digest, a vmid taken in a
     race), or a guest was migrated (its firewall, Velocity registration and routes are
     re-verified on its new node), observe and plan again, up to `max_rounds` times. `guard`,
     `stop`: see `applying.executor.execute`; `exclude` trims a plan before it is applied (the
-    service leaves out resources waiting out a backoff)."""
+    service leaves out resources waiting out a backoff).
+
+    The one path of every run: the full cycle, `apply [--target]` and the demo look at every
+    kind; the edge poll passes `kinds` (only those are observed, planned and applied: a kind
+    not looked at is never deleted) and `given` (what it already knows; see `observe_all`)."""
     result = Convergence()
     targets = tuple(targets)
     checks = tuple(observed_checks)
+    only = frozenset(kinds) if kinds is not None else None
+    known = tuple(given)
     for _ in range(max_rounds):
-        observed = await observe_all(providers, graph.platform, source, agents)
+        observed = await observe_all(
+            providers, graph.platform, source, agents, kinds=only, given=known
+        )
         plan = make_plan(
             graph,
             observed,
@@ -446,6 +467,8 @@ async def converge(
             observed_checks=checks,
             agent_layers=agents.layers if agents is not None else (),
         )
+        if only is not None:  # and whatever the plan holds besides: those kinds alone
+            plan = replace(plan, changes=tuple(c for c in plan.changes if c.kind in only))
         round_ = Round(plan, observed=observed)
         result.rounds.append(round_)
         if exclude is not None:

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable
 from typing import Any, TextIO
 
-from reconciler.model.diagnostics import Diagnostic, Severity
+from reconciler.model.diagnostics import Diagnostic, Position, Severity
 from reconciler.model.plans import HOLD_START, START_GUEST, Action, Change, Plan
 
 _COLORS = {
@@ -267,7 +268,20 @@ def render_markdown(plan: Plan) -> str:
 
 def _md_diag(d: Diagnostic) -> str:
     where = f"`{d.position}` " if d.position else ""
-    return f"{where}{d.message} ({d.code})"
+    also = "".join(f"; also `{p}`" for p in _also(d))
+    return f"{where}{d.message} ({d.code}){also}"
+
+
+def _also(d: Diagnostic) -> list[Position]:
+    """The other places a problem involves (the first definition of a duplicate, the rule a
+    policy finding goes through), leaving out those the message already names as `file:line`
+    (or `file`), so a place is shown once."""
+    out = []
+    for p in d.related:
+        named = f"{p.file}:{p.line}" if p.line else p.file
+        if not re.search(re.escape(named) + r"(?![\d])", d.message):
+            out.append(p)
+    return out
 
 
 def use_color(choice: str, stream: TextIO) -> bool:
@@ -282,7 +296,7 @@ def use_color(choice: str, stream: TextIO) -> bool:
 def render_diagnostics(diags: Iterable[Diagnostic], *, color: bool = False) -> str:
     lines = []
     for d in diags:
-        text = str(d)
+        text = str(d) + "".join(f"; also {p}" for p in _also(d))
         if color:
             code = _RED if d.severity is Severity.ERROR else _YELLOW
             text = text.replace(f"{d.severity.value}:", f"{code}{d.severity.value}:{_RESET}", 1)
@@ -299,6 +313,7 @@ def render_github(diags: Iterable[Diagnostic]) -> str:
             props.append(f"file={d.position.file}")
             if d.position.line:
                 props.append(f"line={d.position.line},col={d.position.column}")
-        msg = d.message.replace("%", "%25").replace("\n", "%0A")
+        also = "".join(f"; also {p}" for p in _also(d))
+        msg = (d.message + also).replace("%", "%25").replace("\n", "%0A")
         lines.append(f"::{d.severity.value} {','.join(props)},title={d.code}::{msg}")
     return "\n".join(lines) + ("\n" if lines else "")

@@ -26,7 +26,9 @@ The worker's triggers:
     INVENTORY  one Proxmox call (`/cluster/resources`) compared with the last snapshot; any
                drift asks for a FULL at once
     EDGE       Velocity, Traefik and the agents, with the guests' power state from one
-               inventory call: registrations and routes follow readiness within seconds
+               inventory call (which also serves as the INVENTORY check): the same
+               `applying.live.converge`, on the edge's kinds only and with the last snapshot's
+               guests given; registrations and routes follow readiness within seconds
 
 Every mutating action passes the lease's `check()` first (the executor's `guard`): a replica
 that lost the lease, or never had it, changes nothing. A standby runs SOURCE only and reports.
@@ -54,8 +56,8 @@ from typing import Any
 import anyio
 import anyio.abc
 
-from reconciler.applying.executor import ApplyReport, Outcome, Result, execute
-from reconciler.applying.live import Connection, Endpoints, connect_platform, converge, observe_all
+from reconciler.applying.executor import ApplyReport, Outcome, Result
+from reconciler.applying.live import Connection, Endpoints, connect_platform, converge
 from reconciler.controller.http import read_token, serve_status
 from reconciler.controller.lease import Lease, LeaseKeeper, LocalLease, RedisLease
 from reconciler.controller.logs import Redactor
@@ -71,12 +73,11 @@ from reconciler.controller.status import CycleKind, CycleOutcome, StatusBoard
 from reconciler.controller.timing import Backoffs, Schedule, Trigger
 from reconciler.loading.graph import build_graph
 from reconciler.model.errors import ConfigurationError, ReconcilerError, first_error
-from reconciler.model.observed import ObservedResource, ObservedState
+from reconciler.model.observed import ObservedState
 from reconciler.model.plans import Plan
 from reconciler.model.resources import DesiredGraph, Kind
 from reconciler.model.spec import PlatformSpec, SecretRef
 from reconciler.planning.observed_policies import live_isolation
-from reconciler.planning.planner import make_plan
 from reconciler.providers import Provider
 from reconciler.providers.proxmox import Inventory, ProxmoxProvider, read_secret
 from reconciler.providers.proxmox_inventory import inventory_drift
@@ -125,21 +126,6 @@ def without(plan: Plan, leave_out: set[str]) -> Plan:
                 out.add(c.address)
                 grew = True
     return replace(plan, changes=tuple(c for c in plan.changes if c.address not in out))
-
-
-class _Known:
-    """A provider that 'observes' resources already known (the guests of the last full
-    snapshot, with a fresh power state): the edge poll needs them, not their configs."""
-
-    def __init__(self, resources: list[ObservedResource]) -> None:
-        self.resources = resources
-        self.kinds = frozenset({Kind.GUEST})
-
-    async def observe(self) -> list[ObservedResource]:
-        return self.resources
-
-    async def apply(self, change: object) -> None:  # pragma: no cover - never planned
-        raise AssertionError("guests are not planned by the edge poll")
 
 
 class Service:
@@ -559,10 +545,7 @@ class Service:
     # --- INVENTORY ---------------------------------------------------------------------------
 
     def _guests(self) -> ProxmoxProvider | None:
-        if self._conn is None:
-            return None
-        provider = self._conn.providers.get(Kind.GUEST)
-        return provider if isinstance(provider, ProxmoxProvider) else None
+        return self._conn.guests if self._conn is not None else None
 
     async def _inventory(self) -> None:
         guests = self._guests()
@@ -601,8 +584,7 @@ class Service:
         conn = self._conn
         if not self._may_act(CycleKind.EDGE) or guests is None or conn is None:
             return
-        edge = {k: p for k, p in conn.providers.items() if k in EDGE_KINDS}
-        if not edge or self._snapshot is None:
+        if not any(k in EDGE_KINDS for k in conn.providers) or self._snapshot is None:
             return
         assert self._graph is not None
         started, t0 = self.wall(), self.clock()
@@ -625,31 +607,24 @@ class Service:
                 for r in self._snapshot.resources
                 if r.kind is Kind.GUEST and r.owned and r.id.get("vmid") in power
             ]
-            providers: dict[Kind, Provider] = {Kind.GUEST: _Known(known), **edge}
-            observed = await observe_all(providers, self._graph.platform, conn.source, conn.agents)
-            kinds = tuple(k for k in (observed.kinds or ()) if k in EDGE_KINDS)
-            observed = observed.model_copy(update={"kinds": kinds})
-            plan = self._exclude(
-                make_plan(
-                    self._graph,
-                    observed,
-                    agent_layers=conn.agents.layers if conn.agents is not None else (),
-                )
+            # The one converge path, on the edge's kinds only: the guests are given (not looked
+            # at, so nothing of them is planned); guests and their firewall are the full
+            # cycle's, with its fresh observation and its checks.
+            result = await converge(
+                self._graph,
+                conn.providers,
+                source=conn.source,
+                kinds=EDGE_KINDS,
+                given=known,
+                max_rounds=1,  # a conflict is met again by the next poll, seconds away
+                agents=conn.agents,
+                guard=self.lease.check,
+                stop=self.stopping,
+                exclude=self._exclude,
+                progress=self._progress,
             )
-            # The edge poll acts on the edge only, whatever the plan holds: guests and their
-            # firewall are the full cycle's, with its fresh observation and its checks.
-            plan = replace(plan, changes=tuple(c for c in plan.changes if c.kind in EDGE_KINDS))
-            reports: list[ApplyReport] = []
-            if plan.has_changes and not plan.errored:
-                reports.append(
-                    await execute(
-                        plan,
-                        edge,
-                        progress=self._progress,
-                        guard=self.lease.check,
-                        stop=self.stopping,
-                    )
-                )
+            plan = result.rounds[-1].plan
+            reports = [r.report for r in result.rounds if r.report is not None]
         except (ReconcilerError, ExceptionGroup) as caught:
             exc = first_error(caught)
             if exc is None:

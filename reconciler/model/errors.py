@@ -5,6 +5,8 @@ executor decides retry or stop from the class alone (kopf `_core/actions/executi
     ├── ConfigurationError        bad settings (missing credentials, unreadable CA file)
     ├── FencingError              this controller lost (or never held) the leader lease: it
     │                             must not act; raised before a mutating action, never retried
+    ├── PlanError                 a plan that must not be applied (it carries errors); a bug
+    │                             in the caller, which should have checked `plan.errored`
     └── ProviderError             an outside system said no, or did not answer
         ├── TemporaryError        retry after a jittered backoff
         │   └── LockedError       a config lock (backup, migrate, ...): wait until it clears
@@ -31,6 +33,10 @@ class ConfigurationError(ReconcilerError):
 
 
 class FencingError(ReconcilerError):
+    pass
+
+
+class PlanError(ReconcilerError):
     pass
 
 

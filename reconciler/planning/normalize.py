@@ -1,6 +1,6 @@
 """Normalization: both sides of a diff in one canonical shape, so a converged platform plans empty.
 
-Proxmox rewrites what it is sent (FIELD-NOTES: tags lowercased, deduped, sorted and `;`-joined;
+Proxmox rewrites what it is sent (tags lowercased, deduped, sorted and `;`-joined;
 rootfs as `local-lvm:vm-103-disk-0,size=8G`; MACs and `type=veth` added to netN; booleans as
 0/1). Observers may hand us either spelling; every comparison goes through here.
 

@@ -1,29 +1,58 @@
 """One module per outside system. Each observes into ObservedResources and applies Changes, and
-wraps its client's errors in reconciler.model.errors. Providers do not import each other."""
+wraps its client's errors in reconciler.model.errors. This module holds the protocols the
+planner, the executor and the controller see them through.
+
+Providers of different systems do not import each other: `velocity`, `traefik` and `agent`
+know nothing of Proxmox or of one another. Any of them may import this module, which imports
+none of them. What they share, and why:
+
+- the Proxmox modules build on `proxmox`, because they talk to the same API and must agree on
+  it. `firewall` composes a `ProxmoxProvider` for every call (one thread hop, one retry loop,
+  one error translation in `proxmox.classify`) and reads a guest's ownership mark with
+  `proxmox.read_mark` and `claimed`, so a guest's firewall is ours exactly when the guest is;
+  `proxmox_access` asks for privileges through a `ProxmoxProvider`, and finds the storage a
+  template lives on with `proxmox.template_storage`; `proxmox_inventory` compares an
+  observation with the `proxmox.Inventory` the guest provider reads;
+- `backoff` is the one delay between tries that `proxmox`, `traefik` and `velocity` wait by,
+  so every provider backs off alike;
+- `redisconn` turns the operator's Redis URL into a client; the callers use it, and hand the
+  client to the providers that write to Redis (`traefik`, `agent`), which never import it.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Protocol, runtime_checkable
+from dataclasses import dataclass, field
+from typing import Protocol
 
-from reconciler.model.observed import ClusterFacts, ObservedResource
+from reconciler.model.observed import ClusterFacts, ObservedResource, RouteServing
 from reconciler.model.plans import Change
 from reconciler.model.resources import Kind
 
 
-class Provider(Protocol):
-    kinds: frozenset[Kind]
+@dataclass
+class Observation:
+    """What one observation has seen so far: handed to every provider's `observe` in turn, in
+    the order of their `needs`, and what it adds besides resources (its extra outputs). The
+    edge poll starts one with the guests it already knows; the full cycle starts it empty."""
 
-    async def observe(self) -> list[ObservedResource]: ...
+    resources: list[ObservedResource] = field(default_factory=list)
+    cluster: ClusterFacts | None = None  # the guest provider's nodes, storages, templates
+    serving: dict[str, RouteServing] = field(default_factory=dict)  # by route address
+
+    def of(self, kind: Kind) -> list[ObservedResource]:
+        return [r for r in self.resources if r.kind is kind]
+
+
+class Provider(Protocol):
+    """One outside system's kinds. `needs`: the kinds observed before this provider, which its
+    `observe` reads from `seen` (the firewall needs the guests); `observe` returns its kinds'
+    resources and may fill `seen`'s extra outputs (the guest provider its cluster facts,
+    Traefik what its routes serve). `apply` carries out one change of its kinds. Adding a kind
+    is writing one such provider and registering it in `applying.live.connect_platform`."""
+
+    kinds: frozenset[Kind]
+    needs: frozenset[Kind]
+
+    async def observe(self, seen: Observation) -> list[ObservedResource]: ...
 
     async def apply(self, change: Change) -> None: ...
-
-
-@runtime_checkable
-class ClusterObserver(Protocol):
-    """A guest provider that also sees the cluster its guests live on (nodes, storages,
-    templates), for the planner's placement checks. `seen` is what its `observe` returned."""
-
-    async def observe_cluster(
-        self, seen: Iterable[ObservedResource] = ()
-    ) -> ClusterFacts | None: ...

@@ -20,7 +20,7 @@ Ownership:
   the spec's before it calls it an adoption candidate;
 - a managed guest's firewall options and its whole rule list are ours.
 
-Rules (FIELD-NOTES, fakepve-findings §9): POST inserts at position 0 and creates the rule
+Rules, as Proxmox's firewall API treats them: POST inserts at position 0 and creates the rule
 disabled unless `enable` is sent, so `enable` is always sent; an update PUTs the rule's fields
 at its position with `delete=` for the fields that went away; `moveto` puts a rule in front of
 the rule at that position, counted before the move. `rule_ops` is the pure edit script from an
@@ -63,6 +63,7 @@ from reconciler.model.observed import ObservedResource
 from reconciler.model.plans import START_GUEST, Action, Change
 from reconciler.model.resources import Kind
 from reconciler.model.units import ipset_entry
+from reconciler.providers import Observation
 from reconciler.providers.proxmox import ProxmoxProvider, claimed, read_mark
 
 FIREWALL_KINDS = frozenset(
@@ -310,6 +311,7 @@ class FirewallProvider:
     _locks: dict[str, anyio.Lock] = field(default_factory=dict)
 
     kinds = FIREWALL_KINDS
+    needs = frozenset({Kind.GUEST})  # the owned guests' firewalls are read
 
     @property
     def platform(self) -> str:
@@ -341,13 +343,10 @@ class FirewallProvider:
 
     # --- observe -------------------------------------------------------------------------
 
-    async def observe(
-        self, guests: Sequence[ObservedResource] | None = None
-    ) -> list[ObservedResource]:
-        """The cluster-level objects and the firewall of each owned guest in `guests` (observed
+    async def observe(self, seen: Observation | None = None) -> list[ObservedResource]:
+        """The cluster-level objects and the firewall of each owned guest `seen` (observed
         through `pve` when not given)."""
-        if guests is None:
-            guests = await self.pve.observe()
+        guests = seen.of(Kind.GUEST) if seen is not None else await self.pve.observe()
         fw = self.client.cluster.firewall
         out: list[ObservedResource] = []
         foreign_ipsets: dict[str, dict[str, Any]] = {}

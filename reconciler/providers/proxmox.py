@@ -4,7 +4,8 @@ Called by the CLI (`observe`, `plan`, `apply`) and the controller. Blocking prox
 in worker threads (anyio.to_thread) behind a limiter, so observation and apply are concurrent
 but bounded.
 
-What it knows of Proxmox (see ../shared/FIELD-NOTES.md):
+What it knows of Proxmox, and relies on (the README's "Live" section says what it means for
+an operator):
 - the inventory of every guest is one `GET /cluster/resources` (every type: its node and
   storage items are the cluster facts of `observe_cluster`, at no extra call); a config read
   per guest that carries our tag fills in the rest;
@@ -89,6 +90,7 @@ from reconciler.model.plans import HOLD_START, Action, Change
 from reconciler.model.resources import Kind
 from reconciler.model.spec import ProxmoxApi, SecretRef
 from reconciler.model.units import parse_kv, parse_mib
+from reconciler.providers import Observation
 from reconciler.providers.backoff import backoff
 
 MARK_PREFIX = "reconciler:v1"
@@ -530,6 +532,7 @@ class ProxmoxProvider:
     _observed_inventory: Inventory | None = None
 
     kinds = frozenset({Kind.GUEST})
+    needs = frozenset[Kind]()
 
     # Every Proxmox call goes through here: one thread hop, one count, one error translation.
     # `read`: the call only reads (a GET), so any server error is worth another try.
@@ -605,9 +608,11 @@ class ProxmoxProvider:
             except LockedError:
                 return inv
 
-    async def observe(self) -> list[ObservedResource]:
+    async def observe(self, seen: Observation | None = None) -> list[ObservedResource]:
         """Every guest: inventory in one call, config only for guests carrying our tag. A
-        template is foreign, whatever it carries: it holds its vmid and is never touched."""
+        template is foreign, whatever it carries: it holds its vmid and is never touched.
+        With `seen`, also the cluster's facts for the planner's placement checks
+        (`observe_cluster`, into `seen.cluster`)."""
         inv = await self.settled_inventory()
         self._observed_inventory = inv
         _refuse_offline(inv, self.owner_tag)
@@ -626,7 +631,10 @@ class ProxmoxProvider:
                     tg.start_soon(read, item)
                 else:
                     out.append(self._foreign(item))
-        return sorted(out, key=lambda r: r.id["vmid"])
+        out.sort(key=lambda r: r.id["vmid"])
+        if seen is not None:
+            seen.cluster = await self.observe_cluster(out)
+        return out
 
     def _foreign(self, item: Mapping[str, Any]) -> ObservedResource:
         """A guest that is not ours, from its inventory item: `template` says whether it is a

@@ -5,9 +5,10 @@ Traefik actually serves through its API.
 Called by the CLI and the controller like every provider (`reconciler.providers.Provider`); the
 caller builds one provider per instance, with its feed (`RedisFeedClient`: a redis.asyncio client
 and the instance's root key; `FileFeedPath`: the instance's dynamic-config file) and optionally
-the instance's API URL. See ../shared/FIELD-NOTES.md (Traefik). Build the Redis client with
-redis-py's own retries off (`retry=Retry(NoBackoff(), 0)`): they sleep for real, outside the
-provider's RetryPolicy and its injected sleep.
+the instance's API URL (the README's "The edge" section shows both feeds and the Traefik static
+configuration each needs). Build the Redis client with redis-py's own retries off
+(`retry=Retry(NoBackoff(), 0)`): they sleep for real, outside the provider's RetryPolicy and its
+injected sleep.
 
 Naming and ownership: the route `route/<instance>/<name>` becomes a router and a service both
 named `rc-<name>` (ROUTER_PREFIX). Only routers and services carrying that prefix are read or
@@ -93,10 +94,11 @@ from reconciler.model.errors import (
     ProviderError,
     TemporaryError,
 )
-from reconciler.model.observed import ObservedResource
+from reconciler.model.observed import ObservedResource, RouteServing
 from reconciler.model.plans import Action, Change
 from reconciler.model.resources import Kind
 from reconciler.model.units import check_identifier, check_key_path, check_label
+from reconciler.providers import Observation
 from reconciler.providers.backoff import backoff
 
 Sleep = Callable[[float], Awaitable[None]]
@@ -682,6 +684,7 @@ class TraefikRoutes:
     planning their routes as missing."""
 
     kinds = frozenset({Kind.ROUTE})
+    needs = frozenset[Kind]()
 
     def __init__(
         self,
@@ -698,7 +701,8 @@ class TraefikRoutes:
     def retries(self) -> int:
         return sum(p.retries for p in self.instances.values())
 
-    async def observe(self) -> list[ObservedResource]:
+    async def observe(self, seen: Observation | None = None) -> list[ObservedResource]:
+        """Every instance's routes; with `seen`, also what each route serves (`seen.serving`)."""
         if self.unavailable:
             raise PermanentError(
                 "; ".join(f"Traefik {i!r}: {why}" for i, why in sorted(self.unavailable.items()))
@@ -706,6 +710,14 @@ class TraefikRoutes:
         out: list[ObservedResource] = []
         for _, provider in sorted(self.instances.items()):
             out += await provider.observe()
+        if seen is not None:
+            for address, served in (await self.served(out)).items():
+                if isinstance(served, ProviderError):
+                    seen.serving[address] = RouteServing(served=None, errors=(str(served),))
+                else:
+                    seen.serving[address] = RouteServing(
+                        served=served.served, status=served.status, errors=served.errors
+                    )
         return out
 
     async def served(self, observed: list[ObservedResource]) -> dict[str, Served | ProviderError]:

@@ -6,8 +6,8 @@ The caller resolves the bridge's URL (`http://<velocity guest ip>:<bridge.port>`
 shared secret; only the secret's hex sha256 goes on the wire (`X-Zpack-Secret`), and neither the
 secret nor its hash appears in an error message or a repr.
 
-What it knows of the bridge and of Velocity (see ../shared/FIELD-NOTES.md, and the simulator
-`reconciler.simulators.velocity_bridge` for the contract in full):
+What it knows of the bridge and of Velocity (the simulator `reconciler.simulators.velocity_bridge`
+speaks the contract in full; the README's "The edge" section describes it for an operator):
 - `GET /zpack/list` -> `{"servers": [{"name", "address", "port"}, ...]}` is the whole registry;
   an entry whose `address` is "host:port" with no `port` is read as both;
 - Velocity's registry is in memory, keyed by name: registering an identical name and address is
@@ -63,6 +63,7 @@ from reconciler.model.errors import (
 from reconciler.model.observed import ObservedResource
 from reconciler.model.plans import Action, Change
 from reconciler.model.resources import Kind
+from reconciler.providers import Observation
 from reconciler.providers.backoff import backoff
 
 Sleep = Callable[[float], Awaitable[None]]
@@ -183,6 +184,7 @@ class VelocityProvider:
     """Registrations on one Velocity proxy's bridge plugin."""
 
     kinds = frozenset({Kind.VELOCITY})
+    needs = frozenset[Kind]()
 
     def __init__(
         self,
@@ -268,7 +270,7 @@ class VelocityProvider:
         except BadAnswer as exc:
             raise classify(exc, f"Velocity bridge {self.url}") from None
 
-    async def observe(self) -> list[ObservedResource]:
+    async def observe(self, seen: Observation | None = None) -> list[ObservedResource]:
         out: list[ObservedResource] = []
         for server in await self.list_servers():
             name = server["server_name"]

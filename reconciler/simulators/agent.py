@@ -7,7 +7,7 @@ each simulated agent listens on its own loopback port (`fleet.endpoint(vmid)` gi
 thread serves every listening socket, so a thousand agents cost one thread plus one short-lived
 thread per request in flight.
 
-Wire contract (FIELD-NOTES "The in-container agent"):
+Wire contract (the platform's zlh-agent, as the platform API polls it):
 
     GET /health   always 200 {"ok": true}, token or not
     GET /status   200 {"state": "running", "processRunning": true, "ready": true,

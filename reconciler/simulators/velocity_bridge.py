@@ -2,7 +2,7 @@
 benchmarks and the demo. The Velocity provider (`reconciler.providers.velocity`) talks to it
 exactly as to the real plugin.
 
-Wire contract (FIELD-NOTES "Velocity and the platform's bridge plugin"):
+Wire contract (the platform's Velocity bridge plugin):
 
     POST /zpack/register    {"server_name": "mc-lobby", "address": "10.60.0.11", "port": 25565}
         200 {"ok": true, "server_name": ..., "changed": true}   registered
