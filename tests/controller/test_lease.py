@@ -8,7 +8,6 @@ import itertools
 import os
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -156,13 +155,13 @@ def test_a_dead_leader_is_replaced_within_the_ttl_and_fenced_when_it_wakes(
             a = RedisLease(a_r, name=name, holder="a", ttl=0.3, clock=lambda: 0.0)
             b = RedisLease(b_r, name=name, holder="b", ttl=0.3)
             assert await a.acquire()
-            t0 = time.monotonic()
             assert not await b.acquire()
+            # What Redis says is left, no more (not timed here: on a busy machine the round
+            # trips to Redis take what they take).
             assert b.expires_in is not None and 0 < b.expires_in <= 0.3
             # a dies: it just stops renewing. b waits what Redis said was left.
             await anyio.sleep(b.expires_in + 0.01)
             assert await b.acquire()
-            assert time.monotonic() - t0 < 0.3 + 0.1
             assert a.token is not None  # a's own (frozen) clock still says leader...
             with pytest.raises(FencingError, match="lost the lease"):
                 await a.check()  # ...Redis says no
@@ -432,11 +431,18 @@ def test_keeper_steps_down_when_redis_fails_for_a_ttl(
 def test_a_standby_keeper_takes_over_within_the_ttl(redis_port: int, name: str) -> None:
     async def main() -> None:
         ttl = 0.3
-        sleeps: list[float] = []
+        # What the standby slept, and what its lease said was left of the term then.
+        sleeps: list[tuple[float, float | None]] = []
+        before: list[int] = []  # how many sleeps came before it took over
 
         async def sleep(seconds: float) -> None:
-            sleeps.append(seconds)
+            sleeps.append((seconds, standby.lease.expires_in))
             await anyio.sleep(seconds)
+
+        def on_change(lead: bool) -> None:
+            if lead and not before:
+                before.append(len(sleeps))
+            took_over.set()
 
         async with clients(redis_port, 2) as (a_r, b_r):
             leader = LeaseKeeper(RedisLease(a_r, name=name, holder="a", ttl=ttl), interval=ttl / 3)
@@ -444,22 +450,28 @@ def test_a_standby_keeper_takes_over_within_the_ttl(redis_port: int, name: str) 
             standby = LeaseKeeper(
                 RedisLease(b_r, name=name, holder="b", ttl=ttl),
                 interval=ttl / 3,
-                on_change=lambda lead: took_over.set(),
+                on_change=on_change,
                 sleep=sleep,
             )
-            assert await leader.step()
-            last_renewal = time.monotonic()  # then the leader dies: no more rounds
+            assert await leader.step()  # then the leader dies: no more rounds
             await anyio.sleep(ttl / 6)  # the standby starts half an interval out of phase
             async with anyio.create_task_group() as tg:
                 tg.start_soon(standby.run)
-                with anyio.fail_after(2):
+                with anyio.fail_after(5):
                     await took_over.wait()
                 tg.cancel_scope.cancel()
-            assert time.monotonic() - last_renewal < ttl + 0.1
             assert standby.changes == 2  # became leader, then stepped down at shutdown
-            # The standby slept at most an interval, and less when the lease was running out.
-            assert all(s <= ttl / 3 + 1e-9 for s in sleeps)
-            assert any(s < ttl / 3 - 0.01 for s in sleeps)
+            # Within the ttl, counted in what the standby slept rather than on the wall clock
+            # (which a busy machine stretches): each sleep is at most what Redis said was left
+            # of the term, so together they are at most the ttl (plus the margin, and the
+            # millisecond Redis rounds to).
+            assert before and sum(s for s, _ in sleeps[: before[0]]) <= ttl + 0.005 + 0.002
+            # The standby slept an interval, and less when the lease was running out: what was
+            # left (and a margin), as the lease told it at the time.
+            assert all(left is not None for _, left in sleeps[: before[0]]), sleeps
+            for slept, left in sleeps:
+                expected = ttl / 3 if left is None else min(ttl / 3, left + 0.005)
+                assert slept == pytest.approx(expected), sleeps
 
     run(main)
 

@@ -143,7 +143,17 @@ def test_a_broken_revision_is_reported_and_never_applied_the_fixed_one_is(
 ) -> None:
     repo = make_repo(tmp_path)
     first = git(repo, "rev-parse", "HEAD")
-    source = GitSource(str(repo), branch="main", subdir="specs", workdir=tmp_path / "git")
+
+    class Counted(GitSource):
+        fetches = 0
+
+        async def fetch(self) -> Revision:
+            try:
+                return await super().fetch()
+            finally:
+                Counted.fetches += 1
+
+    source = Counted(str(repo), branch="main", subdir="specs", workdir=tmp_path / "git")
     lobby = 1000  # mc-lobby's vmid in the example
 
     async def body(svc: Running) -> None:
@@ -157,7 +167,12 @@ def test_a_broken_revision_is_reported_and_never_applied_the_fixed_one_is(
         assert "corez" in status["revision_error"]["diagnostics"]
         assert "game.yaml" in status["revision_error"]["diagnostics"]
         assert status["revision"]["id"] == first  # still converging to the last good one
-        await anyio.sleep(0.5)  # a few more source polls: still nothing applied
+        # A few more source polls (and whatever cycle the first asked for, which the worker
+        # runs before the third): still nothing applied.
+        seen = Counted.fetches
+        with anyio.fail_after(30):
+            while Counted.fetches < seen + 3:
+                await anyio.sleep(0.05)  # polling interval
         assert pve.ct(lobby).config["memory"] == memory
         edit(repo, "game.yaml", "    corez: 1\n", "    cores: 1\n")
         fixed = commit(repo, "fix the typo")
@@ -256,8 +271,25 @@ def test_every_change_passes_the_fencing_check_first(
     assert service.board.last_cycle is not None and service.board.last_cycle.skipped > 0
 
 
-def self_count(service: Service, trigger: Trigger) -> int:
-    return sum(1 for t, _ in service.cycles if t is trigger)
+class CycleLog(list[tuple[Trigger, CycleOutcome]]):
+    """`service.cycles`, noting as each cycle ends the Proxmox calls made so far and the
+    service's clock: counters read at a cycle boundary, never whenever the test looks (when a
+    poll may be halfway through)."""
+
+    def __init__(self, service: Service) -> None:
+        super().__init__()
+        self.service = service
+        self.calls: list[int] = []
+        self.at: list[float] = []
+
+    def append(self, cycle: tuple[Trigger, CycleOutcome]) -> None:
+        guests = self.service._guests()
+        self.calls.append(guests.calls if guests is not None else 0)
+        self.at.append(self.service.clock())
+        super().append(cycle)
+
+    def count(self, trigger: Trigger, since: int = 0) -> int:  # type: ignore[override]
+        return sum(1 for t, _ in self[since:] if t is trigger)
 
 
 def test_the_edge_poll_heals_a_velocity_restart_and_follows_readiness_between_full_cycles(
@@ -299,45 +331,58 @@ def test_the_edge_poll_heals_a_velocity_restart_and_follows_readiness_between_fu
             ),
         )
 
+        log = service.cycles = CycleLog(service)
+        opened: list[int] = []
+
         async def until(what: Callable[[], bool], timeout: float = 30) -> None:
             with anyio.fail_after(timeout):
                 while not what():
-                    await anyio.sleep(0.05)
+                    await anyio.sleep(0.05)  # polling interval
 
         async def main() -> None:
             async with anyio.create_task_group() as tg:
                 await tg.start(service.run)
                 await until(lambda: len(bridge.servers()) == 5)
                 # settled: the full cycle that follows the first apply found nothing to do
-                await until(lambda: (Trigger.FULL, CycleOutcome.CONVERGED) in service.cycles)
-                fulls = sum(1 for t, _ in service.cycles if t is Trigger.FULL)
+                await until(lambda: (Trigger.FULL, CycleOutcome.CONVERGED) in log)
+                fulls = log.count(Trigger.FULL)
 
                 bridge.restart()  # Velocity forgot every registration
-                await until(lambda: len(bridge.servers()) == 5, timeout=10)
+                await until(lambda: len(bridge.servers()) == 5)
+                # (the registrations are back before the poll that made them has ended)
+                await until(lambda: (Trigger.EDGE, CycleOutcome.CHANGED) in log)
                 agents["mc-lobby"].unready("world is loading")
-                await until(lambda: "lobby" not in bridge.servers(), timeout=10)
+                await until(lambda: "lobby" not in bridge.servers())
                 agents["mc-lobby"].ready()
-                await until(lambda: len(bridge.servers()) == 5, timeout=10)
+                await until(lambda: len(bridge.servers()) == 5)
                 # all of it by the edge poll: no full cycle ran meanwhile
-                assert sum(1 for t, _ in service.cycles if t is Trigger.FULL) == fulls
-                assert (Trigger.EDGE, CycleOutcome.CHANGED) in service.cycles
-                # One Proxmox call per edge poll (its inventory read, which also serves as the
-                # drift check): no separate inventory call on top.
-                guests = service._guests()
-                assert guests is not None
-
-                async def after_an_edge_poll() -> tuple[int, int]:
-                    seen = self_count(service, Trigger.EDGE)
-                    await until(lambda: self_count(service, Trigger.EDGE) > seen)
-                    return guests.calls, self_count(service, Trigger.EDGE)
-
-                calls, edges = await after_an_edge_poll()
-                await anyio.sleep(2.0)
-                calls_now, edges_now = await after_an_edge_poll()
-                assert calls_now - calls == edges_now - edges > 3
+                assert log.count(Trigger.FULL) == fulls
+                # A window of edge polls, closed by stopping the service (the poll in flight
+                # finishes first): the counts below are all read at the end of a cycle.
+                opened.append(len(log))
+                await until(lambda: log.count(Trigger.EDGE, since=opened[0]) >= 6)
                 service.stop()
 
         anyio.run(main)
+    # One Proxmox call per edge poll (its inventory read, which also serves as the drift
+    # check): no separate inventory call on top. Counted from the end of the window's first
+    # edge poll to the end of its last.
+    edges = [i for i in range(opened[0], len(log)) if log[i][0] is Trigger.EDGE]
+    first, last = edges[0], edges[-1]
+    assert all(t in (Trigger.EDGE, Trigger.INVENTORY) for t, _ in log[first:last]), log
+    # An edge poll logs its inventory check, then itself: an inventory check not followed by
+    # an edge poll ran on its own, with a call of its own...
+    alone = [
+        i
+        for i in range(first + 1, last)
+        if log[i][0] is Trigger.INVENTORY and log[i + 1][0] is not Trigger.EDGE
+    ]
+    assert log.calls[last] - log.calls[first] == len(edges) - 1 + len(alone), (log, log.calls)
+    # ...and only once the last inventory read was an interval old: each edge poll's read
+    # pushes it back (so under load, a poll that outlasts the interval may see one).
+    for i in alone:
+        read = max(j for j in range(i) if log[j][0] is Trigger.INVENTORY)
+        assert log.at[i] - log.at[read] >= intervals[Trigger.INVENTORY], (log, log.at)
     assert (feeds / "runtime.yml").read_text().count("rc-") >= 4
 
 
