@@ -53,7 +53,7 @@ from reconciler.loading.loader import (
     load_directory,
     outside_link,
 )
-from reconciler.loading.sources import LIMITS
+from reconciler.loading.sources import LIMITS, OPEN_SPEC_FLAGS
 from reconciler.model.diagnostics import Diagnostic, Position, error
 from reconciler.model.errors import ConfigurationError, TemporaryError
 
@@ -144,9 +144,8 @@ def directory_id(directory: Path) -> str:
 
 
 def _file_digest(path: Path) -> bytes:
-    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
     try:
-        with os.fdopen(os.open(path, flags), "rb") as f:
+        with os.fdopen(os.open(path, OPEN_SPEC_FLAGS), "rb") as f:
             info = os.fstat(f.fileno())
             if not stat.S_ISREG(info.st_mode) or info.st_size > LIMITS.file_bytes:
                 # Still a revision: load_directory reports the file as a diagnostic.

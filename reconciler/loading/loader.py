@@ -152,11 +152,6 @@ def outside_link(name: str, target: str) -> Diagnostic:
     )
 
 
-def spec_files(directory: Path) -> list[Path]:
-    """The spec files `load_directory` reads (what `list_spec_files` lets through)."""
-    return [directory / f.rel for f in list_spec_files(directory) if f.refused is None]
-
-
 def load_directory(
     directory: Path | str,
     *,

@@ -328,6 +328,10 @@ def clip(text: str, width: int = 60) -> str:
     return text if len(text) <= width else f"{text[: width - 3]}..."
 
 
+# How a spec file is opened: never through a link, never blocking on a FIFO.
+OPEN_SPEC_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+
+
 def read_spec_file(path: Path, name: str, budget: Budget, diags: list[Diagnostic]) -> str | None:
     """The text of one spec file, or None with why not in `diags`.
 
@@ -335,9 +339,8 @@ def read_spec_file(path: Path, name: str, budget: Budget, diags: list[Diagnostic
     FIFO; the size is checked against `budget` before anything is read, and no more than the
     limit is ever read, even if the file grows meanwhile.
     """
-    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
     try:
-        fd = os.open(path, flags)
+        fd = os.open(path, OPEN_SPEC_FLAGS)
     except OSError as exc:
         diags.append(read_error(name, exc.strerror or str(exc)))
         return None
@@ -365,13 +368,6 @@ def read_spec_file(path: Path, name: str, budget: Budget, diags: list[Diagnostic
 
 def read_error(name: str, why: str) -> Diagnostic:
     return error("read-error", f"cannot read file: {why}", position=Position(name, 1, 1))
-
-
-def read_file(path: Path, name: str, diags: list[Diagnostic]) -> Source | None:
-    """One file -> Source (all its documents merged), or None with diagnostics."""
-    budget = Budget()
-    text = read_spec_file(path, name, budget, diags)
-    return None if text is None else read_text(text, name, diags, Budget(budget.limits))
 
 
 def read_text(
