@@ -109,8 +109,8 @@ def rootfs(value: Any) -> dict[str, str]:
         volume = kv.get("volume", "")
         storage = volume.split(":", 1)[0] if volume else None
         size = kv.get("size")
-        if size is None and ":" in volume and volume.split(":", 1)[1].isdigit():
-            size = volume.split(":", 1)[1]  # `local-lvm:8` as sent on create
+        if size is None and ":" in volume and volume.split(":", 1)[1].replace(".", "", 1).isdigit():
+            size = volume.split(":", 1)[1]  # `local-lvm:8` as sent on create (or allocating)
     out: dict[str, str] = {}
     if storage:
         out["storage"] = str(storage)
@@ -138,23 +138,13 @@ def volume(kind: str, value: Any) -> dict[str, Any]:
     mount point is not backed up unless `backup=1`, a VM disk is unless `backup=0`), and the
     mount options that differ from their defaults. What the spec cannot say (a VM disk's
     iothread, a mount point's idmap) is left out."""
+    out: dict[str, Any] = dict(rootfs(value))  # storage and size, read as a root disk's
     if isinstance(value, dict):
         kv = {k: v for k, v in value.items() if v is not None}
-        storage, size = kv.get("storage"), kv.get("size")
         path = kv.get("path")
     else:
         kv = parse_kv(str(value))
-        vol = kv.get("volume", "")
-        storage = vol.split(":", 1)[0] if ":" in vol else vol or None
-        size = kv.get("size")
-        if size is None and ":" in vol and vol.split(":", 1)[1].replace(".", "", 1).isdigit():
-            size = vol.split(":", 1)[1]  # `local-lvm:50` as sent when allocating
         path = kv.get("mp")
-    out: dict[str, Any] = {}
-    if storage:
-        out["storage"] = str(storage)
-    if size is not None:
-        out["size"] = format_mib(parse_mib(size, bare_unit="G"))
     if kind == "lxc" and path is not None:
         out["path"] = str(path)
     backup = _bool(kv.get("backup"))

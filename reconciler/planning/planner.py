@@ -48,7 +48,7 @@ from typing import Any
 
 from reconciler.model.diagnostics import Diagnostic, error, warning
 from reconciler.model.observed import GuestHealth, ObservedResource, ObservedState
-from reconciler.model.plans import HOLD_START, START_GUEST, Action, Change, Plan
+from reconciler.model.plans import HOLD_START, START_GUEST, Action, Change, FieldChange, Plan
 from reconciler.model.resources import DesiredGraph, Kind, Resource, kind_of
 from reconciler.model.units import parse_mib
 from reconciler.planning import diffing, normalize, placement
@@ -192,7 +192,10 @@ def make_plan(
             change = _compare(res, desired, obs, wave)
             if ident and res.kind is Kind.FIREWALL_GUEST:
                 change = replace(change, id=ident)
-            if change.action is Action.REPLACE and change.destroys and not prune:
+            # A guest's replace destroys it whole, whatever disks were seen (none listed: a
+            # config read without them is no reason to let it through).
+            replaces = change.action is Action.REPLACE
+            if replaces and (change.destroys or res.kind is Kind.GUEST) and not prune:
                 change = replace(change, blocked=BLOCKED_WHY)
                 diags.append(_blocked_replace(res, change))
             elif res.kind is Kind.GUEST and (gone := _detached(change)):
@@ -379,40 +382,53 @@ def _size(value: Any) -> str:
     return f"{mib / 1024:g} GiB" if mib >= 1024 else f"{mib} MiB"
 
 
-def _shrinks(res: Resource, change: Change) -> Diagnostic | None:
-    """A disk made smaller: an error at the spec's line; the guest is left as it is."""
-    smaller = [f for f in change.fields if diffing.shrinks(res.kind, f)]
-    if not smaller:
+def _refused(
+    res: Resource,
+    change: Change,
+    pick: Callable[[FieldChange], bool],
+    suffix: str,
+    code: str,
+    why: str,
+) -> Diagnostic | None:
+    """An error at the spec's line naming the fields `pick` finds (`mp0 50G -> 20G: why`); the
+    guest is left as it is. None when there are none."""
+    found = [f for f in change.fields if pick(f)]
+    if not found:
         return None
-    what = ", ".join(f"{f.path.removesuffix('.size')} {f.before} -> {f.after}" for f in smaller)
-    return error(
+    what = ", ".join(f"{f.path.removesuffix(suffix)} {f.before} -> {f.after}" for f in found)
+    return error(code, f"{res.address}: {what}: {why}", position=res.position, address=res.address)
+
+
+def _shrinks(res: Resource, change: Change) -> Diagnostic | None:
+    """A disk made smaller."""
+    return _refused(
+        res,
+        change,
+        lambda f: diffing.shrinks(res.kind, f),
+        ".size",
         "disk-shrink",
-        f"{res.address}: {what}: a disk can grow but never shrink (Proxmox cannot, and the "
-        "controller never destroys a disk to make it smaller). Keep the size, or move the data "
-        "to a new guest yourself",
-        position=res.position,
-        address=res.address,
+        "a disk can grow but never shrink (Proxmox cannot, and the controller never destroys a "
+        "disk to make it smaller). Keep the size, or move the data to a new guest yourself",
     )
 
 
 def _moves_volumes(res: Resource, change: Change) -> Diagnostic | None:
-    """A volume whose storage changed: an error at the spec's line. The controller never moves
-    a volume (nor recreates one elsewhere): Proxmox's move-volume does, with the data."""
-    moved = [
-        f
-        for f in change.fields
-        if f.path.startswith("volumes.") and f.path.endswith(".storage") and f.before and f.after
-    ]
-    if not moved:
-        return None
-    what = ", ".join(f"{f.path.removesuffix('.storage')} {f.before} -> {f.after}" for f in moved)
-    return error(
+    """A volume whose storage changed. The controller never moves a volume (nor recreates one
+    elsewhere): Proxmox's move-volume does, with the data."""
+    return _refused(
+        res,
+        change,
+        lambda f: (
+            f.path.startswith("volumes.")
+            and f.path.endswith(".storage")
+            and bool(f.before)
+            and bool(f.after)
+        ),
+        ".storage",
         "volume-storage",
-        f"{res.address}: {what}: the controller never moves a volume to another storage. "
-        "Move it with Proxmox (`pct move-volume VMID mpN STORAGE`, or Disk Action > Move "
-        "Storage for a VM disk), or keep the storage in the spec",
-        position=res.position,
-        address=res.address,
+        "the controller never moves a volume to another storage. Move it with Proxmox (`pct "
+        "move-volume VMID mpN STORAGE`, or Disk Action > Move Storage for a VM disk), or keep "
+        "the storage in the spec",
     )
 
 
@@ -440,7 +456,8 @@ def _blocked_detach(res: Resource, change: Change) -> Diagnostic:
 def _blocked_replace(res: Resource, change: Change) -> Diagnostic:
     return warning(
         "destroy-blocked",
-        f"{res.address}: replace destroys {', '.join(change.destroys)} ({change.reason}); "
+        f"{res.address}: replace destroys {', '.join(change.destroys) or 'the guest'} "
+        f"({change.reason}); "
         f"held back: {BLOCKED_WHY}",
         position=res.position,
         address=res.address,

@@ -66,7 +66,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 import anyio
@@ -129,6 +129,8 @@ _LOCKED = re.compile(r"(?:CT|VM) is locked \((?P<lock>[\w-]+)\)")
 # PVE's refusal: "Permission check failed (/vms/100, VM.Config.CPU)"; `|` joins alternatives.
 _DENIED = re.compile(r"Permission check failed \((?P<path>/[^,()]*), (?P<privs>[\w.|]+)\)")
 _TASK_LOG_LINES = 5
+
+_T = TypeVar("_T")
 
 
 class TaskExit(Exception):
@@ -701,15 +703,21 @@ class ProxmoxProvider:
         return ClusterFacts(nodes=nodes)
 
     async def _templates_on(self, node: str, storage: str) -> tuple[str, ...] | None:
-        content = self.client.nodes(node).storage(storage).content
+        """The container templates on a node's storage (their volids), None when the listing
+        fails (after retries)."""
         try:
-            items = await self.retrying(
-                f"list templates on {node}/{storage}",
-                lambda: content.get(content="vztmpl"),
-                read=True,
-            )
+            return await self._list_templates(node, storage)
         except ProviderError:
             return None
+
+    async def _list_templates(self, node: str, storage: str) -> tuple[str, ...]:
+        """One `GET .../storage/{storage}/content?content=vztmpl`, under the retry policy."""
+        content = self.client.nodes(node).storage(storage).content
+        items = await self.retrying(
+            f"list templates on {node}/{storage}",
+            lambda: content.get(content="vztmpl"),
+            read=True,
+        )
         return tuple(sorted(str(i["volid"]) for i in items if i.get("volid")))
 
     async def observe_guest(self, item: Mapping[str, Any]) -> ObservedResource:
@@ -742,6 +750,7 @@ class ProxmoxProvider:
         if change.kind is not Kind.GUEST:
             raise PermanentError(f"{change.address}: no provider for kind {change.kind.value}")
         _require_version(change)
+        _refuse_blocked(change)  # before anything moves: a migration, a replace's destroy
         match change.action:
             case Action.CREATE:
                 await self.create_guest(change)
@@ -771,19 +780,14 @@ class ProxmoxProvider:
         node, storage = change.id["node"], template_storage(str(template))
         if storage is None:
             raise PermanentError(f"{change.address}: template {template!r} names no storage")
-        content = self.client.nodes(node).storage(storage).content
         try:
-            listed = await self.retrying(
-                f"list templates on {node}/{storage}",
-                lambda: content.get(content="vztmpl"),
-                read=True,
-            )
+            listed = await self._list_templates(node, storage)
         except ProviderError as exc:
             raise PermanentError(
                 f"{change.address}: not replaced: its template {template!r} cannot be checked "
                 f"on {node} ({exc}); nothing was destroyed"
             ) from None
-        if template not in {str(item.get("volid")) for item in listed}:
+        if template not in listed:
             raise PermanentError(
                 f"{change.address}: not replaced: its template {template!r} is not on node "
                 f"{node}; nothing was destroyed. Download it there first"
@@ -814,20 +818,17 @@ class ProxmoxProvider:
         """Poll a task until it stops: None when it succeeded (`OK`, `WARNINGS: n`), else its
         error, with the log's last lines. Raises TemporaryError at `task_timeout`."""
         task = self.client.nodes(node).tasks(upid)
-        deadline = self.clock() + self.retry.task_timeout
-        delay = self.retry.task_poll
-        while True:
+
+        async def stopped() -> dict[str, Any] | None:
             status = await self.retrying(
                 f"{what}: task status", lambda: task.status.get(), read=True
             )
-            if status.get("status") == "stopped":
-                break
-            if self.clock() >= deadline:
-                raise TemporaryError(
-                    f"{what}: task {upid} still running after {self.retry.task_timeout:g} s"
-                )
-            await self.sleep(delay)
-            delay = min(delay * 1.5, self.retry.task_poll_max)
+            return status if status.get("status") == "stopped" else None
+
+        status = await self._poll(
+            stopped,
+            lambda: f"{what}: task {upid} still running after {self.retry.task_timeout:g} s",
+        )
         exit_status = str(status.get("exitstatus", ""))
         if exit_status == "OK" or exit_status.startswith("WARNINGS"):
             return None
@@ -1086,18 +1087,15 @@ class ProxmoxProvider:
     async def _until_on(self, change: Change, target: str) -> None:
         """Wait until the guest shows on `target`, unlocked. At once after a migrate task; an
         HA-managed guest's task only queues the request, and the HA manager moves it later."""
-        deadline = self.clock() + self.retry.task_timeout
-        delay = self.retry.task_poll
-        while True:
-            item = await self._locate(change)
-            if item["node"] == target and not item.get("lock"):
-                return
-            if self.clock() >= deadline:
-                raise TemporaryError(
-                    f"{change.address}: still on {item['node']} after its migrate task"
-                )
-            await self.sleep(delay)
-            delay = min(delay * 1.5, self.retry.task_poll_max)
+        last: list[dict[str, Any]] = []  # the latest inventory entry, for the timeout message
+
+        async def arrived() -> bool | None:
+            last[:] = [item := await self._locate(change)]
+            return True if item["node"] == target and not item.get("lock") else None
+
+        await self._poll(
+            arrived, lambda: f"{change.address}: still on {last[0]['node']} after its migrate task"
+        )
 
     async def destroy_guest(self, change: Change) -> None:
         """Stop, then destroy with purge; only a guest that carries our mark for this address.
@@ -1144,11 +1142,35 @@ class ProxmoxProvider:
     async def _until_stopped(self, change: Change) -> None:
         """The stop task of an HA-managed guest only asks the HA manager, which stops the guest
         later: destroying it before then fails ("container is running")."""
+
+        async def stopped() -> bool | None:
+            return True if await self._power(change) != "running" else None
+
+        await self._poll(
+            stopped, lambda: f"{change.address}: still running after its stop task", grow=False
+        )
+
+    async def _poll(
+        self,
+        probe: Callable[[], Awaitable[_T | None]],
+        timeout: Callable[[], str],
+        *,
+        grow: bool = True,
+    ) -> _T:
+        """What `probe` returns once it is not None, polling every `task_poll` s (growing by
+        half each time up to `task_poll_max` when `grow`); TemporaryError with `timeout()`'s
+        message at `task_timeout`. The one wait for a task, a migration or a stop."""
         deadline = self.clock() + self.retry.task_timeout
-        while await self._power(change) == "running":
+        delay = self.retry.task_poll
+        while True:
+            got = await probe()
+            if got is not None:
+                return got
             if self.clock() >= deadline:
-                raise TemporaryError(f"{change.address}: still running after its stop task")
-            await self.sleep(self.retry.task_poll)
+                raise TemporaryError(timeout())
+            await self.sleep(delay)
+            if grow:
+                delay = min(delay * 1.5, self.retry.task_poll_max)
 
 
 def _observed_side(change: Change) -> Change:
