@@ -10,10 +10,12 @@ from typing import Any
 import anyio
 
 from reconciler.applying.executor import Result
-from reconciler.applying.live import Convergence, converge
+from reconciler.applying.live import Convergence, converge, observe_all
 from reconciler.loading.graph import build_graph
-from reconciler.loading.loader import load_directory
+from reconciler.loading.loader import load_directory, load_texts
+from reconciler.model.plans import Plan
 from reconciler.model.resources import DesiredGraph, Kind
+from reconciler.planning.planner import make_plan
 from reconciler.providers.proxmox import ProxmoxProvider
 from tests.conftest import SPECS
 
@@ -27,6 +29,22 @@ MARK = re.compile(
 def run(graph: DesiredGraph, provider: ProxmoxProvider, **kw: Any) -> Convergence:
     """Converge the guests of `graph` with `provider`."""
     return anyio.run(lambda: converge(graph, {Kind.GUEST: provider}, **kw))
+
+
+def plan_now(graph: DesiredGraph, provider: ProxmoxProvider, **kw: Any) -> Plan:
+    """A fresh plan for the guests of `graph`, from what `provider` observes now."""
+    observed = anyio.run(lambda: observe_all({Kind.GUEST: provider}, graph.platform))
+    return make_plan(graph, observed, **kw)
+
+
+def load_edited(platform: str, guests: str, *edits: tuple[str, str]) -> DesiredGraph:
+    """A platform file and a guests file, with each (old, new) replaced once in the guests."""
+    for old, new in edits:
+        assert guests.count(old) == 1, old
+        guests = guests.replace(old, new)
+    loaded = load_texts({"platform.yaml": platform, "guests.yaml": guests})
+    assert loaded.ok and loaded.spec is not None, [str(d) for d in loaded.diagnostics]
+    return build_graph(loaded.spec, loaded.source)
 
 
 def results(conv: Convergence, round_: int = -1) -> dict[str, Result]:

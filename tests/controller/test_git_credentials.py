@@ -25,6 +25,7 @@ import pytest
 from reconciler.controller.sources import GitSource, RevisionTracker, poll
 from reconciler.model.errors import ConfigurationError
 from tests.conftest import SPECS
+from tests.controller.test_sources import git
 
 USER = "x-access-token"
 TOKEN = "ghp_T0kenThatMustNeverBeStored1234"
@@ -95,24 +96,6 @@ def serve_git(server: GitServer) -> type[BaseHTTPRequestHandler]:
             pass
 
     return Handler
-
-
-def git(repo: Path, *args: str) -> str:
-    env = {
-        **os.environ,
-        "GIT_AUTHOR_NAME": "t",
-        "GIT_AUTHOR_EMAIL": "t@example.org",
-        "GIT_COMMITTER_NAME": "t",
-        "GIT_COMMITTER_EMAIL": "t@example.org",
-    }
-    return subprocess.run(
-        ["git", "-c", "commit.gpgsign=false", *args],
-        cwd=repo,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
 
 
 @pytest.fixture

@@ -11,60 +11,20 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import yaml
 
 from reconciler.applying.live import converge
 from reconciler.importing.adopting import adopt
-from reconciler.importing.estate import Estate, GuestRecord, read_estate
+from reconciler.importing.estate import read_estate
 from reconciler.importing.writer import Base, render_specs, write_files
 from reconciler.loading.graph import build_graph
 from reconciler.loading.loader import load_directory
 from reconciler.model.resources import Kind
 from reconciler.providers.proxmox import ProxmoxProvider
 from tests.fakepve_fixtures import mutating_calls
+from tests.importing.test_writer import ct, estate, guests_of, vm
 
 WORLD = "local-lvm:vm-1001-disk-1,backup=1,mp=/srv/world,size=32G"
 MAPS = "local-lvm:vm-1001-disk-2,acl=0,mountoptions=noatime;nodev,mp=/srv/maps,ro=1,size=4G"
-
-
-def ct(vmid: int, name: str, **config: Any) -> GuestRecord:
-    config.setdefault("hostname", name)
-    config.setdefault("memory", 1024)
-    config.setdefault("rootfs", f"local-lvm:vm-{vmid}-disk-0,size=8G")
-    config.setdefault("ostype", "debian")
-    config.setdefault("unprivileged", 1)
-    item = {"vmid": vmid, "node": "pve-runtime", "type": "lxc", "name": name, "status": "running"}
-    return GuestRecord(item=item, config=config, firewall_options={}, firewall_rules=())
-
-
-def vm(vmid: int, name: str, **config: Any) -> GuestRecord:
-    config.setdefault("name", name)
-    config.setdefault("memory", "2048")
-    config.setdefault("scsi0", f"local-lvm:vm-{vmid}-disk-0,size=32G")
-    item = {"vmid": vmid, "node": "pve-runtime", "type": "qemu", "name": name, "status": "stopped"}
-    return GuestRecord(item=item, config=config, firewall_options={}, firewall_rules=())
-
-
-def estate(*guests: GuestRecord) -> Estate:
-    nodes = {n: {"maxcpu": 8, "maxmem": 32 << 30} for n in ("pve-core", "pve-runtime")}
-    return Estate(
-        source="https://pve.example:8006",
-        read_at="2026-01-01T00:00:00Z",
-        guests=guests,
-        nodes=nodes,
-        cluster_options={},
-        aliases=(),
-        ipsets=(),
-        groups=(),
-    )
-
-
-def guests_of(files: dict[str, str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for name, text in files.items():
-        if name not in ("platform.yaml", "profiles.yaml", "firewall.yaml"):
-            out.update(yaml.safe_load(text)["guests"])
-    return out
 
 
 def test_volumes_and_protection_are_written_and_the_guest_plans_empty() -> None:

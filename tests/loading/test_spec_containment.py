@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +21,8 @@ from reconciler.cli.main import main
 from reconciler.controller.sources import GitSource, RevisionTracker, directory_id, poll
 from reconciler.loading.loader import list_spec_files, load_directory
 from tests.conftest import SPECS
+from tests.controller.test_sources import commit_all as commit
+from tests.controller.test_sources import git
 
 # What the outside file holds: none of it may ever be shown.
 SHADOW = "root:$6$SECRETSALT$SECRETHASHvalue:19000:0:99999:7:::\nsecretkey-line: hunter2-value\n"
@@ -173,30 +174,6 @@ def test_the_directory_revision_id_never_reads_outside(
 
 
 # --- the git source --------------------------------------------------------------------------
-
-
-def git(repo: Path, *args: str) -> str:
-    env = {
-        **os.environ,
-        "GIT_AUTHOR_NAME": "t",
-        "GIT_AUTHOR_EMAIL": "t@example.org",
-        "GIT_COMMITTER_NAME": "t",
-        "GIT_COMMITTER_EMAIL": "t@example.org",
-    }
-    return subprocess.run(
-        ["git", "-c", "commit.gpgsign=false", *args],
-        cwd=repo,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
-
-
-def commit(repo: Path, message: str) -> str:
-    git(repo, "add", "-A")
-    git(repo, "commit", "--quiet", "-m", message)
-    return git(repo, "rev-parse", "HEAD")
 
 
 def test_the_git_source_never_checks_a_link_out_and_reports_it(tmp_path: Path) -> None:

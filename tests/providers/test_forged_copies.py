@@ -33,6 +33,7 @@ from reconciler.providers.firewall import (
     with_comment_mark,
 )
 from reconciler.providers.proxmox import ProxmoxProvider, mark_line, read_mark, with_mark
+from tests.cli.test_live import flags
 from tests.conftest import SPECS
 from tests.fakepve_fixtures import mutating_calls
 from tests.guest_helpers import load_copy, marks
@@ -192,18 +193,7 @@ def test_a_copy_of_a_mark_without_vmid_errors_the_plan_naming_both_and_touches_n
 
 
 def cli_flags(api: ProxmoxApi) -> list[str]:
-    assert api.ca_file is not None
-    return [
-        "--proxmox-url",
-        api.url,
-        "--proxmox-password-env",
-        "FAKEPVE_PASSWORD",
-        "--ca-file",
-        api.ca_file,
-        "--no-edge",
-        "--color",
-        "never",
-    ]
+    return [*flags(api), "--color", "never"]
 
 
 def test_apply_refuses_while_a_copy_claims_a_guest(

@@ -27,20 +27,16 @@ import pytest
 from fakepve.model import PveError
 
 from reconciler.applying.executor import Outcome, execute
-from reconciler.applying.live import observe_all
 from reconciler.cli.main import main
-from reconciler.loading.graph import build_graph
-from reconciler.loading.loader import load_texts
 from reconciler.model.plans import Action, Plan
 from reconciler.model.resources import DesiredGraph, Kind
 from reconciler.model.spec import ProxmoxApi
-from reconciler.planning.planner import make_plan
 from reconciler.providers.proxmox import ProxmoxProvider, RetryPolicy, connect
 from reconciler.simulators.fakepve_process import FakePveProcess
 from reconciler.simulators.pve import parse_storage_map
 from tests.conftest import SPECS
 from tests.fakepve_fixtures import TEMPLATE, mutating_calls
-from tests.guest_helpers import load_copy, results, run
+from tests.guest_helpers import load_copy, load_edited, plan_now, results, run
 
 NEW_NODE = "pve-runtime-2"
 
@@ -272,24 +268,13 @@ guests:
 
 
 def vms(*edits: tuple[str, str]) -> DesiredGraph:
-    guests = GUESTS
-    for old, new in edits:
-        assert guests.count(old) == 1, old
-        guests = guests.replace(old, new)
-    loaded = load_texts({"platform.yaml": PLATFORM, "guests.yaml": guests})
-    assert loaded.ok and loaded.spec is not None, [str(d) for d in loaded.diagnostics]
-    return build_graph(loaded.spec, loaded.source)
+    return load_edited(PLATFORM, GUESTS, *edits)
 
 
 def move_vm(name: str, old: str = "pve-core", new: str = "pve-runtime") -> tuple[str, str]:
     """The edit that moves a VM of GUESTS from `old` to `new`."""
     head = f"  {name}:\n    kind: qemu\n    role: apps\n"
     return (f"{head}    host: {old}\n", f"{head}    host: {new}\n")
-
-
-def plan_now(graph: DesiredGraph, provider: ProxmoxProvider) -> Plan:
-    observed = anyio.run(lambda: observe_all({Kind.GUEST: provider}, graph.platform))
-    return make_plan(graph, observed)
 
 
 @pytest.fixture

@@ -20,27 +20,14 @@ from reconciler.model.observed import ObservedState
 from reconciler.model.plans import Action, Plan
 from reconciler.model.resources import DesiredGraph, Kind
 from reconciler.model.spec import ProxmoxApi
-from reconciler.planning.planner import make_plan
 from reconciler.providers.proxmox import ProxmoxProvider, connect, with_mark
 from reconciler.providers.proxmox_inventory import inventory_drift
+from tests.cli.test_live import flags
 from tests.conftest import SPECS
 from tests.fakepve_fixtures import TEMPLATE, mutating_calls
-from tests.guest_helpers import load_copy
+from tests.guest_helpers import load_copy, plan_now
 
 TYPO = {"platform.yaml": ("  pve-runtime:\n", "  pve-runtime:\n    node: pve-2\n")}
-
-
-def flags(api: ProxmoxApi) -> list[str]:
-    assert api.ca_file is not None
-    return [
-        "--proxmox-url",
-        api.url,
-        "--proxmox-password-env",
-        "FAKEPVE_PASSWORD",
-        "--ca-file",
-        api.ca_file,
-        "--no-edge",
-    ]
 
 
 def with_spec(
@@ -62,11 +49,6 @@ def runtime_guests(graph: DesiredGraph) -> set[str]:
         for a, r in graph.resources.items()
         if r.kind is Kind.GUEST and r.attributes["node"] == "pve-runtime"
     }
-
-
-def plan_now(graph: DesiredGraph, provider: ProxmoxProvider) -> Plan:
-    observed = anyio.run(lambda: observe_all({Kind.GUEST: provider}, graph.platform))
-    return make_plan(graph, observed)
 
 
 def converge_guests(graph: DesiredGraph, provider: ProxmoxProvider) -> Any:

@@ -19,14 +19,13 @@ import anyio
 import pytest
 
 from reconciler.applying.executor import Outcome, Result, execute
-from reconciler.applying.live import Convergence, converge, observe_all
+from reconciler.applying.live import Convergence, converge
 from reconciler.model.plans import Action, Plan
 from reconciler.model.resources import DesiredGraph, Kind
 from reconciler.model.spec import ProxmoxApi
-from reconciler.planning.planner import make_plan
 from reconciler.providers.proxmox import ProxmoxProvider, RetryPolicy, connect, create_params
 from tests.fakepve_fixtures import mutating_calls, no_sleep
-from tests.guest_helpers import load_copy, marks, results, run
+from tests.guest_helpers import load_copy, marks, plan_now, results, run
 
 SPECS = Path(__file__).resolve().parents[2] / "specs"
 
@@ -39,11 +38,6 @@ def make_provider(api: ProxmoxApi, *, real_sleep: bool = False) -> ProxmoxProvid
         retry=RetryPolicy(initial=0.0, maximum=0.0, lock_poll=0.02, task_poll=0.02),
         sleep=anyio.sleep if real_sleep else no_sleep,
     )
-
-
-def plan_now(graph: DesiredGraph, provider: ProxmoxProvider, **kw: Any) -> Plan:
-    observed = anyio.run(lambda: observe_all({Kind.GUEST: provider}, graph.platform))
-    return make_plan(graph, observed, **kw)
 
 
 def guests_of(graph: DesiredGraph) -> set[str]:

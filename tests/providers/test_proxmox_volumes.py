@@ -16,14 +16,12 @@ from typing import Any
 import anyio
 import pytest
 
-from reconciler.applying.live import Convergence, converge, observe_all
-from reconciler.loading.graph import build_graph
-from reconciler.loading.loader import load_texts
+from reconciler.applying.live import Convergence, converge
 from reconciler.model.plans import Action, Change, Plan
 from reconciler.model.resources import DesiredGraph, Kind
-from reconciler.planning.planner import make_plan
 from reconciler.providers.proxmox import ProxmoxProvider
 from tests.fakepve_fixtures import TEMPLATE, mutating_calls
+from tests.guest_helpers import load_edited, plan_now
 
 PLATFORM = """
 platform: {name: zpack, owner_tag: reconciler, default_storage: local-lvm, max_deletes_per_run: 3}
@@ -71,13 +69,7 @@ SURVIVAL = "guest/mc-survival"
 
 def lab(*edits: tuple[str, str]) -> DesiredGraph:
     """The platform, with each (old, new) replaced once in the guests file."""
-    guests = GUESTS
-    for old, new in edits:
-        assert guests.count(old) == 1, old
-        guests = guests.replace(old, new)
-    loaded = load_texts({"platform.yaml": PLATFORM, "guests.yaml": guests})
-    assert loaded.ok and loaded.spec is not None, [str(d) for d in loaded.diagnostics]
-    return build_graph(loaded.spec, loaded.source)
+    return load_edited(PLATFORM, GUESTS, *edits)
 
 
 def converge_to(
@@ -90,11 +82,6 @@ def run(graph: DesiredGraph, provider: ProxmoxProvider, **kw: Any) -> Convergenc
     conv = converge_to(graph, provider, **kw)
     assert conv.ok, [(r.change.address, r.error) for r in conv.rounds[-1].report.results]
     return conv
-
-
-def plan_now(graph: DesiredGraph, provider: ProxmoxProvider, **kw: Any) -> Plan:
-    observed = anyio.run(lambda: observe_all({Kind.GUEST: provider}, graph.platform))
-    return make_plan(graph, observed, **kw)
 
 
 def change_of(plan: Plan, address: str) -> Change:
