@@ -5,7 +5,7 @@ edge section configures them."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,6 +113,15 @@ SERVED = {
 }
 
 
+def until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
+    """Wait until `condition` holds (a deadline, not a number of tries): fails after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not reached within {timeout:g} s")
+        time.sleep(0.05)
+
+
 def converged(lab: Lab, capsys: pytest.CaptureFixture[str]) -> None:
     assert lab.run("apply", "--auto-approve") == 0
     # Gated routes and registrations follow once the new guests' agents answer ready.
@@ -165,11 +174,7 @@ def test_velocity_restart_and_an_unready_agent_heal_in_one_cycle(
     assert lab.run("apply", "--auto-approve") == 0
     assert len(lab.bridge.servers()) == 5
     # Traefik stops serving it within its provider throttle (100 ms here)
-    for _ in range(50):
-        if "rc-ide-alice@redis" not in lab.routers(lab.runtime):
-            break
-        time.sleep(0.1)
-    assert "rc-ide-alice@redis" not in lab.routers(lab.runtime)
+    until(lambda: "rc-ide-alice@redis" not in lab.routers(lab.runtime))
 
     lab.agents["dev-alice"].ready()
     capsys.readouterr()
@@ -192,10 +197,7 @@ def test_a_route_traefik_does_not_serve_shows_in_the_plan(
     assert main(["apply", str(specs), "--auto-approve", *lab.flags]) == 0
     assert main(["apply", str(specs), "--auto-approve", *lab.flags]) == 0
     capsys.readouterr()
-    for _ in range(50):  # Traefik reloads within its throttle
-        if "rc-portal@file" in lab.routers(lab.core):
-            break
-        time.sleep(0.1)
+    until(lambda: "rc-portal@file" in lab.routers(lab.core))  # Traefik reloads within its throttle
     code = main(["plan", str(specs), "--detailed-exitcode", "--color", "never", *lab.flags])
     out = capsys.readouterr()
     text = out.out + out.err
