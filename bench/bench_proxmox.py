@@ -22,10 +22,11 @@ from typing import Any
 
 import anyio
 
-from reconciler.applying.live import converge, observe_all
+from reconciler.applying.converging import converge
+from reconciler.applying.observing import observe_all
 from reconciler.loading.graph import build_graph
 from reconciler.loading.loader import load_texts
-from reconciler.model.resources import DesiredGraph, Kind
+from reconciler.model.resources import DesiredGraph
 from reconciler.planning.planner import make_plan
 from reconciler.providers.proxmox import ProxmoxProvider
 from reconciler.providers.proxmox_inventory import inventory_drift
@@ -91,16 +92,14 @@ def bench(n: int) -> list[tuple[str, int, float, float, int, str]]:
             return ProxmoxProvider(client=fake.client(), platform="bench", source=fake.url)
 
         p = provider()
-        conv, secs, mem = measure(
-            lambda: anyio.run(lambda: converge(graph, {Kind.GUEST: p})), twice=False
-        )
+        conv, secs, mem = measure(lambda: anyio.run(lambda: converge(graph, [p])), twice=False)
         assert conv.ok, "converge failed"
         rows.append(("converge from empty", n, secs, mem, p.calls, ""))
 
         p = provider()
 
         def plan_once() -> Any:
-            observed = anyio.run(lambda: observe_all({Kind.GUEST: p}, "bench"))
+            observed = anyio.run(lambda: observe_all([p], "bench"))
             return observed, make_plan(graph, observed)
 
         (observed, plan), secs, mem = measure(plan_once)

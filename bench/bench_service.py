@@ -43,13 +43,12 @@ import anyio
 # The same platform as bench_proxmox.py (run as a script, bench/ is on the import path).
 from bench_proxmox import TEMPLATE, spec_text
 
-from reconciler.applying.live import Endpoints
+from reconciler.applying.connecting import Endpoints
 from reconciler.controller.lease import LocalLease
 from reconciler.controller.service import Service, Settings
 from reconciler.controller.sources import DirectorySource
 from reconciler.controller.status import CycleOutcome
 from reconciler.controller.timing import Trigger
-from reconciler.model.resources import Kind
 from reconciler.model.spec import ProxmoxApi, SecretRef
 from reconciler.providers.proxmox import ProxmoxProvider
 from reconciler.simulators.fakepve_process import FakePveProcess
@@ -66,7 +65,7 @@ async def step(
 ) -> Row:
     """Run `fn` once timed; with `memory`, once more under tracemalloc (calls of the first)."""
     assert service._conn is not None
-    guests = service._conn.providers[Kind.GUEST]
+    guests = service._conn.guests
     assert isinstance(guests, ProxmoxProvider)
     before, cycles, started = guests.calls, len(service.cycles), time.perf_counter()
     await fn()

@@ -9,12 +9,13 @@ from typing import Any
 
 import anyio
 
+from reconciler.applying.converging import Convergence, converge
 from reconciler.applying.executor import Result
-from reconciler.applying.live import Convergence, converge, observe_all
+from reconciler.applying.observing import observe_all
 from reconciler.loading.graph import build_graph
 from reconciler.loading.loader import load_directory, load_texts
 from reconciler.model.plans import Plan
-from reconciler.model.resources import DesiredGraph, Kind
+from reconciler.model.resources import DesiredGraph
 from reconciler.planning.planner import make_plan
 from reconciler.providers.proxmox import ProxmoxProvider
 from tests.conftest import SPECS
@@ -28,12 +29,12 @@ MARK = re.compile(
 
 def run(graph: DesiredGraph, provider: ProxmoxProvider, **kw: Any) -> Convergence:
     """Converge the guests of `graph` with `provider`."""
-    return anyio.run(lambda: converge(graph, {Kind.GUEST: provider}, **kw))
+    return anyio.run(lambda: converge(graph, [provider], **kw))
 
 
 def plan_now(graph: DesiredGraph, provider: ProxmoxProvider, **kw: Any) -> Plan:
     """A fresh plan for the guests of `graph`, from what `provider` observes now."""
-    observed = anyio.run(lambda: observe_all({Kind.GUEST: provider}, graph.platform))
+    observed = anyio.run(lambda: observe_all([provider], graph.platform))
     return make_plan(graph, observed, **kw)
 
 

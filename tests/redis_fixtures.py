@@ -13,7 +13,7 @@ import pytest
 from reconciler.simulators import processes
 from reconciler.simulators.processes import free_port
 
-__all__ = ["free_port", "redis_port"]
+__all__ = ["free_port", "redis_port", "sentinel_url"]
 
 
 @pytest.fixture(scope="module")
@@ -26,3 +26,17 @@ def redis_port() -> Iterator[int]:
         yield server.port
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def sentinel_url(redis_port: int) -> Iterator[str]:
+    """`redis+sentinel://` URL of a real Sentinel monitoring the module's redis-server as
+    `mymaster`."""
+    try:
+        sentinel = processes.start_sentinel(redis_port)
+    except processes.PartMissing as exc:
+        pytest.fail(f"{exc} (deploy/dev test installs it)")
+    try:
+        yield sentinel.url
+    finally:
+        sentinel.stop()

@@ -15,10 +15,10 @@ import argparse
 from collections.abc import Callable
 from typing import TextIO
 
-from reconciler.applying.live import close_client, proxmox_endpoint, proxmox_provider
-from reconciler.cli.live import _warn_insecure, connection_override, load_checked, run_async
-from reconciler.model.errors import ReconcilerError
-from reconciler.model.spec import ProxmoxApi
+from reconciler.applying.connecting import close_client, proxmox_endpoint, proxmox_provider
+from reconciler.cli.live import connection_override, on_specs, run_async, warn_insecure
+from reconciler.model.resources import DesiredGraph
+from reconciler.model.spec import PlatformSpec, ProxmoxApi
 from reconciler.providers.proxmox_access import (
     Need,
     missing,
@@ -40,6 +40,7 @@ def add_check_parser(
     )
     c.add_argument("dir", nargs="?", default="specs")
     add_connection_args(c)
+    c.set_defaults(func=cmd_check)
 
 
 def identity(api: ProxmoxApi) -> str:
@@ -66,23 +67,18 @@ def render_missing(lacking: list[Need]) -> list[str]:
     return lines
 
 
-def cmd_check(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    loaded = load_checked(args.dir, err)
-    if loaded is None:
-        return EXIT_ERROR
-    spec, _ = loaded
+@on_specs
+def cmd_check(
+    args: argparse.Namespace, spec: PlatformSpec, _: DesiredGraph, out: TextIO, err: TextIO
+) -> int:
     needs = needed_privileges(spec)
+    api = proxmox_endpoint(spec, connection_override(args))
+    warn_insecure(args, err)
+    provider = proxmox_provider(spec, api, insecure=args.insecure)
     try:
-        api = proxmox_endpoint(spec, connection_override(args))
-        _warn_insecure(args, err)
-        provider = proxmox_provider(spec, api, insecure=args.insecure)
-        try:
-            held = run_async(lambda: read_privileges(provider, {n.path for n in needs}))
-        finally:
-            close_client(provider.client)
-    except ReconcilerError as exc:
-        err.write(f"error: {exc}\n")
-        return EXIT_ERROR
+        held = run_async(lambda: read_privileges(provider, {n.path for n in needs}))
+    finally:
+        close_client(provider.client)
     who = identity(api)
     lacking = missing(needs, held, root=api.user == "root@pam" and api.token_id is None)
     if not lacking:

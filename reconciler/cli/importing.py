@@ -23,14 +23,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-from reconciler.applying.live import proxmox_provider
+from reconciler.applying.connecting import proxmox_provider
 from reconciler.cli.live import (
     confirm,
     connection_override,
     holding_lease,
     load_checked,
+    on_specs,
     parse_pairs,
+    repeatable,
     run_async,
+    warn_insecure,
 )
 from reconciler.importing.adopting import AdoptionReport, adopt
 from reconciler.importing.edge import edge_sources, read_edge
@@ -67,12 +70,11 @@ def add_import_commands(
         metavar="VAR",
         help="variable holding the Velocity bridge's secret (written as a reference)",
     )
-    im.add_argument(
+    repeatable(
+        im,
         "--traefik-guest",
-        action="append",
-        default=[],
-        metavar="INSTANCE=GUEST",
-        help="the imported guest a --traefik-api instance runs in (repeat)",
+        "INSTANCE=GUEST",
+        "the imported guest a --traefik-api instance runs in (repeat)",
     )
     im.set_defaults(func=cmd_import)
     ad = sub.add_parser("adopt", help="mark reviewed guests and firewall objects as owned")
@@ -82,14 +84,6 @@ def add_import_commands(
     ad.add_argument("--auto-approve", action="store_true", help="do not ask for confirmation")
     add_connection_args(ad)
     ad.set_defaults(func=cmd_adopt)
-
-
-def _warn_insecure(args: argparse.Namespace, err: TextIO) -> None:
-    if getattr(args, "insecure", False):
-        err.write(
-            "warning: TLS verification of the Proxmox API is OFF (--insecure); "
-            "anyone on the path can read the credentials\n"
-        )
 
 
 def _secret_ref(api: ProxmoxApi) -> dict[str, Any]:
@@ -133,7 +127,7 @@ def cmd_import(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 platform=args.platform,
                 source=override.url,
             )
-        _warn_insecure(args, err)
+        warn_insecure(args, err)
         sources = None
         if not args.no_edge:
             sources = edge_sources(
@@ -217,28 +211,23 @@ async def _adopt_holding_lease(
             await redis.aclose()
 
 
-def cmd_adopt(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    loaded = load_checked(args.dir, err)
-    if loaded is None:
+@on_specs
+def cmd_adopt(
+    args: argparse.Namespace, spec: PlatformSpec, graph: DesiredGraph, out: TextIO, err: TextIO
+) -> int:
+    provider = proxmox_provider(spec, connection_override(args), insecure=args.insecure)
+    warn_insecure(args, err)
+    preview = run_async(lambda: adopt(graph, provider, args.addresses, dry_run=True))
+    _render_report(preview, out, dry_run=args.dry_run)
+    if args.dry_run or not preview.ok:
+        return EXIT_OK if preview.ok else EXIT_ERROR
+    if not any(a.writes for a in preview.adoptions):
+        out.write("Nothing to adopt.\n")
+        return EXIT_OK
+    if not args.auto_approve and not confirm(
+        "adopt", "Adopt these? The controller will manage them from now on.", err
+    ):
         return EXIT_ERROR
-    spec, graph = loaded
-    try:
-        provider = proxmox_provider(spec, connection_override(args), insecure=args.insecure)
-        _warn_insecure(args, err)
-        preview = run_async(lambda: adopt(graph, provider, args.addresses, dry_run=True))
-        _render_report(preview, out, dry_run=args.dry_run)
-        if args.dry_run or not preview.ok:
-            return EXIT_OK if preview.ok else EXIT_ERROR
-        if not any(a.writes for a in preview.adoptions):
-            out.write("Nothing to adopt.\n")
-            return EXIT_OK
-        if not args.auto_approve and not confirm(
-            "adopt", "Adopt these? The controller will manage them from now on.", err
-        ):
-            return EXIT_ERROR
-        report = run_async(lambda: _adopt_holding_lease(args, graph, provider))
-    except ReconcilerError as exc:
-        err.write(f"error: {exc}\n")
-        return EXIT_ERROR
+    report = run_async(lambda: _adopt_holding_lease(args, graph, provider))
     _render_report(report, out, dry_run=False)
     return EXIT_OK if report.ok else EXIT_ERROR

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import sys
@@ -25,14 +26,9 @@ from typing import TextIO, TypeVar
 import anyio
 from redis.asyncio import Redis
 
+from reconciler.applying.connecting import Connection, Endpoints, connect_platform
+from reconciler.applying.converging import Convergence, converge
 from reconciler.applying.executor import Outcome, Progress, Result, execute
-from reconciler.applying.live import (
-    Connection,
-    Convergence,
-    Endpoints,
-    connect_platform,
-    converge,
-)
 from reconciler.cli import render
 from reconciler.controller.lease import LeaseKeeper, RedisLease, default_holder
 from reconciler.loading.graph import build_graph
@@ -65,6 +61,14 @@ def run_async(fn: Callable[[], Awaitable[T]]) -> T:
         raise error from None
 
 
+def repeatable(
+    p: argparse.ArgumentParser | argparse._ArgumentGroup, flag: str, metavar: str, help: str
+) -> None:
+    """A flag that may be given again and again: a list, empty when it is not given (for the
+    NAME=VALUE ones, `parse_pairs` reads it)."""
+    p.add_argument(flag, action="append", default=[], metavar=metavar, help=help)
+
+
 def add_connection_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("Proxmox connection (overrides the spec)")
     g.add_argument("--proxmox-url", metavar="URL")
@@ -85,27 +89,24 @@ def add_connection_args(p: argparse.ArgumentParser) -> None:
     e = p.add_argument_group("the edge (Velocity, Traefik, agents; on when the spec has one)")
     e.add_argument("--no-edge", action="store_true", help="leave Velocity, Traefik and agents out")
     e.add_argument("--velocity-url", metavar="URL", help="the Velocity bridge plugin")
-    e.add_argument(
+    repeatable(
+        e,
         "--agent",
-        action="append",
-        default=[],
-        metavar="GUEST=HOST:PORT",
-        help="where a guest's agent answers (repeat; default: its static IP and the agent port)",
+        "GUEST=HOST:PORT",
+        "where a guest's agent answers (repeat; default: its static IP and the agent port)",
     )
     e.add_argument("--agent-token-env", metavar="VAR", help="variable holding the agents' token")
-    e.add_argument(
+    repeatable(
+        e,
         "--traefik-file",
-        action="append",
-        default=[],
-        metavar="INSTANCE=PATH",
-        help="feed a Traefik instance through this file instead of what the spec says (repeat)",
+        "INSTANCE=PATH",
+        "feed a Traefik instance through this file instead of what the spec says (repeat)",
     )
-    e.add_argument(
+    repeatable(
+        e,
         "--traefik-api",
-        action="append",
-        default=[],
-        metavar="INSTANCE=URL",
-        help="a Traefik instance's API (repeat; default: the spec's api_url)",
+        "INSTANCE=URL",
+        "a Traefik instance's API (repeat; default: the spec's api_url)",
     )
     e.add_argument(
         "--redis-url",
@@ -184,6 +185,30 @@ def load_checked(directory: str, err: TextIO) -> tuple[PlatformSpec, DesiredGrap
     return result.spec, build_graph(result.spec, result.source)
 
 
+# A command as `main` runs it, and one that acts on the platform its specs describe.
+Command = Callable[[argparse.Namespace, TextIO, TextIO], int]
+SpecCommand = Callable[[argparse.Namespace, PlatformSpec, DesiredGraph, TextIO, TextIO], int]
+
+
+def on_specs(command: SpecCommand) -> Command:
+    """A command on the platform the specs in `args.dir` describe: they are loaded and checked
+    first (invalid: their diagnostics, exit 1, nothing done), and an error of ours on the way (a
+    connection refused, a secret missing, the lease held) is one line and exit 1, no traceback."""
+
+    @functools.wraps(command)
+    def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+        loaded = load_checked(args.dir, err)
+        if loaded is None:
+            return EXIT_ERROR
+        try:
+            return command(args, *loaded, out, err)
+        except ReconcilerError as exc:
+            err.write(f"error: {exc}\n")
+            return EXIT_ERROR
+
+    return run
+
+
 Guard = Callable[[], Awaitable[object]]
 
 
@@ -223,7 +248,8 @@ async def holding_lease(
 MANUAL_LEASE_TTL = 15.0
 
 
-def _warn_insecure(args: argparse.Namespace, err: TextIO) -> None:
+def warn_insecure(args: argparse.Namespace, err: TextIO) -> None:
+    """Every command that connects to Proxmox says so when TLS is not verified."""
     if args.insecure:
         err.write(
             "warning: TLS verification of the Proxmox API is OFF (--insecure); "
@@ -232,7 +258,7 @@ def _warn_insecure(args: argparse.Namespace, err: TextIO) -> None:
 
 
 def observe_live(args: argparse.Namespace, spec: PlatformSpec, err: TextIO) -> ObservedState:
-    _warn_insecure(args, err)
+    warn_insecure(args, err)
     endpoints = endpoints_from(args)
 
     async def run() -> ObservedState:
@@ -242,16 +268,11 @@ def observe_live(args: argparse.Namespace, spec: PlatformSpec, err: TextIO) -> O
     return run_async(run)
 
 
-def cmd_observe(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    loaded = load_checked(args.dir, err)
-    if loaded is None:
-        return EXIT_ERROR
-    spec, _ = loaded
-    try:
-        state = observe_live(args, spec, err)
-    except ReconcilerError as exc:
-        err.write(f"error: {exc}\n")
-        return EXIT_ERROR
+@on_specs
+def cmd_observe(
+    args: argparse.Namespace, spec: PlatformSpec, _: DesiredGraph, out: TextIO, err: TextIO
+) -> int:
+    state = observe_live(args, spec, err)
     text = state.model_dump_json(indent=1) + "\n"
     if args.out:
         Path(args.out).write_text(text, encoding="utf-8")
@@ -286,13 +307,12 @@ def confirm(verb: str, question: str, err: TextIO) -> bool:
     return sys.stdin.readline().strip() == "yes"
 
 
-def cmd_apply(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    loaded = load_checked(args.dir, err)
-    if loaded is None:
-        return EXIT_ERROR
-    spec, graph = loaded
+@on_specs
+def cmd_apply(
+    args: argparse.Namespace, spec: PlatformSpec, graph: DesiredGraph, out: TextIO, err: TextIO
+) -> int:
     color = render.use_color(getattr(args, "color", "auto"), out)
-    _warn_insecure(args, err)
+    warn_insecure(args, err)
 
     def approve(plan: Plan) -> bool:
         out.write(render.render_text(plan, color=color))
@@ -314,19 +334,16 @@ def cmd_apply(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 source=conn.source,
                 allow_destroy=args.allow_destroy,
                 targets=args.target,
+                final_backups=not args.no_final_backup,
                 dry_run=args.dry_run,
                 approve=approve,
                 progress=_progress(err),
                 observed_checks=[live_isolation(spec)],
-                agents=conn.agents,
+                agent_layers=conn.agent_layers,
                 guard=guard,
             )
 
-    try:
-        result = run_async(run)
-    except ReconcilerError as exc:
-        err.write(f"error: {exc}\n")
-        return EXIT_ERROR
+    result = run_async(run)
     if isinstance(result, int):
         return result
     last = result.rounds[-1]
@@ -392,7 +409,13 @@ async def _apply_saved(
         )
         return EXIT_ERROR
     fresh = plan_observed(
-        graph, spec, conn, observed, allow_destroy=saved.allow_destroy, targets=saved.targets
+        graph,
+        spec,
+        conn,
+        observed,
+        allow_destroy=saved.allow_destroy,
+        targets=saved.targets,
+        final_backups=saved.final_backups,
     )
     if fresh.errored:
         errors = [d for d in fresh.diagnostics if d.severity is Severity.ERROR]
@@ -439,6 +462,11 @@ def _unusable(
             "it was made with --allow-destroy, which a file cannot grant: give --allow-destroy "
             "to apply it too"
         )
+    if not saved.final_backups and not args.no_final_backup:
+        return (
+            "it was made with --no-final-backup, which a file cannot grant: give "
+            "--no-final-backup to apply it too"
+        )
     if args.target and tuple(sorted(set(args.target))) != saved.targets:
         made_for = ", ".join(saved.targets) or "every resource"
         return (
@@ -462,6 +490,7 @@ def plan_observed(
     *,
     allow_destroy: bool,
     targets: Iterable[str],
+    final_backups: bool = True,
 ) -> Plan:
     """The live plan, made one way for `plan` and for a saved plan's re-planning at `apply
     --plan` (the two must agree for an honest saved plan to apply)."""
@@ -470,21 +499,28 @@ def plan_observed(
         observed,
         allow_destroy=allow_destroy,
         targets=targets,
+        final_backups=final_backups,
         observed_checks=[live_isolation(spec)],
-        agent_layers=conn.agents.layers if conn.agents is not None else (),
+        agent_layers=conn.agent_layers,
     )
 
 
 def live_plan(
     args: argparse.Namespace, spec: PlatformSpec, graph: DesiredGraph, err: TextIO
 ) -> Plan | None:
-    _warn_insecure(args, err)
+    warn_insecure(args, err)
 
     async def run() -> Plan:
         async with connect_platform(spec, endpoints_from(args)) as conn:
             observed = await conn.observe(spec.platform.name)
             return plan_observed(
-                graph, spec, conn, observed, allow_destroy=args.allow_destroy, targets=args.target
+                graph,
+                spec,
+                conn,
+                observed,
+                allow_destroy=args.allow_destroy,
+                targets=args.target,
+                final_backups=not args.no_final_backup,
             )
 
     try:

@@ -13,14 +13,14 @@ import json
 import sys
 from importlib import resources
 from pathlib import Path
-from typing import TextIO
+from typing import TextIO, TypeAlias
 
 from reconciler import __version__
 from reconciler.cli import render
-from reconciler.cli.check import add_check_parser, cmd_check
-from reconciler.cli.importing import add_import_commands, cmd_adopt, cmd_import
-from reconciler.cli.live import add_connection_args, cmd_apply, cmd_observe
-from reconciler.cli.service import add_run_parser, cmd_run
+from reconciler.cli.check import add_check_parser
+from reconciler.cli.importing import add_import_commands
+from reconciler.cli.live import Command, add_connection_args, cmd_apply, cmd_observe, repeatable
+from reconciler.cli.service import add_run_parser
 from reconciler.demo.script import add_demo_args, cmd_demo_live
 from reconciler.loading.graph import build_graph
 from reconciler.loading.loader import LoadResult, load_directory
@@ -50,7 +50,7 @@ def _report_load(result: LoadResult, fmt: str, out: TextIO, color: bool) -> None
         out.write(render.render_diagnostics(result.diagnostics, color=color))
 
 
-def cmd_validate(args: argparse.Namespace, out: TextIO) -> int:
+def cmd_validate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     result = load_directory(args.dir)
     color = render.use_color(args.color, out)
     _report_load(result, args.format, out, color)
@@ -117,6 +117,7 @@ def build_plan(args: argparse.Namespace, err: TextIO) -> Plan | None:
         allow_destroy=args.allow_destroy,
         targets=args.target,
         observed_checks=checks,
+        final_backups=not args.no_final_backup,
     )
     return _with_spec_warnings(plan, result)
 
@@ -161,7 +162,7 @@ def schema_document() -> dict[str, object]:
     return schema
 
 
-def cmd_schema(args: argparse.Namespace, out: TextIO) -> int:
+def cmd_schema(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     text = json.dumps(schema_document(), indent=2) + "\n"
     if args.out:
         Path(args.out).write_text(text, encoding="utf-8")
@@ -188,18 +189,60 @@ def cmd_graph(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
+    """The command line: one function a group of commands, each naming the function that runs
+    it (`func`, a `Command`)."""
     p = argparse.ArgumentParser(prog="reconciler", description=__doc__.split("\n")[0])
     p.add_argument("--version", action="version", version=f"reconciler {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
+    _add_spec_commands(sub)
+    _add_plan_parser(sub)
+    _add_live_commands(sub)
+    add_run_parser(sub)
+    add_import_commands(sub, add_connection_args)
+    add_check_parser(sub, add_connection_args)
+    _add_demo_parser(sub)
+    return p
 
-    def color_opt(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--color", choices=["auto", "always", "never"], default="auto")
 
+Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+
+def _color_opt(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--color", choices=["auto", "always", "never"], default="auto")
+
+
+def _scope_opts(sp: argparse.ArgumentParser) -> None:
+    """What a plan covers, the same for `plan` and `apply`."""
+    repeatable(sp, "--target", "ADDR", "only this resource (and what it depends on); repeatable")
+    sp.add_argument(
+        "--allow-destroy",
+        action="store_true",
+        help="allow what destroys data: deletes of owned resources that left the spec, "
+        "replaces, detached volumes",
+    )
+    sp.add_argument(
+        "--no-final-backup",
+        action="store_true",
+        help="destroy a guest a backup job selects without backing it up first (the plan says so)",
+    )
+
+
+def _add_spec_commands(sub: Subparsers) -> None:
+    """The commands that read only the specs: validate, schema, graph."""
     v = sub.add_parser("validate", help="check the specs; exit 0 when clean, 1 otherwise")
     v.add_argument("dir", nargs="?", default=DEFAULT_DIR)
     v.add_argument("--format", choices=["text", "json", "github"], default="text")
-    color_opt(v)
+    _color_opt(v)
+    v.set_defaults(func=cmd_validate)
+    s = sub.add_parser("schema", help="print the JSON Schema of a spec file")
+    s.add_argument("--out", metavar="FILE")
+    s.set_defaults(func=cmd_schema)
+    g = sub.add_parser("graph", help="print the desired resources by dependency wave")
+    g.add_argument("dir", nargs="?", default=DEFAULT_DIR)
+    g.set_defaults(func=cmd_graph)
 
+
+def _add_plan_parser(sub: Subparsers) -> None:
     pl = sub.add_parser("plan", help="show what would change")
     pl.add_argument("dir", nargs="?", default=DEFAULT_DIR)
     src = pl.add_mutually_exclusive_group()
@@ -212,27 +255,19 @@ def parser() -> argparse.ArgumentParser:
         help="exit 0 without changes, 2 with changes, 1 on error",
     )
     pl.add_argument("--out", metavar="FILE", help="also save the plan as JSON")
-    pl.add_argument(
-        "--target",
-        action="append",
-        default=[],
-        metavar="ADDR",
-        help="only this resource (and what it depends on); repeatable",
-    )
-    pl.add_argument(
-        "--allow-destroy",
-        action="store_true",
-        help="plan deletes of owned resources that left the spec",
-    )
-    color_opt(pl)
-
+    _scope_opts(pl)
+    _color_opt(pl)
     add_connection_args(pl)
+    pl.set_defaults(func=cmd_plan)
 
+
+def _add_live_commands(sub: Subparsers) -> None:
+    """The commands on the live platform: observe, apply."""
     ob = sub.add_parser("observe", help="observe the live platform; write a snapshot")
     ob.add_argument("dir", nargs="?", default=DEFAULT_DIR)
     ob.add_argument("--out", metavar="FILE", help="write the snapshot here (default: stdout)")
     add_connection_args(ob)
-
+    ob.set_defaults(func=cmd_observe)
     ap = sub.add_parser("apply", help="plan, confirm, and apply to the live platform")
     ap.add_argument("dir", nargs="?", default=DEFAULT_DIR)
     ap.add_argument("--auto-approve", action="store_true", help="do not ask for confirmation")
@@ -241,63 +276,30 @@ def parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="apply this saved JSON plan, only if the platform is still as it saw",
     )
-    ap.add_argument("--target", action="append", default=[], metavar="ADDR")
-    ap.add_argument(
-        "--allow-destroy", action="store_true", help="delete owned resources that left the spec"
-    )
+    _scope_opts(ap)
     ap.add_argument(
         "--dry-run", action="store_true", help="walk the apply without changing anything"
     )
-    color_opt(ap)
+    _color_opt(ap)
     add_connection_args(ap)
+    ap.set_defaults(func=cmd_apply)
 
-    s = sub.add_parser("schema", help="print the JSON Schema of a spec file")
-    s.add_argument("--out", metavar="FILE")
 
-    g = sub.add_parser("graph", help="print the desired resources by dependency wave")
-    g.add_argument("dir", nargs="?", default=DEFAULT_DIR)
-
-    add_run_parser(sub)
-    add_import_commands(sub, add_connection_args)
-    add_check_parser(sub, add_connection_args)
-
+def _add_demo_parser(sub: Subparsers) -> None:
     d = sub.add_parser(
         "demo",
         help="the demo: a fake Proxmox VE, simulators and Traefik, converged, broken and healed",
     )
     d.add_argument("dir", nargs="?", default=DEFAULT_DIR)
-    color_opt(d)
+    _color_opt(d)
     add_demo_args(d)
-    return p
+    d.set_defaults(func=cmd_demo_live)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    out, err = sys.stdout, sys.stderr
-    match args.command:
-        case "validate":
-            return cmd_validate(args, out)
-        case "plan":
-            return cmd_plan(args, out, err)
-        case "schema":
-            return cmd_schema(args, out)
-        case "graph":
-            return cmd_graph(args, out, err)
-        case "demo":
-            return cmd_demo_live(args, out, err)
-        case "observe":
-            return cmd_observe(args, out, err)
-        case "apply":
-            return cmd_apply(args, out, err)
-        case "run":
-            return cmd_run(args, out, err)
-        case "import":
-            return cmd_import(args, out, err)
-        case "adopt":
-            return cmd_adopt(args, out, err)
-        case "check":
-            return cmd_check(args, out, err)
-    return EXIT_ERROR
+    command: Command = args.func
+    return command(args, sys.stdout, sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
 """Render plans and diagnostics for people and machines: text (terraform-like, optionally
 colored), JSON (the versioned plan format) and Markdown (for a pull-request comment).
 
-Renderers are pure functions of their inputs, so golden tests pin them byte for byte.
+Renderers are pure functions of their inputs, so golden tests pin them byte for byte. They
+decide on data (a change's `action`, `cause`, `fields`), never on the wording of a `reason` or
+a message: those are shown, as they are. `render_change` is one change as the text plan shows
+it, for callers that show changes one at a time (the demo).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from collections.abc import Iterable
 from typing import Any, TextIO
 
 from reconciler.model.diagnostics import Diagnostic, Position, Severity
-from reconciler.model.plans import HOLD_START, START_GUEST, Action, Change, Plan
+from reconciler.model.plans import HOLD_START, START_GUEST, Action, Cause, Change, Plan
 
 _COLORS = {
     Action.CREATE: "\033[32m",
@@ -57,7 +60,9 @@ def flatten(value: Any, prefix: str = "") -> list[tuple[str, str]]:
     return out
 
 
-def _ident(change: Change) -> str:
+def ident(change: Change) -> str:
+    """`  (vmid 1000 on pve-a)`, `  (vmid 1001 from pve-a to pve-b)`: which guest a change acts
+    on and where, after its address; "" when its id says neither."""
     bits = []
     if "vmid" in change.id:
         # A replace that renumbers destroys the old vmid: say both.
@@ -78,6 +83,14 @@ def foreign_where(item: dict[str, Any]) -> str:
     return where + (" (a template)" if item.get("template") else "")
 
 
+def foreign_line(item: dict[str, Any]) -> str:
+    """`? guest 'hand-made' vmid 1005 on pve-a in the game range`: one foreign guest."""
+    return (
+        f"? {item['kind']} {item.get('name')!r} vmid {item.get('vmid')} on {item.get('node')}"
+        + foreign_where(item)
+    )
+
+
 def destroy_line(change: Change) -> str:
     """`guest/mc-x: replace destroys rootfs 8 GiB, mp0 50 GiB (why)`: one line per change that
     destroys data or is held back, for the banner."""
@@ -96,12 +109,13 @@ def _banner_changes(plan: Plan) -> list[Change]:
 
 
 def _change_lines(change: Change) -> list[str]:
-    head = f"{change.action.symbol} {change.address}{_ident(change)}"
+    head = f"{change.action.symbol} {change.address}{ident(change)}"
     if change.blocked:
         head += "  BLOCKED"
     if change.action is Action.REPLACE:
         head += "  must be replaced"
-    elif change.action is Action.CREATE and change.reason not in ("", "not found"):
+    elif change.action is Action.CREATE and change.cause is Cause.WITH_PARENT:
+        # Created for another's sake: say whose (a create because it is missing says nothing).
         head += f"  ({change.reason})"
     after = change.after or {}
     if after.get(HOLD_START):
@@ -142,6 +156,20 @@ def summary_line(plan: Plan) -> str:
     )
 
 
+def render_change(change: Change, *, color: bool = False) -> list[str]:
+    """One change as the text plan shows it, without its indent: the head line (colored by
+    action), what changes, and a replace's reason."""
+    lines = _change_lines(change)
+    out = [_paint(color, _COLORS[change.action], lines[0]), *lines[1:]]
+    if change.action is Action.REPLACE and change.reason:
+        out.append("    " + _paint(color, _DIM, f"# {change.reason}"))
+    return out
+
+
+def _paint(color: bool, code: str, text: str) -> str:
+    return f"{code}{text}{_RESET}" if color and code else text
+
+
 BANNER_TITLE = "THIS PLAN DESTROYS DATA OR HOLDS BACK A DESTROY: read these first"
 BLOCKED_NOTE = (
     "Blocked changes are never applied: they need platform.prune or --allow-destroy "
@@ -151,7 +179,7 @@ BLOCKED_NOTE = (
 
 def render_text(plan: Plan, *, color: bool = False) -> str:
     def paint(code: str, text: str) -> str:
-        return f"{code}{text}{_RESET}" if color and code else text
+        return _paint(color, code, text)
 
     out = [paint(_BOLD, f"Plan for platform {plan.platform}")]
     src = plan.observed_source or "snapshot"
@@ -168,20 +196,12 @@ def render_text(plan: Plan, *, color: bool = False) -> str:
             out.append("  " + BLOCKED_NOTE)
         out.append("")
     for change in (*plan.blocked, *plan.actions):
-        lines = _change_lines(change)
-        out.append("  " + paint(_COLORS[change.action], lines[0]))
-        out.extend("  " + line for line in lines[1:])
-        if change.action is Action.REPLACE and change.reason:
-            out.append("      " + paint(_DIM, f"# {change.reason}"))
+        out.extend("  " + line for line in render_change(change, color=color))
     if plan.actions:
         out.append("")
     if plan.foreign:
         out.append(paint(_BOLD, "Not owned by the controller (reported, never touched):"))
-        for f in plan.foreign:
-            where = foreign_where(f)
-            out.append(
-                f"  ? {f['kind']} {f.get('name')!r} vmid {f.get('vmid')} on {f.get('node')}{where}"
-            )
+        out.extend("  " + foreign_line(f) for f in plan.foreign)
         out.append("")
     if plan.diagnostics:
         out.extend(render_diagnostics(plan.diagnostics, color=color).rstrip("\n").split("\n"))
@@ -275,7 +295,11 @@ def _md_diag(d: Diagnostic) -> str:
 def _also(d: Diagnostic) -> list[Position]:
     """The other places a problem involves (the first definition of a duplicate, the rule a
     policy finding goes through), leaving out those the message already names as `file:line`
-    (or `file`), so a place is shown once."""
+    (or `file`), so a place is shown once.
+
+    This reads the message, and only to leave out a repeat: what is shown never depends on
+    the wording otherwise. Some checks in `reconciler.loading` write the place into the message
+    as well as into `related`; once they write it in one only, this can show them all."""
     out = []
     for p in d.related:
         named = f"{p.file}:{p.line}" if p.line else p.file

@@ -122,6 +122,7 @@ def add_run_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
     )
     s.add_argument("--once", action="store_true", help="one full cycle, then exit")
     add_connection_args(r)
+    r.set_defaults(func=cmd_run)
 
 
 def options_from(args: argparse.Namespace) -> ServiceOptions:

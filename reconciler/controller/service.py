@@ -18,17 +18,18 @@ The worker's triggers:
     SOURCE     poll the specs' source (controller.sources): a new revision is validated; a bad
                one is reported (status, log) and never applied, not even in part; a good one
                replaces the graph and asks for a FULL at once
-    FULL       observe everything, plan, apply (applying.live.converge); resources waiting out
-               a backoff are left out of the plan; the observed state is published (file
-               `<state dir>/observed.json`, the Redis key `reconciler:<platform>:observed`, and
-               /snapshot) for CI to plan against; after changes, another FULL soon, which sees
-               their effect (and registers what became ready)
+    FULL       observe everything, plan, apply (applying.converging.converge); resources
+               waiting out a backoff are left out of the plan; the observed state is published
+               (file `<state dir>/observed.json`, the Redis key `reconciler:<platform>:observed`,
+               and /snapshot) for CI to plan against; after changes, another FULL soon, which
+               sees their effect (and registers what became ready)
     INVENTORY  one Proxmox call (`/cluster/resources`) compared with the last snapshot; any
                drift asks for a FULL at once
     EDGE       Velocity, Traefik and the agents, with the guests' power state from one
                inventory call (which also serves as the INVENTORY check): the same
-               `applying.live.converge`, on the edge's kinds only and with the last snapshot's
-               guests given; registrations and routes follow readiness within seconds
+               `applying.converging.converge`, on the edge's kinds only and with the last
+               snapshot's guests given; registrations and routes follow readiness within
+               seconds
 
 Every mutating action passes the lease's `check()` first (the executor's `guard`): a replica
 that lost the lease, or never had it, changes nothing. A standby runs SOURCE only and reports.
@@ -56,8 +57,9 @@ from typing import Any
 import anyio
 import anyio.abc
 
+from reconciler.applying.connecting import Connection, Endpoints, connect_platform
+from reconciler.applying.converging import converge
 from reconciler.applying.executor import ApplyReport, Outcome, Result
-from reconciler.applying.live import Connection, Endpoints, connect_platform, converge
 from reconciler.controller.http import read_token, serve_status
 from reconciler.controller.lease import Lease, LeaseKeeper, LocalLease, RedisLease
 from reconciler.controller.logs import Redactor
@@ -78,14 +80,13 @@ from reconciler.model.plans import Plan
 from reconciler.model.resources import DesiredGraph, Kind
 from reconciler.model.spec import PlatformSpec, SecretRef
 from reconciler.planning.observed_policies import live_isolation
-from reconciler.providers import Provider
 from reconciler.providers.proxmox import Inventory, ProxmoxProvider, read_secret
 from reconciler.providers.proxmox_inventory import inventory_drift
 from reconciler.providers.redisconn import connect_redis
 
 log = logging.getLogger("reconciler.service")
 
-EDGE_KINDS = (Kind.VELOCITY, Kind.ROUTE)
+EDGE_KINDS = frozenset({Kind.VELOCITY, Kind.ROUTE})
 # A follow-up FULL after changes were applied: soon, to see their effect, but not at once.
 FOLLOW_UP = 5.0
 
@@ -374,7 +375,7 @@ class Service:
                 # flag or environment variable of the service can allow it.
                 allow_destroy=False,
                 observed_checks=[live_isolation(spec)],
-                agents=conn.agents,
+                agent_layers=conn.agent_layers,
                 guard=self.lease.check,
                 stop=self.stopping,
                 exclude=self._exclude,
@@ -504,12 +505,12 @@ class Service:
     def _count_calls(self) -> None:
         if self._conn is None:
             return
-        seen: dict[int, Provider] = {id(p): p for p in self._conn.providers.values()}
-        calls = sum(int(getattr(p, "calls", 0)) for p in seen.values())
+        providers = self._conn.providers  # each once: the connection's registry
+        calls = sum(int(getattr(p, "calls", 0)) for p in providers)
         if calls >= self._calls_seen:
             self.metrics.add_api_calls(calls - self._calls_seen)
         self._calls_seen = calls
-        for p in seen.values():
+        for p in providers:
             name = type(p).__name__
             retries = int(getattr(p, "retries", 0))
             before = self._retries_seen.get(name, 0)
@@ -584,7 +585,7 @@ class Service:
         conn = self._conn
         if not self._may_act(CycleKind.EDGE) or guests is None or conn is None:
             return
-        if not any(k in EDGE_KINDS for k in conn.providers) or self._snapshot is None:
+        if not conn.kinds & EDGE_KINDS or self._snapshot is None:
             return
         assert self._graph is not None
         started, t0 = self.wall(), self.clock()
@@ -617,7 +618,7 @@ class Service:
                 kinds=EDGE_KINDS,
                 given=known,
                 max_rounds=1,  # a conflict is met again by the next poll, seconds away
-                agents=conn.agents,
+                agent_layers=conn.agent_layers,
                 guard=self.lease.check,
                 stop=self.stopping,
                 exclude=self._exclude,

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from reconciler.applying.live import Endpoints, agent_watch
+from reconciler.applying.connecting import Endpoints, agent_health_provider
 from reconciler.model.spec import FileFeed, PlatformSpec, ProxmoxApi, SecretRef
 from reconciler.simulators.agent import AgentFleet, SimulatedAgent
 from reconciler.simulators.fakepve_process import FakePveProcess
@@ -170,83 +170,13 @@ def start_lab(
     try:
         events = EventLog(logs / "events.jsonl")
         stack.callback(events.close)
-        parts: list[Part] = []
-        pids: dict[str, int] = {}
-
-        nodes = tuple(sorted(h.node or name for name, h in spec.hosts.items()))
-        fake = FakePveProcess(nodes=nodes, time_scale=time_scale)
-        fake.start()
-        stack.callback(_stop_fakepve, fake, logs / "fakepve.log")
-        if fake._proc is not None:
-            pids["fakepve"] = fake._proc.pid
-        # Once one template is in storage, fakepve checks that a create names one that exists.
-        fake.seed_template(TEMPLATE)
-        _set_env(stack, PVE_PASSWORD_ENV, fake.password)
-        speed = "tasks finish at once (time scale 0)" if not time_scale else f"time x{time_scale}"
-        parts.append(
-            Part("fakepve", fake.url, f"fake Proxmox VE, nodes {', '.join(nodes)}; {speed}")
-        )
-        events.write("started", part="fakepve", url=fake.url, nodes=nodes, time_scale=time_scale)
-
-        secret = secrets.token_hex(16)
-        secret_env = _bridge_secret_env(spec) or _DEFAULT_BRIDGE_SECRET_ENV
-        _set_env(stack, secret_env, secret)
-        bridge = VelocityBridgeSimulator(secret).start()
-        stack.callback(bridge.stop)
-        parts.append(
-            Part("Velocity", bridge.url, f"bridge plugin simulator, secret in ${secret_env}")
-        )
-        events.write("started", part="velocity-bridge", url=bridge.url)
-
-        fleet = AgentFleet(control=False).start()
-        stack.callback(fleet.stop)
-        agents: dict[str, SimulatedAgent] = {}
-        agent_endpoints: dict[str, tuple[str, int]] = {}
-        for i, address in enumerate(sorted(agent_watch(spec).endpoints), start=1):
-            name = address.removeprefix("guest/")
-            # The fleet keys agents by vmid; an index will do: the observer is told where each
-            # guest's agent answers, and some guests get their vmid only when planned.
-            agents[name] = fleet.add(i, name=name)
-            agent_endpoints[name] = fleet.endpoint(i)
-        what = f"{len(agents)} simulated agents, one per runtime guest, all ready"
-        parts.append(Part("agents", fleet.host, what))
-        events.write("started", part="agents", guests=sorted(agents))
-
-        # One Traefik per instance of the spec: a file feed stays a file (in the state dir),
-        # a Redis feed gets a real Redis when one is installed, else a file too.
+        run = _Starting(stack, events, state_dir)
+        fake = _start_fakepve(run, spec, time_scale)
+        bridge = _start_bridge(run, spec)
+        fleet, agents, agent_endpoints = _start_agents(run, spec)
         if use_redis is None:
             use_redis = redis_exe() is not None
-        redis: RedisProcess | None = None
-        traefiks: dict[str, TraefikProcess] = {}
-        files: dict[str, Path] = {}
-        for name, inst in sorted(spec.traefik.items()):
-            if isinstance(inst.feed, FileFeed) or not use_redis:
-                feed_dir = state_dir / f"traefik-{name}"
-                feed_dir.mkdir(exist_ok=True)
-                files[name] = feed_dir / (
-                    Path(inst.feed.path).name if isinstance(inst.feed, FileFeed) else f"{name}.yml"
-                )
-                args = [f"--providers.file.directory={feed_dir}", "--providers.file.watch=true"]
-                feed = f"file provider: {files[name]}"
-                if not isinstance(inst.feed, FileFeed):
-                    feed += " (the spec says Redis; this lab runs none)"
-            else:
-                if redis is None:
-                    redis = start_redis()
-                    stack.callback(redis.stop)
-                    pids["redis"] = redis.proc.pid
-                args = [
-                    f"--providers.redis.endpoints=127.0.0.1:{redis.port}",
-                    f"--providers.redis.rootkey={inst.feed.root_key}",
-                ]
-                feed = f"Redis provider: {redis.url}, root key {inst.feed.root_key}"
-            traefik = start_traefik(args, logs, name=name)
-            stack.callback(traefik.stop)
-            traefiks[name] = traefik
-            pids[f"traefik-{name}"] = traefik.proc.pid
-            parts.append(Part(f"Traefik {name}", traefik.api_url, f"real Traefik, {feed}"))
-            events.write("started", part=f"traefik-{name}", api=traefik.api_url, feed=feed)
-
+        traefiks, redis, files = _start_traefiks(run, spec, use_redis)
         endpoints = Endpoints(
             proxmox=ProxmoxApi(
                 url=fake.url,
@@ -274,10 +204,132 @@ def start_lab(
         traefiks=traefiks,
         redis=redis,
         endpoints=endpoints,
-        parts=parts,
-        pids=pids,
+        parts=run.parts,
+        pids=run.pids,
         _stack=stack,
     )
+
+
+@dataclass
+class _Starting:
+    """What `start_lab` gathers while it starts the parts: how to stop each (`stack`, closed in
+    reverse order), what to say about it (`parts`, the event log) and its process (`pids`)."""
+
+    stack: contextlib.ExitStack
+    events: EventLog
+    state_dir: Path
+    parts: list[Part] = field(default_factory=list)
+    pids: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def logs(self) -> Path:
+        return self.state_dir / "logs"
+
+    def started(self, part: Part, event: str, **data: Any) -> None:
+        """`part` is up: listed for the reader, and logged as event `started` of `event`."""
+        self.parts.append(part)
+        self.events.write("started", part=event, **data)
+
+
+def _start_fakepve(run: _Starting, spec: PlatformSpec, time_scale: float) -> FakePveProcess:
+    """fakepve with the spec's nodes and the demo's template, its password in the variable
+    the lab's `Endpoints` name."""
+    nodes = tuple(sorted(h.node or name for name, h in spec.hosts.items()))
+    fake = FakePveProcess(nodes=nodes, time_scale=time_scale)
+    fake.start()
+    run.stack.callback(_stop_fakepve, fake, run.logs / "fakepve.log")
+    if fake._proc is not None:
+        run.pids["fakepve"] = fake._proc.pid
+    # Once one template is in storage, fakepve checks that a create names one that exists.
+    fake.seed_template(TEMPLATE)
+    _set_env(run.stack, PVE_PASSWORD_ENV, fake.password)
+    speed = "tasks finish at once (time scale 0)" if not time_scale else f"time x{time_scale}"
+    run.started(
+        Part("fakepve", fake.url, f"fake Proxmox VE, nodes {', '.join(nodes)}; {speed}"),
+        "fakepve",
+        url=fake.url,
+        nodes=nodes,
+        time_scale=time_scale,
+    )
+    return fake
+
+
+def _start_bridge(run: _Starting, spec: PlatformSpec) -> VelocityBridgeSimulator:
+    """The Velocity bridge simulator, its secret in the variable the spec reads it from."""
+    secret = secrets.token_hex(16)
+    secret_env = _bridge_secret_env(spec) or _DEFAULT_BRIDGE_SECRET_ENV
+    _set_env(run.stack, secret_env, secret)
+    bridge = VelocityBridgeSimulator(secret).start()
+    run.stack.callback(bridge.stop)
+    run.started(
+        Part("Velocity", bridge.url, f"bridge plugin simulator, secret in ${secret_env}"),
+        "velocity-bridge",
+        url=bridge.url,
+    )
+    return bridge
+
+
+def _start_agents(
+    run: _Starting, spec: PlatformSpec
+) -> tuple[AgentFleet, dict[str, SimulatedAgent], dict[str, tuple[str, int]]]:
+    """One ready agent per guest the controller watches: the fleet, the agents by guest name,
+    and where each answers."""
+    fleet = AgentFleet(control=False).start()
+    run.stack.callback(fleet.stop)
+    agents: dict[str, SimulatedAgent] = {}
+    endpoints: dict[str, tuple[str, int]] = {}
+    for i, address in enumerate(sorted(agent_health_provider(spec).endpoints), start=1):
+        name = address.removeprefix("guest/")
+        # The fleet keys agents by vmid; an index will do: the observer is told where each
+        # guest's agent answers, and some guests get their vmid only when planned.
+        agents[name] = fleet.add(i, name=name)
+        endpoints[name] = fleet.endpoint(i)
+    what = f"{len(agents)} simulated agents, one per runtime guest, all ready"
+    run.started(Part("agents", fleet.host, what), "agents", guests=sorted(agents))
+    return fleet, agents, endpoints
+
+
+def _start_traefiks(
+    run: _Starting, spec: PlatformSpec, use_redis: bool
+) -> tuple[dict[str, TraefikProcess], RedisProcess | None, dict[str, Path]]:
+    """One Traefik per instance of the spec: a file feed stays a file (in the state dir), a
+    Redis feed gets a real Redis (started once, for all) when `use_redis`, else a file too.
+    The Traefiks by instance, the Redis, and the feed files by instance."""
+    redis: RedisProcess | None = None
+    traefiks: dict[str, TraefikProcess] = {}
+    files: dict[str, Path] = {}
+    for name, inst in sorted(spec.traefik.items()):
+        if isinstance(inst.feed, FileFeed) or not use_redis:
+            feed_dir = run.state_dir / f"traefik-{name}"
+            feed_dir.mkdir(exist_ok=True)
+            files[name] = feed_dir / (
+                Path(inst.feed.path).name if isinstance(inst.feed, FileFeed) else f"{name}.yml"
+            )
+            args = [f"--providers.file.directory={feed_dir}", "--providers.file.watch=true"]
+            feed = f"file provider: {files[name]}"
+            if not isinstance(inst.feed, FileFeed):
+                feed += " (the spec says Redis; this lab runs none)"
+        else:
+            if redis is None:
+                redis = start_redis()
+                run.stack.callback(redis.stop)
+                run.pids["redis"] = redis.proc.pid
+            args = [
+                f"--providers.redis.endpoints=127.0.0.1:{redis.port}",
+                f"--providers.redis.rootkey={inst.feed.root_key}",
+            ]
+            feed = f"Redis provider: {redis.url}, root key {inst.feed.root_key}"
+        traefik = start_traefik(args, run.logs, name=name)
+        run.stack.callback(traefik.stop)
+        traefiks[name] = traefik
+        run.pids[f"traefik-{name}"] = traefik.proc.pid
+        run.started(
+            Part(f"Traefik {name}", traefik.api_url, f"real Traefik, {feed}"),
+            f"traefik-{name}",
+            api=traefik.api_url,
+            feed=feed,
+        )
+    return traefiks, redis, files
 
 
 @contextlib.contextmanager

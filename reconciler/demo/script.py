@@ -37,8 +37,9 @@ from typing import Any, TextIO
 import anyio
 
 from reconciler import __version__
+from reconciler.applying.connecting import connect_platform
+from reconciler.applying.converging import Convergence, converge
 from reconciler.applying.executor import Outcome, Result
-from reconciler.applying.live import Convergence, connect_platform, converge
 from reconciler.cli import render
 from reconciler.demo.lab import TEMPLATE, Lab, start_lab
 from reconciler.loading.graph import build_graph
@@ -176,6 +177,10 @@ class Step:
     seconds: float = 0.0
     plans: list[Plan] = field(default_factory=list)  # the plans shown, in order
     ok: bool = True
+    began: float = field(default_factory=time.monotonic)
+
+    def finish(self) -> None:
+        self.seconds = time.monotonic() - self.began
 
 
 @dataclass
@@ -246,20 +251,14 @@ class Screen:
                 self.wrapped(self.paint(_action_color(action), head), names, 22)
         for change in plan.actions if len(plan.actions) <= 25 else ():
             if change.action in (Action.UPDATE, Action.MIGRATE, Action.REPLACE):
-                one = replace(plan, changes=(change,), foreign=(), diagnostics=())
-                lines = render.render_text(one, color=self.color).split("\n")[3:]
-                for line in lines[: lines.index("")]:
-                    self.line("   " + line)
+                for line in render.render_change(change, color=self.color):
+                    self.line("     " + line)
             else:
                 self.line("     " + self.paint(_action_color(change.action), _head(change)))
         if plan.foreign:
             self.line("   Not owned by the controller (reported, never touched):")
             for f in plan.foreign:
-                where = render.foreign_where(f)
-                self.line(
-                    f"     ? {f['kind']} {f.get('name')!r} vmid {f.get('vmid')} "
-                    f"on {f.get('node')}{where}"
-                )
+                self.line("     " + render.foreign_line(f))
         withheld = [d for d in plan.diagnostics if d.code == "withheld"]
         if len(withheld) > 3:
             self.wrapped(
@@ -269,8 +268,7 @@ class Screen:
             )
         else:
             for d in withheld:
-                why = d.message.split(" is withheld: ", 1)[-1]
-                self.say(f"{self.paint(_YELLOW, '!')} {d.address} withheld: {why}", hang=2)
+                self.say(f"{self.paint(_YELLOW, '!')} {d.message}", hang=2)
         others = [d for d in plan.diagnostics if d.code != "withheld"]
         if others:
             text = render.render_diagnostics(others, color=self.color)
@@ -305,12 +303,9 @@ def _action_color(action: Action) -> str:
 
 
 def _head(change: Change) -> str:
-    where = ""
-    if change.moves is not None:
-        where = f"  (vmid {change.id['vmid']} from {change.moves[0]} to {change.moves[1]})"
-    elif "vmid" in change.id:
-        where = f"  (vmid {change.id['vmid']} on {change.id.get('node', '?')})"
-    return f"{change.action.symbol} {change.address}{where}"
+    """`+ guest/mc-x  (vmid 1000 on pve-a)`: a change in one line, for creates, deletes and
+    progress."""
+    return f"{change.action.symbol} {change.address}{render.ident(change)}"
 
 
 class ProgressLines:
@@ -507,7 +502,7 @@ class Story:
                     approve=approve,
                     progress=progress,
                     observed_checks=[live_isolation(self.spec)],
-                    agents=conn.agents,
+                    agent_layers=conn.agent_layers,
                 )
 
         began = time.monotonic()
@@ -537,7 +532,7 @@ class Story:
                     self.graph,
                     observed,
                     observed_checks=[live_isolation(self.spec)],
-                    agent_layers=conn.agents.layers if conn.agents is not None else (),
+                    agent_layers=conn.agent_layers,
                 )
                 return observed, plan
 
@@ -551,12 +546,16 @@ class Story:
         self.step_three(breaks)
         self.step_four()
 
+    def begin(self, title: str, heading: str) -> Step:
+        """A step of the story: recorded in the result, timed from now, its heading shown."""
+        step = Step(title)
+        self.result.steps.append(step)
+        self.screen.heading(heading)
+        return step
+
     def step_one(self) -> None:
         s = self.screen
-        step = Step("an empty platform")
-        self.result.steps.append(step)
-        began = time.monotonic()
-        s.heading("1. An empty platform: plan, then apply")
+        step = self.begin("an empty platform", "1. An empty platform: plan, then apply")
         s.say(
             f"The controller observes the fake Proxmox VE (no guests yet), compares it with "
             f"the {len(self.graph.resources)} resources the spec declares, and applies the plan "
@@ -574,15 +573,12 @@ class Story:
                     "agent answers ready (the spec gates them on it); the new guests now run "
                     "and their agents answer, so the next cycle adds them."
                 )
-        step.seconds = time.monotonic() - began
+        step.finish()
         s.say(f"Converged in {step.seconds:.1f} s.")
 
     def step_two(self) -> list[Break]:
         s = self.screen
-        step = Step("break it")
-        self.result.steps.append(step)
-        began = time.monotonic()
-        s.heading("2. Breaking it the way production breaks")
+        step = self.begin("break it", "2. Breaking it the way production breaks")
         pve = self.lab.pve()
         guests = {
             r["name"]: r for r in pve.cluster.resources.get(type="vm") if r.get("type") == "lxc"
@@ -603,16 +599,13 @@ class Story:
         for b in breaks:
             s.say(f"{s.paint(_RED, 'x')} {b.what}", hang=2)
             self.lab.events.write("broke", key=b.key, what=b.what)
-        step.seconds = time.monotonic() - began
+        step.finish()
         self.result.breaks = breaks
         return breaks
 
     def step_three(self, breaks: list[Break]) -> None:
         s = self.screen
-        step = Step("detect and heal")
-        self.result.steps.append(step)
-        began = time.monotonic()
-        s.heading("3. One controller cycle: detect, then heal")
+        step = self.begin("detect and heal", "3. One controller cycle: detect, then heal")
         s.say(
             "The controller knows nothing of what happened: it observes, compares with the spec, "
             "and the plan shows each problem."
@@ -645,7 +638,7 @@ class Story:
         self.screen.plan(final)
         self.result.final_plan = final
         self.check_healed(breaks, final)
-        step.seconds = time.monotonic() - began
+        step.finish()
         step.ok = step.ok and not final.has_changes and not final.errored
 
     def _move_target(self) -> tuple[str, str, str] | None:
@@ -674,10 +667,9 @@ class Story:
             return
         name, src, dst = target
         s = self.screen
-        step = Step("move a game server")
-        self.result.steps.append(step)
-        began = time.monotonic()
-        s.heading("4. A pull request moves a game server to another node")
+        step = self.begin(
+            "move a game server", "4. A pull request moves a game server to another node"
+        )
         pr = self.lab.state_dir / "pr-specs"
         edited = _edit_host(self.spec_dir, pr, name, src, dst)
         s.say(
@@ -719,7 +711,7 @@ class Story:
             )
         self.result.final_plan = final
         step.ok = step.ok and not final.has_changes and not final.errored
-        step.seconds = time.monotonic() - began
+        step.finish()
 
     # --- breaking -----------------------------------------------------------------------
 
@@ -1014,22 +1006,28 @@ def _guest_state(pve: Any, node: str, vmid: int) -> dict[str, Any]:
 
 
 def _edit_host(specs: Path, into: Path, guest: str, src: str, dst: str) -> str:
-    """Copy the spec directory to `into` with `guest`'s host changed, as a pull request would
-    edit it; the file edited, relative to the directory."""
+    """Copy the spec directory to `into` with `guest`'s host changed from `src` to `dst`, as a
+    pull request would edit it; the file edited, relative to the directory.
+
+    The edit is made to the text, as a person makes it (comments and layout stay; the diff is
+    one line), at the place the loader says `guests.<guest>.host` is written: never another
+    guest's host line, whatever the layout, and a host this guest does not write (none in its
+    entry) is an error, never a guess."""
     shutil.rmtree(into, ignore_errors=True)
     shutil.copytree(specs, into)
-    for path in sorted(into.rglob("*.y*ml")):
-        text = path.read_text(encoding="utf-8")
-        at = text.find(f"\n  {guest}:\n")
-        if at < 0:
-            continue
-        line = f"    host: {src}\n"
-        found = text.find(line, at)
-        if found < 0:
-            continue
-        path.write_text(text[:found] + f"    host: {dst}\n" + text[found + len(line) :])
-        return str(path.relative_to(into))
-    raise ReconcilerError(f"guest {guest}'s host line was not found under {specs}")
+    where = load_directory(into, display="").source.values.get(("guests", guest, "host"))
+    if where is None or not where.line:
+        raise ReconcilerError(f"guest {guest}'s host is not written in the specs under {specs}")
+    path = into / where.file
+    lines = path.read_text(encoding="utf-8").split("\n")
+    line, at = lines[where.line - 1], where.column - 1
+    quote = line[at] if line[at : at + 1] in ("'", '"') else ""
+    written = f"{quote}{src}{quote}"
+    if line[at : at + len(written)] != written:
+        raise ReconcilerError(f"{where}: guest {guest}'s host is not {src}: {line.strip()!r}")
+    lines[where.line - 1] = line[:at] + f"{quote}{dst}{quote}" + line[at + len(written) :]
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return where.file
 
 
 def _node_of(pve: Any, vmid: int) -> str:

@@ -126,9 +126,20 @@ def edge_sources(
     """What to read: the `--dir` spec's velocity and Traefik instances (with `api_url`), and
     the ones the flags add. Raises ConfigurationError for flags that cannot work together, and
     for an instance the flags name with no DNS label (the spec would refuse its key)."""
-    apis, guests = dict(traefik_apis or {}), dict(traefik_guests or {})
     notes: list[str] = []
-    velocity: VelocitySource | None = None
+    velocity = _velocity_source(spec, velocity_url, velocity_secret_env, notes)
+    traefik = _traefik_sources(spec, dict(traefik_apis or {}), dict(traefik_guests or {}), notes)
+    return EdgeSources(velocity, traefik, tuple(notes))
+
+
+def _velocity_source(
+    spec: PlatformSpec | None,
+    velocity_url: str | None,
+    velocity_secret_env: str | None,
+    notes: list[str],
+) -> VelocitySource | None:
+    """The spec's bridge (the flags may say where it is and which secret to read), else the
+    one the flags name; None, with a note, for a spec's bridge with no address."""
     if spec is not None and spec.velocity is not None:
         v = spec.velocity
         vguest = spec.guests.get(v.guest)
@@ -140,24 +151,34 @@ def edge_sources(
                 f"velocity: guest {v.guest!r} has no static IP in {spec.platform.name}'s spec, "
                 "so the bridge cannot be found; pass --velocity-url"
             )
-        else:
-            velocity = VelocitySource(
-                url,
-                secret,
-                v.bridge.port,
-                guest=v.guest,
-                guest_ip=ip,
-                servers={n: s.model_dump(mode="json") for n, s in v.servers.items()},
-            )
-    elif velocity_url:
+            return None
+        return VelocitySource(
+            url,
+            secret,
+            v.bridge.port,
+            guest=v.guest,
+            guest_ip=ip,
+            servers={n: s.model_dump(mode="json") for n, s in v.servers.items()},
+        )
+    if velocity_url:
         if not velocity_secret_env:
             raise ConfigurationError("--velocity-url needs --velocity-secret-env VAR")
-        velocity = VelocitySource(
+        return VelocitySource(
             velocity_url, SecretRef(env=velocity_secret_env), urlsplit(velocity_url).port or 8081
         )
-    elif velocity_secret_env:
+    if velocity_secret_env:
         raise ConfigurationError("--velocity-secret-env needs --velocity-url (or a spec velocity)")
+    return None
 
+
+def _traefik_sources(
+    spec: PlatformSpec | None,
+    apis: Mapping[str, str],
+    guests: Mapping[str, str],
+    notes: list[str],
+) -> tuple[TraefikSource, ...]:
+    """The spec's instances (read where the flags or their `api_url` say; one with neither is
+    a note), then those only the flags name."""
     traefik: list[TraefikSource] = []
     known = dict(spec.traefik) if spec is not None else {}
     for name, inst in sorted(known.items()):
@@ -199,7 +220,7 @@ def edge_sources(
             "--traefik-guest " + ", ".join(stray) + ": give the instance's API too "
             "(--traefik-api INSTANCE=URL)"
         )
-    return EdgeSources(velocity, tuple(traefik), tuple(notes))
+    return tuple(traefik)
 
 
 async def read_edge(

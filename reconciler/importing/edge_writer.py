@@ -41,7 +41,14 @@ from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 
-from reconciler.importing.edge import EdgeEstate, Router, TraefikRead, VelocityRead, resolve_guest
+from reconciler.importing.edge import (
+    EdgeEstate,
+    Router,
+    TraefikRead,
+    TraefikSource,
+    VelocityRead,
+    resolve_guest,
+)
 from reconciler.importing.yamltext import Commented
 from reconciler.model.spec import HttpRoute, TcpRoute
 from reconciler.model.units import check_label
@@ -264,10 +271,10 @@ def _instance(
     by_ip: Mapping[str, str],
     out: EdgeResult,
 ) -> dict[str, Any] | None:
+    """One Traefik instance's section, or None (and a note) when no imported guest runs it."""
     src = read.source
     inst = src.instance
     names = [g.name for g in guests]
-    layer_of = {g.name: g.layer for g in guests}
     tguest = resolve_guest(src.guest, src.guest_ip, src.api_url, by_ip, names)
     if tguest is None:
         out.notes.append(
@@ -276,6 +283,29 @@ def _instance(
             "The instance is not written"
         )
         return None
+    routes, handmade = _instance_routes(read, names, by_ip, out)
+    layer_of = {g.name: g.layer for g in guests}
+    section: dict[str, Any] = {
+        "guest": tguest,
+        "routes_to": _routes_to(src, routes, layer_of, layer_of[tguest], out),
+        "feed": _feed(src, out),
+        "api_url": src.written_api_url,
+    }
+    if src.when_unready:
+        section["when_unready"] = src.when_unready
+    if routes:
+        section["routes"] = dict(sorted(routes.items()))
+    _note_handmade(inst, handmade, out)
+    return section
+
+
+def _instance_routes(
+    read: TraefikRead, names: Sequence[str], by_ip: Mapping[str, str], out: EdgeResult
+) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    """The routes of an instance's routers, by name, and (route name, router) for those made
+    from hand-made routers. A router whose route claims a host (and path) an earlier one
+    claims is left out, with a note."""
+    inst = read.source.instance
     routes: dict[str, Any] = {}
     claimed: dict[tuple[str, str, str], str] = {}
     taken: set[str] = set()
@@ -286,23 +316,9 @@ def _instance(
         key=lambda r: (not is_ours(r), r.name),
     )
     for router in ordered:
-        own = is_ours(router)
-        if not own and router.bare_name.startswith(ROUTER_PREFIX):
-            out.notes.append(
-                f"traefik {inst}: router {router.name} is named like the controller's "
-                f"({ROUTER_PREFIX}<route>), but "
-                f"{router.bare_name.removeprefix(ROUTER_PREFIX)!r} is not a DNS label, which "
-                "a route's name is: it is read as a hand-made router"
-            )
-        declared = src.routes.get(router.bare_name.removeprefix(ROUTER_PREFIX)) if own else None
-        if declared is not None and declared["target"]["guest"] in names:
-            route = {k: v for k, v in declared.items() if (k, v) != ("type", "http")}
-        else:
-            made, why = route_of(router, by_ip)
-            if made is None:
-                out.notes.append(f"traefik {inst}: router {router.name} not imported: {why}")
-                continue
-            route = made
+        route = _router_route(router, read.source, names, by_ip, out)
+        if route is None:
+            continue
         clash = next((claimed[c] for c in _claims(route) if c in claimed), None)
         if clash is not None:
             out.notes.append(
@@ -310,7 +326,7 @@ def _instance(
                 f"{clash} already does"
             )
             continue
-        if own:
+        if is_ours(router):
             name = router.bare_name.removeprefix(ROUTER_PREFIX)
             taken.add(name)
         else:
@@ -319,34 +335,75 @@ def _instance(
         for c in _claims(route):
             claimed[c] = router.name
         routes[name] = route
+    return routes, handmade
+
+
+def _router_route(
+    router: Router,
+    src: TraefikSource,
+    names: Sequence[str],
+    by_ip: Mapping[str, str],
+    out: EdgeResult,
+) -> dict[str, Any] | None:
+    """A router's route: the `--dir` spec's, for one of the controller's own routers the spec
+    declares; else read from the router, or None (and a note) when the spec cannot say it."""
+    own = is_ours(router)
+    if not own and router.bare_name.startswith(ROUTER_PREFIX):
+        out.notes.append(
+            f"traefik {src.instance}: router {router.name} is named like the controller's "
+            f"({ROUTER_PREFIX}<route>), but "
+            f"{router.bare_name.removeprefix(ROUTER_PREFIX)!r} is not a DNS label, which "
+            "a route's name is: it is read as a hand-made router"
+        )
+    declared = src.routes.get(router.bare_name.removeprefix(ROUTER_PREFIX)) if own else None
+    if declared is not None and declared["target"]["guest"] in names:
+        return {k: v for k, v in declared.items() if (k, v) != ("type", "http")}
+    made, why = route_of(router, by_ip)
+    if made is None:
+        out.notes.append(f"traefik {src.instance}: router {router.name} not imported: {why}")
+    return made
+
+
+def _routes_to(
+    src: TraefikSource,
+    routes: Mapping[str, Any],
+    layer_of: Mapping[str, str],
+    own_layer: str,
+    out: EdgeResult,
+) -> list[str]:
+    """The spec's `routes_to`, widened by every layer a route targets; the instance's own
+    layer when that leaves none."""
     layers = list(src.routes_to)
     for route in routes.values():
         layer = layer_of[route["target"]["guest"]]
         if layer not in layers:
             layers.append(layer)
     if not layers:
-        layers = [layer_of[tguest]]
+        layers = [own_layer]
     if src.routes_to and list(src.routes_to) != layers:
         out.notes.append(
-            f"traefik {inst}: routes_to widened to {', '.join(layers)}: routes it serves "
-            "target those layers"
+            f"traefik {src.instance}: routes_to widened to {', '.join(layers)}: routes it "
+            "serves target those layers"
         )
-    section: dict[str, Any] = {"guest": tguest, "routes_to": layers}
+    return layers
+
+
+def _feed(src: TraefikSource, out: EdgeResult) -> Any:
+    """The spec's feed; else a file feed, marked in the YAML and in a note as a guess."""
     if src.feed is not None:
-        section["feed"] = dict(src.feed)
-    else:
-        section["feed"] = Commented(
-            {"type": "file", "path": f"/etc/traefik/dynamic/{inst}.yml"}, FEED_GUESS
-        )
-        out.notes.append(
-            f"traefik {inst}: its feed is a guess (a file, /etc/traefik/dynamic/{inst}.yml); "
-            "Traefik does not say how it is fed: choose before the first apply"
-        )
-    section["api_url"] = src.written_api_url
-    if src.when_unready:
-        section["when_unready"] = src.when_unready
-    if routes:
-        section["routes"] = dict(sorted(routes.items()))
+        return dict(src.feed)
+    out.notes.append(
+        f"traefik {src.instance}: its feed is a guess (a file, "
+        f"/etc/traefik/dynamic/{src.instance}.yml); Traefik does not say how it is fed: "
+        "choose before the first apply"
+    )
+    return Commented(
+        {"type": "file", "path": f"/etc/traefik/dynamic/{src.instance}.yml"}, FEED_GUESS
+    )
+
+
+def _note_handmade(inst: str, handmade: list[tuple[str, str]], out: EdgeResult) -> None:
+    """Name each route from a hand-made router, and say what the first apply does to them."""
     handmade.sort()
     for name, from_router in handmade:
         out.routes[f"route/{inst}/{name}"] = from_router
@@ -360,7 +417,6 @@ def _instance(
             + " next to them. Apply, check that Traefik serves the new routers (the plan warns "
             "route-not-served otherwise), then remove the hand-made ones"
         )
-    return section
 
 
 def render_edge(edge: EdgeEstate, guests: Sequence[ImportedGuest]) -> EdgeResult:

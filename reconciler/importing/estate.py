@@ -1,6 +1,6 @@
 """Read a whole Proxmox estate, owned or not: every guest's config and firewall, the cluster's
 firewall objects, and the nodes' size. `reconciler import` calls `read_estate`, then hands the
-`Estate` to `writer.write_specs`.
+`Estate` to `writer.render_specs`.
 
 It reads only. One `GET /cluster/resources` gives the guests and nodes; then each guest costs
 one config read (two for a VM: its pending values too, as observation does) and two firewall
@@ -94,30 +94,71 @@ async def read_estate(provider: ProxmoxProvider) -> Estate:
     items: list[dict[str, Any]] = await provider.retrying(
         "read inventory", lambda: client.cluster.resources.get()
     )
+    reader = _EstateReader(provider)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(reader.read_cluster_options)
+        tg.start_soon(reader.read_aliases)
+        tg.start_soon(reader.read_indexes, tg)
+        for item in reader.guests_to_read(items):
+            tg.start_soon(reader.read_guest, item)
     nodes = {str(i["node"]): i for i in items if i.get("type") == "node"}
-    guests: list[GuestRecord] = []
-    skipped: list[str] = []
+    return reader.estate(nodes)
 
-    async def read_guest(item: dict[str, Any]) -> None:
+
+@dataclass
+class _EstateReader:
+    """One read of an estate: the provider it reads through, and what its concurrent reads
+    have found so far (sorted when the `Estate` is made)."""
+
+    provider: ProxmoxProvider
+    guests: list[GuestRecord] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    cluster: dict[str, Any] = field(default_factory=dict)
+    aliases: list[NamedObject] = field(default_factory=list)
+    ipsets: list[NamedObject] = field(default_factory=list)
+    groups: list[NamedObject] = field(default_factory=list)
+
+    @property
+    def _firewall(self) -> Any:
+        return self.provider.client.cluster.firewall
+
+    def guests_to_read(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The inventory's guests but templates and those being created or destroyed, which
+        are noted as skipped."""
+        out: list[dict[str, Any]] = []
+        for item in items:
+            if item.get("type") not in ("lxc", "qemu"):
+                continue
+            what = f"{item.get('type')} {item.get('vmid')} ({item.get('name')})"
+            if item.get("template"):
+                self.skipped.append(f"{what}: a template, not a guest")
+            elif item.get("lock") in _TRANSIENT_LOCKS:
+                self.skipped.append(f"{what}: locked ({item.get('lock')}); import again later")
+            else:
+                out.append(item)
+        return out
+
+    async def read_guest(self, item: dict[str, Any]) -> None:
         node, vmid, kind = str(item["node"]), int(item["vmid"]), str(item["type"])
-        api = client.nodes(node)(kind)(vmid)
+        api = self.provider.client.nodes(node)(kind)(vmid)
+        retrying = self.provider.retrying
         try:
-            config = await provider.retrying(f"read config of {vmid}", lambda: api.config.get())
+            config = await retrying(f"read config of {vmid}", lambda: api.config.get())
             if kind == "qemu":
-                pending = await provider.retrying(
+                pending = await retrying(
                     f"read pending config of {vmid}", lambda: api.pending.get()
                 )
                 config = with_pending(config, pending)
-            options = await provider.retrying(
+            options = await retrying(
                 f"read firewall options of {vmid}", lambda: api.firewall.options.get()
             )
-            rules = await provider.retrying(
+            rules = await retrying(
                 f"read firewall rules of {vmid}", lambda: api.firewall.rules.get()
             )
         except NotFoundError:
-            skipped.append(f"{kind} {vmid}: destroyed while the estate was read")
+            self.skipped.append(f"{kind} {vmid}: destroyed while the estate was read")
             return
-        guests.append(
+        self.guests.append(
             GuestRecord(
                 item=item,
                 config=config,
@@ -126,59 +167,47 @@ async def read_estate(provider: ProxmoxProvider) -> Estate:
             )
         )
 
-    fw = client.cluster.firewall
-    cluster: dict[str, Any] = {}
-    aliases: list[NamedObject] = []
-    ipsets: list[NamedObject] = []
-    groups: list[NamedObject] = []
-
-    async def read_cluster() -> None:
-        cluster.update(
-            await provider.retrying("read cluster firewall options", lambda: fw.options.get())
+    async def read_cluster_options(self) -> None:
+        options = self._firewall.options
+        self.cluster.update(
+            await self.provider.retrying("read cluster firewall options", lambda: options.get())
         )
 
-    async def read_aliases() -> None:
-        for a in await provider.retrying("read firewall aliases", lambda: fw.aliases.get()):
-            aliases.append(NamedObject(str(a["name"]), str(a.get("comment") or ""), a.get("cidr")))
+    async def read_aliases(self) -> None:
+        aliases = self._firewall.aliases
+        for a in await self.provider.retrying("read firewall aliases", lambda: aliases.get()):
+            self.aliases.append(
+                NamedObject(str(a["name"]), str(a.get("comment") or ""), a.get("cidr"))
+            )
 
-    async def read_ipset(name: str, comment: str) -> None:
-        entries = await provider.retrying(f"read IP set {name}", lambda: fw.ipset(name).get())
-        ipsets.append(NamedObject(name, comment, entries=tuple(entries)))
+    async def read_indexes(self, tg: anyio.abc.TaskGroup) -> None:
+        """The IP set and group indexes; each IP set and group is read in `tg`, on its own."""
+        fw, retrying = self._firewall, self.provider.retrying
+        for s in await retrying("read firewall IP sets", lambda: fw.ipset.get()):
+            tg.start_soon(self.read_ipset, str(s["name"]), str(s.get("comment") or ""))
+        for g in await retrying("read security groups", lambda: fw.groups.get()):
+            tg.start_soon(self.read_group, str(g["group"]), str(g.get("comment") or ""))
 
-    async def read_group(name: str, comment: str) -> None:
-        raw = await provider.retrying(f"read security group {name}", lambda: fw.groups(name).get())
-        groups.append(NamedObject(name, comment, rules=tuple(clean_rule(r) for r in raw)))
+    async def read_ipset(self, name: str, comment: str) -> None:
+        ipset = self._firewall.ipset(name)
+        entries = await self.provider.retrying(f"read IP set {name}", lambda: ipset.get())
+        self.ipsets.append(NamedObject(name, comment, entries=tuple(entries)))
 
-    async def read_indexes(tg: anyio.abc.TaskGroup) -> None:
-        for s in await provider.retrying("read firewall IP sets", lambda: fw.ipset.get()):
-            tg.start_soon(read_ipset, str(s["name"]), str(s.get("comment") or ""))
-        for g in await provider.retrying("read security groups", lambda: fw.groups.get()):
-            tg.start_soon(read_group, str(g["group"]), str(g.get("comment") or ""))
+    async def read_group(self, name: str, comment: str) -> None:
+        group = self._firewall.groups(name)
+        raw = await self.provider.retrying(f"read security group {name}", lambda: group.get())
+        self.groups.append(NamedObject(name, comment, rules=tuple(clean_rule(r) for r in raw)))
 
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(read_cluster)
-        tg.start_soon(read_aliases)
-        tg.start_soon(read_indexes, tg)
-        for item in items:
-            if item.get("type") not in ("lxc", "qemu"):
-                continue
-            what = f"{item.get('type')} {item.get('vmid')} ({item.get('name')})"
-            if item.get("template"):
-                skipped.append(f"{what}: a template, not a guest")
-            elif item.get("lock") in _TRANSIENT_LOCKS:
-                skipped.append(f"{what}: locked ({item.get('lock')}); import again later")
-            else:
-                tg.start_soon(read_guest, item)
-
-    now = datetime.datetime.now(datetime.UTC).replace(microsecond=0).isoformat()
-    return Estate(
-        source=provider.source,
-        read_at=now.replace("+00:00", "Z"),
-        guests=tuple(sorted(guests, key=lambda g: g.vmid)),
-        nodes=dict(sorted(nodes.items())),
-        cluster_options=cluster,
-        aliases=tuple(sorted(aliases, key=lambda a: a.name)),
-        ipsets=tuple(sorted(ipsets, key=lambda a: a.name)),
-        groups=tuple(sorted(groups, key=lambda a: a.name)),
-        skipped=tuple(sorted(skipped)),
-    )
+    def estate(self, nodes: Mapping[str, Mapping[str, Any]]) -> Estate:
+        now = datetime.datetime.now(datetime.UTC).replace(microsecond=0).isoformat()
+        return Estate(
+            source=self.provider.source,
+            read_at=now.replace("+00:00", "Z"),
+            guests=tuple(sorted(self.guests, key=lambda g: g.vmid)),
+            nodes=dict(sorted(nodes.items())),
+            cluster_options=self.cluster,
+            aliases=tuple(sorted(self.aliases, key=lambda a: a.name)),
+            ipsets=tuple(sorted(self.ipsets, key=lambda a: a.name)),
+            groups=tuple(sorted(self.groups, key=lambda a: a.name)),
+            skipped=tuple(sorted(self.skipped)),
+        )

@@ -70,7 +70,7 @@ from reconciler.loading.checks import forges_mark
 from reconciler.loading.graph import build_graph
 from reconciler.loading.loader import LoadResult, load_texts
 from reconciler.model.resources import Kind
-from reconciler.model.spec import GuestSpec, PlatformSpec
+from reconciler.model.spec import FirewallRule, GuestSpec, PlatformSpec
 from reconciler.model.units import check_comment, format_mib, parse_kv, parse_mib
 from reconciler.planning import diffing, normalize
 from reconciler.providers.firewall import OPTION_DEFAULTS, read_comment_mark
@@ -96,22 +96,6 @@ DEFAULT_RANGES: dict[str, dict[str, Any]] = {
     "monitoring": {"first": 2000, "last": 999_999_999, "layer": "control"},
 }
 
-# Guest fields a role profile may carry (network, state and description stay per guest).
-PROFILE_CANDIDATES = (
-    "kind",
-    "template",
-    "cores",
-    "memory",
-    "swap",
-    "disk",
-    "features",
-    "unprivileged",
-    "onboot",
-    "protection",
-    "firewall",
-)
-MAP_FIELDS = ("disk", "features", "firewall")
-_LXC_ONLY = ("template", "swap", "features", "unprivileged")
 # The order a guest's keys are written in (the example's order).
 GUEST_ORDER = (
     "role",
@@ -136,22 +120,18 @@ GUEST_ORDER = (
     "firewall",
     "description",
 )
+# The settings a role profile may carry: every key a guest writes but its identity and what
+# stays with each guest (tags go to a profile on their own terms: those all its guests share).
+_IDENTITY = {"role", "vmid", "host", "profile", "hostname"}
+_PER_GUEST = {"volumes", "tags", "state", "network", "description"}
+PROFILE_CANDIDATES = tuple(name for name in GUEST_ORDER if name not in _IDENTITY | _PER_GUEST)
+MAP_FIELDS = ("disk", "features", "firewall")
+_LXC_ONLY = ("template", "swap", "features", "unprivileged")
 _FEATURES = ("nesting", "keyctl", "fuse", "mknod")
 _NIC_KEYS = ("name", "bridge", "ip", "gw", "tag", "firewall", "mtu")
-_RULE_KEYS = (
-    "type",
-    "action",
-    "source",
-    "dest",
-    "proto",
-    "dport",
-    "sport",
-    "macro",
-    "iface",
-    "enable",
-    "log",
-    "comment",
-)
+# A spec rule's keys, in the order the spec declares them (a Proxmox rule's `icmp-type` is not
+# one of them).
+_RULE_KEYS = tuple(FirewallRule.model_fields)
 _LABEL_BAD = re.compile(r"[^a-z0-9-]+")
 
 
@@ -556,141 +536,40 @@ def _write_settings(
 # --- the whole estate -----------------------------------------------------------------------
 
 
-def _roles(base: Base) -> list[tuple[str, int, int]]:
-    return sorted(
-        (name, int(r["first"]), int(r.get("last", 999_999_999))) for name, r in base.ranges.items()
-    )
-
-
-def _host_keys(base: Base) -> dict[str, str]:
-    return {str(h.get("node") or key): key for key, h in base.hosts.items()}
-
-
 def render_specs(estate: Estate, base: Base, edge: EdgeEstate | None = None) -> ImportResult:
     """The spec files for `estate` in `base`'s frame (and `edge.yaml` for what `edge` holds),
     loaded back and compared with what was read (`ImportResult.drift`)."""
     notes: list[str] = [f"skipped {s}" for s in estate.skipped]
-    ranges = {k: dict(v) for k, v in base.ranges.items()}
-    layers = {k: dict(v) for k, v in base.layers.items()}
-    hosts = {k: dict(v) for k, v in base.hosts.items()}
-    by_node = _host_keys(base)
-    roles = _roles(base)
-    taken: set[str] = set()
-    guests: list[_Guest] = []
-    new_hosts: set[str] = set()
-
-    records = sorted(
-        estate.guests, key=lambda g: (g.mark.get("platform") != base.name, g.vmid)
-    )  # guests we own first: they keep the names of their marks
-    for g in records:
-        who = f"{g.kind} {g.vmid} ({g.name})"
-        platform = g.mark.get("platform")
-        if platform is not None and platform != base.name:
-            notes.append(f"skipped {who}: it carries the mark of platform {platform!r}")
-            continue
-        role = next((r for r, first, last in roles if first <= g.vmid <= last), None)
-        if role is None:
-            role = f"{UNASSIGNED_LAYER}-{g.vmid}"
-            ranges[role] = {"first": g.vmid, "last": g.vmid, "layer": UNASSIGNED_LAYER}
-            layers.setdefault(UNASSIGNED_LAYER, {"may_depend_on": []})
-            notes.append(f"{who}: vmid outside every range; put in range {role!r}")
-        owned_name = g.mark.get("address", "").removeprefix("guest/") if platform else ""
-        name = owned_name or label(g.name) or f"guest-{g.vmid}"
-        if name in taken:
-            name = f"{name}-{g.vmid}"
-        taken.add(name)
-        if name != g.name:
-            notes.append(
-                f"{who}: named {name!r}; its hostname {g.name!r} is not a unique DNS label, "
-                "so the first apply after adoption would rename it"
-            )
-        if g.node not in by_node:
-            by_node[g.node] = g.node
-            hosts[g.node] = {"layers": [], "capacity": _capacity(estate.nodes.get(g.node))}
-            new_hosts.add(g.node)
-        host = by_node[g.node]
-        if host in new_hosts:
-            # A host of our own serves the layers of the guests found on it.
-            hosts[host]["layers"] = sorted({*hosts[host]["layers"], ranges[role]["layer"]})
-        settings, tags, network, description = _settings(g, base, notes, who)
-        description, cut = spec_description(description, notes, who)
-        volumes = _volumes(g, notes, who)
-        guests.append(
-            _Guest(name, g, role, host, settings, tags, network, description, volumes, cut)
-        )
-
-    profiles: dict[str, dict[str, Any]] = {}
-    profile_tags: dict[str, list[str]] = {}
+    frame = _Frame.of(base)
+    guests = _place_guests(estate, base, frame, notes)
     by_role: dict[str, list[_Guest]] = {}
     for guest in guests:
         by_role.setdefault(guest.role, []).append(guest)
     defaults = _defaults(base)
-    for role, members in sorted(by_role.items()):
-        if len(members) >= 2:
-            profile, shared = _profile(members, defaults)
-            if profile or shared:
-                profiles[role] = profile
-                profile_tags[role] = shared
+    profiles, profile_tags = _role_profiles(by_role, defaults)
 
-    files: dict[str, str] = {}
     header = [
         f"Imported by `reconciler import` from {estate.source or 'Proxmox'} at {estate.read_at}.",
         "Guests not owned yet are only reported: review them, then `reconciler adopt ADDRESS`.",
     ]
+    files: dict[str, str] = {}
     for role, members in sorted(by_role.items()):
-        entries: dict[str, Any] = {}
-        for guest in sorted(members, key=lambda m: m.name):
-            effective = {**defaults, **profiles.get(role, {})}
-            if guest.role in profiles and "disk" in profiles[role]:
-                effective["disk"] = {**defaults["disk"], **profiles[role]["disk"]}
-            if guest.role in profiles and "features" in profiles[role]:
-                effective["features"] = {**defaults["features"], **profiles[role]["features"]}
-            entry: dict[str, Any] = {"role": role, "vmid": guest.record.vmid, "host": guest.host}
-            if role in profiles:
-                entry["profile"] = role
-            over = _overrides(guest.settings, effective, guest.record.kind)
-            extra_tags = [t for t in guest.tags if t not in profile_tags.get(role, [])]
-            entry.update(_write_settings(over, base))
-            if extra_tags:
-                entry["tags"] = extra_tags
-            if guest.record.item.get("status") != "running":
-                entry["state"] = "stopped"
-            if guest.network:
-                entry["network"] = guest.network
-            if guest.volumes:
-                entry["volumes"] = guest.volumes
-            if guest.description:
-                entry["description"] = (
-                    Commented(guest.description, DESCRIPTION_NOTE)
-                    if guest.description_cut
-                    else guest.description
-                )
-            entries[guest.name] = {k: entry[k] for k in GUEST_ORDER if k in entry}
-        files[f"{role}.yaml"] = dump({"guests": entries}, [*header, "", f"Role {role}."])
-
-    if profiles:
-        written: dict[str, Any] = {}
-        for role, profile in sorted(profiles.items()):
-            values = _write_settings(profile, base, profile=True)
-            if profile_tags.get(role):
-                values["tags"] = profile_tags[role]
-            written[role] = {k: values[k] for k in GUEST_ORDER if k in values}
-        files["profiles.yaml"] = dump(
-            {"profiles": written},
-            [
-                *header,
-                "",
-                "One profile per role: a setting at least two of its guests share (the most",
-                "common), and the tags all of them have. Guests write only what differs.",
-            ],
+        files[f"{role}.yaml"] = _role_file(
+            role, members, profiles.get(role), profile_tags.get(role, []), defaults, base, header
         )
-
+    if profiles:
+        files["profiles.yaml"] = _profiles_file(profiles, profile_tags, base, header)
     files["firewall.yaml"] = _firewall_file(estate, base, header, notes)
-    files["platform.yaml"] = _platform_file(base, layers, hosts, ranges, guests, header)
+    files["platform.yaml"] = _platform_file(
+        base, frame.layers, frame.hosts, frame.ranges, guests, header
+    )
 
     edged = render_edge(
         edge or EdgeEstate(),
-        [ImportedGuest(g.name, ranges[g.role]["layer"], _static_ip(g.network)) for g in guests],
+        [
+            ImportedGuest(g.name, frame.ranges[g.role]["layer"], _static_ip(g.network))
+            for g in guests
+        ],
     )
     notes.extend(edged.notes)
     if edged.sections:
@@ -702,6 +581,177 @@ def render_specs(estate: Estate, base: Base, edge: EdgeEstate | None = None) -> 
     if result.load.ok and result.load.spec is not None:
         result.drift = _drift(result.load.spec, guests, estate, base)
     return result
+
+
+@dataclass
+class _Frame:
+    """`base`'s ranges, layers and hosts as the guests fill them in: a vmid outside every range
+    gets a one-id range of its own, a node no host names a host of its own."""
+
+    roles: list[tuple[str, int, int]]  # (range, first, last), sorted
+    ranges: dict[str, dict[str, Any]]
+    layers: dict[str, dict[str, Any]]
+    hosts: dict[str, dict[str, Any]]
+    by_node: dict[str, str]  # node -> host key
+    new_hosts: set[str] = field(default_factory=set)  # the hosts made for a node
+
+    @classmethod
+    def of(cls, base: Base) -> _Frame:
+        return cls(
+            roles=sorted(
+                (name, int(r["first"]), int(r.get("last", 999_999_999)))
+                for name, r in base.ranges.items()
+            ),
+            ranges={k: dict(v) for k, v in base.ranges.items()},
+            layers={k: dict(v) for k, v in base.layers.items()},
+            hosts={k: dict(v) for k, v in base.hosts.items()},
+            by_node={str(h.get("node") or key): key for key, h in base.hosts.items()},
+        )
+
+    def place_role(self, g: GuestRecord, notes: list[str], who: str) -> str:
+        """The range the guest's vmid lies in; a one-id range in layer `unassigned` if none."""
+        role = next((r for r, first, last in self.roles if first <= g.vmid <= last), None)
+        if role is not None:
+            return role
+        role = f"{UNASSIGNED_LAYER}-{g.vmid}"
+        self.ranges[role] = {"first": g.vmid, "last": g.vmid, "layer": UNASSIGNED_LAYER}
+        self.layers.setdefault(UNASSIGNED_LAYER, {"may_depend_on": []})
+        notes.append(f"{who}: vmid outside every range; put in range {role!r}")
+        return role
+
+    def place_host(self, g: GuestRecord, role: str, nodes: Mapping[str, Any]) -> str:
+        """The host naming the guest's node; a host of its own, sized from Proxmox, if none."""
+        if g.node not in self.by_node:
+            self.by_node[g.node] = g.node
+            self.hosts[g.node] = {"layers": [], "capacity": _capacity(nodes.get(g.node))}
+            self.new_hosts.add(g.node)
+        host = self.by_node[g.node]
+        if host in self.new_hosts:
+            # A host of our own serves the layers of the guests found on it.
+            layers = {*self.hosts[host]["layers"], self.ranges[role]["layer"]}
+            self.hosts[host]["layers"] = sorted(layers)
+        return host
+
+
+def _place_guests(estate: Estate, base: Base, frame: _Frame, notes: list[str]) -> list[_Guest]:
+    """Every guest that is not another platform's, named, in its range, on its host, with its
+    settings read."""
+    guests: list[_Guest] = []
+    taken: set[str] = set()
+    # Guests we own first: they keep the names of their marks.
+    records = sorted(estate.guests, key=lambda g: (g.mark.get("platform") != base.name, g.vmid))
+    for g in records:
+        who = f"{g.kind} {g.vmid} ({g.name})"
+        platform = g.mark.get("platform")
+        if platform is not None and platform != base.name:
+            notes.append(f"skipped {who}: it carries the mark of platform {platform!r}")
+            continue
+        role = frame.place_role(g, notes, who)
+        name = _guest_name(g, taken, notes, who)
+        host = frame.place_host(g, role, estate.nodes)
+        settings, tags, network, description = _settings(g, base, notes, who)
+        description, cut = spec_description(description, notes, who)
+        volumes = _volumes(g, notes, who)
+        guests.append(
+            _Guest(name, g, role, host, settings, tags, network, description, volumes, cut)
+        )
+    return guests
+
+
+def _guest_name(g: GuestRecord, taken: set[str], notes: list[str], who: str) -> str:
+    """The name of its mark's address for a guest we own, else its hostname as a DNS label;
+    `<name>-<vmid>` when that is `taken` already."""
+    owned_name = g.mark.get("address", "").removeprefix("guest/") if g.mark.get("platform") else ""
+    name = owned_name or label(g.name) or f"guest-{g.vmid}"
+    if name in taken:
+        name = f"{name}-{g.vmid}"
+    taken.add(name)
+    if name != g.name:
+        notes.append(
+            f"{who}: named {name!r}; its hostname {g.name!r} is not a unique DNS label, "
+            "so the first apply after adoption would rename it"
+        )
+    return name
+
+
+def _role_profiles(
+    by_role: Mapping[str, Sequence[_Guest]], defaults: Mapping[str, Any]
+) -> tuple[dict[str, dict[str, Any]], dict[str, list[str]]]:
+    """Per role of two guests or more: its profile, and the tags all its guests share (a role
+    with neither has no profile)."""
+    profiles: dict[str, dict[str, Any]] = {}
+    profile_tags: dict[str, list[str]] = {}
+    for role, members in sorted(by_role.items()):
+        if len(members) >= 2:
+            profile, shared = _profile(members, defaults)
+            if profile or shared:
+                profiles[role] = profile
+                profile_tags[role] = shared
+    return profiles, profile_tags
+
+
+def _role_file(
+    role: str,
+    members: Sequence[_Guest],
+    profile: Mapping[str, Any] | None,
+    profile_tags: Sequence[str],
+    defaults: Mapping[str, Any],
+    base: Base,
+    header: list[str],
+) -> str:
+    """`<role>.yaml`: each guest writes what differs from its profile merged over the defaults
+    (maps key by key)."""
+    effective = {**defaults, **(profile or {})}
+    for name in ("disk", "features"):
+        if profile is not None and name in profile:
+            effective[name] = {**defaults[name], **profile[name]}
+    entries: dict[str, Any] = {}
+    for guest in sorted(members, key=lambda m: m.name):
+        entry: dict[str, Any] = {"role": role, "vmid": guest.record.vmid, "host": guest.host}
+        if profile is not None:
+            entry["profile"] = role
+        over = _overrides(guest.settings, effective, guest.record.kind)
+        entry.update(_write_settings(over, base))
+        extra_tags = [t for t in guest.tags if t not in profile_tags]
+        if extra_tags:
+            entry["tags"] = extra_tags
+        if guest.record.item.get("status") != "running":
+            entry["state"] = "stopped"
+        if guest.network:
+            entry["network"] = guest.network
+        if guest.volumes:
+            entry["volumes"] = guest.volumes
+        if guest.description:
+            entry["description"] = (
+                Commented(guest.description, DESCRIPTION_NOTE)
+                if guest.description_cut
+                else guest.description
+            )
+        entries[guest.name] = {k: entry[k] for k in GUEST_ORDER if k in entry}
+    return dump({"guests": entries}, [*header, "", f"Role {role}."])
+
+
+def _profiles_file(
+    profiles: Mapping[str, Mapping[str, Any]],
+    profile_tags: Mapping[str, list[str]],
+    base: Base,
+    header: list[str],
+) -> str:
+    written: dict[str, Any] = {}
+    for role, profile in sorted(profiles.items()):
+        values = _write_settings(profile, base, profile=True)
+        if profile_tags.get(role):
+            values["tags"] = profile_tags[role]
+        written[role] = {k: values[k] for k in GUEST_ORDER if k in values}
+    return dump(
+        {"profiles": written},
+        [
+            *header,
+            "",
+            "One profile per role: a setting at least two of its guests share (the most",
+            "common), and the tags all of them have. Guests write only what differs.",
+        ],
+    )
 
 
 def _static_ip(network: Sequence[Mapping[str, Any]]) -> str | None:

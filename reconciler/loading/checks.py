@@ -9,13 +9,16 @@ once the spec has validated.
 
 from __future__ import annotations
 
+import difflib
+import ipaddress
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from reconciler.loading.sources import PathT, Source, dotted
 from reconciler.model.diagnostics import Diagnostic, error
-from reconciler.model.spec import HttpRoute, PlatformSpec, volume_kind
+from reconciler.model.spec import FirewallRule, HttpRoute, PlatformSpec, volume_kind
 
 Check = Callable[[PlatformSpec, Source], Iterator[Diagnostic]]
 
@@ -47,153 +50,113 @@ def _at(source: Source, path: PathT) -> str:
     return f" ({pos.file}:{pos.line})" if pos.line else f" ({pos.file})"
 
 
-def _missing(kind: str, name: str, known: object) -> str:
-    import difflib
-
-    close = difflib.get_close_matches(name, [str(k) for k in known], n=1, cutoff=0.6)  # type: ignore[attr-defined]
+def _missing(kind: str, name: str, known: Collection[str]) -> str:
+    close = difflib.get_close_matches(name, [str(k) for k in known], n=1, cutoff=0.6)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     return f"{kind} {name!r} is not defined{hint}"
 
 
 def check_references(spec: PlatformSpec, source: Source) -> Iterator[Diagnostic]:
     """Every name a spec mentions exists."""
-    for lname, layer in spec.layers.items():
+    for ref in _references(spec):
+        if ref.name not in ref.known:
+            message = _missing(ref.kind, ref.name, ref.known) + ref.note
+            yield _err(source, "unknown-reference", message, ref.path)
+    yield from _self_dependencies(spec, source)
+    yield from _unmanaged_declared(spec, source)
+    yield from _firewall_names(spec, source)
+
+
+@dataclass(frozen=True)
+class _Ref:
+    """A name the spec mentions at `path`, of `kind`, which `known` must hold."""
+
+    path: PathT
+    kind: str
+    name: str
+    known: Collection[str]
+    note: str = ""
+
+
+def _references(spec: PlatformSpec) -> Iterator[_Ref]:
+    layers, guests = spec.layers, spec.guests
+    for lname, layer in layers.items():
         for i, dep in enumerate(layer.may_depend_on):
-            if dep not in spec.layers:
-                yield _err(
-                    source,
-                    "unknown-reference",
-                    _missing("layer", dep, spec.layers),
-                    ("layers", lname, "may_depend_on", i),
-                )
+            yield _Ref(("layers", lname, "may_depend_on", i), "layer", dep, layers)
     for hname, host in spec.hosts.items():
-        for i, layer_name in enumerate(host.layers):
-            if layer_name not in spec.layers:
-                yield _err(
-                    source,
-                    "unknown-reference",
-                    _missing("layer", layer_name, spec.layers),
-                    ("hosts", hname, "layers", i),
-                )
-        if host.api is None and spec.proxmox is None:
-            pass  # offline planning needs no API; live commands report it
+        for i, name in enumerate(host.layers):
+            yield _Ref(("hosts", hname, "layers", i), "layer", name, layers)
     for rname, rng in spec.ranges.items():
-        if rng.layer not in spec.layers:
-            yield _err(
-                source,
-                "unknown-reference",
-                _missing("layer", rng.layer, spec.layers),
-                ("ranges", rname, "layer"),
-            )
-    for gname, guest in spec.guests.items():
-        at = ("guests", gname)
-        if guest.role not in spec.ranges:
-            yield _err(
-                source,
-                "unknown-reference",
-                _missing("role", guest.role, spec.ranges) + " (roles are the keys of 'ranges')",
-                (*at, "role"),
-            )
-        if guest.host not in spec.hosts:
-            yield _err(
-                source, "unknown-reference", _missing("host", guest.host, spec.hosts), (*at, "host")
-            )
+        yield _Ref(("ranges", rname, "layer"), "layer", rng.layer, layers)
+    for gname, guest in guests.items():
+        at: PathT = ("guests", gname)
+        note = " (roles are the keys of 'ranges')"
+        yield _Ref((*at, "role"), "role", guest.role, spec.ranges, note)
+        yield _Ref((*at, "host"), "host", guest.host, spec.hosts)
         for i, dep in enumerate(guest.depends_on):
-            if dep not in spec.guests:
-                yield _err(
-                    source,
-                    "unknown-reference",
-                    _missing("guest", dep, spec.guests),
-                    (*at, "depends_on", i),
-                )
-            elif dep == gname:
+            yield _Ref((*at, "depends_on", i), "guest", dep, guests)
+    for path, rule in _firewall_rules(spec):
+        # Only a guest's rules refer to security groups: Proxmox does not nest them.
+        if path[0] == "guests" and rule.type == "group":
+            yield _Ref((*path, "action"), "security group", rule.action, spec.firewall.groups)
+    for iname, inst in spec.traefik.items():
+        yield _Ref(("traefik", iname, "guest"), "guest", inst.guest, guests)
+        for i, name in enumerate(inst.routes_to):
+            yield _Ref(("traefik", iname, "routes_to", i), "layer", name, layers)
+        for rname, route in inst.routes.items():
+            path = ("traefik", iname, "routes", rname, "target", "guest")
+            yield _Ref(path, "guest", route.target.guest, guests)
+    if spec.velocity:
+        yield _Ref(("velocity", "guest"), "guest", spec.velocity.guest, guests)
+        for sname, server in spec.velocity.servers.items():
+            yield _Ref(("velocity", "servers", sname, "guest"), "guest", server.guest, guests)
+
+
+def _self_dependencies(spec: PlatformSpec, source: Source) -> Iterator[Diagnostic]:
+    for gname, guest in spec.guests.items():
+        for i, dep in enumerate(guest.depends_on):
+            if dep == gname:
                 yield _err(
                     source,
                     "dependency-cycle",
                     f"guest {gname!r} depends on itself",
-                    (*at, "depends_on", i),
+                    ("guests", gname, "depends_on", i),
                 )
-        if guest.firewall:
-            for i, rule in enumerate(guest.firewall.rules):
-                if rule.type == "group" and rule.action not in spec.firewall.groups:
-                    yield _err(
-                        source,
-                        "unknown-reference",
-                        _missing("security group", rule.action, spec.firewall.groups),
-                        _rule_path(source, gname, i, "action"),
-                    )
-    for iname, inst in spec.traefik.items():
-        if inst.guest not in spec.guests:
+
+
+def _unmanaged_declared(spec: PlatformSpec, source: Source) -> Iterator[Diagnostic]:
+    if not spec.velocity:
+        return
+    declared = {name.lower() for name in spec.velocity.servers}
+    for i, name in enumerate(spec.velocity.unmanaged):
+        if name.lower() in declared:
             yield _err(
                 source,
-                "unknown-reference",
-                _missing("guest", inst.guest, spec.guests),
-                ("traefik", iname, "guest"),
+                "velocity-unmanaged-declared",
+                f"velocity server {name!r} is both declared in `servers` and listed as "
+                "unmanaged; drop one of them",
+                ("velocity", "unmanaged", i),
             )
-        for i, layer_name in enumerate(inst.routes_to):
-            if layer_name not in spec.layers:
-                yield _err(
-                    source,
-                    "unknown-reference",
-                    _missing("layer", layer_name, spec.layers),
-                    ("traefik", iname, "routes_to", i),
-                )
-        for rname, route in inst.routes.items():
-            if route.target.guest not in spec.guests:
-                yield _err(
-                    source,
-                    "unknown-reference",
-                    _missing("guest", route.target.guest, spec.guests),
-                    ("traefik", iname, "routes", rname, "target", "guest"),
-                )
-    if spec.velocity:
-        if spec.velocity.guest not in spec.guests:
-            yield _err(
-                source,
-                "unknown-reference",
-                _missing("guest", spec.velocity.guest, spec.guests),
-                ("velocity", "guest"),
-            )
-        for sname, server in spec.velocity.servers.items():
-            if server.guest not in spec.guests:
-                yield _err(
-                    source,
-                    "unknown-reference",
-                    _missing("guest", server.guest, spec.guests),
-                    ("velocity", "servers", sname, "guest"),
-                )
-        declared = {name.lower() for name in spec.velocity.servers}
-        for i, name in enumerate(spec.velocity.unmanaged):
-            if name.lower() in declared:
-                yield _err(
-                    source,
-                    "velocity-unmanaged-declared",
-                    f"velocity server {name!r} is both declared in `servers` and listed as "
-                    "unmanaged; drop one of them",
-                    ("velocity", "unmanaged", i),
-                )
+
+
+def _firewall_names(spec: PlatformSpec, source: Source) -> Iterator[Diagnostic]:
+    """The IP sets (`+name`) and aliases a firewall rule's source or dest names exist."""
     known_sets = set(spec.firewall.ipsets)
     known_aliases = set(spec.firewall.aliases)
-    for path, value in _firewall_addresses(spec, source):
+    for path, value in _firewall_addresses(spec):
         for part in value.split(","):
             part = part.strip()
             if part.startswith("+"):
-                name = part[1:].removeprefix("dc/")
-                if name not in known_sets:
-                    yield _err(
-                        source, "unknown-reference", _missing("IP set", name, known_sets), path
-                    )
+                kind, name, known = "IP set", part[1:].removeprefix("dc/"), known_sets
             elif part and not _looks_like_ip(part):
-                name = part.removeprefix("dc/")
-                if name not in known_aliases:
-                    yield _err(
-                        source, "unknown-reference", _missing("alias", name, known_aliases), path
-                    )
+                kind, name, known = "alias", part.removeprefix("dc/"), known_aliases
+            else:
+                continue
+            if name not in known:
+                yield _err(source, "unknown-reference", _missing(kind, name, known), path)
 
 
 def _looks_like_ip(value: str) -> bool:
-    import ipaddress
-
     for piece in value.split("-"):
         try:
             ipaddress.ip_network(piece, strict=False)
@@ -202,24 +165,22 @@ def _looks_like_ip(value: str) -> bool:
     return True
 
 
-def _rule_path(source: Source, guest: str, index: int, field: str) -> PathT:
-    return ("guests", guest, "firewall", "rules", index, field)
-
-
-def _firewall_addresses(spec: PlatformSpec, source: Source) -> Iterator[tuple[PathT, str]]:
+def _firewall_rules(spec: PlatformSpec) -> Iterator[tuple[PathT, FirewallRule]]:
+    """Every firewall rule the spec writes, security groups' first, with its path."""
     for gname, group in spec.firewall.groups.items():
         for i, rule in enumerate(group.rules):
-            for f in ("source", "dest"):
-                v = getattr(rule, f)
-                if v:
-                    yield ("firewall", "groups", gname, "rules", i, f), v
+            yield ("firewall", "groups", gname, "rules", i), rule
     for gname, guest in spec.guests.items():
-        if guest.firewall:
-            for i, rule in enumerate(guest.firewall.rules):
-                for f in ("source", "dest"):
-                    v = getattr(rule, f)
-                    if v:
-                        yield _rule_path(source, gname, i, f), v
+        for i, rule in enumerate(guest.firewall.rules if guest.firewall else ()):
+            yield ("guests", gname, "firewall", "rules", i), rule
+
+
+def _firewall_addresses(spec: PlatformSpec) -> Iterator[tuple[PathT, str]]:
+    for path, rule in _firewall_rules(spec):
+        for f in ("source", "dest"):
+            v = getattr(rule, f)
+            if v:
+                yield (*path, f), v
 
 
 def check_unique(spec: PlatformSpec, source: Source) -> Iterator[Diagnostic]:
@@ -230,28 +191,11 @@ def check_unique(spec: PlatformSpec, source: Source) -> Iterator[Diagnostic]:
         if guest.vmid is not None:
             by_vmid[guest.vmid].append(gname)
         by_hostname[guest.hostname or gname].append(gname)
-    for vmid, names in by_vmid.items():
-        first: PathT = ("guests", names[0], "vmid")
-        for other in names[1:]:
-            yield _err(
-                source,
-                "duplicate-vmid",
-                f"vmid {vmid} is already used by guest {names[0]!r}{_at(source, first)}",
-                ("guests", other, "vmid"),
-                related=first,
-            )
-    for hostname, names in by_hostname.items():
-        # A guest without `hostname:` is named by its key: point there.
-        first = ("guests", names[0], "hostname")
-        for other in names[1:]:
-            yield _err(
-                source,
-                "duplicate-name",
-                f"hostname {hostname!r} is already used by guest {names[0]!r}{_at(source, first)}",
-                ("guests", other, "hostname"),
-                key=True,
-                related=first,
-            )
+    vmids = {f"vmid {vmid}": names for vmid, names in by_vmid.items()}
+    yield from _already_used(source, "duplicate-vmid", vmids, "vmid")
+    # A guest without `hostname:` is named by its key: point there.
+    hostnames = {f"hostname {hostname!r}": names for hostname, names in by_hostname.items()}
+    yield from _already_used(source, "duplicate-name", hostnames, "hostname", key=True)
     by_node: dict[str, list[str]] = defaultdict(list)
     for hname in spec.hosts:
         by_node[spec.node_of(hname)].append(hname)
@@ -266,26 +210,21 @@ def check_unique(spec: PlatformSpec, source: Source) -> Iterator[Diagnostic]:
             )
 
 
-def guest_edges(spec: PlatformSpec) -> Iterator[tuple[str, str, PathT, str]]:
-    """Every dependency between guests: (from, to, where it is declared, how)."""
-    for gname, guest in spec.guests.items():
-        for i, dep in enumerate(guest.depends_on):
-            yield gname, dep, ("guests", gname, "depends_on", i), "depends_on"
-    for iname, inst in spec.traefik.items():
-        for rname, route in inst.routes.items():
-            yield (
-                inst.guest,
-                route.target.guest,
-                ("traefik", iname, "routes", rname, "target", "guest"),
-                f"route {iname}/{rname}",
-            )
-    if spec.velocity:
-        for sname, server in spec.velocity.servers.items():
-            yield (
-                spec.velocity.guest,
-                server.guest,
-                ("velocity", "servers", sname, "guest"),
-                f"velocity server {sname}",
+def _already_used(
+    source: Source, code: str, users: dict[str, list[str]], field: str, *, key: bool = False
+) -> Iterator[Diagnostic]:
+    """Each guest after the first that uses one value ("vmid 101": [guests]) is a clash, at its
+    `field`, naming the first and where it is written."""
+    for what, names in users.items():
+        first: PathT = ("guests", names[0], field)
+        for other in names[1:]:
+            yield _err(
+                source,
+                code,
+                f"{what} is already used by guest {names[0]!r}{_at(source, first)}",
+                ("guests", other, field),
+                key=key,
+                related=first,
             )
 
 

@@ -19,6 +19,7 @@ from typing import Any
 from reconciler.loading.sources import Source
 from reconciler.model.resources import DesiredGraph, Kind, Resource, guest_address
 from reconciler.model.spec import (
+    BackupSelect,
     FirewallRule,
     GuestSpec,
     HttpRoute,
@@ -54,6 +55,7 @@ def build_graph(spec: PlatformSpec, source: Source | None = None) -> DesiredGrap
                     for name, h in sorted(spec.hosts.items())
                 },
                 "memory_overcommit": spec.policies.capacity.memory_overcommit,
+                "backup_freshness": spec.policies.backup_freshness.enabled,
             }
         ),
     )
@@ -196,6 +198,8 @@ def guest_attributes(spec: PlatformSpec, name: str, guest: GuestSpec) -> dict[st
         "state": guest.state,
         "description": guest.description,
     }
+    if guest.restore_missing is not None:
+        attrs["restore_missing"] = guest.restore_missing  # the planner's, never sent
     if guest.kind == "qemu":
         # Neither sent nor compared: a VM has none of these (a profile may still set them).
         for key in LXC_ONLY:
@@ -238,6 +242,16 @@ def route_rule(route: HttpRoute | TcpRoute) -> str:
 
 
 def _resources(spec: PlatformSpec, source: Source) -> Iterator[Resource]:
+    """Every desired resource, kind by kind; each kind's resources in name order."""
+    yield from _firewall_resources(spec, source)
+    yield from _guest_resources(spec, source)
+    yield from _route_resources(spec, source)
+    yield from _velocity_resources(spec, source)
+    yield from _backup_resources(spec, source)
+
+
+def _firewall_resources(spec: PlatformSpec, source: Source) -> Iterator[Resource]:
+    """The cluster-wide firewall: its options, aliases, IP sets and security groups."""
     fw = spec.firewall
     if fw.cluster is not None:
         yield Resource(
@@ -268,6 +282,10 @@ def _resources(spec: PlatformSpec, source: Source) -> Iterator[Resource]:
             depends_on=tuple(sorted(_rule_refs(spec, group.rules))),
             position=source.where(("firewall", "groups", name)),
         )
+
+
+def _guest_resources(spec: PlatformSpec, source: Source) -> Iterator[Resource]:
+    """Each guest, and its own firewall (attached to it) when it declares one."""
     for name, guest in sorted(spec.guests.items()):
         address = guest_address(name)
         yield Resource(
@@ -291,6 +309,10 @@ def _resources(spec: PlatformSpec, source: Source) -> Iterator[Resource]:
                 attached_to=address,
                 position=source.where(("guests", name, "firewall")),
             )
+
+
+def _route_resources(spec: PlatformSpec, source: Source) -> Iterator[Resource]:
+    """Each Traefik instance's routes, after the Traefik guest and the guest they reach."""
     for iname, inst in sorted(spec.traefik.items()):
         for rname, route in sorted(inst.routes.items()):
             target = _guest_endpoint(spec, route.target.guest)
@@ -314,20 +336,63 @@ def _resources(spec: PlatformSpec, source: Source) -> Iterator[Resource]:
                 depends_on=(guest_address(inst.guest), guest_address(route.target.guest)),
                 position=source.where(("traefik", iname, "routes", rname)),
             )
-    if spec.velocity is not None:
-        for sname, server in sorted(spec.velocity.servers.items()):
-            yield Resource(
-                f"velocity/{sname}",
-                Kind.VELOCITY,
-                {
-                    "server_name": sname,
-                    "address": _guest_endpoint(spec, server.guest),
-                    "port": server.port,
-                    "forced_host": server.forced_host,
-                },
-                depends_on=(guest_address(spec.velocity.guest), guest_address(server.guest)),
-                position=source.where(("velocity", "servers", sname)),
-            )
+
+
+def _velocity_resources(spec: PlatformSpec, source: Source) -> Iterator[Resource]:
+    """Each backend server Velocity registers, after the proxy guest and the server guest."""
+    if spec.velocity is None:
+        return
+    for sname, server in sorted(spec.velocity.servers.items()):
+        yield Resource(
+            f"velocity/{sname}",
+            Kind.VELOCITY,
+            {
+                "server_name": sname,
+                "address": _guest_endpoint(spec, server.guest),
+                "port": server.port,
+                "forced_host": server.forced_host,
+            },
+            depends_on=(guest_address(spec.velocity.guest), guest_address(server.guest)),
+            position=source.where(("velocity", "servers", sname)),
+        )
+
+
+def _backup_resources(spec: PlatformSpec, source: Source) -> Iterator[Resource]:
+    """Each backup job, its selection resolved to the spec's guests (the planner turns them
+    into vmids, so a guest created in the same run is in its job from the start)."""
+    for name, job in sorted(spec.backups.items()):
+        yield Resource(
+            f"{Kind.BACKUP_JOB.value}/{name}",
+            Kind.BACKUP_JOB,
+            {
+                "schedule": job.schedule,
+                "storage": job.storage,
+                "mode": job.mode,
+                "compress": job.compress,
+                "prune-backups": job.retention.prune_backups() if job.retention else None,
+                "notes-template": job.notes or None,
+                "enabled": int(job.enabled),
+                "all": 0,
+                "guests": [guest_address(g) for g in selected_guests(spec, job.select)],
+                "description": job.description,
+                "max_age": job.max_age,
+            },
+            position=source.where(("backups", name)),
+        )
+
+
+def selected_guests(spec: PlatformSpec, select: BackupSelect) -> list[str]:
+    """The spec guests a backup selection names, by name, sorted."""
+    names: set[str] = set()
+    for name, guest in spec.guests.items():
+        if (
+            select.all
+            or guest.role in select.roles
+            or name in select.guests
+            or set(guest.tags) & set(select.tags)
+        ):
+            names.add(name)
+    return sorted(names - set(select.exclude))
 
 
 def _rule_refs(spec: PlatformSpec, rules: tuple[FirewallRule, ...]) -> set[str]:

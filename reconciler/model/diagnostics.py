@@ -2,14 +2,16 @@
 
 Loading, policy checks and planning all collect problems as `Diagnostic` values instead of
 raising on the first one, so a person (or CI) sees every mistake in one run. Renderers in
-`reconciler.cli` turn them into text, JSON or Markdown.
+`reconciler.cli` turn them into text, JSON or Markdown; every one of them shows a diagnostic's
+`related` places (the first definition of a duplicate, the rule a finding goes through).
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 
 class Severity(enum.StrEnum):
@@ -30,6 +32,14 @@ class Position:
             return f"{self.file}:{self.line}:{self.column}"
         return self.file
 
+    def to_json(self) -> dict[str, object]:
+        """As a diagnostic's JSON holds its own place: `file`, `line`, `column` (null: none)."""
+        return {"file": self.file, "line": self.line or None, "column": self.column or None}
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> Position:
+        return cls(str(doc["file"]), int(doc.get("line") or 0), int(doc.get("column") or 0))
+
 
 @dataclass(frozen=True)
 class Diagnostic:
@@ -47,7 +57,7 @@ class Diagnostic:
 
     def to_json(self) -> dict[str, object]:
         pos = self.position
-        return {
+        out: dict[str, object] = {
             "severity": self.severity.value,
             "code": self.code,
             "message": self.message,
@@ -57,6 +67,10 @@ class Diagnostic:
             "path": self.path or None,
             "address": self.address or None,
         }
+        # Only when there are any: a document without them reads as before.
+        if self.related:
+            out["related"] = [p.to_json() for p in self.related]
+        return out
 
     def __str__(self) -> str:
         where = f"{self.position}: " if self.position else ""

@@ -56,7 +56,13 @@ Format (version 2; a version 1 snapshot, which has no `health` or `errors`, stil
             }
           }
         }
-      }
+      },
+      "backups": [                       # optional (version 2): the backups on the storages
+        {"volid": "backup:backup/vzdump-lxc-1001-2026_12_02-02_00_00.tar.zst",   # the spec's
+         "storage": "backup", "node": null,   # jobs write to; null: not listed
+         "vmid": 1001, "ctime": 1764640800, "size": 1073741824,
+         "notes": "mc-survival", "protected": false, "subtype": "lxc"}
+      ]
     }
 
 Attributes of a foreign guest (not owned) hold at least `name`, `vmid` and `node`. An address
@@ -151,6 +157,22 @@ class ClusterFacts(BaseModel):
     nodes: dict[str, NodeFacts] = Field(default_factory=dict)
 
 
+class BackupVolume(BaseModel):
+    """One backup on a storage, from its content listing."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    volid: str  # `backup:backup/vzdump-lxc-1001-2026_12_02-02_00_00.tar.zst`
+    storage: str
+    node: str | None = None  # the node whose local storage holds it; None: a shared storage
+    vmid: int
+    ctime: int  # when the backup started, Unix seconds
+    size: int = 0  # bytes
+    notes: str = ""
+    protected: bool = False
+    subtype: str = ""  # lxc, qemu
+
+
 class ObservedResource(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -193,6 +215,9 @@ class ObservedState(BaseModel):
     serving: dict[str, RouteServing] = Field(default_factory=dict)
     # The cluster's nodes and storages; None: not observed. Not part of the digest either.
     cluster: ClusterFacts | None = None
+    # The backups on the spec's backup storages, oldest first per guest; None: not listed (or
+    # a listing failed). Not part of the digest: a new backup must not stale a saved plan.
+    backups: tuple[BackupVolume, ...] | None = None
 
     def digest(self) -> str:
         """Content hash of what was observed (not when): a saved plan applies only if it matches.

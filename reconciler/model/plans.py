@@ -1,21 +1,23 @@
 """The plan: a serializable value of what apply would do, and why.
 
 Made by `reconciler.planning`, rendered by `reconciler.cli.render`, executed by
-`reconciler.applying`. The `reason` of a change is for people only; decisions read `action`
-and `fields`. A plan with errors is `errored` and apply refuses it.
+`reconciler.applying`. The `reason` of a change is for people only; decisions read `action`,
+`cause` (why the change exists: a closed `Cause`) and `fields`. A plan with errors is `errored`
+and apply refuses it.
 
 JSON format (version 2), documented in README "Plan JSON":
 
     {"format": "reconciler/plan", "format_version": 2, "platform": ..., "observed": {...},
      "spec": {"digest": "sha256:..."}, "options": {"allow_destroy": bool, "targets": [...]},
      "errored": bool, "applyable": bool, "summary": {"create": n, ..., "blocked": n},
-     "changes": [{"address", "kind", "action", "wave", "id", "fields": [...],
+     "changes": [{"address", "kind", "action", "cause", "wave", "id", "fields": [...],
                   "destroys": [...], "blocked": null | "why", ...}],
      "foreign": [...], "diagnostics": [...]}
 
 Version 2 added the `migrate` action (its `id` holds `from` and `to` nodes), `destroys` (what a
 change would destroy: `["rootfs 8 GiB", "mp0 50 GiB"]`) and `blocked` (why a destroying change is
-held back). A version 1 document still reads.
+held back). A version 1 document still reads. `cause` (one of `Cause`) came later within version
+2, optional: a change without it reads with `cause` None (not recorded).
 
 What a plan was made from: the observed state's digest (`observed`), the spec's
 (`spec.digest`: `planning.provenance.spec_digest`) and the options that shaped it
@@ -67,6 +69,23 @@ _SYMBOLS = {
 }
 
 
+class Cause(enum.StrEnum):
+    """Why a change exists, as the planner saw it: what a renderer or a reader of the plan JSON
+    decides on, where `reason` only words it for people. Closed: the planner sets one of these on
+    every change it makes."""
+
+    MISSING = "missing"  # create: desired, and nothing observed at its address
+    WITH_PARENT = "with-parent"  # create: what it is attached to is created or replaced
+    IN_SYNC = "in-sync"  # no-op: matches the spec (or another change does what differs)
+    DRIFTED = "drifted"  # update: observed differs from the spec, and can be changed in place
+    MOVED = "moved"  # migrate: only its node (and its disks' storage) changes
+    IMMUTABLE = "immutable"  # replace: a field that cannot change in place
+    RENUMBERED = "renumbered"  # replace: its vmid changes (the old vmid is destroyed)
+    RESTORE = "restore"  # create: missing, and brought back from its newest backup
+    NOT_IN_SPEC = "not-in-spec"  # delete: owned, and no longer desired
+    WITHHELD = "withheld"  # delete: desired, but its readiness gate holds it back
+
+
 @dataclass(frozen=True)
 class FieldChange:
     path: str
@@ -96,6 +115,70 @@ class FieldChange:
 # stopped (fail closed) and the next run tries both again.
 HOLD_START = "hold_start"
 START_GUEST = "start_guest"
+# A guest recreated from a backup: its create's `after` holds RESTORE_FROM, the backup
+# (`{"volid", "storage", "ctime"}`) Proxmox restores it from, instead of an empty guest.
+RESTORE_FROM = "restore_from"
+
+
+@dataclass(frozen=True)
+class FinalBackup:
+    """The backup a guest's destroy waits for (a job selects the guest): where, and how."""
+
+    storage: str
+    mode: str = "snapshot"
+    compress: str = "zstd"
+    job: str = ""  # the job's address, for people
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "storage": self.storage,
+            "mode": self.mode,
+            "compress": self.compress,
+            "job": self.job,
+        }
+
+
+class Freshness(enum.StrEnum):
+    FRESH = "fresh"
+    STALE = "stale"  # the newest backup is older than the job's max age
+    MISSING = "missing"  # no backup at all on the job's storage
+    UNKNOWN = "unknown"  # the storage's backups could not be listed
+
+
+@dataclass(frozen=True)
+class BackupFreshness:
+    """One guest's newest backup under one job that selects it."""
+
+    guest: str  # address
+    job: str  # address
+    vmid: int
+    freshness: Freshness
+    max_age: int  # seconds
+    newest: str | None = None  # its volid
+    age: int | None = None  # seconds
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "guest": self.guest,
+            "job": self.job,
+            "vmid": self.vmid,
+            "freshness": self.freshness.value,
+            "max_age": self.max_age,
+            "newest": self.newest,
+            "age": self.age,
+        }
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> BackupFreshness:
+        return cls(
+            guest=str(doc["guest"]),
+            job=str(doc["job"]),
+            vmid=int(doc["vmid"]),
+            freshness=Freshness(doc["freshness"]),
+            max_age=int(doc["max_age"]),
+            newest=doc.get("newest"),
+            age=None if doc.get("age") is None else int(doc["age"]),
+        )
 
 
 @dataclass(frozen=True)
@@ -115,6 +198,10 @@ class Change:
     destroys: tuple[str, ...] = ()
     # Why it is held back (a destroy without pruning): None when it may run.
     blocked: str | None = None
+    # Why it exists, as data (see Cause); None: not recorded (a plan saved before it was).
+    cause: Cause | None = None
+    # A guest's replace or delete: the backup taken first (None: none; see FinalBackup).
+    final_backup: FinalBackup | None = None
 
     @property
     def replace_because(self) -> tuple[str, ...]:
@@ -139,6 +226,7 @@ class Change:
             "address": self.address,
             "kind": self.kind.value,
             "action": self.action.value,
+            "cause": self.cause.value if self.cause is not None else None,
             "wave": self.wave,
             "id": self.id,
             "reason": self.reason,
@@ -150,6 +238,7 @@ class Change:
             "version": self.version,
             "destroys": list(self.destroys),
             "blocked": self.blocked,
+            "final_backup": self.final_backup.to_json() if self.final_backup else None,
             **({"from": moves[0], "to": moves[1]} if moves else {}),
         }
 
@@ -168,6 +257,10 @@ class Plan:
     spec_digest: str = ""
     allow_destroy: bool = False
     targets: tuple[str, ...] = ()
+    # `--no-final-backup`: destroys go without the backup a job would take first.
+    final_backups: bool = True
+    # Every guest a backup job selects, with its newest backup (see BackupFreshness).
+    backups: tuple[BackupFreshness, ...] = ()
 
     @property
     def errored(self) -> bool:
@@ -218,14 +311,30 @@ class Plan:
                 "source": self.observed_source,
             },
             "spec": {"digest": self.spec_digest},
-            "options": {"allow_destroy": self.allow_destroy, "targets": list(self.targets)},
+            "options": {
+                "allow_destroy": self.allow_destroy,
+                "targets": list(self.targets),
+                "final_backups": self.final_backups,
+            },
             "errored": self.errored,
             "applyable": self.applyable,
             "summary": self.summary(),
             "changes": [c.to_json() for c in self.changes],
             "foreign": list(self.foreign),
             "diagnostics": [d.to_json() for d in self.diagnostics],
+            "backups": [b.to_json() for b in self.backups],
         }
+
+
+def _final_backup(doc: Any) -> FinalBackup | None:
+    if not doc:
+        return None
+    return FinalBackup(
+        storage=str(doc["storage"]),
+        mode=str(doc.get("mode", "snapshot")),
+        compress=str(doc.get("compress", "zstd")),
+        job=str(doc.get("job", "")),
+    )
 
 
 def plan_from_json(doc: dict[str, Any]) -> Plan:
@@ -258,6 +367,8 @@ def plan_from_json(doc: dict[str, Any]) -> Plan:
             version=c.get("version"),
             destroys=tuple(str(d) for d in c.get("destroys") or ()),
             blocked=c.get("blocked"),
+            cause=Cause(c["cause"]) if c.get("cause") is not None else None,
+            final_backup=_final_backup(c.get("final_backup")),
         )
         for c in doc["changes"]
     )
@@ -266,11 +377,10 @@ def plan_from_json(doc: dict[str, Any]) -> Plan:
             Severity(d["severity"]),
             d["code"],
             d["message"],
-            Position(d["file"], d.get("line") or 0, d.get("column") or 0)
-            if d.get("file")
-            else None,
+            Position.from_json(d) if d.get("file") else None,
             d.get("path") or "",
             d.get("address") or "",
+            tuple(Position.from_json(p) for p in d.get("related") or ()),
         )
         for d in doc.get("diagnostics", ())
     )
@@ -289,4 +399,7 @@ def plan_from_json(doc: dict[str, Any]) -> Plan:
         # Only a JSON `true` is one: anything else in a hand-edited file is not.
         allow_destroy=options.get("allow_destroy") is True,
         targets=tuple(str(t) for t in options.get("targets") or ()),
+        # Only a JSON `false` turns them off: a plan saved before the option had them on.
+        final_backups=options.get("final_backups") is not False,
+        backups=tuple(BackupFreshness.from_json(b) for b in doc.get("backups") or ()),
     )

@@ -26,6 +26,7 @@ class Kind(enum.StrEnum):
     FIREWALL_GUEST = "firewall/guest"
     ROUTE = "route"
     VELOCITY = "velocity"
+    BACKUP_JOB = "backup"
 
     @property
     def rank(self) -> int:

@@ -29,6 +29,7 @@ from pydantic import (
     model_validator,
 )
 
+from reconciler.model.calendar import check_calendar_event
 from reconciler.model.units import (
     check_cidr,
     check_comment,
@@ -40,6 +41,7 @@ from reconciler.model.units import (
     check_sni,
     check_url_path,
     parse_mib,
+    parse_seconds,
 )
 
 SCHEMA_VERSION = 1
@@ -456,6 +458,11 @@ class GuestSpec(Strict):
     firewall: GuestFirewall | None = None
     depends_on: tuple[str, ...] = ()
     description: str = ""
+    restore_missing: Literal["latest", "never"] | None = Field(
+        None,
+        description="When the guest is missing: 'latest' recreates it from its newest backup, "
+        "'never' creates it empty. Default: latest when a backup job selects the guest",
+    )
 
     @model_validator(mode="after")
     def _lxc_template(self) -> GuestSpec:
@@ -606,6 +613,92 @@ class VelocitySpec(Strict):
     )
 
 
+# --- backups -------------------------------------------------------------------------------
+
+Seconds = Annotated[
+    int,
+    BeforeValidator(parse_seconds),
+    WithJsonSchema({"type": ["string", "integer"], "pattern": r"^\s*\d{1,6}\s*[smhdw]\s*$"}),
+]
+CalendarText = Annotated[str, AfterValidator(check_calendar_event)]
+# A Proxmox storage id (pve-storage's `pve-storage-id`).
+StorageId = Annotated[
+    str,
+    AfterValidator(check_identifier),
+    WithJsonSchema({"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$"}),
+]
+_KEEP = Field(None, ge=1, le=100_000, strict=True)
+
+
+class Retention(Strict):
+    """How many backups of each guest the storage keeps (Proxmox's `prune-backups`)."""
+
+    keep_last: int | None = _KEEP
+    keep_hourly: int | None = _KEEP
+    keep_daily: int | None = _KEEP
+    keep_weekly: int | None = _KEEP
+    keep_monthly: int | None = _KEEP
+    keep_yearly: int | None = _KEEP
+
+    def prune_backups(self) -> str:
+        """`keep-last=3,keep-daily=7`: as Proxmox takes (and gives back) the option."""
+        return ",".join(
+            f"{name.replace('_', '-')}={value}"
+            for name, value in self.model_dump().items()
+            if value is not None
+        )
+
+    @model_validator(mode="after")
+    def _one_at_least(self) -> Retention:
+        if not any(v is not None for v in self.model_dump().values()):
+            raise ValueError("retention keeps something: set keep_last, keep_daily, ...")
+        return self
+
+
+class BackupSelect(Strict):
+    """Which spec guests a job backs up: `all` (less `exclude`), or any of roles, guests and
+    tags. Resolved to vmids when planning, so a new guest joins its job as it is created."""
+
+    all: bool = False
+    roles: tuple[str, ...] = ()
+    guests: tuple[str, ...] = ()
+    tags: tuple[Tag, ...] = ()
+    exclude: tuple[str, ...] = Field((), description="Guests left out of the selection")
+
+    @model_validator(mode="after")
+    def _something(self) -> BackupSelect:
+        picked = bool(self.roles or self.guests or self.tags)
+        if self.all and picked:
+            raise ValueError("select either all (with exclude) or roles, guests and tags")
+        if not self.all and not picked:
+            raise ValueError("select guests: all: true, or roles, guests or tags")
+        return self
+
+
+class BackupJobSpec(Strict):
+    """A scheduled backup job (Proxmox's `/cluster/backup`), owned by the controller."""
+
+    schedule: CalendarText = Field(
+        description="A Proxmox calendar event: 02:00, sat 03:30, mon..fri 01:00, *-*-* 00/6:00"
+    )
+    storage: StorageId = Field(description="A storage that holds backups (PBS or a directory)")
+    mode: Literal["snapshot", "suspend", "stop"] = "snapshot"
+    compress: Literal["0", "1", "gzip", "lzo", "zstd"] = "zstd"
+    retention: Retention | None = Field(None, description="Left out: the storage's own")
+    select: BackupSelect
+    notes: Comment = Field(
+        "{{guestname}}",
+        description="Each backup's notes; {{guestname}}, {{vmid}}, {{node}}, {{cluster}}",
+    )
+    enabled: bool = True
+    max_age: Seconds | None = Field(
+        None,
+        description="A guest's newest backup older than this is stale (36h, 2d). "
+        "Default: twice the longest gap between the schedule's runs",
+    )
+    description: Comment = ""
+
+
 # --- policies ------------------------------------------------------------------------------
 
 
@@ -655,6 +748,11 @@ class VmidRangePolicy(_PolicyBase):
     """Every vmid lies in its role's range and ranges never overlap."""
 
 
+class BackupFreshnessPolicy(_PolicyBase):
+    """Every guest a backup job selects has a backup on the job's storage younger than the
+    job's `max_age`: a missing or stale one is a plan warning, a status entry and a gauge."""
+
+
 class CapacityPolicy(_PolicyBase):
     cpu_overcommit: float = Field(1.0, gt=0)
     memory_overcommit: float = Field(1.0, gt=0)
@@ -671,6 +769,7 @@ class Policies(Strict):
     velocity_host: VelocityHostPolicy | None = None
     vmid_ranges: VmidRangePolicy | None = None
     capacity: CapacityPolicy = CapacityPolicy()
+    backup_freshness: BackupFreshnessPolicy = BackupFreshnessPolicy()
 
 
 # --- the whole platform -----------------------------------------------------------------------
@@ -689,6 +788,9 @@ class PlatformSpec(Strict):
     traefik: LabelMap[TraefikInstance] = Field(default_factory=dict)
     velocity: VelocitySpec | None = None
     firewall: FirewallSpec = FirewallSpec()
+    backups: LabelMap[BackupJobSpec] = Field(
+        default_factory=dict, description="Scheduled backup jobs by name"
+    )
     policies: Policies = Policies()
 
     def node_of(self, host: str) -> str:

@@ -59,6 +59,41 @@ def format_mib(mib: int) -> str:
     return f"{mib}M"
 
 
+_DURATION = re.compile(r"^\s*(\d{1,6})\s*([smhdw])\s*\Z")
+_FACTOR_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_seconds(value: object) -> int:
+    """`90m`, `36h`, `2d`, `1w` -> seconds; a bare whole number is seconds."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError("expected a duration such as 36h, 2d or 1w")
+    if isinstance(value, int):
+        seconds = value
+    else:
+        m = _DURATION.match(value)
+        if not m:
+            raise ValueError(f"{value[:40]!r} is not a duration; write e.g. 90m, 36h, 2d or 1w")
+        seconds = int(m.group(1)) * _FACTOR_SECONDS[m.group(2)]
+    if seconds <= 0:
+        raise ValueError("a duration must be longer than zero")
+    return seconds
+
+
+def format_seconds(seconds: float) -> str:
+    """Seconds -> the largest whole unit that is exact or, past a day, days and hours (`36h`,
+    `2d`, `1d 6h`): how ages and limits are shown."""
+    whole = int(seconds)
+    if whole >= 86400:
+        days, rest = divmod(whole, 86400)
+        return f"{days}d" + (f" {rest // 3600}h" if rest // 3600 else "")
+    if whole >= 3600:
+        hours, rest = divmod(whole, 3600)
+        return f"{hours}h" + (f" {rest // 60}m" if rest // 60 else "")
+    if whole >= 60:
+        return f"{whole // 60}m"
+    return f"{whole}s"
+
+
 def check_label(value: str) -> str:
     """A DNS label: what Proxmox accepts as a guest hostname and we use as a resource name."""
     if not _LABEL.match(value):

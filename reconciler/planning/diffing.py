@@ -27,11 +27,14 @@ FORCES_REPLACE: dict[Kind, frozenset[str]] = {
 # that differs on an existing guest (an imported guest's placeholder, a newer image) is not a
 # change, and never a reason to destroy a guest.
 NOT_COMPARED: dict[Kind, frozenset[str]] = {
-    Kind.GUEST: frozenset({"role", "template"}),
+    Kind.GUEST: frozenset({"role", "template", "restore_missing"}),
     Kind.VELOCITY: frozenset({"forced_host"}),
     # Readiness policy of the controller: it is acted on, never written to Traefik. The feed
     # is where a route is read from, not part of it (a lab may feed an instance by file).
     Kind.ROUTE: frozenset({"when_unready", "feed"}),
+    # A job's selection is compared as the vmids the planner resolves it to; its freshness
+    # limit is the controller's policy, not Proxmox's.
+    Kind.BACKUP_JOB: frozenset({"guests", "max_age"}),
 }
 
 # Fields an observer may be unable to see: compared only when the observed side has them.

@@ -42,16 +42,29 @@ is a warning too: its kind is left out of the plan, and the rest of the platform
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from reconciler.model.diagnostics import Diagnostic, error, warning
 from reconciler.model.observed import GuestHealth, ObservedResource, ObservedState
-from reconciler.model.plans import HOLD_START, START_GUEST, Action, Change, FieldChange, Plan
+from reconciler.model.plans import (
+    HOLD_START,
+    RESTORE_FROM,
+    START_GUEST,
+    Action,
+    BackupFreshness,
+    Cause,
+    Change,
+    FieldChange,
+    FinalBackup,
+    Freshness,
+    Plan,
+)
 from reconciler.model.resources import DesiredGraph, Kind, Resource, kind_of
-from reconciler.model.units import parse_mib
-from reconciler.planning import diffing, normalize, placement
+from reconciler.model.units import format_seconds, parse_mib
+from reconciler.planning import backups, diffing, normalize, placement
 from reconciler.planning.provenance import spec_digest
 
 _ACTIVE = (Action.CREATE, Action.REPLACE)
@@ -106,6 +119,26 @@ def allocate_vmids(
     return result, diags
 
 
+@dataclass
+class _Planning:
+    """What planning one graph against one observation works from, and what it has made so far."""
+
+    graph: DesiredGraph
+    observed: ObservedState
+    vmids: dict[str, int]
+    prune: bool
+    final_backups: bool
+    diags: list[Diagnostic] = field(default_factory=list)
+    changes: dict[str, Change] = field(default_factory=dict)
+    unplaced: frozenset[str] = frozenset()
+    withheld: Mapping[str, str] = field(default_factory=dict)
+    contested: frozenset[str] = frozenset()
+    owned: dict[str, ObservedResource] = field(default_factory=dict)
+    foreign_vmids: dict[int, ObservedResource] = field(default_factory=dict)
+    owned_by_vmid: dict[int, ObservedResource] = field(default_factory=dict)
+    observed_kinds: set[Kind] | None = None
+
+
 def make_plan(
     graph: DesiredGraph,
     observed: ObservedState,
@@ -114,148 +147,28 @@ def make_plan(
     targets: Iterable[str] = (),
     observed_checks: Iterable[ObservedCheck] = (),
     agent_layers: Iterable[str] = (),
+    final_backups: bool = True,
+    now: datetime.datetime | None = None,
 ) -> Plan:
-    vmids, diags = allocate_vmids(graph, observed)
-    # Against the live cluster: a guest that cannot go where the spec says gets nothing.
-    placed = placement.check_placement(graph, observed, vmids)
-    diags.extend(placed.diagnostics)
-    for kind, message in sorted(observed.errors.items()):
-        diags.append(
-            warning(
-                "observe-failed",
-                f"{kind} could not be observed, so it is left out of this plan: {message}",
-            )
-        )
-    withheld, more = _readiness(graph, observed, frozenset(agent_layers))
-    diags.extend(more)
-    diags.extend(_serving(graph, observed))
-    contested, more = _contested(graph, observed)
-    diags.extend(more)
-    owned = observed.owned()
-    foreign_vmids = {
-        r.id["vmid"]: r for r in observed.foreign() if r.kind is Kind.GUEST and "vmid" in r.id
-    }
-    owned_by_vmid = {
-        r.id["vmid"]: r
-        for r in observed.resources
-        if r.owned and r.address and r.kind is Kind.GUEST and "vmid" in r.id
-    }
-    changes: dict[str, Change] = {}
-    observed_kinds = set(observed.kinds) if observed.kinds is not None else None
-    prune = allow_destroy or bool(graph.settings.get("prune"))
+    """The plan for `graph` against `observed`. `final_backups` off (`--no-final-backup`):
+    destroys go without the backup a job would take first. `now`: when backup ages are
+    measured from (default: when the state was observed)."""
+    p = _start(graph, observed, allow_destroy, frozenset(agent_layers), final_backups)
     for res in graph.ordered():
-        if observed_kinds is not None and res.kind not in observed_kinds:
-            continue  # nobody looked: planning it would create it again on every run
-        if res.address in contested or res.attached_to in contested:
-            continue  # two guests claim it: reported by _contested, neither is touched
-        if res.address in withheld:
-            continue  # not ready: deleted below if it exists
-        if res.address in placed.unplaced or res.attached_to in placed.unplaced:
-            continue  # its node, storage or template is not there: reported by placement
-        allocated = _with_vmid(res, vmids)
-        if allocated is None:
-            continue  # a guest without a vmid (its range is full): reported above
-        desired, ident = allocated
-        if res.kind is Kind.FIREWALL_GUEST:
-            home = _guest_home(graph, res, vmids, changes, observed_kinds)
-            if home is None:
-                continue  # its guest is not planned (a vmid problem): nothing to address
-            ident = home
-        obs = owned.get(res.address)
-        wave = graph.waves[res.address]
-        if obs is None:
-            problem = _vmid_conflict(res, desired, foreign_vmids, owned_by_vmid) or _name_conflict(
-                res, observed, graph.platform
-            )
-            if problem:
-                diags.append(problem)
-                continue
-            change = Change(
-                res.address,
-                res.kind,
-                Action.CREATE,
-                wave,
-                ident,
-                None,
-                desired,
-                depends_on=res.depends_on,
-                reason="not found",
-            )
-        else:
-            if res.kind is Kind.GUEST and desired["vmid"] != obs.id.get("vmid"):
-                # Renumbered: the new vmid must be free, or the replace would destroy the
-                # old guest and then fail to create the new one.
-                problem = _vmid_conflict(res, desired, foreign_vmids, owned_by_vmid)
-                if problem:
-                    diags.append(problem)
-                    continue
-            change = _compare(res, desired, obs, wave)
-            if ident and res.kind is Kind.FIREWALL_GUEST:
-                change = replace(change, id=ident)
-            # A guest's replace destroys it whole, whatever disks were seen (none listed: a
-            # config read without them is no reason to let it through).
-            replaces = change.action is Action.REPLACE
-            if replaces and (change.destroys or res.kind is Kind.GUEST) and not prune:
-                change = replace(change, blocked=BLOCKED_WHY)
-                diags.append(_blocked_replace(res, change))
-            elif res.kind is Kind.GUEST and (gone := _detached(change)):
-                change = replace(change, destroys=gone)
-                if not prune:
-                    change = replace(change, blocked=BLOCKED_WHY)
-                    diags.append(_blocked_detach(res, change))
-        if res.kind is Kind.GUEST:
-            wrong = [d for d in (_shrinks(res, change), _moves_volumes(res, change)) if d]
-            if wrong:
-                diags.extend(wrong)
-                continue
-        parent = changes.get(res.attached_to) if res.attached_to else None
-        if (
-            parent is not None
-            and parent.action in _ACTIVE
-            and not parent.blocked
-            and change.action not in _ACTIVE
-        ):
-            change = Change(
-                res.address,
-                res.kind,
-                Action.CREATE,
-                wave,
-                ident,
-                change.before,
-                desired,
-                change.fields,
-                res.depends_on,
-                reason=f"{parent.address} is {parent.action.value}d",
-            )
-        changes[res.address] = change
-
-    _firewall_first(changes, graph)
-    # Only what was observed can be found gone: a partial observation (the service's edge
-    # poll, an observer that failed) never deletes anything of the kinds it did not look at.
-    seen = {
-        a: r
-        for a, r in owned.items()
-        if (observed_kinds is None or r.kind in observed_kinds) and a not in contested
-    }
-    deletes, more = _deletes(graph, seen, allow_destroy, withheld)
-    diags.extend(more)
-    diags.extend(_count_destroys([*changes.values(), *deletes], graph))
-    ordered = list(changes.values())
-    last_wave = max((c.wave for c in ordered), default=-1)
-    for change in sorted(deletes, key=lambda c: (-c.kind.rank, c.address)):
-        # Dependents go first: routes and proxies before the guests they point at.
-        ordered.append(replace(change, wave=last_wave + 1 + (len(Kind) - change.kind.rank)))
-    ordered.sort(
-        key=lambda c: (c.wave, c.kind.rank if c.action is not Action.DELETE else 0, c.address)
-    )
+        change = _plan_resource(p, res)
+        if change is not None:
+            p.changes[res.address] = change
+    _firewall_first(p.changes, graph)
+    ordered = _with_deletes(p, allow_destroy)
     if targets:
         ordered = _only_targets(ordered, graph, set(targets))
+    freshness = _backup_freshness(p, now)
     foreign = tuple(_foreign_summary(r, graph) for r in observed.foreign() if r.kind is Kind.GUEST)
     changing = frozenset(
         c.address for c in ordered if c.action is not Action.NOOP and not c.blocked
     )
     for check in observed_checks:
-        diags.extend(check(observed, changing))
+        p.diags.extend(check(observed, changing))
     return Plan(
         platform=graph.platform,
         changes=tuple(ordered),
@@ -263,12 +176,311 @@ def make_plan(
         observed_at=observed.observed_at,
         observed_source=observed.source,
         foreign=tuple(sorted(foreign, key=lambda f: (f.get("vmid") or 0, str(f.get("name"))))),
-        diagnostics=tuple(diags),
+        diagnostics=tuple(p.diags),
         # What it was made from, so that a saved plan can be planned again (README "Plans").
         spec_digest=spec_digest(graph),
         allow_destroy=allow_destroy,
         targets=tuple(sorted(set(targets))),
+        final_backups=final_backups,
+        backups=tuple(freshness),
     )
+
+
+def _start(
+    graph: DesiredGraph,
+    observed: ObservedState,
+    allow_destroy: bool,
+    agent_layers: frozenset[str],
+    final_backups: bool,
+) -> _Planning:
+    """Everything decided before any resource is planned: vmids, placement, what an observer
+    could not see, the readiness gate, and addresses that two resources claim."""
+    vmids, diags = allocate_vmids(graph, observed)
+    p = _Planning(
+        graph,
+        observed,
+        vmids,
+        prune=allow_destroy or bool(graph.settings.get("prune")),
+        final_backups=final_backups,
+        diags=diags,
+    )
+    # Against the live cluster: a guest that cannot go where the spec says gets nothing.
+    placed = placement.check_placement(graph, observed, vmids)
+    p.diags.extend(placed.diagnostics)
+    p.unplaced = frozenset(placed.unplaced)
+    for kind, message in sorted(observed.errors.items()):
+        p.diags.append(
+            warning(
+                "observe-failed",
+                f"{kind} could not be observed, so it is left out of this plan: {message}",
+            )
+        )
+    p.withheld, more = _readiness(graph, observed, agent_layers)
+    p.diags.extend(more)
+    p.diags.extend(_serving(graph, observed))
+    p.contested, more = _contested(graph, observed)
+    p.diags.extend(more)
+    p.owned = observed.owned()
+    p.foreign_vmids = {
+        r.id["vmid"]: r for r in observed.foreign() if r.kind is Kind.GUEST and "vmid" in r.id
+    }
+    p.owned_by_vmid = {
+        r.id["vmid"]: r
+        for r in observed.resources
+        if r.owned and r.address and r.kind is Kind.GUEST and "vmid" in r.id
+    }
+    p.observed_kinds = set(observed.kinds) if observed.kinds is not None else None
+    return p
+
+
+def _skipped(p: _Planning, res: Resource) -> bool:
+    """A resource planned elsewhere or not at all (each reason is reported where it is found)."""
+    if p.observed_kinds is not None and res.kind not in p.observed_kinds:
+        return True  # nobody looked: planning it would create it again on every run
+    if res.address in p.contested or res.attached_to in p.contested:
+        return True  # two guests claim it: reported by _contested, neither is touched
+    if res.address in p.withheld:
+        return True  # not ready: deleted by _deletes if it exists
+    # Its node, storage or template is not there: reported by placement.
+    return res.address in p.unplaced or res.attached_to in p.unplaced
+
+
+def _plan_resource(p: _Planning, res: Resource) -> Change | None:
+    """One desired resource's change, or None when it gets none (said in a diagnostic)."""
+    if _skipped(p, res):
+        return None
+    allocated = _with_vmid(res, p.vmids)
+    if allocated is None:
+        return None  # a guest without a vmid (its range is full): reported by allocate_vmids
+    desired, ident = allocated
+    if res.kind is Kind.FIREWALL_GUEST:
+        home = _guest_home(p.graph, res, p.vmids, p.changes, p.observed_kinds)
+        if home is None:
+            return None  # its guest is not planned (a vmid problem): nothing to address
+        ident = home
+    obs = p.owned.get(res.address)
+    wave = p.graph.waves[res.address]
+    if obs is None:
+        change = _create(p, res, desired, ident, wave)
+    else:
+        change = _update(p, res, desired, ident, obs, wave)
+    if change is None:
+        return None
+    if res.kind is Kind.GUEST:
+        wrong = [d for d in (_shrinks(res, change), _moves_volumes(res, change)) if d]
+        if wrong:
+            p.diags.extend(wrong)
+            return None
+    parent = p.changes.get(res.attached_to) if res.attached_to else None
+    if (
+        parent is not None
+        and parent.action in _ACTIVE
+        and not parent.blocked
+        and change.action not in _ACTIVE
+    ):
+        change = Change(
+            res.address,
+            res.kind,
+            Action.CREATE,
+            wave,
+            ident,
+            change.before,
+            desired,
+            change.fields,
+            res.depends_on,
+            reason=f"{parent.address} is {parent.action.value}d",
+            cause=Cause.WITH_PARENT,
+        )
+    return change
+
+
+def _create(
+    p: _Planning, res: Resource, desired: dict[str, Any], ident: dict[str, Any], wave: int
+) -> Change | None:
+    """Desired, nothing observed: create it; a guest a backup job selects, from its newest
+    backup. None when its vmid or name is taken (an error says so)."""
+    problem = _vmid_conflict(res, desired, p.foreign_vmids, p.owned_by_vmid) or _name_conflict(
+        res, p.observed, p.graph.platform
+    )
+    if problem:
+        p.diags.append(problem)
+        return None
+    change = Change(
+        res.address,
+        res.kind,
+        Action.CREATE,
+        wave,
+        ident,
+        None,
+        desired,
+        depends_on=res.depends_on,
+        reason="not found",
+        cause=Cause.MISSING,
+    )
+    return _restored(p, res, change) if res.kind is Kind.GUEST else change
+
+
+def _restored(p: _Planning, res: Resource, change: Change) -> Change:
+    """A missing guest's create from its newest backup, when a job selects it (see
+    planning.backups.restore_point); held back when its backups could not be listed: it is
+    never created empty over a world that may have a backup."""
+    assert change.after is not None
+    vmid = int(change.after["vmid"])
+    point, why = backups.restore_point(p.graph, res, vmid, p.observed.backups)
+    if point is not None:
+        after = {
+            **change.after,
+            RESTORE_FROM: {"volid": point.volid, "storage": point.storage, "ctime": point.ctime},
+        }
+        when = datetime.datetime.fromtimestamp(point.ctime, datetime.UTC)
+        return replace(
+            change,
+            after=after,
+            cause=Cause.RESTORE,
+            reason=f"restored from its backup of {when:%Y-%m-%d %H:%M} UTC",
+        )
+    if why:
+        p.diags.append(
+            warning(
+                "restore-unknown",
+                f"{res.address} is missing and not created: {why}; it may have a backup to be "
+                "restored from (set restore_missing: never to create it empty)",
+                position=res.position,
+                address=res.address,
+            )
+        )
+        return replace(change, blocked=f"not created empty: {why}")
+    return change
+
+
+def _update(
+    p: _Planning,
+    res: Resource,
+    desired: dict[str, Any],
+    ident: dict[str, Any],
+    obs: ObservedResource,
+    wave: int,
+) -> Change | None:
+    """Desired and observed: compare. A destroy (a guest's replace, a volume's detach) is
+    blocked without pruning. None when a renumbered guest's new vmid is taken."""
+    if res.kind is Kind.GUEST and desired["vmid"] != obs.id.get("vmid"):
+        # Renumbered: the new vmid must be free, or the replace would destroy the old guest
+        # and then fail to create the new one.
+        problem = _vmid_conflict(res, desired, p.foreign_vmids, p.owned_by_vmid)
+        if problem:
+            p.diags.append(problem)
+            return None
+    change = _compare(res, desired, obs, wave)
+    if ident and res.kind is Kind.FIREWALL_GUEST:
+        change = replace(change, id=ident)
+    # A guest's replace destroys it whole, whatever disks were seen (none listed: a config
+    # read without them is no reason to let it through).
+    replaces = change.action is Action.REPLACE
+    if replaces and (change.destroys or res.kind is Kind.GUEST):
+        change = _final_backup(p, change)
+        if not p.prune:
+            change = replace(change, blocked=BLOCKED_WHY)
+            p.diags.append(_blocked_replace(res, change))
+    elif res.kind is Kind.GUEST and (gone := _detached(change)):
+        change = replace(change, destroys=gone)
+        if not p.prune:
+            change = replace(change, blocked=BLOCKED_WHY)
+            p.diags.append(_blocked_detach(res, change))
+    return change
+
+
+def _final_backup(p: _Planning, change: Change) -> Change:
+    """A guest's replace or delete, with the backup a job that selects it takes first; with
+    `--no-final-backup`, a warning that it goes without one."""
+    if change.kind is not Kind.GUEST:
+        return change
+    job = backups.job_for(p.graph, change.address)
+    if job is None:
+        return change
+    if not p.final_backups:
+        p.diags.append(
+            warning(
+                "final-backup-skipped",
+                f"{change.address} is {change.action.value}d without a final backup "
+                f"(--no-final-backup; {job.address} selects it)",
+                address=change.address,
+            )
+        )
+        return change
+    final = FinalBackup(
+        storage=str(job.attributes["storage"]),
+        mode=str(job.attributes.get("mode", "snapshot")),
+        compress=str(job.attributes.get("compress", "zstd")),
+        job=job.address,
+    )
+    return replace(change, final_backup=final)
+
+
+def _with_deletes(p: _Planning, allow_destroy: bool) -> list[Change]:
+    """The changes in order, with the deletes of what is owned and no longer desired last,
+    dependents first (routes and proxies before the guests they point at)."""
+    # Only what was observed can be found gone: a partial observation (the service's edge
+    # poll, an observer that failed) never deletes anything of the kinds it did not look at.
+    seen = {
+        a: r
+        for a, r in p.owned.items()
+        if (p.observed_kinds is None or r.kind in p.observed_kinds) and a not in p.contested
+    }
+    deletes, more = _deletes(p.graph, seen, allow_destroy, p.withheld)
+    deletes = [_final_backup(p, c) for c in deletes]
+    p.diags.extend(more)
+    p.diags.extend(_count_destroys([*p.changes.values(), *deletes], p.graph))
+    ordered = list(p.changes.values())
+    last_wave = max((c.wave for c in ordered), default=-1)
+    for change in sorted(deletes, key=lambda c: (-c.kind.rank, c.address)):
+        ordered.append(replace(change, wave=last_wave + 1 + (len(Kind) - change.kind.rank)))
+    ordered.sort(
+        key=lambda c: (c.wave, c.kind.rank if c.action is not Action.DELETE else 0, c.address)
+    )
+    return ordered
+
+
+def _backup_freshness(p: _Planning, now: datetime.datetime | None) -> list[BackupFreshness]:
+    """Every existing guest a job selects, with its newest backup; a warning for each that
+    has none, an old one, or could not be listed (the `backup_freshness` policy)."""
+    if p.observed_kinds is not None and Kind.BACKUP_JOB not in p.observed_kinds:
+        return []  # backups were not looked at (the edge poll)
+    if now is None:
+        now = _observed_time(p.observed)
+    existing = {a for a, r in p.owned.items() if r.kind is Kind.GUEST}
+    found = backups.freshness(p.graph, p.vmids, existing, p.observed.backups, now)
+    if not p.graph.settings.get("backup_freshness", True):
+        return found
+    positions = {r.address: r.position for r in p.graph.resources.values()}
+    for f in found:
+        if f.freshness is Freshness.FRESH:
+            continue
+        storage = p.graph.resources[f.job].attributes["storage"]
+        if f.freshness is Freshness.STALE:
+            text = (
+                f"{f.guest}: its newest backup on {storage} is {format_seconds(f.age or 0)} old, "
+                f"older than {format_seconds(f.max_age)} ({f.job})"
+            )
+        elif f.freshness is Freshness.MISSING:
+            text = f"{f.guest} has no backup on {storage} ({f.job} selects it)"
+        else:
+            text = f"{f.guest}: the backups on {storage} could not be listed ({f.job})"
+        p.diags.append(
+            warning(
+                f"backup-{f.freshness.value}", text, position=positions.get(f.job), address=f.guest
+            )
+        )
+    return found
+
+
+def _observed_time(observed: ObservedState) -> datetime.datetime:
+    """When the state was observed (a snapshot's own time), or now."""
+    if observed.observed_at:
+        try:
+            return datetime.datetime.fromisoformat(observed.observed_at.replace("Z", "+00:00"))
+        except ValueError:
+            pass
+    return datetime.datetime.now(datetime.UTC)
 
 
 def _contested(
@@ -321,19 +533,20 @@ def _compare(res: Resource, desired: dict[str, Any], obs: ObservedResource, wave
     )
     forced = {f.path for f in fields if f.forces_replace}
     if not fields:
-        action, reason = Action.NOOP, ""
+        action, cause, reason = Action.NOOP, Cause.IN_SYNC, ""
     elif "node" in forced and forced <= _MIGRATES:
         # Only its place changes: Proxmox moves it, disks and all (the world stays).
-        action = Action.MIGRATE
+        action, cause = Action.MIGRATE, Cause.MOVED
         ident = {"vmid": obs.id.get("vmid"), "node": desired["node"], "from": obs.id.get("node")}
         reason = f"moves from {obs.id.get('node')} to {desired['node']}"
     elif forced:
         action = Action.REPLACE
+        cause = Cause.RENUMBERED if "vmid" in forced else Cause.IMMUTABLE
         reason = "cannot change in place: " + ", ".join(sorted(forced))
         if "vmid" in forced:
             reason += f" (destroys vmid {obs.id.get('vmid')}, creates vmid {desired['vmid']})"
     else:
-        action, reason = Action.UPDATE, ""
+        action, cause, reason = Action.UPDATE, Cause.DRIFTED, ""
     return Change(
         res.address,
         res.kind,
@@ -347,6 +560,7 @@ def _compare(res: Resource, desired: dict[str, Any], obs: ObservedResource, wave
         reason,
         obs.version,
         destroys=disks(have) if action is Action.REPLACE else (),
+        cause=cause,
     )
 
 
@@ -717,7 +931,7 @@ def _deletes(
         # anyway). Deleting one loses nothing, so it needs neither pruning nor --allow-destroy,
         # and does not count against max_deletes_per_run.
         blocked = None
-        if not prune and r.kind in (Kind.GUEST, *_NAMED_FIREWALL):
+        if not prune and r.kind in (Kind.GUEST, Kind.BACKUP_JOB, *_NAMED_FIREWALL):
             which = f" (vmid {r.id.get('vmid')})" if r.kind is Kind.GUEST else ""
             diags.append(
                 warning(
@@ -741,6 +955,7 @@ def _deletes(
                 reason=f"withheld: {withheld[r.address]}"
                 if r.address in withheld
                 else "not in the spec",
+                cause=Cause.WITHHELD if r.address in withheld else Cause.NOT_IN_SPEC,
                 version=r.version,
                 destroys=disks(r.attributes) if r.kind is Kind.GUEST else (),
                 blocked=blocked,
@@ -770,7 +985,7 @@ def _firewall_first(changes: dict[str, Change], graph: DesiredGraph) -> None:
         held = replace(change, after={**after, HOLD_START: True})
         if change.action is Action.UPDATE and {f.path for f in change.fields} == {"state"}:
             # Starting was all it would do, and the firewall change does that now.
-            held = replace(held, action=Action.NOOP, fields=(), reason="")
+            held = replace(held, action=Action.NOOP, fields=(), reason="", cause=Cause.IN_SYNC)
         changes[address] = held
         changes[fw.address] = replace(fw, after={**fw.after, START_GUEST: True})
 
@@ -825,6 +1040,9 @@ def _with_vmid(
             return None
         attrs["vmid"] = ident["vmid"] = vmids[res.address]
         ident["node"] = attrs["node"]
+    elif res.kind is Kind.BACKUP_JOB:
+        # The selection as vmids: a guest created in this run is in its job from the start.
+        attrs["vmid"] = backups.job_vmids(res, vmids)
     return attrs, ident
 
 

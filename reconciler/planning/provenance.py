@@ -56,6 +56,7 @@ _KEYS = (
     "action",
     "blocked",
     "destroys",
+    "final_backup",
     "id",
     "fields",
     "after",
@@ -64,7 +65,7 @@ _KEYS = (
     "kind",
     "wave",
     "depends_on",
-    "reason",
+    "cause",
 )
 
 

@@ -24,7 +24,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from reconciler.model.observed import ClusterFacts, ObservedResource, RouteServing
+from reconciler.model.observed import (
+    BackupVolume,
+    ClusterFacts,
+    GuestHealth,
+    ObservedResource,
+    RouteServing,
+)
 from reconciler.model.plans import Change
 from reconciler.model.resources import Kind
 
@@ -38,6 +44,9 @@ class Observation:
     resources: list[ObservedResource] = field(default_factory=list)
     cluster: ClusterFacts | None = None  # the guest provider's nodes, storages, templates
     serving: dict[str, RouteServing] = field(default_factory=dict)  # by route address
+    health: dict[str, GuestHealth] = field(default_factory=dict)  # by guest address, agents'
+    # The backups on the spec's backup storages (the backup-job provider); None: not listed.
+    backups: tuple[BackupVolume, ...] | None = None
 
     def of(self, kind: Kind) -> list[ObservedResource]:
         return [r for r in self.resources if r.kind is kind]
@@ -47,11 +56,23 @@ class Provider(Protocol):
     """One outside system's kinds. `needs`: the kinds observed before this provider, which its
     `observe` reads from `seen` (the firewall needs the guests); `observe` returns its kinds'
     resources and may fill `seen`'s extra outputs (the guest provider its cluster facts,
-    Traefik what its routes serve). `apply` carries out one change of its kinds. Adding a kind
-    is writing one such provider and registering it in `applying.live.connect_platform`."""
+    Traefik what its routes serve, the agents' provider the guests' health). `apply` carries
+    out one change of its kinds.
+
+    `optional`: its failure to observe costs only what it provides: its kinds are recorded in
+    `ObservedState.errors` and left out of the plan, and the rest converges (the edge is told
+    about guests, so the guests must converge while it is down). A provider that is not
+    optional stops the observation: nothing is planned from half a platform.
+
+    A provider may own no kind (`kinds` empty: the agents' health): it is never applied, and
+    it takes part in every observation, since what it adds is what the others are planned by.
+
+    Adding a kind is writing one such provider and registering it in
+    `applying.connecting.connect_platform`; nothing else branches on a provider's class."""
 
     kinds: frozenset[Kind]
     needs: frozenset[Kind]
+    optional: bool
 
     async def observe(self, seen: Observation) -> list[ObservedResource]: ...
 

@@ -1,8 +1,13 @@
 """The in-container agents' health: `GET /status` on every runtime guest's agent (zlh-agent,
 port 18888, management network only), as the planner needs it to route only to ready servers.
 
-Called by the controller's cycle and the CLI before planning: they resolve which guests run an
-agent and at which management IP, and the optional bearer token (a value, never logged here).
+`AgentHealthProvider` is how an observation asks: a provider like the others
+(`reconciler.providers.Provider`), registered by `applying.connecting.connect_platform`, which
+resolves which guests run an agent and at which management IP, and the optional bearer token
+(a value, never logged here). It owns no kind (there is nothing to apply to an agent, and its
+health is no resource of the spec); it needs the guests, and fills the observation's `health`:
+running from the guests seen, ready from their agents.
+
 `AgentObserver.observe(targets)` asks every agent at once, at most `concurrency` at a time,
 each with short timeouts, and hands back one `AgentHealth` per guest. It never raises for an
 agent: refused, timed out, slow, 401, a non-200 or a body that is not the agent's status all
@@ -19,8 +24,9 @@ the agent's own `/status` object (camelCase, as the platform API's poller stores
 back. Redis being down costs the cache only: the failure is counted in `cache_errors` and
 logged, and observation goes on.
 
-This is not a `Provider`: there is nothing to apply to an agent, and its health is no resource
-of the spec. Errors: none leave `observe`; a result's `last_error` is the message.
+Errors: none leave `observe`; a result's `last_error` is the message. The provider is
+`optional` all the same: were it to fail, the health would be missing, which the planner reads
+as "not ready" for every guest of an agent layer (fail closed), and the rest converges.
 """
 
 from __future__ import annotations
@@ -30,8 +36,8 @@ import logging
 import os
 import ssl
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -40,6 +46,12 @@ import httpx
 from pydantic import BaseModel, ConfigDict, ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
+
+from reconciler.model.errors import PermanentError
+from reconciler.model.observed import GuestHealth, ObservedResource
+from reconciler.model.plans import Change
+from reconciler.model.resources import Kind
+from reconciler.providers import Observation
 
 AGENT_PORT = 18888
 CACHE_PREFIX = "agent:"
@@ -314,3 +326,50 @@ async def read_cached(redis: Redis, vmid: int, address: str = "") -> AgentHealth
         last_error=data.get("error") or (None if data.get("ready") else data.get("readyError")),
         checked_at=str(data.get("checkedAt", "")),
     )
+
+
+# --- the provider --------------------------------------------------------------------------
+
+
+@dataclass
+class AgentHealthProvider:
+    """The agents of the guests in `endpoints` (guest address -> (ip, port)), asked through
+    `observer`. `layers`: the layers whose guests run agents, the planner's readiness gate
+    (a guest of those layers without an entry in `health` is not ready)."""
+
+    observer: AgentObserver
+    endpoints: Mapping[str, tuple[str, int]] = field(default_factory=dict)
+    layers: tuple[str, ...] = ()
+
+    kinds = frozenset[Kind]()  # nothing to apply: it only adds `health` to an observation
+    needs = frozenset({Kind.GUEST})  # running from the guests seen; only their agents are asked
+    optional = True
+
+    async def observe(self, seen: Observation) -> list[ObservedResource]:
+        """Every watched guest's health into `seen.health`: running from the guests seen,
+        ready from its agent. Only running guests' agents are asked."""
+        guests = {r.address: r for r in seen.of(Kind.GUEST) if r.owned and r.address}
+        health: dict[str, GuestHealth] = {}
+        targets: list[AgentTarget] = []
+        for address, (ip, port) in sorted(self.endpoints.items()):
+            guest = guests.get(address)
+            if guest is None or "vmid" not in guest.id:
+                health[address] = GuestHealth(error="the guest does not exist")
+            elif guest.attributes.get("state") != "running":
+                health[address] = GuestHealth(error="the guest is stopped")
+            else:
+                vmid = guest.id["vmid"]
+                targets.append(AgentTarget(vmid=vmid, address=address, ip=ip, port=port))
+        for address, answer in (await self.observer.observe(targets)).items():
+            health[address] = GuestHealth(
+                running=True,
+                reachable=answer.reachable,
+                ready=answer.ready,
+                error=answer.last_error,
+            )
+        seen.health.update(sorted(health.items()))
+        return []
+
+    async def apply(self, change: Change) -> None:
+        # It owns no kind, so no plan holds a change for it: reaching here is a caller's bug.
+        raise PermanentError(f"{change.address}: agents' health is observed, never applied")

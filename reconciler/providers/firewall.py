@@ -5,7 +5,7 @@ Called by the CLI and the controller next to `ProxmoxProvider`, on the same API 
 composes that provider for every call (`retrying`: one thread hop, one count, one retry policy,
 one error translation in `proxmox.classify`), so all Proxmox calls share one retry loop;
 observation only reads (`_read`), and a read is retried on any server error.
-`applying.live.observe_all` observes guests first and hands the owned ones to `observe`: a
+`applying.observing.observe_all` observes guests first and hands the owned ones to `observe`: a
 guest's firewall is read only for guests that carry our mark.
 
 Ownership:
@@ -302,6 +302,51 @@ def ipset_entry_of(raw: Mapping[str, Any]) -> str:
     return ("!" if raw.get("nomatch") else "") + str(raw["cidr"])
 
 
+def _list_digest(raw: Sequence[Mapping[str, Any]]) -> str | None:
+    """A list's digest: Proxmox repeats it in every item, so an empty list has none."""
+    return raw[0].get("digest") if raw else None
+
+
+@dataclass(frozen=True)
+class _Listed:
+    """What differs between an IP set and a security group. Both are a named item of a cluster
+    index, with a comment, holding a list (entries, rules) that has its own digest; observing
+    and applying them is written once, reading this."""
+
+    noun: str  # in messages: "IP set"
+    article: str  # "an"
+    index: str  # the cluster firewall's endpoint for the index: ipset, groups
+    read_index: str  # how a read of the index is described
+    key: str  # the index field naming an item: name, group
+    items: str  # its list, in the observed attributes and version: entries, rules
+    read_items: Callable[[Sequence[Mapping[str, Any]]], list[Any]]  # the list as observed
+
+    def endpoint(self, client: Any) -> Any:
+        return getattr(client.cluster.firewall, self.index)
+
+
+_LISTED: Mapping[Kind, _Listed] = {
+    Kind.FIREWALL_IPSET: _Listed(
+        "IP set",
+        "an",
+        "ipset",
+        "read firewall IP sets",
+        "name",
+        "entries",
+        lambda raw: sorted(ipset_entry_of(e) for e in raw),
+    ),
+    Kind.FIREWALL_GROUP: _Listed(
+        "security group",
+        "a",
+        "groups",
+        "read security groups",
+        "group",
+        "rules",
+        lambda raw: [clean_rule(r) for r in raw],
+    ),
+}
+
+
 @dataclass
 class FirewallProvider:
     """The firewall on one Proxmox API endpoint, through `pve`'s client and retry policy."""
@@ -312,6 +357,7 @@ class FirewallProvider:
 
     kinds = FIREWALL_KINDS
     needs = frozenset({Kind.GUEST})  # the owned guests' firewalls are read
+    optional = False  # a guest's firewall unknown: nothing is planned for it or its guest
 
     @property
     def platform(self) -> str:
@@ -345,160 +391,141 @@ class FirewallProvider:
 
     async def observe(self, seen: Observation | None = None) -> list[ObservedResource]:
         """The cluster-level objects and the firewall of each owned guest `seen` (observed
-        through `pve` when not given)."""
+        through `pve` when not given). Every read runs concurrently; the foreign IP sets and
+        groups are read last, once the indexes have said which they are."""
         guests = seen.of(Kind.GUEST) if seen is not None else await self.pve.observe()
-        fw = self.client.cluster.firewall
         out: list[ObservedResource] = []
-        foreign_ipsets: dict[str, dict[str, Any]] = {}
-        foreign_groups: dict[str, dict[str, Any]] = {}
-
-        async def cluster() -> None:
-            raw = await self._read("read cluster firewall options", lambda: fw.options.get())
-            owned = self.manage_cluster
-            out.append(
-                ObservedResource(
-                    address="firewall/cluster" if owned else None,
-                    kind=Kind.FIREWALL_CLUSTER,
-                    owned=owned,
-                    id={"name": "cluster"},
-                    attributes=_options(raw) | ({} if owned else {"name": "cluster"}),
-                    version=join_version(options=raw.get("digest")),
-                )
-            )
-
-        async def aliases() -> None:
-            items = await self._read("read firewall aliases", lambda: fw.aliases.get())
-            for item in items:
-                name = str(item["name"])
-                ours, comment = self._ours(item.get("comment"))
-                attrs = {"cidr": item.get("cidr"), "comment": comment}
-                out.append(
-                    ObservedResource(
-                        address=f"firewall/alias/{name}" if ours else None,
-                        kind=Kind.FIREWALL_ALIAS,
-                        owned=ours,
-                        id={"name": name},
-                        attributes=attrs if ours else {"name": name, **attrs},
-                        version=join_version(aliases=item.get("digest")),
-                    )
-                )
-
-        async def ipset(name: str, comment: str, index: str | None) -> None:
-            entries = await self._read(f"read IP set {name}", lambda: fw.ipset(name).get())
-            digest = entries[0].get("digest") if entries else None
-            out.append(
-                ObservedResource(
-                    address=f"firewall/ipset/{name}",
-                    kind=Kind.FIREWALL_IPSET,
-                    owned=True,
-                    id={"name": name},
-                    attributes={
-                        "entries": sorted(ipset_entry_of(e) for e in entries),
-                        "comment": comment,
-                    },
-                    version=join_version(index=index, entries=digest),
-                )
-            )
-
-        async def ipsets(tg: anyio.abc.TaskGroup) -> None:
-            items = await self._read("read firewall IP sets", lambda: fw.ipset.get())
-            for item in items:
-                name = str(item["name"])
-                ours, comment = self._ours(item.get("comment"))
-                if ours:
-                    tg.start_soon(ipset, name, comment, item.get("digest"))
-                else:
-                    foreign_ipsets[name] = {"name": name, "comment": item.get("comment", "")}
-
-        async def group(name: str, comment: str, index: str | None) -> None:
-            raw = await self._read(f"read security group {name}", lambda: fw.groups(name).get())
-            rules = [clean_rule(r) for r in raw]
-            out.append(
-                ObservedResource(
-                    address=f"firewall/group/{name}",
-                    kind=Kind.FIREWALL_GROUP,
-                    owned=True,
-                    id={"name": name},
-                    attributes={"comment": comment, "rules": rules},
-                    version=join_version(index=index, rules=raw[0]["digest"] if raw else None),
-                )
-            )
-
-        async def groups(tg: anyio.abc.TaskGroup) -> None:
-            items = await self._read("read security groups", lambda: fw.groups.get())
-            for item in items:
-                name = str(item["group"])
-                ours, comment = self._ours(item.get("comment"))
-                if ours:
-                    tg.start_soon(group, name, comment, item.get("digest"))
-                else:
-                    foreign_groups[name] = {"name": name, "comment": item.get("comment", "")}
-
-        async def guest(res: ObservedResource) -> None:
-            assert res.address is not None
-            node, vmid = res.id["node"], int(res.id["vmid"])
-            kind = str(res.attributes.get("type") or "lxc")
-            base = self.client.nodes(node)(kind)(vmid).firewall
-            try:
-                opts = await self._read(
-                    f"read firewall options of {vmid}", lambda: base.options.get()
-                )
-                raw = await self._read(f"read firewall rules of {vmid}", lambda: base.rules.get())
-            except NotFoundError:
-                return  # destroyed since the guests were read: no firewall to speak of
-            rules = [clean_rule(r) for r in raw]
-            out.append(
-                ObservedResource(
-                    address="firewall/guest/" + res.address.removeprefix("guest/"),
-                    kind=Kind.FIREWALL_GUEST,
-                    owned=True,
-                    id={"vmid": vmid, "node": node, "type": kind},
-                    attributes={**_options(opts), "rules": rules},
-                    version=join_version(
-                        options=opts.get("digest"), rules=raw[0]["digest"] if raw else None
-                    ),
-                )
-            )
-
+        foreign: dict[Kind, dict[str, dict[str, Any]]] = {kind: {} for kind in _LISTED}
         async with anyio.create_task_group() as tg:
-            tg.start_soon(cluster)
-            tg.start_soon(aliases)
-            tg.start_soon(ipsets, tg)
-            tg.start_soon(groups, tg)
+            tg.start_soon(self._observe_cluster, out)
+            tg.start_soon(self._observe_aliases, out)
+            for kind in _LISTED:
+                tg.start_soon(self._observe_index, kind, tg, out, foreign[kind])
             for res in guests:
                 if res.kind is Kind.GUEST and res.owned and res.address:
-                    tg.start_soon(guest, res)
-
-        out.extend(await self._foreign(foreign_ipsets, foreign_groups))
+                    tg.start_soon(self._observe_guest, res, out)
+        out.extend(await self._foreign(foreign))
         return sorted(out, key=lambda r: (r.kind.rank, r.address or "", json.dumps(r.id)))
 
-    async def _foreign(
+    async def _observe_cluster(self, out: list[ObservedResource]) -> None:
+        options = self.client.cluster.firewall.options
+        raw = await self._read("read cluster firewall options", lambda: options.get())
+        owned = self.manage_cluster
+        out.append(
+            ObservedResource(
+                address="firewall/cluster" if owned else None,
+                kind=Kind.FIREWALL_CLUSTER,
+                owned=owned,
+                id={"name": "cluster"},
+                attributes=_options(raw) | ({} if owned else {"name": "cluster"}),
+                version=join_version(options=raw.get("digest")),
+            )
+        )
+
+    async def _observe_aliases(self, out: list[ObservedResource]) -> None:
+        aliases = self.client.cluster.firewall.aliases
+        for item in await self._read("read firewall aliases", lambda: aliases.get()):
+            name = str(item["name"])
+            ours, comment = self._ours(item.get("comment"))
+            attrs = {"cidr": item.get("cidr"), "comment": comment}
+            out.append(
+                ObservedResource(
+                    address=f"firewall/alias/{name}" if ours else None,
+                    kind=Kind.FIREWALL_ALIAS,
+                    owned=ours,
+                    id={"name": name},
+                    attributes=attrs if ours else {"name": name, **attrs},
+                    version=join_version(aliases=item.get("digest")),
+                )
+            )
+
+    async def _observe_index(
         self,
-        ipsets: dict[str, dict[str, Any]],
-        groups: dict[str, dict[str, Any]],
+        kind: Kind,
+        tg: anyio.abc.TaskGroup,
+        out: list[ObservedResource],
+        foreign: dict[str, dict[str, Any]],
+    ) -> None:
+        """The IP set or group index: each of ours is read in `tg`, on its own; the others
+        are kept in `foreign`, for `_foreign`."""
+        listed = _LISTED[kind]
+        index = listed.endpoint(self.client)
+        for item in await self._read(listed.read_index, lambda: index.get()):
+            name = str(item[listed.key])
+            ours, comment = self._ours(item.get("comment"))
+            if ours:
+                tg.start_soon(self._observe_listed, kind, name, comment, item.get("digest"), out)
+            else:
+                foreign[name] = {"name": name, "comment": item.get("comment", "")}
+
+    async def _observe_listed(
+        self, kind: Kind, name: str, comment: str, index: str | None, out: list[ObservedResource]
+    ) -> None:
+        """One IP set or group of ours, read at the index digest `index`."""
+        listed = _LISTED[kind]
+        items, digest = await self._read_listed(kind, name)
+        out.append(
+            ObservedResource(
+                address=f"{kind.value}/{name}",
+                kind=kind,
+                owned=True,
+                id={"name": name},
+                attributes={"comment": comment, listed.items: items},
+                version=join_version(index=index, **{listed.items: digest}),
+            )
+        )
+
+    async def _read_listed(
+        self, kind: Kind, name: str, *, observing: bool = True
+    ) -> tuple[list[Any], str | None]:
+        """An IP set's entries or a group's rules as observed, and the list's digest. A read
+        while observing is retried on any server error; one during an apply as a call is."""
+        listed = _LISTED[kind]
+        endpoint = listed.endpoint(self.client)(name)
+        send = self._read if observing else self._call
+        raw = await send(f"read {listed.noun} {name}", lambda: endpoint.get())
+        return listed.read_items(raw), _list_digest(raw)
+
+    async def _observe_guest(self, res: ObservedResource, out: list[ObservedResource]) -> None:
+        assert res.address is not None
+        node, vmid = res.id["node"], int(res.id["vmid"])
+        kind = str(res.attributes.get("type") or "lxc")
+        base = self.client.nodes(node)(kind)(vmid).firewall
+        try:
+            opts = await self._read(f"read firewall options of {vmid}", lambda: base.options.get())
+            raw = await self._read(f"read firewall rules of {vmid}", lambda: base.rules.get())
+        except NotFoundError:
+            return  # destroyed since the guests were read: no firewall to speak of
+        out.append(
+            ObservedResource(
+                address="firewall/guest/" + res.address.removeprefix("guest/"),
+                kind=Kind.FIREWALL_GUEST,
+                owned=True,
+                id={"vmid": vmid, "node": node, "type": kind},
+                attributes={**_options(opts), "rules": [clean_rule(r) for r in raw]},
+                version=join_version(options=opts.get("digest"), rules=_list_digest(raw)),
+            )
+        )
+
+    async def _foreign(
+        self, foreign: Mapping[Kind, dict[str, dict[str, Any]]]
     ) -> list[ObservedResource]:
         """Foreign IP sets and groups, with their content: one of our rules may name them (the
         isolation check needs what they allow), and one may be what the spec wants, not yet
         adopted (the planner compares contents before it calls it a match). One call each;
         a platform has few."""
-        fw = self.client.cluster.firewall
 
-        async def group(name: str) -> None:
-            raw = await self._read(f"read security group {name}", lambda: fw.groups(name).get())
-            groups[name]["rules"] = [clean_rule(r) for r in raw]
-
-        async def ipset(name: str) -> None:
-            raw = await self._read(f"read IP set {name}", lambda: fw.ipset(name).get())
-            ipsets[name]["entries"] = sorted(ipset_entry_of(e) for e in raw)
+        async def read(kind: Kind, name: str) -> None:
+            items, _digest = await self._read_listed(kind, name)
+            foreign[kind][name][_LISTED[kind].items] = items
 
         async with anyio.create_task_group() as tg:
-            for name in sorted(groups):
-                tg.start_soon(group, name)
-            for name in sorted(ipsets):
-                tg.start_soon(ipset, name)
+            for kind, table in foreign.items():
+                for name in sorted(table):
+                    tg.start_soon(read, kind, name)
         return [
             ObservedResource(kind=kind, owned=False, id={"name": name}, attributes=attrs)
-            for kind, table in ((Kind.FIREWALL_IPSET, ipsets), (Kind.FIREWALL_GROUP, groups))
+            for kind, table in foreign.items()
             for name, attrs in sorted(table.items())
         ]
 
@@ -655,15 +682,10 @@ class FirewallProvider:
     # IP sets and security groups: an index of names with comments, and a list in each
 
     async def _index_entry(self, kind: Kind, name: str) -> tuple[dict[str, Any] | None, str | None]:
-        fw = self.client.cluster.firewall
-        if kind is Kind.FIREWALL_IPSET:
-            items = await self._call("read firewall IP sets", lambda: fw.ipset.get())
-            key = "name"
-        else:
-            items = await self._call("read security groups", lambda: fw.groups.get())
-            key = "group"
-        digest = items[0].get("digest") if items else None
-        return next((i for i in items if i[key] == name), None), digest
+        listed = _LISTED[kind]
+        index = listed.endpoint(self.client)
+        items = await self._call(listed.read_index, lambda: index.get())
+        return next((i for i in items if i[listed.key] == name), None), _list_digest(items)
 
     async def _ours_in_index(self, change: Change, *, comment: str | None = None) -> str | None:
         """Our IP set or group still exists, with our mark (and the planned comment when given):
@@ -674,14 +696,15 @@ class FirewallProvider:
             raise ConflictError(f"{change.address}: changed since the plan was made; re-plan")
         return digest
 
-    async def _create_named(self, change: Change, post: Callable[[], Any], what: str) -> None:
+    async def _create_named(self, change: Change, post: Callable[[], Any]) -> None:
         """Create an IP set or group; one that exists already is fine only if it is ours."""
         try:
             await self._call(f"create {change.address}", post)
         except ConflictError:
             item, _ = await self._index_entry(change.kind, self._name(change))
             if item is None or not self._ours(item.get("comment"))[0]:
-                raise self._taken(change, what) from None
+                listed = _LISTED[change.kind]
+                raise self._taken(change, f"{listed.article} {listed.noun}") from None
 
     async def _update_comment(self, change: Change, post: Callable[[str | None], Any]) -> None:
         before, after = change.before or {}, change.after or {}
@@ -695,29 +718,35 @@ class FirewallProvider:
             lambda: self._ours_in_index(change, comment=before.get("comment", "")),
         )
 
-    async def apply_ipset(self, change: Change) -> None:
-        name = self._name(change)
-        ipset = self.client.cluster.firewall.ipset
-        if change.action is Action.DELETE:
-            await self._ours_in_index(change)
-            await self._call(f"delete {change.address}", lambda: ipset(name).delete(force=1))
-            return
+    async def _write_listed(self, change: Change) -> tuple[list[Any], list[Any], str | None]:
+        """Create an IP set or group, or update its comment; then its list as it is, the list
+        wanted, and the digest to send with the list's first edit. An update's list is the
+        one the plan saw, at the digest it saw; a new one's is read back."""
         assert change.after is not None
+        listed = _LISTED[change.kind]
+        name = self._name(change)
+        index = listed.endpoint(self.client)
+        named = {listed.key: name}
         comment = with_comment_mark(change.after.get("comment", ""), self.platform)
+        want = list(change.after.get(listed.items, []))
         if change.action is Action.UPDATE:
             await self._update_comment(
-                change, lambda d: ipset.post(name=name, rename=name, comment=comment, digest=d)
+                change, lambda d: index.post(**named, rename=name, comment=comment, digest=d)
             )
-            have = list((change.before or {}).get("entries", []))
-            digest = split_version(change.version).get("entries")
-        else:
-            await self._create_named(
-                change, lambda: ipset.post(name=name, comment=comment), "an IP set"
-            )
-            raw = await self._call(f"read IP set {name}", lambda: ipset(name).get())
-            have = [ipset_entry_of(e) for e in raw]
-            digest = raw[0].get("digest") if raw else None
-        await self._sync_entries(change, have, list(change.after.get("entries", [])), digest)
+            have = list((change.before or {}).get(listed.items, []))
+            return have, want, split_version(change.version).get(listed.items)
+        await self._create_named(change, lambda: index.post(**named, comment=comment))
+        have, digest = await self._read_listed(change.kind, name, observing=False)
+        return have, want, digest
+
+    async def apply_ipset(self, change: Change) -> None:
+        ipset = self.client.cluster.firewall.ipset(self._name(change))
+        if change.action is Action.DELETE:
+            await self._ours_in_index(change)
+            await self._call(f"delete {change.address}", lambda: ipset.delete(force=1))
+            return
+        have, want, digest = await self._write_listed(change)
+        await self._sync_entries(change, have, want, digest)
 
     async def _sync_entries(
         self, change: Change, have: list[str], want: list[str], digest: str | None
@@ -731,7 +760,7 @@ class FirewallProvider:
                 raw = await self._call(f"read IP set {name}", lambda: ipset.get())
                 if {ipset_entry_of(e) for e in raw} != current:
                     raise ConflictError(f"{change.address}: changed while applying; re-plan")
-                digest = raw[0].get("digest") if raw else None
+                digest = _list_digest(raw)
             remove = partial(ipset(entry.removeprefix("!")).delete, digest=digest)
             await self._call(f"{change.address}: remove {entry}", remove)
             current.discard(entry)
@@ -743,32 +772,17 @@ class FirewallProvider:
             await self._call(f"{change.address}: add {entry}", partial(ipset.post, **body))
 
     async def apply_group(self, change: Change) -> None:
-        name = self._name(change)
-        groups = self.client.cluster.firewall.groups
-        what = change.address
+        group = self.client.cluster.firewall.groups(self._name(change))
         if change.action is Action.DELETE:
             await self._ours_in_index(change)
+            # Emptied first: Proxmox deletes only a group without rules.
             have = list((change.before or {}).get("rules", []))
             digest = split_version(change.version).get("rules")
-            await self._sync_rules(what, groups(name), have, [], digest)
-            await self._call(f"delete {what}", lambda: groups(name).delete())
+            await self._sync_rules(change.address, group, have, [], digest)
+            await self._call(f"delete {change.address}", lambda: group.delete())
             return
-        assert change.after is not None
-        comment = with_comment_mark(change.after.get("comment", ""), self.platform)
-        if change.action is Action.UPDATE:
-            await self._update_comment(
-                change, lambda d: groups.post(group=name, rename=name, comment=comment, digest=d)
-            )
-            have = list((change.before or {}).get("rules", []))
-            digest = split_version(change.version).get("rules")
-        else:
-            await self._create_named(
-                change, lambda: groups.post(group=name, comment=comment), "a security group"
-            )
-            raw = await self._call(f"read security group {name}", lambda: groups(name).get())
-            have = [clean_rule(r) for r in raw]
-            digest = raw[0].get("digest") if raw else None
-        await self._sync_rules(what, groups(name), have, list(change.after["rules"]), digest)
+        have, want, digest = await self._write_listed(change)
+        await self._sync_rules(change.address, group, have, want, digest)
 
     # a guest's firewall
 
@@ -804,9 +818,7 @@ class FirewallProvider:
             raw = await self._call(f"read {change.address} rules", lambda: fw.rules.get())
             have_opts, have = _options(raw_opts), [clean_rule(r) for r in raw]
             digests = split_version(
-                join_version(
-                    options=raw_opts.get("digest"), rules=raw[0]["digest"] if raw else None
-                )
+                join_version(options=raw_opts.get("digest"), rules=_list_digest(raw))
             )
         want_opts = _options(change.after)
         if want_opts != have_opts:
@@ -846,7 +858,7 @@ class FirewallProvider:
                 raw = await self._call(f"{what}: read rules", lambda: endpoint.get())
                 if [_key(r) for r in raw] != [_key(r) for r in cur]:
                     raise ConflictError(f"{what}: its rules changed while applying; re-plan")
-                digest = raw[0]["digest"] if raw else None
+                digest = _list_digest(raw)
             body = op.params()
             if digest:
                 body["digest"] = digest

@@ -86,7 +86,7 @@ from reconciler.model.errors import (
     TemporaryError,
 )
 from reconciler.model.observed import ClusterFacts, NodeFacts, ObservedResource, StorageFacts
-from reconciler.model.plans import HOLD_START, Action, Change
+from reconciler.model.plans import HOLD_START, RESTORE_FROM, Action, Change, FinalBackup
 from reconciler.model.resources import Kind
 from reconciler.model.spec import ProxmoxApi, SecretRef
 from reconciler.model.units import parse_kv, parse_mib
@@ -535,6 +535,7 @@ class ProxmoxProvider:
 
     kinds = frozenset({Kind.GUEST})
     needs = frozenset[Kind]()
+    optional = False  # the guests unknown: nothing is planned
 
     # Every Proxmox call goes through here: one thread hop, one count, one error translation.
     # `read`: the call only reads (a GET), so any server error is worth another try.
@@ -855,13 +856,23 @@ class ProxmoxProvider:
             await self.again(LockedError(f"{what}: CT is locked ({lock})"), tries)
 
     async def create_guest(self, change: Change) -> None:
+        """Create the guest empty, or, when the plan says so (RESTORE_FROM), restore it from
+        its backup and mark it ours; the next round converges the restored config."""
         assert change.after is not None
         want = change.after
         node, vmid = change.id["node"], change.id["vmid"]
-        params = create_params(self.platform, change.address, want)
+        restoring = bool(want.get(RESTORE_FROM))
+        if restoring:
+            params = restore_params(want)
+            what = f"restore {change.address} from {want[RESTORE_FROM]['volid']}"
+        else:
+            params = create_params(self.platform, change.address, want)
+            what = f"create {change.address}"
         endpoint = self.client.nodes(node)(self._kind(change))
         try:
-            await self.run_task(f"create {change.address}", node, lambda: endpoint.post(**params))
+            await self.run_task(what, node, lambda: endpoint.post(**params))
+            if restoring:
+                await self._mark_restored(change)
         except ConflictError:
             # "already exists": done only if it is ours, for this very address (a retry after
             # a lost reply, or a run cancelled after the POST). Anything else is a race we lost.
@@ -869,6 +880,53 @@ class ProxmoxProvider:
                 return
             raise ConflictError(
                 f"{change.address}: vmid {vmid} was taken by someone else while applying; re-plan"
+            ) from None
+
+    async def _mark_restored(self, change: Change) -> None:
+        """A restored guest carries the config its backup holds: write our mark for this
+        address and vmid, and the owner tag, so it is observed as ours whatever the backup
+        said (a backup made before the mark named its vmid, or under another address)."""
+        assert change.after is not None
+        want = change.after
+        config = await self.config_when_unlocked(
+            self._guest(change), f"read restored config of {change.id['vmid']}"
+        )
+        _, description = read_mark(config.get("description"))
+        tags = sorted({*_tags(config.get("tags")), *want["tags"]})
+        marked = {
+            "description": with_mark(
+                description, self.platform, change.address, want.get("template"), want["vmid"]
+            ),
+            "tags": ";".join(tags),
+            "digest": config["digest"],
+        }
+        guest = self._guest(change)
+        await self.run_task(
+            f"mark restored {change.address}",
+            change.id["node"],
+            lambda: guest.config.put(**marked),
+        )
+
+    async def backup_guest(self, change: Change, backup: FinalBackup) -> None:
+        """`vzdump` of the guest to `backup.storage`, waited for: the backup a destroy takes
+        first. Raises if it fails, and then the destroy does not happen."""
+        node, vmid = change.id["node"], int(change.id["vmid"])
+        vzdump = self.client.nodes(node).vzdump
+        params = {
+            "vmid": vmid,
+            "storage": backup.storage,
+            "mode": backup.mode,
+            "compress": backup.compress,
+            "notes-template": f"{{{{guestname}}}} final backup before {change.action.value}",
+        }
+        try:
+            await self.run_task(
+                f"final backup of {change.address}", node, lambda: vzdump.post(**params)
+            )
+        except ProviderError as exc:
+            raise PermanentError(
+                f"{change.address}: not destroyed: its final backup to {backup.storage} "
+                f"failed ({exc}); nothing was destroyed"
             ) from None
 
     async def _owned_by(self, change: Change) -> bool:
@@ -1110,6 +1168,9 @@ class ProxmoxProvider:
             config = await self._checked_config(change, any_version=True)
         except NotFoundError:
             return  # already gone: a re-run after a crash
+        if change.final_backup is not None:
+            # Ours, and about to go: its last backup first. A failed one stops the destroy.
+            await self.backup_guest(change, change.final_backup)
         if _protected(config):
             # Only here: this delete (or replace) was allowed by pruning, and Proxmox refuses
             # to destroy a protected guest. Lifted right before the destroy, in the same apply.
@@ -1193,6 +1254,20 @@ def _gib(size: str) -> str:
     mib = parse_mib(size, bare_unit="G")
     gib = mib / 1024
     return str(int(gib)) if gib == int(gib) else f"{gib:g}"
+
+
+def restore_params(want: Mapping[str, Any]) -> dict[str, Any]:
+    """A restore from a backup (RESTORE_FROM): the vmid, the archive, and the storage the
+    spec puts the root disk on; everything else comes from the backup, then converges."""
+    source = want[RESTORE_FROM]
+    storage = (want.get("rootfs") or {}).get("storage")
+    if want.get("type", "lxc") == "lxc":
+        params = {"vmid": want["vmid"], "ostemplate": source["volid"], "restore": 1}
+    else:
+        params = {"vmid": want["vmid"], "archive": source["volid"]}
+    if storage:
+        params["storage"] = storage
+    return params
 
 
 def create_params(platform: str, address: str, want: Mapping[str, Any]) -> dict[str, Any]:

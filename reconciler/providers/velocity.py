@@ -185,6 +185,7 @@ class VelocityProvider:
 
     kinds = frozenset({Kind.VELOCITY})
     needs = frozenset[Kind]()
+    optional = True  # the bridge down costs the registrations only: the guests converge
 
     def __init__(
         self,
@@ -274,23 +275,14 @@ class VelocityProvider:
         out: list[ObservedResource] = []
         for server in await self.list_servers():
             name = server["server_name"]
-            if name.lower() in self.unmanaged:
-                out.append(
-                    ObservedResource(
-                        kind=Kind.VELOCITY,
-                        owned=False,
-                        id={"server_name": name},
-                        attributes={"name": name, **server},
-                    )
-                )
-                continue
+            ours = name.lower() not in self.unmanaged
             out.append(
                 ObservedResource(
-                    address=f"{Kind.VELOCITY.value}/{name}",
+                    address=f"{Kind.VELOCITY.value}/{name}" if ours else None,
                     kind=Kind.VELOCITY,
-                    owned=True,
+                    owned=ours,
                     id={"server_name": name},
-                    attributes=server,
+                    attributes=server if ours else {"name": name, **server},
                 )
             )
         return out

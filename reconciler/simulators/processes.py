@@ -143,6 +143,50 @@ def redis_exe() -> str | None:
     return shutil.which("redis-server")
 
 
+@dataclass
+class SentinelProcess:
+    """A real Redis Sentinel (`redis-server <conf> --sentinel`, what Debian's redis-sentinel
+    runs) monitoring one master under `master`."""
+
+    port: int
+    master: str
+    proc: subprocess.Popen[bytes]
+    workdir: str
+
+    @property
+    def url(self) -> str:
+        return f"redis+sentinel://127.0.0.1:{self.port}/{self.master}/0"
+
+    def stop(self) -> None:
+        _terminate(self.proc)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def start_sentinel(master_port: int, master: str = "mymaster") -> SentinelProcess:
+    """A Sentinel on a free loopback port that monitors the redis-server on `master_port`."""
+    exe = redis_exe()
+    if exe is None:
+        raise PartMissing("redis-server is not on PATH: apt-get install redis-server")
+    workdir = tempfile.mkdtemp(prefix="sentinel-")
+    conf = Path(workdir) / "sentinel.conf"  # Sentinel rewrites its config file: a private copy
+    for _ in range(3):
+        port = free_port()
+        conf.write_text(
+            f"port {port}\nbind 127.0.0.1\ndir {workdir}\n"
+            f"sentinel monitor {master} 127.0.0.1 {master_port} 1\n"
+        )
+        proc = subprocess.Popen(
+            [exe, str(conf), "--sentinel"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        if wait_for_port(port, proc):
+            return SentinelProcess(port, master, proc, workdir)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+    shutil.rmtree(workdir, ignore_errors=True)
+    raise RuntimeError("redis-server --sentinel did not start")
+
+
 def start_redis() -> RedisProcess:
     """A redis-server on a free loopback port, with no persistence."""
     exe = redis_exe()

@@ -16,9 +16,9 @@ from collections.abc import Awaitable, Callable, Mapping
 import anyio
 import pytest
 
-from reconciler.applying.executor import ApplyReport, Outcome, execute
+from reconciler.applying.executor import ApplyReport, Outcome, execute, providers_by_kind
 from reconciler.model.diagnostics import error
-from reconciler.model.errors import FencingError, PermanentError, PlanError
+from reconciler.model.errors import ConfigurationError, FencingError, PermanentError, PlanError
 from reconciler.model.observed import ObservedResource
 from reconciler.model.plans import Action, Change, Plan
 from reconciler.model.resources import Kind
@@ -31,6 +31,7 @@ class FakeGuests:
 
     kinds: frozenset[Kind] = frozenset({Kind.GUEST})
     needs: frozenset[Kind] = frozenset()
+    optional: bool = False
 
     def __init__(self, *, held: bool = False, fail: Mapping[str, Exception] | None = None) -> None:
         self.held = held
@@ -104,7 +105,7 @@ def run(
     together: list[frozenset[str]] = []
 
     async def main() -> ApplyReport:
-        providers: dict[Kind, Provider] = {Kind.GUEST: fake}
+        providers: list[Provider] = [fake]
         report: list[ApplyReport] = []
         done = anyio.Event()
 
@@ -287,5 +288,20 @@ def test_an_errored_plan_is_refused_with_our_error() -> None:
     fake = FakeGuests()
     plan = plan_of(guest("a"), errored=True)
     with pytest.raises(PlanError, match="refusing to apply a plan with errors"):
-        anyio.run(lambda: execute(plan, {Kind.GUEST: fake}))
+        anyio.run(lambda: execute(plan, [fake]))
     assert fake.calls == []
+
+
+def test_two_providers_of_one_kind_are_refused_before_anything_runs() -> None:
+    first, second = FakeGuests(), FakeGuests()
+    with pytest.raises(ConfigurationError, match="two providers apply guest"):
+        anyio.run(lambda: execute(plan_of(guest("a")), [first, second]))
+    assert first.calls == [] and second.calls == []
+
+
+def test_a_provider_owning_no_kind_applies_nothing() -> None:
+    watcher = FakeGuests()
+    watcher.kinds = frozenset()  # like the agents' health: observed, never applied
+    assert providers_by_kind([FakeGuests(), watcher]).keys() == {Kind.GUEST}
+    report = anyio.run(lambda: execute(plan_of(guest("a")), [watcher]))
+    assert outcomes(report) == {"guest/a": (Outcome.FAILED, "no provider for guest")}

@@ -15,7 +15,7 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from reconciler.applying.live import agent_watch
+from reconciler.applying.connecting import agent_health_provider
 from reconciler.cli.main import main
 from reconciler.controller.lease import RedisLease
 from reconciler.loading.loader import LoadResult
@@ -74,7 +74,7 @@ def lab(
     with VelocityBridgeSimulator(SECRET) as bridge, AgentFleet(control=False) as fleet:
         agents: dict[str, SimulatedAgent] = {}
         agent_flags: list[str] = []
-        for i, address in enumerate(sorted(agent_watch(example.spec).endpoints), start=1):
+        for i, address in enumerate(sorted(agent_health_provider(example.spec).endpoints), start=1):
             name = address.removeprefix("guest/")
             agents[name] = fleet.add(i, name=address)
             host, port = fleet.endpoint(i)

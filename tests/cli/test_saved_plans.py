@@ -242,7 +242,7 @@ def test_a_plan_made_with_allow_destroy_needs_it_on_apply_too(
     specs = copy_specs(tmp_path, PRIVILEGED_REDIS)
     path = tmp_path / "plan.json"
     doc = save_plan(pve_api, path, specs, "--allow-destroy")
-    assert doc["options"] == {"allow_destroy": True, "targets": []}
+    assert doc["options"] == {"allow_destroy": True, "targets": [], "final_backups": True}
     line = refused(pve_api, pve, path, doc, capsys, specs=specs)
     assert "made with --allow-destroy, which a file cannot grant" in line
     # Given on the command line as well, the operator allows it: the replace runs.
@@ -262,7 +262,7 @@ def test_an_untouched_saved_plan_applies_and_converges(
     )
     assert doc["spec"]["digest"].startswith("sha256:")
     targets = ["guest/mc-lobby", "guest/zpack-dns"]
-    assert doc["options"] == {"allow_destroy": False, "targets": targets}
+    assert doc["options"] == {"allow_destroy": False, "targets": targets, "final_backups": True}
     capsys.readouterr()
     assert apply_saved(pve_api, path) == 0  # its own targets: no --target needed
     # The two guests, their firewalls, and the aliases, IP set and groups their rules name.

@@ -3,11 +3,7 @@ Sentinel started here (`redis-server <conf> --sentinel`) that monitors it."""
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +15,6 @@ from redis.exceptions import AuthenticationError, ConnectionError
 from reconciler.controller.lease import RedisLease
 from reconciler.model.errors import ConfigurationError
 from reconciler.providers.redisconn import connect_redis, describe_redis_url
-from reconciler.simulators.processes import wait_for_port
 from tests.redis_fixtures import free_port
 
 SECRET = "s3cret"
@@ -155,38 +150,11 @@ def test_passwords_from_the_url_or_the_argument(redis_port: int) -> None:
 # -- Sentinel ----------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def sentinel_port(redis_port: int) -> Iterator[int]:
-    """A real Sentinel monitoring the module's redis-server as `mymaster`."""
-    exe = shutil.which("redis-server")
-    if exe is None:
-        pytest.fail("redis-server is not on PATH: apt-get install redis-server")
-    workdir = Path(tempfile.mkdtemp(prefix="sentinel-"))
-    port = free_port()
-    conf = workdir / "sentinel.conf"  # Sentinel rewrites its config file: a private copy
-    conf.write_text(
-        f"port {port}\nbind 127.0.0.1\ndir {workdir}\n"
-        f"sentinel monitor mymaster 127.0.0.1 {redis_port} 1\n"
-    )
-    proc = subprocess.Popen(
-        [exe, str(conf), "--sentinel"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    if not wait_for_port(port, proc):
-        proc.kill()
-        pytest.fail("redis-server --sentinel did not start")
-    try:
-        yield port
-    finally:
-        proc.terminate()
-        proc.wait(5)
-        shutil.rmtree(workdir, ignore_errors=True)
-
-
 def test_sentinel_url_reaches_the_master_and_a_lease_works_through_it(
-    redis_port: int, sentinel_port: int
+    redis_port: int, sentinel_url: str
 ) -> None:
     async def main() -> None:
-        via_sentinel = connect_redis(f"redis+sentinel://127.0.0.1:{sentinel_port}/mymaster/0")
+        via_sentinel = connect_redis(sentinel_url)
         direct = connect_redis(f"redis://127.0.0.1:{redis_port}/0")
         try:
             await via_sentinel.set("sentinel-probe", "through the sentinel")
@@ -214,10 +182,11 @@ def test_sentinel_url_reaches_the_master_and_a_lease_works_through_it(
     anyio.run(main)
 
 
-def test_sentinel_url_with_several_sentinels_and_a_db(sentinel_port: int) -> None:
+def test_sentinel_url_with_several_sentinels_and_a_db(sentinel_url: str) -> None:
     async def main() -> None:
         # The first sentinel does not answer; the client asks the next.
-        url = f"redis+sentinel://127.0.0.1:{free_port()},127.0.0.1:{sentinel_port}/mymaster/2"
+        sentinel = sentinel_url.removeprefix("redis+sentinel://").removesuffix("/mymaster/0")
+        url = f"redis+sentinel://127.0.0.1:{free_port()},{sentinel}/mymaster/2"
         client = connect_redis(url, timeout=0.5)
         try:
             assert await client.ping()
@@ -252,9 +221,9 @@ def test_sentinel_parses_ipv6_and_default_ports() -> None:
     anyio.run(main)
 
 
-def test_an_unknown_master_name_is_a_connection_error(sentinel_port: int) -> None:
+def test_an_unknown_master_name_is_a_connection_error(sentinel_url: str) -> None:
     async def main() -> None:
-        client = connect_redis(f"redis+sentinel://127.0.0.1:{sentinel_port}/nosuchmaster")
+        client = connect_redis(sentinel_url.replace("/mymaster/0", "/nosuchmaster"))
         try:
             with pytest.raises(ConnectionError, match="No master found"):
                 await client.ping()
@@ -265,19 +234,19 @@ def test_an_unknown_master_name_is_a_connection_error(sentinel_port: int) -> Non
 
 
 def test_the_whole_service_runs_on_a_sentinel_url(
-    sentinel_port: int, pve_api: Any, pve: Any, tmp_path: Path
+    sentinel_url: str, pve_api: Any, pve: Any, tmp_path: Path
 ) -> None:
     """The lease and every cycle's connection come from one builder: a Sentinel URL that the
     lease accepts must not fail the cycles (it did: the cycle built its own client, which
     refused `redis+sentinel://`)."""
-    from reconciler.applying.live import Endpoints
+    from reconciler.applying.connecting import Endpoints
     from reconciler.controller.service import Service, Settings
     from reconciler.controller.sources import DirectorySource
     from reconciler.controller.status import CycleOutcome
     from reconciler.controller.timing import Trigger
     from tests.conftest import SPECS
 
-    url = f"redis+sentinel://127.0.0.1:{sentinel_port}/mymaster/0"
+    url = sentinel_url
     lease_client = connect_redis(url)
     service = Service(
         DirectorySource(SPECS),

@@ -15,7 +15,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from reconciler.applying.live import Endpoints, agent_watch
+from reconciler.applying.connecting import Endpoints, agent_health_provider
 from reconciler.controller.lease import LocalLease
 from reconciler.controller.service import Service, Settings, without
 from reconciler.controller.sources import DirectorySource, GitSource, Revision, SpecSource
@@ -313,7 +313,7 @@ def test_the_edge_poll_heals_a_velocity_restart_and_follows_readiness_between_fu
     }
     with VelocityBridgeSimulator("bridge-secret") as bridge, AgentFleet(control=False) as fleet:
         agents = {}
-        for i, address in enumerate(sorted(agent_watch(example.spec).endpoints), start=1):
+        for i, address in enumerate(sorted(agent_health_provider(example.spec).endpoints), start=1):
             agents[address.removeprefix("guest/")] = fleet.add(i, name=address)
         endpoints = Endpoints(
             proxmox=pve_api,

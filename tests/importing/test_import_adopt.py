@@ -17,7 +17,8 @@ import anyio
 import pytest
 import yaml
 
-from reconciler.applying.live import converge, observe_all
+from reconciler.applying.converging import converge
+from reconciler.applying.observing import observe_all
 from reconciler.cli.importing import add_import_commands
 from reconciler.cli.live import add_connection_args
 from reconciler.importing.adopting import AdoptionReport, adopt
@@ -190,9 +191,9 @@ def base() -> Base:
     return Base.default(PLATFORM)
 
 
-def providers_of(provider: ProxmoxProvider, graph: DesiredGraph) -> dict[Kind, Provider]:
+def providers_of(provider: ProxmoxProvider, graph: DesiredGraph) -> list[Provider]:
     firewall = FirewallProvider(pve=provider, manage_cluster="firewall/cluster" in graph.resources)
-    return {Kind.GUEST: provider, **dict.fromkeys(firewall.kinds, firewall)}
+    return [provider, firewall]
 
 
 def plan_now(graph: DesiredGraph, provider: ProxmoxProvider) -> Plan:

@@ -16,7 +16,9 @@ import httpx
 import pytest
 import yaml
 
-from reconciler.applying.live import converge, observe_all, traefik_routes
+from reconciler.applying.connecting import traefik_routes
+from reconciler.applying.converging import converge
+from reconciler.applying.observing import observe_all
 from reconciler.importing.edge import (
     EdgeSources,
     TraefikSource,
@@ -28,7 +30,7 @@ from reconciler.importing.estate import Estate, read_estate
 from reconciler.importing.writer import ImportResult, render_specs, write_files
 from reconciler.loading.loader import load_directory
 from reconciler.model.plans import Action
-from reconciler.model.resources import DesiredGraph, Kind
+from reconciler.model.resources import DesiredGraph
 from reconciler.model.spec import ProxmoxApi, SecretRef
 from reconciler.planning.planner import make_plan
 from reconciler.providers import Provider
@@ -279,15 +281,11 @@ def edge_providers(
     traefik: Traefik,
     feed: Path,
     spec: Any,
-) -> dict[Kind, Provider]:
+) -> list[Provider]:
     routes = traefik_routes(spec, files={"runtime": feed}, apis={"runtime": traefik.api_url})
     assert routes is not None
     velocity = VelocityProvider(bridge.url, SECRET, unmanaged=spec.velocity.unmanaged)
-    return {
-        **providers_of(provider, graph),
-        Kind.VELOCITY: velocity,
-        Kind.ROUTE: routes,
-    }
+    return [*providers_of(provider, graph), velocity, routes]
 
 
 def test_a_plan_finds_the_registrations_and_adds_rc_routers_next_to_the_handmade_ones(

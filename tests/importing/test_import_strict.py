@@ -19,7 +19,8 @@ import anyio
 import pytest
 import yaml
 
-from reconciler.applying.live import converge, observe_all
+from reconciler.applying.converging import converge
+from reconciler.applying.observing import observe_all
 from reconciler.importing.edge import (
     EdgeSources,
     TraefikSource,

@@ -12,13 +12,12 @@ from typing import Any
 
 import anyio
 
-from reconciler.applying.live import converge
+from reconciler.applying.converging import converge
 from reconciler.importing.adopting import adopt
 from reconciler.importing.estate import read_estate
 from reconciler.importing.writer import Base, render_specs, write_files
 from reconciler.loading.graph import build_graph
 from reconciler.loading.loader import load_directory
-from reconciler.model.resources import Kind
 from reconciler.providers.proxmox import ProxmoxProvider
 from tests.fakepve_fixtures import mutating_calls
 from tests.importing.test_writer import ct, estate, guests_of, vm
@@ -89,7 +88,7 @@ def test_a_protected_game_server_with_a_world_volume_imports_adopts_and_plans_em
     report = anyio.run(lambda: adopt(graph, provider, ("guest/mc-survival",)))
     assert report.ok and [a.drift for a in report.adoptions] == [[]], report
     pve.requests.clear()
-    conv = anyio.run(lambda: converge(graph, {Kind.GUEST: provider}))
+    conv = anyio.run(lambda: converge(graph, [provider]))
     plan = conv.rounds[0].plan
     assert not plan.has_changes and not plan.errored, [(c.address, c.fields) for c in plan.actions]
     assert mutating_calls(pve) == []

@@ -139,6 +139,17 @@ def test_a_control_guest_opened_to_the_runtime(spec: PlatformSpec, base: Observe
     assert check_observed(spec, edit(base, dns, rules=[*rules(base, dns), wide_dns])) == []
 
 
+def test_a_guest_opened_by_one_rule_on_two_ports_is_named_once(
+    spec: PlatformSpec, base: ObservedState
+) -> None:
+    # The Web macro is two rules to Proxmox (80 and 443): both open zpack-db, one finding.
+    db = "firewall/guest/zpack-db"
+    web = {"type": "in", "action": "ACCEPT", "macro": "Web", "source": "10.20.0.0/24", "enable": 1}
+    [d] = check_observed(spec, edit(base, db, rules=[*rules(base, db), web]))
+    assert (d.code, d.address, d.path) == ("live-isolation", db, "rules[2]")
+    assert "can reach control guest 'zpack-db' through" in d.message
+
+
 def test_objects_the_controller_does_not_own_are_named_as_such(
     spec: PlatformSpec, base: ObservedState
 ) -> None:

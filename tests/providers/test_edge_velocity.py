@@ -11,22 +11,20 @@ from typing import Any
 import anyio
 import pytest
 
-from reconciler.applying.executor import Outcome
-from reconciler.applying.live import (
-    AgentWatch,
-    Convergence,
-    agent_watch,
-    converge,
+from reconciler.applying.connecting import (
+    agent_health_provider,
     firewall_provider,
     velocity_provider,
 )
+from reconciler.applying.converging import Convergence, converge
+from reconciler.applying.executor import Outcome
 from reconciler.loading.loader import LoadResult, load_directory
 from reconciler.model.errors import ConfigurationError
 from reconciler.model.plans import Action
 from reconciler.model.resources import DesiredGraph, Kind
 from reconciler.model.spec import PlatformSpec
 from reconciler.providers import Provider
-from reconciler.providers.agent import AgentObserver
+from reconciler.providers.agent import AgentHealthProvider, AgentObserver
 from reconciler.providers.proxmox import ProxmoxProvider
 from reconciler.providers.velocity import RetryPolicy
 from reconciler.simulators.agent import AgentFleet, SimulatedAgent
@@ -48,13 +46,14 @@ SERVERS = {
 class Edge:
     spec: PlatformSpec
     graph: DesiredGraph
-    providers: dict[Kind, Provider]
-    watch: AgentWatch
+    providers: list[Provider]
+    watch: AgentHealthProvider
     bridge: VelocityBridgeSimulator
     agents: dict[str, SimulatedAgent]  # by guest name
 
     def converge(self) -> Convergence:
-        return anyio.run(lambda: converge(self.graph, self.providers, agents=self.watch))
+        providers = [*self.providers, self.watch]
+        return anyio.run(lambda: converge(self.graph, providers, agent_layers=self.watch.layers))
 
     def registered(self) -> dict[str, tuple[str, int]]:
         return self.bridge.servers()
@@ -74,17 +73,13 @@ def spec_of(example: LoadResult) -> PlatformSpec:
 
 def edge_providers(
     spec: PlatformSpec, provider: ProxmoxProvider, bridge: VelocityBridgeSimulator
-) -> dict[Kind, Provider]:
+) -> list[Provider]:
     firewall = firewall_provider(spec, provider)
     velocity = velocity_provider(
         spec, url=bridge.url, retry=RetryPolicy(attempts=2, initial=0.0), sleep=no_sleep
     )
     assert velocity is not None
-    return {
-        Kind.GUEST: provider,
-        **dict.fromkeys(firewall.kinds, firewall),
-        Kind.VELOCITY: velocity,
-    }
+    return [provider, firewall, velocity]
 
 
 @pytest.fixture
@@ -97,13 +92,13 @@ def edge(
     spec = spec_of(example)
     monkeypatch.setenv("ZPACK_BRIDGE_SECRET", SECRET)
     with VelocityBridgeSimulator(SECRET) as bridge, AgentFleet(control=False) as fleet:
-        watched = agent_watch(spec).endpoints  # the runtime guests, at their real IPs
+        watched = agent_health_provider(spec).endpoints  # the runtime guests, at their real IPs
         agents = {
             address.removeprefix("guest/"): fleet.add(i, name=address)
             for i, address in enumerate(sorted(watched), start=1)
         }
         endpoints = {f"guest/{name}": fleet.endpoint(a.vmid) for name, a in agents.items()}
-        watch = agent_watch(
+        watch = agent_health_provider(
             spec,
             endpoints=endpoints,
             observer=AgentObserver(timeout=1.0, connect_timeout=1.0),
@@ -214,7 +209,7 @@ def test_the_bridge_url_comes_from_the_velocity_guest(
     monkeypatch.setenv("ZPACK_BRIDGE_SECRET", SECRET)
     velocity = velocity_provider(spec_of(example))
     assert velocity is not None and velocity.url == "http://10.30.0.21:8081"
-    watch: Any = agent_watch(spec_of(example))
+    watch: Any = agent_health_provider(spec_of(example))
     assert watch.endpoints["guest/mc-lobby"][1] == 18888 and watch.layers == ("runtime",)
 
 

@@ -16,8 +16,9 @@ from typing import Any
 import anyio
 import pytest
 
+from reconciler.applying.converging import Convergence, converge
 from reconciler.applying.executor import execute
-from reconciler.applying.live import Convergence, converge, observe_all
+from reconciler.applying.observing import observe_all
 from reconciler.cli.main import main
 from reconciler.loading.graph import build_graph
 from reconciler.loading.loader import LoadResult, load_directory
@@ -37,9 +38,9 @@ MARK = "[reconciler:zpack]"
 VMIDS = {"mc-lobby": 1000, "mc-survival": 1001, "mc-creative": 1002, "mc-skyblock": 1003}
 
 
-def providers_of(provider: ProxmoxProvider) -> dict[Kind, Provider]:
+def providers_of(provider: ProxmoxProvider) -> list[Provider]:
     firewall = FirewallProvider(pve=provider, manage_cluster=True)
-    return {Kind.GUEST: provider, **dict.fromkeys(firewall.kinds, firewall)}
+    return [provider, firewall]
 
 
 def run(graph: DesiredGraph, spec: PlatformSpec, provider: ProxmoxProvider, **kw: Any) -> Any:

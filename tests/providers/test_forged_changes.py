@@ -16,7 +16,7 @@ from typing import Any
 import anyio
 import pytest
 
-from reconciler.applying.live import observe_all
+from reconciler.applying.observing import observe_all
 from reconciler.model.errors import ConflictError, OwnershipError, PermanentError
 from reconciler.model.plans import Action, Change, FieldChange
 from reconciler.model.resources import DesiredGraph, Kind
@@ -34,7 +34,7 @@ def lobby(graph: DesiredGraph, provider: ProxmoxProvider, pve: Any) -> Change:
     """mc-lobby created and observed: a no-op change carrying what was observed."""
     conv = run(graph, provider, targets=[LOBBY])
     assert conv.ok
-    observed = anyio.run(lambda: observe_all({Kind.GUEST: provider}, graph.platform))
+    observed = anyio.run(lambda: observe_all([provider], graph.platform))
     seen = observed.owned()[LOBBY]
     assert seen.version
     pve.requests.clear()

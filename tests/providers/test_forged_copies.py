@@ -19,11 +19,12 @@ from typing import Any
 import anyio
 import pytest
 
-from reconciler.applying.live import converge, observe_all
+from reconciler.applying.converging import converge
+from reconciler.applying.observing import observe_all
 from reconciler.cli.main import main
 from reconciler.loading.checks import forges_mark
 from reconciler.model.plans import Action, Plan
-from reconciler.model.resources import DesiredGraph, Kind
+from reconciler.model.resources import DesiredGraph
 from reconciler.model.spec import ProxmoxApi
 from reconciler.planning.planner import make_plan
 from reconciler.providers import Provider
@@ -42,9 +43,9 @@ LOBBY, COPY = 1000, 1050
 RUNTIME = "pve-runtime"
 
 
-def providers_of(provider: ProxmoxProvider) -> dict[Kind, Provider]:
+def providers_of(provider: ProxmoxProvider) -> list[Provider]:
     firewall = FirewallProvider(pve=provider, manage_cluster=True)
-    return {Kind.GUEST: provider, **dict.fromkeys(firewall.kinds, firewall)}
+    return [provider, firewall]
 
 
 def plan_now(graph: DesiredGraph, provider: ProxmoxProvider, **kw: Any) -> Plan:

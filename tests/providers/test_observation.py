@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import anyio
 import pytest
 
-from reconciler.applying.live import observation_order, observe_all
+from reconciler.applying.observing import observation_order, observe_all
 from reconciler.model.errors import ConfigurationError, TemporaryError
 from reconciler.model.observed import ObservedResource
 from reconciler.model.plans import Change
@@ -22,6 +22,7 @@ class Fake:
     kinds: frozenset[Kind]
     needs: frozenset[Kind] = frozenset()
     fails: bool = False
+    optional: bool = False
     saw: list[str] = field(default_factory=list)  # addresses seen when observed
 
     async def observe(self, seen: Observation) -> list[ObservedResource]:
@@ -42,11 +43,7 @@ def test_a_provider_is_observed_after_the_kinds_it_needs() -> None:
     # Registered in an order that would be wrong: the firewall still comes after the guests.
     order = observation_order([firewall, routes, guests])
     assert order == [routes, guests, firewall]
-    state = anyio.run(
-        lambda: observe_all(
-            {Kind.FIREWALL_GUEST: firewall, Kind.ROUTE: routes, Kind.GUEST: guests}, "p"
-        )
-    )
+    state = anyio.run(lambda: observe_all([firewall, routes, guests], "p"))
     assert "guest/x" in firewall.saw
     assert set(state.kinds or ()) == {Kind.GUEST, Kind.FIREWALL_GUEST, Kind.ROUTE}
 
@@ -57,7 +54,7 @@ def test_given_resources_are_seen_but_their_kinds_not_looked_at() -> None:
     known = ObservedResource(kind=Kind.GUEST, owned=True, address="guest/known", id={"vmid": 1})
     state = anyio.run(
         lambda: observe_all(
-            {Kind.GUEST: guests, Kind.FIREWALL_GUEST: firewall},
+            [guests, firewall],
             "p",
             kinds={Kind.FIREWALL_GUEST},
             given=[known],
@@ -70,8 +67,8 @@ def test_given_resources_are_seen_but_their_kinds_not_looked_at() -> None:
 
 def test_a_failing_edge_provider_costs_its_kind_only() -> None:
     guests = Fake(frozenset({Kind.GUEST}))
-    velocity = Fake(frozenset({Kind.VELOCITY}), fails=True)
-    state = anyio.run(lambda: observe_all({Kind.GUEST: guests, Kind.VELOCITY: velocity}, "p"))
+    velocity = Fake(frozenset({Kind.VELOCITY}), fails=True, optional=True)
+    state = anyio.run(lambda: observe_all([guests, velocity], "p"))
     assert state.kinds == (Kind.GUEST,)
     assert "velocity" in state.errors
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import anyio
 
-from reconciler.applying.live import converge
+from reconciler.applying.converging import converge
 from reconciler.model.plans import Action
 from reconciler.model.resources import DesiredGraph, Kind
 from reconciler.providers.proxmox import ProxmoxProvider
@@ -14,7 +14,7 @@ from tests.fakepve_fixtures import mutating_calls
 
 
 def run_converge(graph: DesiredGraph, provider: ProxmoxProvider, **kw: Any) -> Any:
-    return anyio.run(lambda: converge(graph, {Kind.GUEST: provider}, **kw))
+    return anyio.run(lambda: converge(graph, [provider], **kw))
 
 
 def guests_of(graph: DesiredGraph) -> set[str]:

@@ -21,7 +21,7 @@ import anyio
 import pytest
 
 from reconciler.applying.executor import Outcome
-from reconciler.applying.live import observe_all
+from reconciler.applying.observing import observe_all
 from reconciler.model.resources import DesiredGraph, Kind
 from reconciler.model.spec import ProxmoxApi
 from reconciler.planning.planner import make_plan
@@ -72,7 +72,7 @@ def make_provider(
 
 
 def fresh_plan_changes(graph: DesiredGraph, provider: ProxmoxProvider) -> list[str]:
-    observed = anyio.run(lambda: observe_all({Kind.GUEST: provider}, graph.platform))
+    observed = anyio.run(lambda: observe_all([provider], graph.platform))
     return [c.address for c in make_plan(graph, observed).actions]
 
 

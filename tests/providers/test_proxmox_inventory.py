@@ -6,8 +6,9 @@ from typing import Any
 
 import anyio
 
-from reconciler.applying.live import converge, observe_all
-from reconciler.model.resources import DesiredGraph, Kind
+from reconciler.applying.converging import converge
+from reconciler.applying.observing import observe_all
+from reconciler.model.resources import DesiredGraph
 from reconciler.providers.proxmox import ProxmoxProvider
 from reconciler.providers.proxmox_inventory import inventory_drift
 
@@ -15,8 +16,8 @@ from reconciler.providers.proxmox_inventory import inventory_drift
 def test_inventory_check_is_one_call_and_sees_drift(
     graph: DesiredGraph, provider: ProxmoxProvider, pve: Any
 ) -> None:
-    assert anyio.run(lambda: converge(graph, {Kind.GUEST: provider})).ok
-    snapshot = anyio.run(lambda: observe_all({Kind.GUEST: provider}, "zpack"))
+    assert anyio.run(lambda: converge(graph, [provider])).ok
+    snapshot = anyio.run(lambda: observe_all([provider], "zpack"))
     pve.requests.clear()
     assert inventory_drift(snapshot, anyio.run(provider.inventory)) == []
     assert [p for _, p, _ in pve.requests] == ["/api2/json/cluster/resources"]

@@ -29,7 +29,7 @@ from fakepve.model import PveError
 from reconciler.applying.executor import Outcome, execute
 from reconciler.cli.main import main
 from reconciler.model.plans import Action, Plan
-from reconciler.model.resources import DesiredGraph, Kind
+from reconciler.model.resources import DesiredGraph
 from reconciler.model.spec import ProxmoxApi
 from reconciler.providers.proxmox import ProxmoxProvider, RetryPolicy, connect
 from reconciler.simulators.fakepve_process import FakePveProcess
@@ -212,7 +212,7 @@ def test_a_migration_of_a_guest_that_is_not_ours_is_refused(
     # Someone rewrites the description (our mark) between the plan and the apply.
     client.nodes("pve-runtime").lxc(1001).config.put(description="hand made")
     pve2.requests.clear()
-    report = anyio.run(lambda: execute(plan, {Kind.GUEST: converged}))
+    report = anyio.run(lambda: execute(plan, [converged]))
     (result,) = report.results
     assert result.outcome is Outcome.FAILED and "does not carry our mark" in result.error
     assert mutating_calls(pve2) == []
@@ -449,7 +449,7 @@ def count_tasks(pve: Any, monkeypatch: pytest.MonkeyPatch, *kinds: str) -> Overl
 def apply_with(plan: Plan, provider: ProxmoxProvider, per_host: int) -> Any:
     async def apply() -> Any:
         with anyio.fail_after(30):  # a deadlock fails the test instead of hanging it
-            return await execute(plan, {Kind.GUEST: provider}, per_host=per_host)
+            return await execute(plan, [provider], per_host=per_host)
 
     report = anyio.run(apply)
     assert report.ok, [(r.change.address, r.error) for r in report.results]

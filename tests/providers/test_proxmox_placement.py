@@ -11,7 +11,9 @@ from typing import Any
 import anyio
 import pytest
 
-from reconciler.applying.live import converge, observe_all, wanted_templates
+from reconciler.applying.connecting import wanted_templates
+from reconciler.applying.converging import converge
+from reconciler.applying.observing import observe_all
 from reconciler.cli.main import main
 from reconciler.importing.adopting import adopt
 from reconciler.loading.loader import load_directory
@@ -34,7 +36,7 @@ def with_spec(
     provider: ProxmoxProvider, tmp_path: Path, edits: dict[str, tuple[str, str]]
 ) -> DesiredGraph:
     """The example specs copied to tmp_path (edited), and the provider told which templates
-    they create from, as `applying.live.proxmox_provider` does for a spec."""
+    they create from, as `applying.connecting.proxmox_provider` does for a spec."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     graph = load_copy(tmp_path, edits)
     loaded = load_directory(tmp_path / "specs")
@@ -52,7 +54,7 @@ def runtime_guests(graph: DesiredGraph) -> set[str]:
 
 
 def converge_guests(graph: DesiredGraph, provider: ProxmoxProvider) -> Any:
-    return anyio.run(lambda: converge(graph, {Kind.GUEST: provider}))
+    return anyio.run(lambda: converge(graph, [provider]))
 
 
 def requests_ending(pve: Any, suffix: str) -> list[str]:
@@ -246,7 +248,7 @@ def test_a_template_where_allocation_would_pick_takes_its_id_and_is_never_touche
     again = plan_now(graph, provider)
     assert not again.has_changes and [f["vmid"] for f in again.foreign] == [1004]
     # The drift check keeps seeing it where the snapshot has it: no drift, one call.
-    snapshot = anyio.run(lambda: observe_all({Kind.GUEST: provider}, "zpack"))
+    snapshot = anyio.run(lambda: observe_all([provider], "zpack"))
     pve.requests.clear()
     assert inventory_drift(snapshot, anyio.run(provider.inventory)) == []
     assert [p for _, p, _ in pve.requests] == ["/api2/json/cluster/resources"]
@@ -261,7 +263,7 @@ def test_cluster_facts_come_with_the_inventory_call_and_stay_out_of_the_digest(
     graph = with_spec(provider, tmp_path, {})
     assert converge_guests(graph, provider).ok
     pve.requests.clear()
-    observed = anyio.run(lambda: observe_all({Kind.GUEST: provider}, "zpack"))
+    observed = anyio.run(lambda: observe_all([provider], "zpack"))
     assert requests_ending(pve, "/cluster/resources") == ["/api2/json/cluster/resources"]
     assert template_listings(pve) == []
     assert observed.cluster is not None

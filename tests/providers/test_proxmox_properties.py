@@ -16,7 +16,8 @@ import anyio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from reconciler.applying.live import Convergence, converge, observe_all
+from reconciler.applying.converging import Convergence, converge
+from reconciler.applying.observing import observe_all
 from reconciler.model.resources import DesiredGraph, Kind
 from reconciler.model.spec import ProxmoxApi
 from reconciler.planning.planner import make_plan
@@ -56,7 +57,7 @@ OPS: st.SearchStrategy[list[Op]] = st.lists(
 
 
 def run(graph: DesiredGraph, provider: ProxmoxProvider) -> Convergence:
-    return anyio.run(lambda: converge(graph, {Kind.GUEST: provider}))
+    return anyio.run(lambda: converge(graph, [provider]))
 
 
 def where(provider: ProxmoxProvider) -> dict[str, list[tuple[str, int]]]:
@@ -130,7 +131,7 @@ def test_any_out_of_band_change_is_undone_by_one_converge(
         conv = run(graph, provider)
         assert conv.ok, [c.address for c in conv.rounds[-1].plan.actions]
 
-        observed = anyio.run(lambda: observe_all({Kind.GUEST: provider}, graph.platform))
+        observed = anyio.run(lambda: observe_all([provider], graph.platform))
         assert make_plan(graph, observed).actions == ()
         found = where(provider)
         assert set(found) == wanted and all(len(v) == 1 for v in found.values()), found

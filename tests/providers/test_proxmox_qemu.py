@@ -14,9 +14,9 @@ from typing import Any
 import anyio
 import pytest
 
-from reconciler.applying.live import Convergence, converge
+from reconciler.applying.converging import Convergence, converge
 from reconciler.model.plans import Action, Change, Plan
-from reconciler.model.resources import DesiredGraph, Kind
+from reconciler.model.resources import DesiredGraph
 from reconciler.planning import normalize
 from reconciler.providers.proxmox import ProxmoxProvider, guest_attributes
 from tests.fakepve_fixtures import TEMPLATE, mutating_calls
@@ -77,7 +77,7 @@ def lab(*edits: tuple[str, str]) -> DesiredGraph:
 
 
 def run(graph: DesiredGraph, provider: ProxmoxProvider, **kw: Any) -> Convergence:
-    conv = anyio.run(lambda: converge(graph, {Kind.GUEST: provider}, **kw))
+    conv = anyio.run(lambda: converge(graph, [provider], **kw))
     assert conv.ok, [(r.change.address, r.error) for r in conv.rounds[-1].report.results]
     return conv
 
@@ -338,7 +338,7 @@ def test_a_new_disk_storage_plans_a_blocked_replace_naming_the_field(
     assert change.reason == "cannot change in place: rootfs.storage"
     assert change.destroys == ("rootfs 16 GiB",)
     pve.requests.clear()
-    anyio.run(lambda: converge(edited, {Kind.GUEST: converged}))
+    anyio.run(lambda: converge(edited, [converged]))
     assert mutating_calls(pve) == []
 
 

@@ -18,8 +18,8 @@ from typing import Any
 import anyio
 import pytest
 
+from reconciler.applying.converging import Convergence, converge
 from reconciler.applying.executor import Outcome, Result, execute
-from reconciler.applying.live import Convergence, converge
 from reconciler.model.plans import Action, Plan
 from reconciler.model.resources import DesiredGraph, Kind
 from reconciler.model.spec import ProxmoxApi
@@ -179,7 +179,7 @@ def test_two_runs_racing_create_every_guest_once(
 
     async def both() -> None:
         async def one(provider: ProxmoxProvider) -> None:
-            runs.append(await converge(graph, {Kind.GUEST: provider}))
+            runs.append(await converge(graph, [provider]))
 
         async with anyio.create_task_group() as tg:
             for _ in range(2):
@@ -236,7 +236,7 @@ def _cancel_after(graph: DesiredGraph, provider: ProxmoxProvider, k: int) -> lis
                 if len(done) >= k:
                     scope.cancel()
 
-            await converge(graph, {Kind.GUEST: provider}, progress=progress)
+            await converge(graph, [provider], progress=progress)
 
     anyio.run(main)
     return done
@@ -284,7 +284,7 @@ def test_a_create_whose_reply_was_lost_is_done_not_doubled(
         pve.ct_secs["create"] = 10
     params = create_params("zpack", change.address, change.after or {})
     provider.client.nodes("pve-runtime").lxc.post(**params)
-    report = anyio.run(lambda: execute(plan, {Kind.GUEST: provider}))
+    report = anyio.run(lambda: execute(plan, [provider]))
     by = {r.change.address: r for r in report.results}
     assert report.ok, [(a, r.error) for a, r in by.items() if r.error]
     assert by["guest/mc-rlcraft"].outcome is Outcome.DONE

@@ -16,9 +16,9 @@ from typing import Any
 import anyio
 import pytest
 
-from reconciler.applying.live import Convergence, converge
+from reconciler.applying.converging import Convergence, converge
 from reconciler.model.plans import Action, Change, Plan
-from reconciler.model.resources import DesiredGraph, Kind
+from reconciler.model.resources import DesiredGraph
 from reconciler.providers.proxmox import ProxmoxProvider
 from tests.fakepve_fixtures import TEMPLATE, mutating_calls
 from tests.guest_helpers import load_edited, plan_now
@@ -75,7 +75,7 @@ def lab(*edits: tuple[str, str]) -> DesiredGraph:
 def converge_to(
     graph: DesiredGraph, provider: ProxmoxProvider, *, allow_destroy: bool = False
 ) -> Convergence:
-    return anyio.run(lambda: converge(graph, {Kind.GUEST: provider}, allow_destroy=allow_destroy))
+    return anyio.run(lambda: converge(graph, [provider], allow_destroy=allow_destroy))
 
 
 def run(graph: DesiredGraph, provider: ProxmoxProvider, **kw: Any) -> Convergence:

@@ -16,9 +16,10 @@ import anyio
 import pytest
 from proxmoxer.core import ResourceException
 
-from reconciler.applying.live import converge, observe_all
+from reconciler.applying.converging import converge
+from reconciler.applying.observing import observe_all
 from reconciler.model.errors import PermanentError, ProviderError, TemporaryError
-from reconciler.model.resources import DesiredGraph, Kind
+from reconciler.model.resources import DesiredGraph
 from reconciler.planning.planner import make_plan
 from reconciler.providers import Provider
 from reconciler.providers.firewall import FirewallProvider
@@ -66,9 +67,9 @@ def test_a_403_names_the_privilege_missing(message: str, needs: str) -> None:
     assert str(error) == f"read firewall IP sets: 403 {message}: {needs}"
 
 
-def providers_of(provider: ProxmoxProvider) -> dict[Kind, Provider]:
+def providers_of(provider: ProxmoxProvider) -> list[Provider]:
     firewall = FirewallProvider(pve=provider, manage_cluster=True)
-    return {Kind.GUEST: provider, **dict.fromkeys(firewall.kinds, firewall)}
+    return [provider, firewall]
 
 
 def converge_now(graph: DesiredGraph, provider: ProxmoxProvider) -> Any:

@@ -7,7 +7,7 @@ import ipaddress
 
 import pytest
 
-from reconciler.model.reachability import (
+from reconciler.policies.reachability import (
     ALL,
     ANY,
     AddressBook,

@@ -1,9 +1,9 @@
 """Who can reach a guest: a pure evaluator of Proxmox firewall rule chains.
 
-The design-rule policies in `reconciler.loading.policies` (isolation, agent port) ask "which
-source addresses does this guest's inbound chain let in, for this traffic?". The same question
-will be asked of the firewall observed live on Proxmox, so this module knows nothing about spec
-models or API payloads: an adapter turns either into neutral values first.
+The isolation and agent-port rules (`reconciler.policies.reach`) ask "which source addresses
+does this guest's inbound chain let in, for this traffic?", of the firewall the spec writes and
+of the firewall observed live on Proxmox. So this module knows nothing about spec models or API
+payloads: `reconciler.policies.inbound` turns either into these neutral values first.
 
     PVE strings --compile_rule / resolve_addresses / parse_ports--> Rule, GroupRef
     [Rule | GroupRef] --expand_groups--> [Rule] --admissions(policy, Traffic)--> [Admission]

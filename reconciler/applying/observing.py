@@ -1,0 +1,96 @@
+"""Observing: every provider of a live run asked once, in the order of what each `needs`, into
+one ObservedState.
+
+Called by `applying.converging.converge` at the start of every round, by
+`applying.connecting.Connection.observe` (the CLI's `observe` and live `plan`, the demo), and
+by the tests. Every provider goes through the same steps, whatever its class: each is handed
+the `Observation` so far (the firewall reads the guests found to be ours, the agents' provider
+fills `health` from the guests seen), and adds its resources and extra outputs to it.
+
+A provider's failure stops the observation unless it is `optional`: then the message goes to
+`ObservedState.errors` under each of its kinds (under its class for one owning no kind), its
+kinds are left out of `kinds` (so nothing of them is planned, nothing deleted), the plan warns,
+and the rest of the platform converges.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Iterable
+
+from reconciler.model.errors import ConfigurationError, ProviderError
+from reconciler.model.observed import ObservedResource, ObservedState
+from reconciler.model.resources import Kind
+from reconciler.providers import Observation, Provider
+
+
+def observation_order(providers: Iterable[Provider]) -> list[Provider]:
+    """Each provider once, after the providers of the kinds it `needs`, otherwise in the order
+    given. A need nobody here provides is what the caller already knows (the edge poll's
+    guests): it does not hold the provider back."""
+    pending = list({id(p): p for p in providers}.values())
+    provided = {k for p in pending for k in p.kinds}
+    ordered: list[Provider] = []
+    done: set[Kind] = set()
+    while pending:
+        ready = next((p for p in pending if not (p.needs & provided) - done - p.kinds), None)
+        if ready is None:
+            names = sorted(type(p).__name__ for p in pending)
+            raise ConfigurationError("providers need each other's kinds: " + ", ".join(names))
+        ordered.append(ready)
+        done |= ready.kinds
+        pending.remove(ready)
+    return ordered
+
+
+async def observe_all(
+    providers: Iterable[Provider],
+    platform: str,
+    source: str = "",
+    *,
+    kinds: Iterable[Kind] | None = None,
+    given: Iterable[ObservedResource] = (),
+) -> ObservedState:
+    """The providers of `kinds` (default: every kind of `providers`), and those owning no kind,
+    once each in the order of their `needs`, each handed what was seen before it. `given` is
+    what the caller already knows (the edge poll's guests, with a fresh power state): seen
+    first but not looked at, so its kinds are not in the state's `kinds` and nothing of them is
+    planned. An optional provider's failure is recorded, not raised."""
+    registered = list(providers)
+    provided = {k for p in registered for k in p.kinds}
+    looked = set(provided) if kinds is None else set(kinds) & provided
+    # A provider owning no kind (the agents' health) adds what the looked-at kinds are planned
+    # by, so it serves every observation.
+    asked = [p for p in registered if p.kinds & looked or not p.kinds]
+    seen = Observation(list(given))
+    errors: dict[str, str] = {}
+    for provider in observation_order(asked):
+        try:
+            seen.resources.extend(await provider.observe(seen))
+        except ProviderError as exc:
+            if not provider.optional:
+                raise
+            for name in _names(provider):
+                errors[name] = str(exc)
+            looked -= provider.kinds
+    now = datetime.datetime.now(datetime.UTC).replace(microsecond=0).isoformat()
+    return ObservedState(
+        platform=platform,
+        observed_at=now.replace("+00:00", "Z"),
+        source=source,
+        kinds=tuple(sorted(looked, key=lambda k: k.rank)),
+        resources=tuple(seen.resources),
+        health=seen.health,
+        errors=errors,
+        serving=seen.serving,
+        cluster=seen.cluster,
+        backups=seen.backups,
+    )
+
+
+def _names(provider: Provider) -> list[str]:
+    """What a failed provider's message is recorded under in `ObservedState.errors`: each of
+    its kinds; a provider owning none, by its class, so the failure is still reported."""
+    return [k.value for k in sorted(provider.kinds, key=lambda k: k.rank)] or [
+        type(provider).__name__
+    ]
