@@ -8,6 +8,7 @@ The fixture serves `PlatformPve` (reconciler.simulators.pve: fakepve plus QEMU m
 
 from __future__ import annotations
 
+import urllib.parse
 from typing import Any
 
 import fakepve.pytest_plugin as fakepve_plugin
@@ -19,6 +20,7 @@ from reconciler.simulators.pve import PlatformPve
 
 TEMPLATE = "debian-12-standard_12.7-1_amd64.tar.zst"
 MUTATING = ("POST", "PUT", "DELETE")
+BACKUP_STORAGE = "backup"  # where the example's backup jobs write (specs/backups.yaml)
 
 
 async def no_sleep(_seconds: float) -> None:
@@ -63,8 +65,17 @@ def pve_api(pve: Any, fakepve_cafile: str, monkeypatch: pytest.MonkeyPatch) -> P
         .post(url=f"http://example.invalid/{TEMPLATE}", content="vztmpl", filename=TEMPLATE)
     )
     assert client.nodes("pve-core").tasks(upid).status.get()["exitstatus"] == "OK"
+    add_backup_storage(client)
     pve.requests.clear()
     return api
+
+
+def add_backup_storage(client: Any, storage: str = BACKUP_STORAGE) -> None:
+    """The example's `backup` storage, as an operator adds one (`pvesm add dir`): a directory
+    every node mounts (NFS in a real cluster), holding backups only."""
+    client.storage.post(
+        storage=storage, type="dir", path=f"/mnt/pve/{storage}", content="backup", shared=1
+    )
 
 
 @pytest.fixture
@@ -81,4 +92,13 @@ def provider(pve_api: ProxmoxApi) -> ProxmoxProvider:
 def mutating_calls(pve: Any) -> list[tuple[str, str]]:
     return [
         (m, p) for m, p, _ in pve.requests if m in MUTATING and not p.endswith("/access/ticket")
+    ]
+
+
+def request_bodies(pve: Any, method: str, path_end: str) -> list[dict[str, str]]:
+    """The form bodies of the requests fakepve logged with this method and path ending."""
+    return [
+        dict(urllib.parse.parse_qsl(body.decode() if isinstance(body, bytes) else body or ""))
+        for m, path, body in pve.requests
+        if m == method and path.endswith(path_end)
     ]

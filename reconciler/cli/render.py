@@ -16,7 +16,15 @@ from collections.abc import Iterable
 from typing import Any, TextIO
 
 from reconciler.model.diagnostics import Diagnostic, Position, Severity
-from reconciler.model.plans import HOLD_START, START_GUEST, Action, Cause, Change, Plan
+from reconciler.model.plans import (
+    HOLD_START,
+    RESTORE_FROM,
+    START_GUEST,
+    Action,
+    Cause,
+    Change,
+    Plan,
+)
 
 _COLORS = {
     Action.CREATE: "\033[32m",
@@ -100,7 +108,12 @@ def destroy_line(change: Change) -> str:
         else change.action.value
     )
     why = f" ({change.reason})" if change.reason else ""
-    return f"{change.address}: {what}{why}"
+    first = (
+        f"; a final backup to storage {change.final_backup.storage!r} first"
+        if change.final_backup
+        else ""
+    )
+    return f"{change.address}: {what}{why}{first}"
 
 
 def _banner_changes(plan: Plan) -> list[Change]:
@@ -114,9 +127,12 @@ def _change_lines(change: Change) -> list[str]:
         head += "  BLOCKED"
     if change.action is Action.REPLACE:
         head += "  must be replaced"
-    elif change.action is Action.CREATE and change.cause is Cause.WITH_PARENT:
-        # Created for another's sake: say whose (a create because it is missing says nothing).
+    elif change.action is Action.CREATE and change.cause in (Cause.WITH_PARENT, Cause.RESTORE):
+        # Created for another's sake, or from a backup: say so (a create because it is
+        # missing says nothing).
         head += f"  ({change.reason})"
+    if change.final_backup is not None:
+        head += f"  (a final backup to storage {change.final_backup.storage!r} first)"
     after = change.after or {}
     if after.get(HOLD_START):
         head += "  (starts once its firewall is in place)"
@@ -124,7 +140,8 @@ def _change_lines(change: Change) -> list[str]:
         head += "  (then starts the guest)"
     lines = [head]
     if change.action is Action.CREATE:
-        rows = flatten({k: v for k, v in after.items() if k not in (HOLD_START, START_GUEST)})
+        hidden = (HOLD_START, START_GUEST, RESTORE_FROM)
+        rows = flatten({k: v for k, v in after.items() if k not in hidden})
         width = max((len(p) for p, _ in rows), default=0)
         lines += [f"      {p.ljust(width)}  {v}" for p, v in rows]
     elif change.action in (Action.UPDATE, Action.MIGRATE, Action.REPLACE):

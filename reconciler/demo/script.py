@@ -5,10 +5,11 @@
        the spec gates on the agents' readiness follows once the new guests' agents answer);
     2. break it the way production breaks: Velocity restarts and forgets its servers, a game
        server's memory is changed by hand, the agent-port firewall rule is deleted, a container
-       nobody declared appears in the game range, a game server's agent goes unready;
+       nobody declared appears in the game range, a game server's agent goes unready, and
+       another game server is destroyed by hand (after the backup jobs ran once);
     3. one cycle detects and heals each (the plan is shown first; the foreign container is
-       reported, never touched), the agent comes back, the next cycle restores what was
-       withheld, and the last plan is empty;
+       reported, never touched; the destroyed server comes back from its newest backup), the
+       agent comes back, the next cycle restores what was withheld, and the last plan is empty;
     4. a pull request moves a game server to another node: the plan says migrate (`>`), the
        apply moves it, and its disks (the world) are the very same volumes after;
     5. stop the lab and say where its state and logs are.
@@ -42,7 +43,7 @@ from reconciler.applying.converging import Convergence, converge
 from reconciler.applying.executor import Outcome, Result
 from reconciler.cli import render
 from reconciler.demo.lab import TEMPLATE, Lab, start_lab
-from reconciler.loading.graph import build_graph
+from reconciler.loading.graph import build_graph, selected_guests
 from reconciler.loading.loader import load_directory
 from reconciler.model.diagnostics import Severity
 from reconciler.model.errors import ReconcilerError
@@ -453,6 +454,7 @@ class Story:
         self.saved = 0
         self.applied_at: dict[str, float] = {}  # address -> when last applied (demo clock)
         self.foreign: tuple[str, int, dict[str, Any]] | None = None  # node, vmid, state
+        self.destroyed: tuple[str, str] | None = None  # the guest destroyed by hand, its MAC
         self._progress: ProgressLines | None = None
 
     # --- talking to the platform --------------------------------------------------------
@@ -575,6 +577,7 @@ class Story:
                 )
         step.finish()
         s.say(f"Converged in {step.seconds:.1f} s.")
+        self.first_backups()
 
     def step_two(self) -> list[Break]:
         s = self.screen
@@ -592,9 +595,12 @@ class Story:
             self.break_foreign(pve, guests, memory_guest),
             self.break_unready(unready_guest, unready_server),
         ]
+        destroyed = self._destroy_target({unready_guest, memory_guest, MOVED})
+        if destroyed is not None:
+            breaks.append(self.break_destroyed(pve, guests[destroyed]))
         s.say(
-            "Five things go wrong at once, each through the door it takes in production: the "
-            "Proxmox API, a restart, the agent's own status."
+            f"{len(breaks)} things go wrong at once, each through the door it takes in "
+            "production: the Proxmox API, a restart, the agent's own status."
         )
         for b in breaks:
             s.say(f"{s.paint(_RED, 'x')} {b.what}", hang=2)
@@ -859,6 +865,76 @@ class Story:
             broken_at=self.clock(),
         )
 
+    def first_backups(self) -> None:
+        """What the backup jobs' schedules would do next: back up every guest they select
+        (one vzdump per job and node, as the scheduler runs them)."""
+        pve = self.lab.pve()
+        where = {r["name"]: r for r in pve.cluster.resources.get(type="vm")}
+        made = 0
+        for job in self.spec.backups.values():
+            by_node: dict[str, list[int]] = {}
+            for name in selected_guests(self.spec, job.select):
+                if name in where:
+                    by_node.setdefault(where[name]["node"], []).append(int(where[name]["vmid"]))
+            for node, vmids in sorted(by_node.items()):
+                upid = pve.nodes(node).vzdump.post(
+                    vmid=",".join(map(str, sorted(vmids))),
+                    storage=job.storage,
+                    mode=job.mode,
+                    compress=job.compress,
+                    **{"notes-template": job.notes},
+                )
+                _wait_task(pve, node, upid)
+                made += len(vmids)
+        if made:
+            self.screen.say(
+                f"The backup jobs run as their schedules would: {made} guests backed up to "
+                f"{', '.join(sorted({j.storage for j in self.spec.backups.values()}))}."
+            )
+
+    def _destroy_target(self, taken: set[str]) -> str | None:
+        """A game server a backup job selects, with its vmid fixed in the spec (so its backups
+        are provably its own), that no other break uses; one Velocity registers first."""
+        selected = {
+            name
+            for job in self.spec.backups.values()
+            for name in selected_guests(self.spec, job.select)
+        }
+        velocity = self.spec.velocity
+        servers = [srv.guest for srv in velocity.servers.values()] if velocity else []
+        candidates = [
+            g
+            for g in [*servers, *sorted(self.spec.guests)]
+            if g in selected
+            and g not in taken
+            and self.spec.guests[g].vmid is not None
+            and self.spec.guests[g].restore_missing != "never"
+        ]
+        return candidates[0] if candidates else None
+
+    def break_destroyed(self, pve: Any, guest: dict[str, Any]) -> Break:
+        """A game server destroyed by hand (stopped, then deleted with its disks): the next
+        cycle brings it back from its newest backup, its MAC address with it."""
+        node, vmid, name = guest["node"], int(guest["vmid"]), guest["name"]
+        ct = pve.nodes(node).lxc(vmid)
+        self.destroyed = (name, _mac(ct.config.get()))
+        if ct.status.current.get()["status"] == "running":
+            _wait_task(pve, node, ct.status.stop.post())
+        _wait_task(pve, node, ct.delete(purge=1))
+        velocity = self.spec.velocity
+        servers = (
+            [n for n, srv in velocity.servers.items() if srv.guest == name] if velocity else []
+        )
+        return Break(
+            "destroyed",
+            f"game server {name} (vmid {vmid}) is destroyed by hand, world and all "
+            f"(DELETE /nodes/{node}/lxc/{vmid}?purge=1)",
+            f"{name} destroyed by hand",
+            (f"guest/{name}", *(f"velocity/{n}" for n in servers)),
+            guest=name,
+            broken_at=self.clock(),
+        )
+
     # --- checking -----------------------------------------------------------------------
 
     def check_healed(self, breaks: list[Break], final: Plan) -> None:
@@ -886,13 +962,26 @@ class Story:
                 "firewall": "the rule put back in its place",
                 "unready": "its registration and routes withheld while unready, restored when "
                 "ready",
+                "destroyed": "restored from its newest backup (not recreated empty); its "
+                "registration followed once its agent was ready",
             }[b.key]
+            if b.key == "destroyed" and self.destroyed is not None:
+                b.ok = b.ok and self._restored_as_before(pve, *self.destroyed)
             if b.key == "velocity":
                 registered = set(self.lab.bridge.servers())
                 wanted = {a.removeprefix("velocity/") for a in b.expect}
                 b.ok = b.ok and wanted <= {n.lower() for n in registered} | registered
             if not b.ok:
                 b.healed = "NOT healed: " + b.healed
+
+    def _restored_as_before(self, pve: Any, name: str, mac: str) -> bool:
+        """The destroyed guest is back with the MAC address it had: restored from its backup
+        (an empty create gets a new one)."""
+        found = [r for r in pve.cluster.resources.get(type="vm") if r.get("name") == name]
+        if len(found) != 1:
+            return False
+        config = pve.nodes(found[0]["node"]).lxc(found[0]["vmid"]).config.get()
+        return bool(mac) and _mac(config) == mac
 
     def summary(self) -> None:
         s = self.screen
@@ -981,6 +1070,15 @@ def _short(value: Any) -> str:
         bits = [str(value.get(k)) for k in ("type", "action", "proto", "dport") if value.get(k)]
         return "{" + " ".join(bits) + "}"
     return "(none)" if value is None else str(value)
+
+
+def _mac(config: dict[str, Any]) -> str:
+    """net0's MAC address (`hwaddr=`), "" when it has none."""
+    for part in str(config.get("net0", "")).split(","):
+        key, _, value = part.partition("=")
+        if key == "hwaddr":
+            return value
+    return ""
 
 
 def _wait_task(pve: Any, node: str, upid: str) -> None:

@@ -16,6 +16,7 @@ from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from reconciler.loading.graph import selected_guests
 from reconciler.loading.sources import PathT, Source, dotted
 from reconciler.model.diagnostics import Diagnostic, error
 from reconciler.model.spec import FirewallRule, HttpRoute, PlatformSpec, volume_kind
@@ -110,6 +111,13 @@ def _references(spec: PlatformSpec) -> Iterator[_Ref]:
         yield _Ref(("velocity", "guest"), "guest", spec.velocity.guest, guests)
         for sname, server in spec.velocity.servers.items():
             yield _Ref(("velocity", "servers", sname, "guest"), "guest", server.guest, guests)
+    for jname, job in spec.backups.items():
+        at = ("backups", jname, "select")
+        for i, role in enumerate(job.select.roles):
+            yield _Ref((*at, "roles", i), "role", role, spec.ranges)
+        for field in ("guests", "exclude"):
+            for i, name in enumerate(getattr(job.select, field)):
+                yield _Ref((*at, field, i), "guest", name, guests)
 
 
 def _self_dependencies(spec: PlatformSpec, source: Source) -> Iterator[Diagnostic]:
@@ -377,6 +385,30 @@ def check_networks(spec: PlatformSpec, source: Source) -> Iterator[Diagnostic]:
                     seen[addr] = (gname, at)
 
 
+def check_backups(spec: PlatformSpec, source: Source) -> Iterator[Diagnostic]:
+    """A backup job selects at least one guest (Proxmox refuses a job without a selection),
+    and no job names the same guest twice through `guests` and `exclude`."""
+    for jname, job in spec.backups.items():
+        at: PathT = ("backups", jname, "select")
+        both = set(job.select.guests) & set(job.select.exclude)
+        for name in sorted(both):
+            i = job.select.exclude.index(name)
+            yield _err(
+                source,
+                "backup-selection",
+                f"backup job {jname!r} both selects and excludes guest {name!r}",
+                (*at, "exclude", i),
+            )
+        if not both and not selected_guests(spec, job.select):
+            yield _err(
+                source,
+                "backup-selection",
+                f"backup job {jname!r} selects no guest of the spec; Proxmox keeps no job "
+                "without a selection (disable it with enabled: false, or delete it)",
+                at,
+            )
+
+
 def check_volumes(spec: PlatformSpec, source: Source) -> Iterator[Diagnostic]:
     """A guest's volume keys fit its kind (mount points `mpN` on a container, disks `scsiN` on
     a VM); a mount point has a path, unique in its guest; a VM disk has neither path nor mount
@@ -484,8 +516,12 @@ def check_marks(spec: PlatformSpec, source: Source) -> Iterator[Diagnostic]:
             (("firewall", "groups", name, "rules", i, "comment"), r.comment)
             for i, r in enumerate(group.rules)
         ]
+    for name, job in spec.backups.items():
+        texts.append((("backups", name, "description"), job.description))
     for path, text in texts:
-        if not text or not forges_mark(text):
+        # A job's description shares one line with its mark: the mark's words anywhere in it.
+        forged = _MARK_LINE in text if path[0] == "backups" and text else forges_mark(text or "")
+        if not forged:
             continue
         where = source.where(path, key=False)
         seen = where if where is not None else path
@@ -512,6 +548,7 @@ ALL: tuple[Check, ...] = (
     check_routes,
     check_networks,
     check_volumes,
+    check_backups,
     check_marks,
 )
 

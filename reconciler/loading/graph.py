@@ -372,10 +372,9 @@ def _backup_resources(spec: PlatformSpec, source: Source) -> Iterator[Resource]:
                 "prune-backups": job.retention.prune_backups() if job.retention else None,
                 "notes-template": job.notes or None,
                 "enabled": int(job.enabled),
-                "all": 0,
                 "guests": [guest_address(g) for g in selected_guests(spec, job.select)],
                 "description": job.description,
-                "max_age": job.max_age,
+                **({"max_age": job.max_age} if job.max_age else {}),
             },
             position=source.where(("backups", name)),
         )

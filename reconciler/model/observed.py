@@ -70,7 +70,7 @@ is claimed by one resource at most; more than one (a guest copied by hand, its m
 are listed by `duplicates()`, and the planner makes that a plan error and touches none of them.
 
 `health` holds an entry for every guest of a layer that runs agents (the `agent_port` policy's
-layers), written by the live observation (`applying.live.observe_all`): the guest's power state
+layers), written by the live observation (`applying.observing.observe_all`): the guest's power state
 from Proxmox, its agent's answer from `providers.agent`. The planner withholds Velocity
 registrations (and routes set to `when_unready: withhold`) from guests that are not both running
 and ready. An empty `health` means nobody asked, not that everything is healthy.

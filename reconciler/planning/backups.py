@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import datetime
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 from reconciler.model.calendar import CalendarEvent
-from reconciler.model.observed import BackupVolume
+from reconciler.model.observed import BackupVolume, ObservedResource
 from reconciler.model.plans import BackupFreshness, Freshness
 from reconciler.model.resources import DesiredGraph, Kind, Resource
 
@@ -90,12 +91,23 @@ def freshness(
     return out
 
 
-def job_for(graph: DesiredGraph, guest: str) -> Resource | None:
-    """The first enabled job (by address) that selects `guest`; else the first disabled one."""
+def job_for(
+    graph: DesiredGraph, guest: str, vmid: int | None, observed_jobs: Iterable[ObservedResource]
+) -> tuple[str, Mapping[str, Any]] | None:
+    """The job that backs `guest` up, as (address, attributes): the first enabled job of the
+    spec (by address) that selects it, else a disabled one; for a guest that left the spec,
+    the first job of ours Proxmox holds with its vmid (the spec's version of that job when it
+    has one)."""
     jobs = [j for j in jobs_of(graph) if guest in j.attributes.get("guests", ())]
     enabled = [j for j in jobs if j.attributes.get("enabled", 1)]
     chosen = enabled or jobs
-    return chosen[0] if chosen else None
+    if chosen:
+        return chosen[0].address, chosen[0].attributes
+    for job in sorted(observed_jobs, key=lambda r: str(r.address)):
+        if vmid is not None and vmid in job.attributes.get("vmid", ()) and job.address:
+            desired = graph.resources.get(job.address)
+            return job.address, desired.attributes if desired else job.attributes
+    return None
 
 
 def restore_point(

@@ -278,20 +278,30 @@ def _plan_resource(p: _Planning, res: Resource) -> Change | None:
         and not parent.blocked
         and change.action not in _ACTIVE
     ):
-        change = Change(
-            res.address,
-            res.kind,
-            Action.CREATE,
-            wave,
-            ident,
-            change.before,
-            desired,
-            change.fields,
-            res.depends_on,
-            reason=f"{parent.address} is {parent.action.value}d",
+        change = replace(
+            _creation(res, desired, ident, wave, f"{parent.address} is {parent.action.value}d"),
+            before=change.before,
+            fields=change.fields,
             cause=Cause.WITH_PARENT,
         )
     return change
+
+
+def _creation(
+    res: Resource, desired: dict[str, Any], ident: dict[str, Any], wave: int, reason: str
+) -> Change:
+    return Change(
+        res.address,
+        res.kind,
+        Action.CREATE,
+        wave,
+        ident,
+        None,
+        desired,
+        depends_on=res.depends_on,
+        reason=reason,
+        cause=Cause.MISSING,
+    )
 
 
 def _create(
@@ -305,18 +315,7 @@ def _create(
     if problem:
         p.diags.append(problem)
         return None
-    change = Change(
-        res.address,
-        res.kind,
-        Action.CREATE,
-        wave,
-        ident,
-        None,
-        desired,
-        depends_on=res.depends_on,
-        reason="not found",
-        cause=Cause.MISSING,
-    )
+    change = _creation(res, desired, ident, wave, "not found")
     return _restored(p, res, change) if res.kind is Kind.GUEST else change
 
 
@@ -325,6 +324,8 @@ def _restored(p: _Planning, res: Resource, change: Change) -> Change:
     planning.backups.restore_point); held back when its backups could not be listed: it is
     never created empty over a world that may have a backup."""
     assert change.after is not None
+    if p.observed_kinds is not None and Kind.BACKUP_JOB not in p.observed_kinds:
+        return change  # backups were not looked at: no backup-job provider is registered
     vmid = int(change.after["vmid"])
     point, why = backups.restore_point(p.graph, res, vmid, p.observed.backups)
     if point is not None:
@@ -394,24 +395,27 @@ def _final_backup(p: _Planning, change: Change) -> Change:
     `--no-final-backup`, a warning that it goes without one."""
     if change.kind is not Kind.GUEST:
         return change
-    job = backups.job_for(p.graph, change.address)
-    if job is None:
+    vmid = (change.before or {}).get("vmid") or change.id.get("vmid")
+    jobs = [r for r in p.owned.values() if r.kind is Kind.BACKUP_JOB]
+    found = backups.job_for(p.graph, change.address, vmid, jobs)
+    if found is None:
         return change
+    job, attributes = found
     if not p.final_backups:
         p.diags.append(
             warning(
                 "final-backup-skipped",
                 f"{change.address} is {change.action.value}d without a final backup "
-                f"(--no-final-backup; {job.address} selects it)",
+                f"(--no-final-backup; {job} backs it up)",
                 address=change.address,
             )
         )
         return change
     final = FinalBackup(
-        storage=str(job.attributes["storage"]),
-        mode=str(job.attributes.get("mode", "snapshot")),
-        compress=str(job.attributes.get("compress", "zstd")),
-        job=job.address,
+        storage=str(attributes["storage"]),
+        mode=str(attributes.get("mode", "snapshot")),
+        compress=str(attributes.get("compress", "zstd")),
+        job=job,
     )
     return replace(change, final_backup=final)
 
@@ -452,22 +456,44 @@ def _backup_freshness(p: _Planning, now: datetime.datetime | None) -> list[Backu
     if not p.graph.settings.get("backup_freshness", True):
         return found
     positions = {r.address: r.position for r in p.graph.resources.values()}
+    # Per job, the guests without a backup (a new platform has none: one line, not one each)
+    # and those whose backups could not be listed; per guest, a stale backup.
+    missing: dict[str, list[str]] = {}
+    unknown: dict[str, int] = {}
     for f in found:
-        if f.freshness is Freshness.FRESH:
-            continue
-        storage = p.graph.resources[f.job].attributes["storage"]
-        if f.freshness is Freshness.STALE:
+        if f.freshness is Freshness.UNKNOWN:
+            unknown[f.job] = unknown.get(f.job, 0) + 1
+        elif f.freshness is Freshness.MISSING:
+            missing.setdefault(f.job, []).append(f.guest.removeprefix("guest/"))
+        elif f.freshness is Freshness.STALE:
+            storage = p.graph.resources[f.job].attributes["storage"]
             text = (
                 f"{f.guest}: its newest backup on {storage} is {format_seconds(f.age or 0)} old, "
                 f"older than {format_seconds(f.max_age)} ({f.job})"
             )
-        elif f.freshness is Freshness.MISSING:
-            text = f"{f.guest} has no backup on {storage} ({f.job} selects it)"
-        else:
-            text = f"{f.guest}: the backups on {storage} could not be listed ({f.job})"
+            p.diags.append(
+                warning("backup-stale", text, position=positions.get(f.job), address=f.guest)
+            )
+    for job, names in sorted(missing.items()):
+        storage = p.graph.resources[job].attributes["storage"]
         p.diags.append(
             warning(
-                f"backup-{f.freshness.value}", text, position=positions.get(f.job), address=f.guest
+                "backup-missing",
+                f"{job}: {len(names)} guest(s) it selects have no backup on {storage}: "
+                + ", ".join(names),
+                position=positions.get(job),
+                address=job,
+            )
+        )
+    for job, count in sorted(unknown.items()):
+        storage = p.graph.resources[job].attributes["storage"]
+        p.diags.append(
+            warning(
+                "backup-unknown",
+                f"{job}: the backups on {storage} could not be listed, so the freshness of "
+                f"the {count} guest(s) it selects is unknown",
+                position=positions.get(job),
+                address=job,
             )
         )
     return found

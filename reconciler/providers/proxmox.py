@@ -919,10 +919,15 @@ class ProxmoxProvider:
             "compress": backup.compress,
             "notes-template": f"{{{{guestname}}}} final backup before {change.action.value}",
         }
+        what = f"final backup of {change.address}"
         try:
-            await self.run_task(
-                f"final backup of {change.address}", node, lambda: vzdump.post(**params)
-            )
+            upid = await self.retrying(what, lambda: vzdump.post(**params))
+            if not _is_upid(upid):
+                # vzdump answers "OK" without a task when it selected no guest on the node.
+                raise PermanentError(f"vzdump made no backup (it answered {str(upid)[:40]!r})")
+            error = await self.wait_task(node, upid, what)
+            if error is not None:
+                raise error
         except ProviderError as exc:
             raise PermanentError(
                 f"{change.address}: not destroyed: its final backup to {backup.storage} "

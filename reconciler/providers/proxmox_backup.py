@@ -78,7 +78,6 @@ def job_attributes(job: Mapping[str, Any], description: str) -> dict[str, Any]:
         "notes-template": job.get("notes-template"),
         "enabled": int(job.get("enabled", 1)),
         "vmid": vmids,
-        "all": int(job.get("all", 0)),
         "description": description,
     }
 

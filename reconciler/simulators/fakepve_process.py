@@ -29,6 +29,9 @@ class FakePveProcess:
     guests: list[dict[str, Any]] = field(default_factory=list)
     platform: bool = True  # serve PlatformPve (QEMU migration too), not the plain fakepve
     migrate_secs: float | None = None  # PVE seconds a migration takes (PlatformPve's default)
+    # Directory storages for backups, shared by every node, added once it runs (`pvesm add dir
+    # NAME --content backup --shared 1`): the example platform's `backup`.
+    backup_storages: tuple[str, ...] = ("backup",)
     url: str = ""
     cafile: str = ""
     _proc: subprocess.Popen[str] | None = None
@@ -88,6 +91,10 @@ class FakePveProcess:
         for i, node in enumerate(self.nodes):
             upid = client.nodes(node).lxc(999_000_000 + i).delete()
             client.nodes(node).tasks(upid).status.get()
+        for storage in self.backup_storages:
+            client.storage.post(
+                storage=storage, type="dir", path=f"/mnt/pve/{storage}", content="backup", shared=1
+            )
         return self
 
     def client(self) -> Any:

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -164,47 +165,50 @@ class SentinelProcess:
 
 def start_sentinel(master_port: int, master: str = "mymaster") -> SentinelProcess:
     """A Sentinel on a free loopback port that monitors the redis-server on `master_port`."""
-    exe = redis_exe()
-    if exe is None:
-        raise PartMissing("redis-server is not on PATH: apt-get install redis-server")
     workdir = tempfile.mkdtemp(prefix="sentinel-")
     conf = Path(workdir) / "sentinel.conf"  # Sentinel rewrites its config file: a private copy
-    for _ in range(3):
-        port = free_port()
+
+    def args(port: int) -> list[str]:
         conf.write_text(
             f"port {port}\nbind 127.0.0.1\ndir {workdir}\n"
             f"sentinel monitor {master} 127.0.0.1 {master_port} 1\n"
         )
-        proc = subprocess.Popen(
-            [exe, str(conf), "--sentinel"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        if wait_for_port(port, proc):
-            return SentinelProcess(port, master, proc, workdir)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(5)
-    shutil.rmtree(workdir, ignore_errors=True)
-    raise RuntimeError("redis-server --sentinel did not start")
+        return [str(conf), "--sentinel"]
+
+    port, proc = _start_redis_server(args, workdir, "redis-server --sentinel")
+    return SentinelProcess(port, master, proc, workdir)
 
 
 def start_redis() -> RedisProcess:
     """A redis-server on a free loopback port, with no persistence."""
+    workdir = tempfile.mkdtemp(prefix="redis-")
+
+    def args(port: int) -> list[str]:
+        listen = ["--port", str(port), "--bind", "127.0.0.1", "--dir", workdir]
+        return [*listen, "--save", "", "--appendonly", "no"]
+
+    port, proc = _start_redis_server(args, workdir, "redis-server")
+    return RedisProcess(port, proc, workdir)
+
+
+def _start_redis_server(
+    args: Callable[[int], list[str]], workdir: str, what: str
+) -> tuple[int, subprocess.Popen[bytes]]:
+    """redis-server with `args(port)` on a free loopback port, once it listens. Tried three
+    times: another process may take the free port between probe and bind."""
     exe = redis_exe()
     if exe is None:
+        shutil.rmtree(workdir, ignore_errors=True)
         raise PartMissing("redis-server is not on PATH: apt-get install redis-server")
-    workdir = tempfile.mkdtemp(prefix="redis-")
-    for _ in range(3):  # another process may take the free port between probe and bind
+    for _ in range(3):
         port = free_port()
-        args = ["--port", str(port), "--bind", "127.0.0.1", "--dir", workdir]
         proc = subprocess.Popen(
-            [exe, *args, "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            [exe, *args(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         if wait_for_port(port, proc):
-            return RedisProcess(port, proc, workdir)
+            return port, proc
         if proc.poll() is None:
             proc.kill()
             proc.wait(5)
     shutil.rmtree(workdir, ignore_errors=True)
-    raise RuntimeError("redis-server did not start")
+    raise RuntimeError(f"{what} did not start")

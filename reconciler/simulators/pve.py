@@ -1,10 +1,12 @@
-"""fakepve with the parts the platform needs and fakepve 0.5 lacks: QEMU migration.
+"""fakepve with the parts the platform needs and fakepve 0.5 lacks: QEMU migration and backups.
 
 fakepve (PyPI, AGPL-3.0, a third party's fake Proxmox VE) is used unmodified: `PlatformPve`
-stacks one more mixin on its `FakePve`, built the way fakepve builds its own areas (a
+stacks two more mixins on its `FakePve`, built the way fakepve builds its own areas (a
 `_routes_<area>` table of `(method, schema path template, handler)`, registered in front of
 its generic handler, which would otherwise answer `POST .../qemu/{vmid}/migrate` with a sample
-UPID and move nothing). Served by the tests' `fakepve` fixture (tests/fakepve_fixtures.py) and,
+UPID and move nothing): QEMU migration (here) and backups (`BackupApi` from
+reconciler/simulators/pve_backup.py: jobs, vzdump, backup volumes, restore, the scheduler; see
+its docstring). Served by the tests' `fakepve` fixture (tests/fakepve_fixtures.py) and,
 through `python -m reconciler.simulators.pve` (fakepve's own CLI serving this class), by
 `FakePveProcess` for the demo, the benchmarks and the process tests. Imported only where a fake
 runs: fakepve is a test and demo dependency.
@@ -65,6 +67,8 @@ from fakepve.routing import StatefulRoutes, die, param_error, split_list
 from fakepve.server import FakePve
 from fakepve.storage import _is_file
 
+from reconciler.simulators.pve_backup import BACKUP_SECS, BackupApi
+
 # PVE seconds a migration holds its lock: enough for a test to see it, nothing at time scale 0.
 MIGRATE_SECS = 10.0
 # Storage types whose local volumes QemuMigrate can move (scan_local_volumes).
@@ -82,6 +86,12 @@ def _stamp() -> str:
 def _duration(seconds: float) -> str:
     whole = int(seconds)
     return f"{whole // 3600:02d}:{whole // 60 % 60:02d}:{whole % 60:02d}"
+
+
+def _generated(volume: str, props: dict[str, str]) -> bool:
+    """A cloud-init drive PVE generates (a CD-ROM named vm-N-cloudinit): migrated, not copied."""
+    name = volume_ref(volume)[1]
+    return is_cdrom(volume, props) and re.search(r"vm-\d+-cloudinit", name) is not None
 
 
 def parse_storage_map(text: str) -> tuple[dict[str, str], str | None, bool]:
@@ -165,87 +175,104 @@ class QemuMigrateApi(StatefulRoutes):  # type: ignore[misc]  # fakepve ships no 
         info: list[str] = []
         errors: list[str] = []
         in_snapshots = {v for snap in vm.snapshots.values() for _k, v, _p in drives_of(snap)}
+        for key, volume, props in self._mg_drives(vm):
+            if volume in ("none", ""):
+                continue
+            placed = self._mg_placement(volume, props, target, storemap)
+            if isinstance(placed, str):
+                errors.append(placed)
+                continue
+            store, dest = placed
+            if store.get("shared"):
+                continue
+            if _generated(volume, props):
+                info.append(f"found generated disk '{volume}' (in current VM config)")
+                moves[volume] = dest
+                continue
+            attached = not key.startswith("unused")
+            live_attached = attached and running and not local_disks
+            problem = self._mg_local_problem(
+                vm, volume, props, store, running, live_attached, in_snapshots
+            )
+            if problem:
+                errors.append(problem)
+                continue
+            info.append(f"found local disk '{volume}' ({'attached' if attached else 'unused'})")
+            moves[volume] = dest
+        return moves, info, errors
+
+    @staticmethod
+    def _mg_drives(vm: Any) -> list[tuple[str, str, dict[str, str]]]:
+        """The VM's drives, then its unused volumes."""
         drives = list(drives_of(vm.config))
         drives += [
             (k, split_drive(vm.config[k])[0], {})
             for k in sorted(vm.config)
             if re.fullmatch(r"unused\d+", k)
         ]
-        for key, volume, props in drives:
-            attached = not key.startswith("unused")
-            cdrom = is_cdrom(volume, props)
-            if volume in ("none", ""):
-                continue
-            if volume == "cdrom":
-                errors.append("can't migrate local cdrom drive")
-                continue
-            sid, name = volume_ref(volume)
-            if sid is None:
-                errors.append(f"can't migrate local disk '{volume}': local file/device")
-                continue
-            store = self.storages.get(sid)
-            if store is None:
-                errors.append(
-                    f"can't migrate local disk '{volume}': storage '{sid}' does not exist"
+        return drives
+
+    def _mg_placement(
+        self, volume: str, props: dict[str, str], target: str, storemap: Any
+    ) -> tuple[dict[str, Any], str] | str:
+        """Where a drive's volume goes: (its storage's config, the storage id on the target),
+        or the error that stops the migration (not a storage volume, a storage missing or not
+        enabled on the target, or one that does not take the volume's content)."""
+        if volume == "cdrom":
+            return "can't migrate local cdrom drive"
+        refuse = f"can't migrate local disk '{volume}': "
+        sid, _name = volume_ref(volume)
+        if sid is None:
+            return refuse + "local file/device"
+        store: dict[str, Any] | None = self.storages.get(sid)
+        if store is None:
+            return refuse + f"storage '{sid}' does not exist"
+        dest = self._mg_target_sid(sid, storemap) if storemap and not store.get("shared") else sid
+        cdrom = is_cdrom(volume, props)
+        vtype = "iso" if cdrom and not _generated(volume, props) else "images"
+        try:
+            dest_store = self._check_enabled(dest, target)
+        except PveError as exc:
+            return refuse + str(exc.message)
+        if vtype not in split_list(dest_store.get("content")):
+            return refuse + f"{volume}: content type '{vtype}' is not available on storage '{dest}'"
+        return store, dest
+
+    def _mg_local_problem(
+        self,
+        vm: Any,
+        volume: str,
+        props: dict[str, str],
+        store: dict[str, Any],
+        running: bool,
+        live_attached: bool,
+        in_snapshots: set[str],
+    ) -> str | None:
+        """Why a local volume (not on shared storage, not generated) cannot move, or None:
+        a local ISO, another VM's disk, snapshots the storage cannot carry, an attached disk of
+        a running VM without `with-local-disks` (`live_attached`), a storage type that cannot
+        migrate."""
+        refuse = f"can't migrate local disk '{volume}': "
+        _sid, name = volume_ref(volume)
+        if is_cdrom(volume, props):
+            return refuse + "local cdrom image"
+        owner = volume_owner(name)
+        if owner != vm.vmid:
+            return refuse + f"owned by other VM (owner = VM {owner})"
+        if volume in in_snapshots:
+            if running:
+                return refuse + (
+                    "online storage migration not possible if non-replicated snapshot exists"
                 )
-                continue
-            dest = (
-                self._mg_target_sid(sid, storemap) if storemap and not store.get("shared") else sid
+            if store.get("type") != "zfspool" and not name.endswith(".qcow2"):
+                return refuse + "non-migratable snapshot exists"
+        if live_attached:
+            return (
+                refuse + "can't live migrate attached local disks without with-local-disks option"
             )
-            generated = cdrom and re.search(r"vm-\d+-cloudinit", name) is not None
-            vtype = "iso" if cdrom and not generated else "images"
-            try:
-                dest_store = self._check_enabled(dest, target)
-            except PveError as exc:
-                errors.append(f"can't migrate local disk '{volume}': {exc.message}")
-                continue
-            if vtype not in split_list(dest_store.get("content")):
-                errors.append(
-                    f"can't migrate local disk '{volume}': {volume}: content type '{vtype}' "
-                    f"is not available on storage '{dest}'"
-                )
-                continue
-            if store.get("shared"):
-                continue
-            if generated:
-                info.append(f"found generated disk '{volume}' (in current VM config)")
-                moves[volume] = dest
-                continue
-            if cdrom:
-                errors.append(f"can't migrate local disk '{volume}': local cdrom image")
-                continue
-            owner = volume_owner(name)
-            if owner != vm.vmid:
-                errors.append(
-                    f"can't migrate local disk '{volume}': owned by other VM (owner = VM {owner})"
-                )
-                continue
-            if volume in in_snapshots:
-                if running:
-                    errors.append(
-                        f"can't migrate local disk '{volume}': online storage migration not "
-                        "possible if non-replicated snapshot exists"
-                    )
-                    continue
-                if store.get("type") != "zfspool" and not name.endswith(".qcow2"):
-                    errors.append(
-                        f"can't migrate local disk '{volume}': non-migratable snapshot exists"
-                    )
-                    continue
-            if attached and running and not local_disks:
-                errors.append(
-                    f"can't migrate local disk '{volume}': can't live migrate attached local "
-                    "disks without with-local-disks option"
-                )
-                continue
-            if store.get("type") not in _MIGRATABLE:
-                errors.append(
-                    f"can't migrate '{volume}' - storage type '{store.get('type')}' not supported"
-                )
-                continue
-            info.append(f"found local disk '{volume}' ({'attached' if attached else 'unused'})")
-            moves[volume] = dest
-        return moves, info, errors
+        if store.get("type") not in _MIGRATABLE:
+            return f"can't migrate '{volume}' - storage type '{store.get('type')}' not supported"
+        return None
 
     # ---------------------------------------------------------------- route
 
@@ -393,8 +420,8 @@ class QemuMigrateApi(StatefulRoutes):  # type: ignore[misc]  # fakepve ships no 
         return str(new)
 
 
-class PlatformPve(QemuMigrateApi, FakePve):  # type: ignore[misc]  # fakepve ships no types
-    """fakepve's FakePve plus QEMU migration; container migrations take as long."""
+class PlatformPve(BackupApi, QemuMigrateApi, FakePve):  # type: ignore[misc]  # fakepve: no types
+    """fakepve's FakePve plus backups and QEMU migration; container migrations take as long."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -402,14 +429,20 @@ class PlatformPve(QemuMigrateApi, FakePve):  # type: ignore[misc]  # fakepve shi
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """fakepve's own CLI serving PlatformPve. One option of ours: `--migrate-secs` (PVE seconds
-    a migration takes); everything else is fakepve's."""
+    """fakepve's own CLI serving PlatformPve. Options of ours: `--migrate-secs` (PVE seconds a
+    migration takes), `--backup-secs` (PVE seconds one guest's backup takes),
+    `--backup-scheduler` (run due backup jobs while serving, as pvescheduler does; off by
+    default); everything else is fakepve's."""
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--migrate-secs", type=float, default=MIGRATE_SECS)
+    parser.add_argument("--backup-secs", type=float, default=BACKUP_SECS)
+    parser.add_argument("--backup-scheduler", action="store_true")
     ours, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
 
     class Served(PlatformPve):
         migrate_secs = ours.migrate_secs
+        backup_secs = ours.backup_secs
+        backup_scheduler = ours.backup_scheduler
 
     fakepve_cli.FakePve = Served
     sys.argv = [f"{sys.argv[0]} (reconciler.simulators.pve)", *rest]

@@ -49,7 +49,16 @@ def test_sample_plan_holds_every_kind_of_change(sample_plan: Plan) -> None:
     assert summary["create"] and summary["update"] and summary["migrate"] and summary["no-op"]
     assert summary["blocked"] == 2, "a replace and a delete, held back without pruning"
     assert sample_plan.foreign, "the sample has a foreign guest"
-    assert [d.code for d in sample_plan.diagnostics] == ["destroy-blocked", "orphan"]
+    assert [d.code for d in sample_plan.diagnostics] == [
+        "destroy-blocked",
+        "orphan",
+        "backup-stale",
+        "backup-missing",
+    ]
+    freshness = {b.guest: b.freshness.value for b in sample_plan.backups}
+    assert freshness["guest/mc-lobby"] == "fresh"
+    assert freshness["guest/mc-survival"] == "stale"
+    assert freshness["guest/mc-skyblock"] == "missing"
 
 
 def test_json_plan_is_versioned_and_self_describing(sample_plan: Plan) -> None:
@@ -79,7 +88,7 @@ def test_text_puts_destroys_first(sample_plan: Plan) -> None:
     assert text[3].startswith("!! ") and "DESTROYS DATA" in text[3]
     assert text[4].strip() == (
         "BLOCKED  guest/mc-creative: replace destroys rootfs 16 GiB, mp0 16 GiB "
-        "(cannot change in place: unprivileged)"
+        "(cannot change in place: unprivileged); a final backup to storage 'backup' first"
     )
     assert (
         text[5]
