@@ -85,6 +85,7 @@ async def observe_all(
         serving=seen.serving,
         cluster=seen.cluster,
         backups=seen.backups,
+        backup_errors=seen.backup_errors,
     )
 
 

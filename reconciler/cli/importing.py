@@ -8,8 +8,10 @@ controller. `reconciler.cli.main` registers them with `add_import_commands`.
 `import` reads everything (owned or not) and writes spec YAML that describes it, then loads it
 back: exit 0 when it validates, 1 otherwise. `--dir` (or `--ranges-from`) takes the platform
 settings, Proxmox endpoint, layers, hosts and ranges from an existing spec; without it the
-example platform's ranges are used and `--platform` names the platform. `adopt` marks reviewed
-guests and firewall objects as owned; see `reconciler.importing.adopting`.
+example platform's ranges are used and `--platform` names the platform. The cluster's backup
+jobs go to `backups.yaml` (`reconciler.importing.backup_writer`), each keeping its id. `adopt`
+marks reviewed guests, firewall objects and backup jobs as owned; see
+`reconciler.importing.adopting`.
 
 The edge, where configured (the `--dir` spec's `velocity` and Traefik instances with an
 `api_url`, or the flags), is read too and written to `edge.yaml` (`reconciler.importing.edge`,
@@ -77,7 +79,9 @@ def add_import_commands(
         "the imported guest a --traefik-api instance runs in (repeat)",
     )
     im.set_defaults(func=cmd_import)
-    ad = sub.add_parser("adopt", help="mark reviewed guests and firewall objects as owned")
+    ad = sub.add_parser(
+        "adopt", help="mark reviewed guests, firewall objects and backup jobs as owned"
+    )
     ad.add_argument("addresses", nargs="+", metavar="ADDR", help="e.g. guest/mc-lobby")
     ad.add_argument("--dir", default="specs", help="spec directory (default: specs)")
     ad.add_argument("--dry-run", action="store_true", help="show what would be written")
@@ -163,12 +167,14 @@ def cmd_import(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         err.write(render.render_diagnostics(check.diagnostics))
         err.write(f"{target}: the imported specs do not validate (see the notes above)\n")
         return EXIT_ERROR
-    edge_text = ""
+    more = ""
     if "edge.yaml" in result.files:
         routes = sum(len(i.routes) for i in check.spec.traefik.values())
-        edge_text = f", {len(result.velocity_servers)} Velocity servers, {routes} routes"
+        more = f", {len(result.velocity_servers)} Velocity servers, {routes} routes"
+    if result.backup_jobs:
+        more += f", {len(result.backup_jobs)} backup jobs"
     out.write(
-        f"{target}: {len(result.guests)} guests{edge_text} imported from {estate.source}; valid. "
+        f"{target}: {len(result.guests)} guests{more} imported from {estate.source}; valid. "
         f"Review them, then `reconciler adopt ADDR... --dir {target}`.\n"
     )
     if result.routes:

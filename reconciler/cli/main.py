@@ -1,5 +1,5 @@
 """`reconciler` command line: validate, plan, observe, apply, run (the service), import, adopt,
-check (the Proxmox token's privileges), schema, graph and demo.
+check (the Proxmox token's privileges), backup, backups, restore, schema, graph and demo.
 
 Exit codes follow Terraform's: 0 success, 1 error; with `plan --detailed-exitcode`, 0 means no
 changes and 2 means changes. Nothing here decides anything: it wires loading, planning and
@@ -17,6 +17,7 @@ from typing import TextIO, TypeAlias
 
 from reconciler import __version__
 from reconciler.cli import render
+from reconciler.cli.backups import add_backup_commands
 from reconciler.cli.check import add_check_parser
 from reconciler.cli.importing import add_import_commands
 from reconciler.cli.live import Command, add_connection_args, cmd_apply, cmd_observe, repeatable
@@ -200,6 +201,7 @@ def parser() -> argparse.ArgumentParser:
     add_run_parser(sub)
     add_import_commands(sub, add_connection_args)
     add_check_parser(sub, add_connection_args)
+    add_backup_commands(sub)
     _add_demo_parser(sub)
     return p
 

@@ -24,21 +24,44 @@ default one, so several services (and tests) live side by side without clashing 
     reconciler_last_success_timestamp_seconds           gauge    end of the last converged or
                                                                  changed cycle (epoch seconds)
     reconciler_resources_in_backoff                     gauge
+    reconciler_backup_age_seconds{guest,job}            gauge    age of the guest's newest
+                                                                 backup on the job's storage,
+                                                                 as of the last full cycle;
+                                                                 no series when it has none
+                                                                 (missing) or its storage
+                                                                 could not be listed (unknown)
+    reconciler_backup_max_age_seconds{guest,job}        gauge    the job's max_age, for every
+                                                                 guest it selects (missing ones
+                                                                 too)
+    reconciler_backups_stale                            gauge    guests stale or missing, one
+                                                                 per guest and job that
+                                                                 selects it (as /status lists)
+    reconciler_backups_unknown                          gauge    the same, whose storage could
+                                                                 not be listed
+
+A missing backup has no age, and NaN would hide it from `>` comparisons anyway, so it has no
+age series; alert on `reconciler_backups_stale > 0`, or per guest on
+`reconciler_backup_age_seconds > reconciler_backup_max_age_seconds` together with
+`reconciler_backup_max_age_seconds unless reconciler_backup_age_seconds` (none at all).
 
 Label values are closed sets (the enums of `reconciler.controller.status` and
-`reconciler.model`), never addresses or error texts, so the number of series stays bounded.
+`reconciler.model`), never addresses or error texts, so the number of series stays bounded;
+except the backup gauges' `guest` and `job`: names from the spec (without `guest/` and
+`backup/`), one series per guest a job selects, removed when the guest leaves the spec or the
+job (or, for the age, has no backup any more).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from reconciler.applying.executor import ApplyReport, Outcome
 from reconciler.controller.status import SUCCESSFUL, CycleOutcome
+from reconciler.model.plans import BackupFreshness, Freshness
 
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
 
@@ -109,8 +132,31 @@ class Metrics:
         self.backoff = Gauge(
             "reconciler_resources_in_backoff", "Resources waiting to retry a change.", registry=r
         )
+        self.backup_age = Gauge(
+            "reconciler_backup_age_seconds",
+            "Age of the guest's newest backup on the job's storage, at the last full cycle.",
+            ["guest", "job"],
+            registry=r,
+        )
+        self.backup_max_age = Gauge(
+            "reconciler_backup_max_age_seconds",
+            "The job's max_age: an older newest backup is stale.",
+            ["guest", "job"],
+            registry=r,
+        )
+        self.backups_stale = Gauge(
+            "reconciler_backups_stale",
+            "Guests (per job that selects them) whose newest backup is stale or missing.",
+            registry=r,
+        )
+        self.backups_unknown = Gauge(
+            "reconciler_backups_unknown",
+            "Guests (per job that selects them) whose job's storage could not be listed.",
+            registry=r,
+        )
         self._is_leader = False
         self._revision: str | None = None
+        self._backup_series: dict[Gauge, set[tuple[str, str]]] = {}
 
     def cycle(self, kind: str, outcome: str, seconds: float) -> None:
         """A cycle ended after `seconds`; a successful one also stamps last_success."""
@@ -157,6 +203,30 @@ class Metrics:
 
     def set_backoff(self, n: int) -> None:
         self.backoff.set(n)
+
+    def set_backups(self, items: Iterable[BackupFreshness]) -> None:
+        """The last full plan's backup freshness; the series of guests no longer listed (or,
+        for the age, without a backup now) are removed."""
+        listed = list(items)
+        ages: dict[tuple[str, str], float] = {}
+        limits: dict[tuple[str, str], float] = {}
+        for b in listed:
+            labels = (b.guest.removeprefix("guest/"), b.job.removeprefix("backup/"))
+            limits[labels] = b.max_age
+            if b.age is not None:  # fresh or stale: a missing or unknown one has no age
+                ages[labels] = b.age
+        self._set_series(self.backup_age, ages)
+        self._set_series(self.backup_max_age, limits)
+        bad = (Freshness.STALE, Freshness.MISSING)
+        self.backups_stale.set(sum(1 for b in listed if b.freshness in bad))
+        self.backups_unknown.set(sum(1 for b in listed if b.freshness is Freshness.UNKNOWN))
+
+    def _set_series(self, gauge: Gauge, values: dict[tuple[str, str], float]) -> None:
+        for labels in self._backup_series.get(gauge, set()) - set(values):
+            gauge.remove(*labels)
+        for labels, v in values.items():
+            gauge.labels(*labels).set(v)
+        self._backup_series[gauge] = set(values)
 
     def render(self) -> bytes:
         """The registry in the Prometheus text format (`content_type`)."""

@@ -22,7 +22,9 @@ The worker's triggers:
                waiting out a backoff are left out of the plan; the observed state is published
                (file `<state dir>/observed.json`, the Redis key `reconciler:<platform>:observed`,
                and /snapshot) for CI to plan against; after changes, another FULL soon, which
-               sees their effect (and registers what became ready)
+               sees their effect (and registers what became ready); the plan's backup
+               freshness goes to /status and the gauges, and a guest whose backup turns stale
+               or missing, or fresh again, is an event in the log
     INVENTORY  one Proxmox call (`/cluster/resources`) compared with the last snapshot; any
                drift asks for a FULL at once
     EDGE       Velocity, Traefik and the agents, with the guests' power state from one
@@ -76,7 +78,7 @@ from reconciler.controller.timing import Backoffs, Schedule, Trigger
 from reconciler.loading.graph import build_graph
 from reconciler.model.errors import ConfigurationError, ReconcilerError, first_error
 from reconciler.model.observed import ObservedState
-from reconciler.model.plans import Plan
+from reconciler.model.plans import Freshness, Plan
 from reconciler.model.resources import DesiredGraph, Kind
 from reconciler.model.spec import PlatformSpec, SecretRef
 from reconciler.planning.observed_policies import live_isolation
@@ -430,6 +432,7 @@ class Service:
         self.board.record_plan(wanted)
         self.metrics.set_drift(len(wanted))
         self._held_back(plan)
+        self._backups(plan)
         self._record_results(reports)
         if plan.errored:
             return CycleOutcome.ERRORED
@@ -456,6 +459,29 @@ class Service:
                     why=change.blocked,
                 ),
             )
+
+    def _backups(self, plan: Plan) -> None:
+        """Backup freshness: in /status and the gauges every cycle, and in the log when a
+        guest's backup turns stale or missing (first seen so included) or fresh again: the
+        transitions only, so the log says when it happened (the state is in /status and the
+        gauges) instead of repeating it every five minutes."""
+        for change in self.board.record_backups(plan.backups):
+            b = change.item
+            extra = fields(
+                guest=b.guest,
+                job=b.job,
+                vmid=b.vmid,
+                freshness=b.freshness.value,
+                was=change.was.value if change.was is not None else None,
+                age=b.age,
+                max_age=b.max_age,
+                newest=b.newest,
+            )
+            if b.freshness is Freshness.FRESH:
+                log.info("backup fresh again", extra=extra)
+            else:
+                log.warning(f"backup {b.freshness.value}", extra=extra)
+        self.metrics.set_backups(plan.backups)
 
     def _cycle_done(
         self,

@@ -15,7 +15,8 @@ because no update awaits. Wall-clock time comes from the injected `clock` (defau
 `time.time`), so tests set the time instead of sleeping.
 
 Secrets never go in: the board holds only error messages the providers already redact, spec
-revision ids, and the lease holder's name and fencing token.
+revision ids, the lease holder's name and fencing token, and of backups only addresses, ages
+and volume ids (never a backup's notes).
 
 `to_json()` shape (timestamps RFC 3339 UTC, null when unknown):
 
@@ -30,6 +31,12 @@ revision ids, and the lease holder's name and fencing token.
      "drift": 2 | null,
      "held_back": [{"address": "guest/mc-x", "action": "replace",
                     "destroys": ["rootfs 8 GiB"], "reason": "...", "why": "..."}],
+     "backups": {"at": "...",
+                 "counts": {"fresh": 1, "stale": 1, "missing": 1, "unknown": 0},
+                 "guests": [{"guest": "guest/mc-lobby", "job": "backup/game-worlds",
+                             "vmid": 1000, "freshness": "stale", "age": 172800,
+                             "max_age": 46800, "newest": "backup:backup/vzdump-lxc-..."}]}
+                | null,
      "observe": {"ok": true, "at": "...", "error": ""} | null,
      "heartbeat": {"at": "...", "age_seconds": 0.4},
      "ready": {"ready": true, "reason": "", "revision": true, "observe": true},
@@ -48,7 +55,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from reconciler.applying.executor import ApplyReport, Outcome
-from reconciler.model.plans import Change
+from reconciler.model.plans import BackupFreshness, Change, Freshness
 
 Clock = Callable[[], float]
 
@@ -133,6 +140,15 @@ class Cycle:
         }
 
 
+@dataclass(frozen=True)
+class BackupTransition:
+    """A guest's backup under one job turned stale or missing, or fresh again, since the last
+    full cycle that could tell: an event for the log."""
+
+    item: BackupFreshness
+    was: Freshness | None  # None: not seen before (the service started, or the guest is new)
+
+
 @dataclass
 class Observe:
     ok: bool
@@ -188,6 +204,12 @@ class StatusBoard:
         self.drift: int | None = None
         # Destroys the last full plan held back (pruning is off), as shown in /status.
         self.held_back: list[dict[str, Any]] = []
+        # The last full plan's backup freshness (None until one was made), and when.
+        self.backups: list[BackupFreshness] | None = None
+        self.backups_at: float | None = None
+        # The last known freshness per (guest, job), for transitions: `unknown` (the storage
+        # could not be listed) says nothing, so it does not overwrite what was known.
+        self._freshness: dict[tuple[str, str], Freshness] = {}
         self.observe: Observe | None = None
         self.resources: dict[str, ResourceStatus] = {}
         # Counted from creation: a loop that never ticks goes unhealthy after the max age,
@@ -257,6 +279,39 @@ class StatusBoard:
         ]
         for item in self.held_back:
             self.withhold(item["address"], f"held back: {item['why']}")
+
+    def record_backups(self, items: Iterable[BackupFreshness]) -> list[BackupTransition]:
+        """The last full plan's backup freshness (`Plan.backups`): kept for /status, and the
+        transitions since the last one returned: into stale or missing (from anything else,
+        first sight included) and back to fresh (from stale or missing). A guest that is no
+        longer listed (it left the spec, or its job) is forgotten."""
+        listed = sorted(items, key=lambda b: (b.guest, b.job))
+        self.backups = listed
+        self.backups_at = self.clock()
+        bad = (Freshness.STALE, Freshness.MISSING)
+        changes: list[BackupTransition] = []
+        known: dict[tuple[str, str], Freshness] = {}
+        for item in listed:
+            key = (item.guest, item.job)
+            was = self._freshness.get(key)
+            now = item.freshness
+            if now is Freshness.UNKNOWN:
+                if was is not None:
+                    known[key] = was
+                continue
+            known[key] = now
+            turned_bad = now in bad and now is not was
+            if turned_bad or (now is Freshness.FRESH and was in bad):
+                changes.append(BackupTransition(item, was))
+        self._freshness = known
+        return changes
+
+    def count_backups(self) -> dict[str, int]:
+        """The last full plan's guests by freshness, one per (guest, job) as listed."""
+        counts = dict.fromkeys((f.value for f in Freshness), 0)
+        for item in self.backups or ():
+            counts[item.freshness.value] += 1
+        return counts
 
     def record_result(
         self,
@@ -385,6 +440,13 @@ class StatusBoard:
             "last_cycle": None if self.last_cycle is None else self.last_cycle.to_json(),
             "drift": self.drift,
             "held_back": self.held_back,
+            "backups": None
+            if self.backups is None
+            else {
+                "at": rfc3339(self.backups_at),
+                "counts": self.count_backups(),
+                "guests": [b.to_json() for b in self.backups],  # no notes: nothing written by hand
+            },
             "observe": None
             if self.observe is None
             else {

@@ -43,14 +43,14 @@ from reconciler.applying.converging import Convergence, converge
 from reconciler.applying.executor import Outcome, Result
 from reconciler.cli import render
 from reconciler.demo.lab import TEMPLATE, Lab, start_lab
-from reconciler.loading.graph import build_graph, selected_guests
+from reconciler.loading.graph import build_graph
 from reconciler.loading.loader import load_directory
 from reconciler.model.diagnostics import Severity
 from reconciler.model.errors import ReconcilerError
 from reconciler.model.observed import ObservedState
-from reconciler.model.plans import Action, Change, Plan
+from reconciler.model.plans import Action, Cause, Change, Plan
 from reconciler.model.resources import DesiredGraph, Kind
-from reconciler.model.spec import PlatformSpec
+from reconciler.model.spec import PlatformSpec, selected_guests
 from reconciler.planning.observed_policies import live_isolation
 from reconciler.planning.planner import make_plan
 from reconciler.simulators.processes import PartMissing
@@ -255,7 +255,10 @@ class Screen:
                 for line in render.render_change(change, color=self.color):
                     self.line("     " + line)
             else:
-                self.line("     " + self.paint(_action_color(change.action), _head(change)))
+                head = _head(change)
+                if change.cause is Cause.RESTORE:  # not empty: say which backup
+                    head += f"  ({change.reason})"
+                self.line("     " + self.paint(_action_color(change.action), head))
         if plan.foreign:
             self.line("   Not owned by the controller (reported, never touched):")
             for f in plan.foreign:

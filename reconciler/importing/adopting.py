@@ -1,6 +1,7 @@
-"""Adoption: mark guests and firewall objects that exist already as the controller's, so it
-manages them from then on. Called by `reconciler adopt ADDR...` once the imported (or written)
-specs have been reviewed; until then the planner only reports such guests (`adoption-pending`).
+"""Adoption: mark guests, firewall objects and backup jobs that exist already as the
+controller's, so it manages them from then on. Called by `reconciler adopt ADDR...` once the
+imported (or written) specs have been reviewed; until then the planner only reports such guests
+(`adoption-pending`).
 
 What adopting writes, and nothing else:
 - a guest (`guest/<name>`): the owner tag added to its tags, and the mark line
@@ -9,14 +10,20 @@ What adopting writes, and nothing else:
   carries the digest read during the checks: a guest edited in between is not overwritten
   (the adoption fails for it; run adopt again after a look);
 - an alias, IP set or security group (`firewall/alias|ipset|group/<name>`): the comment mark
-  `[reconciler:<platform>]` appended to its comment, with the list's digest.
+  `[reconciler:<platform>]` appended to its comment, with the list's digest;
+- a backup job (`backup/<name>`): the job under the spec's `id` (default `rc-<name>`) gets the
+  mark `reconciler:v1 platform=.. address=.. id=<its id>` at the end of its comment, whose text
+  is kept (`PUT /cluster/backup/{id} comment=...`), and nothing else: the job is neither
+  recreated nor renamed. Jobs have no digest: the job is read again just before, and written
+  only if it is still as it was checked.
 
 Refused, with nothing written for any address, when one address is not in the specs, is not a
-guest or a named firewall object, names a vmid that is free or held by a template, names a
-guest whose name, kind or node differs from the spec's (planning would replace or rename it),
-which is locked, or which carries another platform's mark (or ours for another address). A
-guest or object already ours is reported and left alone. A guest's own firewall follows its
-guest: it is managed once the guest is adopted.
+guest, a named firewall object or a backup job, names a vmid that is free or held by a
+template, names a guest whose name, kind or node differs from the spec's (planning would
+replace or rename it), which is locked, or which carries another platform's mark (or ours for
+another address); or names a job id no job has, or a job whose address another job of ours
+has already. A guest, object or job already ours is reported and left alone. A guest's own
+firewall follows its guest: it is managed once the guest is adopted.
 """
 
 from __future__ import annotations
@@ -26,8 +33,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from reconciler.model.errors import ConflictError, ProviderError
-from reconciler.model.resources import DesiredGraph, Kind
-from reconciler.planning import diffing, normalize
+from reconciler.model.resources import DesiredGraph, Kind, job_id
+from reconciler.planning import backups, diffing, normalize
 from reconciler.providers.firewall import (
     clean_rule,
     ipset_entry_of,
@@ -40,6 +47,11 @@ from reconciler.providers.proxmox import (
     guest_attributes,
     read_mark,
     with_mark,
+)
+from reconciler.providers.proxmox_backup import (
+    job_attributes,
+    job_comment,
+    read_job_mark,
 )
 
 _NAMED = (Kind.FIREWALL_ALIAS, Kind.FIREWALL_IPSET, Kind.FIREWALL_GROUP)
@@ -126,6 +138,8 @@ async def _check(
         if adoption.status != "already owned":
             adoption.drift = await _named_drift(provider, res.kind, res.name, dict(res.attributes))
         return adoption
+    if res.kind is Kind.BACKUP_JOB:
+        return await _check_job(graph, provider, address)
     if res.kind is Kind.FIREWALL_GUEST:
         raise _Refused(f"a guest's firewall follows its guest: adopt guest/{res.name}")
     raise _Refused(f"a {res.kind.value} is not adopted: apply writes it")
@@ -284,3 +298,67 @@ async def _check_named(
 
     adoption._send = send
     return adoption
+
+
+async def _check_job(graph: DesiredGraph, provider: ProxmoxProvider, address: str) -> Adoption:
+    """A backup job: the one under the spec's id, unmarked (or already ours for `address`),
+    and no other job of ours for the same address."""
+    want = graph.resources[address].attributes
+    ident = str(want.get("id") or job_id(address))
+    target = f"backup job {ident}"
+    api = provider.client.cluster.backup
+    listed = await provider.retrying("list backup jobs", lambda: api.get(), read=True)
+    jobs = {str(j["id"]): j for j in listed if j.get("id")}
+    job = jobs.get(ident)
+    if job is None:
+        hint = "" if "id" in want else " (to adopt one that exists, give the spec's job its id)"
+        raise _Refused(f"no backup job {ident} exists; apply creates it{hint}")
+    ours = f"{graph.platform}|{address}"
+    for other, j in sorted(jobs.items()):
+        if other != ident and read_job_mark(j.get("comment"), other)[0] == ours:
+            raise _Refused(f"backup job {other} is this platform's {address} already")
+    claim, description = read_job_mark(job.get("comment"), ident)
+    if claim == ours:
+        return Adoption(address, target, status="already owned")
+    if claim is not None:
+        platform, _, claimed_address = claim.partition("|")
+        if platform != graph.platform:
+            raise _Refused(f"{target} carries the mark of platform {platform!r}")
+        raise _Refused(f"{target} is already this platform's, as {claimed_address}")
+    comment = job_comment(graph.platform, address, description, ident)
+    adoption = Adoption(
+        address,
+        target,
+        {"comment": comment},
+        drift=_job_drift(graph, address, job_attributes(job, description)),
+    )
+    seen = _job_as_read(job)
+
+    async def send() -> None:
+        now = await provider.retrying(f"read {target}", lambda: api(ident).get(), read=True)
+        if _job_as_read(now) != seen:
+            raise ConflictError(f"{target} changed since it was read")
+        await provider.retrying(f"adopt {address}", lambda: api(ident).put(comment=comment))
+
+    adoption._send = send
+    return adoption
+
+
+def _job_as_read(job: Mapping[str, Any]) -> dict[str, Any]:
+    """A job's options, to compare two reads: `next-run` is computed from the time (and only
+    the list has it)."""
+    return {k: v for k, v in job.items() if k != "next-run"}
+
+
+def _job_drift(graph: DesiredGraph, address: str, have: dict[str, Any]) -> list[str]:
+    """The fields the next plan would change once the job carries the mark: its selection as
+    the vmids the spec gives its guests (a guest without one in the spec is left out)."""
+    res = graph.resources[address]
+    vmids = {
+        a: int(r.attributes["vmid"])
+        for a, r in graph.resources.items()
+        if r.kind is Kind.GUEST and r.attributes.get("vmid") is not None
+    }
+    desired = {**res.attributes, "vmid": backups.job_vmids(res, vmids)}
+    want, observed = normalize.pair(Kind.BACKUP_JOB, desired, have)
+    return [f.path for f in diffing.diff(Kind.BACKUP_JOB, want, observed)]

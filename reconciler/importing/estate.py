@@ -1,11 +1,12 @@
 """Read a whole Proxmox estate, owned or not: every guest's config and firewall, the cluster's
-firewall objects, and the nodes' size. `reconciler import` calls `read_estate`, then hands the
-`Estate` to `writer.render_specs`.
+firewall objects, its backup jobs, and the nodes' size. `reconciler import` calls
+`read_estate`, then hands the `Estate` to `writer.render_specs`.
 
 It reads only. One `GET /cluster/resources` gives the guests and nodes; then each guest costs
 one config read (two for a VM: its pending values too, as observation does) and two firewall
-reads; each IP set and security group one read. All calls go through the provider's retry
-policy and its concurrency limiter, so a big cluster is read concurrently but bounded.
+reads; each IP set and security group one read; the backup jobs one (`GET /cluster/backup`).
+All calls go through the provider's retry policy and its concurrency limiter, so a big cluster
+is read concurrently but bounded.
 
 Templates (`template: 1`) are not guests the spec can describe; they are listed in
 `Estate.skipped`, and so is a guest still being created or destroyed.
@@ -86,6 +87,7 @@ class Estate:
     ipsets: tuple[NamedObject, ...]
     groups: tuple[NamedObject, ...]
     skipped: tuple[str, ...] = field(default=())  # what was seen but not read, and why
+    backup_jobs: tuple[Mapping[str, Any], ...] = ()  # as `GET /cluster/backup` lists them
 
 
 async def read_estate(provider: ProxmoxProvider) -> Estate:
@@ -99,6 +101,7 @@ async def read_estate(provider: ProxmoxProvider) -> Estate:
         tg.start_soon(reader.read_cluster_options)
         tg.start_soon(reader.read_aliases)
         tg.start_soon(reader.read_indexes, tg)
+        tg.start_soon(reader.read_backup_jobs)
         for item in reader.guests_to_read(items):
             tg.start_soon(reader.read_guest, item)
     nodes = {str(i["node"]): i for i in items if i.get("type") == "node"}
@@ -117,6 +120,7 @@ class _EstateReader:
     aliases: list[NamedObject] = field(default_factory=list)
     ipsets: list[NamedObject] = field(default_factory=list)
     groups: list[NamedObject] = field(default_factory=list)
+    backup_jobs: list[Mapping[str, Any]] = field(default_factory=list)
 
     @property
     def _firewall(self) -> Any:
@@ -198,6 +202,11 @@ class _EstateReader:
         raw = await self.provider.retrying(f"read security group {name}", lambda: group.get())
         self.groups.append(NamedObject(name, comment, rules=tuple(clean_rule(r) for r in raw)))
 
+    async def read_backup_jobs(self) -> None:
+        backup = self.provider.client.cluster.backup
+        jobs = await self.provider.retrying("list backup jobs", lambda: backup.get(), read=True)
+        self.backup_jobs.extend(j for j in jobs if j.get("id"))
+
     def estate(self, nodes: Mapping[str, Mapping[str, Any]]) -> Estate:
         now = datetime.datetime.now(datetime.UTC).replace(microsecond=0).isoformat()
         return Estate(
@@ -210,4 +219,5 @@ class _EstateReader:
             ipsets=tuple(sorted(self.ipsets, key=lambda a: a.name)),
             groups=tuple(sorted(self.groups, key=lambda a: a.name)),
             skipped=tuple(sorted(self.skipped)),
+            backup_jobs=tuple(sorted(self.backup_jobs, key=lambda j: str(j["id"]))),
         )

@@ -22,6 +22,11 @@ What is written (`render_specs`):
 - `firewall.yaml`: the cluster's aliases, IP sets and security groups (a mark of this platform
   stripped from their comments). The cluster options are written commented out: declaring
   them makes the controller manage them at once, and nothing marks them as reviewed.
+- `backups.yaml` (when the cluster has backup jobs): `backups:`, one job per Proxmox job,
+  rendered by `backup_writer` (its docstring has the option-by-option table); a job that
+  existed before keeps its `id`, so `adopt backup/NAME` marks it instead of apply recreating
+  it; a job's drift (all=1 written as a vmid list, vmids not imported) is in
+  `ImportResult.drift`, what it cannot say in the notes.
 - `edge.yaml` (when the edge was read: `edge.read_edge`, the CLI's `--dir` velocity and
   Traefik instances or `--velocity-url` / `--traefik-api`): `velocity:` (its guest, the bridge's
   port and secret reference, one server per registration on an imported guest) and
@@ -62,6 +67,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from reconciler.importing.backup_writer import BACKUPS_HEADER, job_drift, render_backups
 from reconciler.importing.edge import EdgeEstate
 from reconciler.importing.edge_writer import EDGE_HEADER, ImportedGuest, render_edge
 from reconciler.importing.estate import Estate, GuestRecord, NamedObject
@@ -202,6 +208,7 @@ class ImportResult:
     drift: dict[str, list[str]] = field(default_factory=dict)  # address -> fields that differ
     routes: dict[str, str] = field(default_factory=dict)  # route address -> hand-made router
     velocity_servers: dict[str, str] = field(default_factory=dict)  # server name -> guest
+    backup_jobs: dict[str, str] = field(default_factory=dict)  # job name -> its Proxmox id
     load: LoadResult | None = None  # the written specs, loaded back
 
     @property
@@ -563,6 +570,10 @@ def render_specs(estate: Estate, base: Base, edge: EdgeEstate | None = None) -> 
     files["platform.yaml"] = _platform_file(
         base, frame.layers, frame.hosts, frame.ranges, guests, header
     )
+    jobs = render_backups(estate.backup_jobs, {g.record.vmid: g.name for g in guests}, base.name)
+    notes.extend(jobs.notes)
+    if jobs.section:
+        files["backups.yaml"] = dump({"backups": jobs.section}, [*header, "", *BACKUPS_HEADER])
 
     edged = render_edge(
         edge or EdgeEstate(),
@@ -577,9 +588,12 @@ def render_specs(estate: Estate, base: Base, edge: EdgeEstate | None = None) -> 
 
     result = ImportResult(files, {g.name: g.record.vmid for g in guests}, notes)
     result.routes, result.velocity_servers = edged.routes, edged.servers
+    result.backup_jobs = jobs.ids
     result.load = load_texts(files)
     if result.load.ok and result.load.spec is not None:
         result.drift = _drift(result.load.spec, guests, estate, base)
+        vmids = {f"guest/{g.name}": g.record.vmid for g in guests}
+        result.drift.update(job_drift(build_graph(result.load.spec), jobs, vmids))
     return result
 
 

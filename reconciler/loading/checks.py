@@ -16,10 +16,16 @@ from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from reconciler.loading.graph import selected_guests
 from reconciler.loading.sources import PathT, Source, dotted
 from reconciler.model.diagnostics import Diagnostic, error
-from reconciler.model.spec import FirewallRule, HttpRoute, PlatformSpec, volume_kind
+from reconciler.model.resources import job_id
+from reconciler.model.spec import (
+    FirewallRule,
+    HttpRoute,
+    PlatformSpec,
+    selected_guests,
+    volume_kind,
+)
 
 Check = Callable[[PlatformSpec, Source], Iterator[Diagnostic]]
 
@@ -388,6 +394,20 @@ def check_networks(spec: PlatformSpec, source: Source) -> Iterator[Diagnostic]:
 def check_backups(spec: PlatformSpec, source: Source) -> Iterator[Diagnostic]:
     """A backup job selects at least one guest (Proxmox refuses a job without a selection),
     and no job names the same guest twice through `guests` and `exclude`."""
+    ids: dict[str, str] = {}
+    # Implied ids first: the job whose `id` takes another's is the one reported.
+    for jname, job in sorted(spec.backups.items(), key=lambda kv: (kv[1].id is not None, kv[0])):
+        ident = job.id or job_id(f"backup/{jname}")
+        if ident in ids:
+            yield _err(
+                source,
+                "backup-job-id",
+                f"backup jobs {ids[ident]!r} and {jname!r} both use the Proxmox job id "
+                f"{ident!r}; Proxmox keeps one job per id",
+                ("backups", jname, "id") if job.id else ("backups", jname),
+                key=not job.id,
+            )
+        ids.setdefault(ident, jname)
     for jname, job in spec.backups.items():
         at: PathT = ("backups", jname, "select")
         both = set(job.select.guests) & set(job.select.exclude)
@@ -399,7 +419,11 @@ def check_backups(spec: PlatformSpec, source: Source) -> Iterator[Diagnostic]:
                 f"backup job {jname!r} both selects and excludes guest {name!r}",
                 (*at, "exclude", i),
             )
-        if not both and not selected_guests(spec, job.select):
+        named = (*job.select.guests, *job.select.exclude)
+        unknown = any(r not in spec.ranges for r in job.select.roles) or any(
+            g not in spec.guests for g in named
+        )  # reported by check_references
+        if not both and not unknown and not selected_guests(spec, job.select):
             yield _err(
                 source,
                 "backup-selection",

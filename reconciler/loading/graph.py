@@ -19,7 +19,6 @@ from typing import Any
 from reconciler.loading.sources import Source
 from reconciler.model.resources import DesiredGraph, Kind, Resource, guest_address
 from reconciler.model.spec import (
-    BackupSelect,
     FirewallRule,
     GuestSpec,
     HttpRoute,
@@ -28,6 +27,7 @@ from reconciler.model.spec import (
     TcpRoute,
     Volume,
     VolumeOptions,
+    selected_guests,
 )
 from reconciler.model.units import format_mib
 
@@ -375,23 +375,11 @@ def _backup_resources(spec: PlatformSpec, source: Source) -> Iterator[Resource]:
                 "guests": [guest_address(g) for g in selected_guests(spec, job.select)],
                 "description": job.description,
                 **({"max_age": job.max_age} if job.max_age else {}),
+                # The job an adopted one already is; else the provider's `rc-<name>`.
+                **({"id": job.id} if job.id else {}),
             },
             position=source.where(("backups", name)),
         )
-
-
-def selected_guests(spec: PlatformSpec, select: BackupSelect) -> list[str]:
-    """The spec guests a backup selection names, by name, sorted."""
-    names: set[str] = set()
-    for name, guest in spec.guests.items():
-        if (
-            select.all
-            or guest.role in select.roles
-            or name in select.guests
-            or set(guest.tags) & set(select.tags)
-        ):
-            names.add(name)
-    return sorted(names - set(select.exclude))
 
 
 def _rule_refs(spec: PlatformSpec, rules: tuple[FirewallRule, ...]) -> set[str]:

@@ -62,7 +62,9 @@ Format (version 2; a version 1 snapshot, which has no `health` or `errors`, stil
          "storage": "backup", "node": null,   # jobs write to; null: not listed
          "vmid": 1001, "ctime": 1764640800, "size": 1073741824,
          "notes": "mc-survival", "protected": false, "subtype": "lxc"}
-      ]
+      ],
+      "backup_errors": {"backup": "..."}   # optional: storages whose listing failed (then
+                                         # `backups` is null: unknown, not empty)
     }
 
 Attributes of a foreign guest (not owned) hold at least `name`, `vmid` and `node`. An address
@@ -218,6 +220,9 @@ class ObservedState(BaseModel):
     # The backups on the spec's backup storages, oldest first per guest; None: not listed (or
     # a listing failed). Not part of the digest: a new backup must not stale a saved plan.
     backups: tuple[BackupVolume, ...] | None = None
+    # Why the backups could not be listed (storage, or "cluster", -> message). With `backups`
+    # None and nothing here, nobody looked (an older snapshot, no jobs): planning ignores them.
+    backup_errors: dict[str, str] = Field(default_factory=dict)
 
     def digest(self) -> str:
         """Content hash of what was observed (not when): a saved plan applies only if it matches.

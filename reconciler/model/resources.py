@@ -45,6 +45,12 @@ def guest_address(name: str) -> str:
     return f"{Kind.GUEST}/{name}"
 
 
+def job_id(address: str) -> str:
+    """`backup/game-worlds` -> `rc-game-worlds`: the id Proxmox keeps our backup job under
+    unless the spec names one (an adopted job keeps its own)."""
+    return "rc-" + address.removeprefix(f"{Kind.BACKUP_JOB.value}/")
+
+
 @dataclass(frozen=True)
 class Resource:
     address: str

@@ -697,6 +697,14 @@ class BackupJobSpec(Strict):
         "Default: twice the longest gap between the schedule's runs",
     )
     description: Comment = ""
+    # The characters the job's ownership mark can carry (`id=...` in its comment), within
+    # Proxmox's 50.
+    id: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,49}$",
+        description="The Proxmox job id. Default: rc-<name>; `import` writes it for a job that "
+        "existed before, which `adopt` then marks as the controller's under this id",
+    )
 
 
 # --- policies ------------------------------------------------------------------------------
@@ -801,3 +809,17 @@ class PlatformSpec(Strict):
 
 
 TOP_LEVEL_KEYS = tuple(PlatformSpec.model_fields)
+
+
+def selected_guests(spec: PlatformSpec, select: BackupSelect) -> list[str]:
+    """The spec guests a backup selection names, by name, sorted."""
+    names: set[str] = set()
+    for name, guest in spec.guests.items():
+        if (
+            select.all
+            or guest.role in select.roles
+            or name in select.guests
+            or set(guest.tags) & set(select.tags)
+        ):
+            names.add(name)
+    return sorted(names - set(select.exclude))

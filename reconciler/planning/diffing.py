@@ -33,8 +33,9 @@ NOT_COMPARED: dict[Kind, frozenset[str]] = {
     # is where a route is read from, not part of it (a lab may feed an instance by file).
     Kind.ROUTE: frozenset({"when_unready", "feed"}),
     # A job's selection is compared as the vmids the planner resolves it to; its freshness
-    # limit is the controller's policy, not Proxmox's.
-    Kind.BACKUP_JOB: frozenset({"guests", "max_age"}),
+    # limit is the controller's policy, not Proxmox's; its id names the job to create (an
+    # existing one is found by its mark, and keeps its id).
+    Kind.BACKUP_JOB: frozenset({"guests", "max_age", "id"}),
 }
 
 # Fields an observer may be unable to see: compared only when the observed side has them.

@@ -42,7 +42,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from reconciler.model.diagnostics import Diagnostic, error
+from reconciler.model.diagnostics import Diagnostic, error, warning
 from reconciler.model.observed import ClusterFacts, NodeFacts, ObservedResource, ObservedState
 from reconciler.model.resources import DesiredGraph, Kind, Resource
 from reconciler.planning import normalize
@@ -91,7 +91,42 @@ def check_placement(
     for address, diag in _check_memory(graph, cluster, observed, moving, problems):
         problems.setdefault(address, []).append(diag)
     diags = [d for found in problems.values() for d in found]
+    diags += _check_backup_storages(graph, cluster)
     return Placement(frozenset(problems), tuple(diags))
+
+
+def _check_backup_storages(graph: DesiredGraph, cluster: ClusterFacts) -> list[Diagnostic]:
+    """A backup job's storage is there and takes backups on some online node: otherwise every
+    run of the job fails (a warning: the job itself can still be written, and fixed there)."""
+    out: list[Diagnostic] = []
+    for res in graph.ordered():
+        if res.kind is not Kind.BACKUP_JOB:
+            continue
+        storage = str(res.attributes["storage"])
+        seen = [
+            st
+            for node in cluster.nodes.values()
+            if node.online and node.storages is not None
+            for sid, st in node.storages.items()
+            if sid == storage
+        ]
+        if any(node.storages is None for node in cluster.nodes.values()):
+            continue  # the storages could not be listed: nothing to say
+        if not seen:
+            why = f"storage {storage!r} is on no online node"
+        elif not any(st.active and "backup" in st.content for st in seen):
+            why = f"storage {storage!r} does not take backups (content: backup) or is inactive"
+        else:
+            continue
+        out.append(
+            warning(
+                "backup-storage",
+                f"{res.address}: {why}; every run of the job would fail",
+                position=res.position,
+                address=res.address,
+            )
+        )
+    return out
 
 
 # --- one guest ---------------------------------------------------------------------------------

@@ -62,7 +62,7 @@ from reconciler.model.plans import (
     Freshness,
     Plan,
 )
-from reconciler.model.resources import DesiredGraph, Kind, Resource, kind_of
+from reconciler.model.resources import DesiredGraph, Kind, Resource, job_id, kind_of
 from reconciler.model.units import format_seconds, parse_mib
 from reconciler.planning import backups, diffing, normalize, placement
 from reconciler.planning.provenance import spec_digest
@@ -324,8 +324,8 @@ def _restored(p: _Planning, res: Resource, change: Change) -> Change:
     planning.backups.restore_point); held back when its backups could not be listed: it is
     never created empty over a world that may have a backup."""
     assert change.after is not None
-    if p.observed_kinds is not None and Kind.BACKUP_JOB not in p.observed_kinds:
-        return change  # backups were not looked at: no backup-job provider is registered
+    if p.observed.backups is None and not p.observed.backup_errors:
+        return change  # nobody looked at backups (no jobs, an older snapshot)
     vmid = int(change.after["vmid"])
     point, why = backups.restore_point(p.graph, res, vmid, p.observed.backups)
     if point is not None:
@@ -447,8 +447,8 @@ def _with_deletes(p: _Planning, allow_destroy: bool) -> list[Change]:
 def _backup_freshness(p: _Planning, now: datetime.datetime | None) -> list[BackupFreshness]:
     """Every existing guest a job selects, with its newest backup; a warning for each that
     has none, an old one, or could not be listed (the `backup_freshness` policy)."""
-    if p.observed_kinds is not None and Kind.BACKUP_JOB not in p.observed_kinds:
-        return []  # backups were not looked at (the edge poll)
+    if p.observed.backups is None and not p.observed.backup_errors:
+        return []  # backups were not looked at (the edge poll, an older snapshot)
     if now is None:
         now = _observed_time(p.observed)
     existing = {a for a, r in p.owned.items() if r.kind is Kind.GUEST}
@@ -751,7 +751,9 @@ def _guest_home(
 
 def _name_conflict(res: Resource, observed: ObservedState, platform: str) -> Diagnostic | None:
     """A firewall object we would create whose name an unmarked one holds (Proxmox names are
-    cluster-wide; alias and IP set names ignore case)."""
+    cluster-wide; alias and IP set names ignore case), or a backup job's id."""
+    if res.kind is Kind.BACKUP_JOB:
+        return _job_id_conflict(res, observed)
     if res.kind not in _NAMED_FIREWALL:
         return None
     for r in observed.foreign():
@@ -771,6 +773,23 @@ def _name_conflict(res: Resource, observed: ObservedState, platform: str) -> Dia
                 f"{res.address}: a {what} named {r.attributes.get('name')!r} exists without the "
                 "controller's mark; it will not be overwritten. Rename it in the spec, or adopt "
                 f"it by ending its comment with [reconciler:{platform}]",
+                position=res.position,
+                address=res.address,
+            )
+    return None
+
+
+def _job_id_conflict(res: Resource, observed: ObservedState) -> Diagnostic | None:
+    """A backup job we would create under an id a job without our mark holds (Proxmox keeps
+    one job per id): the job `import` wrote for it, reported until `adopt` marks it."""
+    ident = str(res.attributes.get("id") or job_id(res.address))
+    for r in observed.foreign():
+        if r.kind is Kind.BACKUP_JOB and r.id.get("id") == ident:
+            return warning(
+                "adoption-pending",
+                f"{res.address} matches backup job {ident}, which the controller does not own "
+                f"yet: it is only reported. Review it, then `reconciler adopt {res.address}` "
+                "to manage it",
                 position=res.position,
                 address=res.address,
             )

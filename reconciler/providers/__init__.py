@@ -47,6 +47,7 @@ class Observation:
     health: dict[str, GuestHealth] = field(default_factory=dict)  # by guest address, agents'
     # The backups on the spec's backup storages (the backup-job provider); None: not listed.
     backups: tuple[BackupVolume, ...] | None = None
+    backup_errors: dict[str, str] = field(default_factory=dict)  # why they could not be listed
 
     def of(self, kind: Kind) -> list[ObservedResource]:
         return [r for r in self.resources if r.kind is kind]

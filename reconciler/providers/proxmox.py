@@ -29,8 +29,11 @@ an operator):
   their volume id kept, grown with `resize`; never moved, never shrunk; detached (`delete`,
   Proxmox keeps the volume as `unusedN`) only in a change the planner allowed;
 - `protection` is set and healed like any setting, and lifted by the controller only in
-  `destroy_guest`, right before an allowed destroy; a protected container's mount points are
-  left alone (Proxmox refuses) unless the spec lifts the flag in the same change;
+  `destroy_guest`, right before an allowed destroy, and in `restore_in_place`, right before a
+  restore asked for by hand; a protected container's mount points are left alone (Proxmox
+  refuses) unless the spec lifts the flag in the same change;
+- every backup it makes is one guest's `vzdump` (`backup_now`: the final backup before a
+  destroy, `reconciler backup`); a restore writes our mark back (`mark_restored`);
 - a guest whose node changes is migrated (`migrate_guest`), never recreated: a running
   container in restart mode, a running VM online with its local disks, a stopped VM offline,
   with the target storage when its disk's storage changes too. Where Proxmox says the guest is
@@ -872,7 +875,7 @@ class ProxmoxProvider:
         try:
             await self.run_task(what, node, lambda: endpoint.post(**params))
             if restoring:
-                await self._mark_restored(change)
+                await self.mark_restored(change)
         except ConflictError:
             # "already exists": done only if it is ours, for this very address (a retry after
             # a lost reply, or a run cancelled after the POST). Anything else is a race we lost.
@@ -882,10 +885,12 @@ class ProxmoxProvider:
                 f"{change.address}: vmid {vmid} was taken by someone else while applying; re-plan"
             ) from None
 
-    async def _mark_restored(self, change: Change) -> None:
+    async def mark_restored(self, change: Change) -> None:
         """A restored guest carries the config its backup holds: write our mark for this
         address and vmid, and the owner tag, so it is observed as ours whatever the backup
-        said (a backup made before the mark named its vmid, or under another address)."""
+        said (a backup made before the mark named its vmid, or under another address). After
+        a missing guest's restore (`create_guest`) and a restore in place (`restore_in_place`);
+        `change.after` is the desired guest, with the vmid restored to."""
         assert change.after is not None
         want = change.after
         config = await self.config_when_unlocked(
@@ -910,29 +915,121 @@ class ProxmoxProvider:
     async def backup_guest(self, change: Change, backup: FinalBackup) -> None:
         """`vzdump` of the guest to `backup.storage`, waited for: the backup a destroy takes
         first. Raises if it fails, and then the destroy does not happen."""
-        node, vmid = change.id["node"], int(change.id["vmid"])
-        vzdump = self.client.nodes(node).vzdump
-        params = {
-            "vmid": vmid,
-            "storage": backup.storage,
-            "mode": backup.mode,
-            "compress": backup.compress,
-            "notes-template": f"{{{{guestname}}}} final backup before {change.action.value}",
-        }
-        what = f"final backup of {change.address}"
         try:
-            upid = await self.retrying(what, lambda: vzdump.post(**params))
-            if not _is_upid(upid):
-                # vzdump answers "OK" without a task when it selected no guest on the node.
-                raise PermanentError(f"vzdump made no backup (it answered {str(upid)[:40]!r})")
-            error = await self.wait_task(node, upid, what)
-            if error is not None:
-                raise error
+            await self.backup_now(
+                change.id["node"],
+                int(change.id["vmid"]),
+                backup.storage,
+                mode=backup.mode,
+                compress=backup.compress,
+                notes=f"{{{{guestname}}}} final backup before {change.action.value}",
+                what=f"final backup of {change.address}",
+            )
         except ProviderError as exc:
             raise PermanentError(
                 f"{change.address}: not destroyed: its final backup to {backup.storage} "
                 f"failed ({exc}); nothing was destroyed"
             ) from None
+
+    async def backup_now(
+        self,
+        node: str,
+        vmid: int,
+        storage: str,
+        *,
+        mode: str = "snapshot",
+        compress: str = "zstd",
+        notes: str | None = None,
+        what: str = "",
+    ) -> dict[str, Any] | None:
+        """`vzdump` of one guest on its node to `storage`, waited for: the one path of every
+        backup the controller makes (the final backup before a destroy, `reconciler backup`).
+        `notes` is vzdump's `notes-template` ({{guestname}}, {{vmid}}, ...).
+
+        Returns the new backup as the storage lists it (`volid`, `size`, `ctime`, `notes`,
+        ...): the one of this vmid there that was not there before. None when the listings
+        cannot tell (one failed): the backup was made all the same. Raises when none was made:
+        the task failed (its log's last lines say why: "ERROR: Backup of VM N failed - ..."),
+        or vzdump answered without a task, which it does when it selected no guest on this
+        node (the guest is not there)."""
+        what = what or f"backup of {vmid} to {storage}"
+        before = await self._backups_of(node, storage, vmid)
+        params: dict[str, Any] = {
+            "vmid": vmid,
+            "storage": storage,
+            "mode": mode,
+            "compress": compress,
+        }
+        if notes:
+            params["notes-template"] = notes
+        vzdump = self.client.nodes(node).vzdump
+        upid = await self.retrying(what, lambda: vzdump.post(**params))
+        if not _is_upid(upid):
+            raise PermanentError(
+                f"{what}: vzdump made no backup (it answered {str(upid)[:40]!r}: "
+                f"vmid {vmid} is not on {node})"
+            )
+        error = await self.wait_task(node, upid, what)
+        if error is not None:
+            raise error
+        after = await self._backups_of(node, storage, vmid)
+        if before is None or after is None:
+            return None
+        made = [item for volid, item in after.items() if volid not in before]
+        if not made:
+            return None
+        return max(made, key=lambda i: (int(i.get("ctime") or 0), str(i["volid"])))
+
+    async def _backups_of(
+        self, node: str, storage: str, vmid: int
+    ) -> dict[str, dict[str, Any]] | None:
+        """The backups of `vmid` on a storage, as the node lists them, by volid (one `GET
+        .../content?content=backup&vmid=N`); None when the listing fails: it only tells which
+        backup is new, and a backup is not failed for it."""
+        content = self.client.nodes(node).storage(storage).content
+        try:
+            items = await self.retrying(
+                f"list backups of {vmid} on {node}/{storage}",
+                lambda: content.get(content="backup", vmid=vmid),
+                read=True,
+            )
+        except ProviderError:
+            return None
+        return {str(i["volid"]): dict(i) for i in items if i.get("volid")}
+
+    async def restore_in_place(self, change: Change, volid: str) -> None:
+        """Overwrite a guest of ours with one of its backups (`reconciler restore`). Its mark
+        is checked right before anything is done (OwnershipError, nothing changed); then its
+        protection is lifted (the spec's to put back), it is stopped, restored over
+        (`force=1`) onto the storage the spec puts its root disk on, and marked ours again.
+        The caller converges it afterwards: the spec's config, firewall, protection and power.
+        `change.after` is the desired guest with the vmid observed, `change.id` where it is.
+
+        A failure leaves it stopped and unprotected, and as Proxmox left it: as it was when
+        the restore failed before making its disks; after, a container is gone (PVE cleans
+        up) and a VM is left as far as it got."""
+        assert change.after is not None
+        node = change.id["node"]
+        guest = self._guest(change)
+        config = await self._checked_config(change, any_version=True)
+        if _protected(config):
+            # Proxmox refuses to overwrite a protected guest. Ours, and the restore was asked
+            # for: lifted here, and the convergence that follows puts the spec's flag back.
+            lifted = {"protection": 0, "digest": config["digest"]}
+            await self.run_task(
+                f"lift protection of {change.address}",
+                node,
+                lambda: guest.config.put(**lifted),
+            )
+        if await self._power(change) == "running":
+            await self.run_task(f"stop {change.address}", node, lambda: guest.status.stop.post())
+            await self._until_stopped(change)
+        params = {**restore_params({**change.after, RESTORE_FROM: {"volid": volid}}), "force": 1}
+        endpoint = self.client.nodes(node)(self._kind(change))
+        await self.run_task(
+            f"restore {change.address} from {volid}", node, lambda: endpoint.post(**params)
+        )
+        await self.mark_restored(change)
 
     async def _owned_by(self, change: Change) -> bool:
         """Does the guest at the change's vmid carry our mark for its address? A guest whose

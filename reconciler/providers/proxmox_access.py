@@ -22,7 +22,13 @@ Per feature, as PVE checks each call the controller makes (the README's role is 
   `Datastore.AllocateSpace`) on each storage the guests use;
 - templates: `Datastore.Audit` (or `Datastore.AllocateSpace`) on each template's storage, to
   list them and to create from them;
-- migration: `VM.Migrate` on each guest (a guest whose host changes is migrated).
+- migration: `VM.Migrate` on each guest (a guest whose host changes is migrated);
+- backups (when the spec has `backups:`): `Sys.Audit` on `/` to read the jobs and `Sys.Modify`
+  on `/` to write them, and `Datastore.Allocate` on the storage a job writes to (pve-manager
+  `API2/Backup.pm`); `Datastore.AllocateSpace` on each job's storage (vzdump writes there, and
+  its backups are listed there); `VM.Backup` on each guest a
+  job selects (the final backup before a destroy, `reconciler backup`, a restore, and seeing
+  its backups in a listing).
 """
 
 from __future__ import annotations
@@ -34,18 +40,19 @@ from typing import Any
 import anyio
 
 from reconciler.model.resources import guest_address
-from reconciler.model.spec import GuestSpec, PlatformSpec
+from reconciler.model.spec import GuestSpec, PlatformSpec, selected_guests
 from reconciler.providers.proxmox import ProxmoxProvider, template_storage
 
 # Features, in the order they are reported.
-GUESTS, FIREWALL, CLUSTER, TEMPLATES, MIGRATION = (
+GUESTS, FIREWALL, CLUSTER, TEMPLATES, MIGRATION, BACKUPS = (
     "guests",
     "firewall",
     "cluster facts",
     "templates",
     "migration",
+    "backups",
 )
-FEATURES = (GUESTS, FIREWALL, CLUSTER, TEMPLATES, MIGRATION)
+FEATURES = (GUESTS, FIREWALL, CLUSTER, TEMPLATES, MIGRATION, BACKUPS)
 
 _ON_GUEST = (
     ("VM.Audit", "read guest configs"),
@@ -123,7 +130,25 @@ def needed_privileges(spec: PlatformSpec) -> list[Need]:
         if guest.kind == "lxc" and templates is not None:
             where = f"/storage/{templates}"
             needs.add(Need(TEMPLATES, where, _AUDIT_STORAGE, "list and use templates"))
+    needs |= _backup_needs(spec)
     return sorted(needs, key=lambda n: (FEATURES.index(n.feature), n.path, n.privileges, n.why))
+
+
+def _backup_needs(spec: PlatformSpec) -> set[Need]:
+    if not spec.backups:
+        return set()
+    needs = {
+        Need(BACKUPS, "/", ("Sys.Audit",), "read backup jobs"),
+        Need(BACKUPS, "/", ("Sys.Modify",), "create, change and delete backup jobs"),
+    }
+    for job in spec.backups.values():
+        where = f"/storage/{job.storage}"
+        needs.add(Need(BACKUPS, where, ("Datastore.AllocateSpace",), "write and list backups"))
+        needs.add(Need(BACKUPS, where, ("Datastore.Allocate",), "point a backup job at it"))
+        for name in selected_guests(spec, job.select):
+            path = guest_path(spec.guests[name])
+            needs.add(Need(BACKUPS, path, ("VM.Backup",), "back up and restore the guest"))
+    return needs
 
 
 async def read_privileges(

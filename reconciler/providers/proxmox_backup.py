@@ -8,15 +8,19 @@ Observe:
 - every job (`GET /cluster/backup`, one call). A job is ours when its `comment` ends with our
   mark, `reconciler:v1 platform=P address=backup/NAME id=ID`, and the mark's `id` is the job's
   own: a job copied by hand (the copy gets another id) is foreign, reported and never touched.
-  Our jobs' ids are `rc-<name>`, so a job is found again under its address;
+  Our jobs' ids are `rc-<name>`, or the spec's `id` for a job that existed before and was
+  adopted (`reconciler adopt` wrote the mark under its own id); either way a job is found again
+  by its mark's address;
 - the backups on the storages the spec's jobs write to, `GET /nodes/{node}/storage/{storage}/
   content?content=backup` once per storage and node that has it (once for a shared storage,
   such as PBS), into `seen.backups`: the freshness policy and restore read them. A listing that
-  fails leaves `seen.backups` None (unknown): then no guest is recreated empty in place of a
+  fails (or storages that cannot be seen) leaves `seen.backups` None with the reason in
+  `seen.backup_errors`: unknown, not empty, so no guest is recreated empty in place of a
   backup that might exist.
 
-Apply: create, update (`delete=` for the options the spec dropped) and delete a job, always by
-its id, and a delete only after reading the job again and finding our mark on it.
+Apply: create (under the spec's `id`, else `rc-<name>`), update (`delete=` for the options the
+spec dropped) and delete a job, always by its id (an existing job's is the one observed), and an
+update or delete only after reading the job again and finding our mark on it.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from typing import Any
 from reconciler.model.errors import NotFoundError, PermanentError, ProviderError
 from reconciler.model.observed import BackupVolume, ObservedResource
 from reconciler.model.plans import Action, Change
-from reconciler.model.resources import Kind
+from reconciler.model.resources import Kind, job_id
 from reconciler.providers import Observation
 from reconciler.providers.proxmox import MARK_PREFIX, ProxmoxProvider
 
@@ -41,16 +45,21 @@ _JOB_MARK = re.compile(
 )
 
 
-def job_id(address: str) -> str:
-    """`backup/game-worlds` -> `rc-game-worlds`: the id Proxmox keeps our job under."""
-    return "rc-" + address.removeprefix(f"{Kind.BACKUP_JOB.value}/")
-
-
-def job_comment(platform: str, address: str, description: str) -> str:
+def job_comment(platform: str, address: str, description: str, ident: str | None = None) -> str:
     """The comment as sent: the spec's description, then our mark (one line: Proxmox keeps a
-    job's comment on one line of jobs.cfg)."""
-    mark = f"{MARK_PREFIX} platform={platform} address={address} id={job_id(address)}"
+    job's comment on one line of jobs.cfg). The mark names the job's real id (`ident`, default
+    `rc-<name>`), so a copy under another id claims nothing."""
+    mark = f"{MARK_PREFIX} platform={platform} address={address} id={ident or job_id(address)}"
     return f"{description} {mark}" if description else mark
+
+
+def change_job_id(change: Change) -> str:
+    """The id a change acts on: the observed job's (an update or delete: ours by its mark,
+    whatever its id), else the spec's `id` (a job adopted under the id it had), else
+    `rc-<name>`."""
+    observed = change.id.get("id")
+    wanted = (change.after or {}).get("id")
+    return str(observed or wanted or job_id(change.address))
 
 
 def read_job_mark(comment: str | None, job: str) -> tuple[str | None, str]:
@@ -102,8 +111,10 @@ def _prune_text(value: Any) -> str | None:
     return ",".join(f"{k}={parts[k]}" for k in order if k in parts) or None
 
 
-def job_params(platform: str, address: str, want: Mapping[str, Any]) -> dict[str, Any]:
-    """The desired attributes -> the options of a create or update."""
+def job_params(
+    platform: str, address: str, want: Mapping[str, Any], ident: str | None = None
+) -> dict[str, Any]:
+    """The desired attributes -> the options of a create or update of job `ident`."""
     params: dict[str, Any] = {
         "schedule": want["schedule"],
         "storage": want["storage"],
@@ -112,7 +123,7 @@ def job_params(platform: str, address: str, want: Mapping[str, Any]) -> dict[str
         "enabled": int(want["enabled"]),
         "all": 0,
         "vmid": ",".join(str(v) for v in want["vmid"]),
-        "comment": job_comment(platform, address, want.get("description", "")),
+        "comment": job_comment(platform, address, want.get("description", ""), ident),
     }
     if want.get("prune-backups"):
         params["prune-backups"] = want["prune-backups"]
@@ -184,7 +195,8 @@ class BackupJobProvider:
         """Every backup on the spec's backup storages: one listing per storage and node (one
         for a shared storage). None when a listing fails or the storages are not known."""
         cluster = seen.cluster
-        if cluster is None:
+        if cluster is None or any(n.storages is None for n in (cluster.nodes or {}).values()):
+            seen.backup_errors["cluster"] = "the cluster's storages could not be seen"
             return None
         where: list[tuple[str, str, bool]] = []
         shared_done: set[str] = set()
@@ -201,10 +213,12 @@ class BackupJobProvider:
                     shared_done.add(storage)
                 where.append((node, storage, st.shared))
         found: list[BackupVolume] = []
-        try:
-            for node, storage, shared in where:
+        for node, storage, shared in where:
+            try:
                 found.extend(await self.list_backups(node, storage, shared=shared))
-        except ProviderError:
+            except ProviderError as exc:
+                seen.backup_errors[storage] = str(exc)
+        if seen.backup_errors:
             return None
         return tuple(sorted(found, key=lambda b: (b.vmid, b.ctime, b.volid)))
 
@@ -231,19 +245,19 @@ class BackupJobProvider:
             raise PermanentError(f"{change.address}: no provider for kind {change.kind.value}")
         if change.blocked:
             raise PermanentError(f"{change.address}: blocked: {change.blocked}")
-        ident = job_id(change.address)
+        ident = change_job_id(change)
         jobs = self.pve.client.cluster.backup
         match change.action:
             case Action.CREATE:
                 assert change.after is not None
-                params = job_params(self.platform, change.address, change.after)
+                params = job_params(self.platform, change.address, change.after, ident)
                 await self.pve.retrying(
                     f"create {change.address}", lambda: jobs.post(id=ident, **params)
                 )
             case Action.UPDATE | Action.REPLACE:
                 assert change.after is not None
                 await self._require_ours(change, ident)
-                params = job_params(self.platform, change.address, change.after)
+                params = job_params(self.platform, change.address, change.after, ident)
                 dropped = [k for k in _OPTIONAL if k not in params]
                 if dropped:
                     params["delete"] = ",".join(dropped)

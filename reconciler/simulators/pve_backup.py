@@ -2069,7 +2069,10 @@ class RestoreApi(StatefulRoutes):  # type: ignore[misc]  # fakepve ships no type
         if notes:  # a commented-out line of the config is part of the description
             conf["description"] = "\n".join([*filter(None, [conf.get("description")]), *notes])
         conf.update(params)
+        # The restored config is written without the `create` lock (qemu-server
+        # restore_vma_archive writes the archive's config, which holds none).
         vm.config, vm.pending, vm.snapshots = conf, {}, {}
+        self._qm_lock(vm, None)
         vm.name = conf.get("name") or f"VM {vm.vmid}"
         vm.template = bool(conf.get("template"))
         self._bk_restore_firewall(vm.vmid, archive, str(vol.get("format", "")).startswith("pbs"))

@@ -130,9 +130,10 @@ def test_check_lists_what_a_limited_token_lacks(
         "(no role grants it)",
         "  firewall: Sys.Audit on /: read the cluster firewall (always observed)",
         "  migration: VM.Migrate on /vms, /vms/1000: move a guest whose host changes",
+        "  backups: Sys.Audit on /: read backup jobs",
         "Grant them (the README's role for the controller lists them), then check again.",
     ]
-    assert out.startswith(f"{TOKEN_ID} at {pve_api.url} lacks 5 of the ")
+    assert out.startswith(f"{TOKEN_ID} at {pve_api.url} lacks 6 of the ")
     assert mutating_calls(pve) == []
 
 
@@ -166,5 +167,5 @@ def test_what_check_asks_for_is_enough_to_apply(
     assert "holds every privilege the spec needs" in capsys.readouterr().out
     apply = ["apply", str(specs), "--auto-approve", "--color", "never", *token_flags(pve_api)]
     assert main(apply) == 0
-    assert "Apply: 49 done, 0 failed, 0 skipped." in capsys.readouterr().out
+    assert "Apply: 51 done, 0 failed, 0 skipped." in capsys.readouterr().out
     assert main(["plan", str(specs), "--detailed-exitcode", *token_flags(pve_api)]) == 0

@@ -50,7 +50,7 @@ def test_the_demo_heals_everything_and_ends_with_an_empty_plan(
     assert result.final_plan is not None
     assert not result.final_plan.has_changes
     assert not result.final_plan.errored
-    assert "No changes. 62 resources match the spec." in text
+    assert "No changes. 64 resources match the spec." in text
     assert seconds < 300  # a sanity bound: the issue asks under two minutes on two cores
     assert [s.title for s in result.steps] == [
         "an empty platform",
@@ -82,10 +82,10 @@ def test_each_break_is_detected_by_the_plan_and_healed(
     plan = result.detect_plan
     assert plan is not None
     changes = {c.address: c.action.value for c in plan.actions}
-    # Velocity forgot all five; four come back at once, the unready server's is withheld.
+    # Velocity forgot all five; three come back at once, the unready server's is withheld,
+    # and so is the destroyed server's until it is back and its agent says ready.
     assert {a for a in changes if a.startswith("velocity/")} == {
         "velocity/lobby",
-        "velocity/creative",
         "velocity/skyblock",
         "velocity/rlcraft",
     }
@@ -95,10 +95,16 @@ def test_each_break_is_detected_by_the_plan_and_healed(
     assert changes["firewall/group/agent"] == "update"
     assert changes["route/runtime/map-survival"] == "delete"
     withheld = {d.address for d in plan.diagnostics if d.code == "withheld"}
-    assert withheld == {"velocity/survival", "route/runtime/map-survival"}
+    assert withheld == {"velocity/survival", "route/runtime/map-survival", "velocity/creative"}
+    # The server destroyed by hand comes back from its newest backup, not empty.
+    restore = next(c for c in plan.actions if c.address == "guest/mc-creative")
+    assert restore.action.value == "create" and restore.cause is not None
+    assert restore.cause.value == "restore" and restore.after is not None
+    assert restore.after["restore_from"]["volid"].startswith("backup:backup/vzdump-lxc-1002-")
+    assert "+ guest/mc-creative  (vmid 1002 on pve-runtime)  (restored from its backup of" in text
     assert [f["name"] for f in plan.foreign] == ["hand-made"]
     by_key = {b.key: b for b in result.breaks}
-    assert set(by_key) == {"velocity", "memory", "firewall", "foreign", "unready"}
+    assert set(by_key) == {"velocity", "memory", "firewall", "foreign", "unready", "destroyed"}
     for b in result.breaks:
         assert b.detected, b
         assert b.ok, b
@@ -136,6 +142,7 @@ def test_every_process_started_is_gone_and_the_state_is_kept(
         "firewall",
         "foreign",
         "unready",
+        "destroyed",
     }
     assert (state / "logs" / "traefik-core.log").exists()
     assert (state / "logs" / "fakepve.log").exists()

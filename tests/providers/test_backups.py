@@ -306,3 +306,29 @@ def test_no_final_backup_skips_it_and_the_plan_says_so(
     assert "final-backup-skipped" in {d.code for d in plan.diagnostics}
     ok(run(without, providers, allow_destroy=True, final_backups=False))
     assert backups_of(provider.client, 1000) == []
+
+
+def test_a_job_on_a_storage_that_takes_no_backups_is_a_warning(
+    providers: list[Any], provider: ProxmoxProvider, pve: Any
+) -> None:
+    wrong = spec(("    storage: backup\n", "    storage: local-lvm\n"))
+    plan = plan_now(wrong, providers)
+    found = [d for d in plan.diagnostics if d.code == "backup-storage"]
+    assert len(found) == 1 and "does not take backups" in found[0].message
+    nowhere = spec(("    storage: backup\n", "    storage: nas\n"))
+    assert any("on no online node" in d.message for d in plan_now(nowhere, providers).diagnostics)
+    assert not any(d.code == "backup-storage" for d in plan_now(spec(), providers).diagnostics)
+
+
+def test_freshness_costs_one_listing_per_shared_storage_not_one_per_guest(
+    providers: list[Any], provider: ProxmoxProvider, pve: Any
+) -> None:
+    ok(run(spec(), providers))
+    for vmid in (1000, 1001):
+        pve.add_backup("backup", vmid, time.time() - 60)
+    pve.requests.clear()
+    plan = plan_now(spec(), providers)
+    assert len(plan.backups) == 2
+    reads = [p for m, p, _ in pve.requests if m == "GET" and "/content" in p]
+    jobs_read = [p for m, p, _ in pve.requests if m == "GET" and p.endswith("/cluster/backup")]
+    assert len(reads) == 1 and len(jobs_read) == 1, (reads, jobs_read)

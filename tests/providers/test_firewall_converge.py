@@ -429,7 +429,7 @@ def test_plan_and_apply_commands_reconcile_the_firewall_and_show_live_findings(
     pve_api: Any, pve: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(["apply", str(SPECS), "--auto-approve", *flags(pve_api)]) == 0
-    assert "Apply: 49 done, 0 failed, 0 skipped." in capsys.readouterr().out
+    assert "Apply: 51 done, 0 failed, 0 skipped." in capsys.readouterr().out
     lobby = connect(pve_api).nodes("pve-runtime").lxc(1000).firewall
     lobby.rules.post(type="in", action="ACCEPT", proto="tcp", dport="18888", enable=1)
 

@@ -126,7 +126,7 @@ def test_a_node_name_typo_is_stopped_in_the_plan_and_apply_makes_no_call(
 @pytest.mark.parametrize(
     ("storage", "why"),
     [
-        ("local-zfs", "node pve-runtime has no such storage (it has local, local-lvm)"),
+        ("local-zfs", "node pve-runtime has no such storage (it has backup, local, local-lvm)"),
         ("local", "does not take rootdir on node pve-runtime"),
     ],
 )

@@ -387,6 +387,8 @@ def test_an_allowed_replace_recreates_the_guest_under_the_same_vmid(
     assert actions == [("guest/mc-survival", Action.REPLACE)]
     calls = mutating_calls(pve)
     assert calls == [
+        # The game-worlds job backs it up: a last backup, waited for, before the destroy.
+        ("POST", "/api2/json/nodes/pve-runtime/vzdump"),
         ("POST", "/api2/json/nodes/pve-runtime/lxc/1001/status/stop"),
         ("DELETE", "/api2/json/nodes/pve-runtime/lxc/1001"),
         ("POST", "/api2/json/nodes/pve-runtime/lxc"),
