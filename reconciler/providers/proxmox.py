@@ -1010,20 +1010,10 @@ class ProxmoxProvider:
         up) and a VM is left as far as it got."""
         assert change.after is not None
         node = change.id["node"]
-        guest = self._guest(change)
         config = await self._checked_config(change, any_version=True)
-        if _protected(config):
-            # Proxmox refuses to overwrite a protected guest. Ours, and the restore was asked
-            # for: lifted here, and the convergence that follows puts the spec's flag back.
-            lifted = {"protection": 0, "digest": config["digest"]}
-            await self.run_task(
-                f"lift protection of {change.address}",
-                node,
-                lambda: guest.config.put(**lifted),
-            )
-        if await self._power(change) == "running":
-            await self.run_task(f"stop {change.address}", node, lambda: guest.status.stop.post())
-            await self._until_stopped(change)
+        # Proxmox refuses to overwrite a protected or running guest. Ours, and the restore was
+        # asked for: the convergence that follows puts the spec's flag and power state back.
+        await self._unprotect_and_stop(change, config)
         params = {**restore_params({**change.after, RESTORE_FROM: {"volid": volid}}), "force": 1}
         endpoint = self.client.nodes(node)(self._kind(change))
         await self.run_task(
@@ -1273,9 +1263,22 @@ class ProxmoxProvider:
         if change.final_backup is not None:
             # Ours, and about to go: its last backup first. A failed one stops the destroy.
             await self.backup_guest(change, change.final_backup)
+            # A backup can take minutes: the guest is read, and proven ours, once more.
+            config = await self._checked_config(change, any_version=True)
+        # Only here: this delete (or replace) was allowed by pruning, and Proxmox refuses to
+        # destroy a protected or running guest. Lifted right before the destroy, in this apply.
+        await self._unprotect_and_stop(change, config)
+        await self.run_task(
+            f"destroy {change.address}",
+            node,
+            lambda: guest.delete(purge=1, **{"destroy-unreferenced-disks": 1}),
+        )
+
+    async def _unprotect_and_stop(self, change: Change, config: Mapping[str, Any]) -> None:
+        """Before a destroy or a restore in place (both allowed, the guest checked ours): its
+        protection flag lifted, against the config just read, and the guest stopped."""
+        guest, node = self._guest(change), change.id["node"]
         if _protected(config):
-            # Only here: this delete (or replace) was allowed by pruning, and Proxmox refuses
-            # to destroy a protected guest. Lifted right before the destroy, in the same apply.
             lifted = {"protection": 0, "digest": config["digest"]}
             await self.run_task(
                 f"lift protection of {change.address}",
@@ -1285,11 +1288,6 @@ class ProxmoxProvider:
         if await self._power(change) == "running":
             await self.run_task(f"stop {change.address}", node, lambda: guest.status.stop.post())
             await self._until_stopped(change)
-        await self.run_task(
-            f"destroy {change.address}",
-            node,
-            lambda: guest.delete(purge=1, **{"destroy-unreferenced-disks": 1}),
-        )
 
     async def power(self, change: Change) -> str:
         """The guest's power state now: running, stopped (one status read)."""

@@ -145,22 +145,15 @@ def redis_exe() -> str | None:
 
 
 @dataclass
-class SentinelProcess:
+class SentinelProcess(RedisProcess):
     """A real Redis Sentinel (`redis-server <conf> --sentinel`, what Debian's redis-sentinel
     runs) monitoring one master under `master`."""
 
-    port: int
-    master: str
-    proc: subprocess.Popen[bytes]
-    workdir: str
+    master: str = "mymaster"
 
     @property
     def url(self) -> str:
         return f"redis+sentinel://127.0.0.1:{self.port}/{self.master}/0"
-
-    def stop(self) -> None:
-        _terminate(self.proc)
-        shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 def start_sentinel(master_port: int, master: str = "mymaster") -> SentinelProcess:
@@ -176,7 +169,7 @@ def start_sentinel(master_port: int, master: str = "mymaster") -> SentinelProces
         return [str(conf), "--sentinel"]
 
     port, proc = _start_redis_server(args, workdir, "redis-server --sentinel")
-    return SentinelProcess(port, master, proc, workdir)
+    return SentinelProcess(port, proc, workdir, master)
 
 
 def start_redis() -> RedisProcess:
