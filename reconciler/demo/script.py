@@ -928,12 +928,19 @@ class Story:
         servers = (
             [n for n, srv in velocity.servers.items() if srv.guest == name] if velocity else []
         )
+        routes = [
+            f"route/{iname}/{rname}"
+            for iname, inst in sorted(self.spec.traefik.items())
+            if inst.when_unready == "withhold"
+            for rname, route in sorted(inst.routes.items())
+            if route.target.guest == name
+        ]
         return Break(
             "destroyed",
             f"game server {name} (vmid {vmid}) is destroyed by hand, world and all "
             f"(DELETE /nodes/{node}/lxc/{vmid}?purge=1)",
             f"{name} destroyed by hand",
-            (f"guest/{name}", *(f"velocity/{n}" for n in servers)),
+            (f"guest/{name}", *(f"velocity/{n}" for n in servers), *routes),
             guest=name,
             broken_at=self.clock(),
         )
@@ -966,7 +973,7 @@ class Story:
                 "unready": "its registration and routes withheld while unready, restored when "
                 "ready",
                 "destroyed": "restored from its newest backup (not recreated empty); its "
-                "registration followed once its agent was ready",
+                "registration and route followed once its agent was ready",
             }[b.key]
             if b.key == "destroyed" and self.destroyed is not None:
                 b.ok = b.ok and self._restored_as_before(pve, *self.destroyed)

@@ -81,7 +81,7 @@ def test_plan_detailed_exitcode(
     code, out, _ = run(
         ["plan", str(SPECS), "--observed", str(empty), "--detailed-exitcode"], capsys
     )
-    assert code == 2 and "64 to create" in out
+    assert code == 2 and "65 to create" in out
     code, _, _ = run(["plan", str(SPECS), "--observed", str(empty)], capsys)
     assert code == 0
     converged = _snapshot(tmp_path, graph, empty=False)
@@ -101,7 +101,7 @@ def test_plan_saves_json(
         capsys,
     )
     assert code == 0
-    assert json.loads(saved.read_text())["summary"]["create"] == 64
+    assert json.loads(saved.read_text())["summary"]["create"] == 65
 
 
 def test_plan_on_invalid_specs_exits_one(

@@ -50,7 +50,7 @@ def test_the_demo_heals_everything_and_ends_with_an_empty_plan(
     assert result.final_plan is not None
     assert not result.final_plan.has_changes
     assert not result.final_plan.errored
-    assert "No changes. 64 resources match the spec." in text
+    assert "No changes. 65 resources match the spec." in text
     assert seconds < 300  # a sanity bound: the issue asks under two minutes on two cores
     assert [s.title for s in result.steps] == [
         "an empty platform",
@@ -94,8 +94,14 @@ def test_each_break_is_detected_by_the_plan_and_healed(
     assert [(f.path, f.before, f.after) for f in memory] == [("memory", 3072, 2048)]
     assert changes["firewall/group/agent"] == "update"
     assert changes["route/runtime/map-survival"] == "delete"
+    assert changes["route/runtime/map-creative"] == "delete"  # its guest is gone: withheld
     withheld = {d.address for d in plan.diagnostics if d.code == "withheld"}
-    assert withheld == {"velocity/survival", "route/runtime/map-survival", "velocity/creative"}
+    assert withheld == {
+        "velocity/survival",
+        "route/runtime/map-survival",
+        "velocity/creative",
+        "route/runtime/map-creative",
+    }
     # The server destroyed by hand comes back from its newest backup, not empty.
     restore = next(c for c in plan.actions if c.address == "guest/mc-creative")
     assert restore.action.value == "create" and restore.cause is not None
