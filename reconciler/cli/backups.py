@@ -49,14 +49,14 @@ from reconciler.cli.live import (
     EXIT_OK,
     Guard,
     SpecCommand,
-    _progress,
-    _summarize,
     add_connection_args,
     endpoints_from,
     holding_lease,
     on_specs,
+    progress_lines,
     repeatable,
     run_async,
+    summarize_report,
     warn_insecure,
 )
 from reconciler.model.errors import OwnershipError, ProviderError, ReconcilerError
@@ -596,7 +596,7 @@ def cmd_restore(
                     conn.providers,
                     source=conn.source,
                     targets=[address],
-                    progress=_progress(err),
+                    progress=progress_lines(err),
                     observed_checks=[live_isolation(spec)],
                     agent_layers=conn.agent_layers,
                     guard=guard,
@@ -612,7 +612,7 @@ def cmd_restore(
         return EXIT_ERROR
     if result.again():
         err.write(result.again() + "\n")
-    return _summarize(last.report, out)
+    return summarize_report(last.report, out)
 
 
 # --- helpers and parsers -------------------------------------------------------------------------

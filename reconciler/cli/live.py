@@ -283,7 +283,7 @@ def cmd_observe(
     return EXIT_OK
 
 
-def _progress(err: TextIO) -> Progress:
+def progress_lines(err: TextIO) -> Progress:
     def show(result: Result, done: int, total: int) -> None:
         c = result.change
         line = f"[{done}/{total}] {c.action.symbol} {c.address}: {result.outcome.value}"
@@ -337,7 +337,7 @@ def cmd_apply(
                 final_backups=not args.no_final_backup,
                 dry_run=args.dry_run,
                 approve=approve,
-                progress=_progress(err),
+                progress=progress_lines(err),
                 observed_checks=[live_isolation(spec)],
                 agent_layers=conn.agent_layers,
                 guard=guard,
@@ -353,10 +353,10 @@ def cmd_apply(
         return EXIT_ERROR
     if result.again():
         err.write(result.again() + "\n")
-    return _summarize(last.report, out)
+    return summarize_report(last.report, out)
 
 
-def _summarize(report: object, out: TextIO) -> int:
+def summarize_report(report: object, out: TextIO) -> int:
     if report is None:
         return EXIT_OK
     from reconciler.applying.executor import ApplyReport
@@ -430,9 +430,9 @@ async def _apply_saved(
         )
         return EXIT_ERROR
     report = await execute(
-        fresh, conn.providers, dry_run=args.dry_run, progress=_progress(err), guard=guard
+        fresh, conn.providers, dry_run=args.dry_run, progress=progress_lines(err), guard=guard
     )
-    return _summarize(report, out)
+    return summarize_report(report, out)
 
 
 def _read_saved(path: str, err: TextIO) -> Plan | None:
