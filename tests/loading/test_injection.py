@@ -94,7 +94,7 @@ def test_the_example_platform_still_loads_and_its_rules_are_unchanged(
     }
     assert rules["route/core/portal"] == "Host(`portal.zpack.dev`)"
     assert rules["route/runtime/console-skyblock"] == "HostSNI(`console.skyblock.play.zpack.dev`)"
-    assert len(rules) == 8
+    assert len(rules) == 9
 
 
 # --- the builder quotes, or refuses ---------------------------------------------------------------

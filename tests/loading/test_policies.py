@@ -331,7 +331,7 @@ CASES = [
                     f"sends traffic to runtime guest '{g}', outside the domain of Traefik "
                     "instance 'runtime'",
                 )
-                for g in ("dev-alice", "dev-bob", "mc-survival", "mc-skyblock")
+                for g in ("dev-alice", "dev-bob", "mc-survival", "mc-creative", "mc-skyblock")
             ),
         ],
         id="two-traefik-instances-one-domain",

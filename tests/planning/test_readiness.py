@@ -101,7 +101,7 @@ def test_a_new_guest_waits_for_its_agent(graph: DesiredGraph) -> None:
     plan = make_plan(graph, ObservedState(), agent_layers=RUNTIME)
     kinds = {c.kind for c in plan.actions}
     assert Kind.GUEST in kinds and Kind.VELOCITY not in kinds
-    assert sum(1 for code, _ in codes(plan) if code == "withheld") == 5 + 4  # servers, routes
+    assert sum(1 for code, _ in codes(plan) if code == "withheld") == 5 + 5  # servers, routes
 
 
 def test_without_agent_layers_only_recorded_health_gates(graph: DesiredGraph) -> None:
@@ -119,7 +119,7 @@ def test_soft_deletes_do_not_count_against_the_delete_limit(graph: DesiredGraph)
     down |= {"mc-skyblock": UNREADY["stopped"], "mc-rlcraft": UNREADY["stopped"]}
     plan = make_plan(graph, state(graph, down), agent_layers=RUNTIME)
     deletes = [c for c in plan.actions if c.action is Action.DELETE]
-    assert len(deletes) == 5 + 2  # every server; the routes to mc-survival and mc-skyblock
+    assert len(deletes) == 5 + 3  # every server; the routes to mc-survival, -creative, -skyblock
     assert graph.settings["max_deletes_per_run"] < len(deletes)
     assert not plan.errored
 

@@ -169,7 +169,7 @@ def test_every_router_matches_only_its_own_hosts(
     spec = example.spec
     assert spec is not None
     routes = {a: r for a, r in graph.resources.items() if r.kind is Kind.ROUTE}
-    assert len(routes) == 8
+    assert len(routes) == 9
     owner: dict[str, tuple[str, str]] = {}  # HTTP host -> (instance, route)
     for address, resource in sorted(routes.items()):
         _, instance, name = address.split("/")
