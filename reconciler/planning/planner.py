@@ -334,11 +334,13 @@ def _restored(p: _Planning, res: Resource, change: Change) -> Change:
             RESTORE_FROM: {"volid": point.volid, "storage": point.storage, "ctime": point.ctime},
         }
         when = datetime.datetime.fromtimestamp(point.ctime, datetime.UTC)
+        age = max(0, int(_observed_time(p.observed).timestamp()) - point.ctime)
         return replace(
             change,
             after=after,
             cause=Cause.RESTORE,
-            reason=f"restored from its backup of {when:%Y-%m-%d %H:%M} UTC",
+            reason=f"restored from its backup of {when:%Y-%m-%d %H:%M} UTC, "
+            f"{format_seconds(age)} old",
         )
     if why:
         p.diags.append(
