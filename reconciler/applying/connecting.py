@@ -66,14 +66,21 @@ def proxmox_endpoint(spec: PlatformSpec, override: ProxmoxApi | None = None) -> 
 
 
 def proxmox_provider(
-    spec: PlatformSpec, override: ProxmoxApi | None = None, *, insecure: bool = False
+    spec: PlatformSpec,
+    override: ProxmoxApi | None = None,
+    *,
+    insecure: bool = False,
+    max_concurrency: int | None = None,
 ) -> ProxmoxProvider:
+    """The guests' provider on the spec's API (or `override`); its calls in flight bounded by
+    `max_concurrency` (--proxmox-max-concurrency) when given, else the API's own setting."""
     api = proxmox_endpoint(spec, override)
     return ProxmoxProvider(
         client=connect(api, insecure=insecure),
         platform=spec.platform.name,
         owner_tag=spec.platform.owner_tag,
         source=api.url,
+        concurrency=max_concurrency or api.max_concurrency,
         wanted_templates=wanted_templates(spec),
     )
 
@@ -224,6 +231,7 @@ class Endpoints:
 
     proxmox: ProxmoxApi | None = None
     insecure: bool = False
+    proxmox_max_concurrency: int | None = None  # over the API's `max_concurrency`
     edge: bool = True  # Velocity, Traefik and the agents, as the spec declares them
     velocity_url: str | None = None
     agents: Mapping[str, tuple[str, int]] = field(default_factory=dict)  # guest -> (host, port)
@@ -265,7 +273,9 @@ async def connect_platform(
     and close what needs closing afterwards. Raises ConfigurationError for settings that
     cannot work (no Proxmox API, a secret that is not there)."""
     ep = endpoints or Endpoints()
-    guests = proxmox_provider(spec, ep.proxmox, insecure=ep.insecure)
+    guests = proxmox_provider(
+        spec, ep.proxmox, insecure=ep.insecure, max_concurrency=ep.proxmox_max_concurrency
+    )
     providers: list[Provider] = [guests, firewall_provider(spec, guests)]
     if spec.backups:
         providers.append(backup_provider(spec, guests))

@@ -26,6 +26,9 @@ backup is refused with one line naming why, exit 2, before anything is changed.
   protection lifted, restore with `force=1`, the mark written back) and `converge` with the
   guest as the target, which puts the spec's config, firewall and protection back and starts
   it as the spec says. Exit 0 restored and converged, 1 failed.
+
+The parsers cost only the standard library and the model's plain data; the Proxmox providers,
+planning and the apply are imported when a command runs.
 """
 
 from __future__ import annotations
@@ -39,10 +42,8 @@ import sys
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, TextIO, TypeAlias
+from typing import TYPE_CHECKING, Any, TextIO, TypeAlias
 
-from reconciler.applying.connecting import Connection, connect_platform
-from reconciler.applying.converging import Convergence, converge
 from reconciler.cli import render
 from reconciler.cli.live import (
     EXIT_ERROR,
@@ -60,16 +61,17 @@ from reconciler.cli.live import (
     warn_insecure,
 )
 from reconciler.model.errors import OwnershipError, ProviderError, ReconcilerError
-from reconciler.model.observed import BackupVolume, ClusterFacts, ObservedResource
 from reconciler.model.plans import Action, Change
 from reconciler.model.resources import DesiredGraph, Kind, guest_address
-from reconciler.model.spec import PlatformSpec
 from reconciler.model.units import format_seconds
-from reconciler.planning.backups import job_for, jobs_of
-from reconciler.planning.observed_policies import live_isolation
-from reconciler.providers import Observation
-from reconciler.providers.proxmox import ProxmoxProvider
-from reconciler.providers.proxmox_backup import BackupJobProvider, backup_volume
+
+if TYPE_CHECKING:
+    from reconciler.applying.connecting import Connection
+    from reconciler.applying.converging import Convergence
+    from reconciler.model.observed import BackupVolume, ClusterFacts, ObservedResource
+    from reconciler.model.spec import PlatformSpec
+    from reconciler.providers.proxmox import ProxmoxProvider
+    from reconciler.providers.proxmox_backup import BackupJobProvider
 
 EXIT_REFUSED = 2
 DEFAULT_NOTES = "{{guestname}}"  # a job's default, so a backup by hand reads like the job's
@@ -212,6 +214,8 @@ class BackupSettings:
 def backup_settings(graph: DesiredGraph, address: str, storage: str | None) -> BackupSettings:
     """The job that selects the guest decides (`--storage` overrides its storage); without
     one, `--storage` is needed."""
+    from reconciler.planning.backups import job_for
+
     found = job_for(graph, address, None, ())
     if found is None:
         if storage is None:
@@ -235,6 +239,8 @@ def backup_settings(graph: DesiredGraph, address: str, storage: str | None) -> B
 def cmd_backup(
     args: argparse.Namespace, spec: PlatformSpec, graph: DesiredGraph, out: TextIO, err: TextIO
 ) -> int:
+    from reconciler.applying.connecting import connect_platform
+
     names = list(dict.fromkeys(args.guests))
     settings = {n: backup_settings(graph, spec_guest(spec, n), args.storage) for n in names}
     warn_insecure(args, err)
@@ -253,6 +259,8 @@ def cmd_backup(
 
 async def _back_up(pve: ProxmoxProvider, guest: Owned, how: BackupSettings, out: TextIO) -> bool:
     """One guest's backup, with its progress lines; False when it failed."""
+    from reconciler.providers.proxmox_backup import backup_volume
+
     job = f"job {how.job}, " if how.job else ""
     out.write(
         f"{guest.address} (vmid {guest.vmid} on {guest.node}): backing up to {how.storage} "
@@ -333,6 +341,10 @@ def backup_rows(
 def cmd_backups(
     args: argparse.Namespace, spec: PlatformSpec, graph: DesiredGraph, out: TextIO, err: TextIO
 ) -> int:
+    from reconciler.applying.connecting import connect_platform
+    from reconciler.providers import Observation
+    from reconciler.providers.proxmox_backup import BackupJobProvider
+
     wanted = {n: spec_guest(spec, n) for n in args.guests}
     storages = sorted(set(args.storage) or {j.storage for j in spec.backups.values()})
     if not storages:
@@ -404,6 +416,8 @@ def backups_table(rows: list[dict[str, Any]], storages: list[str]) -> str:
 def restore_storages(spec: PlatformSpec, graph: DesiredGraph, address: str) -> list[str]:
     """Where a guest's backups are looked for: the storages of the jobs that select it, else
     of every job of the spec."""
+    from reconciler.planning.backups import jobs_of
+
     jobs = jobs_of(graph)
     mine = {str(j.attributes["storage"]) for j in jobs if address in j.attributes.get("guests", ())}
     return sorted(mine or {j.storage for j in spec.backups.values()})
@@ -553,6 +567,12 @@ async def _take_lease(
 def cmd_restore(
     args: argparse.Namespace, spec: PlatformSpec, graph: DesiredGraph, out: TextIO, err: TextIO
 ) -> int:
+    from reconciler.applying.connecting import connect_platform
+    from reconciler.applying.converging import converge
+    from reconciler.planning.observed_policies import live_isolation
+    from reconciler.providers import Observation
+    from reconciler.providers.proxmox_backup import BackupJobProvider
+
     address = spec_guest(spec, args.guest)
     storages = [args.storage] if args.storage else restore_storages(spec, graph, address)
     warn_insecure(args, err)

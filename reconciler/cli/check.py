@@ -6,25 +6,22 @@ every privilege the spec needs? Run it before a first apply, and after changing 
 It connects with the spec's credentials (or the flags'), reads what the token holds on each
 path the spec's features need (`reconciler.providers.proxmox_access`) and prints what is
 missing, by feature: exit 0 when nothing is, 1 otherwise or when it cannot ask. It changes
-nothing. `reconciler.cli.main` registers it with `add_check_parser`.
+nothing. `reconciler.cli.main` registers it with `add_check_parser`; what the check runs with
+(the Proxmox client, the privileges' table) is imported when it runs, not for every command.
 """
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-from reconciler.applying.connecting import close_client, proxmox_endpoint, proxmox_provider
 from reconciler.cli.live import connection_override, on_specs, run_async, warn_insecure
 from reconciler.model.resources import DesiredGraph
-from reconciler.model.spec import PlatformSpec, ProxmoxApi
-from reconciler.providers.proxmox_access import (
-    Need,
-    missing,
-    needed_privileges,
-    read_privileges,
-)
+
+if TYPE_CHECKING:
+    from reconciler.model.spec import PlatformSpec, ProxmoxApi
+    from reconciler.providers.proxmox_access import Need
 
 EXIT_OK, EXIT_ERROR = 0, 1
 _SHOWN_PATHS = 3
@@ -71,6 +68,9 @@ def render_missing(lacking: list[Need]) -> list[str]:
 def cmd_check(
     args: argparse.Namespace, spec: PlatformSpec, _: DesiredGraph, out: TextIO, err: TextIO
 ) -> int:
+    from reconciler.applying.connecting import close_client, proxmox_endpoint, proxmox_provider
+    from reconciler.providers.proxmox_access import missing, needed_privileges, read_privileges
+
     needs = needed_privileges(spec)
     api = proxmox_endpoint(spec, connection_override(args))
     warn_insecure(args, err)

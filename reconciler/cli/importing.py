@@ -16,6 +16,9 @@ marks reviewed guests, firewall objects and backup jobs as owned; see
 The edge, where configured (the `--dir` spec's `velocity` and Traefik instances with an
 `api_url`, or the flags), is read too and written to `edge.yaml` (`reconciler.importing.edge`,
 `edge_writer`); `--no-edge` leaves it out. A part that cannot be read is a note.
+
+The parsers cost only the standard library; the importers and the Proxmox client are imported
+when a command runs.
 """
 
 from __future__ import annotations
@@ -23,9 +26,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from reconciler.applying.connecting import proxmox_provider
 from reconciler.cli.live import (
     confirm,
     connection_override,
@@ -37,16 +39,13 @@ from reconciler.cli.live import (
     run_async,
     warn_insecure,
 )
-from reconciler.importing.adopting import AdoptionReport, adopt
-from reconciler.importing.edge import edge_sources, read_edge
-from reconciler.importing.estate import read_estate
-from reconciler.importing.writer import Base, render_specs, spec_files_in, write_files
-from reconciler.loading.loader import load_directory
 from reconciler.model.errors import ReconcilerError
 from reconciler.model.resources import DesiredGraph
-from reconciler.model.spec import PlatformSpec, ProxmoxApi
-from reconciler.providers.proxmox import ProxmoxProvider, connect
-from reconciler.providers.redisconn import connect_redis
+
+if TYPE_CHECKING:
+    from reconciler.importing.adopting import AdoptionReport
+    from reconciler.model.spec import PlatformSpec, ProxmoxApi
+    from reconciler.providers.proxmox import ProxmoxProvider
 
 EXIT_OK, EXIT_ERROR = 0, 1
 
@@ -104,6 +103,13 @@ def _secret_ref(api: ProxmoxApi) -> dict[str, Any]:
 
 
 def cmd_import(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from reconciler.applying.connecting import proxmox_provider
+    from reconciler.importing.edge import edge_sources, read_edge
+    from reconciler.importing.estate import read_estate
+    from reconciler.importing.writer import Base, render_specs, spec_files_in, write_files
+    from reconciler.loading.loader import load_directory
+    from reconciler.providers.proxmox import ProxmoxProvider, connect
+
     target = Path(args.out)
     if target.exists() and not target.is_dir():
         err.write(f"{target} exists and is not a directory\n")
@@ -208,6 +214,9 @@ async def _adopt_holding_lease(
 ) -> AdoptionReport:
     """Adopting changes guests: with the controller's Redis it holds the leader lease, so a
     running service never acts at the same moment (see `holding_lease`)."""
+    from reconciler.importing.adopting import adopt
+    from reconciler.providers.redisconn import connect_redis
+
     redis = connect_redis(args.redis_url) if args.redis_url else None
     try:
         async with holding_lease(redis, args):
@@ -221,6 +230,9 @@ async def _adopt_holding_lease(
 def cmd_adopt(
     args: argparse.Namespace, spec: PlatformSpec, graph: DesiredGraph, out: TextIO, err: TextIO
 ) -> int:
+    from reconciler.applying.connecting import proxmox_provider
+    from reconciler.importing.adopting import adopt
+
     provider = proxmox_provider(spec, connection_override(args), insecure=args.insecure)
     warn_insecure(args, err)
     preview = run_async(lambda: adopt(graph, provider, args.addresses, dry_run=True))

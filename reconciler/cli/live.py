@@ -9,6 +9,10 @@ API), gated by the agents' health. `--no-edge` leaves it out. Its endpoints come
 (the guests' static IPs); the `--velocity-url`, `--agent`, `--traefik-file` and `--traefik-api`
 flags point them elsewhere (a lab, the demo). A Redis feed needs the controller's Redis
 (`--redis-url`, or RECONCILER_REDIS_URL), which also caches the agents' health for the API.
+
+Every command's parser is built from this module (`add_connection_args`), so importing it costs
+only the standard library and the model's plain data: the live clients (anyio, Redis, the
+providers), loading and planning are imported in the functions that use them (issue 16).
 """
 
 from __future__ import annotations
@@ -21,27 +25,22 @@ import os
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
-from typing import TextIO, TypeVar
+from typing import TYPE_CHECKING, TextIO, TypeAlias, TypeVar
 
-import anyio
-from redis.asyncio import Redis
-
-from reconciler.applying.connecting import Connection, Endpoints, connect_platform
-from reconciler.applying.converging import Convergence, converge
-from reconciler.applying.executor import Outcome, Progress, Result, execute
 from reconciler.cli import render
-from reconciler.controller.lease import LeaseKeeper, RedisLease, default_holder
-from reconciler.loading.graph import build_graph
-from reconciler.loading.loader import load_directory
 from reconciler.model.diagnostics import Severity
 from reconciler.model.errors import ConfigurationError, ReconcilerError, first_error
-from reconciler.model.observed import ObservedState
 from reconciler.model.plans import Plan, plan_from_json
 from reconciler.model.resources import DesiredGraph
-from reconciler.model.spec import PlatformSpec, ProxmoxApi, SecretRef
-from reconciler.planning.observed_policies import live_isolation
-from reconciler.planning.planner import make_plan
-from reconciler.planning.provenance import first_difference, spec_digest
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+    from reconciler.applying.connecting import Connection, Endpoints
+    from reconciler.applying.converging import Convergence
+    from reconciler.applying.executor import Progress, Result
+    from reconciler.model.observed import ObservedState
+    from reconciler.model.spec import PlatformSpec, ProxmoxApi
 
 EXIT_OK, EXIT_ERROR, EXIT_CHANGES = 0, 1, 2
 
@@ -52,6 +51,8 @@ def run_async(fn: Callable[[], Awaitable[T]]) -> T:
     """`anyio.run` for every command. Concurrent work (anyio task groups) fails with an
     ExceptionGroup; one made only of our errors is raised as its first, so that the command
     reports one line (the call, the status, what is missing) and exits 1, no traceback."""
+    import anyio
+
     try:
         return anyio.run(fn)
     except BaseExceptionGroup as group:
@@ -69,6 +70,17 @@ def repeatable(
     p.add_argument(flag, action="append", default=[], metavar=metavar, help=help)
 
 
+def max_concurrency(text: str) -> int:
+    """--proxmox-max-concurrency: a whole number in 1..256, as the spec's `max_concurrency`."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 1 <= value <= 256:
+        raise argparse.ArgumentTypeError(f"{value}: must be from 1 to 256")
+    return value
+
+
 def add_connection_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("Proxmox connection (overrides the spec)")
     g.add_argument("--proxmox-url", metavar="URL")
@@ -83,6 +95,13 @@ def add_connection_args(p: argparse.ArgumentParser) -> None:
         help="environment variable holding the API token secret",
     )
     g.add_argument("--ca-file", metavar="FILE", help="CA bundle to verify Proxmox's TLS")
+    g.add_argument(
+        "--proxmox-max-concurrency",
+        metavar="N",
+        type=max_concurrency,
+        help="Proxmox API calls in flight at most, 1..256 (default: the spec's "
+        "proxmox.max_concurrency, 16); halved for a while on 429/503 answers",
+    )
     g.add_argument(
         "--insecure", action="store_true", help="do not verify TLS (labs only; prints a warning)"
     )
@@ -135,6 +154,9 @@ def parse_pairs(values: list[str], flag: str) -> dict[str, str]:
 
 
 def endpoints_from(args: argparse.Namespace) -> Endpoints:
+    from reconciler.applying.connecting import Endpoints
+    from reconciler.model.spec import SecretRef
+
     agents: dict[str, tuple[str, int]] = {}
     for guest, where in parse_pairs(args.agent, "--agent").items():
         host, _, port = where.rpartition(":")
@@ -144,6 +166,7 @@ def endpoints_from(args: argparse.Namespace) -> Endpoints:
     return Endpoints(
         proxmox=connection_override(args),
         insecure=args.insecure,
+        proxmox_max_concurrency=args.proxmox_max_concurrency,
         edge=not args.no_edge,
         velocity_url=args.velocity_url,
         agents=agents,
@@ -158,6 +181,8 @@ def endpoints_from(args: argparse.Namespace) -> Endpoints:
 
 
 def connection_override(args: argparse.Namespace) -> ProxmoxApi | None:
+    from reconciler.model.spec import ProxmoxApi, SecretRef
+
     if not args.proxmox_url:
         return None
     if args.proxmox_token_id:
@@ -177,6 +202,9 @@ def connection_override(args: argparse.Namespace) -> ProxmoxApi | None:
 
 
 def load_checked(directory: str, err: TextIO) -> tuple[PlatformSpec, DesiredGraph] | None:
+    from reconciler.loading.graph import build_graph
+    from reconciler.loading.loader import load_directory
+
     result = load_directory(directory)
     if not result.ok or result.spec is None:
         err.write(render.render_diagnostics(result.diagnostics))
@@ -187,7 +215,9 @@ def load_checked(directory: str, err: TextIO) -> tuple[PlatformSpec, DesiredGrap
 
 # A command as `main` runs it, and one that acts on the platform its specs describe.
 Command = Callable[[argparse.Namespace, TextIO, TextIO], int]
-SpecCommand = Callable[[argparse.Namespace, PlatformSpec, DesiredGraph, TextIO, TextIO], int]
+SpecCommand: TypeAlias = (
+    "Callable[[argparse.Namespace, PlatformSpec, DesiredGraph, TextIO, TextIO], int]"
+)
 
 
 def on_specs(command: SpecCommand) -> Command:
@@ -220,6 +250,10 @@ async def holding_lease(
     service's leader lease for as long as it acts, every change passes the lease's check, and
     while a running service holds the lease it refuses, naming the holder. Without Redis (or
     for a dry run) there is nothing to share."""
+    import anyio
+
+    from reconciler.controller.lease import LeaseKeeper, RedisLease, default_holder
+
     if redis is None or dry_run:
         yield None
         return
@@ -258,6 +292,8 @@ def warn_insecure(args: argparse.Namespace, err: TextIO) -> None:
 
 
 def observe_live(args: argparse.Namespace, spec: PlatformSpec, err: TextIO) -> ObservedState:
+    from reconciler.applying.connecting import connect_platform
+
     warn_insecure(args, err)
     endpoints = endpoints_from(args)
 
@@ -311,6 +347,10 @@ def confirm(verb: str, question: str, err: TextIO) -> bool:
 def cmd_apply(
     args: argparse.Namespace, spec: PlatformSpec, graph: DesiredGraph, out: TextIO, err: TextIO
 ) -> int:
+    from reconciler.applying.connecting import connect_platform
+    from reconciler.applying.converging import converge
+    from reconciler.planning.observed_policies import live_isolation
+
     color = render.use_color(getattr(args, "color", "auto"), out)
     warn_insecure(args, err)
 
@@ -359,7 +399,7 @@ def cmd_apply(
 def summarize_report(report: object, out: TextIO) -> int:
     if report is None:
         return EXIT_OK
-    from reconciler.applying.executor import ApplyReport
+    from reconciler.applying.executor import ApplyReport, Outcome
 
     assert isinstance(report, ApplyReport)
     done, failed = report.count(Outcome.DONE), report.count(Outcome.FAILED)
@@ -393,6 +433,9 @@ async def _apply_saved(
     is applied only if a plan made now, from these specs, the platform as it is and the file's
     own options, makes the same changes; and what runs is that fresh plan, never the file's
     changes, so every gate, cap, ownership check and policy holds whatever the file says."""
+    from reconciler.applying.executor import execute
+    from reconciler.planning.provenance import first_difference
+
     saved = _read_saved(args.plan, err)
     if saved is None:
         return EXIT_ERROR
@@ -448,6 +491,8 @@ def _unusable(
 ) -> str | None:
     """Why a saved plan cannot be applied with these specs and flags, before anything is asked
     of the platform; None when it may be planned again."""
+    from reconciler.planning.provenance import spec_digest
+
     if saved.platform != spec.platform.name:
         return f"it is a plan for platform {saved.platform!r}, not {spec.platform.name!r}"
     if not saved.spec_digest:
@@ -494,6 +539,9 @@ def plan_observed(
 ) -> Plan:
     """The live plan, made one way for `plan` and for a saved plan's re-planning at `apply
     --plan` (the two must agree for an honest saved plan to apply)."""
+    from reconciler.planning.observed_policies import live_isolation
+    from reconciler.planning.planner import make_plan
+
     return make_plan(
         graph,
         observed,
@@ -508,6 +556,8 @@ def plan_observed(
 def live_plan(
     args: argparse.Namespace, spec: PlatformSpec, graph: DesiredGraph, err: TextIO
 ) -> Plan | None:
+    from reconciler.applying.connecting import connect_platform
+
     warn_insecure(args, err)
 
     async def run() -> Plan:

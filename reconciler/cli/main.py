@@ -4,16 +4,23 @@ check (the Proxmox token's privileges), backup, backups, restore, schema, graph 
 Exit codes follow Terraform's: 0 success, 1 error; with `plan --detailed-exitcode`, 0 means no
 changes and 2 means changes. Nothing here decides anything: it wires loading, planning and
 rendering together and prints.
+
+It starts at once (issue 16): building the parser imports no command's implementation. What a
+command runs with (pydantic models, loading, planning, the live clients, the demo's lab) is
+imported in the function that runs it, or, for the demo, when its command is parsed
+(`CommandParser`); tests/cli/test_startup.py checks what `--version`, `--help` and `validate`
+load.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
-from importlib import resources
+from collections.abc import Callable
 from pathlib import Path
-from typing import TextIO, TypeAlias
+from typing import TYPE_CHECKING, Any, TextIO, TypeAlias, cast
 
 from reconciler import __version__
 from reconciler.cli import render
@@ -22,16 +29,12 @@ from reconciler.cli.check import add_check_parser
 from reconciler.cli.importing import add_import_commands
 from reconciler.cli.live import Command, add_connection_args, cmd_apply, cmd_observe, repeatable
 from reconciler.cli.service import add_run_parser
-from reconciler.demo.script import add_demo_args, cmd_demo_live
-from reconciler.loading.graph import build_graph
-from reconciler.loading.loader import LoadResult, load_directory
-from reconciler.loading.revisions import load_revision
 from reconciler.model.diagnostics import Severity, has_errors
-from reconciler.model.observed import ObservedState
 from reconciler.model.plans import Plan
-from reconciler.model.spec import PlatformSpec
-from reconciler.planning.observed_policies import live_isolation
-from reconciler.planning.planner import converged_state, make_plan
+
+if TYPE_CHECKING:
+    from reconciler.loading.loader import LoadResult
+    from reconciler.model.observed import ObservedState
 
 DEFAULT_DIR = "specs"
 EXIT_OK, EXIT_ERROR, EXIT_CHANGES = 0, 1, 2
@@ -52,6 +55,9 @@ def _report_load(result: LoadResult, fmt: str, out: TextIO, color: bool) -> None
 
 
 def cmd_validate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from reconciler.loading.graph import build_graph
+    from reconciler.loading.loader import load_directory
+
     result = load_directory(args.dir)
     color = render.use_color(args.color, out)
     _report_load(result, args.format, out, color)
@@ -73,6 +79,10 @@ def cmd_validate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 def _load_observed(path: str) -> ObservedState:
+    from importlib import resources
+
+    from reconciler.model.observed import ObservedState
+
     text = (
         resources.files("reconciler.data").joinpath("sample-observed.json").read_text()
         if path == "sample"
@@ -82,6 +92,13 @@ def _load_observed(path: str) -> ObservedState:
 
 
 def build_plan(args: argparse.Namespace, err: TextIO) -> Plan | None:
+    from reconciler.loading.graph import build_graph
+    from reconciler.loading.loader import load_directory
+    from reconciler.loading.revisions import load_revision
+    from reconciler.model.observed import ObservedState
+    from reconciler.planning.observed_policies import live_isolation
+    from reconciler.planning.planner import converged_state, make_plan
+
     result = load_directory(args.dir)
     if not result.ok or result.spec is None:
         err.write(render.render_diagnostics(result.diagnostics))
@@ -156,6 +173,8 @@ def write_plan(plan: Plan, fmt: str, out: TextIO, color: bool) -> None:
 
 def schema_document() -> dict[str, object]:
     """The JSON Schema of one spec file: every section optional, since a platform spans files."""
+    from reconciler.model.spec import PlatformSpec
+
     schema = PlatformSpec.model_json_schema()
     schema.pop("required", None)
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
@@ -173,6 +192,9 @@ def cmd_schema(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 def cmd_graph(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from reconciler.loading.graph import build_graph
+    from reconciler.loading.loader import load_directory
+
     result = load_directory(args.dir)
     if not result.ok or result.spec is None:
         err.write(render.render_diagnostics(result.diagnostics))
@@ -194,7 +216,10 @@ def parser() -> argparse.ArgumentParser:
     it (`func`, a `Command`)."""
     p = argparse.ArgumentParser(prog="reconciler", description=__doc__.split("\n")[0])
     p.add_argument("--version", action="version", version=f"reconciler {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
+    # Every command's parser is a CommandParser; the groups need only an ArgumentParser's API.
+    sub = cast(
+        Subparsers, p.add_subparsers(dest="command", required=True, parser_class=CommandParser)
+    )
     _add_spec_commands(sub)
     _add_plan_parser(sub)
     _add_live_commands(sub)
@@ -207,6 +232,40 @@ def parser() -> argparse.ArgumentParser:
 
 
 Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+
+def _resolve(target: str) -> Any:
+    """`"package.module:name"` -> that object, its module imported now."""
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def deferred(target: str) -> Command:
+    """The command `"module:function"`, imported only when it runs."""
+
+    def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+        command: Command = _resolve(target)
+        return command(args, out, err)
+
+    return run
+
+
+class CommandParser(argparse.ArgumentParser):
+    """A command's parser. With `deferred_args` ("module:function"), the command's own flags
+    are defined beside an implementation too heavy to import for every command (the demo's,
+    beside its lab): they are added when this command is parsed (its `--help` too), never when
+    another is."""
+
+    def __init__(self, *args: Any, deferred_args: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._deferred_args = deferred_args
+
+    def parse_known_args(self, *args: Any, **kwargs: Any) -> Any:
+        if self._deferred_args is not None:
+            add_args: Callable[[argparse.ArgumentParser], None] = _resolve(self._deferred_args)
+            self._deferred_args = None
+            add_args(self)
+        return super().parse_known_args(*args, **kwargs)
 
 
 def _color_opt(sp: argparse.ArgumentParser) -> None:
@@ -291,11 +350,11 @@ def _add_demo_parser(sub: Subparsers) -> None:
     d = sub.add_parser(
         "demo",
         help="the demo: a fake Proxmox VE, simulators and Traefik, converged, broken and healed",
+        deferred_args="reconciler.demo.script:add_demo_args",
     )
     d.add_argument("dir", nargs="?", default=DEFAULT_DIR)
     _color_opt(d)
-    add_demo_args(d)
-    d.set_defaults(func=cmd_demo_live)
+    d.set_defaults(func=deferred("reconciler.demo.script:cmd_demo_live"))
 
 
 def main(argv: list[str] | None = None) -> int:

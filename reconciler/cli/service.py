@@ -2,7 +2,8 @@
 
 Its settings are flags, each with an environment variable for container and systemd use
 (`RECONCILER_<FLAG>`, e.g. RECONCILER_REDIS_URL); secrets are named by the variable or file
-that holds them, never passed as values.
+that holds them, never passed as values. Its parser costs only the standard library: the
+controller (anyio, Redis, the status listener, the providers) is imported when it runs.
 """
 
 from __future__ import annotations
@@ -10,23 +11,13 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
-from typing import TextIO
-
-import anyio
+from typing import TYPE_CHECKING, TextIO
 
 from reconciler.cli.live import add_connection_args, endpoints_from
-from reconciler.controller.logs import setup_logging
-from reconciler.controller.service import (
-    ServiceOptions,
-    build_service,
-    fields,
-    log,
-    redact_secrets,
-)
-from reconciler.controller.status import CycleOutcome
-from reconciler.controller.timing import Trigger
 from reconciler.model.errors import ReconcilerError
-from reconciler.providers.redisconn import describe_redis_url
+
+if TYPE_CHECKING:
+    from reconciler.controller.service import ServiceOptions
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -127,6 +118,8 @@ def add_run_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
 
 def options_from(args: argparse.Namespace) -> ServiceOptions:
     """`run`'s flags as the controller's typed options: argparse stops here."""
+    from reconciler.controller.service import ServiceOptions
+
     return ServiceOptions(
         dir=str(args.dir),
         git_url=args.git_url,
@@ -152,6 +145,14 @@ def cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """`reconciler run`: build the service from the command line and run it until SIGTERM
     (or, with --once, for one full cycle). Exit 0, or 1 when it could not start (or the
     --once cycle did not converge)."""
+    import anyio
+
+    from reconciler.controller.logs import setup_logging
+    from reconciler.controller.service import build_service, fields, log, redact_secrets
+    from reconciler.controller.status import CycleOutcome
+    from reconciler.controller.timing import Trigger
+    from reconciler.providers.redisconn import describe_redis_url
+
     try:
         redactor = setup_logging(args.log_format, args.log_level, err)
     except ValueError as exc:

@@ -189,6 +189,15 @@ class ProxmoxApi(Strict):
     token_id: str | None = Field(None, description="API token name (the part after '!')")
     token_secret: Secret | None = None
     password: Secret | None = None
+    max_concurrency: int = Field(
+        16,
+        ge=1,
+        le=256,
+        strict=True,
+        description="Calls in flight to this API at most; halved for a while when it answers "
+        "429 or 503, or times out, and climbed back as it answers (--proxmox-max-concurrency "
+        "overrides it)",
+    )
 
     @model_validator(mode="after")
     def _credentials(self) -> ProxmoxApi:

@@ -1,8 +1,9 @@
 """Proxmox VE guests: observe them and apply guest changes, through proxmoxer.
 
 Called by the CLI (`observe`, `plan`, `apply`) and the controller. Blocking proxmoxer calls run
-in worker threads (anyio.to_thread) behind a limiter, so observation and apply are concurrent
-but bounded.
+in worker threads (anyio.to_thread), each holding a slot of one `AdaptiveLimit` per API
+(reconciler.providers.pacing: `concurrency` in flight at most, halved while Proxmox answers 429
+or 503), so observation and apply are concurrent but bounded.
 
 What it knows of Proxmox, and relies on (the README's "Live" section says what it means for
 an operator):
@@ -49,7 +50,7 @@ an operator):
 Errors (reconciler.model.errors), as `classify` hands them out:
 
     ProviderError
-    ├── TemporaryError        5xx from a proxy, 595, "no quorum", "can't lock file", no worker;
+    ├── TemporaryError        429, 5xx from a proxy, 595, "no quorum", "can't lock file", no worker;
     │                         on a read, any 5xx but 501 (a read changes nothing: try again)
     │   └── LockedError       "CT is locked (backup)": waited out, not retried on a budget
     └── PermanentError        everything else: reported (a 403 names the privilege missing)
@@ -95,6 +96,7 @@ from reconciler.model.spec import ProxmoxApi, SecretRef
 from reconciler.model.units import parse_kv, parse_mib
 from reconciler.providers import Observation
 from reconciler.providers.backoff import backoff
+from reconciler.providers.pacing import DEFAULT_LIMIT, AdaptiveLimit
 
 MARK_PREFIX = "reconciler:v1"
 # The whole of a description's last non-empty line, as `mark_line` writes it; a guest's address.
@@ -193,6 +195,8 @@ def classify(exc: BaseException, context: str = "", *, read: bool = False) -> Pr
         found = _by_text(detail, message, status)
         if found is not None:
             return found
+        if status == 429:
+            return TemporaryError(message, status=status)  # too many requests: refused, not begun
         if status > 500 and status != 501:
             return TemporaryError(message, status=status)  # 502, 503, 504, 595 ...
         if status == 500 and (read or not detail):
@@ -498,6 +502,16 @@ class RetryPolicy:
     task_poll_max: float = 2.0
 
 
+def _pace(limit: AdaptiveLimit, exc: Exception) -> None:
+    """Tell the bound what a failed call says of the API's load: 429 or 503 (overloaded), or
+    no answer in time (a burst of these is an overload too)."""
+    status = int(exc.status_code) if isinstance(exc, ResourceException) else None
+    if status in (429, 503):
+        limit.overloaded()
+    elif status == 504 or isinstance(exc, (requests.Timeout, TimeoutError)):
+        limit.timed_out()
+
+
 @dataclass
 class _Tries:
     """What one operation has spent of its retry policy so far."""
@@ -522,7 +536,7 @@ class ProxmoxProvider:
     platform: str
     owner_tag: str = "reconciler"
     source: str = ""
-    concurrency: int = 8
+    concurrency: int = DEFAULT_LIMIT  # calls in flight at most (`proxmox.max_concurrency`)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     sleep: Sleep = anyio.sleep
     clock: Clock = time.monotonic
@@ -532,7 +546,8 @@ class ProxmoxProvider:
     calls: int = 0  # Proxmox API calls made
     retries: int = 0  # calls (or tasks) repeated after a temporary error
     waits: int = 0  # polls while waiting for a lock to clear
-    _limiter: anyio.CapacityLimiter | None = None
+    _pacing: AdaptiveLimit | None = None
+    _threads: anyio.CapacityLimiter | None = None
     # The inventory the last `observe` read, for `observe_cluster` (no second call).
     _observed_inventory: Inventory | None = None
 
@@ -540,16 +555,27 @@ class ProxmoxProvider:
     needs = frozenset[Kind]()
     optional = False  # the guests unknown: nothing is planned
 
-    # Every Proxmox call goes through here: one thread hop, one count, one error translation.
-    # `read`: the call only reads (a GET), so any server error is worth another try.
+    @property
+    def pacing(self) -> AdaptiveLimit:
+        """The one bound on this API's calls in flight, and its counters."""
+        if self._pacing is None:
+            self._pacing = AdaptiveLimit(self.concurrency, clock=self.clock)
+        return self._pacing
+
+    # Every Proxmox call goes through here: one slot, one thread hop, one count, one error
+    # translation. `read`: the call only reads (a GET), so any server error is worth another try.
+    # A retry's backoff (`retrying`) waits outside the slot.
     async def call(self, what: str, fn: Callable[[], Any], *, read: bool = False) -> Any:
-        if self._limiter is None:
-            self._limiter = anyio.CapacityLimiter(self.concurrency)
+        if self._threads is None:
+            # Threads enough for the bound: anyio's shared default pool holds 40.
+            self._threads = anyio.CapacityLimiter(self.concurrency)
         self.calls += 1
-        try:
-            return await anyio.to_thread.run_sync(fn, limiter=self._limiter)
-        except Exception as exc:
-            raise classify(exc, what, read=read) from None
+        async with self.pacing:
+            try:
+                return await anyio.to_thread.run_sync(fn, limiter=self._threads)
+            except Exception as exc:
+                _pace(self.pacing, exc)
+                raise classify(exc, what, read=read) from None
 
     async def again(self, error: ProviderError, tries: _Tries) -> None:
         """Sleep before the next try, or raise `error` when the policy says stop: a temporary

@@ -1,0 +1,104 @@
+"""Fast start (issue 16): a command imports only what it uses.
+
+Each case runs `main(argv)` in a fresh interpreter and lists the modules it loaded; nothing is
+timed. `--version` and `--help` load no command's implementation (no pydantic, no YAML, no live
+client); `validate` loads the specs' loading and model (pydantic, YAML) and nothing live. The
+demo's flags are defined beside its lab, so `demo --help` must load it: the check that the probe
+sees a deferred import at all.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from reconciler.cli.main import parser
+from tests.conftest import ROOT, SPECS
+
+# The live clients and servers, and the simulators' fakes: never for a command that does not
+# talk to a platform.
+LIVE = {
+    "anyio",
+    "fakepve",
+    "httpx",
+    "hypercorn",
+    "prometheus_client",
+    "proxmoxer",
+    "redis",
+    "requests",
+    "urllib3",
+}
+# Our layers below loading, and the demo's lab: only the commands that act load them.
+ACTING = {
+    "reconciler.applying",
+    "reconciler.controller",
+    "reconciler.demo.lab",
+    "reconciler.demo.script",
+    "reconciler.importing",
+    "reconciler.planning",
+    "reconciler.providers",
+    "reconciler.simulators",
+}
+# What reading the specs needs: not for --version or --help.
+SPECS_ONLY = {"pydantic", "pydantic_core", "yaml", "reconciler.loading", "reconciler.model.spec"}
+
+PROBE = """
+import contextlib, io, json, sys
+from reconciler.cli.main import main
+with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+    try:
+        code = main(sys.argv[1:])
+    except SystemExit as exc:
+        code = exc.code
+print(json.dumps({"code": code, "modules": sorted(sys.modules)}))
+"""
+
+
+def loaded(argv: list[str]) -> tuple[object, set[str]]:
+    """The exit code of `reconciler ARGV` and every module (and its packages) it loaded."""
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE, *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    report = json.loads(done.stdout)
+    names = set()
+    for module in report["modules"]:
+        parts = module.split(".")
+        names.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    return report["code"], names
+
+
+def offending(names: set[str], forbidden: set[str]) -> list[str]:
+    return sorted(forbidden & names)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--version"], ["--help"], ["plan", "--help"], ["run", "--help"], ["restore", "--help"]],
+    ids=" ".join,
+)
+def test_the_parser_loads_no_command(argv: list[str]) -> None:
+    code, names = loaded(argv)
+    assert code == 0
+    assert offending(names, LIVE | ACTING | SPECS_ONLY) == []
+
+
+def test_validate_loads_the_specs_and_nothing_live() -> None:
+    code, names = loaded(["validate", str(SPECS)])
+    assert code == 0
+    assert offending(names, LIVE | ACTING) == []
+    assert {"pydantic", "yaml", "reconciler.loading"} <= names  # the probe sees what it loads
+
+
+def test_demo_flags_are_added_when_the_demo_is_parsed() -> None:
+    code, names = loaded(["demo", "--help"])
+    assert code == 0
+    assert "reconciler.demo.script" in names
+    args = parser().parse_args(["demo", "--offline", "--time-scale", "0.5", str(SPECS)])
+    assert (args.offline, args.time_scale, args.dir) == (True, 0.5, str(SPECS))
