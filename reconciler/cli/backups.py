@@ -41,7 +41,7 @@ import json
 import sys
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, TextIO, TypeAlias
 
 from reconciler.cli import render
@@ -252,13 +252,16 @@ def cmd_backup(
             # Every guest checked before the first backup: a refusal leaves nothing half-done.
             owned = [owned_guest(graph, observed, n) for n in names]
             made = [await _back_up(pve, guest, settings[guest.name], out) for guest in owned]
-        return EXIT_OK if all(made) else EXIT_ERROR
+        return EXIT_OK if all(m is not None for m in made) else EXIT_ERROR
 
     return run_async(run)
 
 
-async def _back_up(pve: ProxmoxProvider, guest: Owned, how: BackupSettings, out: TextIO) -> bool:
-    """One guest's backup, with its progress lines; False when it failed."""
+async def _back_up(
+    pve: ProxmoxProvider, guest: Owned, how: BackupSettings, out: TextIO
+) -> str | None:
+    """One guest's backup, with its progress lines: the new volid ("" when it could not be
+    listed), None when it failed."""
     from reconciler.providers.proxmox_backup import backup_volume
 
     job = f"job {how.job}, " if how.job else ""
@@ -280,7 +283,7 @@ async def _back_up(pve: ProxmoxProvider, guest: Owned, how: BackupSettings, out:
         )
     except ProviderError as exc:
         out.write(f"{guest.address}: failed: {exc}\n")
-        return False
+        return None
     took = f"{time.monotonic() - started:.1f} s"
     made = backup_volume(item, how.storage, guest.node) if item is not None else None
     if made is None:
@@ -288,7 +291,7 @@ async def _back_up(pve: ProxmoxProvider, guest: Owned, how: BackupSettings, out:
     else:
         out.write(f"{guest.address}: done: {made.volid}, {human_size(made.size)} ({took})\n")
     out.flush()
-    return True
+    return made.volid if made is not None else ""
 
 
 # --- backups -------------------------------------------------------------------------------------
@@ -506,7 +509,9 @@ async def _named_backup(
     return found
 
 
-def describe_restore(guest: Owned, backup: BackupVolume, now: float) -> str:
+def describe_restore(
+    guest: Owned, backup: BackupVolume, now: float, *, backup_first: bool = True
+) -> str:
     """What a restore will do, for the confirmation: the guest, the backup, what it overwrites
     and what follows."""
     attrs = guest.observed.attributes
@@ -524,6 +529,8 @@ def describe_restore(guest: Owned, backup: BackupVolume, now: float) -> str:
     width = max(len(k) for k in disks)
     lines += [f"  {key.ljust(width)}  {value}" for key, value in disks.items() if value]
     steps: list[str] = []
+    if backup_first:
+        steps.append(f"its current state is backed up to {backup.storage}")
     if attrs.get("protection"):
         steps.append("its protection is lifted")
     if attrs.get("state") == "running":
@@ -587,7 +594,8 @@ def cmd_restore(
             backup = await choose_backup(
                 BackupJobProvider(pve=pve), guest, args, storages, seen.cluster, names
             )
-            out.write(describe_restore(guest, backup, time.time()))
+            first = not args.no_final_backup
+            out.write(describe_restore(guest, backup, time.time(), backup_first=first))
             out.flush()
             if args.dry_run:
                 out.write("Dry run: nothing done.\n")
@@ -597,6 +605,22 @@ def cmd_restore(
                 guard = await _take_lease(stack, conn, args)
                 if guard is not None:
                     await guard()
+                if not args.no_final_backup:
+                    # What is overwritten is backed up first, next to the backup restored: a
+                    # restore of the wrong backup can itself be undone.
+                    how = replace(
+                        backup_settings(graph, address, backup.storage),
+                        notes="{{guestname}} before restore",
+                    )
+                    before = await _back_up(pve, guest, how, out)
+                    # A backup that failed, or one written over the backup to restore (the
+                    # same guest and second): nothing is overwritten.
+                    if before is None or before == backup.volid:
+                        err.write(
+                            f"{address}: not restored: its current state could not be "
+                            "backed up first (--no-final-backup restores without)\n"
+                        )
+                        return EXIT_ERROR
                 try:
                     await pve.restore_in_place(guest.change(), backup.volid)
                 except OwnershipError as exc:
@@ -708,6 +732,11 @@ def add_backup_commands(sub: Subparsers) -> None:
         "the spec says. Exit 0 restored, 1 failed, 2 refused (nothing done).",
     )
     r.add_argument("guest", metavar="GUEST", help="a spec guest's name")
+    r.add_argument(
+        "--no-final-backup",
+        action="store_true",
+        help="overwrite it without backing up its current state first",
+    )
     which = r.add_mutually_exclusive_group()
     which.add_argument("--latest", action="store_true", help="its newest backup (the default)")
     which.add_argument("--from", dest="from_volid", metavar="VOLID", help="this backup")

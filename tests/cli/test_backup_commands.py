@@ -9,6 +9,7 @@ firewall options) and from fakepve's request log: a refusal makes no mutating ca
 from __future__ import annotations
 
 import datetime
+import itertools
 import json
 import re
 import time
@@ -120,6 +121,10 @@ def cli(specs: Path, pve_api: ProxmoxApi, capsys: pytest.CaptureFixture[str]) ->
 def applied(cli: Any, specs: Path, pve: Any) -> Any:
     code, out, err = cli("apply", str(specs), "--auto-approve", "--color", "never")
     assert code == 0, out + err
+    # Backups take time on a real cluster: each one here starts a minute after the last, so
+    # two backups of a guest never share a name (vzdump names them by the second).
+    ticks = itertools.count(int(time.time()), 60)
+    pve.backup_clock = lambda: float(next(ticks))
     pve.requests.clear()
     return cli
 
@@ -351,7 +356,14 @@ def test_restore_in_place_brings_the_backup_back_then_converges_it_to_the_spec(
     assert code == 0, out + err
     assert "Restore guest/mc-lobby (vmid 1000, lxc, on pve-runtime) from" in out
     assert made["volid"] in out and "rootfs" in out and "mp0" in out
-    assert "First its protection is lifted, then it is stopped, then it is restored" in out
+    assert (
+        "First its current state is backed up to backup, then its protection is lifted, "
+        "then it is stopped, then it is restored" in out
+    )
+    # What it overwrote was backed up first, to the same storage, and is still there.
+    dumps = request_bodies(pve, "POST", f"/nodes/{NODE}/vzdump")
+    assert len(dumps) == 1 and dumps[0]["vmid"] == "1000" and dumps[0]["storage"] == "backup"
+    assert any("before restore" in str(b.get("notes", "")) for b in listed(client, 1000))
     posts = request_bodies(pve, "POST", f"/nodes/{NODE}/lxc")
     assert len(posts) == 1
     assert posts[0]["ostemplate"] == made["volid"] and posts[0]["vmid"] == "1000"
@@ -528,3 +540,16 @@ async def lease_key(url: str, *, delete: bool = False) -> int:
         return int(await redis.exists(LEASE_KEY))
     finally:
         await redis.aclose()
+
+
+def test_restore_without_a_final_backup_takes_none(
+    backup: Any, restore: Any, pve_api: ProxmoxApi, pve: Any
+) -> None:
+    code, out, err = backup("mc-lobby")
+    assert code == 0, out + err
+    pve.requests.clear()
+    code, out, err = restore("mc-lobby", "--yes", "--no-final-backup")
+    assert code == 0, out + err
+    assert "backed up to" not in out
+    assert request_bodies(pve, "POST", f"/nodes/{NODE}/vzdump") == []
+    assert len(request_bodies(pve, "POST", f"/nodes/{NODE}/lxc")) == 1
