@@ -23,7 +23,7 @@ Per row: wall seconds; Proxmox API calls (counted at the fake); controller CPU s
 (`process_time()` of this process for the in-process scenarios, the child's rusage for the
 CLI); the fake's CPU seconds (/proc/<pid>/stat utime + stime); the controller's peak RSS (the
 CLI child's own; for in-process scenarios this process's VmHWM, reset before each); and the
-floor = max(fake CPU, calls x latency / limit) with wall / floor, where limit is the
+floor = max(fake CPU, ceil(calls / limit) x latency) with wall / floor, where limit is the
 provider's calls in flight (16 by default).
 
     .venv/bin/python bench/bench_latency.py                       # N 100 1000, L 0 5 20 50 ms
@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import resource
 import subprocess
@@ -165,7 +166,10 @@ class Row:
 
     @property
     def floor(self) -> float:
-        return max(self.fake_cpu, self.calls * self.latency_ms / 1000 / DEFAULT_LIMIT)
+        # At best the calls go in rounds of `limit` in flight, each round one latency (a lone
+        # call still waits a whole latency, however many slots are free).
+        rounds = math.ceil(self.calls / DEFAULT_LIMIT)
+        return max(self.fake_cpu, rounds * self.latency_ms / 1000)
 
     @property
     def ratio(self) -> float:
