@@ -74,7 +74,9 @@ def cmd_check(
     needs = needed_privileges(spec)
     api = proxmox_endpoint(spec, connection_override(args))
     warn_insecure(args, err)
-    provider = proxmox_provider(spec, api, insecure=args.insecure)
+    provider = proxmox_provider(
+        spec, api, insecure=args.insecure, max_concurrency=args.proxmox_max_concurrency
+    )
     try:
         held = run_async(lambda: read_privileges(provider, {n.path for n in needs}))
     finally:

@@ -126,7 +126,9 @@ def cmd_import(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 return EXIT_ERROR
             spec, _ = loaded
             base = Base.from_spec(spec)
-            provider = proxmox_provider(spec, override, insecure=args.insecure)
+            provider = proxmox_provider(
+                spec, override, insecure=args.insecure, max_concurrency=args.proxmox_max_concurrency
+            )
         else:
             if override is None or not args.platform:
                 err.write("import needs --dir SPECS, or --platform NAME with --proxmox-url\n")
@@ -136,6 +138,7 @@ def cmd_import(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 client=connect(override, insecure=args.insecure),
                 platform=args.platform,
                 source=override.url,
+                concurrency=args.proxmox_max_concurrency or override.max_concurrency,
             )
         warn_insecure(args, err)
         sources = None
@@ -233,7 +236,12 @@ def cmd_adopt(
     from reconciler.applying.connecting import proxmox_provider
     from reconciler.importing.adopting import adopt
 
-    provider = proxmox_provider(spec, connection_override(args), insecure=args.insecure)
+    provider = proxmox_provider(
+        spec,
+        connection_override(args),
+        insecure=args.insecure,
+        max_concurrency=args.proxmox_max_concurrency,
+    )
     warn_insecure(args, err)
     preview = run_async(lambda: adopt(graph, provider, args.addresses, dry_run=True))
     _render_report(preview, out, dry_run=args.dry_run)
