@@ -44,7 +44,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, TextIO, TypeAlias
 
-from reconciler.cli import render
 from reconciler.cli.live import (
     EXIT_ERROR,
     EXIT_OK,
@@ -56,8 +55,8 @@ from reconciler.cli.live import (
     on_specs,
     progress_lines,
     repeatable,
+    report_convergence,
     run_async,
-    summarize_report,
     warn_insecure,
 )
 from reconciler.model.errors import OwnershipError, ProviderError, ReconcilerError
@@ -649,14 +648,8 @@ def cmd_restore(
     result = run_async(run)
     if isinstance(result, int):
         return result
-    last = result.rounds[-1]
-    if last.plan.errored:
-        out.write(render.render_text(last.plan))
-        err.write(f"{address}: restored, but not converged: its plan has errors (above)\n")
-        return EXIT_ERROR
-    if result.again():
-        err.write(result.again() + "\n")
-    return summarize_report(last.report, out)
+    why = f"{address}: restored, but not converged: its plan has errors (above)"
+    return report_convergence(result, out, err, errored=why)
 
 
 # --- helpers and parsers -------------------------------------------------------------------------

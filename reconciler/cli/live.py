@@ -386,10 +386,20 @@ def cmd_apply(
     result = run_async(run)
     if isinstance(result, int):
         return result
+    return report_convergence(result, out, err, color=color)
+
+
+def report_convergence(
+    result: Convergence, out: TextIO, err: TextIO, *, color: bool = False, errored: str = ""
+) -> int:
+    """The end of every command that converges (`apply`, `restore`): a last plan with errors
+    was never applied (converge stops first): shown, with `errored` said after it; else why it
+    planned more than once, and the apply's summary."""
     last = result.rounds[-1]
     if last.plan.errored:
-        # Never offered for approval (converge stops first): show why nothing is applied.
         out.write(render.render_text(last.plan, color=color))
+        if errored:
+            err.write(errored + "\n")
         return EXIT_ERROR
     if result.again():
         err.write(result.again() + "\n")

@@ -849,16 +849,20 @@ class Story:
             broken_at=self.clock(),
         )
 
-    def break_unready(self, guest: str, server: str | None) -> Break:
-        reason = "the world is still loading"
-        self.lab.agents[guest].unready(reason)
-        routes = tuple(
+    def _withheld_routes(self, guest: str) -> tuple[str, ...]:
+        """The routes to `guest` that its readiness gates (`when_unready: withhold`)."""
+        return tuple(
             f"route/{iname}/{rname}"
             for iname, inst in sorted(self.spec.traefik.items())
             if inst.when_unready == "withhold"
             for rname, route in sorted(inst.routes.items())
             if route.target.guest == guest
         )
+
+    def break_unready(self, guest: str, server: str | None) -> Break:
+        reason = "the world is still loading"
+        self.lab.agents[guest].unready(reason)
+        routes = self._withheld_routes(guest)
         return Break(
             "unready",
             f"{guest}'s agent stops answering ready ({reason!r})",
@@ -928,13 +932,7 @@ class Story:
         servers = (
             [n for n, srv in velocity.servers.items() if srv.guest == name] if velocity else []
         )
-        routes = [
-            f"route/{iname}/{rname}"
-            for iname, inst in sorted(self.spec.traefik.items())
-            if inst.when_unready == "withhold"
-            for rname, route in sorted(inst.routes.items())
-            if route.target.guest == name
-        ]
+        routes = self._withheld_routes(name)
         return Break(
             "destroyed",
             f"game server {name} (vmid {vmid}) is destroyed by hand, world and all "

@@ -49,6 +49,7 @@ from reconciler.providers.proxmox import (
     with_mark,
 )
 from reconciler.providers.proxmox_backup import (
+    JobClaim,
     job_attributes,
     job_comment,
     read_job_mark,
@@ -313,7 +314,7 @@ async def _check_job(graph: DesiredGraph, provider: ProxmoxProvider, address: st
     if job is None:
         hint = "" if "id" in want else " (to adopt one that exists, give the spec's job its id)"
         raise _Refused(f"no backup job {ident} exists; apply creates it{hint}")
-    ours = f"{graph.platform}|{address}"
+    ours = JobClaim(graph.platform, address)
     for other, j in sorted(jobs.items()):
         if other != ident and read_job_mark(j.get("comment"), other)[0] == ours:
             raise _Refused(f"backup job {other} is this platform's {address} already")
@@ -321,10 +322,9 @@ async def _check_job(graph: DesiredGraph, provider: ProxmoxProvider, address: st
     if claim == ours:
         return Adoption(address, target, status="already owned")
     if claim is not None:
-        platform, _, claimed_address = claim.partition("|")
-        if platform != graph.platform:
-            raise _Refused(f"{target} carries the mark of platform {platform!r}")
-        raise _Refused(f"{target} is already this platform's, as {claimed_address}")
+        if claim.platform != graph.platform:
+            raise _Refused(f"{target} carries the mark of platform {claim.platform!r}")
+        raise _Refused(f"{target} is already this platform's, as {claim.address}")
     comment = job_comment(graph.platform, address, description, ident)
     adoption = Adoption(
         address,

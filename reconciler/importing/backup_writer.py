@@ -107,13 +107,12 @@ def render_backups(
     for job in sorted(jobs, key=lambda j: str(j.get("id", ""))):
         ident = str(job.get("id") or "")
         claim, description = read_job_mark(job.get("comment"), ident)
-        marked, _, address = (claim or "").partition("|")
-        if claim is not None and marked != platform:
+        if claim is not None and claim.platform != platform:
             out.notes.append(
-                f"skipped backup job {ident}: it carries the mark of platform {marked!r}"
+                f"skipped backup job {ident}: it carries the mark of platform {claim.platform!r}"
             )
         elif claim is not None:  # ours already: its name first, before any other takes it
-            name = address.removeprefix(f"{Kind.BACKUP_JOB.value}/")
+            name = claim.address.removeprefix(f"{Kind.BACKUP_JOB.value}/")
             taken.add(name)
             _add(out, name, ident, job, description, guests)
         else:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from reconciler.model.errors import NotFoundError, PermanentError, ProviderError
 from reconciler.model.observed import BackupVolume, ObservedResource
@@ -62,9 +62,16 @@ def change_job_id(change: Change) -> str:
     return str(observed or wanted or job_id(change.address))
 
 
-def read_job_mark(comment: str | None, job: str) -> tuple[str | None, str]:
-    """A job's comment -> (the address our mark claims, the description without it). None when
-    there is no mark, or the mark names another id (a copy made by hand)."""
+class JobClaim(NamedTuple):
+    """What a job's mark claims: the platform, and the address on it."""
+
+    platform: str
+    address: str
+
+
+def read_job_mark(comment: str | None, job: str) -> tuple[JobClaim | None, str]:
+    """A job's comment -> (what our mark claims, the description without it). None when there
+    is no mark, or the mark names another id (a copy made by hand)."""
     text = (comment or "").strip()
     m = _JOB_MARK.search(text)
     if m is None:
@@ -72,7 +79,7 @@ def read_job_mark(comment: str | None, job: str) -> tuple[str | None, str]:
     description = text[: m.start()].strip()
     if m["id"] != job:
         return None, description
-    return f"{m['platform']}|{m['address']}", description
+    return JobClaim(m["platform"], m["address"]), description
 
 
 def job_attributes(job: Mapping[str, Any], description: str) -> dict[str, Any]:
@@ -181,10 +188,9 @@ class BackupJobProvider:
     def _job(self, job: Mapping[str, Any]) -> ObservedResource:
         ident = str(job["id"])
         claim, description = read_job_mark(job.get("comment"), ident)
-        platform, _, address = (claim or "").partition("|")
-        owned = platform == self.platform and address != ""
+        owned = claim is not None and claim.platform == self.platform
         return ObservedResource(
-            address=address if owned else None,
+            address=claim.address if claim is not None and owned else None,
             kind=Kind.BACKUP_JOB,
             owned=owned,
             id={"id": ident},
@@ -280,7 +286,7 @@ class BackupJobProvider:
             f"read {change.address}", lambda: self.pve.client.cluster.backup(ident).get(), read=True
         )
         claim, _ = read_job_mark(job.get("comment"), ident)
-        if claim != f"{self.platform}|{change.address}":
+        if claim != JobClaim(self.platform, change.address):
             raise PermanentError(
                 f"{change.address}: job {ident} does not carry this platform's mark for it; "
                 "left alone"
