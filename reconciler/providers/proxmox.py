@@ -950,6 +950,7 @@ class ProxmoxProvider:
                 compress=backup.compress,
                 notes=f"{{{{guestname}}}} final backup before {change.action.value}",
                 what=f"final backup of {change.address}",
+                find=False,  # made is enough: nobody reads which volume it is
             )
         except ProviderError as exc:
             raise PermanentError(
@@ -967,19 +968,21 @@ class ProxmoxProvider:
         compress: str = "zstd",
         notes: str | None = None,
         what: str = "",
+        find: bool = True,
     ) -> dict[str, Any] | None:
         """`vzdump` of one guest on its node to `storage`, waited for: the one path of every
         backup the controller makes (the final backup before a destroy, `reconciler backup`).
         `notes` is vzdump's `notes-template` ({{guestname}}, {{vmid}}, ...).
 
-        Returns the new backup as the storage lists it (`volid`, `size`, `ctime`, `notes`,
-        ...): the one of this vmid there that was not there before. None when the listings
+        With `find` (two listings of the guest's backups, before and after), returns the new
+        backup as the storage lists it (`volid`, `size`, `ctime`, `notes`, ...): the one of
+        this vmid there that was not there before. None without `find`, or when the listings
         cannot tell (one failed): the backup was made all the same. Raises when none was made:
         the task failed (its log's last lines say why: "ERROR: Backup of VM N failed - ..."),
         or vzdump answered without a task, which it does when it selected no guest on this
         node (the guest is not there)."""
         what = what or f"backup of {vmid} to {storage}"
-        before = await self._backups_of(node, storage, vmid)
+        before = await self._backups_of(node, storage, vmid) if find else None
         params: dict[str, Any] = {
             "vmid": vmid,
             "storage": storage,
@@ -998,8 +1001,10 @@ class ProxmoxProvider:
         error = await self.wait_task(node, upid, what)
         if error is not None:
             raise error
+        if before is None:
+            return None
         after = await self._backups_of(node, storage, vmid)
-        if before is None or after is None:
+        if after is None:
             return None
         made = [item for volid, item in after.items() if volid not in before]
         if not made:
