@@ -55,22 +55,18 @@ from unittest import mock
 
 import anyio
 
-# The platform of bench_proxmox.py (run as a script, bench/ is on the import path).
-from bench_proxmox import TEMPLATE, platform, spec_text
+# The platform of bench_proxmox.py and the service of bench_service.py (run as a script,
+# bench/ is on the import path).
+from bench_proxmox import TEMPLATE, platform
+from bench_service import PASSWORD_ENV, leading_service
 
-from reconciler.applying.connecting import Endpoints
 from reconciler.applying.observing import observe_all
-from reconciler.controller.lease import LocalLease
-from reconciler.controller.service import Service, Settings
-from reconciler.controller.sources import DirectorySource
 from reconciler.controller.status import CycleOutcome
-from reconciler.model.spec import ProxmoxApi, SecretRef
 from reconciler.planning.planner import make_plan
 from reconciler.providers.pacing import DEFAULT_LIMIT
 from reconciler.providers.proxmox import ProxmoxProvider
 from reconciler.simulators.fakepve_process import FakePveProcess
 
-PASSWORD_ENV = "BENCH_LATENCY_PVE_PASSWORD"
 SERVE = "--serve-fake"  # argv[1] of this script when it runs as the fake
 TICK = os.sysconf("SC_CLK_TCK")
 TARGET_L = 20  # ms: the latency the targets are stated at
@@ -240,65 +236,50 @@ def cli_plan(n: int, ms: int, fake: TunableFake, specs: Path, *, changes: bool) 
 
 
 async def bench(n: int, latencies: list[int], fake: TunableFake, tmp: Path) -> list[Row]:
-    specs = tmp / "specs"
-    specs.mkdir()
-    (specs / "bench.yaml").write_text(spec_text(n))
-    os.environ[PASSWORD_ENV] = fake.password
-    api = ProxmoxApi(
-        url=fake.url, ca_file=fake.cafile, user=fake.user, password=SecretRef(env=PASSWORD_ENV)
-    )
-    service = Service(
-        DirectorySource(specs),
-        LocalLease(tmp / "reconciler.lock"),
-        Endpoints(proxmox=api, edge=False),
-        Settings(listen=None, state_dir=tmp / "state"),
-    )
-    service.settings.state_dir.mkdir()
-    assert await service.keeper.step(), "not the leader"
-    await service._source()
-    await service._full()  # the converge, at time scale 0
-    assert service.cycles[-1][1] is CycleOutcome.CHANGED, service.cycles
-    graph = platform(n)
-    client = fake.client()  # logged in once, at no latency
-    guests = ProxmoxProvider(client=client, platform="bench", source=fake.url)
+    specs = tmp / "specs"  # where leading_service writes them
+    async with leading_service(n, fake, tmp) as service:
+        await service._source()
+        await service._full()  # the converge, at time scale 0
+        assert service.cycles[-1][1] is CycleOutcome.CHANGED, service.cycles
+        graph = platform(n)
+        client = fake.client()  # logged in once, at no latency
+        guests = ProxmoxProvider(client=client, platform="bench", source=fake.url)
 
-    async def plan_guests(drifted: int = 0) -> None:
-        observed = await observe_all([guests], "bench")
-        plan = make_plan(graph, observed)
-        assert len(plan.actions) == drifted, (len(plan.actions), drifted)
+        async def plan_guests(drifted: int = 0) -> None:
+            observed = await observe_all([guests], "bench")
+            plan = make_plan(graph, observed)
+            assert len(plan.actions) == drifted, (len(plan.actions), drifted)
 
-    async def inventory() -> None:
-        assert len((await guests.inventory()).guests) == n
+        async def inventory() -> None:
+            assert len((await guests.inventory()).guests) == n
 
-    async def full() -> None:
-        before = len(service.cycles)
-        await service._full()
-        assert [o for _, o in service.cycles[before:]] == [CycleOutcome.CONVERGED]
+        async def full() -> None:
+            before = len(service.cycles)
+            await service._full()
+            assert [o for _, o in service.cycles[before:]] == [CycleOutcome.CONVERGED]
 
-    rows: list[Row] = []
+        rows: list[Row] = []
 
-    def add(row: Row) -> None:
-        print(row, flush=True)  # as it comes: a long sweep shows what it has
-        rows.append(row)
+        def add(row: Row) -> None:
+            print(row, flush=True)  # as it comes: a long sweep shows what it has
+            rows.append(row)
 
-    for ms in latencies:
-        fake.tune(1, ms / 1000)
-        add(cli_plan(n, ms, fake, specs, changes=False))
-        add(await in_process("guests no-op plan", n, ms, fake, plan_guests))
-        add(await in_process("inventory check", n, ms, fake, inventory))
-        add(await in_process("service FULL no-op", n, ms, fake, full))
-    fake.tune(0, 0)
-    drifted = max(1, n // 100)
-    owned = sorted((await guests.inventory()).guests, key=lambda i: int(i["vmid"]))
-    for item in owned[:drifted]:
-        client.nodes(item["node"]).lxc(item["vmid"]).config.put(memory=1024)
-    for ms in latencies:
-        fake.tune(1, ms / 1000)
-        name = f"guests 1% drift ({drifted})"
-        add(await in_process(name, n, ms, fake, lambda: plan_guests(drifted)))
-    await service._conn_stack.aclose()
-    await service.lease.release()
-    return rows
+        for ms in latencies:
+            fake.tune(1, ms / 1000)
+            add(cli_plan(n, ms, fake, specs, changes=False))
+            add(await in_process("guests no-op plan", n, ms, fake, plan_guests))
+            add(await in_process("inventory check", n, ms, fake, inventory))
+            add(await in_process("service FULL no-op", n, ms, fake, full))
+        fake.tune(0, 0)
+        drifted = max(1, n // 100)
+        owned = sorted((await guests.inventory()).guests, key=lambda i: int(i["vmid"]))
+        for item in owned[:drifted]:
+            client.nodes(item["node"]).lxc(item["vmid"]).config.put(memory=1024)
+        for ms in latencies:
+            fake.tune(1, ms / 1000)
+            name = f"guests 1% drift ({drifted})"
+            add(await in_process(name, n, ms, fake, lambda: plan_guests(drifted)))
+        return rows
 
 
 def summary(rows: list[Row], n: int) -> str:

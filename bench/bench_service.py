@@ -35,7 +35,8 @@ import resource
 import tempfile
 import time
 import tracemalloc
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
@@ -80,7 +81,10 @@ async def step(
     return name, n, seconds, peak, calls, outcome
 
 
-async def bench(n: int, fake: FakePveProcess, tmp: Path) -> list[Row]:
+@asynccontextmanager
+async def leading_service(n: int, fake: FakePveProcess, tmp: Path) -> AsyncIterator[Service]:
+    """A `Service` for the N guests of bench_proxmox.py against `fake`, its specs in
+    `tmp / "specs"`, its lease and state in `tmp`, already the leader; closed on the way out."""
     specs = tmp / "specs"
     specs.mkdir()
     (specs / "bench.yaml").write_text(spec_text(n))
@@ -96,20 +100,27 @@ async def bench(n: int, fake: FakePveProcess, tmp: Path) -> list[Row]:
     )
     service.settings.state_dir.mkdir()
     assert await service.keeper.step(), "not the leader"
-    started = time.perf_counter()
-    await service._source()
-    assert service._conn is not None, "no connection"
-    rows: list[Row] = [("SOURCE, new revision", n, time.perf_counter() - started, None, 0, "")]
-    rows.append(await step(service, "SOURCE, unchanged", n, service._source, memory=False))
-    rows.append(await step(service, "first FULL (from empty)", n, service._full, memory=False))
-    assert service.cycles[-1][1] is CycleOutcome.CHANGED, service.cycles
-    rows.append(await step(service, "FULL, no-op", n, service._full, memory=True))
-    assert all(o is CycleOutcome.CONVERGED for t, o in service.cycles[1:]), service.cycles
-    rows.append(await step(service, "INVENTORY check", n, service._inventory, memory=True))
-    assert service.cycles[-1] == (Trigger.INVENTORY, CycleOutcome.CONVERGED), service.cycles
-    await service._conn_stack.aclose()
-    await service.lease.release()
-    return rows
+    try:
+        yield service
+    finally:
+        await service._conn_stack.aclose()
+        await service.lease.release()
+
+
+async def bench(n: int, fake: FakePveProcess, tmp: Path) -> list[Row]:
+    async with leading_service(n, fake, tmp) as service:
+        started = time.perf_counter()
+        await service._source()
+        assert service._conn is not None, "no connection"
+        rows: list[Row] = [("SOURCE, new revision", n, time.perf_counter() - started, None, 0, "")]
+        rows.append(await step(service, "SOURCE, unchanged", n, service._source, memory=False))
+        rows.append(await step(service, "first FULL (from empty)", n, service._full, memory=False))
+        assert service.cycles[-1][1] is CycleOutcome.CHANGED, service.cycles
+        rows.append(await step(service, "FULL, no-op", n, service._full, memory=True))
+        assert all(o is CycleOutcome.CONVERGED for t, o in service.cycles[1:]), service.cycles
+        rows.append(await step(service, "INVENTORY check", n, service._inventory, memory=True))
+        assert service.cycles[-1] == (Trigger.INVENTORY, CycleOutcome.CONVERGED), service.cycles
+        return rows
 
 
 def main() -> None:
