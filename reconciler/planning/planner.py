@@ -389,7 +389,40 @@ def _update(
         if not p.prune:
             change = replace(change, blocked=BLOCKED_WHY)
             p.diags.append(_blocked_detach(res, change))
+    elif res.kind is Kind.BACKUP_JOB and (fewer := _fewer_kept(change)):
+        # Proxmox prunes by the new retention at the job's next run: backups are destroyed.
+        change = replace(change, destroys=(fewer,))
+        if not p.prune:
+            change = replace(change, blocked=BLOCKED_WHY)
+            p.diags.append(
+                warning(
+                    "destroy-blocked",
+                    f"{res.address}: {fewer}; held back: {BLOCKED_WHY}",
+                    position=res.position,
+                    address=res.address,
+                )
+            )
     return change
+
+
+def _fewer_kept(change: Change) -> str:
+    """A backup job's retention that keeps fewer backups than it did (a keep-* count lowered or
+    dropped): what the next run prunes, for people; "" when it keeps as many or more."""
+    field = next((f for f in change.fields if f.path == "prune-backups"), None)
+    if field is None or not field.before:
+        return ""  # the storage's retention before: not ours to judge
+
+    def keeps(text: Any) -> dict[str, int]:
+        pairs = (part.split("=", 1) for part in str(text or "").split(",") if "=" in part)
+        return {k: int(v) for k, v in pairs if v.isdigit()}
+
+    before, after = keeps(field.before), keeps(field.after)
+    if after.get("keep-all"):
+        return ""
+    lowered = [k for k, n in before.items() if after.get(k, 0) < n]
+    if not lowered:
+        return ""
+    return f"backups beyond the new retention ({field.after or 'the storage default'})"
 
 
 def _final_backup(p: _Planning, change: Change) -> Change:

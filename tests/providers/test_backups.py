@@ -23,17 +23,10 @@ from reconciler.planning.planner import make_plan
 from reconciler.providers.proxmox import ProxmoxProvider
 from reconciler.providers.proxmox_backup import BackupJobProvider
 from tests.fakepve_fixtures import TEMPLATE, mutating_calls, request_bodies
-from tests.guest_helpers import load_edited
+from tests.guest_helpers import GAME_RANGE, load_edited, platform_yaml
+from tests.waiting import until, wait_for
 
-PLATFORM = """
-platform: {name: zpack, owner_tag: reconciler, default_storage: local-lvm, max_deletes_per_run: 3}
-layers:
-  runtime: {}
-hosts:
-  pve-runtime: {layers: [runtime], capacity: {cores: 32, memory: 128G}}
-ranges:
-  game: {first: 1000, last: 1099, layer: runtime}
-"""
+PLATFORM = platform_yaml(GAME_RANGE, max_deletes=3)
 
 PROFILE = f"""
 profiles:
@@ -111,10 +104,8 @@ def backups_of(client: Any, vmid: int) -> list[dict[str, Any]]:
 def back_up(pve: Any, client: Any, vmid: int) -> str:
     """A backup of `vmid` now, as the job's schedule would make it; its volid."""
     upid = client.nodes("pve-runtime").vzdump.post(vmid=vmid, storage="backup", mode="snapshot")
-    status = client.nodes("pve-runtime").tasks(upid).status.get()
-    deadline = time.monotonic() + 30
-    while status["status"] != "stopped" and time.monotonic() < deadline:
-        status = client.nodes("pve-runtime").tasks(upid).status.get()
+    task = client.nodes("pve-runtime").tasks(upid)
+    status = wait_for(lambda: (s := task.status.get())["status"] == "stopped" and s, "vzdump")
     assert status.get("exitstatus") == "OK", status
     return str(backups_of(client, vmid)[-1]["volid"])
 
@@ -123,12 +114,9 @@ def destroy_by_hand(client: Any, vmid: int) -> None:
     ct = client.nodes("pve-runtime").lxc(vmid)
     if ct.status.current.get()["status"] == "running":
         ct.status.stop.post()
-    deadline = time.monotonic() + 30
-    while ct.status.current.get()["status"] != "stopped" and time.monotonic() < deadline:
-        pass
+    until(lambda: ct.status.current.get()["status"] == "stopped")
     ct.delete(purge=1)
-    while any(int(g["vmid"]) == vmid for g in client.cluster.resources.get(type="vm")):
-        assert time.monotonic() < deadline, "the guest was not destroyed"
+    until(lambda: all(int(g["vmid"]) != vmid for g in client.cluster.resources.get(type="vm")))
 
 
 def test_jobs_are_created_with_the_selection_as_vmids_then_silent(
@@ -332,3 +320,21 @@ def test_freshness_costs_one_listing_per_shared_storage_not_one_per_guest(
     reads = [p for m, p, _ in pve.requests if m == "GET" and "/content" in p]
     jobs_read = [p for m, p, _ in pve.requests if m == "GET" and p.endswith("/cluster/backup")]
     assert len(reads) == 1 and len(jobs_read) == 1, (reads, jobs_read)
+
+
+def test_a_retention_that_keeps_fewer_backups_is_a_destroy_held_back_without_pruning(
+    providers: list[Any], provider: ProxmoxProvider, pve: Any
+) -> None:
+    ok(run(spec(), providers))
+    fewer = spec(("    retention: {keep_last: 3}\n", "    retention: {keep_last: 1}\n"))
+    held = next(c for c in plan_now(fewer, providers).changes if c.address == "backup/worlds")
+    assert held.blocked and held.destroys == ("backups beyond the new retention (keep-last=1)",)
+    pve.requests.clear()
+    ok(run(fewer, providers))
+    assert not mutating_calls(pve)
+    assert jobs(provider.client)["rc-worlds"]["prune-backups"] in ("keep-last=3", {"keep-last": 3})
+    ok(run(fewer, providers, allow_destroy=True))
+    assert jobs(provider.client)["rc-worlds"]["prune-backups"] in ("keep-last=1", {"keep-last": 1})
+    more = spec(("    retention: {keep_last: 3}\n", "    retention: {keep_last: 5}\n"))
+    grown = next(c for c in plan_now(more, providers).changes if c.address == "backup/worlds")
+    assert grown.action is Action.UPDATE and not grown.blocked and not grown.destroys
