@@ -102,3 +102,10 @@ def request_bodies(pve: Any, method: str, path_end: str) -> list[dict[str, str]]
         for m, path, body in pve.requests
         if m == method and path.endswith(path_end)
     ]
+
+
+def body_of(pve: Any, method: str, path_end: str) -> dict[str, str]:
+    """The form body of the last request fakepve logged with this method and path ending."""
+    bodies = request_bodies(pve, method, path_end)
+    assert bodies, f"no {method} request to ...{path_end}"
+    return bodies[-1]

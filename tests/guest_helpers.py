@@ -27,6 +27,32 @@ MARK = re.compile(
 )
 
 
+GAME_RANGE = "game: {first: 1000, last: 1099, layer: runtime}"
+CORE_RANGE = "core: {first: 100, last: 199, layer: control}"
+
+
+def platform_yaml(*ranges: str, control: bool = False, max_deletes: int | None = None) -> str:
+    """The small platform.yaml the guest tests build on: pve-runtime (layer `runtime`), with
+    pve-core (layer `control`, which runtime may depend on) if `control`; each range one
+    `name: {...}` entry."""
+    limit = "" if max_deletes is None else f", max_deletes_per_run: {max_deletes}"
+    layers = "  runtime: {}\n"
+    hosts = "  pve-runtime: {layers: [runtime], capacity: {cores: 32, memory: 128G}}\n"
+    if control:
+        layers = "  control: {}\n  runtime: {may_depend_on: [control]}\n"
+        hosts = "  pve-core: {layers: [control], capacity: {cores: 16, memory: 64G}}\n" + hosts
+    return (
+        "\nplatform: {name: zpack, owner_tag: reconciler, default_storage: local-lvm"
+        + limit
+        + "}\nlayers:\n"
+        + layers
+        + "hosts:\n"
+        + hosts
+        + "ranges:\n"
+        + "".join(f"  {r}\n" for r in ranges)
+    )
+
+
 def run(graph: DesiredGraph, provider: ProxmoxProvider, **kw: Any) -> Convergence:
     """Converge the guests of `graph` with `provider`."""
     return anyio.run(lambda: converge(graph, [provider], **kw))

@@ -15,20 +15,26 @@ import http.server
 import socket
 import ssl
 import threading
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
+import anyio
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from redis.asyncio import Redis
 
+from reconciler.providers.traefik import FILE_HEADER, FileFeedPath, RedisFeedClient, TraefikProvider
 from reconciler.simulators import processes
 from reconciler.simulators.processes import TraefikProcess
 
 Traefik = TraefikProcess
+T = TypeVar("T")
 
 
 def start_traefik(provider_args: list[str], workdir: Path) -> Traefik:
@@ -51,6 +57,63 @@ def traefik_factory(tmp_path: Path) -> Iterator[Callable[[list[str]], Traefik]]:
     yield start
     for traefik in started:
         traefik.stop()
+
+
+# --- feeds and providers ----------------------------------------------------------------------
+
+
+def flush_redis(redis_port: int) -> None:
+    """Empty the redis-server the Redis feeds write to."""
+
+    async def main() -> None:
+        redis = Redis(host="127.0.0.1", port=redis_port)
+        await redis.flushdb()
+        await redis.aclose()
+
+    anyio.run(main)
+
+
+def feed_args(redis_port: int, root_key: str | None, path: Path, instance: str) -> list[str]:
+    """Traefik's provider flags for a Redis feed under `root_key`, or (None) for the file at
+    `path`, written first as the platform deploys it (owned, empty): Traefik watches a file
+    given by name only if it exists when Traefik starts."""
+    if root_key is not None:
+        return [
+            f"--providers.redis.endpoints=127.0.0.1:{redis_port}",
+            f"--providers.redis.rootkey={root_key}",
+        ]
+    path.write_text(FILE_HEADER.format(instance=instance))
+    return [f"--providers.file.filename={path}", "--providers.file.watch=true"]
+
+
+def run_provider(
+    instance: str,
+    traefik: Traefik,
+    redis_port: int,
+    root_key: str | None,
+    path: Path,
+    step: Callable[[TraefikProvider], Awaitable[T]],
+) -> T:
+    """Run `step` with a TraefikProvider for `instance`, fed through Redis under `root_key` or
+    (None) the file at `path`."""
+
+    async def main() -> T:
+        redis = Redis(host="127.0.0.1", port=redis_port, decode_responses=True)
+        try:
+            feed = RedisFeedClient(redis, root_key) if root_key is not None else FileFeedPath(path)
+            return await step(TraefikProvider(instance, feed, api_url=traefik.api_url))
+        finally:
+            await redis.aclose()
+
+    return anyio.run(main)
+
+
+def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError("Traefik did not pick up the change in time")
+        time.sleep(0.05)
 
 
 # --- backends ---------------------------------------------------------------------------------

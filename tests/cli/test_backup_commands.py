@@ -27,17 +27,10 @@ from reconciler.model.errors import PermanentError
 from reconciler.model.spec import ProxmoxApi
 from tests.cli.test_live import flags
 from tests.fakepve_fixtures import TEMPLATE, mutating_calls, request_bodies
+from tests.guest_helpers import GAME_RANGE, platform_yaml
+from tests.waiting import until
 
-PLATFORM = """
-platform: {name: zpack, owner_tag: reconciler, default_storage: local-lvm}
-layers:
-  runtime: {}
-hosts:
-  pve-runtime: {layers: [runtime], capacity: {cores: 32, memory: 128G}}
-ranges:
-  game: {first: 1000, last: 1099, layer: runtime}
-  dev: {first: 1100, last: 1199, layer: runtime}
-"""
+PLATFORM = platform_yaml(GAME_RANGE, "dev: {first: 1100, last: 1199, layer: runtime}")
 GUESTS = f"""
 profiles:
   game:
@@ -154,13 +147,6 @@ def mac_of(net: str) -> str:
 
 def utc(epoch: int) -> str:
     return datetime.datetime.fromtimestamp(epoch, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def until(condition: Any, timeout: float = 30.0) -> None:
-    """Wait for a condition on the fake (its tasks may end after their request), polling."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
 
 
 def strip_mark(client: Any, vmid: int, *, forged_for: int | None = None) -> None:

@@ -81,6 +81,15 @@ _DNS = "\n    network:\n      - {name: eth0, bridge: vmbr0, ip: 10.10.0.15"
 BIGGER_DNS = edit_file("control.yaml", "memory: 1G" + _DNS, "memory: 2G" + _DNS)
 
 
+def privileged_redis_plan(api: ProxmoxApi, tmp_path: Path, *extra: str) -> tuple[Path, Path, Doc]:
+    """On the converged platform, a plan saved (with `extra`) of specs with zpack-redis made
+    privileged: the specs, the plan's path, and the plan."""
+    converge(api)
+    specs = copy_specs(tmp_path, PRIVILEGED_REDIS)
+    path = tmp_path / "plan.json"
+    return specs, path, save_plan(api, path, specs, *extra)
+
+
 def refused(
     api: ProxmoxApi,
     pve: Any,
@@ -185,10 +194,7 @@ def test_a_tampered_change_on_a_converged_platform_is_refused(
 def test_a_blocked_replace_whose_blocked_field_is_removed_is_refused(
     pve_api: ProxmoxApi, pve: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    converge(pve_api)
-    specs = copy_specs(tmp_path, PRIVILEGED_REDIS)
-    path = tmp_path / "plan.json"
-    doc = save_plan(pve_api, path, specs)
+    specs, path, doc = privileged_redis_plan(pve_api, tmp_path)
     change = change_of(doc, "guest/zpack-redis")
     assert change["action"] == "replace" and "prune" in change["blocked"]
     change["blocked"] = None
@@ -201,10 +207,7 @@ def test_a_replace_whose_destroys_are_emptied_is_refused(
     pve_api: ProxmoxApi, pve: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Allowed (--allow-destroy on both commands), but the file hides what it destroys."""
-    converge(pve_api)
-    specs = copy_specs(tmp_path, PRIVILEGED_REDIS)
-    path = tmp_path / "plan.json"
-    doc = save_plan(pve_api, path, specs, "--allow-destroy")
+    specs, path, doc = privileged_redis_plan(pve_api, tmp_path, "--allow-destroy")
     change = change_of(doc, "guest/zpack-redis")
     assert change["action"] == "replace" and change["blocked"] is None and change["destroys"]
     change["destroys"] = []
@@ -238,10 +241,7 @@ def test_a_plan_that_does_not_record_its_specs_is_refused(
 def test_a_plan_made_with_allow_destroy_needs_it_on_apply_too(
     pve_api: ProxmoxApi, pve: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    converge(pve_api)
-    specs = copy_specs(tmp_path, PRIVILEGED_REDIS)
-    path = tmp_path / "plan.json"
-    doc = save_plan(pve_api, path, specs, "--allow-destroy")
+    specs, path, doc = privileged_redis_plan(pve_api, tmp_path, "--allow-destroy")
     assert doc["options"] == {"allow_destroy": True, "targets": [], "final_backups": True}
     line = refused(pve_api, pve, path, doc, capsys, specs=specs)
     assert "made with --allow-destroy, which a file cannot grant" in line

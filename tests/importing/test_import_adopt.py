@@ -22,6 +22,7 @@ from reconciler.applying.observing import observe_all
 from reconciler.cli.importing import add_import_commands
 from reconciler.cli.live import add_connection_args
 from reconciler.importing.adopting import AdoptionReport, adopt
+from reconciler.importing.edge import EdgeEstate
 from reconciler.importing.estate import Estate, read_estate
 from reconciler.importing.writer import Base, ImportResult, render_specs, write_files
 from reconciler.loading.loader import load_directory
@@ -213,19 +214,29 @@ def errors(plan: Plan) -> list[tuple[str, str | None]]:
     return [(d.code, d.address) for d in plan.diagnostics if d.severity is Severity.ERROR]
 
 
-@pytest.fixture
-def estate(pve: Any, provider: ProxmoxProvider) -> Estate:
-    build_estate(pve, provider)
+def read_fresh(pve: Any, provider: ProxmoxProvider) -> Estate:
+    """The estate as the import reads it now; fakepve's request log cleared after the read."""
     read = anyio.run(read_estate, provider)
     pve.requests.clear()
     return read
 
 
-@pytest.fixture
-def imported(estate: Estate, tmp_path: Path) -> ImportResult:
-    result = render_specs(estate, base())
+def import_specs(estate: Estate, tmp_path: Path, edge: EdgeEstate | None = None) -> ImportResult:
+    """The specs for `estate` (and `edge`) in `base()`'s frame, written to tmp_path/imported."""
+    result = render_specs(estate, base(), edge)
     write_files(result.files, tmp_path / "imported")
     return result
+
+
+@pytest.fixture
+def estate(pve: Any, provider: ProxmoxProvider) -> Estate:
+    build_estate(pve, provider)
+    return read_fresh(pve, provider)
+
+
+@pytest.fixture
+def imported(estate: Estate, tmp_path: Path) -> ImportResult:
+    return import_specs(estate, tmp_path)
 
 
 FIREWALL_OBJECTS = (

@@ -18,9 +18,8 @@ import yaml
 
 from reconciler.applying.converging import converge
 from reconciler.applying.observing import observe_all
-from reconciler.importing.adopting import AdoptionReport, adopt
 from reconciler.importing.estate import Estate, read_estate
-from reconciler.importing.writer import ImportResult, render_specs, write_files
+from reconciler.importing.writer import ImportResult, render_specs
 from reconciler.loading.graph import build_graph
 from reconciler.loading.loader import load_directory
 from reconciler.model.plans import Action, Plan
@@ -33,7 +32,14 @@ from reconciler.providers.proxmox import ProxmoxProvider
 from reconciler.providers.proxmox_backup import BackupJobProvider
 from tests.cli.test_live import flags
 from tests.fakepve_fixtures import BACKUP_STORAGE, mutating_calls
-from tests.importing.test_import_adopt import base, build_estate, run_cli
+from tests.importing.test_import_adopt import (
+    base,
+    build_estate,
+    do_adopt,
+    import_specs,
+    read_fresh,
+    run_cli,
+)
 
 WORLDS_ID = "backup-1a2b3c4d-5e6f"  # an id as the web UI makes them
 # id -> the job as an operator made it by hand; all of them can be adopted as they are.
@@ -83,24 +89,16 @@ def plan_now(graph: DesiredGraph, provider: ProxmoxProvider) -> Plan:
     return make_plan(graph, observed)
 
 
-def do_adopt(graph: DesiredGraph, provider: ProxmoxProvider, *addresses: str) -> AdoptionReport:
-    return anyio.run(lambda: adopt(graph, provider, addresses))
-
-
 @pytest.fixture
 def estate(pve: Any, provider: ProxmoxProvider) -> Estate:
     build_estate(pve, provider)
     add_jobs(pve, provider, JOBS)
-    read = anyio.run(read_estate, provider)
-    pve.requests.clear()
-    return read
+    return read_fresh(pve, provider)
 
 
 @pytest.fixture
 def imported(estate: Estate, tmp_path: Path) -> ImportResult:
-    result = render_specs(estate, base())
-    write_files(result.files, tmp_path / "imported")
-    return result
+    return import_specs(estate, tmp_path)
 
 
 # --- import -----------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from reconciler.importing.edge import (
     read_edge,
 )
 from reconciler.importing.edge_writer import parse_rule
-from reconciler.importing.estate import Estate, read_estate
+from reconciler.importing.estate import Estate
 from reconciler.importing.writer import ImportResult, render_specs, write_files
 from reconciler.loading.loader import load_directory
 from reconciler.model.plans import Action
@@ -43,7 +43,9 @@ from tests.importing.test_import_adopt import (
     NET,
     base,
     build_estate,
+    import_specs,
     providers_of,
+    read_fresh,
     run_cli,
 )
 from tests.traefik_fixtures import Traefik
@@ -113,8 +115,8 @@ def wait_for(traefik: Traefik, names: set[str]) -> None:
         time.sleep(0.05)
 
 
-@pytest.fixture
-def estate(pve: Any, provider: ProxmoxProvider) -> Estate:
+def build_edge_estate(pve: Any, provider: ProxmoxProvider) -> None:
+    """fakepve's hand-made estate, plus the Velocity guest (302, at VELOCITY_IP)."""
     build_estate(pve, provider)
     pve.add_ct(
         302,
@@ -127,9 +129,12 @@ def estate(pve: Any, provider: ProxmoxProvider) -> Estate:
             "net0": NET.format(gw="10.30.0.1", ip=VELOCITY_IP, tag=30),
         },
     )
-    read = anyio.run(read_estate, provider)
-    pve.requests.clear()
-    return read
+
+
+@pytest.fixture
+def estate(pve: Any, provider: ProxmoxProvider) -> Estate:
+    build_edge_estate(pve, provider)
+    return read_fresh(pve, provider)
 
 
 @pytest.fixture
@@ -149,14 +154,19 @@ def dynamic(tmp_path: Path) -> Path:
     return directory
 
 
-@pytest.fixture
-def traefik(traefik_factory: Any, dynamic: Path) -> Traefik:
-    (dynamic / "handmade.yml").write_text(HANDMADE)
+def serve_handmade(traefik_factory: Any, dynamic: Path, handmade: str, names: set[str]) -> Traefik:
+    """A Traefik watching `dynamic`, where `handmade` is written, once it serves `names`."""
+    (dynamic / "handmade.yml").write_text(handmade)
     started: Traefik = traefik_factory(
         [f"--providers.file.directory={dynamic}", "--providers.file.watch=true"]
     )
-    wait_for(started, HANDMADE_ROUTERS)
+    wait_for(started, names)
     return started
+
+
+@pytest.fixture
+def traefik(traefik_factory: Any, dynamic: Path) -> Traefik:
+    return serve_handmade(traefik_factory, dynamic, HANDMADE, HANDMADE_ROUTERS)
 
 
 def sources(bridge: VelocityBridgeSimulator, traefik: Traefik) -> EdgeSources:
@@ -173,9 +183,8 @@ def imported(
     estate: Estate, bridge: VelocityBridgeSimulator, traefik: Traefik, tmp_path: Path
 ) -> ImportResult:
     edge = anyio.run(read_edge, sources(bridge, traefik))
-    result = render_specs(estate, base(), edge)
+    result = import_specs(estate, tmp_path, edge)
     assert len(result.routes) == 2, (result.notes, edge.traefik)
-    write_files(result.files, tmp_path / "imported")
     return result
 
 

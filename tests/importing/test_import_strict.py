@@ -22,35 +22,33 @@ import yaml
 from reconciler.applying.converging import converge
 from reconciler.applying.observing import observe_all
 from reconciler.importing.edge import (
-    EdgeSources,
-    TraefikSource,
-    VelocitySource,
     edge_sources,
     read_edge,
 )
-from reconciler.importing.estate import Estate, read_estate
-from reconciler.importing.writer import ImportResult, render_specs, write_files
+from reconciler.importing.estate import Estate
+from reconciler.importing.writer import ImportResult
 from reconciler.loading.loader import load_directory
 from reconciler.model.diagnostics import Severity
 from reconciler.model.errors import ConfigurationError
 from reconciler.model.plans import Action
 from reconciler.model.resources import DesiredGraph
-from reconciler.model.spec import SecretRef
 from reconciler.planning.planner import make_plan
 from reconciler.providers.proxmox import ProxmoxProvider
 from reconciler.simulators.velocity_bridge import VelocityBridgeSimulator
 from tests.fakepve_fixtures import mutating_calls
-from tests.importing.test_import_adopt import NET, base, build_estate
+from tests.importing.test_import_adopt import import_specs, read_fresh
 from tests.importing.test_import_edge import (
     SECRET,
     SECRET_ENV,
+    build_edge_estate,
     edge_providers,
     routers,
+    serve_handmade,
+    sources,
     wait_for,
 )
 from tests.traefik_fixtures import Traefik
 
-VELOCITY_IP = "10.30.0.21"
 STRAY_MARK = "reconciler:v1 platform=zpack address=guest/mc-lobby"
 DESCRIPTION = f"survival world\n{STRAY_MARK}\nask ops before a reset"
 # Proxmox refuses "\n" and "\r" in a firewall comment, but takes the other line breaks.
@@ -86,18 +84,7 @@ HANDMADE_ROUTERS = {"rc-Lobby_Map@file", "every-world@file", "odd-path@file"}
 
 @pytest.fixture
 def estate(pve: Any, provider: ProxmoxProvider) -> Estate:
-    build_estate(pve, provider)
-    pve.add_ct(
-        302,
-        "velocity",
-        node="pve-runtime",
-        status="running",
-        config={
-            "cores": 2,
-            "memory": 1024,
-            "net0": NET.format(gw="10.30.0.1", ip=VELOCITY_IP, tag=30),
-        },
-    )
+    build_edge_estate(pve, provider)
     pve.ct(1001).config["description"] = DESCRIPTION
     fw = provider.client.cluster.firewall
     fw.aliases("api").put(cidr="10.10.0.11", comment=ALIAS_COMMENT)
@@ -105,9 +92,7 @@ def estate(pve: Any, provider: ProxmoxProvider) -> Estate:
     provider.client.nodes("pve-runtime").lxc(1000).firewall.rules.post(
         type="in", action="ACCEPT", proto="tcp", dport="8100", enable=1, comment=TWO_LINES
     )
-    read = anyio.run(read_estate, provider)
-    pve.requests.clear()
-    return read
+    return read_fresh(pve, provider)
 
 
 @pytest.fixture
@@ -128,30 +113,15 @@ def dynamic(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def traefik(traefik_factory: Any, dynamic: Path) -> Traefik:
-    (dynamic / "handmade.yml").write_text(HANDMADE)
-    started: Traefik = traefik_factory(
-        [f"--providers.file.directory={dynamic}", "--providers.file.watch=true"]
-    )
-    wait_for(started, HANDMADE_ROUTERS)
-    return started
+    return serve_handmade(traefik_factory, dynamic, HANDMADE, HANDMADE_ROUTERS)
 
 
 @pytest.fixture
 def imported(
     estate: Estate, bridge: VelocityBridgeSimulator, traefik: Traefik, tmp_path: Path
 ) -> ImportResult:
-    sources = EdgeSources(
-        velocity=VelocitySource(bridge.url, SecretRef(env=SECRET_ENV), 8081, guest="velocity"),
-        traefik=(
-            TraefikSource(
-                "runtime", traefik.api_url, "http://10.30.0.20:8080", guest="traefik-runtime"
-            ),
-        ),
-    )
-    edge = anyio.run(read_edge, sources)
-    result = render_specs(estate, base(), edge)
-    write_files(result.files, tmp_path / "imported")
-    return result
+    edge = anyio.run(read_edge, sources(bridge, traefik))
+    return import_specs(estate, tmp_path, edge)
 
 
 def test_the_written_specs_validate_cleanly(imported: ImportResult, tmp_path: Path) -> None:

@@ -15,9 +15,7 @@ import os
 import signal
 import subprocess
 import sys
-import time
-import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,8 +33,9 @@ from reconciler.providers.proxmox import ProxmoxProvider, RetryPolicy, connect
 from reconciler.simulators.fakepve_process import FakePveProcess
 from reconciler.simulators.pve import parse_storage_map
 from tests.conftest import SPECS
-from tests.fakepve_fixtures import TEMPLATE, mutating_calls
+from tests.fakepve_fixtures import TEMPLATE, body_of, mutating_calls
 from tests.guest_helpers import load_copy, load_edited, plan_now, results, run
+from tests.waiting import wait_for
 
 NEW_NODE = "pve-runtime-2"
 
@@ -68,21 +67,6 @@ def config_of(client: Any, vmid: int) -> dict[str, Any]:
 
 def volume(value: str) -> str:
     return value.split(",", 1)[0]
-
-
-def body_of(pve: Any, method: str, path_end: str) -> dict[str, str]:
-    body = next(b for m, p, b in reversed(pve.requests) if m == method and p.endswith(path_end))
-    return dict(urllib.parse.parse_qsl(body.decode()))
-
-
-def wait_for(what: Callable[[], Any], timeout: float, message: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = what()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout} s: {message}")
 
 
 def real_time_provider(api: ProxmoxApi) -> ProxmoxProvider:
@@ -185,7 +169,7 @@ def test_a_migration_already_running_is_waited_out_and_not_started_again(
     client = converged.client
     rootfs = volume(config_of(client, 1001)["rootfs"])
     client.nodes("pve-runtime").lxc(1001).migrate.post(target=NEW_NODE, restart=1)
-    wait_for(lambda: where(client, 1001)[0].get("lock") == "migrate", 5, "the migrate lock")
+    wait_for(lambda: where(client, 1001)[0].get("lock") == "migrate", "the migrate lock", 5)
     pve2.requests.clear()
 
     conv = run(moved(tmp_path, "mc-survival"), real_time_provider(pve_api))
@@ -557,7 +541,7 @@ def test_a_migration_cut_off_by_sigkill_is_picked_up_by_the_next_apply(
         args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     try:
-        wait_for(lambda: where(client, 1001)[0].get("lock") == "migrate", 60, "the migrate lock")
+        wait_for(lambda: where(client, 1001)[0].get("lock") == "migrate", "the migrate lock", 60)
         first.send_signal(signal.SIGKILL)
         first.wait(10)
     finally:

@@ -8,7 +8,6 @@ would drift forever. Assertions read Proxmox's state or fakepve's request log.
 
 from __future__ import annotations
 
-import urllib.parse
 from typing import Any
 
 import anyio
@@ -19,21 +18,10 @@ from reconciler.model.plans import Action, Change, Plan
 from reconciler.model.resources import DesiredGraph
 from reconciler.planning import normalize
 from reconciler.providers.proxmox import ProxmoxProvider, guest_attributes
-from tests.fakepve_fixtures import TEMPLATE, mutating_calls
-from tests.guest_helpers import load_edited, plan_now
+from tests.fakepve_fixtures import TEMPLATE, body_of, mutating_calls
+from tests.guest_helpers import CORE_RANGE, load_edited, plan_now, platform_yaml
 
-PLATFORM = """
-platform: {name: zpack, owner_tag: reconciler, default_storage: local-lvm}
-layers:
-  control: {}
-  runtime: {may_depend_on: [control]}
-hosts:
-  pve-core: {layers: [control], capacity: {cores: 16, memory: 64G}}
-  pve-runtime: {layers: [runtime], capacity: {cores: 32, memory: 128G}}
-ranges:
-  core: {first: 100, last: 199, layer: control}
-  build: {first: 500, last: 599, layer: runtime}
-"""
+PLATFORM = platform_yaml(CORE_RANGE, "build: {first: 500, last: 599, layer: runtime}", control=True)
 
 GUESTS = f"""
 guests:
@@ -84,12 +72,6 @@ def run(graph: DesiredGraph, provider: ProxmoxProvider, **kw: Any) -> Convergenc
 
 def by_address(plan: Plan) -> dict[str, Change]:
     return {c.address: c for c in plan.actions}
-
-
-def body_of(pve: Any, method: str, path_end: str) -> dict[str, str]:
-    """The form body of the last such request, decoded."""
-    body = next(b for m, p, b in reversed(pve.requests) if m == method and p.endswith(path_end))
-    return dict(urllib.parse.parse_qsl(body.decode()))
 
 
 def assert_silent(graph: DesiredGraph, provider: ProxmoxProvider, pve: Any) -> None:

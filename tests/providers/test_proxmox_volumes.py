@@ -21,20 +21,9 @@ from reconciler.model.plans import Action, Change, Plan
 from reconciler.model.resources import DesiredGraph
 from reconciler.providers.proxmox import ProxmoxProvider
 from tests.fakepve_fixtures import TEMPLATE, mutating_calls
-from tests.guest_helpers import load_edited, plan_now
+from tests.guest_helpers import CORE_RANGE, GAME_RANGE, load_edited, plan_now, platform_yaml
 
-PLATFORM = """
-platform: {name: zpack, owner_tag: reconciler, default_storage: local-lvm, max_deletes_per_run: 3}
-layers:
-  control: {}
-  runtime: {may_depend_on: [control]}
-hosts:
-  pve-core: {layers: [control], capacity: {cores: 16, memory: 64G}}
-  pve-runtime: {layers: [runtime], capacity: {cores: 32, memory: 128G}}
-ranges:
-  core: {first: 100, last: 199, layer: control}
-  game: {first: 1000, last: 1099, layer: runtime}
-"""
+PLATFORM = platform_yaml(CORE_RANGE, GAME_RANGE, control=True, max_deletes=3)
 
 GUESTS = f"""
 profiles:

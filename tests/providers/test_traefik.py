@@ -9,29 +9,28 @@ A missing traefik or redis-server fails the tests, never skips them.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-import anyio
 import pytest
 from redis.asyncio import Redis
 
 from reconciler.model.plans import Action, Change
 from reconciler.model.resources import Kind
 from reconciler.providers.traefik import (
-    FILE_HEADER,
     PLACEHOLDER_KEY,
-    FileFeedPath,
-    RedisFeedClient,
     TraefikProvider,
 )
 from tests.traefik_fixtures import (  # noqa: F401  (fixtures, imported to be found)
     Backends,
     Traefik,
     backends,
+    eventually,
+    feed_args,
+    flush_redis,
+    run_provider,
     tls_roundtrip,
     traefik_factory,
 )
@@ -51,20 +50,8 @@ class Edge:
     path: Path
 
     def run(self, step: Callable[[TraefikProvider], Awaitable[T]]) -> T:
-        async def main() -> T:
-            redis = Redis(host="127.0.0.1", port=self.redis_port, decode_responses=True)
-            try:
-                feed = (
-                    RedisFeedClient(redis, ROOT)
-                    if self.feed == "redis"
-                    else FileFeedPath(self.path)
-                )
-                provider = TraefikProvider(INSTANCE, feed, api_url=self.traefik.api_url)
-                return await step(provider)
-            finally:
-                await redis.aclose()
-
-        return anyio.run(main)
+        root_key = ROOT if self.feed == "redis" else None
+        return run_provider(INSTANCE, self.traefik, self.redis_port, root_key, self.path, step)
 
     def apply(self, change: Change) -> None:
         self.run(lambda p: p.apply(change))
@@ -89,22 +76,8 @@ def start_edge(
     path = tmp_path / "dynamic" / f"{INSTANCE}.yaml"
     path.parent.mkdir()
     if feed == "redis":
-
-        async def flush() -> None:
-            redis = Redis(host="127.0.0.1", port=redis_port)
-            await redis.flushdb()
-            await redis.aclose()
-
-        anyio.run(flush)
-        args = [
-            f"--providers.redis.endpoints=127.0.0.1:{redis_port}",
-            f"--providers.redis.rootkey={ROOT}",
-        ]
-    else:
-        # Traefik watches a file given by name only if it exists when Traefik starts: deploy an
-        # (owned, empty) one with Traefik, as the platform will.
-        path.write_text(FILE_HEADER.format(instance=INSTANCE))
-        args = [f"--providers.file.filename={path}", "--providers.file.watch=true"]
+        flush_redis(redis_port)
+    args = feed_args(redis_port, ROOT if feed == "redis" else None, path, INSTANCE)
     return Edge(feed, factory(args), redis_port, path)
 
 
@@ -145,14 +118,6 @@ def change(name: str, action: Action, after: dict[str, Any] | None = None) -> Ch
     return Change(
         address=f"route/{INSTANCE}/{name}", kind=Kind.ROUTE, action=action, wave=0, after=after
     )
-
-
-def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError("Traefik did not pick up the change in time")
-        time.sleep(0.05)
 
 
 def status_of(edge: Edge, host: str) -> int:

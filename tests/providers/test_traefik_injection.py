@@ -12,7 +12,6 @@ are refused before a key is written, and the file feed is written by the YAML li
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,6 @@ from reconciler.model.plans import Action, Change
 from reconciler.model.resources import DesiredGraph, Kind
 from reconciler.model.spec import HttpRoute, PlatformSpec, Target, Tls
 from reconciler.providers.traefik import (
-    FILE_HEADER,
     FileFeedPath,
     RedisFeedClient,
     TraefikProvider,
@@ -41,6 +39,10 @@ from tests.traefik_fixtures import (  # noqa: F401  (fixtures, imported to be fo
     Backends,
     Traefik,
     backends,
+    eventually,
+    feed_args,
+    flush_redis,
+    run_provider,
     tls_roundtrip,
     traefik_factory,
 )
@@ -61,19 +63,9 @@ class Instance:
     path: Path
 
     def run(self, step: Callable[[TraefikProvider], Awaitable[T]]) -> T:
-        async def main() -> T:
-            redis = Redis(host="127.0.0.1", port=self.redis_port, decode_responses=True)
-            try:
-                feed = (
-                    RedisFeedClient(redis, self.root_key)
-                    if self.root_key is not None
-                    else FileFeedPath(self.path)
-                )
-                return await step(TraefikProvider(self.name, feed, api_url=self.traefik.api_url))
-            finally:
-                await redis.aclose()
-
-        return anyio.run(main)
+        return run_provider(
+            self.name, self.traefik, self.redis_port, self.root_key, self.path, step
+        )
 
     def apply(self, change: Change) -> None:
         self.run(lambda p: p.apply(change))
@@ -85,15 +77,6 @@ class Instance:
         return {e["name"].partition("@")[0]: e for e in entries if e["name"].startswith("rc-")}
 
 
-def flush(redis_port: int) -> None:
-    async def main() -> None:
-        redis = Redis(host="127.0.0.1", port=redis_port)
-        await redis.flushdb()
-        await redis.aclose()
-
-    anyio.run(main)
-
-
 def start_instance(
     spec: PlatformSpec,
     name: str,
@@ -103,15 +86,9 @@ def start_instance(
 ) -> Instance:
     feed = spec.traefik[name].feed
     path = tmp_path / f"{name}.yml"
-    if feed.type == "redis":
-        args = [
-            f"--providers.redis.endpoints=127.0.0.1:{redis_port}",
-            f"--providers.redis.rootkey={feed.root_key}",
-        ]
-        return Instance(name, factory(args), redis_port, feed.root_key, path)
-    path.write_text(FILE_HEADER.format(instance=name))
-    args = [f"--providers.file.filename={path}", "--providers.file.watch=true"]
-    return Instance(name, factory(args), redis_port, None, path)
+    root_key = feed.root_key if feed.type == "redis" else None
+    args = feed_args(redis_port, root_key, path, name)
+    return Instance(name, factory(args), redis_port, root_key, path)
 
 
 @pytest.fixture
@@ -123,19 +100,11 @@ def platform(
 ) -> Iterator[dict[str, Instance]]:
     """A Traefik for each instance of the example platform: runtime on Redis, core on a file."""
     assert example.spec is not None
-    flush(redis_port)
+    flush_redis(redis_port)
     yield {
         name: start_instance(example.spec, name, redis_port, traefik_factory, tmp_path)
         for name in sorted(example.spec.traefik)
     }
-
-
-def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError("Traefik did not pick up the change in time")
-        time.sleep(0.05)
 
 
 def as_written(attrs: dict[str, Any], server: str) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from reconciler.simulators.pve_backup import (
     prune_mark_backup_group,
 )
 from tests.fakepve_fixtures import TEMPLATE
+from tests.waiting import wait_for
 
 CORE, RUNTIME = "pve-core", "pve-runtime"
 GIB = 1024**3
@@ -57,16 +58,6 @@ def clock(pve: Any) -> list[float]:
     now = [float(T0)]
     pve.backup_clock = lambda: now[0]
     return now
-
-
-def wait_for(what: Callable[[], Any], message: str, timeout: float = 5.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = what()
-        if value:
-            return value
-        time.sleep(0.005)
-    raise AssertionError(f"timed out after {timeout} s: {message}")
 
 
 def finished(client: ProxmoxAPI, upid: str, node: str = CORE) -> dict[str, Any]:
