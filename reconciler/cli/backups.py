@@ -50,10 +50,10 @@ from reconciler.cli.live import (
     Guard,
     SpecCommand,
     add_connection_args,
+    converge_live,
     endpoints_from,
     holding_lease,
     on_specs,
-    progress_lines,
     repeatable,
     report_convergence,
     run_async,
@@ -574,8 +574,6 @@ def cmd_restore(
     args: argparse.Namespace, spec: PlatformSpec, graph: DesiredGraph, out: TextIO, err: TextIO
 ) -> int:
     from reconciler.applying.connecting import connect_platform
-    from reconciler.applying.converging import converge
-    from reconciler.planning.observed_policies import live_isolation
     from reconciler.providers import Observation
     from reconciler.providers.proxmox_backup import BackupJobProvider
 
@@ -634,16 +632,7 @@ def cmd_restore(
                     return EXIT_ERROR
                 out.write(f"{address}: restored from {backup.volid}; converging it to the spec\n")
                 out.flush()
-                return await converge(
-                    graph,
-                    conn.providers,
-                    source=conn.source,
-                    targets=[address],
-                    progress=progress_lines(err),
-                    observed_checks=[live_isolation(spec)],
-                    agent_layers=conn.agent_layers,
-                    guard=guard,
-                )
+                return await converge_live(graph, spec, conn, err, guard, targets=[address])
 
     result = run_async(run)
     if isinstance(result, int):

@@ -25,7 +25,7 @@ import os
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Any, TextIO, TypeAlias, TypeVar
 
 from reconciler.cli import render
 from reconciler.model.diagnostics import Severity
@@ -348,8 +348,6 @@ def cmd_apply(
     args: argparse.Namespace, spec: PlatformSpec, graph: DesiredGraph, out: TextIO, err: TextIO
 ) -> int:
     from reconciler.applying.connecting import connect_platform
-    from reconciler.applying.converging import converge
-    from reconciler.planning.observed_policies import live_isolation
 
     color = render.use_color(getattr(args, "color", "auto"), out)
     warn_insecure(args, err)
@@ -368,25 +366,49 @@ def cmd_apply(
         ):
             if args.plan:
                 return await _apply_saved(args, spec, graph, conn, out, err, guard)
-            return await converge(
+            return await converge_live(
                 graph,
-                conn.providers,
-                source=conn.source,
+                spec,
+                conn,
+                err,
+                guard,
                 allow_destroy=args.allow_destroy,
                 targets=args.target,
                 final_backups=not args.no_final_backup,
                 dry_run=args.dry_run,
                 approve=approve,
-                progress=progress_lines(err),
-                observed_checks=[live_isolation(spec)],
-                agent_layers=conn.agent_layers,
-                guard=guard,
             )
 
     result = run_async(run)
     if isinstance(result, int):
         return result
     return report_convergence(result, out, err, color=color)
+
+
+async def converge_live(
+    graph: DesiredGraph,
+    spec: PlatformSpec,
+    conn: Connection,
+    err: TextIO,
+    guard: Guard | None,
+    **options: Any,
+) -> Convergence:
+    """`converge` as every command that changes the platform by hand runs it (`apply`,
+    `restore`): the connection's providers and agent layers, the live isolation check,
+    progress on `err`, each change behind the lease's `guard`; `options` are converge's."""
+    from reconciler.applying.converging import converge
+    from reconciler.planning.observed_policies import live_isolation
+
+    return await converge(
+        graph,
+        conn.providers,
+        source=conn.source,
+        progress=progress_lines(err),
+        observed_checks=[live_isolation(spec)],
+        agent_layers=conn.agent_layers,
+        guard=guard,
+        **options,
+    )
 
 
 def report_convergence(
