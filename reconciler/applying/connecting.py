@@ -22,9 +22,7 @@ import contextlib
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-from redis.asyncio import Redis
+from typing import TYPE_CHECKING, Any
 
 from reconciler.applying.observing import observe_all
 from reconciler.loading.graph import guest_ip
@@ -34,18 +32,18 @@ from reconciler.model.plans import Change
 from reconciler.model.resources import Kind, guest_address
 from reconciler.model.spec import FileFeed, PlatformSpec, ProxmoxApi, SecretRef
 from reconciler.providers import Observation, Provider
-from reconciler.providers.agent import AGENT_PORT, AgentHealthProvider, AgentObserver
 from reconciler.providers.firewall import FirewallProvider
 from reconciler.providers.proxmox import ProxmoxProvider, connect, read_secret
 from reconciler.providers.proxmox_backup import BackupJobProvider
-from reconciler.providers.redisconn import connect_redis
-from reconciler.providers.traefik import (
-    FileFeedPath,
-    RedisFeedClient,
-    TraefikProvider,
-    TraefikRoutes,
-)
-from reconciler.providers.velocity import VelocityProvider
+
+# The edge's modules (and Redis, httpx) are imported when a spec has an edge: a plan of the
+# guests alone starts without them (issue 16: the CLI's fixed cost).
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+    from reconciler.providers.agent import AgentHealthProvider, AgentObserver
+    from reconciler.providers.traefik import TraefikRoutes
+    from reconciler.providers.velocity import VelocityProvider
 
 
 def proxmox_endpoint(spec: PlatformSpec, override: ProxmoxApi | None = None) -> ProxmoxApi:
@@ -132,6 +130,8 @@ def velocity_provider(
     except ConfigurationError as exc:
         raise ConfigurationError(f"velocity.bridge.secret: {exc}") from None
     options.setdefault("unmanaged", velocity.unmanaged)
+    from reconciler.providers.velocity import VelocityProvider
+
     return VelocityProvider(url, secret, **options)
 
 
@@ -150,6 +150,8 @@ def agent_health_provider(
     """The agents of every guest of an agent layer, at its static IP and the agent port;
     `endpoints` (guest address -> (ip, port)) overrides some or all of them. A guest without a
     static IP and no override is left out, and the planner treats it as not ready."""
+    from reconciler.providers.agent import AGENT_PORT, AgentHealthProvider, AgentObserver
+
     policy = spec.policies.agent_port
     port = policy.port if policy is not None else AGENT_PORT
     layers = agent_layers(spec)
@@ -178,6 +180,13 @@ def traefik_routes(
     instead of what the spec says (a lab, the demo); `apis` overrides instances' API URLs."""
     if not spec.traefik:
         return None
+    from reconciler.providers.traefik import (
+        FileFeedPath,
+        RedisFeedClient,
+        TraefikProvider,
+        TraefikRoutes,
+    )
+
     files, apis = files or {}, apis or {}
     instances: dict[str, TraefikProvider] = {}
     unavailable: dict[str, str] = {}
@@ -214,6 +223,7 @@ class Unavailable:
     kinds: frozenset[Kind]
     reason: str
     needs: frozenset[Kind] = frozenset()
+    streams: frozenset[Kind] = frozenset()
     optional = True  # like an unreachable bridge: left out, the rest converges
 
     async def observe(self, seen: Observation | None = None) -> list[ObservedResource]:
@@ -281,6 +291,8 @@ async def connect_platform(
         providers.append(backup_provider(spec, guests))
     redis = None
     if ep.redis_url:
+        from reconciler.providers.redisconn import connect_redis
+
         password = read_secret(ep.redis_password) if ep.redis_password else None
         # The one builder of the controller's Redis clients (the lease uses it too): plain,
         # TLS, unix socket or Sentinel URLs, redis-py's own retries off.
@@ -290,6 +302,8 @@ async def connect_platform(
         if ep.edge and (spec.velocity is not None or spec.traefik):
             providers += edge_providers(spec, ep, redis)
             # The agents' health gates what the edge is told: asked whenever there is an edge.
+            from reconciler.providers.agent import AgentObserver
+
             token = read_secret(ep.agent_token) if ep.agent_token else None
             agents = agent_health_provider(
                 spec,

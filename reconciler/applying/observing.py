@@ -1,11 +1,14 @@
-"""Observing: every provider of a live run asked once, in the order of what each `needs`, into
-one ObservedState.
+"""Observing: every provider of a live run asked once, all at once, each as soon as what it
+`needs` is seen, into one ObservedState.
 
 Called by `applying.converging.converge` at the start of every round, by
 `applying.connecting.Connection.observe` (the CLI's `observe` and live `plan`, the demo), and
 by the tests. Every provider goes through the same steps, whatever its class: each is handed
-the `Observation` so far (the firewall reads the guests found to be ours, the agents' provider
-fills `health` from the guests seen), and adds its resources and extra outputs to it.
+the one `Observation` (the firewall reads each guest's rules as soon as the guest is found to
+be ours, the agents' provider fills `health` from the guests seen), and adds its resources and
+extra outputs to it. Observation is one concurrent graph, not provider after provider: the
+Traefik instances, the Velocity bridge and the guests are read at once, and the firewall's
+reads of a guest start while the other guests' configs are still being read (issue 16).
 
 A provider's failure stops the observation unless it is `optional`: then the message goes to
 `ObservedState.errors` under each of its kinds (under its class for one owning no kind), its
@@ -17,6 +20,8 @@ from __future__ import annotations
 
 import datetime
 from collections.abc import Iterable
+
+import anyio
 
 from reconciler.model.errors import ConfigurationError, ProviderError
 from reconciler.model.observed import ObservedResource, ObservedState
@@ -52,34 +57,53 @@ async def observe_all(
     given: Iterable[ObservedResource] = (),
 ) -> ObservedState:
     """The providers of `kinds` (default: every kind of `providers`), and those owning no kind,
-    once each in the order of their `needs`, each handed what was seen before it. `given` is
-    what the caller already knows (the edge poll's guests, with a fresh power state): seen
-    first but not looked at, so its kinds are not in the state's `kinds` and nothing of them is
-    planned. An optional provider's failure is recorded, not raised."""
+    all at once, each starting when the kinds it `needs` are done (or, for those it `streams`,
+    taking them as they arrive), each handed what was seen. `given` is what the caller already
+    knows (the edge poll's guests, with a fresh power state): seen first but not looked at, so
+    its kinds are not in the state's `kinds` and nothing of them is planned. An optional
+    provider's failure is recorded, not raised; any other stops the rest and is raised. The
+    state lists the resources in `observation_order`, whatever order they were seen in."""
     registered = list(providers)
     provided = {k for p in registered for k in p.kinds}
     looked = set(provided) if kinds is None else set(kinds) & provided
     # A provider owning no kind (the agents' health) adds what the looked-at kinds are planned
     # by, so it serves every observation.
-    asked = [p for p in registered if p.kinds & looked or not p.kinds]
+    asked = observation_order([p for p in registered if p.kinds & looked or not p.kinds])
     seen = Observation(list(given))
+    seen.pending = {k for p in asked for k in p.kinds}
+    found: dict[int, list[ObservedResource]] = {}
     errors: dict[str, str] = {}
-    for provider in observation_order(asked):
+    stopped: list[tuple[int, BaseException]] = []
+
+    async def run(index: int, provider: Provider, scope: anyio.CancelScope) -> None:
         try:
-            seen.resources.extend(await provider.observe(seen))
+            await seen.complete(provider.needs - provider.streams - provider.kinds)
+            found[index] = await provider.observe(seen)
         except ProviderError as exc:
             if not provider.optional:
-                raise
+                stopped.append((index, exc))
+                scope.cancel()
             for name in _names(provider):
                 errors[name] = str(exc)
-            looked -= provider.kinds
+            looked.difference_update(provider.kinds)
+        except Exception as exc:
+            stopped.append((index, exc))
+            scope.cancel()
+        finally:
+            seen.finish(provider.kinds, found.get(index, ()))
+
+    async with anyio.create_task_group() as tg:
+        for index, provider in enumerate(asked):
+            tg.start_soon(run, index, provider, tg.cancel_scope)
+    if stopped:
+        raise min(stopped, key=lambda s: s[0])[1]
     now = datetime.datetime.now(datetime.UTC).replace(microsecond=0).isoformat()
     return ObservedState(
         platform=platform,
         observed_at=now.replace("+00:00", "Z"),
         source=source,
         kinds=tuple(sorted(looked, key=lambda k: k.rank)),
-        resources=tuple(seen.resources),
+        resources=(*given, *(r for i in sorted(found) for r in found[i])),
         health=seen.health,
         errors=errors,
         serving=seen.serving,

@@ -21,8 +21,11 @@ none of them. What they share, and why:
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
+
+import anyio
 
 from reconciler.model.observed import (
     BackupVolume,
@@ -37,9 +40,15 @@ from reconciler.model.resources import Kind
 
 @dataclass
 class Observation:
-    """What one observation has seen so far: handed to every provider's `observe` in turn, in
-    the order of their `needs`, and what it adds besides resources (its extra outputs). The
-    edge poll starts one with the guests it already knows; the full cycle starts it empty."""
+    """What one observation has seen so far, shared by every provider's `observe`, and what it
+    adds besides resources (its extra outputs). The edge poll starts one with the guests it
+    already knows; the full cycle starts it empty.
+
+    `applying.observing.observe_all` runs the providers at once: `pending` holds the kinds
+    still being observed; a provider starts once the kinds it `needs` are done (`complete`),
+    except those it `streams`, which it takes one by one as they `arrive` (the firewall reads
+    a guest's rules as soon as the guest is known to be ours). A provider called on its own,
+    with nothing pending, finds every kind done."""
 
     resources: list[ObservedResource] = field(default_factory=list)
     cluster: ClusterFacts | None = None  # the guest provider's nodes, storages, templates
@@ -48,9 +57,57 @@ class Observation:
     # The backups on the spec's backup storages (the backup-job provider); None: not listed.
     backups: tuple[BackupVolume, ...] | None = None
     backup_errors: dict[str, str] = field(default_factory=dict)  # why they could not be listed
+    pending: set[Kind] = field(default_factory=set)  # kinds whose provider has not finished
+    _early: dict[Kind, list[ObservedResource]] = field(default_factory=dict)
+    _event: anyio.Event | None = None  # set (and dropped) at every publish and finish
 
     def of(self, kind: Kind) -> list[ObservedResource]:
         return [r for r in self.resources if r.kind is kind]
+
+    def publish(self, resource: ObservedResource) -> None:
+        """A resource its provider will return, announced now for the providers that stream
+        its kind."""
+        self._early.setdefault(resource.kind, []).append(resource)
+        self._wake()
+
+    def finish(self, kinds: Iterable[Kind], found: Iterable[ObservedResource] = ()) -> None:
+        """`kinds` are done: `found` is what their provider returned (nothing if it failed)."""
+        self.resources.extend(found)
+        self.pending.difference_update(kinds)
+        self._wake()
+
+    async def complete(self, kinds: Iterable[Kind]) -> None:
+        """Wait until none of `kinds` is pending."""
+        wanted = set(kinds)
+        while wanted & self.pending:
+            await self._changed()
+
+    async def arrive(self, kind: Kind) -> AsyncIterator[ObservedResource]:
+        """Each resource of `kind`, once, as it is published or, at the latest, when its
+        provider has finished; ends then."""
+        sent: set[int] = set()
+        while True:
+            for resource in list(self._early.get(kind, ())):
+                if id(resource) not in sent:
+                    sent.add(id(resource))
+                    yield resource
+            if kind not in self.pending:
+                break
+            await self._changed()
+        for resource in self.of(kind):
+            if id(resource) not in sent:
+                sent.add(id(resource))
+                yield resource
+
+    async def _changed(self) -> None:
+        if self._event is None:
+            self._event = anyio.Event()
+        await self._event.wait()
+
+    def _wake(self) -> None:
+        event, self._event = self._event, None
+        if event is not None:
+            event.set()
 
 
 class Provider(Protocol):
@@ -65,6 +122,10 @@ class Provider(Protocol):
     about guests, so the guests must converge while it is down). A provider that is not
     optional stops the observation: nothing is planned from half a platform.
 
+    `streams`: the kinds of `needs` it takes one by one as they are seen
+    (`Observation.arrive`), starting before they are all done; the others it reads, complete,
+    from `seen` (`Observation.of`).
+
     A provider may own no kind (`kinds` empty: the agents' health): it is never applied, and
     it takes part in every observation, since what it adds is what the others are planned by.
 
@@ -73,6 +134,7 @@ class Provider(Protocol):
 
     kinds: frozenset[Kind]
     needs: frozenset[Kind]
+    streams: frozenset[Kind]  # of `needs`: taken as they arrive (`Observation.arrive`)
     optional: bool
 
     async def observe(self, seen: Observation) -> list[ObservedResource]: ...

@@ -9,7 +9,10 @@ health is no resource of the spec); it needs the guests, and fills the observati
 running from the guests seen, ready from their agents.
 
 `AgentObserver.observe(targets)` asks every agent at once, at most `concurrency` at a time,
-each with short timeouts, and hands back one `AgentHealth` per guest. It never raises for an
+each with short timeouts, and hands back one `AgentHealth` per guest. The bound is one
+`pacing.AdaptiveLimit` for all agents, kept from cycle to cycle, as the Proxmox API has one: a
+503 or 429 (a proxy in front of the agents, or agents past their capacity) or a burst of
+timeouts halves it for a while, and answers climb it back. It never raises for an
 agent: refused, timed out, slow, 401, a non-200 or a body that is not the agent's status all
 come back as `reachable=False` with a `last_error` that says which.
 
@@ -52,6 +55,7 @@ from reconciler.model.observed import GuestHealth, ObservedResource
 from reconciler.model.plans import Change
 from reconciler.model.resources import Kind
 from reconciler.providers import Observation
+from reconciler.providers.pacing import AdaptiveLimit
 
 AGENT_PORT = 18888
 CACHE_PREFIX = "agent:"
@@ -140,6 +144,7 @@ class AgentObserver:
         cache_ttl: float = 15.0,
         cache_timeout: float = 1.0,
         clock: Callable[[], str] = _now,
+        pacing: AdaptiveLimit | None = None,
     ) -> None:
         self._token = token
         self.timeout = timeout
@@ -152,6 +157,8 @@ class AgentObserver:
         self.requests = 0  # status requests sent
         self.cache_errors = 0  # Redis writes that failed
         self._tls: ssl.SSLContext | None = None  # built once: most of a client's cost
+        # Every agent's request holds a slot; 429/503 and bursts of timeouts halve it (AIMD).
+        self.pacing = pacing if pacing is not None else AdaptiveLimit(max(1, concurrency))
 
     def __repr__(self) -> str:  # the token stays out of every repr and log line
         return (
@@ -164,12 +171,16 @@ class AgentObserver:
         """Every target's health, by guest address, ordered by vmid."""
         ordered = sorted(targets, key=lambda t: t.vmid)
         results: dict[str, tuple[AgentHealth, dict[str, Any] | None]] = {}
-        limiter = anyio.CapacityLimiter(max(1, self.concurrency))
         async with self._client() as client:
 
             async def one(target: AgentTarget) -> None:
-                async with limiter:
+                # A slot, released without counting as a success: `_fetch` tells the bound
+                # what the agent answered.
+                await self.pacing.acquire()
+                try:
                     results[target.address] = await self._observe(client, target)
+                finally:
+                    self.pacing.release()
 
             async with anyio.create_task_group() as tg:
                 for target in ordered:
@@ -240,6 +251,7 @@ class AgentObserver:
             with anyio.fail_after(deadline):
                 response = await client.get(f"{target.url}/status")
         except (TimeoutError, httpx.TimeoutException):
+            self.pacing.timed_out()
             waited = time.monotonic() - started
             raise _NoStatus(
                 f"{where}: no complete answer within {waited:.1f} s (timed out)"
@@ -252,8 +264,11 @@ class AgentObserver:
         if response.status_code in (401, 403):
             has = "was refused" if self._token else "is required and none is configured"
             raise _NoStatus(f"{where}: {response.status_code}: the bearer token {has}")
+        if response.status_code in (429, 503):
+            self.pacing.overloaded()
         if response.status_code != 200:
             raise _NoStatus(f"{where}: answered {response.status_code} to GET /status")
+        self.pacing.succeeded()
         try:
             raw = response.json()
         except ValueError:
@@ -343,6 +358,7 @@ class AgentHealthProvider:
 
     kinds = frozenset[Kind]()  # nothing to apply: it only adds `health` to an observation
     needs = frozenset({Kind.GUEST})  # running from the guests seen; only their agents are asked
+    streams = frozenset[Kind]()
     optional = True
 
     async def observe(self, seen: Observation) -> list[ObservedResource]:

@@ -357,6 +357,7 @@ class FirewallProvider:
 
     kinds = FIREWALL_KINDS
     needs = frozenset({Kind.GUEST})  # the owned guests' firewalls are read
+    streams = frozenset({Kind.GUEST})  # a guest's firewall is read as soon as it is ours
     optional = False  # a guest's firewall unknown: nothing is planned for it or its guest
 
     @property
@@ -374,9 +375,9 @@ class FirewallProvider:
     async def _call(self, what: str, fn: Callable[[], Any]) -> Any:
         return await self.pve.retrying(what, fn)
 
-    async def _read(self, what: str, fn: Callable[[], Any]) -> Any:
+    async def _read(self, what: str, resource: Any) -> Any:
         """A call that only reads: retried on any server error (see `proxmox.classify`)."""
-        return await self.pve.retrying(what, fn, read=True)
+        return await self.pve.get(what, resource)
 
     def _lock(self, name: str) -> anyio.Lock:
         if name not in self._locks:
@@ -391,25 +392,28 @@ class FirewallProvider:
 
     async def observe(self, seen: Observation | None = None) -> list[ObservedResource]:
         """The cluster-level objects and the firewall of each owned guest `seen` (observed
-        through `pve` when not given). Every read runs concurrently; the foreign IP sets and
-        groups are read last, once the indexes have said which they are."""
-        guests = seen.of(Kind.GUEST) if seen is not None else await self.pve.observe()
+        through `pve` when not given). Every read runs concurrently, a guest's as soon as
+        `seen` has it (the guests are still being read); the foreign IP sets and groups are
+        read last, once the indexes have said which they are."""
+        seen = seen if seen is not None else Observation(await self.pve.observe())
         out: list[ObservedResource] = []
         foreign: dict[Kind, dict[str, dict[str, Any]]] = {kind: {} for kind in _LISTED}
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._observe_cluster, out)
-            tg.start_soon(self._observe_aliases, out)
-            for kind in _LISTED:
-                tg.start_soon(self._observe_index, kind, tg, out, foreign[kind])
-            for res in guests:
-                if res.kind is Kind.GUEST and res.owned and res.address:
-                    tg.start_soon(self._observe_guest, res, out)
-        out.extend(await self._foreign(foreign))
+        async with self.pve.reading():
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._observe_cluster, out)
+                tg.start_soon(self._observe_aliases, out)
+                for kind in _LISTED:
+                    tg.start_soon(self._observe_index, kind, tg, out, foreign[kind])
+                async for res in seen.arrive(Kind.GUEST):
+                    if res.owned and res.address:
+                        tg.start_soon(self._observe_guest, res, out)
+            # Every index read: the foreign ones are known.
+            out.extend(await self._foreign(foreign))
         return sorted(out, key=lambda r: (r.kind.rank, r.address or "", json.dumps(r.id)))
 
     async def _observe_cluster(self, out: list[ObservedResource]) -> None:
         options = self.client.cluster.firewall.options
-        raw = await self._read("read cluster firewall options", lambda: options.get())
+        raw = await self._read("read cluster firewall options", options)
         owned = self.manage_cluster
         out.append(
             ObservedResource(
@@ -424,7 +428,7 @@ class FirewallProvider:
 
     async def _observe_aliases(self, out: list[ObservedResource]) -> None:
         aliases = self.client.cluster.firewall.aliases
-        for item in await self._read("read firewall aliases", lambda: aliases.get()):
+        for item in await self._read("read firewall aliases", aliases):
             name = str(item["name"])
             ours, comment = self._ours(item.get("comment"))
             attrs = {"cidr": item.get("cidr"), "comment": comment}
@@ -450,7 +454,7 @@ class FirewallProvider:
         are kept in `foreign`, for `_foreign`."""
         listed = _LISTED[kind]
         index = listed.endpoint(self.client)
-        for item in await self._read(listed.read_index, lambda: index.get()):
+        for item in await self._read(listed.read_index, index):
             name = str(item[listed.key])
             ours, comment = self._ours(item.get("comment"))
             if ours:
@@ -482,8 +486,11 @@ class FirewallProvider:
         while observing is retried on any server error; one during an apply as a call is."""
         listed = _LISTED[kind]
         endpoint = listed.endpoint(self.client)(name)
-        send = self._read if observing else self._call
-        raw = await send(f"read {listed.noun} {name}", lambda: endpoint.get())
+        what = f"read {listed.noun} {name}"
+        if observing:
+            raw = await self._read(what, endpoint)
+        else:
+            raw = await self._call(what, lambda: endpoint.get())
         return listed.read_items(raw), _list_digest(raw)
 
     async def _observe_guest(self, res: ObservedResource, out: list[ObservedResource]) -> None:
@@ -492,8 +499,8 @@ class FirewallProvider:
         kind = str(res.attributes.get("type") or "lxc")
         base = self.client.nodes(node)(kind)(vmid).firewall
         try:
-            opts = await self._read(f"read firewall options of {vmid}", lambda: base.options.get())
-            raw = await self._read(f"read firewall rules of {vmid}", lambda: base.rules.get())
+            opts = await self._read(f"read firewall options of {vmid}", base.options)
+            raw = await self._read(f"read firewall rules of {vmid}", base.rules)
         except NotFoundError:
             return  # destroyed since the guests were read: no firewall to speak of
         out.append(
@@ -684,7 +691,7 @@ class FirewallProvider:
     async def _index_entry(self, kind: Kind, name: str) -> tuple[dict[str, Any] | None, str | None]:
         listed = _LISTED[kind]
         index = listed.endpoint(self.client)
-        items = await self._call(listed.read_index, lambda: index.get())
+        items = await self._call(listed.read_index, index)
         return next((i for i in items if i[listed.key] == name), None), _list_digest(items)
 
     async def _ours_in_index(self, change: Change, *, comment: str | None = None) -> str | None:

@@ -66,11 +66,12 @@ import contextlib
 import functools
 import os
 import re
+import ssl
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlparse
 
 import anyio
@@ -97,6 +98,9 @@ from reconciler.model.units import parse_kv, parse_mib
 from reconciler.providers import Observation
 from reconciler.providers.backoff import backoff
 from reconciler.providers.pacing import DEFAULT_LIMIT, AdaptiveLimit
+
+if TYPE_CHECKING:
+    from reconciler.providers.pve_http import FastReads
 
 MARK_PREFIX = "reconciler:v1"
 # The whole of a description's last non-empty line, as `mark_line` writes it; a guest's address.
@@ -206,15 +210,48 @@ def classify(exc: BaseException, context: str = "", *, read: bool = False) -> Pr
         return PermanentError(message, status=status)
     if isinstance(exc, AuthenticationError):
         return PermanentError(f"{prefix}authentication failed: {exc}")
-    if isinstance(exc, requests.exceptions.SSLError):
-        # Retrying cannot fix a certificate we do not trust: say how to fix it instead.
+    if isinstance(exc, requests.exceptions.SSLError | ssl.SSLCertVerificationError):
+        # Retrying cannot fix a certificate we do not trust: say why, and how to fix it.
         return PermanentError(
-            f"{prefix}TLS verification failed (SSLError): give the cluster's CA as ca_file "
-            "(/etc/pve/pve-root-ca.pem on a node), or --insecure in a lab"
+            f"{prefix}TLS verification failed{_where(exc)}: {_tls_cause(exc)}; give the "
+            "cluster's CA as ca_file or --ca-file (/etc/pve/pve-root-ca.pem on a node), "
+            "or --insecure in a lab"
         )
-    if isinstance(exc, (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError)):
-        return TemporaryError(f"{prefix}cannot reach Proxmox: {type(exc).__name__}")
+    if isinstance(exc, requests.Timeout | TimeoutError):
+        return TemporaryError(f"{prefix}cannot reach Proxmox{_where(exc)}: no answer in time")
+    if isinstance(exc, requests.ConnectionError | ConnectionError):
+        return TemporaryError(f"{prefix}cannot reach Proxmox{_where(exc)}: {_os_cause(exc)}")
     return PermanentError(f"{prefix}{type(exc).__name__}: {exc}")
+
+
+# The host a client's message names: requests' "host='h', port=8006", or our "https://h:8006/...".
+_HOST = re.compile(r"host='(?P<host>[^']+)', port=(?P<port>\d+)|https://(?P<url>[^/\s:]+:\d+)")
+_ERRNO = re.compile(r"\[Errno (?P<errno>-?\d+)\] (?P<text>[^'\")\]]+)")
+_TLS = re.compile(r"certificate verify failed: (?P<why>[^(')\]]+)")
+
+
+def _where(exc: BaseException) -> str:
+    """ " for 127.0.0.1:8006" when the client's message names the host, else ""."""
+    m = _HOST.search(str(exc))
+    if m is None:
+        return ""
+    return f" for {m.group('url') or m.group('host') + ':' + m.group('port')}"
+
+
+def _tls_cause(exc: BaseException) -> str:
+    """ "certificate verify failed: self-signed certificate", not a nest of wrapped reprs."""
+    m = _TLS.search(str(exc))
+    return f"certificate verify failed: {m.group('why').strip()}" if m else "untrusted certificate"
+
+
+def _os_cause(exc: BaseException) -> str:
+    """ "connection refused", "name or service not known": the operating system's reason."""
+    text = str(exc)
+    m = _ERRNO.search(text)
+    if m is not None:
+        return m.group("text").strip().lower()
+    _, _, tail = text.rpartition(": ")
+    return tail.strip().lower() or type(exc).__name__
 
 
 # --- connecting ----------------------------------------------------------------------------
@@ -550,9 +587,12 @@ class ProxmoxProvider:
     _threads: anyio.CapacityLimiter | None = None
     # The inventory the last `observe` read, for `observe_cluster` (no second call).
     _observed_inventory: Inventory | None = None
+    _fast: FastReads | None = None  # the pooled read session, while `reading` is open
+    _readers: int = 0
 
     kinds = frozenset({Kind.GUEST})
     needs = frozenset[Kind]()
+    streams = frozenset[Kind]()
     optional = False  # the guests unknown: nothing is planned
 
     @property
@@ -569,13 +609,52 @@ class ProxmoxProvider:
         if self._threads is None:
             # Threads enough for the bound: anyio's shared default pool holds 40.
             self._threads = anyio.CapacityLimiter(self.concurrency)
+        threads = self._threads
+        return await self._send(
+            what, lambda: anyio.to_thread.run_sync(fn, limiter=threads), read=read
+        )
+
+    async def _send(self, what: str, attempt: Callable[[], Awaitable[Any]], *, read: bool) -> Any:
         self.calls += 1
         async with self.pacing:
             try:
-                return await anyio.to_thread.run_sync(fn, limiter=self._threads)
+                return await attempt()
             except Exception as exc:
                 _pace(self.pacing, exc)
                 raise classify(exc, what, read=read) from None
+
+    @contextlib.asynccontextmanager
+    async def reading(self) -> AsyncIterator[None]:
+        """While open, `get` reads over one pooled aiohttp session (`pve_http.FastReads`)
+        instead of proxmoxer in a worker thread: an observation opens it around its reads.
+        Nested and concurrent openings share the session; the last to leave closes it."""
+        if self._readers == 0:
+            from reconciler.providers.pve_http import FastReads
+
+            reads = FastReads.of(self.client, self.concurrency)
+            self._fast = await reads.__aenter__() if reads is not None else None
+        self._readers += 1
+        try:
+            yield
+        finally:
+            self._readers -= 1
+            if self._readers == 0 and self._fast is not None:
+                fast, self._fast = self._fast, None
+                with anyio.CancelScope(shield=True):
+                    await fast.__aexit__(None, None, None)
+
+    async def get(self, what: str, resource: Any, **params: Any) -> Any:
+        """`resource.get(**params)` under the retry policy, as a read (`retrying(read=True)`):
+        over the pooled session while `reading` is open, else through proxmoxer."""
+        fast = self._fast
+        tries = _Tries()
+        while True:
+            try:
+                if fast is None:
+                    return await self.call(what, lambda: resource.get(**params), read=True)
+                return await self._send(what, lambda: fast.get(resource, params), read=True)
+            except TemporaryError as exc:
+                await self.again(exc, tries)
 
     async def again(self, error: ProviderError, tries: _Tries) -> None:
         """Sleep before the next try, or raise `error` when the policy says stop: a temporary
@@ -613,9 +692,7 @@ class ProxmoxProvider:
 
     async def inventory(self) -> Inventory:
         """Every guest, node and storage: one `GET /cluster/resources`."""
-        items = await self.retrying(
-            "read inventory", lambda: self.client.cluster.resources.get(), read=True
-        )
+        items = await self.get("read inventory", self.client.cluster.resources)
         return Inventory(
             guests=[i for i in items if i.get("type") in ("lxc", "qemu")],
             nodes=[i for i in items if i.get("type") == "node"],
@@ -643,26 +720,34 @@ class ProxmoxProvider:
     async def observe(self, seen: Observation | None = None) -> list[ObservedResource]:
         """Every guest: inventory in one call, config only for guests carrying our tag. A
         template is foreign, whatever it carries: it holds its vmid and is never touched.
-        With `seen`, also the cluster's facts for the planner's placement checks
-        (`observe_cluster`, into `seen.cluster`)."""
+        With `seen`, each guest is published as soon as it is known (the firewall reads an
+        owned guest's rules meanwhile), and the cluster's facts for the planner's placement
+        checks go into `seen.cluster` (`observe_cluster`)."""
+        async with self.reading():
+            return await self._observe(seen)
+
+    async def _observe(self, seen: Observation | None) -> list[ObservedResource]:
         inv = await self.settled_inventory()
         self._observed_inventory = inv
         _refuse_offline(inv, self.owner_tag)
         out: list[ObservedResource] = []
 
+        def found(resource: ObservedResource) -> None:
+            out.append(resource)
+            if seen is not None:
+                seen.publish(resource)
+
         async def read(item: dict[str, Any]) -> None:
             # Destroyed since the inventory was read: it is not there.
             with contextlib.suppress(NotFoundError):
-                out.append(await self.observe_guest(item))
+                found(await self.observe_guest(item))
 
         async with anyio.create_task_group() as tg:
             for item in inv.guests:
-                if item.get("template"):
-                    out.append(self._foreign(item))
-                elif self.owner_tag in _tags(item.get("tags")):
+                if not item.get("template") and self.owner_tag in _tags(item.get("tags")):
                     tg.start_soon(read, item)
                 else:
-                    out.append(self._foreign(item))
+                    found(self._foreign(item))
         out.sort(key=lambda r: r.id["vmid"])
         if seen is not None:
             seen.cluster = await self.observe_cluster(out)
@@ -743,23 +828,15 @@ class ProxmoxProvider:
     async def _list_templates(self, node: str, storage: str) -> tuple[str, ...]:
         """One `GET .../storage/{storage}/content?content=vztmpl`, under the retry policy."""
         content = self.client.nodes(node).storage(storage).content
-        items = await self.retrying(
-            f"list templates on {node}/{storage}",
-            lambda: content.get(content="vztmpl"),
-            read=True,
-        )
+        items = await self.get(f"list templates on {node}/{storage}", content, content="vztmpl")
         return tuple(sorted(str(i["volid"]) for i in items if i.get("volid")))
 
     async def observe_guest(self, item: Mapping[str, Any]) -> ObservedResource:
         node, vmid, kind = item["node"], int(item["vmid"]), item.get("type", "lxc")
         guest = self.client.nodes(node)(kind)(vmid)
-        config = await self.retrying(
-            f"read config of {vmid}", lambda: guest.config.get(), read=True
-        )
+        config = await self.get(f"read config of {vmid}", guest.config)
         if kind == "qemu":
-            pending = await self.retrying(
-                f"read pending config of {vmid}", lambda: guest.pending.get(), read=True
-            )
+            pending = await self.get(f"read pending config of {vmid}", guest.pending)
             config = with_pending(config, pending)
         mark, _ = read_mark(config.get("description"))
         address = claimed(mark, self.platform, vmid)
@@ -850,9 +927,7 @@ class ProxmoxProvider:
         task = self.client.nodes(node).tasks(upid)
 
         async def stopped() -> dict[str, Any] | None:
-            status = await self.retrying(
-                f"{what}: task status", lambda: task.status.get(), read=True
-            )
+            status = await self.get(f"{what}: task status", task.status)
             return status if status.get("status") == "stopped" else None
 
         status = await self._poll(
@@ -876,9 +951,7 @@ class ProxmoxProvider:
         under the lock policy; LockedError when the lock outlasts it."""
         tries = _Tries()
         while True:
-            config: dict[str, Any] = await self.retrying(
-                what, lambda: guest.config.get(), read=True
-            )
+            config: dict[str, Any] = await self.get(what, guest.config)
             lock = config.get("lock")
             if not lock or (locks is not None and lock not in locks):
                 return config
@@ -1089,7 +1162,7 @@ class ProxmoxProvider:
             _require_version(change)
         guest = self._guest(change)
         what = f"read config of {change.id['vmid']}"
-        seen: dict[str, Any] = await self.retrying(what, lambda: guest.config.get(), read=True)
+        seen: dict[str, Any] = await self.get(what, guest.config)
         self._check_mark(change, seen)
         config = seen
         if seen.get("lock"):
@@ -1133,9 +1206,7 @@ class ProxmoxProvider:
                     node,
                     lambda: guest.config.put(**lifted),
                 )
-                config = await self.retrying(
-                    f"read config of {change.id['vmid']}", lambda: guest.config.get(), read=True
-                )
+                config = await self.get(f"read config of {change.id['vmid']}", guest.config)
         if params or delete:
             if delete:
                 params["delete"] = ",".join(delete)
@@ -1326,9 +1397,7 @@ class ProxmoxProvider:
 
     async def _power(self, change: Change) -> str:
         guest = self._guest(change)
-        status = await self.retrying(
-            f"status of {change.address}", lambda: guest.status.current.get(), read=True
-        )
+        status = await self.get(f"status of {change.address}", guest.status.current)
         return str(status.get("status"))
 
     async def _until_stopped(self, change: Change) -> None:

@@ -161,8 +161,8 @@ async def read_privileges(
     held: dict[str, frozenset[str]] = {}
 
     async def read(path: str) -> None:
-        answer: Mapping[str, Any] = await provider.retrying(
-            f"read permissions on {path}", lambda: access.get(path=path), read=True
+        answer: Mapping[str, Any] = await provider.get(
+            f"read permissions on {path}", access, path=path
         )
         held[path] = frozenset(p for privs in (answer or {}).values() for p in privs or {})
 

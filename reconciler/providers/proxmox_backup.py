@@ -169,6 +169,7 @@ class BackupJobProvider:
 
     kinds = frozenset({Kind.BACKUP_JOB})
     needs = frozenset({Kind.GUEST})  # the cluster's storages, seen with the guests
+    streams = frozenset[Kind]()
     optional = False  # a job unknown: nothing about backups is planned
 
     @property
@@ -178,11 +179,10 @@ class BackupJobProvider:
     # --- observe -------------------------------------------------------------------------
 
     async def observe(self, seen: Observation) -> list[ObservedResource]:
-        jobs = await self.pve.retrying(
-            "list backup jobs", lambda: self.pve.client.cluster.backup.get(), read=True
-        )
-        out = [self._job(job) for job in jobs if job.get("id")]
-        seen.backups = await self.observe_backups(seen)
+        async with self.pve.reading():
+            jobs = await self.pve.get("list backup jobs", self.pve.client.cluster.backup)
+            out = [self._job(job) for job in jobs if job.get("id")]
+            seen.backups = await self.observe_backups(seen)
         return sorted(out, key=lambda r: str(r.id.get("id")))
 
     def _job(self, job: Mapping[str, Any]) -> ObservedResource:
@@ -238,9 +238,7 @@ class BackupJobProvider:
         if vmid is not None:
             query["vmid"] = vmid
         self.calls_listing += 1
-        items = await self.pve.retrying(
-            f"list backups on {node}/{storage}", lambda: content.get(**query), read=True
-        )
+        items = await self.pve.get(f"list backups on {node}/{storage}", content, **query)
         volumes = (backup_volume(i, storage, None if shared else node) for i in items)
         return [v for v in volumes if v is not None]
 
@@ -282,9 +280,7 @@ class BackupJobProvider:
     async def _require_ours(self, change: Change, ident: str) -> None:
         """Read the job again and find our mark for this address on it: a job someone else
         put under our id in between is never changed or deleted."""
-        job = await self.pve.retrying(
-            f"read {change.address}", lambda: self.pve.client.cluster.backup(ident).get(), read=True
-        )
+        job = await self.pve.get(f"read {change.address}", self.pve.client.cluster.backup(ident))
         claim, _ = read_job_mark(job.get("comment"), ident)
         if claim != JobClaim(self.platform, change.address):
             raise PermanentError(

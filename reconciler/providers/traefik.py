@@ -685,6 +685,7 @@ class TraefikRoutes:
 
     kinds = frozenset({Kind.ROUTE})
     needs = frozenset[Kind]()
+    streams = frozenset[Kind]()
     optional = True  # an instance down costs the routes only: the guests converge
 
     def __init__(

@@ -185,6 +185,7 @@ class VelocityProvider:
 
     kinds = frozenset({Kind.VELOCITY})
     needs = frozenset[Kind]()
+    streams = frozenset[Kind]()
     optional = True  # the bridge down costs the registrations only: the guests converge
 
     def __init__(

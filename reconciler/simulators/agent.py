@@ -34,6 +34,8 @@ Driving an agent (from Python, or over the control endpoint below):
     unreachable()     nothing listens on its port: connection refused
     hang()            accepts connections and never answers (until reachable() or stop)
     garbage()         answers 200 with a body that is not the agent's JSON
+    overloaded()      answers 503 {"error": "overloaded"} (a proxy in front, or an agent
+                      past its capacity)
     slow(seconds)     answers after a delay; slow(0) answers at once again
     trickle(interval) answers at once, then sends its body one byte per `interval` seconds
     reachable()       listens and answers normally again (same port)
@@ -85,6 +87,7 @@ class AgentMode(enum.StrEnum):
     HANG = "hang"
     GARBAGE = "garbage"
     TRICKLE = "trickle"
+    OVERLOADED = "overloaded"
 
 
 @dataclass
@@ -219,6 +222,10 @@ class SimulatedAgent:
             self.delay = max(0.0, float(seconds))
         return self
 
+    def overloaded(self) -> SimulatedAgent:
+        self.fleet.set_mode(self, AgentMode.OVERLOADED)
+        return self
+
     def reachable(self) -> SimulatedAgent:
         self.fleet.set_mode(self, AgentMode.UP)
         return self
@@ -248,6 +255,7 @@ _ACTIONS: dict[str, Callable[..., SimulatedAgent]] = {
     "garbage": SimulatedAgent.garbage,
     "slow": SimulatedAgent.slow,
     "trickle": SimulatedAgent.trickle,
+    "overloaded": SimulatedAgent.overloaded,
     "reachable": SimulatedAgent.reachable,
 }
 _INITIAL = {"installing", "starting", "ready", "unready", "crash", "stop"}
@@ -324,6 +332,9 @@ class _AgentHandler(_Quiet):
             f"Bearer {fleet.token}"
         ):
             self.send_json(401, {"error": "unauthorized"})
+            return
+        if mode is AgentMode.OVERLOADED:
+            self.send_json(503, {"error": "overloaded"})
             return
         if mode is AgentMode.GARBAGE:
             data = b"<html>502 Bad Gateway</html>"

@@ -32,6 +32,7 @@ class Fake:
 
     kinds: frozenset[Kind]
     needs: frozenset[Kind] = frozenset()
+    streams: frozenset[Kind] = frozenset()
     optional: bool = False
     fails: Exception | None = None
     found: list[ObservedResource] | None = None
@@ -58,6 +59,7 @@ class FakeHealth:
 
     kinds: frozenset[Kind] = frozenset()
     needs: frozenset[Kind] = GUEST
+    streams: frozenset[Kind] = frozenset()
     optional: bool = True
     fails: Exception | None = None
     unready: frozenset[str] = frozenset()  # guest addresses

@@ -31,6 +31,7 @@ class FakeGuests:
 
     kinds: frozenset[Kind] = frozenset({Kind.GUEST})
     needs: frozenset[Kind] = frozenset()
+    streams: frozenset[Kind] = frozenset()
     optional: bool = False
 
     def __init__(self, *, held: bool = False, fail: Mapping[str, Exception] | None = None) -> None:

@@ -10,7 +10,9 @@ import anyio
 import pytest
 
 from reconciler.providers.agent import AgentHealth, AgentObserver, AgentTarget
+from reconciler.providers.pacing import AdaptiveLimit
 from reconciler.simulators.agent import AgentFleet, SimulatedAgent
+from tests.waiting import wait_for
 
 TOKEN = "agent-bearer-t0ken"
 
@@ -165,3 +167,40 @@ def test_concurrency_is_bounded() -> None:
     assert all(h.ready for h in seen.values())
     assert 1 < fleet.max_in_flight <= 4
     assert observer.requests == 24
+
+
+@pytest.mark.parametrize("how", ["overloaded", "hang"])
+def test_overloaded_or_silent_agents_halve_the_bound_and_answers_climb_it_back(how: str) -> None:
+    """One bound for all agents (AIMD, as the Proxmox API has): 503s, or a burst of timeouts,
+    halve it; once the hold is over, answers climb it back. Counted at the agents: never more
+    in flight than the bound."""
+    now = [0.0]
+    pacing = AdaptiveLimit(8, clock=lambda: now[0], hold=5.0)
+    vmids = range(3100, 3132)
+    fleet = AgentFleet(control=False)
+    for vmid in vmids:
+        agent = fleet.add(vmid).slow(0.01)
+        agent.overloaded() if how == "overloaded" else agent.hang()
+    with fleet:
+        observer = AgentObserver(pacing=pacing, timeout=0.3, connect_timeout=0.3)
+        targets = [target(fleet, v) for v in vmids]
+        seen = anyio.run(observer.observe, targets)
+        assert not any(h.reachable for h in seen.values())
+        # Halved once: the other answers of the same overload fall within the hold.
+        assert (pacing.decreases, pacing.current_limit) == (1, 4)
+        assert 1 < pacing.peak <= 8
+        if how == "overloaded":  # a hung request stays in flight at the agent after we give up
+            assert 1 < fleet.max_in_flight <= 8
+
+        now[0] = 10.0  # the hold is over; the agents answer again
+        for vmid in vmids:
+            fleet[vmid].reachable()
+        wait_for(lambda: fleet.in_flight == 0, "the hung requests to be dropped")
+        with fleet.lock:
+            fleet.max_in_flight = 0
+        seen = anyio.run(observer.observe, targets)
+        assert all(h.ready for h in seen.values())
+        assert pacing.current_limit == 8  # 4 -> 8 takes 4 + 5 + 6 + 7 = 22 answers of 32
+        assert pacing.increases == 4
+        assert fleet.max_in_flight <= 8
+        assert pacing.peak <= 8

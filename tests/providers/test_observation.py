@@ -21,6 +21,7 @@ from reconciler.providers import Observation
 class Fake:
     kinds: frozenset[Kind]
     needs: frozenset[Kind] = frozenset()
+    streams: frozenset[Kind] = frozenset()
     fails: bool = False
     optional: bool = False
     saw: list[str] = field(default_factory=list)  # addresses seen when observed
