@@ -31,6 +31,7 @@ from pydantic import (
 
 from reconciler.model.calendar import check_calendar_event
 from reconciler.model.units import (
+    SIZE_PATTERN,
     check_cidr,
     check_comment,
     check_hostname,
@@ -40,6 +41,7 @@ from reconciler.model.units import (
     check_port,
     check_sni,
     check_url_path,
+    format_mib,
     parse_mib,
     parse_seconds,
 )
@@ -68,9 +70,17 @@ def _as_tuple(value: object) -> object:
     return value
 
 
-Label = Annotated[str, AfterValidator(check_label)]
+def _one_or_list(item: Any, min_items: int = 0) -> BeforeValidator:
+    """`_as_tuple`, saying for the JSON Schema what it takes: one item, or a list of them."""
+    listed: Any = Annotated[list[item], Field(min_length=min_items)] if min_items else list[item]
+    return BeforeValidator(_as_tuple, json_schema_input_type=item | listed)
+
+
 # The same as a JSON Schema pattern, for editors (map keys are names).
 _LABEL_SCHEMA = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+Label = Annotated[
+    str, AfterValidator(check_label), WithJsonSchema({"type": "string", "pattern": _LABEL_SCHEMA})
+]
 # A map whose keys name things in other systems' keys (a Traefik instance, a route's router and
 # its Redis keys, a Velocity registration): each key a DNS label, reported where it is written.
 LabelMap = Annotated[
@@ -81,9 +91,34 @@ LabelMap = Annotated[
 ]
 Hostname = Annotated[str, AfterValidator(check_hostname)]
 # Strict: YAML reads `port: true` as a boolean, which must not pass as port 1.
-Port = Annotated[int, Field(strict=True), AfterValidator(check_port)]
-MiB = Annotated[int, BeforeValidator(parse_mib)]
-DiskMiB = Annotated[int, BeforeValidator(lambda v: parse_mib(v, bare_unit="G"))]
+Port = Annotated[
+    int,
+    Field(strict=True),
+    AfterValidator(check_port),
+    WithJsonSchema({"type": "integer", "minimum": 1, "maximum": 65535}),
+]
+
+
+def _size_schema(number: str, bare: str, example: str) -> WithJsonSchema:
+    """What a size field takes (see `parse_mib`): a bare number, or a string with a unit."""
+    return WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": number, "minimum": 0},
+                {"type": "string", "pattern": SIZE_PATTERN},
+            ],
+            "description": f"{bare}, or a size with a unit ({example})",
+        }
+    )
+
+
+MiB = Annotated[int, BeforeValidator(parse_mib), _size_schema("integer", "MiB", "512M, 4G")]
+# A fraction of a GiB is fine as long as it is whole MiB (1.5 is 1536M).
+DiskMiB = Annotated[
+    int,
+    BeforeValidator(lambda v: parse_mib(v, bare_unit="G")),
+    _size_schema("number", "GiB", "8G, 512M"),
+]
 Cidr = Annotated[str, AfterValidator(check_cidr)]
 Policy = Literal["ACCEPT", "DROP", "REJECT"]
 # Text written into another system's syntax: a Traefik rule or key, a firewall config line.
@@ -128,7 +163,11 @@ def _tag(value: str) -> str:
     return value
 
 
-Tag = Annotated[str, AfterValidator(_tag)]
+Tag = Annotated[
+    str,
+    AfterValidator(_tag),
+    WithJsonSchema({"type": "string", "pattern": r"^[a-z0-9_][a-z0-9_+.-]*$"}),
+]
 
 
 class Strict(BaseModel):
@@ -160,7 +199,7 @@ class SecretRef(Strict):
         return self
 
 
-Secret = Annotated[SecretRef, BeforeValidator(_no_literal_secret)]
+Secret = Annotated[SecretRef, BeforeValidator(_no_literal_secret, json_schema_input_type=SecretRef)]
 
 
 # --- platform, layers, hosts, ranges ----------------------------------------------------------
@@ -224,7 +263,7 @@ class Capacity(Strict):
 
 class HostSpec(Strict):
     node: Label | None = Field(None, description="Proxmox node name; defaults to the key")
-    layers: Annotated[tuple[str, ...], BeforeValidator(_as_tuple)] = Field(min_length=1)
+    layers: Annotated[tuple[str, ...], _one_or_list(str, min_items=1)] = Field(min_length=1)
     capacity: Capacity
     api: ProxmoxApi | None = Field(None, description="Overrides the top-level 'proxmox' API")
 
@@ -255,6 +294,10 @@ def _port_text(value: object) -> object:
     return str(value) if isinstance(value, int) else value
 
 
+# What `_port_text` takes: a number, or text such as "80,443" or "8000:8100".
+_PORT_INPUT = int | str
+
+
 class FirewallRule(Strict):
     """One Proxmox firewall rule. For `type: group`, `action` names the security group."""
 
@@ -263,8 +306,12 @@ class FirewallRule(Strict):
     source: str | None = None
     dest: str | None = None
     proto: str | None = None
-    dport: Annotated[str | None, BeforeValidator(_port_text)] = None
-    sport: Annotated[str | None, BeforeValidator(_port_text)] = None
+    dport: Annotated[
+        str | None, BeforeValidator(_port_text, json_schema_input_type=_PORT_INPUT | None)
+    ] = None
+    sport: Annotated[
+        str | None, BeforeValidator(_port_text, json_schema_input_type=_PORT_INPUT | None)
+    ] = None
     macro: str | None = None
     iface: str | None = None
     enable: bool = True
@@ -337,7 +384,11 @@ class NetworkInterface(Strict):
 
 class Disk(Strict):
     storage: str | None = Field(None, description="Defaults to platform.default_storage")
-    size: DiskMiB = Field(8 * 1024, description="GiB, or a size with a unit (8G, 512M)")
+    size: DiskMiB = Field(
+        8 * 1024,
+        description="GiB, or a size with a unit (8G, 512M)",
+        json_schema_extra={"default": format_mib(8 * 1024)},  # as written: 8192 would be GiB
+    )
 
 
 # Mount options a container's mount point takes (pve-container's `mountoptions`).
@@ -541,7 +592,7 @@ class HttpRoute(Strict):
 
     type: Literal["http"] = "http"
     host: Annotated[
-        tuple[Hostname, ...], BeforeValidator(_as_tuple), AfterValidator(_one_or_more)
+        tuple[Hostname, ...], _one_or_list(Hostname, min_items=1), AfterValidator(_one_or_more)
     ] = Field(
         description="Host names, each matched exactly (no wildcards)",
         json_schema_extra={"minItems": 1},
@@ -551,7 +602,7 @@ class HttpRoute(Strict):
         description="A URL path: '/', then letters, digits, - . _ ~ ! $ * + , ; = : @ / "
         "and %XX escapes",
     )
-    entrypoints: Annotated[tuple[Identifier, ...], BeforeValidator(_as_tuple)] = ("websecure",)
+    entrypoints: Annotated[tuple[Identifier, ...], _one_or_list(Identifier)] = ("websecure",)
     tls: Tls | None = None
     target: Target
     when_unready: Literal["withhold", "keep"] | None = Field(
@@ -561,10 +612,10 @@ class HttpRoute(Strict):
 
 class TcpRoute(Strict):
     type: Literal["tcp"]
-    sni: Annotated[tuple[Sni, ...], BeforeValidator(_as_tuple), AfterValidator(_one_or_more)] = (
-        Field(description="Host names for HostSNI, or '*' alone", json_schema_extra={"minItems": 1})
-    )
-    entrypoints: Annotated[tuple[Identifier, ...], BeforeValidator(_as_tuple)] = ("websecure",)
+    sni: Annotated[
+        tuple[Sni, ...], _one_or_list(Sni, min_items=1), AfterValidator(_one_or_more)
+    ] = Field(description="Host names for HostSNI, or '*' alone", json_schema_extra={"minItems": 1})
+    entrypoints: Annotated[tuple[Identifier, ...], _one_or_list(Identifier)] = ("websecure",)
     tls: Tls | None = None
     target: Target
     when_unready: Literal["withhold", "keep"] | None = None
@@ -587,7 +638,7 @@ def _default_route_type(value: object) -> object:
 
 class TraefikInstance(Strict):
     guest: str = Field(description="The guest this Traefik runs in")
-    routes_to: Annotated[tuple[str, ...], BeforeValidator(_as_tuple)] = Field(
+    routes_to: Annotated[tuple[str, ...], _one_or_list(str, min_items=1)] = Field(
         min_length=1, description="Layers this instance may route to (its traffic domain)"
     )
     feed: Annotated[RedisFeed | FileFeed, Field(discriminator="type")]
@@ -595,9 +646,9 @@ class TraefikInstance(Strict):
     when_unready: Literal["withhold", "keep"] = Field(
         "keep", description="Routes to a guest whose agent is not ready: keep or withhold"
     )
-    routes: LabelMap[Annotated[Route, BeforeValidator(_default_route_type)]] = Field(
-        default_factory=dict, description="Routes by name; the router is rc-<name>"
-    )
+    routes: LabelMap[
+        Annotated[Route, BeforeValidator(_default_route_type, json_schema_input_type=Route)]
+    ] = Field(default_factory=dict, description="Routes by name; the router is rc-<name>")
 
 
 class VelocityBridge(Strict):
@@ -615,7 +666,7 @@ class VelocitySpec(Strict):
     guest: str = Field(description="The guest Velocity runs in")
     bridge: VelocityBridge
     servers: LabelMap[VelocityServer] = Field(default_factory=dict)
-    unmanaged: Annotated[tuple[str, ...], BeforeValidator(_as_tuple)] = Field(
+    unmanaged: Annotated[tuple[str, ...], _one_or_list(str)] = Field(
         (),
         description="Registrations someone else makes (velocity.toml, the platform API): "
         "reported, never registered or unregistered by the controller",
@@ -733,7 +784,9 @@ class PlacementPolicy(_PolicyBase):
 
 class IsolationException(Strict):
     to: str = Field(description="The guest that may be reached")
-    port: Annotated[str, BeforeValidator(_port_text)] | None = None
+    port: Annotated[str, BeforeValidator(_port_text, json_schema_input_type=_PORT_INPUT)] | None = (
+        None
+    )
     reason: str
 
 
@@ -801,7 +854,11 @@ class PlatformSpec(Strict):
     hosts: FrozenMap[HostSpec] = Field(default_factory=dict)
     ranges: FrozenMap[RangeSpec] = Field(default_factory=dict)
     profiles: FrozenMap[ProfileSpec] = Field(default_factory=dict)
-    guests: FrozenMap[GuestSpec] = Field(default_factory=dict)
+    guests: FrozenMap[GuestSpec] = Field(
+        default_factory=dict,
+        # A guest's key is its name: a DNS label (the loader's `find_bad_names`).
+        json_schema_extra={"propertyNames": {"pattern": _LABEL_SCHEMA}},
+    )
     traefik: LabelMap[TraefikInstance] = Field(default_factory=dict)
     velocity: VelocitySpec | None = None
     firewall: FirewallSpec = FirewallSpec()

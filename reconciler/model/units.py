@@ -16,6 +16,9 @@ import re
 import unicodedata
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT])?(?:I?B)?\s*$", re.IGNORECASE)
+# What `_SIZE` matches, as a JSON Schema pattern (ECMAScript has no flags, so the case is spelled
+# out): the spelling an editor checks a size against (reconciler/loading/schema.py).
+SIZE_PATTERN = r"^\s*\d+(\.\d+)?\s*[KMGTkmgt]?([Ii]?[Bb])?\s*$"
 _FACTOR_MIB = {"K": 1 / 1024, "M": 1, "G": 1024, "T": 1024 * 1024}
 
 _LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
