@@ -3,8 +3,13 @@ guests the specs describe. `reconciler.cli.main` registers them with `add_backup
 
     reconciler backup GUEST... [--storage S] [--dir SPECS] [connection flags]
     reconciler backups [GUEST...] [--storage S]... [--format table|json] [--dir SPECS] [...]
-    reconciler restore GUEST [--latest | --from VOLID | --at TIME] [--storage S] [--yes]
+    reconciler restore GUEST [SPECS] [--latest | --from VOLID | --at TIME] [--storage S] [--yes]
         [--dry-run] [--dir SPECS] [connection flags]
+
+The spec directory is `--dir SPECS` (`spec_dir_args`); `restore` also takes it after its GUEST.
+`backup` and `backups` take a list of guests, which a directory could not be told apart from,
+so only the flag. `--color` colors the specs' diagnostics, the listing's header and restore's
+plan.
 
 A GUEST is a spec guest's name. Each is acted on only while it exists and carries our mark
 (`ProxmoxProvider`'s ownership rules); a name outside the spec, a vmid held by a guest without
@@ -44,12 +49,14 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, TextIO, TypeAlias
 
+from reconciler.cli import render
 from reconciler.cli.live import (
     EXIT_ERROR,
     EXIT_OK,
     Guard,
     SpecCommand,
     add_connection_args,
+    color_arg,
     converge_live,
     endpoints_from,
     holding_lease,
@@ -57,6 +64,7 @@ from reconciler.cli.live import (
     repeatable,
     report_convergence,
     run_async,
+    spec_dir_args,
     warn_insecure,
 )
 from reconciler.model.errors import OwnershipError, ProviderError, ReconcilerError
@@ -384,11 +392,11 @@ def cmd_backups(
         }
         out.write(json.dumps(doc, indent=2) + "\n")
     else:
-        out.write(backups_table(rows, storages))
+        out.write(backups_table(rows, storages, color=render.use_color(args.color, out)))
     return EXIT_OK
 
 
-def backups_table(rows: list[dict[str, Any]], storages: list[str]) -> str:
+def backups_table(rows: list[dict[str, Any]], storages: list[str], *, color: bool = False) -> str:
     if not rows:
         return f"No backups on {', '.join(storages)}.\n"
     header = ("GUEST", "VMID", "VOLID", "AGE", "SIZE", "PROTECTED", "NOTES")
@@ -409,7 +417,7 @@ def backups_table(rows: list[dict[str, Any]], storages: list[str]) -> str:
     def line(row: tuple[str, ...]) -> str:
         return "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
 
-    return "\n".join(line(row) for row in (header, *cells)) + "\n"
+    return "\n".join([render.bold(line(header), color), *map(line, cells)]) + "\n"
 
 
 # --- restore -------------------------------------------------------------------------------------
@@ -638,7 +646,8 @@ def cmd_restore(
     if isinstance(result, int):
         return result
     why = f"{address}: restored, but not converged: its plan has errors (above)"
-    return report_convergence(result, out, err, errored=why)
+    color = render.use_color(args.color, out)
+    return report_convergence(result, out, err, color=color, errored=why)
 
 
 # --- helpers and parsers -------------------------------------------------------------------------
@@ -673,8 +682,9 @@ def parse_at(text: str) -> int:
     return int(moment.timestamp())
 
 
-def _dir_opt(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dir", default="specs", help="spec directory (default: specs)")
+def _dir_opt(p: argparse.ArgumentParser, *, positional: bool = False) -> None:
+    spec_dir_args(p, positional=positional)
+    color_arg(p)
 
 
 def add_backup_commands(sub: Subparsers) -> None:
@@ -733,6 +743,6 @@ def add_backup_commands(sub: Subparsers) -> None:
     )
     r.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     r.add_argument("--dry-run", action="store_true", help="show what it would do; do nothing")
-    _dir_opt(r)
+    _dir_opt(r, positional=True)
     add_connection_args(r)
     r.set_defaults(func=cmd_restore)

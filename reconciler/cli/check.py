@@ -16,7 +16,15 @@ import argparse
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TextIO
 
-from reconciler.cli.live import connection_override, on_specs, run_async, warn_insecure
+from reconciler.cli import render
+from reconciler.cli.live import (
+    color_arg,
+    connection_override,
+    on_specs,
+    run_async,
+    spec_dir_args,
+    warn_insecure,
+)
 from reconciler.model.resources import DesiredGraph
 
 if TYPE_CHECKING:
@@ -35,7 +43,8 @@ def add_check_parser(
         "check",
         help="check that the Proxmox token holds the privileges the spec needs; exit 0 when so",
     )
-    c.add_argument("dir", nargs="?", default="specs")
+    spec_dir_args(c)
+    color_arg(c)
     add_connection_args(c)
     c.set_defaults(func=cmd_check)
 
@@ -86,10 +95,14 @@ def cmd_check(
     if not lacking:
         out.write(
             f"{who} at {api.url} holds every privilege the spec needs "
-            f"({len(needs)} on {len(held)} paths)\n"
+            f"({len(needs)} on {render.plural(len(held), 'path')})\n"
         )
         return EXIT_OK
-    out.write(f"{who} at {api.url} lacks {len(lacking)} of the {len(needs)} privileges needed:\n")
+    color = render.use_color(args.color, out)
+    lacks = (
+        f"{who} at {api.url} lacks {len(lacking)} of the {render.plural(len(needs), 'privilege')}"
+    )
+    out.write(render.bold(f"{lacks} needed:", color) + "\n")
     for line in render_missing(lacking):
         out.write(line + "\n")
     out.write("Grant them (the README's role for the controller lists them), then check again.\n")

@@ -10,15 +10,22 @@ API), gated by the agents' health. `--no-edge` leaves it out. Its endpoints come
 flags point them elsewhere (a lab, the demo). A Redis feed needs the controller's Redis
 (`--redis-url`, or RECONCILER_REDIS_URL), which also caches the agents' health for the API.
 
-Every command's parser is built from this module (`add_connection_args`), so importing it costs
-only the standard library and the model's plain data: the live clients (anyio, Redis, the
-providers), loading and planning are imported in the functions that use them (issue 16).
+Every command's parser is built from this module (`add_connection_args`, `spec_dir_args`,
+`color_arg`), so importing it costs only the standard library and the model's plain data: the
+live clients (anyio, Redis, the providers), loading and planning are imported in the functions
+that use them (issue 16).
+
+`apply` shows the plan and asks (a terminal, or `--auto-approve`); not confirmed, it says
+"Apply cancelled." and exits 1. `--format json` prints the `reconciler/apply` document instead
+(`render.APPLY_JSON`). A `--target` that names no resource, desired or observed, is an error
+with the nearest addresses (`target_error`), before anything is changed.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import functools
 import json
 import os
@@ -68,6 +75,66 @@ def repeatable(
     """A flag that may be given again and again: a list, empty when it is not given (for the
     NAME=VALUE ones, `parse_pairs` reads it)."""
     p.add_argument(flag, action="append", default=[], metavar=metavar, help=help)
+
+
+SPEC_DIR = "specs"
+
+
+class _SpecDir(argparse.Action):
+    """The spec directory, as `DIR` or `--dir DIR` (or an alias), given once."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        given = getattr(namespace, "_spec_dir_given", None)
+        if given is not None:
+            parser.error(
+                f"the spec directory is given twice ({given} and {option_string or 'DIR'}): "
+                "give DIR or --dir DIR"
+            )
+        namespace._spec_dir_given = option_string or "DIR"
+        setattr(namespace, self.dest, values)
+
+
+def spec_dir_args(
+    p: argparse.ArgumentParser,
+    default: str | None = SPEC_DIR,
+    *,
+    positional: bool = True,
+    aliases: tuple[str, ...] = (),
+    help: str = "",
+) -> None:
+    """The spec directory, the same on every command that reads specs: `DIR`, after the
+    command's other positional arguments (`positional=False` when those are a list, GUEST...:
+    it could not be told from one), and `--dir DIR` (and `aliases`); `args.dir`."""
+    what = help or "the spec directory" + (f" (default: {default})" if default else "")
+    if positional:
+        p.add_argument(
+            "dir", nargs="?", default=argparse.SUPPRESS, metavar="DIR", action=_SpecDir, help=what
+        )
+    p.add_argument(
+        "--dir",
+        *aliases,
+        dest="dir",
+        default=default,
+        metavar="DIR",
+        action=_SpecDir,
+        help="the same, as a flag" if positional else what,
+    )
+
+
+def color_arg(p: argparse.ArgumentParser) -> None:
+    """--color, on every command that prints for people (plans, diagnostics, tables)."""
+    p.add_argument(
+        "--color",
+        choices=["auto", "always", "never"],
+        default="auto",
+        help="color the output: auto (a terminal, unless NO_COLOR is set), always or never",
+    )
 
 
 def max_concurrency(text: str) -> int:
@@ -201,13 +268,15 @@ def connection_override(args: argparse.Namespace) -> ProxmoxApi | None:
     )
 
 
-def load_checked(directory: str, err: TextIO) -> tuple[PlatformSpec, DesiredGraph] | None:
+def load_checked(
+    directory: str, err: TextIO, *, color: bool = False
+) -> tuple[PlatformSpec, DesiredGraph] | None:
     from reconciler.loading.graph import build_graph
     from reconciler.loading.loader import load_directory
 
     result = load_directory(directory)
     if not result.ok or result.spec is None:
-        err.write(render.render_diagnostics(result.diagnostics))
+        err.write(render.render_diagnostics(result.diagnostics, color=color))
         err.write(f"{directory}: the specs do not validate; nothing done\n")
         return None
     return result.spec, build_graph(result.spec, result.source)
@@ -227,7 +296,8 @@ def on_specs(command: SpecCommand) -> Command:
 
     @functools.wraps(command)
     def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-        loaded = load_checked(args.dir, err)
+        color = render.use_color(getattr(args, "color", "never"), err)
+        loaded = load_checked(args.dir, err, color=color)
         if loaded is None:
             return EXIT_ERROR
         try:
@@ -308,15 +378,70 @@ def observe_live(args: argparse.Namespace, spec: PlatformSpec, err: TextIO) -> O
 def cmd_observe(
     args: argparse.Namespace, spec: PlatformSpec, _: DesiredGraph, out: TextIO, err: TextIO
 ) -> int:
+    """The snapshot as JSON (`reconciler/observed-state`) on stdout, or in `--out FILE`;
+    `--format text` shows it for people (on stdout, with `--out` too)."""
     state = observe_live(args, spec, err)
     text = state.model_dump_json(indent=1) + "\n"
     if args.out:
         Path(args.out).write_text(text, encoding="utf-8")
         owned = sum(1 for r in state.resources if r.owned)
-        err.write(f"observed {len(state.resources)} resources ({owned} owned) -> {args.out}\n")
-    else:
+        seen = render.plural(len(state.resources), "resource")
+        err.write(f"observed {seen} ({owned} owned) -> {args.out}\n")
+    if args.format == "text":
+        out.write(render.render_observed(state, color=render.use_color(args.color, out)))
+    elif not args.out:
         out.write(text)
     return EXIT_OK
+
+
+def _hits(target: str, address: str) -> bool:
+    """Does `--target` `target` select `address`: the address itself, or a prefix such as
+    `guest/` (as `planning.planner` keeps targets)."""
+    return address == target or address.startswith(target.rstrip("/") + "/")
+
+
+def unknown_targets(targets: Iterable[str], addresses: Iterable[str]) -> list[str]:
+    """The targets that select none of `addresses`, in the order given."""
+    known = list(addresses)
+    return [t for t in dict.fromkeys(targets) if not any(_hits(t, a) for a in known)]
+
+
+def target_errors(
+    targets: Iterable[str], graph: DesiredGraph, observed: ObservedState | None
+) -> list[str]:
+    """Why `--target` is wrong, a line for each target that names no resource the specs
+    describe or the platform holds (ours; `observed`), with the nearest addresses; [] when all
+    are known."""
+    addresses = {*graph.resources}
+    if observed is not None:
+        addresses |= {r.address for r in observed.resources if r.address}
+    unknown = unknown_targets(targets, addresses)
+    kinds = {a.split("/", 1)[0] + "/" for a in addresses}
+    candidates = sorted(addresses | kinds)
+    lines = []
+    for target in unknown:
+        close = difflib.get_close_matches(target, candidates, n=2, cutoff=0.6)
+        hint = f"; did you mean {' or '.join(close)}?" if close else ""
+        lines.append(
+            f"--target {target}: no resource has this address, in the specs or on the "
+            f"platform{hint}"
+        )
+    return lines
+
+
+async def check_targets(
+    targets: Iterable[str], graph: DesiredGraph, conn: Connection, platform: str
+) -> list[str]:
+    """`target_errors`, observing only when a target is not in the specs (it may name a
+    resource of ours that left them, to delete it)."""
+    wanted = list(targets)
+    if not unknown_targets(wanted, graph.resources):
+        return []
+    return target_errors(wanted, graph, await conn.observe(platform))
+
+
+def write_errors(lines: Iterable[str], err: TextIO) -> None:
+    err.writelines(f"error: {line}\n" for line in lines)
 
 
 def progress_lines(err: TextIO) -> Progress:
@@ -349,39 +474,69 @@ def cmd_apply(
 ) -> int:
     from reconciler.applying.connecting import connect_platform
 
-    color = render.use_color(getattr(args, "color", "auto"), out)
+    as_json = args.format == "json"
+    # The plan goes where people read it: stdout, or stderr when stdout is the JSON document.
+    shown = err if as_json else out
+    color = render.use_color(args.color, shown)
     warn_insecure(args, err)
+    cancelled: list[Plan] = []
 
     def approve(plan: Plan) -> bool:
-        out.write(render.render_text(plan, color=color))
-        out.flush()
-        if args.auto_approve or args.dry_run:
+        asking = not (args.auto_approve or args.dry_run)
+        if not as_json or (asking and sys.stdin.isatty()):
+            shown.write(render.render_text(plan, color=color))
+            shown.flush()
+        if not asking or confirm("apply", "Apply these changes?", err):
             return True
-        return confirm("apply", "Apply these changes?", err)
+        cancelled.append(plan)
+        return False
 
     async def run() -> Convergence | int:
-        async with (
-            connect_platform(spec, endpoints_from(args)) as conn,
-            holding_lease(conn.redis, args, dry_run=args.dry_run) as guard,
-        ):
-            if args.plan:
-                return await _apply_saved(args, spec, graph, conn, out, err, guard)
-            return await converge_live(
-                graph,
-                spec,
-                conn,
-                err,
-                guard,
-                allow_destroy=args.allow_destroy,
-                targets=args.target,
-                final_backups=not args.no_final_backup,
-                dry_run=args.dry_run,
-                approve=approve,
-            )
+        async with connect_platform(spec, endpoints_from(args)) as conn:
+            if args.target and not args.plan:
+                wrong = await check_targets(args.target, graph, conn, spec.platform.name)
+                if wrong:
+                    write_errors(wrong, err)
+                    err.write("Nothing was changed.\n")
+                    return EXIT_ERROR
+            async with holding_lease(conn.redis, args, dry_run=args.dry_run) as guard:
+                if args.plan:
+                    return await _apply_saved(args, spec, graph, conn, err, guard)
+                return await converge_live(
+                    graph,
+                    spec,
+                    conn,
+                    err,
+                    guard,
+                    allow_destroy=args.allow_destroy,
+                    targets=args.target,
+                    final_backups=not args.no_final_backup,
+                    dry_run=args.dry_run,
+                    approve=approve,
+                )
 
     result = run_async(run)
     if isinstance(result, int):
         return result
+    last = result.rounds[-1]
+    if as_json:
+        doc = render.apply_document(
+            result.rounds,
+            platform=spec.platform.name,
+            dry_run=args.dry_run,
+            cancelled=bool(cancelled),
+        )
+        out.write(json.dumps(doc, indent=2) + "\n")
+        if cancelled:
+            err.write("Apply cancelled.\n")
+        elif last.plan.errored:
+            err.write(render.render_text(last.plan, color=color))
+        return EXIT_OK if doc["outcome"] in ("applied", "no-changes", "dry-run") else EXIT_ERROR
+    if cancelled:
+        err.write("Apply cancelled.\n")
+        return EXIT_ERROR
+    if all(r.report is None for r in result.rounds) and not last.plan.errored:
+        out.write(render.render_text(last.plan, color=color))  # no changes: say so
     return report_convergence(result, out, err, color=color)
 
 
@@ -457,14 +612,15 @@ async def _apply_saved(
     spec: PlatformSpec,
     graph: DesiredGraph,
     conn: Connection,
-    out: TextIO,
     err: TextIO,
     guard: Guard | None = None,
-) -> int:
+) -> Convergence | int:
     """`apply --plan FILE`. A saved plan is a request, never an authority (README "Plans"): it
     is applied only if a plan made now, from these specs, the platform as it is and the file's
     own options, makes the same changes; and what runs is that fresh plan, never the file's
-    changes, so every gate, cap, ownership check and policy holds whatever the file says."""
+    changes, so every gate, cap, ownership check and policy holds whatever the file says.
+    Applied, it is one round of a convergence, reported as `apply` reports one."""
+    from reconciler.applying.converging import Convergence, Round
     from reconciler.applying.executor import execute
     from reconciler.planning.provenance import first_difference
 
@@ -507,7 +663,7 @@ async def _apply_saved(
     report = await execute(
         fresh, conn.providers, dry_run=args.dry_run, progress=progress_lines(err), guard=guard
     )
-    return summarize_report(report, out)
+    return Convergence(rounds=[Round(fresh, report=report, observed=observed)])
 
 
 def _read_saved(path: str, err: TextIO) -> Plan | None:
@@ -592,9 +748,12 @@ def live_plan(
 
     warn_insecure(args, err)
 
-    async def run() -> Plan:
+    async def run() -> Plan | list[str]:
         async with connect_platform(spec, endpoints_from(args)) as conn:
             observed = await conn.observe(spec.platform.name)
+            wrong = target_errors(args.target, graph, observed)
+            if wrong:
+                return wrong
             return plan_observed(
                 graph,
                 spec,
@@ -606,7 +765,11 @@ def live_plan(
             )
 
     try:
-        return run_async(run)
+        made = run_async(run)
     except ReconcilerError as exc:
         err.write(f"error: {exc}\n")
         return None
+    if isinstance(made, list):
+        write_errors(made, err)
+        return None
+    return made

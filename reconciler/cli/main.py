@@ -1,5 +1,10 @@
 """`reconciler` command line: validate, plan, observe, apply, run (the service), import, adopt,
-check (the Proxmox token's privileges), backup, backups, restore, schema, graph and demo.
+check (the Proxmox token's privileges), backup, backups, restore, schema, graph, demo and
+completion (shell scripts made from this parser: `reconciler.cli.completion`).
+
+Every command reads its spec directory, `--color` and environment the same way (issue 17):
+`live.spec_dir_args`, `live.color_arg`, and `ENVIRONMENT`, which `CommandParser` shows at the
+end of each command's --help; tests/cli/test_consistency.py holds every command to them.
 
 Exit codes follow Terraform's: 0 success, 1 error; with `plan --detailed-exitcode`, 0 means no
 changes and 2 means changes. Nothing here decides anything: it wires loading, planning and
@@ -22,12 +27,22 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO, TypeAlias, cast
 
-from reconciler import __version__
 from reconciler.cli import render
 from reconciler.cli.backups import add_backup_commands
 from reconciler.cli.check import add_check_parser
+from reconciler.cli.completion import add_completion_parser
 from reconciler.cli.importing import add_import_commands
-from reconciler.cli.live import Command, add_connection_args, cmd_apply, cmd_observe, repeatable
+from reconciler.cli.live import (
+    Command,
+    add_connection_args,
+    cmd_apply,
+    cmd_observe,
+    color_arg,
+    repeatable,
+    spec_dir_args,
+    target_errors,
+    write_errors,
+)
 from reconciler.cli.service import add_run_parser
 from reconciler.model.diagnostics import Severity, has_errors
 from reconciler.model.plans import Plan
@@ -36,7 +51,6 @@ if TYPE_CHECKING:
     from reconciler.loading.loader import LoadResult
     from reconciler.model.observed import ObservedState
 
-DEFAULT_DIR = "specs"
 EXIT_OK, EXIT_ERROR, EXIT_CHANGES = 0, 1, 2
 
 
@@ -62,19 +76,24 @@ def cmd_validate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     color = render.use_color(args.color, out)
     _report_load(result, args.format, out, color)
     if args.format == "text":
+        plural = render.plural
         errors = sum(d.severity is Severity.ERROR for d in result.diagnostics)
         warnings = len(result.diagnostics) - errors
         files = len(result.files)  # found, not only parsed: a broken file still counts
         if result.ok and result.spec is not None:
             graph = build_graph(result.spec, result.source)
             out.write(
-                f"{args.dir}: valid ({files} files, {len(result.spec.guests)} guests, "
-                f"{len(graph.resources)} resources"
-                + (f", {warnings} warnings" if warnings else "")
+                f"{args.dir}: valid ({plural(files, 'file')}, "
+                f"{plural(len(result.spec.guests), 'guest')}, "
+                f"{plural(len(graph.resources), 'resource')}"
+                + (f", {plural(warnings, 'warning')}" if warnings else "")
                 + ")\n"
             )
         else:
-            out.write(f"{args.dir}: {errors} errors, {warnings} warnings in {files} files\n")
+            out.write(
+                f"{args.dir}: {plural(errors, 'error')}, {plural(warnings, 'warning')} "
+                f"in {plural(files, 'file')}\n"
+            )
     return EXIT_OK if result.ok else EXIT_ERROR
 
 
@@ -100,15 +119,16 @@ def build_plan(args: argparse.Namespace, err: TextIO) -> Plan | None:
     from reconciler.planning.planner import converged_state, make_plan
 
     result = load_directory(args.dir)
+    color = render.use_color(args.color, err)
     if not result.ok or result.spec is None:
-        err.write(render.render_diagnostics(result.diagnostics))
+        err.write(render.render_diagnostics(result.diagnostics, color=color))
         err.write(f"{args.dir}: the specs do not validate; no plan made\n")
         return None
     graph = build_graph(result.spec, result.source)
     if args.base:
         base = load_revision(args.dir, args.base)
         if has_errors(base.diagnostics) or (base.spec is None and base.diagnostics):
-            err.write(render.render_diagnostics(base.diagnostics))
+            err.write(render.render_diagnostics(base.diagnostics, color=color))
             err.write(f"the specs at {args.base} do not validate; planning against nothing\n")
         observed = (
             converged_state(build_graph(base.spec, base.source))
@@ -127,6 +147,10 @@ def build_plan(args: argparse.Namespace, err: TextIO) -> Plan | None:
 
         live = live_plan(args, result.spec, graph, err)
         return _with_spec_warnings(live, result) if live is not None else None
+    wrong = target_errors(args.target, graph, observed)
+    if wrong:
+        write_errors(wrong, err)
+        return None
     # A snapshot is what was live: check its firewall against the policies as a live plan does.
     checks = [live_isolation(result.spec)] if args.observed else []
     plan = make_plan(
@@ -172,18 +196,17 @@ def write_plan(plan: Plan, fmt: str, out: TextIO, color: bool) -> None:
 
 
 def schema_document() -> dict[str, object]:
-    """The JSON Schema of one spec file: every section optional, since a platform spans files."""
-    from reconciler.model.spec import PlatformSpec
+    """The JSON Schema of one spec file; made by `reconciler.loading.schema` (kept here for the
+    callers that import it from the CLI)."""
+    from reconciler.loading import schema
 
-    schema = PlatformSpec.model_json_schema()
-    schema.pop("required", None)
-    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
-    schema["title"] = "reconciler platform spec (one file of a spec directory)"
-    return schema
+    return schema.schema_document()
 
 
 def cmd_schema(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    text = json.dumps(schema_document(), indent=2) + "\n"
+    from reconciler.loading.schema import schema_text
+
+    text = schema_text()
     if args.out:
         Path(args.out).write_text(text, encoding="utf-8")
     else:
@@ -197,25 +220,43 @@ def cmd_graph(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
     result = load_directory(args.dir)
     if not result.ok or result.spec is None:
-        err.write(render.render_diagnostics(result.diagnostics))
+        err.write(
+            render.render_diagnostics(result.diagnostics, color=render.use_color(args.color, err))
+        )
         return EXIT_ERROR
     graph = build_graph(result.spec, result.source)
+    bold = render.use_color(args.color, out)
     current = -1
     for res in graph.ordered():
         wave = graph.waves[res.address]
         if wave != current:
-            out.write(f"wave {wave}:\n")
+            out.write(render.bold(f"wave {wave}:", bold) + "\n")
             current = wave
         deps = f"  <- {', '.join(res.depends_on)}" if res.depends_on else ""
         out.write(f"  {res.address}{deps}\n")
     return EXIT_OK
 
 
+class VersionAction(argparse.Action):
+    """`--version`: the installed version, read only when asked (reconciler.__version__)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(
+            option_strings, argparse.SUPPRESS, nargs=0, help="print the version and exit"
+        )
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
+        from reconciler import __version__
+
+        sys.stdout.write(f"reconciler {__version__}\n")
+        parser.exit()
+
+
 def parser() -> argparse.ArgumentParser:
     """The command line: one function a group of commands, each naming the function that runs
     it (`func`, a `Command`)."""
-    p = argparse.ArgumentParser(prog="reconciler", description=__doc__.split("\n")[0])
-    p.add_argument("--version", action="version", version=f"reconciler {__version__}")
+    p = argparse.ArgumentParser(prog="reconciler", description=DESCRIPTION, epilog=EPILOG)
+    p.add_argument("--version", action=VersionAction)
     # Every command's parser is a CommandParser; the groups need only an ArgumentParser's API.
     sub = cast(
         Subparsers, p.add_subparsers(dest="command", required=True, parser_class=CommandParser)
@@ -225,13 +266,83 @@ def parser() -> argparse.ArgumentParser:
     _add_live_commands(sub)
     add_run_parser(sub)
     add_import_commands(sub, add_connection_args)
+    sub.add_parser(
+        "init",
+        help="start a platform: write a minimal spec from the cluster (or --nodes)",
+        deferred_args="reconciler.cli.init:add_init_args",
+    ).set_defaults(func=deferred("reconciler.cli.init:cmd_init"))
     add_check_parser(sub, add_connection_args)
     add_backup_commands(sub)
+    add_completion_parser(sub)
     _add_demo_parser(sub)
+    sub.add_parser(
+        "lab",
+        help="a fake Proxmox VE of your own to try the CLI on, until Ctrl-C",
+        deferred_args="reconciler.cli.lab:add_lab_args",
+    ).set_defaults(func=deferred("reconciler.cli.lab:cmd_lab"))
     return p
 
 
+DESCRIPTION = (
+    "Keep a Proxmox VE platform as its YAML specs declare it: check the specs, plan and apply "
+    "the changes by hand, or run as a service that keeps it converged."
+)
+EPILOG = (
+    "Each command takes the spec directory as DIR or --dir DIR (default: specs) and has its "
+    "own --help. Exit codes: 0 success, 1 error (plan --detailed-exitcode: 2 for changes)."
+)
 Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+# Every RECONCILER_* variable a command reads, as (command, or "" for any, flag, variable):
+# each command's --help lists those of its flags. tests/cli/test_consistency.py checks that
+# every variable the CLI reads is here.
+ENVIRONMENT: tuple[tuple[str, str, str], ...] = (
+    ("", "--redis-url", "RECONCILER_REDIS_URL"),
+    ("", "--lease-name", "RECONCILER_LEASE_NAME"),
+    ("run", "dir", "RECONCILER_DIR"),
+    *(
+        ("run", "--" + name.lower().replace("_", "-"), "RECONCILER_" + name)
+        for name in (
+            "GIT_URL",
+            "GIT_BRANCH",
+            "GIT_SUBDIR",
+            "INTERVAL",
+            "INVENTORY_INTERVAL",
+            "EDGE_INTERVAL",
+            "SOURCE_INTERVAL",
+            "WATCH_INTERVAL",
+            "STATE_DIR",
+            "LISTEN",
+            "STATUS_TOKEN_ENV",
+            "STATUS_TOKEN_FILE",
+            "LEASE_TTL",
+            "HOLDER",
+            "LOG_FORMAT",
+            "LOG_LEVEL",
+        )
+    ),
+    ("", "--color", "NO_COLOR"),
+)
+
+
+def environment_help(command: str, p: argparse.ArgumentParser) -> str:
+    """The environment section of a command's --help: each variable it reads, and the flag
+    (or argument) it stands in for; "" when it reads none."""
+    names = {s for a in p._actions for s in (*a.option_strings, a.dest)}
+    rows = [(var, flag) for cmd, flag, var in ENVIRONMENT if cmd in ("", command) and flag in names]
+    if not rows:
+        return ""
+    width = max(len(var) for var, _ in rows)
+    lines = [
+        f"  {var.ljust(width)}  "
+        + (
+            "when set, --color auto means never"
+            if var == "NO_COLOR"
+            else f"default of {flag if flag.startswith('-') else flag.upper()}"
+        )
+        for var, flag in rows
+    ]
+    return "environment:\n" + "\n".join(lines) + "\n"
 
 
 def _resolve(target: str) -> Any:
@@ -260,16 +371,21 @@ class CommandParser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
         self._deferred_args = deferred_args
 
-    def parse_known_args(self, *args: Any, **kwargs: Any) -> Any:
+    def add_deferred_args(self) -> None:
+        """Add the command's deferred flags now (parsing does; so does `completion`)."""
         if self._deferred_args is not None:
             add_args: Callable[[argparse.ArgumentParser], None] = _resolve(self._deferred_args)
             self._deferred_args = None
             add_args(self)
+
+    def parse_known_args(self, *args: Any, **kwargs: Any) -> Any:
+        self.add_deferred_args()
         return super().parse_known_args(*args, **kwargs)
 
-
-def _color_opt(sp: argparse.ArgumentParser) -> None:
-    sp.add_argument("--color", choices=["auto", "always", "never"], default="auto")
+    def format_help(self) -> str:
+        """argparse's help, then the environment variables the command reads."""
+        env = environment_help(self.prog.rsplit(" ", 1)[-1], self)
+        return super().format_help() + ("\n" + env if env else "")
 
 
 def _scope_opts(sp: argparse.ArgumentParser) -> None:
@@ -291,21 +407,22 @@ def _scope_opts(sp: argparse.ArgumentParser) -> None:
 def _add_spec_commands(sub: Subparsers) -> None:
     """The commands that read only the specs: validate, schema, graph."""
     v = sub.add_parser("validate", help="check the specs; exit 0 when clean, 1 otherwise")
-    v.add_argument("dir", nargs="?", default=DEFAULT_DIR)
+    spec_dir_args(v)
     v.add_argument("--format", choices=["text", "json", "github"], default="text")
-    _color_opt(v)
+    color_arg(v)
     v.set_defaults(func=cmd_validate)
     s = sub.add_parser("schema", help="print the JSON Schema of a spec file")
     s.add_argument("--out", metavar="FILE")
     s.set_defaults(func=cmd_schema)
     g = sub.add_parser("graph", help="print the desired resources by dependency wave")
-    g.add_argument("dir", nargs="?", default=DEFAULT_DIR)
+    spec_dir_args(g)
+    color_arg(g)
     g.set_defaults(func=cmd_graph)
 
 
 def _add_plan_parser(sub: Subparsers) -> None:
     pl = sub.add_parser("plan", help="show what would change")
-    pl.add_argument("dir", nargs="?", default=DEFAULT_DIR)
+    spec_dir_args(pl)
     src = pl.add_mutually_exclusive_group()
     src.add_argument("--observed", metavar="FILE", help="plan against an observed-state snapshot")
     src.add_argument("--base", metavar="GITREF", help="plan against the specs at a git revision")
@@ -317,7 +434,7 @@ def _add_plan_parser(sub: Subparsers) -> None:
     )
     pl.add_argument("--out", metavar="FILE", help="also save the plan as JSON")
     _scope_opts(pl)
-    _color_opt(pl)
+    color_arg(pl)
     add_connection_args(pl)
     pl.set_defaults(func=cmd_plan)
 
@@ -325,12 +442,25 @@ def _add_plan_parser(sub: Subparsers) -> None:
 def _add_live_commands(sub: Subparsers) -> None:
     """The commands on the live platform: observe, apply."""
     ob = sub.add_parser("observe", help="observe the live platform; write a snapshot")
-    ob.add_argument("dir", nargs="?", default=DEFAULT_DIR)
+    spec_dir_args(ob)
     ob.add_argument("--out", metavar="FILE", help="write the snapshot here (default: stdout)")
+    ob.add_argument(
+        "--format",
+        choices=["json", "text"],
+        default="json",
+        help="json: the snapshot (reconciler/observed-state, what plan --observed reads); "
+        "text: a summary for people (on stdout, with --out too)",
+    )
+    color_arg(ob)
     add_connection_args(ob)
     ob.set_defaults(func=cmd_observe)
-    ap = sub.add_parser("apply", help="plan, confirm, and apply to the live platform")
-    ap.add_argument("dir", nargs="?", default=DEFAULT_DIR)
+    ap = sub.add_parser(
+        "apply",
+        help="plan, confirm, and apply to the live platform",
+        epilog=render.APPLY_JSON,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    spec_dir_args(ap)
     ap.add_argument("--auto-approve", action="store_true", help="do not ask for confirmation")
     ap.add_argument(
         "--plan",
@@ -341,7 +471,13 @@ def _add_live_commands(sub: Subparsers) -> None:
     ap.add_argument(
         "--dry-run", action="store_true", help="walk the apply without changing anything"
     )
-    _color_opt(ap)
+    ap.add_argument(
+        "--format",
+        choices=["text", "json"],
+        default="text",
+        help="json: the reconciler/apply document on stdout (below); the plan goes to stderr",
+    )
+    color_arg(ap)
     add_connection_args(ap)
     ap.set_defaults(func=cmd_apply)
 
@@ -352,8 +488,8 @@ def _add_demo_parser(sub: Subparsers) -> None:
         help="the demo: a fake Proxmox VE, simulators and Traefik, converged, broken and healed",
         deferred_args="reconciler.demo.script:add_demo_args",
     )
-    d.add_argument("dir", nargs="?", default=DEFAULT_DIR)
-    _color_opt(d)
+    spec_dir_args(d)
+    color_arg(d)
     d.set_defaults(func=deferred("reconciler.demo.script:cmd_demo_live"))
 
 

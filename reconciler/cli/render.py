@@ -4,7 +4,9 @@ colored), JSON (the versioned plan format) and Markdown (for a pull-request comm
 Renderers are pure functions of their inputs, so golden tests pin them byte for byte. They
 decide on data (a change's `action`, `cause`, `fields`), never on the wording of a `reason` or
 a message: those are shown, as they are. `render_change` is one change as the text plan shows
-it, for callers that show changes one at a time (the demo).
+it, for callers that show changes one at a time (the demo). `render_observed` is `observe
+--format text`; `apply_document` is `apply --format json` (`reconciler/apply`, documented at
+`APPLY_JSON` and in the README). A count is shown with its noun in the right number (`plural`).
 """
 
 from __future__ import annotations
@@ -12,8 +14,8 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterable
-from typing import Any, TextIO
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any, TextIO
 
 from reconciler.model.diagnostics import Diagnostic, Position, Severity
 from reconciler.model.plans import (
@@ -25,6 +27,10 @@ from reconciler.model.plans import (
     Change,
     Plan,
 )
+
+if TYPE_CHECKING:
+    from reconciler.applying.converging import Round
+    from reconciler.model.observed import ObservedState
 
 _COLORS = {
     Action.CREATE: "\033[32m",
@@ -161,11 +167,18 @@ def _change_lines(change: Change) -> list[str]:
     return lines
 
 
+def plural(count: int, noun: str, nouns: str = "") -> str:
+    """`1 error`, `0 errors`, `2 errors`: a count with its noun (`nouns`: an irregular
+    plural)."""
+    return f"{count} {noun if count == 1 else (nouns or noun + 's')}"
+
+
 def summary_line(plan: Plan) -> str:
     s = plan.summary()
     blocked = f"; {s['blocked']} blocked (never applied without pruning)" if s["blocked"] else ""
     if not plan.has_changes:
-        return f"No changes. {s['no-op']} resources match the spec{blocked}."
+        match = "matches" if s["no-op"] == 1 else "match"
+        return f"No changes. {plural(s['no-op'], 'resource')} {match} the spec{blocked}."
     migrate = f"{s['migrate']} to migrate, " if s["migrate"] else ""
     return (
         f"Plan: {s['create']} to create, {s['update']} to update, {migrate}"
@@ -185,6 +198,11 @@ def render_change(change: Change, *, color: bool = False) -> list[str]:
 
 def _paint(color: bool, code: str, text: str) -> str:
     return f"{code}{text}{_RESET}" if color and code else text
+
+
+def bold(text: str, color: bool) -> str:
+    """A heading, bold when colored."""
+    return _paint(color, _BOLD, text)
 
 
 BANNER_TITLE = "THIS PLAN DESTROYS DATA OR HOLDS BACK A DESTROY: read these first"
@@ -358,3 +376,123 @@ def render_github(diags: Iterable[Diagnostic]) -> str:
         msg = (d.message + also).replace("%", "%25").replace("\n", "%0A")
         lines.append(f"::{d.severity.value} {','.join(props)},title={d.code}::{msg}")
     return "\n".join(lines) + ("\n" if lines else "")
+
+
+# --- observed state and applies -------------------------------------------------------------
+
+
+def render_observed(state: ObservedState, *, color: bool = False) -> str:
+    """`observe --format text`: what was seen, for people. Ours by address, with where a guest
+    is and its agent's health; then what is not ours; then the observers that failed. The JSON
+    snapshot (the default) is what `plan --observed` reads."""
+    when = f" at {state.observed_at}" if state.observed_at else ""
+    platform = state.platform or "(any)"
+    out = [
+        _paint(color, _BOLD, f"Observed platform {platform}{when}"),
+        f"Source: {state.source or 'snapshot'} ({state.digest()[:19]})",
+        "",
+    ]
+    owned = sorted((r for r in state.resources if r.owned), key=lambda r: r.address or "")
+    for r in owned:
+        where = ", ".join(f"{k} {r.id[k]}" for k in ("vmid", "node") if k in r.id)
+        line = f"  {r.address}" + (f"  ({where})" if where else "")
+        health = state.health.get(r.address or "")
+        if health is not None:
+            state_text = "ready" if health.serving else f"not ready: {health.error or 'unknown'}"
+            line += f"  {state_text}"
+        out.append(line)
+    foreign = state.foreign()
+    if foreign:
+        out += ["", _paint(color, _BOLD, "Not owned by the controller (never touched):")]
+        out += [f"  ? {r.label}" for r in foreign]
+    if state.errors:
+        out += ["", _paint(color, _BOLD + _RED, "Not observed (its observer failed):")]
+        out += [f"  {kind}: {message}" for kind, message in sorted(state.errors.items())]
+    out += [
+        "",
+        _paint(
+            color,
+            _BOLD,
+            f"{plural(len(state.resources), 'resource')}: {len(owned)} owned, "
+            f"{len(foreign)} not owned.",
+        ),
+    ]
+    return "\n".join(out) + "\n"
+
+
+APPLY_FORMAT = "reconciler/apply"
+APPLY_FORMAT_VERSION = 1
+APPLY_OUTCOMES = ("applied", "no-changes", "dry-run", "failed", "errored", "cancelled")
+APPLY_JSON = """\
+apply --format json prints one document on stdout (the plan and the progress for people go to
+stderr), stable across releases of the same format_version:
+
+  {"format": "reconciler/apply", "format_version": 1, "platform": NAME, "dry_run": BOOL,
+   "outcome": "applied" | "no-changes" | "dry-run" | "failed" | "errored" | "cancelled",
+   "summary": {"done": N, "failed": N, "skipped": N, "dry-run": N} (every round's results),
+   "rounds": [
+     {"plan": the plan JSON (reconciler/plan) this round made and applied,
+      "again": null, or why it observed and planned again after it: "conflict" |
+               "migrated" | "restored",
+      "results": [{"address": ADDR, "kind": KIND, "action": ACTION,
+                   "outcome": "done" | "failed" | "skipped" | "dry-run",
+                   "error": null | MESSAGE, "seconds": N}, ...]},
+     ...]}
+
+Exit 0 for applied, no-changes and dry-run; 1 otherwise. Stopped before any plan (specs that do
+not validate, an unknown --target, a saved plan refused, no connection): no document, the error
+on stderr, exit 1."""
+
+
+def apply_document(
+    rounds: Sequence[Round], *, platform: str, dry_run: bool, cancelled: bool = False
+) -> dict[str, Any]:
+    """`apply --format json`: what was planned and applied, round by round, and how it ended
+    (see `APPLY_JSON`). A round without results was not applied: its plan had no changes or
+    errors, or it was not confirmed (`cancelled`)."""
+    results = [r for round_ in rounds for r in (round_.report.results if round_.report else ())]
+    summary = {o: sum(1 for r in results if r.outcome.value == o) for o in _RESULT_OUTCOMES}
+    # How it ended is the last round's (a conflict that a later round resolved is no failure),
+    # as `apply`'s text and exit code say.
+    last = rounds[-1] if rounds else None
+    if cancelled:
+        outcome = "cancelled"
+    elif last is not None and last.plan.errored:
+        outcome = "errored"
+    elif last is not None and last.report is not None and not last.report.ok:
+        outcome = "failed"
+    elif dry_run and results:
+        outcome = "dry-run"
+    elif summary["done"]:
+        outcome = "applied"
+    else:
+        outcome = "no-changes"
+    return {
+        "format": APPLY_FORMAT,
+        "format_version": APPLY_FORMAT_VERSION,
+        "platform": platform,
+        "dry_run": dry_run,
+        "outcome": outcome,
+        "summary": summary,
+        "rounds": [
+            {
+                "plan": round_.plan.to_json(),
+                "again": round_.again or None,
+                "results": [
+                    {
+                        "address": r.change.address,
+                        "kind": r.change.kind.value,
+                        "action": r.change.action.value,
+                        "outcome": r.outcome.value,
+                        "error": r.error or None,
+                        "seconds": round(r.seconds, 3),
+                    }
+                    for r in (round_.report.results if round_.report else ())
+                ],
+            }
+            for round_ in rounds
+        ],
+    }
+
+
+_RESULT_OUTCOMES = ("done", "failed", "skipped", "dry-run")

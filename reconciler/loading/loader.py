@@ -222,6 +222,10 @@ def load_texts(
     diags.extend(find_literal_secrets(source))
     files = sorted(texts)
     if any(_stops_loading(d) for d in diags):
+        # Past a limit nothing more is checked (see `sources`). A file that could not be read
+        # or parsed does not hide the others' mistakes: they are checked alone (`check_alone`).
+        if not any(d.code == "yaml-limit" for d in diags):
+            diags.extend(check_alone(source))
         return LoadResult(None, redact(sorted_unique(diags), source), source, files)
     diags.extend(find_bad_names(source))
     origins = resolve_profiles(source, diags)
@@ -232,6 +236,29 @@ def load_texts(
         diags.extend(d for d in found if not _about_dropped(d, dropped))
     diags = redact(sorted_unique(diags), source)
     return LoadResult(spec if not has_errors(diags) else None, diags, source, files)
+
+
+def check_alone(source: Source) -> list[Diagnostic]:
+    """What the files that parsed get wrong on their own, while another file could not be read
+    or parsed: bad guest names, unknown fields, values of the wrong type or out of range.
+
+    What the broken file may define is unknown, so nothing that could be a cascade of its
+    absence is said: no missing field, no undefined reference, no check of a whole entry (a
+    profile or a file not seen may complete it), no structural check or policy. Those run once
+    every file parses. (Literal secrets and duplicates are found before, as for any load.)"""
+    found = list(find_bad_names(source))
+    profiles = source.data.get("profiles")
+    for pname, body in (profiles if isinstance(profiles, dict) else {}).items():
+        if isinstance(body, dict):
+            try:
+                ProfileSpec.model_validate(body)
+            except ValidationError as exc:
+                found.extend(_map_errors(exc, source, {}, ("profiles", pname), alone=True))
+    try:
+        PlatformSpec.model_validate(source.data)
+    except ValidationError as exc:
+        found.extend(_map_errors(exc, source, {}, (), alone=True))
+    return found
 
 
 def _about_dropped(d: Diagnostic, dropped: set[str]) -> bool:
@@ -757,11 +784,25 @@ def validate(
 
 
 def _map_errors(
-    exc: ValidationError, source: Source, origins: dict[PathT, PathT], prefix: PathT
+    exc: ValidationError,
+    source: Source,
+    origins: dict[PathT, PathT],
+    prefix: PathT,
+    *,
+    alone: bool = False,
 ) -> Iterator[Diagnostic]:
+    """pydantic's errors as diagnostics at the file:line they are about. `alone` (for
+    `check_alone`): only those a file can be wrong about by itself; a missing field, or a
+    check of a whole entry (its validator was given the mapping), may be what another file
+    would have given."""
     for err in exc.errors(include_url=False):
         loc = (*prefix, *err["loc"])
         kind = err["type"]
+        if alone and (
+            kind == "missing"
+            or (kind in ("value_error", "assertion_error") and isinstance(err.get("input"), dict))
+        ):
+            continue
         path = _raw_path(source.data, loc, keep_last=kind in ("extra_forbidden", "missing"))
         # An error inside an inherited value belongs to the profile that set it.
         for n in range(len(path), 0, -1):

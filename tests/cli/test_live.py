@@ -72,6 +72,7 @@ def test_saved_plan_applies_only_if_nothing_changed(
 def test_apply_refuses_without_confirmation(
     pve_api: ProxmoxApi, pve: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["apply", str(SPECS), *flags(pve_api)]) == 0
-    assert "needs confirmation" in capsys.readouterr().err
+    assert main(["apply", str(SPECS), *flags(pve_api)]) == 1  # not confirmed: not a success
+    err = capsys.readouterr().err
+    assert "needs confirmation" in err and err.endswith("Apply cancelled.\n")
     assert mutating_calls(pve) == []

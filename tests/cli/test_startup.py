@@ -80,7 +80,15 @@ def offending(names: set[str], forbidden: set[str]) -> list[str]:
 
 @pytest.mark.parametrize(
     "argv",
-    [["--version"], ["--help"], ["plan", "--help"], ["run", "--help"], ["restore", "--help"]],
+    [
+        ["--version"],
+        ["--help"],
+        ["plan", "--help"],
+        ["apply", "--help"],
+        ["run", "--help"],
+        ["restore", "--help"],
+        ["completion", "--help"],
+    ],
     ids=" ".join,
 )
 def test_the_parser_loads_no_command(argv: list[str]) -> None:

@@ -170,4 +170,4 @@ def test_validate_counts_a_file_that_does_not_parse(
     (specs / "broken.yaml").write_text("guests: [\n")
     assert main(["validate", str(specs), "--color", "never"]) == 1
     summary = capsys.readouterr().out.splitlines()[-1]
-    assert summary == f"{specs}: 1 errors, 0 warnings in {count + 1} files"
+    assert summary == f"{specs}: 1 error, 0 warnings in {count + 1} files"
