@@ -24,7 +24,7 @@ import secrets
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -231,17 +231,44 @@ class _Starting:
         self.events.write("started", part=event, **data)
 
 
+def start_fakepve(
+    nodes: Sequence[str],
+    *,
+    templates: Sequence[str] = (TEMPLATE,),
+    time_scale: float = 0.0,
+    port: int = 0,
+    password: str = "secret",
+    backup_storages: Sequence[str] = ("backup",),
+) -> FakePveProcess:
+    """fakepve (PlatformPve, own TLS certificate, on 127.0.0.1) with `nodes`, the backup
+    storages and each container template in `local` storage; stopped again when seeding fails.
+    Once one template is in storage, fakepve checks that a create names one that exists. Used
+    by the demo's lab and by `reconciler lab` (reconciler/cli/lab.py)."""
+    fake = FakePveProcess(
+        nodes=tuple(nodes),
+        time_scale=time_scale,
+        port=port,
+        password=password,
+        backup_storages=tuple(backup_storages),
+    )
+    fake.start()
+    try:
+        for template in templates:
+            fake.seed_template(template)
+    except BaseException:
+        fake.stop()
+        raise
+    return fake
+
+
 def _start_fakepve(run: _Starting, spec: PlatformSpec, time_scale: float) -> FakePveProcess:
     """fakepve with the spec's nodes and the demo's template, its password in the variable
     the lab's `Endpoints` name."""
     nodes = tuple(sorted(h.node or name for name, h in spec.hosts.items()))
-    fake = FakePveProcess(nodes=nodes, time_scale=time_scale)
-    fake.start()
+    fake = start_fakepve(nodes, time_scale=time_scale)
     run.stack.callback(_stop_fakepve, fake, run.logs / "fakepve.log")
     if fake._proc is not None:
         run.pids["fakepve"] = fake._proc.pid
-    # Once one template is in storage, fakepve checks that a create names one that exists.
-    fake.seed_template(TEMPLATE)
     _set_env(run.stack, PVE_PASSWORD_ENV, fake.password)
     speed = "tasks finish at once (time scale 0)" if not time_scale else f"time x{time_scale}"
     run.started(

@@ -32,6 +32,7 @@ class FakePveProcess:
     # Directory storages for backups, shared by every node, added once it runs (`pvesm add dir
     # NAME --content backup --shared 1`): the example platform's `backup`.
     backup_storages: tuple[str, ...] = ("backup",)
+    port: int = 0  # 0: a free one (the URL says which)
     url: str = ""
     cafile: str = ""
     _proc: subprocess.Popen[str] | None = None
@@ -63,7 +64,7 @@ class FakePveProcess:
                 "--host",
                 "127.0.0.1",
                 "--port",
-                "0",
+                str(self.port),
                 "--time-scale",
                 str(self.time_scale),
                 "--latency",

@@ -170,9 +170,12 @@ def test_compose_command_parses() -> None:
 def test_workflow_commands_parse(path: Path) -> None:
     commands = [argv for script in workflow_scripts(path) for argv in shell_commands(script)]
     names = [argv[0] for argv in commands if argv]
-    # Not vacuous: the pipeline validates and plans.
+    # Not vacuous: the pipeline says what it installed, validates and plans.
+    assert ["--version"] in commands, f"{path.name}: found {commands}"
     assert "validate" in names and "plan" in names, f"{path.name}: found {commands}"
     for argv in commands:
+        if argv == ["--version"]:
+            continue
         args = parse_cli(argv, path.name)
         if args.command == "plan":
             assert args.observed == "observed.json"
@@ -192,9 +195,16 @@ def test_pre_commit_entry_parses() -> None:
     assert not pattern.search("deploy/docker/compose.yaml")
 
 
-def test_pre_commit_example_uses_the_hook() -> None:
+def test_pre_commit_example_runs_the_hook_as_declared() -> None:
+    """The example's local hook (the reconciler on PATH) is the declared hook, run by the
+    system's reconciler instead of one pre-commit installs."""
     (repo,) = load(PRECOMMIT_EXAMPLE)["repos"]
-    assert [h["id"] for h in repo["hooks"]] == [load(HOOKS)[0]["id"]]
+    assert repo["repo"] == "local"
+    (hook,) = repo["hooks"]
+    (declared,) = load(HOOKS)
+    assert hook["language"] == "system"
+    same = ("id", "entry", "files", "pass_filenames", "require_serial")
+    assert {k: hook[k] for k in same} == {k: declared[k] for k in same}
 
 
 def test_shell_commands_finds_what_it_should() -> None:
