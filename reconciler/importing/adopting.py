@@ -17,7 +17,8 @@ What adopting writes, and nothing else:
   recreated nor renamed. Jobs have no digest: the job is read again just before, and written
   only if it is still as it was checked.
 
-Refused, with nothing written for any address, when one address is not in the specs, is not a
+Refused, with nothing written for any address, when one address is not in the specs (the
+refusal names the directory read: adopting from the wrong one is the usual cause), is not a
 guest, a named firewall object or a backup job, names a vmid that is free or held by a
 template, names a guest whose name, kind or node differs from the spec's (planning would
 replace or rename it), which is locked, or which carries another platform's mark (or ours for
@@ -35,6 +36,7 @@ from typing import Any
 from reconciler.model.errors import ConflictError, ProviderError
 from reconciler.model.resources import DesiredGraph, Kind, job_id
 from reconciler.planning import backups, diffing, normalize
+from reconciler.planning.provenance import spec_directory
 from reconciler.providers.firewall import (
     clean_rule,
     ipset_entry_of,
@@ -92,15 +94,18 @@ async def adopt(
     addresses: Iterable[str],
     *,
     dry_run: bool = False,
+    spec_dir: str | None = None,
 ) -> AdoptionReport:
     """Check every address, then (unless one is refused, or `dry_run`) write each one's
-    marks. Only the named addresses are touched."""
+    marks. Only the named addresses are touched. `spec_dir`: the directory the graph was read
+    from, as the refusals name it (default: found from the graph's positions)."""
     report = AdoptionReport()
+    where = spec_dir or spec_directory(graph)
     wanted = list(dict.fromkeys(a.strip().rstrip("/") for a in addresses))
     inventory = {int(i["vmid"]): i for i in (await provider.inventory()).guests}
     for address in wanted:
         try:
-            report.adoptions.append(await _check(graph, provider, inventory, address))
+            report.adoptions.append(await _check(graph, provider, inventory, address, where))
         except _Refused as exc:
             report.refused[address] = str(exc)
         except ProviderError as exc:
@@ -128,10 +133,11 @@ async def _check(
     provider: ProxmoxProvider,
     inventory: Mapping[int, Mapping[str, Any]],
     address: str,
+    spec_dir: str | None = None,
 ) -> Adoption:
     res = graph.resources.get(address)
     if res is None:
-        raise _Refused("not in the specs")
+        raise _Refused(_not_in_specs(graph, address, spec_dir))
     if res.kind is Kind.GUEST:
         return await _check_guest(graph, provider, inventory, address)
     if res.kind in _NAMED:
@@ -144,6 +150,19 @@ async def _check(
     if res.kind is Kind.FIREWALL_GUEST:
         raise _Refused(f"a guest's firewall follows its guest: adopt guest/{res.name}")
     raise _Refused(f"a {res.kind.value} is not adopted: apply writes it")
+
+
+def _not_in_specs(graph: DesiredGraph, address: str, spec_dir: str | None) -> str:
+    """Why an address cannot be adopted from these specs, naming the directory read (`adopt`
+    reads `--dir`, `specs` by default; the guests `import` wrote are in its `--out`)."""
+    where = f" in {spec_dir}" if spec_dir else ""
+    kind = address.split("/", 1)[0]
+    same = sum(1 for r in graph.resources.values() if r.address.split("/", 1)[0] == kind)
+    return (
+        f"not in the specs{where} ({same} {kind} entries there); adopt reads the directory "
+        "--dir names: pass the one that defines it (the `import --out` directory, or the "
+        "specs it was merged into)"
+    )
 
 
 async def _check_guest(

@@ -79,10 +79,13 @@ from reconciler.model.resources import Kind
 from reconciler.model.spec import FirewallRule, GuestSpec, PlatformSpec
 from reconciler.model.units import check_comment, format_mib, parse_kv, parse_mib
 from reconciler.planning import diffing, normalize
+from reconciler.planning.provenance import IMPORT_TEMPLATE, adopt_command
 from reconciler.providers.firewall import OPTION_DEFAULTS, read_comment_mark
 from reconciler.providers.proxmox import guest_attributes
 
-PLACEHOLDER_TEMPLATE = "unknown:vztmpl/{ostype}-imported.tar.zst"
+# The planner knows it too: an owned guest missing from a spec whose mark names it was adopted
+# from an import (planning.provenance.adopted_from_import).
+PLACEHOLDER_TEMPLATE = IMPORT_TEMPLATE
 TEMPLATE_NOTE = "unknown: only used to re-create a guest"
 DESCRIPTION_NOTE = "lines that read as the controller's mark left out: see the import's notes"
 UNASSIGNED_LAYER = "unassigned"
@@ -543,9 +546,12 @@ def _write_settings(
 # --- the whole estate -----------------------------------------------------------------------
 
 
-def render_specs(estate: Estate, base: Base, edge: EdgeEstate | None = None) -> ImportResult:
+def render_specs(
+    estate: Estate, base: Base, edge: EdgeEstate | None = None, directory: str | None = None
+) -> ImportResult:
     """The spec files for `estate` in `base`'s frame (and `edge.yaml` for what `edge` holds),
-    loaded back and compared with what was read (`ImportResult.drift`)."""
+    loaded back and compared with what was read (`ImportResult.drift`). `directory`: where
+    they are going, as the headers' `adopt` command names it."""
     notes: list[str] = [f"skipped {s}" for s in estate.skipped]
     frame = _Frame.of(base)
     guests = _place_guests(estate, base, frame, notes)
@@ -557,7 +563,8 @@ def render_specs(estate: Estate, base: Base, edge: EdgeEstate | None = None) -> 
 
     header = [
         f"Imported by `reconciler import` from {estate.source or 'Proxmox'} at {estate.read_at}.",
-        "Guests not owned yet are only reported: review them, then `reconciler adopt ADDRESS`.",
+        "Guests not owned yet are only reported: review them, then",
+        f"`{adopt_command('ADDRESS', directory)}`.",
     ]
     files: dict[str, str] = {}
     for role, members in sorted(by_role.items()):

@@ -9,6 +9,10 @@ for what carries our mark; both -> diff, which gives no-op, update, migrate or r
 address that two observed resources claim (a guest copied by hand, with its mark) is a plan
 error naming both, and nothing of it is planned, so neither is ever destroyed for the other.
 A guest whose vmid changes is replaced: the observed vmid is destroyed, the new one created.
+An owned guest missing from the spec whose mark names the template `reconciler import` writes
+was adopted from an import's directory never merged into this one: the plan says so
+(`adopted-elsewhere`, in place of `orphan`, and in the delete's reason) whether or not pruning
+lets the delete through (planning.provenance).
 
 Data safety. A guest whose only change that cannot be made in place is its node (and with it,
 perhaps, its disks' storage) is migrated, never replaced. A change that destroys a disk (a
@@ -43,6 +47,7 @@ is a warning too: its kind is left out of the plan, and the rest of the platform
 from __future__ import annotations
 
 import datetime
+import shlex
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -65,7 +70,12 @@ from reconciler.model.plans import (
 from reconciler.model.resources import DesiredGraph, Kind, Resource, job_id, kind_of
 from reconciler.model.units import format_seconds, parse_mib
 from reconciler.planning import backups, diffing, normalize, placement
-from reconciler.planning.provenance import spec_digest
+from reconciler.planning.provenance import (
+    adopt_command,
+    adopted_from_import,
+    spec_digest,
+    spec_directory,
+)
 
 _ACTIVE = (Action.CREATE, Action.REPLACE)
 # What may change along with a guest's node in one migration: its disks' target storage.
@@ -137,6 +147,7 @@ class _Planning:
     foreign_vmids: dict[int, ObservedResource] = field(default_factory=dict)
     owned_by_vmid: dict[int, ObservedResource] = field(default_factory=dict)
     observed_kinds: set[Kind] | None = None
+    spec_dir: str | None = None  # where the specs were read from, for the hints' commands
 
 
 def make_plan(
@@ -203,6 +214,7 @@ def _start(
         prune=allow_destroy or bool(graph.settings.get("prune")),
         final_backups=final_backups,
         diags=diags,
+        spec_dir=spec_directory(graph),
     )
     # Against the live cluster: a guest that cannot go where the spec says gets nothing.
     placed = placement.check_placement(graph, observed, vmids)
@@ -309,9 +321,9 @@ def _create(
 ) -> Change | None:
     """Desired, nothing observed: create it; a guest a backup job selects, from its newest
     backup. None when its vmid or name is taken (an error says so)."""
-    problem = _vmid_conflict(res, desired, p.foreign_vmids, p.owned_by_vmid) or _name_conflict(
-        res, p.observed, p.graph.platform
-    )
+    problem = _vmid_conflict(
+        res, desired, p.foreign_vmids, p.owned_by_vmid, p.spec_dir
+    ) or _name_conflict(res, p.observed, p.graph.platform, p.spec_dir)
     if problem:
         p.diags.append(problem)
         return None
@@ -369,7 +381,7 @@ def _update(
     if res.kind is Kind.GUEST and desired["vmid"] != obs.id.get("vmid"):
         # Renumbered: the new vmid must be free, or the replace would destroy the old guest
         # and then fail to create the new one.
-        problem = _vmid_conflict(res, desired, p.foreign_vmids, p.owned_by_vmid)
+        problem = _vmid_conflict(res, desired, p.foreign_vmids, p.owned_by_vmid, p.spec_dir)
         if problem:
             p.diags.append(problem)
             return None
@@ -784,11 +796,13 @@ def _guest_home(
     }
 
 
-def _name_conflict(res: Resource, observed: ObservedState, platform: str) -> Diagnostic | None:
+def _name_conflict(
+    res: Resource, observed: ObservedState, platform: str, spec_dir: str | None = None
+) -> Diagnostic | None:
     """A firewall object we would create whose name an unmarked one holds (Proxmox names are
     cluster-wide; alias and IP set names ignore case), or a backup job's id."""
     if res.kind is Kind.BACKUP_JOB:
-        return _job_id_conflict(res, observed)
+        return _job_id_conflict(res, observed, spec_dir)
     if res.kind not in _NAMED_FIREWALL:
         return None
     for r in observed.foreign():
@@ -799,7 +813,7 @@ def _name_conflict(res: Resource, observed: ObservedState, platform: str) -> Dia
                     "adoption-pending",
                     f"{res.address} matches the {what} {r.attributes.get('name')!r}, which the "
                     "controller does not own yet: it is only reported. Review it, then "
-                    f"`reconciler adopt {res.address}` to manage it",
+                    f"`{adopt_command(res.address, spec_dir)}` to manage it",
                     position=res.position,
                     address=res.address,
                 )
@@ -814,7 +828,9 @@ def _name_conflict(res: Resource, observed: ObservedState, platform: str) -> Dia
     return None
 
 
-def _job_id_conflict(res: Resource, observed: ObservedState) -> Diagnostic | None:
+def _job_id_conflict(
+    res: Resource, observed: ObservedState, spec_dir: str | None = None
+) -> Diagnostic | None:
     """A backup job we would create under an id a job without our mark holds (Proxmox keeps
     one job per id): the job `import` wrote for it, reported until `adopt` marks it."""
     ident = str(res.attributes.get("id") or job_id(res.address))
@@ -823,8 +839,8 @@ def _job_id_conflict(res: Resource, observed: ObservedState) -> Diagnostic | Non
             return warning(
                 "adoption-pending",
                 f"{res.address} matches backup job {ident}, which the controller does not own "
-                f"yet: it is only reported. Review it, then `reconciler adopt {res.address}` "
-                "to manage it",
+                f"yet: it is only reported. Review it, then "
+                f"`{adopt_command(res.address, spec_dir)}` to manage it",
                 position=res.position,
                 address=res.address,
             )
@@ -848,6 +864,7 @@ def _vmid_conflict(
     desired: dict[str, Any],
     foreign: dict[int, ObservedResource],
     owned_by_vmid: dict[int, ObservedResource],
+    spec_dir: str | None = None,
 ) -> Diagnostic | None:
     if res.kind is not Kind.GUEST:
         return None
@@ -860,7 +877,8 @@ def _vmid_conflict(
                 "adoption-pending",
                 f"{res.address} matches guest {vmid} ({holder.attributes.get('name')!r} on node "
                 f"{holder.id.get('node', '?')}), which the controller does not own yet: it is "
-                f"only reported. Review it, then `reconciler adopt {res.address}` to manage it",
+                "only reported. Review it, then "
+                f"`{adopt_command(res.address, spec_dir)}` to manage it",
                 position=res.position,
                 address=res.address,
             )
@@ -1011,17 +1029,23 @@ def _deletes(
         # anyway). Deleting one loses nothing, so it needs neither pruning nor --allow-destroy,
         # and does not count against max_deletes_per_run.
         blocked = None
+        # Most likely not gone: adopted from an import's directory never merged into this
+        # one. Said whether or not pruning lets the delete through, and in its reason.
+        elsewhere = _adopted_elsewhere(r, graph, prune) if r.kind is Kind.GUEST else None
+        if elsewhere is not None:
+            diags.append(elsewhere[0])
         if not prune and r.kind in (Kind.GUEST, Kind.BACKUP_JOB, *_NAMED_FIREWALL):
-            which = f" (vmid {r.id.get('vmid')})" if r.kind is Kind.GUEST else ""
-            diags.append(
-                warning(
-                    "orphan",
-                    f"{r.address}{which} is owned by the controller but no "
-                    "longer in the spec; kept because pruning is off "
-                    "(platform.prune or --allow-destroy)",
-                    address=r.address,
+            if elsewhere is None:
+                which = f" (vmid {r.id.get('vmid')})" if r.kind is Kind.GUEST else ""
+                diags.append(
+                    warning(
+                        "orphan",
+                        f"{r.address}{which} is owned by the controller but no "
+                        "longer in the spec; kept because pruning is off "
+                        "(platform.prune or --allow-destroy)",
+                        address=r.address,
+                    )
                 )
-            )
             blocked = BLOCKED_WHY if r.kind is Kind.GUEST else NEEDS_PRUNE
         changes.append(
             Change(
@@ -1034,7 +1058,7 @@ def _deletes(
                 None,
                 reason=f"withheld: {withheld[r.address]}"
                 if r.address in withheld
-                else "not in the spec",
+                else "not in the spec" + (f"; {elsewhere[1]}" if elsewhere else ""),
                 cause=Cause.WITHHELD if r.address in withheld else Cause.NOT_IN_SPEC,
                 version=r.version,
                 destroys=disks(r.attributes) if r.kind is Kind.GUEST else (),
@@ -1042,6 +1066,35 @@ def _deletes(
             )
         )
     return changes, diags
+
+
+def _adopted_elsewhere(
+    r: ObservedResource, graph: DesiredGraph, prune: bool
+) -> tuple[Diagnostic, str] | None:
+    """An owned guest missing from the spec whose mark names the import's placeholder template
+    (planning.provenance.adopted_from_import): it was adopted from specs `reconciler import`
+    wrote, most likely in their own directory, which was never merged into this one. Not gone
+    from the platform: the warning (`adopted-elsewhere`) says so and what merges it, and so
+    does the delete's reason, which the destroy banner shows. None for any other guest."""
+    if not adopted_from_import(r.attributes):
+        return None
+    here = spec_directory(graph)
+    shown, target = (f"{here}/", shlex.quote(here)) if here else ("this spec", "DIR")
+    merge = f"reconciler merge IMPORT_DIR {target}"
+    fate = (
+        "this plan DELETES it (pruning is on): merge first unless that is meant"
+        if prune
+        else "kept because pruning is off (platform.prune or --allow-destroy)"
+    )
+    diag = warning(
+        "adopted-elsewhere",
+        f"{r.address} (vmid {r.id.get('vmid')}) was adopted from imported specs, not from "
+        f"{shown} (its mark names the import's template {r.attributes.get('template')}), so "
+        f"it most likely lives in an import's directory (such as imported/): merge it into {shown} "
+        f"with `{merge}` (or `reconciler import --into {target}`); {fate}",
+        address=r.address,
+    )
+    return diag, f"adopted from imported specs: merge them in first ({merge})"
 
 
 def _firewall_first(changes: dict[str, Change], graph: DesiredGraph) -> None:

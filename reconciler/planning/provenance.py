@@ -6,6 +6,13 @@ if its changes are the saved plan's (README "Plans"). This module holds the two 
 that check: `spec_digest`, the hash of the desired graph that `planner.make_plan` records in
 every plan, and `first_difference`, the comparison the CLI's `apply --plan` makes.
 
+It also says where a plan's guests come from, for the planner's messages: `spec_directory`
+(the directory the graph's files were read from, so a hint names the exact command, `reconciler
+adopt guest/x --dir imported`) and `adopted_from_import` (an owned guest whose mark names the
+template `reconciler import` writes when Proxmox did not record one: it was adopted from
+imported specs, so when it is missing from a spec it most likely lives in the import's
+directory, not gone from the platform).
+
 What the spec digest covers: every resource's address, kind, attributes, dependencies and what
 it is attached to, and the platform's settings (among them what gates destroys: `prune` and
 `max_deletes_per_run`). Not where in the files a resource was written, so moving a definition
@@ -16,11 +23,47 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os.path
+import re
+import shlex
 from collections.abc import Mapping
 from typing import Any
 
 from reconciler.model.plans import Change, Plan
 from reconciler.model.resources import DesiredGraph
+
+# The template `reconciler import` writes for a container (Proxmox does not record the one it
+# was made from), and `adopt` copies into the guest's mark: a storage named `unknown`, so a
+# re-create fails loudly instead of installing the wrong system. Nothing else writes it.
+IMPORT_TEMPLATE = "unknown:vztmpl/{ostype}-imported.tar.zst"
+_IMPORT_TEMPLATE = re.compile(r"unknown:vztmpl/[a-z0-9-]*-imported\.tar\.zst")
+
+
+def adopted_from_import(attributes: Mapping[str, Any]) -> bool:
+    """Whether an observed guest was adopted from specs `reconciler import` wrote: its mark
+    (read into `template`) names the import's placeholder template. A VM's mark names no
+    template, so for a VM this cannot be told."""
+    return bool(_IMPORT_TEMPLATE.fullmatch(str(attributes.get("template") or "")))
+
+
+def spec_directory(graph: DesiredGraph) -> str | None:
+    """The directory the graph's spec files were read from, as the command line named it
+    (`imported`, `specs`): the deepest folder holding every file a resource was written in.
+    None when no resource has a position (a graph built without its source)."""
+    folders = {os.path.dirname(r.position.file) for r in graph.resources.values() if r.position}
+    if not folders:
+        return None
+    try:
+        return os.path.commonpath(sorted(folders)) or "."
+    except ValueError:  # absolute and relative names mixed: nothing in common
+        return None
+
+
+def adopt_command(address: str, spec_dir: str | None) -> str:
+    """`reconciler adopt guest/x --dir imported`: the command that adopts `address` from the
+    specs in `spec_dir` (left out when not known)."""
+    where = f" --dir {shlex.quote(spec_dir)}" if spec_dir else ""
+    return f"reconciler adopt {address}{where}"
 
 
 def spec_digest(graph: DesiredGraph) -> str:

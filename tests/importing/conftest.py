@@ -1,4 +1,5 @@
-"""Shared by the import tests: the specs a test module's `imported` fixture wrote, loaded."""
+"""Shared by the import tests: the specs a test module's `imported` fixture wrote, loaded; the
+directory a hand-made Traefik watches (`dynamic`)."""
 
 from __future__ import annotations
 
@@ -18,3 +19,11 @@ def graph(imported: ImportResult, tmp_path: Path) -> DesiredGraph:
     loaded = load_directory(tmp_path / "imported")
     assert loaded.ok and loaded.spec is not None, [str(d) for d in loaded.diagnostics]
     return build_graph(loaded.spec, loaded.source)
+
+
+@pytest.fixture
+def dynamic(tmp_path: Path) -> Path:
+    """The dynamic-configuration directory a Traefik with hand-made routers watches."""
+    directory = tmp_path / "dynamic"
+    directory.mkdir()
+    return directory

@@ -147,13 +147,6 @@ def bridge(monkeypatch: pytest.MonkeyPatch) -> Any:
         yield sim
 
 
-@pytest.fixture
-def dynamic(tmp_path: Path) -> Path:
-    directory = tmp_path / "dynamic"
-    directory.mkdir()
-    return directory
-
-
 def serve_handmade(traefik_factory: Any, dynamic: Path, handmade: str, names: set[str]) -> Traefik:
     """A Traefik watching `dynamic`, where `handmade` is written, once it serves `names`."""
     (dynamic / "handmade.yml").write_text(handmade)

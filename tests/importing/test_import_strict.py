@@ -105,13 +105,6 @@ def bridge(monkeypatch: pytest.MonkeyPatch) -> Any:
 
 
 @pytest.fixture
-def dynamic(tmp_path: Path) -> Path:
-    directory = tmp_path / "dynamic"
-    directory.mkdir()
-    return directory
-
-
-@pytest.fixture
 def traefik(traefik_factory: Any, dynamic: Path) -> Traefik:
     return serve_handmade(traefik_factory, dynamic, HANDMADE, HANDMADE_ROUTERS)
 
