@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
-from reconciler.cli.live import add_connection_args, endpoints_from
+from reconciler.cli.live import add_connection_args, endpoints_from, spec_dir_args
 from reconciler.model.errors import ReconcilerError
 
 if TYPE_CHECKING:
@@ -34,6 +34,17 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _seconds_or_off(text: str) -> float:
+    """Seconds, or 0 for off."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text}: must be 0 (off) or more seconds")
+    return value
+
+
 def _seconds_flag(group: argparse._ArgumentGroup, flag: str, default: str, help: str) -> None:
     """A duration flag with its environment variable; argparse converts (and checks) a string
     default only when `run` is parsed, so a bad variable never breaks the other commands."""
@@ -49,7 +60,7 @@ def add_run_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
         "a cheap inventory check in between, a faster poll of the edge, and a new revision "
         "of the specs as soon as it is fetched. One replica acts at a time (leader lease).",
     )
-    r.add_argument("dir", nargs="?", default=_env("DIR", "specs"), help="specs directory")
+    spec_dir_args(r, _env("DIR", "specs"))
     g = r.add_argument_group("a git source instead of a directory")
     g.add_argument("--git-url", metavar="URL", default=_env("GIT_URL"))
     g.add_argument("--git-branch", metavar="BRANCH", default=_env("GIT_BRANCH", "main"))
@@ -70,6 +81,13 @@ def add_run_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
         t, "--edge-interval", "10", "poll of Velocity, Traefik and the agents (default 10)"
     )
     _seconds_flag(t, "--source-interval", "60", "fetch of the specs' source (default 60)")
+    t.add_argument(
+        "--watch-interval",
+        type=_seconds_or_off,
+        default=_env("WATCH_INTERVAL", "1"),
+        help="a specs directory's files are looked at (stat only) this often, and a change "
+        "is loaded at once instead of at the next fetch; 0: off (default 1)",
+    )
     s = r.add_argument_group("service")
     s.add_argument(
         "--state-dir",
@@ -138,6 +156,7 @@ def options_from(args: argparse.Namespace) -> ServiceOptions:
         edge_interval=float(args.edge_interval),
         shutdown_grace=float(args.shutdown_grace),
         once=bool(args.once),
+        watch_interval=float(args.watch_interval),
     )
 
 

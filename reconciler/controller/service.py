@@ -11,7 +11,11 @@ An anyio reactor in the style of kopf's: one task group holding
                        at once and triggers coalesce
     the listener       /healthz /readyz /status /metrics /snapshot (controller.http)
     the signal watch   SIGTERM/SIGINT: stop starting changes, await those in flight up to
-                       the grace period, release the lease, exit
+                       the grace period, release the lease (an info line, not the warning
+                       a lost lease gives), exit
+    the spec watch     a directory source only (`sources.WatchedSource`): its files' stat
+                       every `watch_interval` s (1); a change that held still for one look
+                       asks for a SOURCE poll at once, instead of waiting out its interval
 
 The worker's triggers:
 
@@ -22,11 +26,15 @@ The worker's triggers:
                waiting out a backoff are left out of the plan; the observed state is published
                (file `<state dir>/observed.json`, the Redis key `reconciler:<platform>:observed`,
                and /snapshot) for CI to plan against; after changes, another FULL soon, which
-               sees their effect (and registers what became ready); the plan's backup
-               freshness goes to /status and the gauges, and a guest whose backup turns stale
-               or missing, or fresh again, is an event in the log
-    INVENTORY  one Proxmox call (`/cluster/resources`) compared with the last snapshot; any
-               drift asks for a FULL at once
+               sees their effect (and registers what became ready); the plan's verdict on
+               every resource it looked at goes to /status (converged, pending, withheld,
+               unknown; then each change's result); the plan's backup freshness goes to
+               /status and the gauges, and a guest whose backup turns stale or missing, or
+               fresh again, is an event in the log
+    INVENTORY  one Proxmox call (`/cluster/resources`) compared with the baseline: what the
+               last FULL observed or, when it changed guests, one inventory read after its
+               apply (so the controller's own changes are not taken for drift); any drift
+               asks for a FULL at once, and is logged under `changes`, never `error`
     EDGE       Velocity, Traefik and the agents, with the guests' power state from one
                inventory call (which also serves as the INVENTORY check): the same
                `applying.converging.converge`, on the edge's kinds only and with the last
@@ -51,7 +59,7 @@ import os
 import signal
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -71,14 +79,15 @@ from reconciler.controller.sources import (
     GitSource,
     RevisionTracker,
     SpecSource,
+    WatchedSource,
     poll,
 )
 from reconciler.controller.status import CycleKind, CycleOutcome, StatusBoard
 from reconciler.controller.timing import Backoffs, Schedule, Trigger
 from reconciler.loading.graph import build_graph
 from reconciler.model.errors import ConfigurationError, ReconcilerError, first_error
-from reconciler.model.observed import ObservedState
-from reconciler.model.plans import Freshness, Plan
+from reconciler.model.observed import ObservedResource, ObservedState
+from reconciler.model.plans import Action, Freshness, Plan
 from reconciler.model.resources import DesiredGraph, Kind
 from reconciler.model.spec import PlatformSpec, SecretRef
 from reconciler.planning.observed_policies import live_isolation
@@ -91,6 +100,7 @@ log = logging.getLogger("reconciler.service")
 EDGE_KINDS = frozenset({Kind.VELOCITY, Kind.ROUTE})
 # A follow-up FULL after changes were applied: soon, to see their effect, but not at once.
 FOLLOW_UP = 5.0
+_MIB = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -109,6 +119,8 @@ class Settings:
     lease_interval: float = 5.0  # ttl / 3
     shutdown_grace: float = 60.0
     once: bool = False  # one SOURCE and one FULL, then stop
+    # A directory source's files are looked at (stat only) this often; None: not watched.
+    watch_interval: float | None = 1.0
 
 
 def fields(**kw: Any) -> dict[str, Any]:
@@ -129,6 +141,29 @@ def without(plan: Plan, leave_out: set[str]) -> Plan:
                 out.add(c.address)
                 grew = True
     return replace(plan, changes=tuple(c for c in plan.changes if c.address not in out))
+
+
+def inventory_baseline(inventory: Inventory) -> ObservedState:
+    """What the inventory check compares a later inventory with, read from an inventory:
+    every guest with what the check sees of it (node, name, power state, cores, memory in
+    MiB, tags), in the units `inventory_drift` reads from a snapshot. Taken right after an
+    apply that touched guests, so the controller's own changes are not reported as drift.
+    For the check alone: never published, it holds no ownership nor config."""
+    guests = [
+        ObservedResource(
+            kind=Kind.GUEST,
+            id={"vmid": int(item["vmid"]), "node": item.get("node")},
+            attributes={
+                "name": item.get("name"),
+                "state": "running" if item.get("status") == "running" else "stopped",
+                "cores": int(item.get("maxcpu", 0)),
+                "memory": int(item.get("maxmem", 0)) // _MIB,
+                "tags": sorted({t for t in str(item.get("tags") or "").split(";") if t}),
+            },
+        )
+        for item in inventory.guests
+    ]
+    return ObservedState(resources=tuple(guests))
 
 
 class Service:
@@ -173,6 +208,12 @@ class Service:
         self._conn_stack = contextlib.AsyncExitStack()
         self._snapshot: ObservedState | None = None
         self._snapshot_bytes: bytes | None = None
+        # What the inventory check compares with: the snapshot, or the inventory read after
+        # an apply that touched guests (`inventory_baseline`).
+        self._baseline: ObservedState | None = None
+        # The last plan's changes `_exclude` left out because what they need backs off.
+        self._left_out: dict[str, str] = {}
+        self._closing = False  # the lease is released because the service stops
         self._calls_seen = 0
         self._retries_seen: dict[str, int] = {}
 
@@ -199,10 +240,14 @@ class Service:
                 log.info("listening", extra=fields(address=f"{host}:{self.port}"))
             tg.start_soon(self.keeper.run)
             tg.start_soon(self._signals)
+            every = self.settings.watch_interval
+            if every and isinstance(self.source, WatchedSource) and not self.settings.once:
+                tg.start_soon(self._watch, self.source, every)
             task_status.started()
             try:
                 await self._work()
             finally:
+                self._closing = True  # the keeper releases the lease: not a lost one
                 await self._conn_stack.aclose()
                 tg.cancel_scope.cancel()
         log.info("stopped")
@@ -223,12 +268,47 @@ class Service:
                 self.stop()
                 return
 
+    async def _watch(self, source: WatchedSource, every: float) -> None:
+        """Look at a directory source's files every `every` s (stat only, in a worker thread)
+        and ask for a SOURCE poll at once when they changed and then held still for one look:
+        an editor's save (or a `git pull`) is several writes, and a half-written file would
+        be reported as a bad revision. The poll itself reads the content; an edit the stat
+        misses (the same size within the file system's time resolution) waits for the
+        source interval, as before."""
+
+        async def look() -> str:
+            try:
+                return await anyio.to_thread.run_sync(source.stamp)
+            except Exception as exc:  # a bug here must not stop the service: the poll remains
+                log.warning("specs not watched", extra=fields(error=f"{type(exc).__name__}: {exc}"))
+                raise
+
+        try:
+            last = await look()
+        except Exception:
+            return
+        seen = last
+        while True:
+            await anyio.sleep(every)
+            try:
+                now = await look()
+            except Exception:
+                return
+            if now != last and now == seen:
+                last = now
+                log.info("specs changed", extra=fields(source=source.describe()))
+                self.schedule.request(Trigger.SOURCE, self.clock())
+                self._wake.set()
+            seen = now
+
     def _leadership(self, is_leader: bool) -> None:
         self.metrics.set_leader(is_leader)
         self.board.set_lease(self.lease.holder, self.lease.token, is_leader)
         if is_leader:
             log.info("leader", extra=fields(holder=self.lease.holder, token=self.lease.token))
             self.schedule.request(Trigger.FULL, self.clock())  # the resume
+        elif self._closing:
+            log.info("lease released", extra=fields(holder=self.lease.holder))
         else:
             log.warning("not the leader", extra=fields(holder=self.lease.holder))
         self._wake.set()
@@ -368,6 +448,7 @@ class Service:
                 return
         conn, graph, spec = self._conn, self._graph, self._spec
         started, t0 = self.wall(), self.clock()
+        self._left_out = {}
         try:
             result = await converge(
                 graph,
@@ -397,19 +478,50 @@ class Service:
         last = result.rounds[-1]
         if last.observed is not None:
             await self._publish(last.observed)
+            self._baseline = last.observed
         reports = [r.report for r in result.rounds if r.report is not None]
-        outcome = self._record(last.plan, reports)
+        outcome = self._record(last.plan, last.observed, conn.kinds, reports)
+        if _touched_guests(reports) and not self.stopping.is_set():
+            await self._rebase(conn)
         error = "; ".join(d.message for d in last.plan.diagnostics if d.severity.value == "error")
-        self._cycle_done(CycleKind.FULL, outcome, started, t0, error, reports)
+        self._cycle_done(
+            CycleKind.FULL, outcome, started, t0, error, reports, drift=len(last.plan.actions)
+        )
         if any(r.count(Outcome.DONE) for r in reports):
             self.schedule.request(Trigger.FULL, self.clock() + FOLLOW_UP)
 
+    async def _rebase(self, conn: Connection) -> None:
+        """After an apply that touched guests, what the last observation saw of them is stale:
+        the inventory check would report the controller's own changes as drift (and ask for
+        a full cycle it does not need). One inventory read becomes its baseline until the
+        next full cycle observes again. If it fails, the snapshot stays the baseline (the
+        follow-up full cycle is due in seconds anyway)."""
+        if conn.guests is None:
+            return
+        try:
+            inventory = await conn.guests.inventory()
+        except ReconcilerError as exc:
+            log.warning("inventory not read after the apply", extra=fields(error=str(exc)))
+            return
+        finally:
+            self._count_calls()
+        self._baseline = inventory_baseline(inventory)
+
     def _exclude(self, plan: Plan) -> Plan:
-        """Leave out the resources waiting out a backoff; they are retried when it ends."""
+        """Leave out the resources waiting out a backoff; they are retried when it ends. The
+        changes left out with them (they need one of them) are remembered for /status."""
         blocked = self.backoffs.blocked(self.clock())
+        self._left_out = {}
         if not blocked:
             return plan
-        return without(plan, blocked)
+        trimmed = without(plan, blocked)
+        kept = {c.address for c in trimmed.changes}
+        out = {c.address for c in plan.changes if c.address not in kept}
+        for c in plan.actions:
+            if c.address in out and c.address not in blocked:
+                needs = ", ".join(d for d in c.depends_on if d in out) or "?"
+                self._left_out[c.address] = f"not applied: needs {needs}, which waits (backoff)"
+        return trimmed
 
     def _progress(self, result: Result, done: int, total: int) -> None:
         c = result.change
@@ -426,11 +538,62 @@ class Service:
         )
         log.log(level, "change", extra=extra)
 
-    def _record(self, plan: Plan, reports: list[ApplyReport]) -> CycleOutcome:
+    def _record_states(
+        self,
+        plan: Plan,
+        observed: ObservedState | None,
+        kinds: Iterable[Kind],
+        *,
+        partial: bool,
+    ) -> None:
+        """The plan's verdict on every resource of `kinds` it looked at, desired or owned,
+        into /status (`StatusBoard.record_plan`), before the results of its changes: a
+        resource the cycle had nothing to do for is listed as converged. One with no change
+        in the plan is withheld (the plan's diagnostic about it says why: not ready, claimed
+        twice, not placeable) or, when its kind could not be observed, unknown."""
+        assert self._graph is not None
+        scope = frozenset(kinds)
+        kind_of: dict[str, Kind] = {
+            a: r.kind for a, r in self._graph.resources.items() if r.kind in scope
+        }
+        if observed is not None:
+            kind_of |= {a: r.kind for a, r in observed.owned().items() if r.kind in scope}
+        changes = {c.address: c for c in plan.changes if c.kind in scope}
+        kind_of |= {a: c.kind for a, c in changes.items()}
+        wanted = [c.address for c in plan.actions if c.kind in scope]
+        in_sync = [a for a, c in changes.items() if c.action is Action.NOOP and not c.blocked]
+        withheld = {c.address: f"held back: {c.blocked}" for c in plan.blocked if c.kind in scope}
+        withheld |= {a: why for a, why in self._left_out.items() if a in changes}
+        looked = set(scope if observed is None or observed.kinds is None else observed.kinds)
+        errors = observed.errors if observed is not None else {}
+        said: dict[str, str] = {}
+        for d in plan.diagnostics:
+            if d.address:
+                said.setdefault(d.address, d.message)
+        unseen: dict[str, str] = {}
+        for address, kind in kind_of.items():
+            if address in changes:
+                continue
+            if kind not in looked:
+                unseen[address] = errors.get(kind.value, f"{kind.value} was not observed")
+            else:
+                withheld[address] = said.get(address, "no change planned (see the plan)")
+        for address in in_sync:
+            self.backoffs.succeeded(address)  # as the spec says: nothing to retry
+        self.board.record_plan(
+            wanted, in_sync=in_sync, withheld=withheld, unseen=unseen, partial=partial
+        )
+
+    def _record(
+        self,
+        plan: Plan,
+        observed: ObservedState | None,
+        kinds: Iterable[Kind],
+        reports: list[ApplyReport],
+    ) -> CycleOutcome:
         """Results into backoffs, status and metrics; the cycle's outcome."""
-        wanted = [c.address for c in plan.actions]
-        self.board.record_plan(wanted)
-        self.metrics.set_drift(len(wanted))
+        self._record_states(plan, observed, kinds, partial=False)
+        self.metrics.set_drift(len(plan.actions))
         self._held_back(plan)
         self._backups(plan)
         self._record_results(reports)
@@ -491,7 +654,13 @@ class Service:
         t0: float,
         error: str = "",
         reports: list[ApplyReport] | None = None,
+        *,
+        drift: int | None = None,
+        changes: Sequence[str] = (),
     ) -> None:
+        """Record and log a cycle's end. `drift`: how many changes it wanted (a plan's, or
+        the differences an inventory check saw), `changes`: those differences; neither is an
+        error, so the log line has them under their own keys and `error` only for errors."""
         reports = reports or []
         seconds = max(0.0, self.clock() - t0) if t0 else 0.0
 
@@ -507,6 +676,7 @@ class Service:
             failed=count(Outcome.FAILED),
             skipped=count(Outcome.SKIPPED),
             error=error,
+            changes=changes[:20],
         )
         self.metrics.cycle(kind.value, outcome.value, seconds)
         self.cycles.append((Trigger(kind.value), outcome))
@@ -522,8 +692,9 @@ class Service:
                 kind=kind.value,
                 outcome=outcome.value,
                 seconds=round(seconds, 3),
-                drift=self.board.drift,
                 revision=self._revision,
+                **({"drift": drift} if drift is not None else {}),
+                **({"changes": list(changes[:20])} if changes else {}),
                 **({"error": error} if error else {}),
             ),
         )
@@ -592,16 +763,18 @@ class Service:
         self._inventory_checked(inventory, started, t0)
 
     def _inventory_checked(self, inventory: Inventory, started: float, t0: float) -> None:
-        """Compare a fresh inventory with the last snapshot; drift asks for a full cycle. The
-        edge poll reads the inventory anyway and checks it here too, so the separate
-        inventory check is pushed back instead of asking Proxmox again."""
-        assert self._snapshot is not None
-        drift = inventory_drift(self._snapshot, inventory)
+        """Compare a fresh inventory with the baseline (the last snapshot, or the inventory
+        read after the last apply); drift asks for a full cycle. The edge poll reads the
+        inventory anyway and checks it here too, so the separate inventory check is pushed
+        back instead of asking Proxmox again."""
+        baseline = self._baseline or self._snapshot
+        assert baseline is not None
+        drift = inventory_drift(baseline, inventory)
         if drift:
-            log.info("inventory drift", extra=fields(drift=drift[:20], count=len(drift)))
+            log.info("inventory drift", extra=fields(drift=len(drift), changes=drift[:20]))
             self.schedule.request(Trigger.FULL, self.clock())
         outcome = CycleOutcome.CHANGED if drift else CycleOutcome.CONVERGED
-        self._cycle_done(CycleKind.INVENTORY, outcome, started, t0, "; ".join(drift[:5]))
+        self._cycle_done(CycleKind.INVENTORY, outcome, started, t0, drift=len(drift), changes=drift)
         self.schedule.ran(Trigger.INVENTORY, self.clock())
 
     # --- EDGE --------------------------------------------------------------------------------
@@ -615,6 +788,7 @@ class Service:
             return
         assert self._graph is not None
         started, t0 = self.wall(), self.clock()
+        self._left_out = {}
         try:
             inventory = await guests.inventory()
             self._inventory_checked(inventory, started, t0)
@@ -650,7 +824,7 @@ class Service:
                 exclude=self._exclude,
                 progress=self._progress,
             )
-            plan = result.rounds[-1].plan
+            plan, observed = result.rounds[-1].plan, result.rounds[-1].observed
             reports = [r.report for r in result.rounds if r.report is not None]
         except (ReconcilerError, ExceptionGroup) as caught:
             exc = first_error(caught)
@@ -660,8 +834,9 @@ class Service:
             return
         finally:
             self._count_calls()
+        self._record_states(plan, observed, conn.kinds & EDGE_KINDS, partial=True)
         outcome = self._record_edge(plan, reports)
-        self._cycle_done(CycleKind.EDGE, outcome, started, t0, "", reports)
+        self._cycle_done(CycleKind.EDGE, outcome, started, t0, "", reports, drift=len(plan.actions))
 
     def _record_results(self, reports: list[ApplyReport]) -> None:
         now, wall = self.clock(), self.wall()
@@ -711,6 +886,7 @@ class ServiceOptions:
     edge_interval: float = 10.0
     shutdown_grace: float = 60.0
     once: bool = False
+    watch_interval: float = 1.0  # a directory source's stat look; 0: not watched
 
 
 def build_service(
@@ -762,6 +938,7 @@ def build_service(
         lease_interval=options.lease_ttl / 3,
         shutdown_grace=options.shutdown_grace,
         once=options.once,
+        watch_interval=options.watch_interval or None,
     )
     service = Service(source, lease, endpoints, settings, board=board, redactor=redactor)
 
@@ -770,6 +947,16 @@ def build_service(
             await redis.aclose()
 
     return service, close
+
+
+def _touched_guests(reports: Iterable[ApplyReport]) -> bool:
+    """Did an apply change (or try to change) a guest? Then what was observed of the guests
+    before it is stale for the inventory check."""
+    return any(
+        r.change.kind is Kind.GUEST and r.outcome in (Outcome.DONE, Outcome.FAILED)
+        for report in reports
+        for r in report.results
+    )
 
 
 def redact_spec_secrets(redactor: Redactor, spec: PlatformSpec) -> None:

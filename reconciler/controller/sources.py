@@ -6,7 +6,9 @@ ready for `load_directory`.
 
     SpecSource (protocol)
     ├── DirectorySource   a specs directory as it is now; the id is a digest of its YAML files,
-    │                     so any edit gives a new revision
+    │                     so any edit gives a new revision; also a `WatchedSource`: its
+    │                     `stamp()` (stat only, no content read) lets the service notice an
+    │                     edit within a second instead of at the next poll
     └── GitSource         a branch of a git repository, fetched into a bare mirror; only
                           committed content is ever materialized, one checkout per commit
 
@@ -40,7 +42,7 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import IO, Protocol
+from typing import IO, Protocol, runtime_checkable
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import anyio.to_thread
@@ -95,6 +97,18 @@ class SpecSource(Protocol):
         ...
 
 
+@runtime_checkable
+class WatchedSource(Protocol):
+    """A source cheap enough to look at every second (a local directory): the service asks
+    for a poll as soon as its `stamp()` changes, instead of waiting out the source interval."""
+
+    def describe(self) -> str: ...
+
+    def stamp(self) -> str:
+        """Changes when the specs may have changed; cheap (no content read). Never raises."""
+        ...
+
+
 class DirectorySource:
     """A specs directory as it is: what a person edits is what the controller sees."""
 
@@ -109,6 +123,25 @@ class DirectorySource:
 
     def retain(self, ids: Iterable[str]) -> None:
         """Nothing to keep: a directory has only its present state."""
+
+    def stamp(self) -> str:
+        """The spec files' stat, hashed: path, link text, and the size, inode, device,
+        modification and change times of what each leads to (so a ConfigMap's swapped link
+        counts). Stat only: an edit, an added, removed or relinked file changes it. Blocking
+        (a walk of the folder): call it from a worker thread."""
+        digest = hashlib.sha256()
+        try:
+            for found in list_spec_files(self.path):
+                facts: tuple[int | None, ...]
+                try:
+                    st = os.stat(found.path)
+                    facts = (st.st_size, st.st_ino, st.st_dev, st.st_mtime_ns, st.st_ctime_ns)
+                except OSError as exc:
+                    facts = (exc.errno,)
+                digest.update(repr((found.rel, found.link, facts)).encode())
+        except OSError as exc:  # the folder itself went away: the poll reports it
+            digest.update(f"unreadable: {exc.errno}".encode())
+        return digest.hexdigest()
 
     def _fetch(self) -> Revision:
         if not self.path.is_dir():

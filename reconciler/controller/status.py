@@ -4,9 +4,11 @@ loop writes and the status listener (`reconciler.controller.http`) reads.
 The loop (`reconciler.controller.service`) owns one `StatusBoard` per service and records into
 it as it goes: the spec revision it loaded (`set_revision`) or refused (`set_revision_error`;
 the loop keeps converging to the last good revision and keeps reporting the bad one), the
-leader lease (`set_lease`), each observe (`record_observe`), each plan's drift
-(`record_plan`), each change's result (`record_result`, or `record_report` for a whole
-`ApplyReport`), each cycle (`record_cycle`), and a heartbeat on every loop tick (`beat`).
+leader lease (`set_lease`), each observe (`record_observe`), each plan's verdict on every
+resource it looked at (`record_plan`: a full cycle lists every desired and owned resource, so a
+resource the cycle had nothing to do for is shown converged, not left out), each change's
+result (`record_result`, or `record_report` for a whole `ApplyReport`), each cycle
+(`record_cycle`), and a heartbeat on every loop tick (`beat`).
 The listener serves `to_json()` as `/status`, `heartbeat_age()` as `/healthz` and
 `readiness()` as `/readyz`.
 
@@ -27,7 +29,7 @@ and volume ids (never a backup's notes).
      "lease": {"holder": "ctl-a", "token": 7, "is_leader": true, "changed_at": "..."},
      "last_cycle": {"kind": "full", "started_at": "...", "finished_at": "...",
                     "seconds": 1.2, "outcome": "changed", "done": 2, "failed": 0,
-                    "skipped": 0, "error": ""} | null,
+                    "skipped": 0, "error": "", "changes": []} | null,
      "drift": 2 | null,
      "held_back": [{"address": "guest/mc-x", "action": "replace",
                     "destroys": ["rootfs 8 GiB"], "reason": "...", "why": "..."}],
@@ -40,9 +42,15 @@ and volume ids (never a backup's notes).
      "observe": {"ok": true, "at": "...", "error": ""} | null,
      "heartbeat": {"at": "...", "age_seconds": 0.4},
      "ready": {"ready": true, "reason": "", "revision": true, "observe": true},
-     "summary": {"converged": 10, "pending": 0, "failed": 1, "backoff": 0, "withheld": 0},
+     "summary": {"converged": 10, "pending": 0, "failed": 1, "backoff": 0, "withheld": 0,
+                 "unknown": 0},
      "resources": {"guest/api": {"state": "failed", "last_error": "...", "attempts": 1,
                                  "next_retry_at": null, "last_change_at": null}, ...}}
+
+`drift` is how many changes the last full plan wanted (before applying them); `summary` counts
+`resources` by state, so its counts add up to the number of resources listed. A cycle's
+`changes` are what an inventory check saw differ (`vmid 1000: memory 2048 -> 3072`); `error`
+is kept for errors.
 """
 
 from __future__ import annotations
@@ -79,7 +87,8 @@ class ResourceState(enum.StrEnum):
     PENDING = "pending"  # the last plan wants a change not applied yet
     FAILED = "failed"  # the last change failed; no retry scheduled
     BACKOFF = "backoff"  # the last change failed; retried after `next_retry_at`
-    WITHHELD = "withheld"  # not applied: a dependency failed, or a policy holds it back
+    WITHHELD = "withheld"  # not applied on purpose: held back, not ready, or it needs what failed
+    UNKNOWN = "unknown"  # its kind could not be observed in the last cycle
 
 
 # Outcomes after which the platform is as the spec says (last_success_timestamp in metrics).
@@ -125,6 +134,7 @@ class Cycle:
     failed: int = 0
     skipped: int = 0
     error: str = ""
+    changes: tuple[str, ...] = ()  # what an inventory check saw differ; not errors
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -137,6 +147,7 @@ class Cycle:
             "failed": self.failed,
             "skipped": self.skipped,
             "error": self.error,
+            "changes": list(self.changes),
         }
 
 
@@ -247,20 +258,54 @@ class StatusBoard:
     def record_observe(self, ok: bool, error: str = "") -> None:
         self.observe = Observe(ok, self.clock(), "" if ok else error)
 
-    def record_plan(self, wanted: Iterable[str]) -> None:
-        """The last plan wants changes to these addresses: drift is their count, and each one
-        not already failed or backing off becomes pending (a failure keeps its error and
-        retry time until its next result)."""
+    def record_plan(
+        self,
+        wanted: Iterable[str],
+        *,
+        in_sync: Iterable[str] = (),
+        withheld: Mapping[str, str] | None = None,
+        unseen: Mapping[str, str] | None = None,
+        partial: bool = False,
+    ) -> None:
+        """A plan's verdict on every resource it looked at, recorded before its results:
+
+            wanted    a change to make: pending, unless it failed or backs off (a failure
+                      keeps its error and retry time until its next result)
+            in_sync   nothing to do: converged (a past failure is over: it is as the spec says)
+            withheld  address -> why no change is made to it (held back, not ready, claimed
+                      twice, waiting for something that backs off): withheld
+            unseen    address -> why it could not be looked at (its observer failed): unknown,
+                      unless it failed or backs off (that is kept)
+
+        A full cycle's plan (`partial` False): drift is the count of `wanted`, and the listing
+        is complete, so a resource in none of them (no longer desired, nor owned) is
+        forgotten. The edge poll's (`partial`, its kinds only) leaves drift and the other
+        resources as they are."""
         addresses = list(wanted)
-        self.drift = len(addresses)
-        wanted_set = set(addresses)
-        for address, status in self.resources.items():
-            if address not in wanted_set and status.state is ResourceState.PENDING:
-                status.state = ResourceState.CONVERGED  # converged without us (or by us)
+        withheld = dict(withheld or {})
+        unseen = dict(unseen or {})
+        synced = list(in_sync)
+        if not partial:
+            self.drift = len(addresses)
+            self.retain([*addresses, *synced, *withheld, *unseen])
         for address in addresses:
             status = self.resources.setdefault(address, ResourceStatus())
-            if status.state in (ResourceState.CONVERGED, ResourceState.WITHHELD):
+            if status.state not in (ResourceState.FAILED, ResourceState.BACKOFF):
                 status.state = ResourceState.PENDING
+                status.last_error = ""
+        for address in synced:
+            status = self.resources.setdefault(address, ResourceStatus())
+            status.state = ResourceState.CONVERGED
+            status.last_error = ""
+            status.attempts = 0
+            status.next_retry_at = None
+        for address, reason in withheld.items():
+            self.withhold(address, reason)
+        for address, reason in unseen.items():
+            status = self.resources.setdefault(address, ResourceStatus())
+            if status.state not in (ResourceState.FAILED, ResourceState.BACKOFF):
+                status.state = ResourceState.UNKNOWN
+                status.last_error = reason
 
     def set_drift(self, n: int) -> None:
         self.drift = n
@@ -372,6 +417,7 @@ class StatusBoard:
         failed: int = 0,
         skipped: int = 0,
         error: str = "",
+        changes: Iterable[str] = (),
     ) -> Cycle:
         """A cycle ended (`finished_at` defaults to now). Returns the record kept."""
         cycle = Cycle(
@@ -383,6 +429,7 @@ class StatusBoard:
             failed,
             skipped,
             error,
+            tuple(changes),
         )
         self.last_cycle = cycle
         return cycle

@@ -298,6 +298,7 @@ def test_the_edge_poll_heals_a_velocity_restart_and_follows_readiness_between_fu
     tmp_path: Path,
     traefik_factory: Any,
     example: LoadResult,
+    graph: DesiredGraph,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     assert example.spec is not None
@@ -384,6 +385,11 @@ def test_the_edge_poll_heals_a_velocity_restart_and_follows_readiness_between_fu
         read = max(j for j in range(i) if log[j][0] is Trigger.INVENTORY)
         assert log.at[i] - log.at[read] >= intervals[Trigger.INVENTORY], (log, log.at)
     assert (feeds / "runtime.yml").read_text().count("rc-") >= 4
+    # /status: each edge poll's verdict keeps its kinds' states current, the rest as they were.
+    states = {a: s.state.value for a, s in service.board.resources.items()}
+    velocity = {a: s for a, s in states.items() if a.startswith("velocity/")}
+    assert len(velocity) == 5 and set(velocity.values()) == {"converged"}, states
+    assert len(states) == len(graph.resources), states
 
 
 def test_a_bug_in_one_cycle_is_reported_and_the_service_keeps_serving(

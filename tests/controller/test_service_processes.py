@@ -236,6 +236,10 @@ def test_sigterm_during_an_apply_then_a_restart_converges_without_duplicates(
     first.stop()
     events = [e.get("event") for e in first.events]
     assert "shutting down" in events and events[-1] == "stopped"
+    # The lease is handed back on the way out: said, and not warned about as a lost one.
+    assert "lease released" in events
+    warned = [e.get("event") for e in first.events if e.get("level") == "warning"]
+    assert "not the leader" not in warned, warned
     # In-flight changes finished; none was cut in half (a failure), the rest were not started.
     outcomes = {e["outcome"] for e in first.changes(None)}
     assert outcomes <= {"done", "skipped"}, first.changes(None)
