@@ -19,10 +19,13 @@ set) is registered as `Unavailable`, which fails to observe with the reason, ali
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
 
 from reconciler.applying.observing import observe_all
 from reconciler.loading.graph import guest_ip
@@ -46,26 +49,130 @@ if TYPE_CHECKING:
     from reconciler.providers.velocity import VelocityProvider
 
 
-def proxmox_endpoint(spec: PlatformSpec, override: ProxmoxApi | None = None) -> ProxmoxApi:
-    """The one Proxmox API the spec's hosts use (a cluster answers for all its nodes)."""
-    if override is not None:
+@dataclass(frozen=True)
+class ProxmoxOverride:
+    """The `--proxmox-*` and `--ca-file` flags, as given (None: not given). They override the
+    spec's API field by field (`merge_endpoint`): a flag replaces its field, the rest stays the
+    spec's. Secrets are references, read when connecting."""
+
+    url: str | None = None
+    user: str | None = None
+    password: SecretRef | None = None  # --proxmox-password-env
+    token_id: str | None = None
+    token_secret: SecretRef | None = None  # --proxmox-token-env
+    ca_file: str | None = None
+
+
+# Without a `proxmox` section, what the flags leave out (the lab's fakepve takes these).
+DEFAULT_USER = "root@pam"
+DEFAULT_PASSWORD = SecretRef(env="PVE_PASSWORD")
+DEFAULT_TOKEN_SECRET = SecretRef(env="PVE_TOKEN_SECRET")
+
+
+def merge_endpoint(
+    base: ProxmoxApi | None, flags: ProxmoxOverride, environ: Mapping[str, str] | None = None
+) -> ProxmoxApi:
+    """The spec's API (`base`, None without one) with the flags over it, field by field: each
+    flag given replaces its field, every other field stays the spec's. A password flag or a
+    token flag also says which kind of credential is used (the other kind's fields are
+    dropped); a token flag takes the id or the secret it leaves out from the spec. Without a
+    spec's API, the flags must give the URL, and a credential (or $PVE_PASSWORD must be set:
+    `environ`, the process's by default); the user defaults to root@pam. A flag that cannot
+    apply is a ConfigurationError naming it."""
+    env = os.environ if environ is None else environ
+    token_given = flags.token_id is not None or flags.token_secret is not None
+    if flags.password is not None and token_given:
+        token = "--proxmox-token-id" if flags.token_id is not None else "--proxmox-token-env"
+        raise ConfigurationError(
+            f"--proxmox-password-env and {token}: give a password or an API token, not both"
+        )
+    if flags.url is not None and not flags.url.startswith(("https://", "http://")):
+        raise ConfigurationError(f"--proxmox-url {flags.url}: must start with https://")
+    url = flags.url or (base.url if base is not None else None)
+    if url is None:
+        raise ConfigurationError(
+            f"{', '.join(_given(flags))}: no Proxmox API to apply to: without a 'proxmox' "
+            "section in the spec (or a host's 'api'), give --proxmox-url too"
+        )
+    fields: dict[str, Any] = {
+        "url": url,
+        "user": flags.user or (base.user if base is not None else DEFAULT_USER),
+        "ca_file": flags.ca_file or (base.ca_file if base is not None else None),
+        # --ca-file asks for verification with that CA, whatever the spec's verify_tls says.
+        "verify_tls": True if flags.ca_file or base is None else base.verify_tls,
+    }
+    if base is not None:
+        fields["max_concurrency"] = base.max_concurrency
+    if flags.password is not None:
+        fields["password"] = flags.password
+    elif token_given:
+        token_id = flags.token_id or (base.token_id if base is not None else None)
+        if token_id is None:
+            spec_has = "" if base is None else " (the spec's proxmox section uses a password)"
+            raise ConfigurationError(
+                f"--proxmox-token-env: no API token to use it with{spec_has}: give "
+                "--proxmox-token-id too"
+            )
+        fields["token_id"] = token_id
+        spec_secret = base.token_secret if base is not None else None
+        fields["token_secret"] = flags.token_secret or spec_secret or DEFAULT_TOKEN_SECRET
+    elif base is not None:
+        fields.update(token_id=base.token_id, token_secret=base.token_secret)
+        fields["password"] = base.password
+    elif DEFAULT_PASSWORD.env in env:
+        fields["password"] = DEFAULT_PASSWORD
+    else:
+        raise ConfigurationError(
+            f"--proxmox-url {url}: no credential: without a 'proxmox' section in the spec, give "
+            "--proxmox-password-env VAR, or --proxmox-token-id NAME with --proxmox-token-env "
+            f"VAR (or set {DEFAULT_PASSWORD.env})"
+        )
+    try:
+        return ProxmoxApi.model_validate(fields)
+    except ValidationError as exc:  # a value only a flag can have brought
+        why = "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
+        raise ConfigurationError(f"the connection flags: {why}") from None
+
+
+def _given(flags: ProxmoxOverride) -> list[str]:
+    """The flags an override was made of, by name, for messages."""
+    names = {
+        "url": "--proxmox-url",
+        "user": "--proxmox-user",
+        "password": "--proxmox-password-env",
+        "token_id": "--proxmox-token-id",
+        "token_secret": "--proxmox-token-env",
+        "ca_file": "--ca-file",
+    }
+    return [flag for name, flag in names.items() if getattr(flags, name) is not None]
+
+
+def proxmox_endpoint(
+    spec: PlatformSpec, override: ProxmoxApi | ProxmoxOverride | None = None
+) -> ProxmoxApi:
+    """The one Proxmox API the spec's hosts use (a cluster answers for all its nodes), with the
+    flags over it (`merge_endpoint`); an API given whole (the demo, the tests) replaces it."""
+    if isinstance(override, ProxmoxApi):
         return override
     apis = {h.api.url: h.api for h in spec.hosts.values() if h.api is not None}
     if spec.proxmox is not None:
         apis.setdefault(spec.proxmox.url, spec.proxmox)
-    if not apis:
-        raise ConfigurationError("no Proxmox API in the spec: set 'proxmox' (or a host's 'api')")
     if len(apis) > 1:
         raise ConfigurationError(
             "hosts name more than one Proxmox API (" + ", ".join(sorted(apis)) + "); "
             "one endpoint per platform is supported today: cluster the nodes"
         )
-    return next(iter(apis.values()))
+    base = next(iter(apis.values()), None)
+    if override is not None:
+        return merge_endpoint(base, override)
+    if base is None:
+        raise ConfigurationError("no Proxmox API in the spec: set 'proxmox' (or a host's 'api')")
+    return base
 
 
 def proxmox_provider(
     spec: PlatformSpec,
-    override: ProxmoxApi | None = None,
+    override: ProxmoxApi | ProxmoxOverride | None = None,
     *,
     insecure: bool = False,
     max_concurrency: int | None = None,
@@ -239,7 +346,7 @@ class Endpoints:
     settings: from the command line (`reconciler.cli.live`), the service, the demo, the tests.
     Secrets are references (environment variable or file), read when connecting."""
 
-    proxmox: ProxmoxApi | None = None
+    proxmox: ProxmoxApi | ProxmoxOverride | None = None  # an override: the flags, field by field
     insecure: bool = False
     proxmox_max_concurrency: int | None = None  # over the API's `max_concurrency`
     edge: bool = True  # Velocity, Traefik and the agents, as the spec declares them

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from reconciler.cli.live import (
     add_connection_args,
     color_arg,
-    connection_override,
+    connection_alone,
     run_async,
     spec_dir_args,
     warn_insecure,
@@ -153,7 +153,7 @@ def platform_files(args: argparse.Namespace, err: TextIO) -> tuple[dict[str, str
         check_label(args.name)
     except ValueError as exc:
         raise InitError(f"--name {args.name!r}: {exc}") from None
-    override = connection_override(args)
+    override = connection_alone(args)
     if args.nodes:
         nodes = [n.strip() for n in args.nodes.split(",") if n.strip()]
         if not nodes:
@@ -201,7 +201,7 @@ def _from_cluster(
     from reconciler.model.units import format_mib
     from reconciler.providers.proxmox import ProxmoxProvider, cluster_facts, connect
 
-    api = connection_override(args)
+    api = connection_alone(args)
     assert api is not None
     provider = ProxmoxProvider(
         client=connect(api, insecure=args.insecure),

@@ -1,7 +1,8 @@
 """Live commands: `observe`, live `plan`, and `apply`, against a real (or fake) Proxmox VE.
 
-Connection settings come from the spec (`proxmox:` or a host's `api:`); the `--proxmox-*` flags
-override them, for a lab or for pointing the example platform at fakepve.
+Connection settings come from the spec (`proxmox:` or a host's `api:`); the `--proxmox-*` and
+`--ca-file` flags override them field by field, for a lab or for pointing the example platform
+at fakepve (`connection_override`; merged in `applying.connecting.merge_endpoint`).
 
 The edge the spec declares is observed and applied too: Velocity registrations through the
 bridge plugin, Traefik routes through each instance's feed (and what Traefik serves, through its
@@ -43,7 +44,7 @@ from reconciler.model.resources import DesiredGraph
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
-    from reconciler.applying.connecting import Connection, Endpoints
+    from reconciler.applying.connecting import Connection, Endpoints, ProxmoxOverride
     from reconciler.applying.converging import Convergence
     from reconciler.applying.executor import Progress, Result
     from reconciler.model.observed import ObservedState
@@ -149,19 +150,35 @@ def max_concurrency(text: str) -> int:
 
 
 def add_connection_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("Proxmox connection (overrides the spec)")
-    g.add_argument("--proxmox-url", metavar="URL")
-    g.add_argument("--proxmox-user", metavar="USER", default="root@pam")
-    g.add_argument(
-        "--proxmox-password-env", metavar="VAR", help="environment variable holding the password"
+    """The connection flags, the same on every command that talks to Proxmox. Each one given
+    replaces its field of the spec's `proxmox` section; the others stay the spec's
+    (`connection_override`, `applying.connecting.merge_endpoint`)."""
+    g = p.add_argument_group(
+        "Proxmox connection (each flag given overrides its field of the spec's proxmox section)"
     )
-    g.add_argument("--proxmox-token-id", metavar="NAME")
+    g.add_argument("--proxmox-url", metavar="URL", help="the API, https://host:8006")
+    g.add_argument(
+        "--proxmox-user",
+        metavar="USER",
+        help="the user (default: the spec's; root@pam without a proxmox section)",
+    )
+    g.add_argument(
+        "--proxmox-password-env",
+        metavar="VAR",
+        help="environment variable holding the password (log in with it, not a token)",
+    )
+    g.add_argument(
+        "--proxmox-token-id", metavar="NAME", help="the API token's name (the part after '!')"
+    )
     g.add_argument(
         "--proxmox-token-env",
         metavar="VAR",
-        help="environment variable holding the API token secret",
+        help="environment variable holding the API token secret (default: the spec's, "
+        "else PVE_TOKEN_SECRET)",
     )
-    g.add_argument("--ca-file", metavar="FILE", help="CA bundle to verify Proxmox's TLS")
+    g.add_argument(
+        "--ca-file", metavar="FILE", help="CA bundle to verify Proxmox's TLS (turns it on)"
+    )
     g.add_argument(
         "--proxmox-max-concurrency",
         metavar="N",
@@ -247,25 +264,44 @@ def endpoints_from(args: argparse.Namespace) -> Endpoints:
     )
 
 
-def connection_override(args: argparse.Namespace) -> ProxmoxApi | None:
-    from reconciler.model.spec import ProxmoxApi, SecretRef
+def connection_override(args: argparse.Namespace) -> ProxmoxOverride | None:
+    """The connection flags given, as an override of the spec's API field by field (merged
+    when connecting: `applying.connecting.merge_endpoint`); None when none is. A flag that
+    cannot apply whatever the spec says is a ConfigurationError naming it, before anything
+    connects."""
+    from reconciler.applying.connecting import ProxmoxOverride
+    from reconciler.model.spec import SecretRef
 
-    if not args.proxmox_url:
-        return None
-    if args.proxmox_token_id:
-        return ProxmoxApi(
-            url=args.proxmox_url,
-            user=args.proxmox_user,
-            token_id=args.proxmox_token_id,
-            token_secret=SecretRef(env=args.proxmox_token_env or "PVE_TOKEN_SECRET"),
-            ca_file=args.ca_file,
-        )
-    return ProxmoxApi(
+    def ref(var: str | None) -> SecretRef | None:
+        return SecretRef(env=var) if var else None
+
+    if args.ca_file is not None:
+        if args.insecure:
+            raise ConfigurationError(
+                "--insecure and --ca-file: give one (--ca-file verifies TLS with that CA, "
+                "--insecure does not verify at all)"
+            )
+        if not Path(args.ca_file).is_file():
+            raise ConfigurationError(f"--ca-file {args.ca_file}: no such file")
+    override = ProxmoxOverride(
         url=args.proxmox_url,
         user=args.proxmox_user,
-        password=SecretRef(env=args.proxmox_password_env or "PVE_PASSWORD"),
+        password=ref(args.proxmox_password_env),
+        token_id=args.proxmox_token_id,
+        token_secret=ref(args.proxmox_token_env),
         ca_file=args.ca_file,
     )
+    return None if override == ProxmoxOverride() else override
+
+
+def connection_alone(args: argparse.Namespace) -> ProxmoxApi | None:
+    """The API the connection flags describe on their own, for the commands without a spec
+    (`init`, `import --platform`): None when no flag is given; flags that are not enough
+    (no --proxmox-url, no credential) are a ConfigurationError naming what is missing."""
+    from reconciler.applying.connecting import merge_endpoint
+
+    override = connection_override(args)
+    return None if override is None else merge_endpoint(None, override)
 
 
 def load_checked(
@@ -353,8 +389,9 @@ MANUAL_LEASE_TTL = 15.0
 
 
 def warn_insecure(args: argparse.Namespace, err: TextIO) -> None:
-    """Every command that connects to Proxmox says so when TLS is not verified."""
-    if args.insecure:
+    """Every command that connects to Proxmox says so when TLS is not verified (with
+    --ca-file too, it is an error instead: `connection_override`)."""
+    if args.insecure and args.ca_file is None:
         err.write(
             "warning: TLS verification of the Proxmox API is OFF (--insecure); "
             "anyone on the path can read the credentials\n"

@@ -22,6 +22,8 @@ def flags(api: ProxmoxApi, *, edge: bool = False) -> list[str]:
     return [
         "--proxmox-url",
         api.url,
+        "--proxmox-user",
+        "root@pam",  # fakepve's; the example spec's user is reconciler@pve
         "--proxmox-password-env",
         "FAKEPVE_PASSWORD",
         "--ca-file",

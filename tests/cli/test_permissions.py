@@ -65,7 +65,8 @@ def token_flags(api: ProxmoxApi) -> list[str]:
 def root_flags(api: ProxmoxApi) -> list[str]:
     assert api.ca_file is not None
     return [
-        *("--proxmox-url", api.url, "--proxmox-password-env", "FAKEPVE_PASSWORD"),
+        *("--proxmox-url", api.url, "--proxmox-user", "root@pam"),
+        *("--proxmox-password-env", "FAKEPVE_PASSWORD"),
         *("--ca-file", api.ca_file, "--no-edge"),
     ]
 

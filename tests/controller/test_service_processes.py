@@ -116,6 +116,8 @@ class Replicas:
             "20",
             "--proxmox-url",
             self.pve.url,
+            "--proxmox-user",
+            "root@pam",
             "--proxmox-password-env",
             "FAKEPVE_PASSWORD",
             "--ca-file",

@@ -416,6 +416,8 @@ def flags(pve_api: Any) -> list[str]:
     return [
         "--proxmox-url",
         pve_api.url,
+        "--proxmox-user",
+        "root@pam",
         "--proxmox-password-env",
         "FAKEPVE_PASSWORD",
         "--ca-file",

@@ -83,6 +83,8 @@ def test_insecure_prints_a_warning(
                 str(SPECS),
                 "--proxmox-url",
                 pve.url,
+                "--proxmox-user",
+                "root@pam",
                 "--proxmox-password-env",
                 "FAKEPVE_PASSWORD",
                 "--insecure",

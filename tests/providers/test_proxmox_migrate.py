@@ -513,6 +513,8 @@ def cli(fake: FakePveProcess, *args: str) -> list[str]:
         "--no-edge",
         "--proxmox-url",
         fake.url,
+        "--proxmox-user",
+        "root@pam",
         "--proxmox-password-env",
         "FAKEPVE_PASSWORD",
         "--ca-file",
