@@ -5,8 +5,12 @@ imported (or written) specs have been reviewed; until then the planner only repo
 
 What adopting writes, and nothing else:
 - a guest (`guest/<name>`): the owner tag added to its tags, and the mark line
-  (`reconciler:v1 platform=.. address=.. template=..`) appended to its description, whose text
-  is kept. The template is the spec's, so planning sees no template change. The config PUT
+  (`reconciler:v1 platform=.. address=.. vmid=.. template=.. adopted=<dir>`) appended to its
+  description, whose text is kept. The template is the spec's, so planning sees no template
+  change. `adopted` is the spec directory read (`--dir` as given, `os.path.normpath`ed;
+  percent-encoded in the line, see `proxmox.mark_line`): a plan of another directory that
+  lacks the guest names it and the merge that brings it there (planner `adopted-elsewhere`).
+  It is provenance only: ownership stays platform, address and vmid. The config PUT
   carries the digest read during the checks: a guest edited in between is not overwritten
   (the adoption fails for it; run adopt again after a look);
 - an alias, IP set or security group (`firewall/alias|ipset|group/<name>`): the comment mark
@@ -29,6 +33,7 @@ firewall follows its guest: it is managed once the guest is adopted.
 
 from __future__ import annotations
 
+import os.path
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -101,11 +106,15 @@ async def adopt(
     from, as the refusals name it (default: found from the graph's positions)."""
     report = AdoptionReport()
     where = spec_dir or spec_directory(graph)
+    # The mark's `adopted`: the directory as given, `specs/` and `./specs` alike as `specs`.
+    adopted = os.path.normpath(where) if where else None
     wanted = list(dict.fromkeys(a.strip().rstrip("/") for a in addresses))
     inventory = {int(i["vmid"]): i for i in (await provider.inventory()).guests}
     for address in wanted:
         try:
-            report.adoptions.append(await _check(graph, provider, inventory, address, where))
+            report.adoptions.append(
+                await _check(graph, provider, inventory, address, where, adopted)
+            )
         except _Refused as exc:
             report.refused[address] = str(exc)
         except ProviderError as exc:
@@ -134,12 +143,13 @@ async def _check(
     inventory: Mapping[int, Mapping[str, Any]],
     address: str,
     spec_dir: str | None = None,
+    adopted: str | None = None,
 ) -> Adoption:
     res = graph.resources.get(address)
     if res is None:
         raise _Refused(_not_in_specs(graph, address, spec_dir))
     if res.kind is Kind.GUEST:
-        return await _check_guest(graph, provider, inventory, address)
+        return await _check_guest(graph, provider, inventory, address, adopted)
     if res.kind in _NAMED:
         adoption = await _check_named(provider, graph.platform, res.kind, res.name, address)
         if adoption.status != "already owned":
@@ -170,7 +180,10 @@ async def _check_guest(
     provider: ProxmoxProvider,
     inventory: Mapping[int, Mapping[str, Any]],
     address: str,
+    adopted: str | None = None,
 ) -> Adoption:
+    """A guest: checked against the spec, then its tag and mark (`adopted`: the directory the
+    mark names, see the module docstring) to write."""
     want = graph.resources[address].attributes
     vmid = want.get("vmid")
     if vmid is None:
@@ -212,7 +225,7 @@ async def _check_guest(
         writes["tags"] = ";".join(sorted({*tags, owner_tag}))
     if not mark:
         writes["description"] = with_mark(
-            description, platform, address, want.get("template"), int(item["vmid"])
+            description, platform, address, want.get("template"), int(item["vmid"]), adopted
         )
     after = {**config, **writes}
     adoption = Adoption(address, target, writes, drift=_guest_drift(want, item, after))

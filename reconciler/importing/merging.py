@@ -10,9 +10,11 @@ Why: a guest adopted from `imported/` carries this platform's mark, so the platf
 What is merged (a named entry is written whole in one file, so an entry DIR lacks is added
 whole, in a new file; no file of DIR is ever edited):
 - guests: added when DIR has no guest of that name and none with its vmid. A guest DIR has
-  already is the same one when its settings, profiles folded in, are equal: left as it is;
-  otherwise, and for a vmid DIR gives another guest, it is a conflict: an error naming both
-  files and lines, and nothing is written. With `keep`, `import --into`'s rule: DIR's
+  already is the same one when its settings, profiles folded in, mean the same: left as it is
+  (a storage left out is the platform's `default_storage`, and a vmid DIR leaves out is the
+  one the planner reads back from the mark, so the import of a guest DIR created itself
+  matches it); otherwise, and for a vmid DIR gives another guest, it is a conflict: an error
+  naming both files and lines, and nothing is written. With `keep`, `import --into`'s rule: DIR's
   definition of a guest it already manages stands (same vmid, or DIR gives none and the estate
   shows the guest owned under that name); the first apply converges it.
 - what an added guest needs: its host is DIR's host of the same node, else the incoming one
@@ -54,7 +56,7 @@ from reconciler.loading.sources import (
     read_text,
 )
 from reconciler.model.diagnostics import Diagnostic, Position, error, has_errors
-from reconciler.model.spec import PlatformSpec
+from reconciler.model.spec import GuestSpec, PlatformSpec
 
 CONFLICT = "merge-conflict"
 PREFIX = "imported-"
@@ -255,7 +257,10 @@ def _merge_guest(m: _Merge, name: str) -> None:
     held = {g.vmid: n for n, g in m.target.spec.guests.items() if g.vmid is not None}
     ours = m.target.spec.guests.get(name)
     if ours is not None:
-        if _dump(ours, "profile") == _dump(mapped, "profile"):
+        if _settings(ours, m.target.spec) == _settings(
+            mapped if ours.vmid is not None else mapped.model_copy(update={"vmid": None}),
+            m.incoming.spec,
+        ):
             m.out.present.append(f"guest/{name}")
         elif m.keep and (ours.vmid == guest.vmid or (ours.vmid is None and name in m.owned)):
             m.out.present.append(f"guest/{name}")
@@ -538,6 +543,22 @@ def _commented(value: Any) -> Any:
 
 
 # --- helpers ------------------------------------------------------------------------------------
+
+
+def _settings(guest: GuestSpec, spec: PlatformSpec) -> Any:
+    """What a guest's settings mean, to compare two definitions: profiles folded in (the
+    checked spec has them), a storage left out resolved to `spec`'s `default_storage`."""
+    default = spec.platform.default_storage
+    resolved = guest.model_copy(
+        update={
+            "disk": guest.disk.model_copy(update={"storage": guest.disk.storage or default}),
+            "volumes": {
+                key: vol.model_copy(update={"storage": vol.storage or default})
+                for key, vol in guest.volumes.items()
+            },
+        }
+    )
+    return _dump(resolved, "profile")
 
 
 def _dump(model: Any, *leave_out: str) -> Any:

@@ -25,9 +25,10 @@ FORCES_REPLACE: dict[Kind, frozenset[str]] = {
 # the Velocity bridge knows a server's name, address and port only, not its forced host). A
 # guest's template is used once, to create it: Proxmox keeps no record of it, so a template
 # that differs on an existing guest (an imported guest's placeholder, a newer image) is not a
-# change, and never a reason to destroy a guest.
+# change, and never a reason to destroy a guest. `adopted` (the spec directory its mark says
+# it was adopted from) is observed for the planner's messages only: no spec sets it.
 NOT_COMPARED: dict[Kind, frozenset[str]] = {
-    Kind.GUEST: frozenset({"role", "template", "restore_missing"}),
+    Kind.GUEST: frozenset({"role", "template", "restore_missing", "adopted"}),
     Kind.VELOCITY: frozenset({"forced_host"}),
     # Readiness policy of the controller: it is acted on, never written to Traefik. The feed
     # is where a route is read from, not part of it (a lab may feed an instance by file).

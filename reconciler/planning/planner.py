@@ -73,6 +73,8 @@ from reconciler.planning import backups, diffing, normalize, placement
 from reconciler.planning.provenance import (
     adopt_command,
     adopted_from_import,
+    adopted_into,
+    same_directory,
     spec_digest,
     spec_directory,
 )
@@ -1029,8 +1031,9 @@ def _deletes(
         # anyway). Deleting one loses nothing, so it needs neither pruning nor --allow-destroy,
         # and does not count against max_deletes_per_run.
         blocked = None
-        # Most likely not gone: adopted from an import's directory never merged into this
-        # one. Said whether or not pruning lets the delete through, and in its reason.
+        # Most likely not gone: adopted from another spec directory (an import's) never
+        # merged into this one. Said whether or not pruning lets the delete through, and in
+        # its reason.
         elsewhere = _adopted_elsewhere(r, graph, prune) if r.kind is Kind.GUEST else None
         if elsewhere is not None:
             diags.append(elsewhere[0])
@@ -1071,30 +1074,59 @@ def _deletes(
 def _adopted_elsewhere(
     r: ObservedResource, graph: DesiredGraph, prune: bool
 ) -> tuple[Diagnostic, str] | None:
-    """An owned guest missing from the spec whose mark names the import's placeholder template
-    (planning.provenance.adopted_from_import): it was adopted from specs `reconciler import`
-    wrote, most likely in their own directory, which was never merged into this one. Not gone
-    from the platform: the warning (`adopted-elsewhere`) says so and what merges it, and so
-    does the delete's reason, which the destroy banner shows. None for any other guest."""
+    """An owned guest missing from the spec that was adopted from another spec directory: its
+    mark names it (`adopted=imported`, planning.provenance.adopted_into), and it is not the
+    one this plan read (`same_directory`). Not gone from the platform: the warning
+    (`adopted-elsewhere`) names that directory and the merge that brings the guest here, and
+    so does the delete's reason, which the destroy banner shows. A mark naming this directory
+    makes it an ordinary orphan (None). A mark written before it named its directory falls
+    back to the template heuristic (`_adopted_from_an_import`). None for any other guest."""
+    source = adopted_into(r.attributes)
+    if source is None:
+        return _adopted_from_an_import(r, graph, prune)
+    here = spec_directory(graph)
+    if here is not None and same_directory(source, here):
+        return None
+    shown, target = (f"{here}/", shlex.quote(here)) if here else ("this spec", "DIR")
+    merge = f"reconciler merge {shlex.quote(source)} {target}"
+    diag = warning(
+        "adopted-elsewhere",
+        f"{r.address} (vmid {r.id.get('vmid')}) was adopted from the specs in "
+        f"{source.rstrip('/')}/, not from {shown} (its mark says adopted={source}), so it most "
+        f"likely lives there: merge it into {shown} with `{merge}`; {_fate(prune)}",
+        address=r.address,
+    )
+    return diag, f"adopted from {source}: merge it in first ({merge})"
+
+
+def _adopted_from_an_import(
+    r: ObservedResource, graph: DesiredGraph, prune: bool
+) -> tuple[Diagnostic, str] | None:
+    """The fallback for a mark without `adopted=`: its template is the import's placeholder
+    (planning.provenance.adopted_from_import), so it was adopted from specs `reconciler import`
+    wrote, most likely in their own directory, which was never merged into this one; which
+    directory cannot be told (IMPORT_DIR in the hint). A VM's mark names no template: None."""
     if not adopted_from_import(r.attributes):
         return None
     here = spec_directory(graph)
     shown, target = (f"{here}/", shlex.quote(here)) if here else ("this spec", "DIR")
     merge = f"reconciler merge IMPORT_DIR {target}"
-    fate = (
-        "this plan DELETES it (pruning is on): merge first unless that is meant"
-        if prune
-        else "kept because pruning is off (platform.prune or --allow-destroy)"
-    )
     diag = warning(
         "adopted-elsewhere",
         f"{r.address} (vmid {r.id.get('vmid')}) was adopted from imported specs, not from "
         f"{shown} (its mark names the import's template {r.attributes.get('template')}), so "
         f"it most likely lives in an import's directory (such as imported/): merge it into {shown} "
-        f"with `{merge}` (or `reconciler import --into {target}`); {fate}",
+        f"with `{merge}` (or `reconciler import --into {target}`); {_fate(prune)}",
         address=r.address,
     )
     return diag, f"adopted from imported specs: merge them in first ({merge})"
+
+
+def _fate(prune: bool) -> str:
+    """What this plan does with a guest adopted elsewhere: delete it, or keep it."""
+    if prune:
+        return "this plan DELETES it (pruning is on): merge first unless that is meant"
+    return "kept because pruning is off (platform.prune or --allow-destroy)"
 
 
 def _firewall_first(changes: dict[str, Change], graph: DesiredGraph) -> None:

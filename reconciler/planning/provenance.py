@@ -8,10 +8,12 @@ every plan, and `first_difference`, the comparison the CLI's `apply --plan` make
 
 It also says where a plan's guests come from, for the planner's messages: `spec_directory`
 (the directory the graph's files were read from, so a hint names the exact command, `reconciler
-adopt guest/x --dir imported`) and `adopted_from_import` (an owned guest whose mark names the
-template `reconciler import` writes when Proxmox did not record one: it was adopted from
-imported specs, so when it is missing from a spec it most likely lives in the import's
-directory, not gone from the platform).
+adopt guest/x --dir imported`), `adopted_into` (the spec directory an owned guest's mark says
+`reconciler adopt` read, its `adopted=` field: when the guest is missing from a spec read from
+another directory, it lives there, not gone from the platform), `same_directory` (whether that
+is the directory a plan read), and, for marks written before that field,
+`adopted_from_import` (the mark names the template `reconciler import` writes when Proxmox
+did not record one: adopted from imported specs, directory unknown).
 
 What the spec digest covers: every resource's address, kind, attributes, dependencies and what
 it is attached to, and the platform's settings (among them what gates destroys: `prune` and
@@ -42,8 +44,30 @@ _IMPORT_TEMPLATE = re.compile(r"unknown:vztmpl/[a-z0-9-]*-imported\.tar\.zst")
 def adopted_from_import(attributes: Mapping[str, Any]) -> bool:
     """Whether an observed guest was adopted from specs `reconciler import` wrote: its mark
     (read into `template`) names the import's placeholder template. A VM's mark names no
-    template, so for a VM this cannot be told."""
+    template, so for a VM this cannot be told. The fallback for a mark without `adopted=`."""
     return bool(_IMPORT_TEMPLATE.fullmatch(str(attributes.get("template") or "")))
+
+
+def adopted_into(attributes: Mapping[str, Any]) -> str | None:
+    """The spec directory an observed guest was adopted from, as `reconciler adopt` was given
+    it (its mark's `adopted=`, read into the attribute `adopted`); None for a mark without it
+    (written before marks named it, or by a create)."""
+    directory = attributes.get("adopted")
+    return str(directory) if directory else None
+
+
+def same_directory(adopted: str, here: str) -> bool:
+    """Whether a guest adopted from `adopted` belongs to the specs read from `here` (the deepest
+    folder holding every spec file of a plan, `spec_directory`): one is the other or holds it.
+    A spec directory is read with its subdirectories, so `adopt --dir specs` and a plan whose
+    files all sit in `specs/guests/` read the same specs, and so do `specs/guests` and
+    `specs`. Relative names are taken from the current directory, as the command line does."""
+    a, b = os.path.abspath(adopted), os.path.abspath(here)
+    try:
+        common = os.path.commonpath([a, b])
+    except ValueError:  # two drives: nothing in common
+        return False
+    return common in (a, b)
 
 
 def spec_directory(graph: DesiredGraph) -> str | None:

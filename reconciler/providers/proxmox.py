@@ -72,7 +72,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mappin
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import urlparse
+from urllib.parse import quote, unquote, urlparse
 
 import anyio
 import requests
@@ -104,10 +104,15 @@ if TYPE_CHECKING:
 
 MARK_PREFIX = "reconciler:v1"
 # The whole of a description's last non-empty line, as `mark_line` writes it; a guest's address.
+# Its fields in this order; `adopted` (the spec directory `adopt` read, percent-encoded) is
+# provenance only: who owns the guest is the platform, address and vmid (`claimed`).
 _MARK = re.compile(
     rf"{re.escape(MARK_PREFIX)} platform=(?P<platform>\S+) address=(?P<address>guest/[^\s/]+)"
     r"(?: vmid=(?P<vmid>[1-9][0-9]*))?(?: template=(?P<template>\S+))?"
+    r"(?: adopted=(?P<adopted>\S+))?"
 )
+# What `adopted` keeps as it is; anything else (whitespace, `%`, non-ASCII) is percent-encoded.
+_ADOPTED_SAFE = "/+,@:"
 
 # A VM's one disk (its boot disk, observed and compared as `rootfs`), and what a VM is created
 # with besides the spec's fields: an empty Linux VM, booting from that disk.
@@ -213,8 +218,8 @@ def classify(exc: BaseException, context: str = "", *, read: bool = False) -> Pr
     if isinstance(exc, requests.exceptions.SSLError | ssl.SSLCertVerificationError):
         # Retrying cannot fix a certificate we do not trust: say why, and how to fix it.
         return PermanentError(
-            f"{prefix}TLS verification failed{_where(exc)}: {_tls_cause(exc)}; give the "
-            "cluster's CA as ca_file or --ca-file (/etc/pve/pve-root-ca.pem on a node), "
+            f"{prefix}TLS verification failed{_where(exc)}: {_tls_cause(exc)}; verify with the "
+            "cluster's CA (/etc/pve/pve-root-ca.pem on a node) as ca_file or --ca-file, "
             "or --insecure in a lab"
         )
     if isinstance(exc, requests.Timeout | TimeoutError):
@@ -278,7 +283,7 @@ def connect(api: ProxmoxApi, *, insecure: bool = False, timeout: float = 15.0) -
     verify: bool | str = api.verify_tls and not insecure
     if verify and api.ca_file:
         if not Path(api.ca_file).is_file():
-            raise ConfigurationError(f"CA file {api.ca_file} does not exist")
+            raise ConfigurationError(f"ca_file {api.ca_file}: no such file")
         verify = api.ca_file
     kwargs: dict[str, Any] = {
         "port": url.port or 8006,
@@ -296,29 +301,65 @@ def connect(api: ProxmoxApi, *, insecure: bool = False, timeout: float = 15.0) -
     try:
         return ProxmoxAPI(url.hostname, **kwargs)
     except Exception as exc:  # login happens here for password auth
-        raise classify(exc, f"connecting to {api.url}") from None
+        # The client's error names the address (`classify` says it); when it does not, we do.
+        context = f"logging in {'' if _where(exc) else f'to {api.url} '}as {api.user}"
+        if isinstance(exc, requests.exceptions.SSLError):
+            # Which CA said no: a ca_file that is set but wrong is told from one never given.
+            checked = verify if isinstance(verify, str) else "the system's CAs"
+            context += f" (TLS checked against {checked})"
+        raise classify(exc, context) from None
 
 
 # --- ownership mark ------------------------------------------------------------------------
 
 
-def mark_line(platform: str, address: str, template: str | None, vmid: int | None = None) -> str:
+def mark_line(
+    platform: str,
+    address: str,
+    template: str | None,
+    vmid: int | None = None,
+    adopted: str | None = None,
+) -> str:
+    """`reconciler:v1 platform=.. address=.. [vmid=..] [template=..] [adopted=..]`, in that
+    order. `adopted`: the spec directory `reconciler adopt` read, as it was given; written
+    percent-encoded (`my%20specs`), so the line stays fields without whitespace, and
+    `read_mark` gives it back as it was."""
     parts = [f"platform={platform}", f"address={address}"]
     if vmid is not None:
         parts.append(f"vmid={int(vmid)}")
     if template:
         parts.append(f"template={template}")
+    if adopted:
+        parts.append(f"adopted={encode_adopted(adopted)}")
     return f"{MARK_PREFIX} {' '.join(parts)}"
 
 
+def encode_adopted(directory: str) -> str:
+    """A directory as the mark's `adopted` field holds it (`decode_adopted` reverses it)."""
+    return quote(directory, safe=_ADOPTED_SAFE, errors="surrogateescape")
+
+
+def decode_adopted(field: str) -> str | None:
+    """The mark's `adopted` field -> the directory; None when it decodes to text that is not
+    printable (`str.isprintable`: a control character, a separator other than the space),
+    which is never shown to people: the field is then left out, the mark read as without it."""
+    directory = unquote(field, errors="surrogateescape")
+    return directory if directory and directory.isprintable() else None
+
+
 def with_mark(
-    description: str, platform: str, address: str, template: str | None, vmid: int | None = None
+    description: str,
+    platform: str,
+    address: str,
+    template: str | None,
+    vmid: int | None = None,
+    adopted: str | None = None,
 ) -> str:
     """The description as sent: the spec's text, then the mark as its last line. The mark names
     the vmid it was written for, so a hand-made copy of the guest (a clone copies the
-    description) is not a claim: see `claimed`."""
+    description) is not a claim: see `claimed`. `adopted`: see `mark_line`."""
     body = description.rstrip("\n")
-    mark = mark_line(platform, address, template, vmid)
+    mark = mark_line(platform, address, template, vmid, adopted)
     return f"{body}\n\n{mark}" if body else mark
 
 
@@ -347,6 +388,10 @@ def read_mark(description: str | None) -> tuple[dict[str, str], str]:
     if m is None:
         return {}, text
     fields = {k: v for k, v in m.groupdict().items() if v is not None}
+    if "adopted" in fields:  # decoded; one that cannot be is left out, the mark still ours
+        adopted = decode_adopted(fields.pop("adopted"))
+        if adopted is not None:
+            fields["adopted"] = adopted
     return fields, "\n".join(lines[:last]).strip("\n")
 
 
@@ -480,7 +525,9 @@ def observed_volumes(kind: str, config: Mapping[str, Any]) -> dict[str, str]:
 
 def guest_attributes(item: Mapping[str, Any], config: Mapping[str, Any]) -> dict[str, Any]:
     """A guest's Proxmox config -> our attribute shape (normalization finishes in planning). A
-    VM has no template, swap, features or unprivileged flag; its boot disk is `rootfs`."""
+    VM has no template, swap, features or unprivileged flag; its boot disk is `rootfs`.
+    `adopted`, only when the mark has it: the spec directory the guest was adopted from, for
+    the planner's messages (never compared: no spec sets it)."""
     kind = item.get("type", "lxc")
     mark, description = read_mark(config.get("description"))
     attrs: dict[str, Any] = {
@@ -512,6 +559,8 @@ def guest_attributes(item: Mapping[str, Any], config: Mapping[str, Any]) -> dict
     else:
         del attrs["template"]
         attrs["rootfs"] = config.get(QEMU_DISK)
+    if mark.get("adopted"):
+        attrs["adopted"] = mark["adopted"]
     return attrs
 
 
@@ -995,11 +1044,16 @@ class ProxmoxProvider:
         config = await self.config_when_unlocked(
             self._guest(change), f"read restored config of {change.id['vmid']}"
         )
-        _, description = read_mark(config.get("description"))
+        mark, description = read_mark(config.get("description"))
         tags = sorted({*_tags(config.get("tags")), *want["tags"]})
         marked = {
             "description": with_mark(
-                description, self.platform, change.address, want.get("template"), want["vmid"]
+                description,
+                self.platform,
+                change.address,
+                want.get("template"),
+                want["vmid"],
+                adopted=mark.get("adopted"),  # where it was adopted into, kept
             ),
             "tags": ";".join(tags),
             "digest": config["digest"],
@@ -1572,6 +1626,8 @@ def update_params(
             address,
             want.get("template"),
             want.get("vmid") or config.get("vmid"),
+            # Where it was adopted into, kept (the plan names it should it leave the spec).
+            adopted=read_mark(config.get("description"))[0].get("adopted"),
         )
     for path in sorted(p for p in paths if p.startswith("net.")):
         key = path.split(".", 1)[1]

@@ -361,7 +361,7 @@ def test_unadopted_firewall_objects_are_only_reported_too(
 
 
 def test_adopting_one_guest_marks_only_that_guest(
-    graph: DesiredGraph, provider: ProxmoxProvider, pve: Any
+    graph: DesiredGraph, provider: ProxmoxProvider, pve: Any, tmp_path: Path
 ) -> None:
     before = configs(pve)
     report = do_adopt(graph, provider, "guest/mc-lobby")
@@ -378,7 +378,7 @@ def test_adopting_one_guest_marks_only_that_guest(
     assert lobby["tags"] == "game;reconciler;vanilla"
     assert lobby["description"] == (
         "the lobby\n\nreconciler:v1 platform=zpack address=guest/mc-lobby vmid=1000 "
-        "template=unknown:vztmpl/debian-imported.tar.zst"
+        f"template=unknown:vztmpl/debian-imported.tar.zst adopted={tmp_path / 'imported'}"
     )
     assert {k: v for k, v in lobby.items() if k not in ("tags", "description")} == {
         k: v for k, v in before[1000].items() if k not in ("tags", "description")

@@ -145,6 +145,27 @@ def test_a_second_merge_adds_nothing(
     assert contents(target) == before
 
 
+def test_a_guest_the_specs_created_is_the_same_one_in_their_import(
+    dirs: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The import of a guest the platform made from its own entry (no vmid: allocated; its
+    storage the default) has the vmid the mark gave it and the storage written out: the same
+    guest, left as it is (the first day's `import --out`, then `merge`, on a platform with a
+    guest of its own). A vmid the target writes out still has to agree (the test below)."""
+    source, target = dirs
+    (target / "game.yaml").write_text(
+        "guests:\n"
+        f"  mc-lobby: {{role: game, host: core, template: '{PLACEHOLDER}', cores: 2,"
+        " memory: 4G, disk: {storage: local-lvm}}\n"
+    )
+    code, out, err = merge(capsys, str(source), str(target))
+    assert code == 0, err
+    assert "guest/mc-lobby" not in out and "+ guest/mc-survival" in out
+    loaded = load_directory(target)
+    assert loaded.ok and loaded.spec is not None, [str(d) for d in loaded.diagnostics]
+    assert loaded.spec.guests["mc-lobby"].vmid is None  # the target's entry, as it was
+
+
 def test_a_guest_defined_otherwise_is_a_conflict_naming_both_files(
     dirs: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:

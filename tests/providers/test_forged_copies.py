@@ -4,10 +4,11 @@ foreign and never touched. A copy of a mark written before marks named a vmid ma
 claim one address: the plan is an error naming both, nothing of either (nor its firewall) is
 touched, and `apply` refuses.
 
-Also: a mark-like line that is not the description's last line is description text, never an
-ownership claim; and a guest whose spec vmid changes is replaced only with pruning, destroying
-the vmid observed, the plan saying both. Assertions read Proxmox's state or fakepve's request
-log (`pve.requests`).
+A mark naming the directory a guest was adopted from (`adopted=`) is ours the same way, and a
+copy of it is foreign just the same. Also: a mark-like line that is not the description's last
+line is description text, never an ownership claim; and a guest whose spec vmid changes is
+replaced only with pruning, destroying the vmid observed, the plan saying both. Assertions
+read Proxmox's state or fakepve's request log (`pve.requests`).
 """
 
 from __future__ import annotations
@@ -191,6 +192,36 @@ def test_a_copy_of_a_mark_without_vmid_errors_the_plan_naming_both_and_touches_n
     assert not conv.ok and conv.rounds[-1].report is None
     assert touching(pve, LOBBY, COPY) == []
     assert converged.client.nodes(RUNTIME).lxc(LOBBY).status.current.get()["status"] == "running"
+
+
+def test_a_mark_naming_its_directory_is_ours_and_a_copy_of_it_is_not(
+    graph: DesiredGraph, converged: ProxmoxProvider, pve: Any
+) -> None:
+    """`adopted=` (the spec directory adopt read) is provenance only: the guest is ours as
+    before, the field is no drift, and a hand-made copy carrying it is still foreign."""
+    lobby = converged.client.nodes(RUNTIME).lxc(LOBBY)
+    description = str(lobby.config.get()["description"]).rstrip("\n")
+    assert description.endswith(".tar.zst")  # the mark as a create writes it: no field
+    lobby.config.put(description=f"{description} adopted=my%20specs")
+    pve.requests.clear()
+    plan = plan_now(graph, converged, allow_destroy=True)
+    assert not plan.errored, [str(d) for d in plan.diagnostics]
+    [mine] = [c for c in plan.changes if c.address == "guest/mc-lobby"]
+    assert mine.action is Action.NOOP and mine.before is not None
+    assert mine.before["adopted"] == "my specs"
+    assert not [f for f in plan.foreign if f["vmid"] == LOBBY]
+
+    copy_lobby(converged)
+    copy = converged.client.nodes(RUNTIME).lxc(COPY).config.get()
+    assert str(copy["description"]).endswith(" adopted=my%20specs")
+    pve.requests.clear()
+    plan = plan_now(graph, converged, allow_destroy=True)
+    assert not plan.errored, [str(d) for d in plan.diagnostics]
+    assert [f["name"] for f in plan.foreign if f["vmid"] == COPY] == ["mc-lobby"]
+    assert not [c for c in plan.actions if c.id.get("vmid") in (LOBBY, COPY)]
+    conv = anyio.run(lambda: converge(graph, providers_of(converged), allow_destroy=True))
+    assert conv.ok
+    assert touching(pve, LOBBY, COPY) == []
 
 
 def cli_flags(api: ProxmoxApi) -> list[str]:
