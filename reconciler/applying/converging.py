@@ -49,9 +49,8 @@ class Convergence:
         reasons = [why[r.again] for r in self.rounds if r.again]
         if not reasons:
             return ""
-        return f"observed and planned again {len(reasons)} time(s): " + ", ".join(
-            dict.fromkeys(reasons)
-        )
+        times = "once" if len(reasons) == 1 else f"{len(reasons)} times"
+        return f"observed and planned again {times}: " + ", ".join(dict.fromkeys(reasons))
 
     @property
     def ok(self) -> bool:

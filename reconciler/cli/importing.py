@@ -37,9 +37,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from reconciler.cli import render
 from reconciler.cli.live import (
     color_arg,
     confirm,
+    connection_alone,
     connection_override,
     holding_lease,
     load_checked,
@@ -154,19 +156,22 @@ def cmd_import(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if target.is_dir() and any(target.iterdir()) and not args.force:
         err.write(f"{target} is not empty; pass --force to replace its spec files\n")
         return EXIT_ERROR
-    override = connection_override(args)
     spec: PlatformSpec | None = None
     try:
         if args.dir:
-            loaded = load_checked(args.dir, err)
+            loaded = load_checked(args.dir, err, color=render.use_color(args.color, err))
             if loaded is None:
                 return EXIT_ERROR
             spec, _ = loaded
             base = Base.from_spec(spec)
             provider = proxmox_provider(
-                spec, override, insecure=args.insecure, max_concurrency=args.proxmox_max_concurrency
+                spec,
+                connection_override(args),
+                insecure=args.insecure,
+                max_concurrency=args.proxmox_max_concurrency,
             )
         else:
+            override = connection_alone(args)  # no spec: the flags must say it all
             if override is None or not args.platform:
                 err.write("import needs --dir SPECS, or --platform NAME with --proxmox-url\n")
                 return EXIT_ERROR
@@ -208,9 +213,9 @@ def cmd_import(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         )
     check = load_directory(target)
     if not check.ok or check.spec is None:
-        from reconciler.cli import render
-
-        err.write(render.render_diagnostics(check.diagnostics))
+        err.write(
+            render.render_diagnostics(check.diagnostics, color=render.use_color(args.color, err))
+        )
         err.write(f"{target}: the imported specs do not validate (see the notes above)\n")
         return EXIT_ERROR
     more = ""
@@ -348,8 +353,6 @@ _NOUNS = (
 
 
 def _invalid(diags: list[Diagnostic], what: str, err: TextIO, color: str = "auto") -> int:
-    from reconciler.cli import render
-
     err.write(render.render_diagnostics(diags, color=render.use_color(color, err)))
     err.write(what + "\n")
     return EXIT_ERROR

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 EXIT_OK, EXIT_ERROR = 0, 1
 DEFAULT_TEMPLATE = "debian-12-standard_12.7-1_amd64.tar.zst"  # the demo's (demo.lab.TEMPLATE)
 DEFAULT_STORAGES = ["backup=backup"]
-USER = "root@pam"  # fakepve's administrator; the CLI's default --proxmox-user
+USER = "root@pam"  # fakepve's administrator
 DEFAULT_PASSWORD_ENV = "PVE_PASSWORD"  # the CLI's default --proxmox-password-env
 # The first line of a CA file the lab writes: PEM readers skip text before "-----BEGIN", and a
 # file that does not start with it is never overwritten (it may be a real cluster's CA).
@@ -348,7 +348,12 @@ def _describe(setup: _Setup, fake: FakePveProcess, out: TextIO) -> None:
     client = fake.client()
     storages = sorted(client.storage.get(), key=lambda s: str(s["storage"]))
     volumes = [str(v["volid"]) for v in client.nodes(setup.nodes[0]).storage("local").content.get()]
-    flags = f"--proxmox-url {fake.url} --ca-file {shlex.quote(str(setup.ca_file))}"
+    # The user too: a flag overrides the spec's field, and a spec of one's own may name
+    # another user (the example's is reconciler@pve).
+    flags = (
+        f"--proxmox-url {fake.url} --proxmox-user {USER} "
+        f"--ca-file {shlex.quote(str(setup.ca_file))}"
+    )
     if setup.password_env != DEFAULT_PASSWORD_ENV:
         flags += f" --proxmox-password-env {setup.password_env}"
     if setup.password_file is not None:
@@ -372,8 +377,8 @@ def _describe(setup: _Setup, fake: FakePveProcess, out: TextIO) -> None:
         f"  CA file    {setup.ca_file}",
         f"  tasks      finish {speed}",
         "",
-        f"Point any command at it (user {USER} and ${setup.password_env} are the CLI's "
-        "defaults), from another shell:",
+        "Point any command at it from another shell (these flags override a spec's "
+        "`proxmox` section field by field):",
         f"  {export}",
         f"  {flags}",
         "",

@@ -195,14 +195,6 @@ def write_plan(plan: Plan, fmt: str, out: TextIO, color: bool) -> None:
         out.write(render.render_text(plan, color=color))
 
 
-def schema_document() -> dict[str, object]:
-    """The JSON Schema of one spec file; made by `reconciler.loading.schema` (kept here for the
-    callers that import it from the CLI)."""
-    from reconciler.loading import schema
-
-    return schema.schema_document()
-
-
 def cmd_schema(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from reconciler.loading.schema import schema_text
 

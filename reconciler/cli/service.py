@@ -163,7 +163,7 @@ def options_from(args: argparse.Namespace) -> ServiceOptions:
 def cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """`reconciler run`: build the service from the command line and run it until SIGTERM
     (or, with --once, for one full cycle). Exit 0, or 1 when it could not start (or the
-    --once cycle did not converge)."""
+    --once cycle neither found the platform converged nor applied its changes)."""
     import anyio
 
     from reconciler.controller.logs import setup_logging

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.cli.main import main, schema_document
+from reconciler.cli.main import main
+from reconciler.loading.schema import schema_document
 from reconciler.model.resources import DesiredGraph
 from reconciler.planning.planner import converged_state
 from tests.conftest import ROOT, SPECS

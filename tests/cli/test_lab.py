@@ -147,7 +147,8 @@ def test_the_printed_flags_observe_plan_and_converge_a_platform(
         "--storage", "backup=backup", "--storage", "shared-ct=images,rootdir",
     )  # fmt: skip
     flags = lab.flags()
-    assert flags[0] == "--proxmox-url" and flags[2:] == ["--ca-file", str(tmp_path / "ca.pem")]
+    assert flags[0] == "--proxmox-url"
+    assert flags[2:] == ["--proxmox-user", "root@pam", "--ca-file", str(tmp_path / "ca.pem")]
     url = flags[1]
     ca, password_file = tmp_path / "ca.pem", tmp_path / "lab-password"
     assert ca.read_text().startswith(CA_MARKER + "\n-----BEGIN CERTIFICATE-----")

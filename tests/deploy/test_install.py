@@ -6,17 +6,15 @@ nothing under deploy/ installs from a placeholder URL.
 The builds run on a copy of what a wheel is made from (pyproject.toml, README.md,
 reconciler/), committed and tagged in a temporary repository, so the working tree's own
 history and tags are never touched. pip builds in its isolated environment, as a user's
-`pip wheel .` or `pipx install` does (setuptools and setuptools-scm from the index).
+`pip wheel .` or `pipx install` does (setuptools and setuptools-scm from the index). The
+helpers are tests/deploy/packaging.py's, shared with the first day's test.
 """
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import subprocess
 import sys
-import sysconfig
 import zipfile
 from pathlib import Path
 
@@ -24,63 +22,15 @@ import pytest
 
 from reconciler import FALLBACK_VERSION
 from tests.conftest import ROOT, SPECS
+from tests.deploy.packaging import (
+    build_wheel,
+    copy_source,
+    install_in_fresh_venv,
+    tagged_repo,
+    wheel_version,
+)
 
 DEPLOY = ROOT / "deploy"
-
-
-def copy_source(dest: Path) -> Path:
-    """What a wheel is made from, copied to `dest`."""
-    dest.mkdir()
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(ROOT / name, dest / name)
-    shutil.copytree(
-        ROOT / "reconciler",
-        dest / "reconciler",
-        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
-    )
-    return dest
-
-
-def git(repo: Path, *args: str) -> None:
-    subprocess.run(
-        ["git", "-c", "user.name=test", "-c", "user.email=test@localhost", *args],
-        cwd=repo,
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-
-
-def tagged_repo(dest: Path, tag: str) -> Path:
-    repo = copy_source(dest)
-    git(repo, "init", "-q", "-b", "main")
-    git(repo, "add", "-A")
-    git(repo, "commit", "-q", "-m", "release")
-    git(repo, "tag", "-a", tag, "-m", tag)
-    return repo
-
-
-def build_wheel(source: Path, out: Path, env: dict[str, str] | None = None) -> Path:
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("SETUPTOOLS_SCM")}
-    done = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(source)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**environ, **(env or {})},
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    (wheel,) = out.glob("reconciler-*.whl")
-    return wheel
-
-
-def wheel_version(wheel: Path) -> str:
-    with zipfile.ZipFile(wheel) as zf:
-        (metadata,) = [n for n in zf.namelist() if n.endswith(".dist-info/METADATA")]
-        found = re.search(r"^Version: (\S+)$", zf.read(metadata).decode(), re.MULTILINE)
-    assert found, f"{wheel.name}: no Version in METADATA"
-    return found.group(1)
 
 
 @pytest.fixture(scope="module")
@@ -116,27 +66,9 @@ def test_the_installed_wheel_runs(tagged_wheel: Path, tmp_path: Path) -> None:
     """Into a fresh virtualenv with `pip install --no-deps`; the dependencies come from this
     environment's site-packages through a .pth file, placed after the venv's own, so the
     wheel's `reconciler` is the one imported (not this checkout)."""
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
-    python = venv / "bin" / "python"
-    pip = [sys.executable, "-m", "pip", "--python", str(python)]
-    subprocess.run(
-        [*pip, "install", "-q", "--no-deps", str(tagged_wheel)],
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
-    venv_site = Path(
-        subprocess.run(
-            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-    )
-    (venv_site / "outer-deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    reconciler = venv / "bin" / "reconciler"
+    venv = install_in_fresh_venv(tagged_wheel, tmp_path / "venv")
+    python, venv_site, env = venv.python, venv.site, venv.env()
+    reconciler = venv.bin / "reconciler"
 
     def run(*argv: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
