@@ -87,6 +87,9 @@ class FastReads:
             timeout=aiohttp.ClientTimeout(total=float(self.auth.timeout or 15)),
             headers={"Accept": "application/json"},
             cookie_jar=aiohttp.DummyCookieJar(),
+            # As proxmoxer's requests does for every other call: HTTPS_PROXY and NO_PROXY
+            # apply alike to reads and writes.
+            trust_env=True,
         )
         return self
 

@@ -427,6 +427,15 @@ class PlatformPve(BackupApi, QemuMigrateApi, FakePve):  # type: ignore[misc]  # 
         super().__init__(*args, **kwargs)
         self.ct_secs["migrate"] = self.migrate_secs
 
+    def check_password(self, user: str, password: str) -> bool:
+        """As PVE's `POST /access/ticket` (PVE::API2::AccessControl, create_ticket): a valid,
+        unexpired ticket of the same user is accepted as the password, which is how a client
+        renews its ticket before the two hours run out (proxmoxer does after one)."""
+        session = self.tickets.get(password) if str(password).startswith("PVE:") else None
+        if session is not None and session["user"] == user:
+            return bool(session["expires"] > time.time())
+        return bool(super().check_password(user, password))
+
 
 def main(argv: Sequence[str] | None = None) -> None:
     """fakepve's own CLI serving PlatformPve. Options of ours: `--migrate-secs` (PVE seconds a
