@@ -1,7 +1,10 @@
-"""Shared fixtures: the example platform of specs/, loaded once."""
+"""Shared fixtures: the example platform of specs/, loaded once; the root logger put back
+after every test."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import hypothesis  # noqa: F401  (imported early: see the note in pyproject about CPython 3.11 ast)
@@ -28,3 +31,15 @@ def example() -> LoadResult:
 def graph(example: LoadResult) -> DesiredGraph:
     assert example.spec is not None
     return build_graph(example.spec, example.source)
+
+
+@pytest.fixture(autouse=True)
+def _root_logger_put_back() -> Iterator[None]:
+    """A command run in process (`main(["run", ...])`) sets up logging on the stream it was
+    given, as `reconciler run` does for its process; once the test's stream is closed, a later
+    log line (a fake's access log, in its thread) would fail to write there."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
