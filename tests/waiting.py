@@ -9,6 +9,8 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import anyio
+
 T = TypeVar("T")
 
 
@@ -27,3 +29,15 @@ def wait_for(what: Callable[[], T], message: str = "", timeout: float = 30.0) ->
 def until(condition: Callable[[], Any], timeout: float = 30.0) -> None:
     """Wait for a condition (on a fake whose tasks may end after their request)."""
     wait_for(condition, "the condition", timeout)
+
+
+async def eventually(what: Callable[[], T], message: str = "", timeout: float = 60.0) -> T:
+    """`wait_for` inside an event loop: polls without blocking the loop (the service under
+    test runs in it)."""
+    with anyio.fail_after(timeout):
+        while True:
+            value = what()
+            if value:
+                return value
+            await anyio.sleep(0.05)
+    raise AssertionError(message)  # pragma: no cover - fail_after raises first

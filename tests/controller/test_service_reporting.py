@@ -28,7 +28,7 @@ from reconciler.providers.proxmox import Inventory, connect
 from reconciler.providers.proxmox_inventory import inventory_drift
 from tests.conftest import SPECS
 from tests.controller.test_service import Running, run_service
-from tests.waiting import wait_for
+from tests.waiting import eventually, wait_for
 
 QUIET = {Trigger.SOURCE: 600.0, Trigger.FULL: 600.0, Trigger.INVENTORY: 600.0, Trigger.EDGE: 600.0}
 LOBBY = 1000  # mc-lobby's vmid in the example
@@ -50,9 +50,7 @@ def test_a_clean_start_on_a_converged_platform_lists_every_resource_as_converged
     pve_api: ProxmoxApi, tmp_path: Path, graph: DesiredGraph
 ) -> None:
     async def settle(svc: Running) -> None:
-        with anyio.fail_after(60):
-            while not converged_once(svc.service):
-                await anyio.sleep(0.05)  # polling interval
+        await eventually(lambda: converged_once(svc.service), "a converged full cycle")
 
     run_service(DirectorySource(SPECS), pve_api, tmp_path / "a", settle, QUIET)
 
@@ -116,13 +114,13 @@ def test_the_controllers_own_changes_are_not_drift_and_a_hand_change_is(
 
     async def body(svc: Running) -> None:
         cycles = svc.service.cycles
-        with anyio.fail_after(60):
-            while (Trigger.FULL, CycleOutcome.CHANGED) not in cycles:
-                await anyio.sleep(0.05)  # polling interval
-            first = cycles.index((Trigger.FULL, CycleOutcome.CHANGED))
-            # Inventory checks every 0.2 s until the follow-up full cycle (5 s later).
-            while sum(1 for t, _ in cycles[first + 1 :] if t is Trigger.INVENTORY) < 3:
-                await anyio.sleep(0.05)  # polling interval
+        await eventually(lambda: (Trigger.FULL, CycleOutcome.CHANGED) in cycles, "a change")
+        first = cycles.index((Trigger.FULL, CycleOutcome.CHANGED))
+        # Inventory checks every 0.2 s until the follow-up full cycle (5 s later).
+        await eventually(
+            lambda: sum(1 for t, _ in cycles[first + 1 :] if t is Trigger.INVENTORY) >= 3,
+            "three inventory checks",
+        )
         after = cycles[first + 1 :]
         until_next_full = after[
             : next((i for i, (t, _) in enumerate(after) if t is Trigger.FULL), None)
@@ -138,11 +136,11 @@ def test_the_controllers_own_changes_are_not_drift_and_a_hand_change_is(
         await anyio.to_thread.run_sync(
             lambda: client.nodes(node).lxc(LOBBY).config.put(memory=4096)
         )
-        with anyio.fail_after(30):
-            while (Trigger.INVENTORY, CycleOutcome.CHANGED) not in cycles[mark:]:
-                await anyio.sleep(0.05)  # polling interval
-            while (Trigger.FULL, CycleOutcome.CHANGED) not in cycles[mark:]:
-                await anyio.sleep(0.05)  # polling interval: the full cycle puts it back
+        await eventually(
+            lambda: (Trigger.INVENTORY, CycleOutcome.CHANGED) in cycles[mark:], "drift seen"
+        )
+        # The full cycle it asks for puts it back.
+        await eventually(lambda: (Trigger.FULL, CycleOutcome.CHANGED) in cycles[mark:], "healed")
 
     run_service(DirectorySource(SPECS), pve_api, tmp_path, body, intervals)
 
