@@ -12,8 +12,10 @@ import pytest
 
 from reconciler.applying.observing import observation_order, observe_all
 from reconciler.model.errors import PermanentError, TemporaryError
-from reconciler.model.observed import GuestHealth
+from reconciler.model.observed import GuestHealth, ObservedResource, ObservedState
+from reconciler.model.plans import Change
 from reconciler.model.resources import Kind
+from reconciler.providers import Observation
 from reconciler.providers.agent import AgentHealthProvider, AgentObserver
 from reconciler.simulators.agent import AgentFleet
 from tests.applying.fakes import GUEST, ROUTE, VELOCITY, Fake, FakeHealth, guest
@@ -50,6 +52,84 @@ def test_a_provider_owning_no_kind_serves_an_observation_of_some_kinds_only() ->
 
 
 # --- failures -------------------------------------------------------------------------------
+
+
+# --- one concurrent graph ------------------------------------------------------------------
+
+
+class Trickling:
+    """Guests published one by one, each only once the test lets it (`next`)."""
+
+    kinds = GUEST
+    needs = frozenset[Kind]()
+    streams = frozenset[Kind]()
+    optional = False
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+        self.let = anyio.Semaphore(0)
+        self.done = False
+
+    async def observe(self, seen: Observation) -> list[ObservedResource]:
+        found = []
+        for i, name in enumerate(self.names):
+            await self.let.acquire()
+            found.append(guest(name, 101 + i))
+            seen.publish(found[-1])
+        self.done = True
+        return found
+
+    async def apply(self, change: Change) -> None:  # pragma: no cover - never applied
+        raise AssertionError(change)
+
+
+class Streaming:
+    """Needs the guests, takes them as they arrive: what the firewall does."""
+
+    kinds = frozenset({Kind.FIREWALL_GUEST})
+    needs = GUEST
+    streams = GUEST
+    optional = False
+
+    def __init__(self, source: Trickling) -> None:
+        self.source = source
+        self.seen: list[tuple[str, bool]] = []  # (guest, whether the guests were all read)
+
+    async def observe(self, seen: Observation) -> list[ObservedResource]:
+        async for res in seen.arrive(Kind.GUEST):
+            self.seen.append((res.address or "", self.source.done))
+            self.source.let.release()  # the next guest only once this one was taken
+        return []
+
+    async def apply(self, change: Change) -> None:  # pragma: no cover - never applied
+        raise AssertionError(change)
+
+
+def test_a_streaming_provider_takes_each_guest_while_the_others_are_still_being_read() -> None:
+    guests = Trickling(["a", "b", "c"])
+    firewall = Streaming(guests)
+    waiting = FakeHealth()  # needs the guests, does not stream: starts once they are all read
+    late: list[bool] = []
+    observe = waiting.observe
+
+    async def observe_when_done(seen: Observation) -> list[ObservedResource]:
+        late.append(guests.done)
+        return await observe(seen)
+
+    waiting.observe = observe_when_done  # type: ignore[method-assign]
+
+    async def run() -> ObservedState:
+        guests.let.release()  # the first guest
+        # Provider after provider, this would never end: the guests wait for the firewall.
+        with anyio.fail_after(10):
+            return await observe_all([firewall, waiting, guests], "p")
+
+    state = anyio.run(run)
+    # Each guest was taken before the guest provider had finished, but the last.
+    assert firewall.seen == [("guest/a", False), ("guest/b", False), ("guest/c", True)]
+    assert late == [True]
+    # Listed in the order of the providers' needs, whatever order they finished in.
+    assert [r.address for r in state.resources] == ["guest/a", "guest/b", "guest/c"]
 
 
 def test_an_optional_providers_failure_is_recorded_and_costs_only_its_kinds() -> None:
