@@ -14,7 +14,12 @@ from reconciler.loading.graph import build_graph
 from reconciler.loading.loader import LoadResult, load_directory
 from reconciler.model.resources import DesiredGraph
 
-pytest_plugins = ["tests.fakepve_fixtures", "tests.redis_fixtures", "tests.traefik_fixtures"]
+pytest_plugins = [
+    "tests.fakepve_fixtures",
+    "tests.redis_fixtures",
+    "tests.traefik_fixtures",
+    "tests.dns_fixtures",
+]
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = ROOT / "specs"

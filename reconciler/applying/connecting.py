@@ -38,6 +38,10 @@ from reconciler.providers import Observation, Provider
 from reconciler.providers.firewall import FirewallProvider
 from reconciler.providers.proxmox import ProxmoxProvider, connect, read_secret
 from reconciler.providers.proxmox_backup import BackupJobProvider
+from reconciler.providers.proxmox_ha import HaProvider
+from reconciler.providers.proxmox_notifications import notification_providers
+from reconciler.providers.proxmox_pools import PoolProvider
+from reconciler.providers.proxmox_templates import TemplateProvider, template_files
 
 # The edge's modules (and Redis, httpx) are imported when a spec has an edge: a plan of the
 # guests alone starts without them (issue 16: the CLI's fixed cost).
@@ -187,6 +191,7 @@ def proxmox_provider(
         source=api.url,
         concurrency=max_concurrency or api.max_concurrency,
         wanted_templates=wanted_templates(spec),
+        wanted_clones=wanted_clones(spec),
     )
 
 
@@ -198,6 +203,12 @@ def wanted_templates(spec: PlatformSpec) -> dict[str, tuple[str, str]]:
         for name, guest in sorted(spec.guests.items())
         if guest.kind == "lxc" and guest.template and guest.host in spec.hosts
     }
+
+
+def wanted_clones(spec: PlatformSpec) -> frozenset[str]:
+    """The names of the guests the spec makes by cloning: a clone cut off before it was
+    configured carries its template's tags, not ours, and is found by its name and mark."""
+    return frozenset(g.hostname or name for name, g in spec.guests.items() if g.clone)
 
 
 def firewall_provider(spec: PlatformSpec, guests: ProxmoxProvider) -> FirewallProvider:
@@ -255,8 +266,10 @@ def agent_health_provider(
     observer: AgentObserver | None = None,
 ) -> AgentHealthProvider:
     """The agents of every guest of an agent layer, at its static IP and the agent port;
-    `endpoints` (guest address -> (ip, port)) overrides some or all of them. A guest without a
-    static IP and no override is left out, and the planner treats it as not ready."""
+    `endpoints` (guest address -> (ip, port)) overrides some or all of them. A VM with the
+    guest agent (`agent: true`) and no static IP is asked at the address its agent reports; any
+    other guest without a static IP and no override is left out, and the planner treats it as
+    not ready."""
     from reconciler.providers.agent import AGENT_PORT, AgentHealthProvider, AgentObserver
 
     policy = spec.policies.agent_port
@@ -272,6 +285,8 @@ def agent_health_provider(
             found[address] = endpoints[address]
         elif ip is not None:
             found[address] = (ip, port)
+        elif guest.kind == "qemu" and guest.agent:
+            found[address] = ("", port)  # a DHCP VM: at the address its guest agent reports
     return AgentHealthProvider(observer or AgentObserver(), found, layers)
 
 
@@ -355,6 +370,7 @@ class Endpoints:
     agent_token: SecretRef | None = None
     traefik_files: Mapping[str, Path] = field(default_factory=dict)  # instance -> file
     traefik_apis: Mapping[str, str] = field(default_factory=dict)  # instance -> API URL
+    dns_servers: Mapping[str, str] = field(default_factory=dict)  # zone -> host:port
     redis_url: str | None = None  # leases, status, agent cache, Traefik's Redis feeds
     redis_password: SecretRef | None = None
 
@@ -393,9 +409,18 @@ async def connect_platform(
     guests = proxmox_provider(
         spec, ep.proxmox, insecure=ep.insecure, max_concurrency=ep.proxmox_max_concurrency
     )
-    providers: list[Provider] = [guests, firewall_provider(spec, guests)]
+    providers: list[Provider] = [guests, firewall_provider(spec, guests), HaProvider(pve=guests)]
+    if spec.pools:
+        providers.append(PoolProvider(pve=guests))
     if spec.backups:
         providers.append(backup_provider(spec, guests))
+    providers += notification_providers(spec, guests)  # PVE's own notification targets
+    if spec.templates:
+        providers.append(TemplateProvider(pve=guests, files=template_files(spec)))
+    if spec.dns is not None:  # dnspython is imported for a spec with zones only
+        from reconciler.providers.dns import dns_provider
+
+        providers.append(dns_provider(spec, servers=ep.dns_servers, secrets=read_secret))
     redis = None
     if ep.redis_url:
         from reconciler.providers.redisconn import connect_redis

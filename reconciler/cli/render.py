@@ -27,6 +27,7 @@ from reconciler.model.plans import (
     Change,
     Plan,
 )
+from reconciler.model.resources import Kind
 
 if TYPE_CHECKING:
     from reconciler.applying.converging import Round
@@ -105,6 +106,17 @@ def foreign_line(item: dict[str, Any]) -> str:
     )
 
 
+def shown_address(change: Change) -> str:
+    """A change's address as its plan line starts: a DNS record set as `dns/NAME TYPE VALUES`
+    (`dns/survival.play.zpack.dev A 203.0.113.10`: what it will say, or said for a delete),
+    anything else as its address."""
+    if change.kind is not Kind.DNS:
+        return change.address
+    attrs = change.after or change.before or {}
+    values = ", ".join(str(v) for v in attrs.get("values") or ())
+    return f"dns/{attrs.get('name')} {attrs.get('type')} {values}".rstrip()
+
+
 def destroy_line(change: Change) -> str:
     """`guest/mc-x: replace destroys rootfs 8 GiB, mp0 50 GiB (why)`: one line per change that
     destroys data or is held back, for the banner."""
@@ -128,7 +140,7 @@ def _banner_changes(plan: Plan) -> list[Change]:
 
 
 def _change_lines(change: Change) -> list[str]:
-    head = f"{change.action.symbol} {change.address}{ident(change)}"
+    head = f"{change.action.symbol} {shown_address(change)}{ident(change)}"
     if change.blocked:
         head += "  BLOCKED"
     if change.action is Action.REPLACE:
@@ -140,6 +152,9 @@ def _change_lines(change: Change) -> list[str]:
     if change.final_backup is not None:
         head += f"  (a final backup to storage {change.final_backup.storage!r} first)"
     after = change.after or {}
+    clone = after.get("clone")
+    if change.action in (Action.CREATE, Action.REPLACE) and isinstance(clone, dict):
+        head += f"  (clone of {clone.get('vmid') or clone.get('from')})"
     if after.get(HOLD_START):
         head += "  (starts once its firewall is in place)"
     if after.get(START_GUEST):
@@ -164,7 +179,15 @@ def _change_lines(change: Change) -> list[str]:
             lines.append(
                 f"      {f.path.ljust(width)}  {_value(f.before)} -> {_value(f.after)}{note}"
             )
+        if change.action is Action.UPDATE and any(
+            f.path.startswith("cloud_init") for f in change.fields
+        ):
+            lines.append(f"    {_CLOUD_INIT_NOTE}")
     return lines
+
+
+# Proxmox regenerates the cloud-init drive at once; the guest's cloud-init reads it at boot.
+_CLOUD_INIT_NOTE = "# cloud-init: the drive is regenerated now, applied at the guest's next start"
 
 
 def plural(count: int, noun: str, nouns: str = "") -> str:

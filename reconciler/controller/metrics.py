@@ -38,6 +38,10 @@ default one, so several services (and tests) live side by side without clashing 
                                                                  selects it (as /status lists)
     reconciler_backups_unknown                          gauge    the same, whose storage could
                                                                  not be listed
+    reconciler_notifications_total{target,result}       counter  messages per notification
+                                                                 target: sent|failed|
+                                                                 suppressed|dropped
+    reconciler_notification_incidents{event}            gauge    incidents open, by event
 
 A missing backup has no age, and NaN would hide it from `>` comparisons anyway, so it has no
 age series; alert on `reconciler_backups_stale > 0`, or per guest on
@@ -48,13 +52,14 @@ Label values are closed sets (the enums of `reconciler.controller.status` and
 `reconciler.model`), never addresses or error texts, so the number of series stays bounded;
 except the backup gauges' `guest` and `job`: names from the spec (without `guest/` and
 `backup/`), one series per guest a job selects, removed when the guest leaves the spec or the
-job (or, for the age, has no backup any more).
+job (or, for the age, has no backup any more); and the notifications' `target`, a name from
+the spec's `notifications.targets`.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
@@ -154,6 +159,18 @@ class Metrics:
             "Guests (per job that selects them) whose job's storage could not be listed.",
             registry=r,
         )
+        self.notifications = Counter(
+            "reconciler_notifications",
+            "Notifications per target: sent, failed, suppressed (rate limit) or dropped.",
+            ["target", "result"],
+            registry=r,
+        )
+        self.notification_incidents = Gauge(
+            "reconciler_notification_incidents",
+            "Incidents the notifier holds open, by event.",
+            ["event"],
+            registry=r,
+        )
         self._is_leader = False
         self._revision: str | None = None
         self._backup_series: dict[Gauge, set[tuple[str, str]]] = {}
@@ -227,6 +244,13 @@ class Metrics:
         for labels, v in values.items():
             gauge.labels(*labels).set(v)
         self._backup_series[gauge] = set(values)
+
+    def notification(self, target: str, result: str) -> None:
+        self.notifications.labels(target=target, result=result).inc()
+
+    def set_notifications_open(self, counts: Mapping[str, int]) -> None:
+        for event, n in counts.items():
+            self.notification_incidents.labels(event=event).set(n)
 
     def render(self) -> bytes:
         """The registry in the Prometheus text format (`content_type`)."""

@@ -10,6 +10,10 @@ An anyio reactor in the style of kopf's: one task group holding
                        `controller.timing.Schedule` one after the other, so nothing runs twice
                        at once and triggers coalesce
     the listener       /healthz /readyz /status /metrics /snapshot (controller.http)
+    the notifier       sends what the loop tells it (controller.notify: failed changes and
+                       cycles, drift healed, held-back destroys, isolation, unready guests,
+                       leadership, stale backups), each target within its timeout, never
+                       holding a cycle
     the signal watch   SIGTERM/SIGINT: stop starting changes, await those in flight up to
                        the grace period, release the lease (an info line, not the warning
                        a lost lease gives), exit
@@ -74,6 +78,7 @@ from reconciler.controller.http import read_token, serve_status
 from reconciler.controller.lease import Lease, LeaseKeeper, LocalLease, RedisLease
 from reconciler.controller.logs import Redactor
 from reconciler.controller.metrics import Metrics
+from reconciler.controller.notify import Notifier
 from reconciler.controller.sources import (
     DirectorySource,
     GitSource,
@@ -191,6 +196,10 @@ class Service:
         self.wall = wall
         self.board = board or StatusBoard("", source.describe())
         self.metrics = metrics or Metrics()
+        # What people hear: fed below where each event is recorded (controller.notify).
+        self.notifier = Notifier(
+            self.board, self.metrics, redactor=redactor, clock=clock, wall=wall
+        )
         self.tracker = RevisionTracker(source.describe())
         self.schedule = Schedule.starting(settings.intervals, clock())
         self.backoffs = Backoffs()
@@ -238,6 +247,7 @@ class Service:
                     )
                 )
                 log.info("listening", extra=fields(address=f"{host}:{self.port}"))
+            await tg.start(self.notifier.run)
             tg.start_soon(self.keeper.run)
             tg.start_soon(self._signals)
             every = self.settings.watch_interval
@@ -246,6 +256,7 @@ class Service:
             task_status.started()
             try:
                 await self._work()
+                await self.notifier.drain(min(5.0, self.settings.shutdown_grace))
             finally:
                 self._closing = True  # the keeper releases the lease: not a lost one
                 await self._conn_stack.aclose()
@@ -303,6 +314,7 @@ class Service:
 
     def _leadership(self, is_leader: bool) -> None:
         self.metrics.set_leader(is_leader)
+        self.notifier.leadership(is_leader, self.lease.holder, closing=self._closing)
         self.board.set_lease(self.lease.holder, self.lease.token, is_leader)
         if is_leader:
             log.info("leader", extra=fields(holder=self.lease.holder, token=self.lease.token))
@@ -400,6 +412,7 @@ class Service:
         self._revision = target.id
         self.board.platform = spec.platform.name
         self.board.set_revision(target.id)
+        self.notifier.configure(spec)
         if status.bad_id is None:
             self.board.clear_revision_error()
         self.metrics.set_revision(target.id)
@@ -481,6 +494,7 @@ class Service:
             self._baseline = last.observed
         reports = [r.report for r in result.rounds if r.report is not None]
         outcome = self._record(last.plan, last.observed, conn.kinds, reports)
+        self.notifier.planned(last.plan, last.observed, reports, revision=self._revision, full=True)
         if _touched_guests(reports) and not self.stopping.is_set():
             await self._rebase(conn)
         error = "; ".join(d.message for d in last.plan.diagnostics if d.severity.value == "error")
@@ -680,6 +694,7 @@ class Service:
         )
         self.metrics.cycle(kind.value, outcome.value, seconds)
         self.cycles.append((Trigger(kind.value), outcome))
+        self.notifier.cycle(kind, outcome, error)
         level = (
             logging.INFO
             if outcome in (CycleOutcome.CONVERGED, CycleOutcome.CHANGED)
@@ -836,6 +851,7 @@ class Service:
             self._count_calls()
         self._record_states(plan, observed, conn.kinds & EDGE_KINDS, partial=True)
         outcome = self._record_edge(plan, reports)
+        self.notifier.planned(plan, observed, reports, revision=self._revision, full=False)
         self._cycle_done(CycleKind.EDGE, outcome, started, t0, "", reports, drift=len(plan.actions))
 
     def _record_results(self, reports: list[ApplyReport]) -> None:

@@ -39,6 +39,12 @@ and volume ids (never a backup's notes).
                              "vmid": 1000, "freshness": "stale", "age": 172800,
                              "max_age": 46800, "newest": "backup:backup/vzdump-lxc-..."}]}
                 | null,
+     "notifications": {"targets": {"ops": {"scheme": "ntfys", "sent": 3, "failed": 0,
+                                           "suppressed": 0, "dropped": 0, "pending": 0,
+                                           "failing": false, ...}},
+                       "open": [{"event": "held-back", "subject": "guest/mc-x", ...}],
+                       "recent": [{"at": "...", "event": "change-failed", "state": "opened",
+                                   "targets": {"ops": "sent"}, ...}]} | null,
      "observe": {"ok": true, "at": "...", "error": ""} | null,
      "heartbeat": {"at": "...", "age_seconds": 0.4},
      "ready": {"ready": true, "reason": "", "revision": true, "observe": true},
@@ -47,6 +53,8 @@ and volume ids (never a backup's notes).
      "resources": {"guest/api": {"state": "failed", "last_error": "...", "attempts": 1,
                                  "next_retry_at": null, "last_change_at": null}, ...}}
 
+`notifications` is what the notifier (`controller.notify`) told, or would have told, people:
+each target's counts, the open incidents and the last messages, sent or not.
 `drift` is how many changes the last full plan wanted (before applying them); `summary` counts
 `resources` by state, so its counts add up to the number of resources listed. A cycle's
 `changes` are what an inventory check saw differ (`vmid 1000: memory 2048 -> 3072`); `error`
@@ -223,6 +231,8 @@ class StatusBoard:
         self._freshness: dict[tuple[str, str], Freshness] = {}
         self.observe: Observe | None = None
         self.resources: dict[str, ResourceStatus] = {}
+        # The notifier's view (`controller.notify.Notifier.to_json`), read when served.
+        self.notifications: Callable[[], dict[str, Any]] | None = None
         # Counted from creation: a loop that never ticks goes unhealthy after the max age,
         # while a service still starting up is not reported dead at once.
         self.heartbeat: float = clock()
@@ -494,6 +504,7 @@ class StatusBoard:
                 "counts": self.count_backups(),
                 "guests": [b.to_json() for b in self.backups],  # no notes: nothing written by hand
             },
+            "notifications": self.notifications() if self.notifications is not None else None,
             "observe": None
             if self.observe is None
             else {

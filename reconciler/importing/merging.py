@@ -22,6 +22,8 @@ whole, in a new file; no file of DIR is ever edited):
   DIR's range that does, else the incoming range (added, with its layer); its profile chain is
   DIR's profile of that name when equal, else added, renamed `<name>-imported` when DIR has
   the name for something else (a note says so).
+- templates: added when DIR lacks the file (its storage, content and name), whatever the entry's
+  name; DIR's entry for the same file stands (it may have the url an import cannot know).
 - firewall aliases, IP sets and groups, backup jobs, Velocity servers and `velocity.unmanaged`
   names (the whole `velocity` section when DIR has none), Traefik routes (a whole instance DIR
   lacks): added when DIR lacks them, left when equal, a conflict when they differ (with `keep`,
@@ -69,6 +71,7 @@ _SECTIONS: tuple[str, ...] = (
     "guests",
     "firewall",
     "backups",
+    "templates",
     "velocity",
     "traefik",
 )
@@ -229,6 +232,7 @@ def merge_specs(
     for name in sorted(incoming.spec.guests):
         _merge_guest(m, name)
     _merge_named(m)
+    _merge_templates(m)
     _merge_edge(m)
     if not m.out.ok:
         return m.out
@@ -425,6 +429,26 @@ def _merge_named(m: _Merge) -> None:
             )
         else:
             m.add(path, m.incoming.entry(path), f"backup/{name}")
+
+
+def _merge_templates(m: _Merge) -> None:
+    """A template DIR declares already (the same file, whatever its name) stands as DIR has it:
+    DIR's may well have the url an import cannot know. Another file under a name DIR uses is a
+    conflict; anything else is added."""
+    theirs = {t.volid: name for name, t in m.target.spec.templates.items()}
+    for name, template in sorted(m.incoming.spec.templates.items()):
+        path: PathT = ("templates", name)
+        if template.volid in theirs:
+            m.out.present.append(f"template/{name}")
+        elif name in m.target.spec.templates:
+            m.conflict(
+                f"template {name!r}",
+                path,
+                path,
+                f"{m.target.spec.templates[name].volid} there, {template.volid} here",
+            )
+        else:
+            m.add(path, m.incoming.entry(path), f"template/{name}")
 
 
 # --- the edge -----------------------------------------------------------------------------------

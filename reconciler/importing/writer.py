@@ -18,7 +18,11 @@ What is written (`render_specs`):
   A guest then writes only where it differs from its profile (maps key by key, as profiles
   merge). Volumes stay with their guest (`volumes:`, each with its path, storage, size and
   backup spelled out), so an imported guest with a mount point plans empty; a bind mount, and
-  a volume option the spec cannot hold, is a note.
+  a volume option the spec cannot hold, is a note. A VM's `disk` is the disk it boots from
+  (its boot order's first disk), with its `bus` when not scsi, or `none` when it boots from
+  no disk; its other disks are its volumes by drive key (`scsi1`, `virtio1`, ...); CD-ROMs,
+  the cloud-init drive and `unusedN` are not written (the spec never manages them). A VM's
+  bus, or `none`, goes into a role's profile only when the role has no container.
 - `firewall.yaml`: the cluster's aliases, IP sets and security groups (a mark of this platform
   stripped from their comments). The cluster options are written commented out: declaring
   them makes the controller manage them at once, and nothing marks them as reviewed.
@@ -27,6 +31,10 @@ What is written (`render_specs`):
   existed before keeps its `id`, so `adopt backup/NAME` marks it instead of apply recreating
   it; a job's drift (all=1 written as a vmid list, vmids not imported) is in
   `ImportResult.drift`, what it cannot say in the notes.
+- `templates:` at the end of `platform.yaml`, next to the hosts, when the guests use templates
+  it can name (rendered by `template_writer`): a marked container's template and a VM's CD-ROM
+  ISOs, each with `url: null` (Proxmox keeps no record of where a file came from), on the hosts
+  using it.
 - `edge.yaml` (when the edge was read: `edge.read_edge`, the CLI's `--dir` velocity and
   Traefik instances or `--velocity-url` / `--traefik-api`): `velocity:` (its guest, the bridge's
   port and secret reference, one server per registration on an imported guest) and
@@ -71,10 +79,12 @@ from reconciler.importing.backup_writer import BACKUPS_HEADER, job_drift, render
 from reconciler.importing.edge import EdgeEstate
 from reconciler.importing.edge_writer import EDGE_HEADER, ImportedGuest, render_edge
 from reconciler.importing.estate import Estate, GuestRecord, NamedObject
+from reconciler.importing.template_writer import TEMPLATES_HEADER, render_templates
 from reconciler.importing.yamltext import Commented, dump, scalar
 from reconciler.loading.checks import forges_mark
 from reconciler.loading.graph import build_graph
 from reconciler.loading.loader import LoadResult, load_texts
+from reconciler.model.disks import DEFAULT_BUS, split_key
 from reconciler.model.resources import Kind
 from reconciler.model.spec import FirewallRule, GuestSpec, PlatformSpec
 from reconciler.model.units import check_comment, format_mib, parse_kv, parse_mib
@@ -366,9 +376,16 @@ def _settings(
 ) -> tuple[dict[str, Any], list[str], list[dict[str, Any]], str]:
     attrs = guest_attributes(g.item, g.config)
     kind = g.kind
-    rootfs = normalize.rootfs(attrs["rootfs"]) if attrs.get("rootfs") else {}
-    if not rootfs:
-        notes.append(f"{who}: no {'scsi0' if kind == 'qemu' else 'rootfs'} disk to describe")
+    if kind == "qemu":
+        disk = _vm_disk(attrs, base, notes, who)
+    else:
+        rootfs = normalize.rootfs(attrs["rootfs"]) if attrs.get("rootfs") else {}
+        if not rootfs:
+            notes.append(f"{who}: no rootfs disk to describe")
+        disk = {
+            "storage": rootfs.get("storage", base.default_storage),
+            "size": rootfs.get("size", "8G"),
+        }
     feats = parse_kv(str(attrs.get("features") or ""))
     extra = sorted(k for k in feats if k not in _FEATURES)
     if extra:
@@ -383,10 +400,7 @@ def _settings(
         "cores": attrs["cores"],
         "memory": attrs["memory"],
         "swap": attrs.get("swap"),
-        "disk": {
-            "storage": rootfs.get("storage", base.default_storage),
-            "size": rootfs.get("size", "8G"),
-        },
+        "disk": disk,
         "features": {k: feats.get(k) == "1" for k in _FEATURES} if kind == "lxc" else None,
         "unprivileged": attrs.get("unprivileged"),
         "onboot": attrs["onboot"],
@@ -404,6 +418,49 @@ def _settings(
     return settings, tags, network, str(attrs.get("description") or "").strip("\n")
 
 
+def _vm_disk(
+    attrs: Mapping[str, Any], base: Base, notes: list[str], who: str
+) -> dict[str, Any] | str:
+    """A VM's `disk` setting: the disk it boots from (`boot_disk`, from its boot order), its
+    storage and size, and its bus when not scsi; `none` when it boots from no disk. A boot
+    disk the spec cannot name (not unit 0 of its bus: `scsi1`) stays among the volumes, with
+    `disk: none` and a note (the boot order is then drift)."""
+    boot = attrs.get("boot_disk")
+    if boot is None:
+        return "none"
+    found = split_key(str(boot))
+    if found is None or found[1] != 0:
+        notes.append(
+            f"{who}: boots from {boot}, which the spec cannot name (a VM's boot disk is unit 0 "
+            "of its bus: scsi0, virtio0, sata0, ide0): written as a volume with disk: none"
+        )
+        return "none"
+    raw = str((attrs.get("volumes") or {})[boot])
+    extra = sorted(set(parse_kv(raw)) - _VOLUME_OWN)
+    if extra:
+        notes.append(f"{who}: {boot} options the spec cannot hold: {', '.join(extra)}")
+    vol = normalize.volume("qemu", raw)
+    if "size" not in vol:
+        notes.append(f"{who}: {boot} has no size to describe")
+    out: dict[str, Any] = {
+        "storage": vol.get("storage", base.default_storage),
+        "size": vol.get("size", "8G"),
+    }
+    if found[0] != DEFAULT_BUS:
+        out["bus"] = found[0]
+    if not vol["backup"]:
+        notes.append(f"{who}: {boot} is left out of backups (backup=0), which disk cannot say")
+    return out
+
+
+def _vm_boot_volume(settings: Mapping[str, Any]) -> str | None:
+    """The drive `disk` describes (written there, not among the volumes)."""
+    disk = settings.get("disk")
+    if settings.get("kind") != "qemu" or not isinstance(disk, Mapping):
+        return None
+    return f"{disk.get('bus') or DEFAULT_BUS}0"
+
+
 # What a volume's property string may hold beyond what the spec says (Proxmox's own keys).
 _VOLUME_OWN = {"volume", "size", "mp", "backup", "acl", "quota", "ro", "replicate", "mountoptions"}
 
@@ -414,11 +471,13 @@ def _natural(key: str) -> tuple[str, int]:
     return head, int(key[len(head) :] or 0)
 
 
-def _volumes(g: GuestRecord, notes: list[str], who: str) -> dict[str, Any]:
-    """A guest's volumes (mount points, a VM's extra disks) in the spec's words, each with its
-    storage, size and backup setting spelled out. What the spec cannot hold is a note."""
+def _volumes(g: GuestRecord, notes: list[str], who: str, boot: str | None = None) -> dict[str, Any]:
+    """A guest's volumes (mount points, a VM's disks but `boot`, its `disk`) in the spec's
+    words, each with its storage, size and backup setting spelled out. What the spec cannot
+    hold is a note."""
     out: dict[str, Any] = {}
-    raw = guest_attributes(g.item, g.config)["volumes"]
+    raw = dict(guest_attributes(g.item, g.config)["volumes"])
+    raw.pop(boot or "", None)
     for key in sorted(g.config):
         if re.fullmatch(r"mp\d+", key) and key not in raw and g.kind == "lxc":
             notes.append(f"{who}: {key} is a bind or device mount, which the spec cannot hold")
@@ -477,10 +536,14 @@ def _profile(
     and it is not the default anyway. A field some guest cannot take from a profile is left
     out: the firewall when a guest has none (a guest cannot unset an inherited firewall)."""
     profile: dict[str, Any] = {}
+    containers = any(g.record.kind == "lxc" for g in guests)
     for name in PROFILE_CANDIDATES:
         values = [g.settings[name] for g in guests if g.settings[name] is not None]
         if name == "firewall" and len(values) < len(guests):
             continue
+        if name == "disk" and containers:
+            # A VM's bus (or none) would reach the role's containers too, which have neither.
+            values = [v for v in values if isinstance(v, Mapping) and "bus" not in v]
         first = {_key(v): v for v in reversed(values)}  # each value as the first guest has it
         counts = Counter(_key(v) for v in values)
         if not counts:
@@ -505,7 +568,7 @@ def _overrides(
         want, have = settings[name], effective.get(name)
         if want is None or (kind == "qemu" and name in _LXC_ONLY):
             continue
-        if name in MAP_FIELDS and isinstance(have, Mapping):
+        if name in MAP_FIELDS and isinstance(have, Mapping) and isinstance(want, Mapping):
             diff = {k: v for k, v in want.items() if have.get(k) != v}
             if diff:
                 out[name] = diff
@@ -529,7 +592,7 @@ def _write_settings(
             on = {k: v for k, v in value.items() if v or not profile}
             if on:
                 out[name] = on
-        elif name == "disk" and profile:
+        elif name == "disk" and profile and isinstance(value, Mapping):
             disk = {k: v for k, v in value.items() if k != "storage" or v != base.default_storage}
             if disk:
                 out[name] = disk
@@ -577,6 +640,12 @@ def render_specs(
     files["platform.yaml"] = _platform_file(
         base, frame.layers, frame.hosts, frame.ranges, guests, header
     )
+    used = render_templates(
+        (g.name, g.host, g.settings["template"], g.record.config) for g in guests
+    )
+    notes.extend(used.notes)
+    if used.section:  # next to the hosts that need them
+        files["platform.yaml"] += "\n" + dump({"templates": used.section}, TEMPLATES_HEADER)
     jobs = render_backups(estate.backup_jobs, {g.record.vmid: g.name for g in guests}, base.name)
     notes.extend(jobs.notes)
     if jobs.section:
@@ -672,7 +741,7 @@ def _place_guests(estate: Estate, base: Base, frame: _Frame, notes: list[str]) -
         host = frame.place_host(g, role, estate.nodes)
         settings, tags, network, description = _settings(g, base, notes, who)
         description, cut = spec_description(description, notes, who)
-        volumes = _volumes(g, notes, who)
+        volumes = _volumes(g, notes, who, _vm_boot_volume(settings))
         guests.append(
             _Guest(name, g, role, host, settings, tags, network, description, volumes, cut)
         )
@@ -724,7 +793,8 @@ def _role_file(
     (maps key by key)."""
     effective = {**defaults, **(profile or {})}
     for name in ("disk", "features"):
-        if profile is not None and name in profile:
+        # A map merges key by key; `disk: none` replaces it whole.
+        if profile is not None and isinstance(profile.get(name), Mapping):
             effective[name] = {**defaults[name], **profile[name]}
     entries: dict[str, Any] = {}
     for guest in sorted(members, key=lambda m: m.name):

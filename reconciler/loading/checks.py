@@ -11,18 +11,24 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import re
 from collections import defaultdict
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from reconciler.loading.dns_records import check_dns
+from reconciler.loading.pools_ha import check_pools_and_ha
+from reconciler.loading.provisioning import check_provisioning
 from reconciler.loading.sources import PathT, Source, dotted
+from reconciler.loading.templates import check_templates
 from reconciler.model.diagnostics import Diagnostic, error
 from reconciler.model.resources import job_id
 from reconciler.model.spec import (
     FirewallRule,
     HttpRoute,
     PlatformSpec,
+    PveWebhook,
     selected_guests,
     volume_kind,
 )
@@ -102,6 +108,9 @@ def _references(spec: PlatformSpec) -> Iterator[_Ref]:
         yield _Ref((*at, "host"), "host", guest.host, spec.hosts)
         for i, dep in enumerate(guest.depends_on):
             yield _Ref((*at, "depends_on", i), "guest", dep, guests)
+        if guest.pool is not None:
+            note = " (a guest's pool is one the spec declares under 'pools')"
+            yield _Ref((*at, "pool"), "pool", guest.pool, spec.pools, note)
     for path, rule in _firewall_rules(spec):
         # Only a guest's rules refer to security groups: Proxmox does not nest them.
         if path[0] == "guests" and rule.type == "group":
@@ -434,9 +443,11 @@ def check_backups(spec: PlatformSpec, source: Source) -> Iterator[Diagnostic]:
 
 
 def check_volumes(spec: PlatformSpec, source: Source) -> Iterator[Diagnostic]:
-    """A guest's volume keys fit its kind (mount points `mpN` on a container, disks `scsiN` on
-    a VM); a mount point has a path, unique in its guest; a VM disk has neither path nor mount
-    options. A volume inherited from a profile is reported once, at the profile's line."""
+    """A guest's volume keys fit its kind (mount points `mpN` on a container, disks `scsiN`,
+    `virtioN`, `sataN`, `ideN` on a VM, but not on its boot disk's key); a mount point has a
+    path, unique in its guest; a VM disk has neither path nor mount options; a container's
+    root disk has no bus and cannot be none. A volume inherited from a profile is reported
+    once, at the profile's line."""
     said: set[tuple[object, str]] = set()
 
     def once(d: Diagnostic) -> Iterator[Diagnostic]:
@@ -446,11 +457,40 @@ def check_volumes(spec: PlatformSpec, source: Source) -> Iterator[Diagnostic]:
 
     for gname, guest in spec.guests.items():
         paths: dict[str, str] = {}
+        if guest.kind == "lxc" and guest.disk.bus is not None:
+            yield from once(
+                _err(
+                    source,
+                    "invalid-value",
+                    "disk: a container's root disk is its rootfs: "
+                    + ("it cannot be none" if guest.disk.bus == "none" else "it has no bus")
+                    + " (bus and none are a VM's)",
+                    ("guests", gname, "disk", "bus"),
+                    key=True,
+                )
+            )
+        boot = guest.disk.vm_key() if guest.kind == "qemu" else None
         for key, vol in sorted(guest.volumes.items()):
             at: PathT = ("guests", gname, "volumes", key)
+            if key == boot:
+                yield from once(
+                    _err(
+                        source,
+                        "invalid-value",
+                        f"{key} is a VM's boot disk (disk.bus {guest.disk.bus or 'scsi'}): size "
+                        "it under 'disk', or give disk another bus, or write disk: none",
+                        at,
+                        key=True,
+                    )
+                )
+                continue
             if volume_kind(key) != guest.kind:
                 what = "a container mount point" if key.startswith("mp") else "a VM disk"
-                takes = "mount points mp0..mp255" if guest.kind == "lxc" else "disks scsi1..scsi30"
+                takes = (
+                    "mount points mp0..mp255"
+                    if guest.kind == "lxc"
+                    else "disks scsi0..scsi30, virtio0..virtio15, sata0..sata5, ide0..ide3"
+                )
                 yield from once(
                     _err(
                         source,
@@ -542,9 +582,21 @@ def check_marks(spec: PlatformSpec, source: Source) -> Iterator[Diagnostic]:
         ]
     for name, job in spec.backups.items():
         texts.append((("backups", name, "description"), job.description))
+    for name, pool in spec.pools.items():
+        texts.append((("pools", name, "comment"), pool.comment))
+    pve_notifications = spec.notifications.proxmox
+    for section, notifying in (
+        ("endpoints", pve_notifications.endpoints),
+        ("matchers", pve_notifications.matchers),
+    ):
+        for name, item in notifying.items():
+            said_at = ("notifications", "proxmox", section, name, "description")
+            texts.append((said_at, item.description))
     for path, text in texts:
-        # A job's description shares one line with its mark: the mark's words anywhere in it.
-        forged = _MARK_LINE in text if path[0] == "backups" and text else forges_mark(text or "")
+        # A job's description, a pool's comment, shares one line with its mark: the mark's
+        # words anywhere in it.
+        one_line = path[0] in ("backups", "pools", "notifications")
+        forged = _MARK_LINE in text if one_line and text else forges_mark(text or "")
         if not forged:
             continue
         where = source.where(path, key=False)
@@ -564,6 +616,74 @@ def check_marks(spec: PlatformSpec, source: Source) -> Iterator[Diagnostic]:
         )
 
 
+# PVE's built-in endpoint and matcher (proxmox-notify's default config): never the spec's.
+PVE_BUILTIN_NOTIFICATIONS = ("mail-to-root", "default-matcher")
+_SECRET_USE = re.compile(r"\{\{\s*secrets\.([A-Za-z0-9_-]+)\s*\}\}")
+
+
+def check_notifications(spec: PlatformSpec, source: Source) -> Iterator[Diagnostic]:
+    """PVE's notification endpoints and matchers share one namespace of config ids (a letter
+    first): no name twice, none of PVE's built-ins; a matcher routes to endpoints, not to a
+    matcher; a webhook's `{{ secrets.NAME }}` names one of its secrets."""
+    pve = spec.notifications.proxmox
+    at: PathT = ("notifications", "proxmox")
+    for section, named in (("endpoints", pve.endpoints), ("matchers", pve.matchers)):
+        for name in named:
+            where: PathT = (*at, section, name)
+            if not re.match(r"^[a-z][a-z0-9_-]+\Z", name):
+                yield _err(
+                    source,
+                    "invalid-name",
+                    f"{name!r} is not a PVE notification name: a letter first, then letters, "
+                    "digits, '-' or '_' (two characters at least)",
+                    where,
+                    key=True,
+                )
+            if name in PVE_BUILTIN_NOTIFICATIONS:
+                yield _err(
+                    source,
+                    "notification-builtin",
+                    f"{name!r} is PVE's built-in {section[:-1]}; the controller does not manage "
+                    "it: name yours otherwise (a matcher may still route to mail-to-root)",
+                    where,
+                    key=True,
+                )
+    for name in sorted(set(pve.endpoints) & set(pve.matchers)):
+        yield _err(
+            source,
+            "duplicate-name",
+            f"{name!r} names an endpoint and a matcher{_at(source, (*at, 'endpoints', name))}; "
+            "PVE keeps one name for one of them",
+            (*at, "matchers", name),
+            key=True,
+        )
+    for name, matcher in pve.matchers.items():
+        for i, target in enumerate(matcher.targets):
+            if target in pve.matchers:
+                yield _err(
+                    source,
+                    "unknown-reference",
+                    f"matcher {name!r} routes to {target!r}, a matcher: targets are endpoints",
+                    (*at, "matchers", name, "targets", i),
+                )
+    for name, ep in pve.endpoints.items():
+        if not isinstance(ep, PveWebhook):
+            continue
+        texts = {"url": ep.url, "body": ep.body or ""}
+        texts |= {f"headers.{k}": v for k, v in ep.headers.items()}
+        for field, text in texts.items():
+            for used in _SECRET_USE.findall(text):
+                if used not in ep.secrets:
+                    path: PathT = (*at, "endpoints", name, *field.split(".", 1))
+                    yield _err(
+                        source,
+                        "unknown-reference",
+                        f"{{{{ secrets.{used} }}}} names no secret of webhook {name!r} "
+                        f"(its secrets: {', '.join(sorted(ep.secrets)) or 'none'})",
+                        path,
+                    )
+
+
 ALL: tuple[Check, ...] = (
     check_references,
     check_unique,
@@ -573,7 +693,12 @@ ALL: tuple[Check, ...] = (
     check_networks,
     check_volumes,
     check_backups,
+    check_templates,
+    check_provisioning,
+    check_pools_and_ha,
     check_marks,
+    check_dns,
+    check_notifications,
 )
 
 

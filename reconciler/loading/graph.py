@@ -3,11 +3,13 @@ and waves. Called by the planner (through the CLI and the controller) after load
 
 Attributes are written in the normalized shape observers produce (see planning.normalize), so
 a converged platform diffs empty. LXC and QEMU guests share one attribute shape, less what a
-kind does not have: a VM has no template, swap, features or unprivileged flag, and its boot disk
-(`scsi0`) is the `rootfs` attribute, so the planner's rules for disks (a new storage, a smaller
-disk) hold for both kinds. `volumes` are a container's mount points and a VM's extra disks by
-Proxmox key: `{"mp0": {"storage": "local-lvm", "size": "50G", "path": "/data", "backup": True}}`
-(a VM disk has no path or mount options).
+kind does not have: a VM has no template, swap, features, unprivileged flag or `rootfs`.
+`volumes` are a container's mount points and a VM's disks by Proxmox key, a VM's boot disk
+among them (`scsi0`, or unit 0 of the spec's `disk.bus`; none for `disk: none`), which
+`boot_disk` names (None: no disk): `{"mp0": {"storage": "local-lvm", "size": "50G", "path":
+"/data", "backup": True}}` (a VM disk has no path or mount options). So the planner's rules
+for volumes (grown in place, never shrunk or moved, detached only with pruning) hold for
+every disk of a VM.
 """
 
 from __future__ import annotations
@@ -16,18 +18,40 @@ from collections.abc import Iterator, Mapping
 from types import MappingProxyType
 from typing import Any
 
+from reconciler.loading.dns_records import dns_resources
+from reconciler.loading.pools_ha import (
+    guest_pool_dependency,
+    guest_pool_ha,
+    ha_resource,
+    pool_resources,
+)
+from reconciler.loading.provisioning import provisioning_attributes
 from reconciler.loading.sources import Source
-from reconciler.model.resources import DesiredGraph, Kind, Resource, guest_address
+from reconciler.loading.templates import guest_templates
+from reconciler.model.resources import (
+    DesiredGraph,
+    Kind,
+    Resource,
+    guest_address,
+    template_address,
+)
 from reconciler.model.spec import (
     FirewallRule,
     GuestSpec,
     HttpRoute,
     NetworkInterface,
     PlatformSpec,
+    PveEndpoint,
+    PveGotify,
+    PveMatcher,
+    PveSendmail,
+    PveSmtp,
+    PveWebhook,
     TcpRoute,
     Volume,
     VolumeOptions,
     selected_guests,
+    template_nodes,
 )
 from reconciler.model.units import format_mib
 
@@ -168,7 +192,9 @@ def volume_attributes(kind: str, volume: Volume, default_storage: str) -> dict[s
 
 
 def guest_attributes(spec: PlatformSpec, name: str, guest: GuestSpec) -> dict[str, Any]:
-    storage = guest.disk.storage or spec.platform.default_storage
+    # A full clone's disks go where `clone.storage` says, unless the spec names the disk's.
+    cloned = guest.clone.storage if guest.clone is not None else None
+    storage = guest.disk.storage or cloned or spec.platform.default_storage
     tags = sorted({*guest.tags, spec.platform.owner_tag})
     if guest.kind == "qemu":
         net = {f"net{i}": qemu_net_string(nic) for i, nic in enumerate(guest.network)}
@@ -200,11 +226,27 @@ def guest_attributes(spec: PlatformSpec, name: str, guest: GuestSpec) -> dict[st
     }
     if guest.restore_missing is not None:
         attrs["restore_missing"] = guest.restore_missing  # the planner's, never sent
+    attrs.update(provisioning_attributes(guest))  # clone, agent, cloud-init (the spec's)
+    attrs.update(guest_pool_ha(guest))  # its pool; its power state when HA owns it
     if guest.kind == "qemu":
         # Neither sent nor compared: a VM has none of these (a profile may still set them).
         for key in LXC_ONLY:
             del attrs[key]
+        del attrs["rootfs"]
+        attrs.update(vm_disk_attributes(guest, storage, attrs["volumes"]))
     return attrs
+
+
+def vm_disk_attributes(
+    guest: GuestSpec, storage: str, volumes: Mapping[str, Any]
+) -> dict[str, Any]:
+    """A VM's boot disk as one of its `volumes`, under its drive key, and `boot_disk` naming
+    it (None for `disk: none`): in place of a container's `rootfs`."""
+    boot = guest.disk.vm_key()
+    disks = dict(volumes)
+    if boot is not None:
+        disks[boot] = {"storage": storage, "size": format_mib(guest.disk.size), "backup": True}
+    return {"volumes": dict(sorted(disks.items())), "boot_disk": boot}
 
 
 def rule_attributes(rule: FirewallRule) -> dict[str, Any]:
@@ -244,10 +286,14 @@ def route_rule(route: HttpRoute | TcpRoute) -> str:
 def _resources(spec: PlatformSpec, source: Source) -> Iterator[Resource]:
     """Every desired resource, kind by kind; each kind's resources in name order."""
     yield from _firewall_resources(spec, source)
+    yield from _template_resources(spec, source)
+    yield from pool_resources(spec, source)
     yield from _guest_resources(spec, source)
     yield from _route_resources(spec, source)
     yield from _velocity_resources(spec, source)
     yield from _backup_resources(spec, source)
+    yield from _notification_resources(spec, source)
+    yield from dns_resources(spec, source)
 
 
 def _firewall_resources(spec: PlatformSpec, source: Source) -> Iterator[Resource]:
@@ -285,14 +331,19 @@ def _firewall_resources(spec: PlatformSpec, source: Source) -> Iterator[Resource
 
 
 def _guest_resources(spec: PlatformSpec, source: Source) -> Iterator[Resource]:
-    """Each guest, and its own firewall (attached to it) when it declares one."""
+    """Each guest, and its own firewall and HA resource (attached to it) when it declares
+    them."""
     for name, guest in sorted(spec.guests.items()):
         address = guest_address(name)
         yield Resource(
             address,
             Kind.GUEST,
             guest_attributes(spec, name, guest),
-            depends_on=tuple(guest_address(d) for d in guest.depends_on),
+            depends_on=(
+                *(guest_address(d) for d in guest.depends_on),
+                *guest_templates(spec, guest),
+                *guest_pool_dependency(spec, guest),
+            ),
             position=source.where(("guests", name)),
         )
         if guest.firewall is not None:
@@ -308,6 +359,31 @@ def _guest_resources(spec: PlatformSpec, source: Source) -> Iterator[Resource]:
                 depends_on=(address, *sorted(_rule_refs(spec, guest.firewall.rules))),
                 attached_to=address,
                 position=source.where(("guests", name, "firewall")),
+            )
+        ha = ha_resource(spec, source, name, guest)
+        if ha is not None:
+            yield ha
+
+
+def _template_resources(spec: PlatformSpec, source: Source) -> Iterator[Resource]:
+    """Each declared template on each node it is declared for. `url` and `checksum` say how to
+    get the file and are never observed (Proxmox keeps no record of either); the rest is the
+    file's identity, which observation reads back from the storage's listing."""
+    for name, template in sorted(spec.templates.items()):
+        for node in template_nodes(spec, template):
+            yield Resource(
+                template_address(name, node),
+                Kind.TEMPLATE,
+                {
+                    "node": node,
+                    "storage": template.storage,
+                    "content": template.content,
+                    "filename": template.file,
+                    "volid": template.volid,
+                    "url": template.url,
+                    "checksum": template.checksum,
+                },
+                position=source.where(("templates", name)),
             )
 
 
@@ -379,6 +455,88 @@ def _backup_resources(spec: PlatformSpec, source: Source) -> Iterator[Resource]:
                 **({"id": job.id} if job.id else {}),
             },
             position=source.where(("backups", name)),
+        )
+
+
+# PVE's severities from the least to the most severe: a matcher's list is written in this order.
+_PVE_SEVERITIES = ("info", "notice", "warning", "error", "unknown")
+
+
+def notification_endpoint_attributes(endpoint: PveEndpoint) -> dict[str, Any]:
+    """A PVE notification endpoint as its GET answers it, less what PVE never shows (a
+    Gotify token, an SMTP password, a webhook secret's value: only the secrets' names) and
+    less our mark in `comment`. Lists sorted; a webhook's body and header values decoded."""
+    attrs: dict[str, Any] = {
+        "type": endpoint.type,
+        "comment": endpoint.description,
+        "disable": int(not endpoint.enabled),
+    }
+    if isinstance(endpoint, PveSendmail | PveSmtp):
+        attrs |= {
+            "mailto": sorted(endpoint.mailto),
+            "mailto-user": sorted(endpoint.mailto_user),
+            "from-address": endpoint.from_address,
+            "author": endpoint.author,
+        }
+    if isinstance(endpoint, PveSmtp):
+        attrs |= {
+            "server": endpoint.server,
+            "port": endpoint.port,
+            "mode": endpoint.mode,
+            "username": endpoint.username,
+        }
+    elif isinstance(endpoint, PveGotify):
+        attrs["server"] = endpoint.server
+    elif isinstance(endpoint, PveWebhook):
+        attrs |= {
+            "url": endpoint.url,
+            "method": endpoint.method,
+            "header": dict(sorted(endpoint.headers.items())),
+            "body": endpoint.body,
+            "secret": sorted(endpoint.secrets),
+        }
+    return attrs
+
+
+def notification_matcher_attributes(matcher: PveMatcher) -> dict[str, Any]:
+    """A PVE notification matcher as its GET answers it. The severities are one statement (a
+    list of statements is matched as the `mode` says: `all` of two severities would match
+    nothing), and so are the types (`exact:type=fencing,vzdump`)."""
+    severities = [s for s in _PVE_SEVERITIES if s in matcher.severities]
+    fields = [f"exact:type={','.join(sorted(set(matcher.types)))}"] if matcher.types else []
+    return {
+        "match-severity": [",".join(severities)] if severities else [],
+        "match-field": [*fields, *matcher.fields],
+        "match-calendar": list(matcher.calendar),
+        "mode": matcher.mode,
+        "invert-match": int(matcher.invert),
+        "target": sorted(set(matcher.targets)),
+        "comment": matcher.description,
+        "disable": int(not matcher.enabled),
+    }
+
+
+def _notification_resources(spec: PlatformSpec, source: Source) -> Iterator[Resource]:
+    """PVE's own notification endpoints and matchers; a matcher after the spec's endpoints it
+    routes to (others it names, such as the built-in mail-to-root, are PVE's)."""
+    pve = spec.notifications.proxmox
+    endpoint = Kind.NOTIFICATION_ENDPOINT.value
+    for name, ep in sorted(pve.endpoints.items()):
+        yield Resource(
+            f"{endpoint}/{name}",
+            Kind.NOTIFICATION_ENDPOINT,
+            notification_endpoint_attributes(ep),
+            position=source.where(("notifications", "proxmox", "endpoints", name)),
+        )
+    for name, matcher in sorted(pve.matchers.items()):
+        yield Resource(
+            f"{Kind.NOTIFICATION_MATCHER.value}/{name}",
+            Kind.NOTIFICATION_MATCHER,
+            notification_matcher_attributes(matcher),
+            depends_on=tuple(
+                f"{endpoint}/{t}" for t in sorted(set(matcher.targets)) if t in pve.endpoints
+            ),
+            position=source.where(("notifications", "proxmox", "matchers", name)),
         )
 
 

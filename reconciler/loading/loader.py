@@ -284,7 +284,14 @@ _SECRET_PATTERNS = [
         re.compile(r"![\w.-]+=[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.I),
         "a Proxmox API token",
     ),
-    (re.compile(r"\b[a-z][a-z0-9+.-]*://[^/\s:@]*:[^/\s@]+@"), "a password inside a URL"),
+    # A notification URL's userinfo may be a reference: `user:{env:SMTP_PASSWORD}@`, `{env:T}@`.
+    (
+        re.compile(
+            r"\b[a-z][a-z0-9+.-]*://(?!\{(?:env|file):[^{}\s]*\}@)[^/\s:@]*:"
+            r"(?!\{(?:env|file):[^{}\s]*\}@)[^/\s@]+@"
+        ),
+        "a password inside a URL",
+    ),
     (
         re.compile(r"(?:^|[\s,;])(?:password|passwd|secret|token)\s*[=:]\s*\S{4,}", re.I),
         "a password or token",

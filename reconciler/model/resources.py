@@ -22,11 +22,19 @@ class Kind(enum.StrEnum):
     FIREWALL_ALIAS = "firewall/alias"
     FIREWALL_IPSET = "firewall/ipset"
     FIREWALL_GROUP = "firewall/group"
+    TEMPLATE = "template"
+    POOL = "pool"  # before the guests created into it
     GUEST = "guest"
     FIREWALL_GUEST = "firewall/guest"
+    HA = "ha"  # a guest's HA resource: after the guest, and after its firewall
     ROUTE = "route"
     VELOCITY = "velocity"
     BACKUP_JOB = "backup"
+    DNS = "dns"  # a record set (name and type) in a zone: after what it names
+    # PVE's own notification endpoints (sendmail, smtp, gotify, webhook), then the matchers
+    # that route to them.
+    NOTIFICATION_ENDPOINT = "notification/endpoint"
+    NOTIFICATION_MATCHER = "notification/matcher"
 
     @property
     def rank(self) -> int:
@@ -45,10 +53,28 @@ def guest_address(name: str) -> str:
     return f"{Kind.GUEST}/{name}"
 
 
+def ha_sid(guest_type: str, vmid: int) -> str:
+    """A guest's HA resource id, as Proxmox names it: `ct:1000` (a container), `vm:100`."""
+    return f"{'vm' if guest_type == 'qemu' else 'ct'}:{vmid}"
+
+
+def template_address(name: str, node: str) -> str:
+    """`template/debian-12/pve-core`: a declared template on one node. Per node, because each
+    node downloads its own copy (one task each, failing alone), and a guest depends on the copy
+    on its own node; the name first, so `--target template/debian-12` takes every node's."""
+    return f"{Kind.TEMPLATE}/{name}/{node}"
+
+
 def job_id(address: str) -> str:
     """`backup/game-worlds` -> `rc-game-worlds`: the id Proxmox keeps our backup job under
     unless the spec names one (an adopted job keeps its own)."""
     return "rc-" + address.removeprefix(f"{Kind.BACKUP_JOB.value}/")
+
+
+def dns_address(name: str, rtype: str) -> str:
+    """`dns/survival.play.zpack.dev/A`: one record set, by its name (lowercase, no final dot)
+    and type; the planner pairs the spec's and the zone's by it."""
+    return f"{Kind.DNS.value}/{name}/{rtype}"
 
 
 @dataclass(frozen=True)

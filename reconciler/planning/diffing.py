@@ -28,7 +28,12 @@ FORCES_REPLACE: dict[Kind, frozenset[str]] = {
 # change, and never a reason to destroy a guest. `adopted` (the spec directory its mark says
 # it was adopted from) is observed for the planner's messages only: no spec sets it.
 NOT_COMPARED: dict[Kind, frozenset[str]] = {
-    Kind.GUEST: frozenset({"role", "template", "restore_missing", "adopted"}),
+    # A clone's template, like a container's, is used once (and a cloud-init password's
+    # reference is read when applying: only whether one is set is compared, `cloud_init`).
+    # A guest's `pool` is the one it is created into: its pool's `members` are compared.
+    Kind.GUEST: frozenset(
+        {"role", "template", "restore_missing", "adopted", "clone", "cloud_init_password", "pool"}
+    ),
     Kind.VELOCITY: frozenset({"forced_host"}),
     # Readiness policy of the controller: it is acted on, never written to Traefik. The feed
     # is where a route is read from, not part of it (a lab may feed an instance by file).
@@ -37,6 +42,12 @@ NOT_COMPARED: dict[Kind, frozenset[str]] = {
     # limit is the controller's policy, not Proxmox's; its id names the job to create (an
     # existing one is found by its mark, and keeps its id).
     Kind.BACKUP_JOB: frozenset({"guests", "max_age", "id"}),
+    # How to get a template's file: Proxmox keeps no record of either. The file is what counts.
+    Kind.TEMPLATE: frozenset({"url", "checksum"}),
+    # A pool's members are compared as guest addresses; their vmids are what apply sends.
+    Kind.POOL: frozenset({"vmids"}),
+    # Whose HA resource it is: its sid (the change's id) says it to Proxmox.
+    Kind.HA: frozenset({"guest", "type"}),
 }
 
 # Fields an observer may be unable to see: compared only when the observed side has them.

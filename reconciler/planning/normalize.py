@@ -6,10 +6,12 @@ rootfs as `local-lvm:vm-103-disk-0,size=8G`; MACs and `type=veth` added to netN;
 
 QEMU spells things its own way: a NIC is `virtio=BC:24:11:..,bridge=vmbr0` (the model's key holds
 the generated MAC; `model=virtio,macaddr=..` is accepted too), and memory comes back as a
-string (`"2048"`, or the property-string form `"current=2048"`). A VM's boot disk (`scsi0`) is
-compared as `rootfs`, like a container's.
+string (`"2048"`, or the property-string form `"current=2048"`). A VM has no `rootfs`: its disks,
+the boot disk among them, are `volumes` by drive key (`scsi0`, `virtio0`, ...), and `boot_disk`
+names the one it boots from (None: it has none). An observation made before VMs were read that
+way (a saved snapshot: `rootfs` for `scsi0`, no `boot_disk`) is read in this shape (`pair`).
 
-Volumes (a container's `mpN`, a VM's `scsiN`) come back as `local-lvm:vm-1001-disk-1,mp=/data,
+Volumes (a container's `mpN`, a VM's disks) come back as `local-lvm:vm-1001-disk-1,mp=/data,
 backup=1,size=50G`; both sides become `{"storage", "size", "path", "backup", options...}` with
 Proxmox's defaults filled in (`volume`).
 """
@@ -215,6 +217,19 @@ def _pinned(value: str, qemu: bool) -> frozenset[str]:
     return frozenset(key for key in _NET_GENERATED if key in parse_kv(value))
 
 
+def _vm_disks(desired: dict[str, Any], observed: dict[str, Any]) -> dict[str, Any]:
+    """A VM observed in the older shape (a saved snapshot: its boot disk `scsi0` as `rootfs`,
+    no `boot_disk`) in today's: the disk among its volumes; a boot disk not observed is taken
+    as the spec's (unknown, never drift)."""
+    legacy = observed.pop("rootfs", None)
+    if legacy is not None and "scsi0" not in (observed.get("volumes") or {}):
+        observed["volumes"] = {"scsi0": legacy, **(observed.get("volumes") or {})}
+        observed.setdefault("boot_disk", "scsi0")
+    if "boot_disk" in desired and "boot_disk" not in observed:
+        observed["boot_disk"] = desired["boot_disk"]
+    return observed
+
+
 def rule(value: dict[str, Any]) -> dict[str, Any]:
     out = {k: v for k, v in value.items() if v not in (None, "") and k not in ("pos", "digest")}
     out["enable"] = int(out.get("enable", 0))
@@ -253,6 +268,8 @@ def pair(
             observed["volumes"] = {}
         if "protection" in desired and observed.get("protection") is None:
             observed["protection"] = False
+        if qemu and observed.get("type") == "qemu":
+            observed = _vm_disks(desired, observed)
         return guest(desired, net_keep=keep), guest(observed, net_keep=keep)
     if kind.value.startswith("firewall"):
         return firewall(desired), firewall(observed)

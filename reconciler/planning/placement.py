@@ -18,7 +18,8 @@ What each desired guest is checked for, by what the plan would do with it:
   is gets the same check for the disks that are new to it (a storage changed, a volume added);
 - a guest to be created from a template (`template`, `local:vztmpl/x.tar.zst`): the template's
   storage exists on the node and takes `vztmpl`, and the template is on it when the observation
-  listed that storage's templates. Never for a guest that exists: Proxmox keeps no record of its
+  listed that storage's templates, unless the spec declares it there with a url (`templates:`:
+  the plan downloads it first). Never for a guest that exists: Proxmox keeps no record of its
   template, and nothing recreates it here;
 - a node that guests move onto (a migration, or a replace that changes the node): its memory
   (`maxmem`) times `policies.capacity.memory_overcommit` holds the memory of the guests that will
@@ -157,7 +158,8 @@ def _check_guest(
             out.append(_diag(res, "storage-unusable", f"{path} {storage!r}: {problem}"))
     template = attrs.get("template")
     if obs is None and kind == "lxc" and template:
-        problem = _template_problem(node, target, str(template))
+        fetched = _downloaded_first(graph, res)
+        problem = _template_problem(node, target, str(template), fetched)
         if problem is not None:
             out.append(_diag(res, "template-missing", problem))
     return out
@@ -206,7 +208,19 @@ def _storage_problem(name: str, node: NodeFacts, storage: str, content: str) -> 
     return None
 
 
-def _template_problem(name: str, node: NodeFacts, template: str) -> str | None:
+def _downloaded_first(graph: DesiredGraph, res: Resource) -> bool:
+    """The guest depends on a declared template with a url: downloaded before it is created."""
+    return any(
+        (dep := graph.resources.get(address)) is not None
+        and dep.kind is Kind.TEMPLATE
+        and bool(dep.attributes.get("url"))
+        for address in res.depends_on
+    )
+
+
+def _template_problem(
+    name: str, node: NodeFacts, template: str, fetched: bool = False
+) -> str | None:
     storage, sep, _ = template.partition(":")
     if not sep or node.storages is None:
         return None
@@ -221,7 +235,7 @@ def _template_problem(name: str, node: NodeFacts, template: str) -> str | None:
             f"template {template!r}: storage {storage!r} on node {name} does not hold "
             "container templates"
         )
-    if found.templates is not None and template not in found.templates:
+    if found.templates is not None and template not in found.templates and not fetched:
         have = ", ".join(found.templates[:5]) or "none"
         more = f" and {len(found.templates) - 5} more" if len(found.templates) > 5 else ""
         return (

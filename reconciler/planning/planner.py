@@ -21,12 +21,22 @@ destroys (`Change.destroys`) and needs pruning (`platform.prune` or `--allow-des
 it, it stays in the plan `blocked` and is never applied. Allowed ones count toward
 `max_deletes_per_run`. A smaller disk is a plan error: Proxmox cannot shrink one, and the
 planner never destroys one to get there; so is a volume's new storage (the controller never
-moves a volume: Proxmox's move-volume does). Deletes of owned firewall objects (aliases, IP
-sets, groups) need pruning too. A guest's firewall is never deleted on its
-own: it goes with its guest, and a guest whose spec lost its firewall section keeps what it
-has, unmanaged. The cluster options are never deleted. A guest's firewall is addressed through
-its guest's allocation (node, vmid, type), so a recreated guest gets its firewall back in the
-same apply.
+moves a volume: Proxmox's move-volume does), but in a VM's migration, which carries its disks
+to the storages the spec names when one `targetstorage` map can say it. Deletes of owned
+firewall objects (aliases, IP sets, groups) need pruning too. A guest's firewall is never
+deleted on its own: it goes with its guest, and a guest whose spec lost its firewall section
+keeps what it has, unmanaged. The cluster options are never deleted. A guest's firewall is
+addressed through its guest's allocation (node, vmid, type), so a recreated guest gets its
+firewall back in the same apply. A declared template (`templates:`) is created (downloaded)
+or left alone: a file carries no mark, so one that left the spec is never deleted, and one
+missing with no url to download it from is a plan warning.
+
+Pools and HA. A pool is deleted only with pruning (it may carry permissions); its members are
+planned by planning.pools (only guests that exist: a new one joins in its own create). An HA
+resource attached to a guest is recreated with it, goes with it when the guest leaves the spec,
+and is removed without pruning when only `ha` left the guest (that destroys nothing). HA owns
+the power of the guests it manages: their `state` is never planned as a start or stop, but
+healed through their HA resource (planning.ha).
 
 Readiness gate (`agent_layers`, and the observed state's per-guest `health`): a Velocity
 registration, and a route whose `when_unready` is `withhold`, is planned only while its target
@@ -53,6 +63,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from reconciler.model.diagnostics import Diagnostic, error, warning
+from reconciler.model.disks import storage_map
 from reconciler.model.observed import GuestHealth, ObservedResource, ObservedState
 from reconciler.model.plans import (
     HOLD_START,
@@ -67,9 +78,9 @@ from reconciler.model.plans import (
     Freshness,
     Plan,
 )
-from reconciler.model.resources import DesiredGraph, Kind, Resource, job_id, kind_of
+from reconciler.model.resources import DesiredGraph, Kind, Resource, ha_sid, job_id, kind_of
 from reconciler.model.units import format_seconds, parse_mib
-from reconciler.planning import backups, diffing, normalize, placement
+from reconciler.planning import backups, clones, diffing, ha, normalize, placement, pools
 from reconciler.planning.provenance import (
     adopt_command,
     adopted_from_import,
@@ -272,6 +283,10 @@ def _plan_resource(p: _Planning, res: Resource) -> Change | None:
         if home is None:
             return None  # its guest is not planned (a vmid problem): nothing to address
         ident = home
+    if res.kind is Kind.HA and _guest_unplanned(p, res):
+        return None  # its guest is not planned (a vmid problem): no sid to address
+    if res.kind is Kind.POOL:
+        desired = _pool_members_now(p, res, desired)
     obs = p.owned.get(res.address)
     wave = p.graph.waves[res.address]
     if obs is None:
@@ -285,6 +300,10 @@ def _plan_resource(p: _Planning, res: Resource) -> Change | None:
         if wrong:
             p.diags.extend(wrong)
             return None
+        owner = ha.power_owner(p.graph, p.observed, res, desired)
+        if owner is not None:  # HA owns its power: no start or stop of ours (planning.ha)
+            change, said = ha.leave_power_to_ha(change, owner, p.observed, res, p.graph.platform)
+            p.diags.extend(said)
     parent = p.changes.get(res.attached_to) if res.attached_to else None
     if (
         parent is not None
@@ -299,6 +318,23 @@ def _plan_resource(p: _Planning, res: Resource) -> Change | None:
             cause=Cause.WITH_PARENT,
         )
     return change
+
+
+def _guest_unplanned(p: _Planning, res: Resource) -> bool:
+    """A resource attached to a guest that was observed but got no change (a vmid or name
+    problem, said where it was found): nothing of it can be addressed."""
+    guest_observed = p.observed_kinds is None or Kind.GUEST in p.observed_kinds
+    return guest_observed and res.attached_to not in p.changes
+
+
+def _pool_members_now(p: _Planning, res: Resource, desired: dict[str, Any]) -> dict[str, Any]:
+    """A pool's members reconciled in this plan (planning.pools.present_members)."""
+    existing = (a for a, r in p.owned.items() if r.kind is Kind.GUEST)
+    positions = {a: r.position for a, r in p.graph.resources.items() if r.kind is Kind.GUEST}
+    homes = pools.foreign_homes(p.observed)
+    desired, said = pools.present_members(res, desired, existing, homes, positions)
+    p.diags.extend(said)
+    return desired
 
 
 def _creation(
@@ -326,11 +362,40 @@ def _create(
     problem = _vmid_conflict(
         res, desired, p.foreign_vmids, p.owned_by_vmid, p.spec_dir
     ) or _name_conflict(res, p.observed, p.graph.platform, p.spec_dir)
+    if res.kind is Kind.POOL:
+        problem = problem or pools.held_by_foreign(res, p.observed.resources, p.graph.platform)
+    elif res.kind is Kind.HA:
+        problem = problem or ha.held_by_foreign(res, ident["sid"], p.observed, p.graph.platform)
     if problem:
         p.diags.append(problem)
         return None
+    if res.kind is Kind.TEMPLATE and not desired.get("url"):
+        p.diags.append(_undownloadable(res))
+        return None
+    if res.kind is Kind.GUEST and desired.get("clone"):
+        # The template it is cloned from is there, and is one (planning.clones).
+        source, problem = clones.clone_source(res, desired, p.observed)
+        if problem:
+            p.diags.append(problem)
+            return None
+        if source is not None:
+            desired = {**desired, "clone": source}
     change = _creation(res, desired, ident, wave, "not found")
     return _restored(p, res, change) if res.kind is Kind.GUEST else change
+
+
+def _undownloadable(res: Resource) -> Diagnostic:
+    """A declared template missing from its node, with no url to download it from (`import`
+    writes templates so): nothing can put it there. A warning: the guests already there do not
+    need it; one to be created from it is a placement error of its own."""
+    a = res.attributes
+    return warning(
+        "template-missing",
+        f"{res.address}: {a['volid']} is not on node {a['node']}, and the template has no url "
+        "to download it from: set its url and checksum, or put the file there",
+        position=res.position,
+        address=res.address,
+    )
 
 
 def _restored(p: _Planning, res: Resource, change: Change) -> Change:
@@ -703,7 +768,10 @@ def _shrinks(res: Resource, change: Change) -> Diagnostic | None:
 
 def _moves_volumes(res: Resource, change: Change) -> Diagnostic | None:
     """A volume whose storage changed. The controller never moves a volume (nor recreates one
-    elsewhere): Proxmox's move-volume does, with the data."""
+    elsewhere): Proxmox's move-volume does, with the data. Except a VM's disks in its
+    migration, when `targetstorage` can say where each goes (a map from storage to storage)."""
+    if change.action is Action.MIGRATE and _vm_disks_migrate(change):
+        return None
     return _refused(
         res,
         change,
@@ -719,6 +787,20 @@ def _moves_volumes(res: Resource, change: Change) -> Diagnostic | None:
         "move-volume VMID mpN STORAGE`, or Disk Action > Move Storage for a VM disk), or keep "
         "the storage in the spec",
     )
+
+
+def _vm_disks_migrate(change: Change) -> bool:
+    """A VM's migration can carry its disks to the storages the spec names: no storage's
+    disks are wanted in two places (model.disks.storage_map)."""
+    if (change.after or {}).get("type") != "qemu":
+        return False
+    before = (change.before or {}).get("volumes") or {}
+    after = (change.after or {}).get("volumes") or {}
+    moves = [
+        (str(before[k].get("storage")), str(after[k].get("storage")))
+        for k in sorted(set(before) & set(after))
+    ]
+    return storage_map(moves) is not None
 
 
 def _detached(change: Change) -> tuple[str, ...]:
@@ -805,6 +887,8 @@ def _name_conflict(
     cluster-wide; alias and IP set names ignore case), or a backup job's id."""
     if res.kind is Kind.BACKUP_JOB:
         return _job_id_conflict(res, observed, spec_dir)
+    if res.kind is Kind.DNS:
+        return _dns_name_held(res, observed)
     if res.kind not in _NAMED_FIREWALL:
         return None
     for r in observed.foreign():
@@ -843,6 +927,28 @@ def _job_id_conflict(
                 f"{res.address} matches backup job {ident}, which the controller does not own "
                 f"yet: it is only reported. Review it, then "
                 f"`{adopt_command(res.address, spec_dir)}` to manage it",
+                position=res.position,
+                address=res.address,
+            )
+    return None
+
+
+def _dns_name_held(res: Resource, observed: ObservedState) -> Diagnostic | None:
+    """A record set we would create where records without our ownership record are: of its
+    name and type, or a CNAME at its name, or anything at all where it is a CNAME (a CNAME
+    stands alone). They are never changed, so it is not created: a warning says what holds it."""
+    name, rtype = res.attributes.get("name"), res.attributes.get("type")
+    for r in observed.foreign():
+        a = r.attributes
+        if r.kind is not Kind.DNS or a.get("name") != name:
+            continue
+        if a.get("type") == rtype or "CNAME" in (a.get("type"), rtype):
+            values = ", ".join(str(v) for v in a.get("values") or ())
+            return warning(
+                "dns-name-held-by-foreign",
+                f"{res.address}: {name} already holds {a.get('type')} {values} without the "
+                "controller's ownership record; it is never changed, so this record is not "
+                "created. Remove that record by hand, or drop this one from the spec",
                 position=res.position,
                 address=res.address,
             )
@@ -1024,8 +1130,17 @@ def _deletes(
     diags: list[Diagnostic] = []
     for r in gone:
         assert r.address is not None
-        if r.kind in (Kind.FIREWALL_GUEST, Kind.FIREWALL_CLUSTER):
-            continue  # goes with its guest; the cluster options are only ever left alone
+        if r.kind in (Kind.FIREWALL_GUEST, Kind.FIREWALL_CLUSTER, Kind.TEMPLATE):
+            # A guest's firewall goes with its guest; the cluster options are only ever left
+            # alone, and so is a template file that left the spec (a file carries no mark:
+            # nothing says it is ours to delete, and a guest made by hand may need it).
+            continue
+        if r.kind is Kind.HA and ha.guest_of(r.address) not in graph.resources:
+            # An HA resource whose guest left the spec goes with its guest (a destroy with
+            # purge removes it), never on its own: without pruning, both stay. One whose guest
+            # is still in the spec, without `ha`, is removed: that destroys nothing (the guest
+            # runs on; HA only stops managing it), so it needs no pruning.
+            continue
         # Velocity registrations and routes are soft state: what the edge is told about guests,
         # rebuilt from the spec at any time (a Velocity restart forgets every registration
         # anyway). Deleting one loses nothing, so it needs neither pruning nor --allow-destroy,
@@ -1037,7 +1152,16 @@ def _deletes(
         elsewhere = _adopted_elsewhere(r, graph, prune) if r.kind is Kind.GUEST else None
         if elsewhere is not None:
             diags.append(elsewhere[0])
-        if not prune and r.kind in (Kind.GUEST, Kind.BACKUP_JOB, *_NAMED_FIREWALL):
+        # A DNS record destroys no data, but resolvers cache its absence (the zone's negative
+        # TTL), so a wrong delete (a spec file gone missing) outlasts its fix: it waits for
+        # pruning like a firewall object, and is no destroy (max_deletes_per_run counts data).
+        if not prune and r.kind in (
+            Kind.GUEST,
+            Kind.BACKUP_JOB,
+            Kind.POOL,
+            Kind.DNS,
+            *_NAMED_FIREWALL,
+        ):
             if elsewhere is None:
                 which = f" (vmid {r.id.get('vmid')})" if r.kind is Kind.GUEST else ""
                 diags.append(
@@ -1133,7 +1257,9 @@ def _firewall_first(changes: dict[str, Change], graph: DesiredGraph) -> None:
     """A guest that this plan starts, and whose firewall it also changes, starts only once its
     rules are in place: see HOLD_START in reconciler.model.plans."""
     firewall_of = {
-        r.attached_to: r.address for r in graph.resources.values() if r.attached_to is not None
+        r.attached_to: r.address
+        for r in graph.resources.values()
+        if r.attached_to is not None and r.kind is Kind.FIREWALL_GUEST
     }
     for address, change in list(changes.items()):
         after = change.after
@@ -1208,6 +1334,15 @@ def _with_vmid(
     elif res.kind is Kind.BACKUP_JOB:
         # The selection as vmids: a guest created in this run is in its job from the start.
         attrs["vmid"] = backups.job_vmids(res, vmids)
+    elif res.kind is Kind.TEMPLATE:
+        ident["node"] = attrs["node"]  # the node that downloads it
+    elif res.kind is Kind.POOL:
+        attrs["vmids"] = pools.member_vmids(res, vmids)  # what apply sends, by member
+    elif res.kind is Kind.HA:
+        guest = str(attrs["guest"])
+        if guest not in vmids:
+            return None  # its guest has no vmid: reported by allocate_vmids
+        ident["sid"] = ha_sid("qemu" if attrs.get("type") == "vm" else "lxc", vmids[guest])
     return attrs, ident
 
 

@@ -4,7 +4,8 @@ Built by `reconciler.planning.observed_policies` for the live plan's isolation w
 seen: the firewall of every guest the controller owns (only those are read, so a hand-made rule
 on a guest it does not own is not seen, and such a guest is not looked at), and every
 cluster-level object (cluster options, aliases, IP sets, security groups) those rules refer to,
-owned or not. A guest's addresses are those observed, else the spec's.
+owned or not. A guest's addresses are those observed, else the spec's, else those a VM's
+guest agent reports.
 
 Places are live objects: `Place(("rules", 3), "firewall/guest/mc-x")` for a rule,
 `("enable",)`, `("net", "net0")` or `("policy_in",)` for a switch or the default policy. An
@@ -105,13 +106,16 @@ class LiveFirewalls:
 
     def ips(self, name: str) -> list[Address]:
         """A guest's addresses as observed; the spec's when it is not live or its NICs carry
-        none (a VM's address belongs to its OS, not to its netN)."""
+        none (a VM's address belongs to its OS, not to its netN); else, for a VM, those its
+        QEMU guest agent reports (`addresses`: a DHCP VM's)."""
         texts: list[str] = []
         if name in self.guests:
             nets = self.guests[name].attributes.get("net") or {}
             texts = [parse_kv(str(v)).get("ip", "") for _, v in sorted(nets.items())]
         if not any("/" in t for t in texts) and name in self.spec.guests:
             texts = [nic.ip for nic in self.spec.guests[name].network]
+        if not any("/" in t for t in texts) and name in self.guests:
+            texts = [str(a) for a in self.guests[name].attributes.get("addresses") or ()]
         return interface_ips(texts)
 
     def inbound(self, name: str) -> Inbound | None:

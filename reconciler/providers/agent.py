@@ -346,11 +346,19 @@ async def read_cached(redis: Redis, vmid: int, address: str = "") -> AgentHealth
 # --- the provider --------------------------------------------------------------------------
 
 
+def _observed_ip(guest: ObservedResource) -> str:
+    """A VM's first address as its QEMU guest agent reports it (`addresses`, observed by the
+    Proxmox provider), for a guest without a static IP; "" when none is known."""
+    addresses = guest.attributes.get("addresses") or ()
+    return str(addresses[0]).split("/", 1)[0] if addresses else ""
+
+
 @dataclass
 class AgentHealthProvider:
-    """The agents of the guests in `endpoints` (guest address -> (ip, port)), asked through
-    `observer`. `layers`: the layers whose guests run agents, the planner's readiness gate
-    (a guest of those layers without an entry in `health` is not ready)."""
+    """The agents of the guests in `endpoints` (guest address -> (ip, port); ip "": the
+    address the guest's QEMU guest agent reports, a DHCP VM's), asked through `observer`.
+    `layers`: the layers whose guests run agents, the planner's readiness gate (a guest of
+    those layers without an entry in `health` is not ready)."""
 
     observer: AgentObserver
     endpoints: Mapping[str, tuple[str, int]] = field(default_factory=dict)
@@ -373,6 +381,10 @@ class AgentHealthProvider:
                 health[address] = GuestHealth(error="the guest does not exist")
             elif guest.attributes.get("state") != "running":
                 health[address] = GuestHealth(error="the guest is stopped")
+            elif not (ip := ip or _observed_ip(guest)):
+                health[address] = GuestHealth(
+                    running=True, error="no static IP, and its guest agent reports no address"
+                )
             else:
                 vmid = guest.id["vmid"]
                 targets.append(AgentTarget(vmid=vmid, address=address, ip=ip, port=port))

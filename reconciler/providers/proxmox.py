@@ -25,10 +25,15 @@ an operator):
   `migrate`, ...) is waited out up to `RetryPolicy.lock_timeout`, both on the injected `sleep`
   and `clock`; a guest whose create or destroy task is still running is waited for before it is
   judged ours or foreign (during a create Proxmox shows it without tags or description);
-- volumes (a container's `mpN`, a VM's `scsiN` after its boot disk) are created with the guest
-  or added in place in the allocation form (`local-lvm:50,mp=/data`), changed in place with
-  their volume id kept, grown with `resize`; never moved, never shrunk; detached (`delete`,
-  Proxmox keeps the volume as `unusedN`) only in a change the planner allowed;
+- volumes (a container's `mpN`; a VM's disks on every bus, `scsiN`, `virtioN`, `sataN`,
+  `ideN`, its boot disk among them) are created with the guest or added in place in the
+  allocation form (`local-lvm:50,mp=/data`), changed in place with their volume id kept,
+  grown with `resize`; never moved (but by a VM's migration, `targetstorage`), never shrunk;
+  detached (`delete`, Proxmox keeps the volume as `unusedN`) only in a change the planner
+  allowed. A VM's CD-ROMs, cloud-init drive, `efidisk0`, `tpmstate0` and `unusedN` are none
+  of its volumes: never compared, changed or detached. The disk it boots from is the first
+  disk of `boot: order=` (model.disks), `boot_disk`: a VM is created booting from the spec's,
+  and the order is rewritten (that disk moved first among the disks) when it differs;
 - `protection` is set and healed like any setting, and lifted by the controller only in
   `destroy_guest`, right before an allowed destroy, and in `restore_in_place`, right before a
   restore asked for by hand; a protected container's mount points are left alone (Proxmox
@@ -41,11 +46,21 @@ an operator):
   now decides: a migration already done (a run cut off) is not made again, one running is
   waited out like any lock. A replace destroys the guest observed (its vmid and node), never
   the one wanted;
-- a QEMU VM is created empty (no template): one disk, `scsi0` on virtio-scsi-single, virtio NICs,
-  ostype l26. Its config is read with its pending values, what it runs with after its next
+- a QEMU VM is created empty (no template): its disks (the boot disk `scsi0` unless the spec
+  says another bus, or none), virtio-scsi-single, virtio NICs, ostype l26. Its config is read
+  with its pending values, what it runs with after its next
   start (a running VM takes cores and memory changes only then, unless hotplugged). Proxmox's
   config view merges them in already; fakepve's QEMU view does not, so they are read from
-  `pending`, which both answer alike.
+  `pending`, which both answer alike;
+- a guest with `clone` is made by cloning its template (`clone_guest`), a foreign guest only
+  read, with our mark in the clone's description from the start, then configured in one
+  update, grown, started (`configure_clone`); a guest named like one the spec clones is read
+  even without our tag (`wanted_clones`), so a clone cut off before its configuration is found
+  by its mark and converged, never cloned twice. A VM's cloud-init keys and agent setting are
+  written like any setting, the cloud-init drive regenerated after (`regenerate_cloud_init`);
+  after a start, a VM with the agent is waited for (`wait_for_agent`), and a running one's
+  addresses are read from its agent at observation (`addresses`). What these keys mean to
+  Proxmox: reconciler.providers.proxmox_provisioning.
 
 Errors (reconciler.model.errors), as `classify` hands them out:
 
@@ -79,6 +94,16 @@ import requests
 from proxmoxer import ProxmoxAPI
 from proxmoxer.core import AuthenticationError, ResourceException
 
+from reconciler.model.disks import (
+    DEFAULT_BUS,
+    boot_disk,
+    boot_key,
+    is_vm_disk,
+    is_vm_drive_key,
+    storage_map,
+    vm_disks,
+    with_boot_disk,
+)
 from reconciler.model.errors import (
     ConfigurationError,
     ConflictError,
@@ -98,6 +123,18 @@ from reconciler.model.units import parse_kv, parse_mib
 from reconciler.providers import Observation
 from reconciler.providers.backoff import backoff
 from reconciler.providers.pacing import DEFAULT_LIMIT, AdaptiveLimit
+from reconciler.providers.proxmox_provisioning import (
+    agent_addresses,
+    agent_enabled,
+    agent_value,
+    check_template_disks,
+    clone_params,
+    cloud_init_drive,
+    cloud_init_params,
+    find_template,
+    new_cloud_init_drive,
+    observed_cloud_init,
+)
 
 if TYPE_CHECKING:
     from reconciler.providers.pve_http import FastReads
@@ -114,9 +151,10 @@ _MARK = re.compile(
 # What `adopted` keeps as it is; anything else (whitespace, `%`, non-ASCII) is percent-encoded.
 _ADOPTED_SAFE = "/+,@:"
 
-# A VM's one disk (its boot disk, observed and compared as `rootfs`), and what a VM is created
-# with besides the spec's fields: an empty Linux VM, booting from that disk.
-QEMU_DISK = "scsi0"
+# A VM's boot disk when its spec names no bus (its disks are volumes by drive key, the boot disk
+# `boot_disk`: model.disks), and what a VM is created with besides the spec's fields: an empty
+# Linux VM on virtio-scsi, booting from its boot disk.
+QEMU_DISK = boot_key(DEFAULT_BUS)
 _QEMU_CREATE = {"scsihw": "virtio-scsi-single", "ostype": "l26"}
 
 Sleep = Callable[[float], Awaitable[None]]
@@ -493,31 +531,27 @@ def with_pending(config: Mapping[str, Any], pending: Iterable[Mapping[str, Any]]
     return out
 
 
-# Volume keys: a container's mount points; a VM's SCSI disks after its boot disk (scsi0).
+# A container's mount points (its volumes); a VM's volumes are its disks (model.disks).
 _LXC_VOLUME = re.compile(r"mp\d+")
-_QEMU_VOLUME = re.compile(r"scsi(?:[1-9]|[12]\d|30)")
 
 
 _UNUSED = re.compile(r"unused\d+")
 
 
 def observed_volumes(kind: str, config: Mapping[str, Any]) -> dict[str, str]:
-    """A guest's volumes as Proxmox spells them, by key. A VM's CD-ROM and cloud-init drives
-    are not volumes, nor is a container's bind or device mount (`mp0: /host/dir,mp=/x`: on no
-    storage, nothing of it is destroyed with the guest, and only root makes one); neither are
-    `unusedN` (volumes detached from the guest: still on their storage, not mounted)."""
+    """A guest's volumes as Proxmox spells them, by key. A VM's are its disks on every bus,
+    its boot disk among them (`scsi0`, `virtio0`, ...); its CD-ROMs and cloud-init drive are
+    not volumes (`model.disks.is_vm_disk`), nor is a container's bind or device mount (`mp0:
+    /host/dir,mp=/x`: on no storage, nothing of it is destroyed with the guest, and only root
+    makes one); neither are `unusedN` (volumes detached from the guest: still on their
+    storage, not mounted)."""
+    if kind == "qemu":
+        return vm_disks(config)
     out: dict[str, str] = {}
-    pattern = _QEMU_VOLUME if kind == "qemu" else _LXC_VOLUME
     for key, value in config.items():
-        if not pattern.fullmatch(key):
+        if not _LXC_VOLUME.fullmatch(key):
             continue
-        kv = parse_kv(str(value))
-        volume = kv.get("volume", "")
-        if kind == "qemu" and (
-            kv.get("media") == "cdrom" or "cloudinit" in volume or volume in ("none", "cdrom")
-        ):
-            continue
-        if kind != "qemu" and volume.startswith("/"):
+        if parse_kv(str(value)).get("volume", "").startswith("/"):
             continue
         out[key] = str(value)
     return out
@@ -525,7 +559,8 @@ def observed_volumes(kind: str, config: Mapping[str, Any]) -> dict[str, str]:
 
 def guest_attributes(item: Mapping[str, Any], config: Mapping[str, Any]) -> dict[str, Any]:
     """A guest's Proxmox config -> our attribute shape (normalization finishes in planning). A
-    VM has no template, swap, features or unprivileged flag; its boot disk is `rootfs`.
+    VM has no template, swap, features, unprivileged flag or `rootfs`: its disks are its
+    `volumes`, by drive key, and `boot_disk` names the one it boots from (None: none).
     `adopted`, only when the mark has it: the spec directory the guest was adopted from, for
     the planner's messages (never compared: no spec sets it)."""
     kind = item.get("type", "lxc")
@@ -558,7 +593,9 @@ def guest_attributes(item: Mapping[str, Any], config: Mapping[str, Any]) -> dict
         attrs["unprivileged"] = bool(int(config.get("unprivileged", 0)))
     else:
         del attrs["template"]
-        attrs["rootfs"] = config.get(QEMU_DISK)
+        attrs["boot_disk"] = boot_disk(config)
+        attrs["agent"] = agent_enabled(config.get("agent"))
+        attrs["cloud_init"] = observed_cloud_init(config)
     if mark.get("adopted"):
         attrs["adopted"] = mark["adopted"]
     return attrs
@@ -566,8 +603,44 @@ def guest_attributes(item: Mapping[str, Any], config: Mapping[str, Any]) -> dict
 
 # --- the provider --------------------------------------------------------------------------
 
-# What a migration changes by itself: the node, and the disks' storage (its target storage).
+# What a migration changes by itself: the node, and the disks' storage (its target storage: a
+# container's `rootfs.storage`, a VM's `volumes.<disk>.storage`).
 _MIGRATED = frozenset({"node", "rootfs.storage"})
+
+
+def _migrated(kind: str, path: str) -> bool:
+    """A field a migration changes by itself (see `_MIGRATED`)."""
+    moved = path.startswith("volumes.") and path.endswith(".storage") and path.count(".") == 2
+    return path in _MIGRATED or (kind == "qemu" and moved)
+
+
+def vm_storage_map(change: Change) -> dict[str, str]:
+    """Where a VM's migration puts its disks, as `targetstorage` says it: storage to storage,
+    from the disks whose storage the change moves (`model.disks.storage_map`; the planner
+    allows no migration it cannot say). Empty: every disk stays where it is."""
+    before = (change.before or {}).get("volumes") or {}
+    after = (change.after or {}).get("volumes") or {}
+    moves = []
+    for key in sorted(set(before) & set(after)):
+        source, target = _storage_of(before[key]), _storage_of(after[key])
+        if source and target:
+            moves.append((source, target))
+    found = storage_map(moves)
+    if found is None:
+        raise PermanentError(
+            f"{change.address}: its disks cannot move with it as the spec says: one storage's "
+            "disks would go to two places; re-plan"
+        )
+    return found
+
+
+def _storage_of(volume: Any) -> str | None:
+    if isinstance(volume, Mapping):
+        return volume.get("storage")
+    head = parse_kv(str(volume or "")).get("volume", "")
+    return head.split(":", 1)[0] if ":" in head else None
+
+
 # Lookups of a guest that moves while we wait for its lock, before giving up for this run.
 _RELOCATES = 5
 
@@ -586,6 +659,8 @@ class RetryPolicy:
     task_timeout: float = 900.0
     task_poll: float = 0.05
     task_poll_max: float = 2.0
+    agent_timeout: float = 300.0  # after a start, how long a VM's guest agent is waited for
+    agent_poll: float = 2.0
 
 
 def _pace(limit: AdaptiveLimit, exc: Exception) -> None:
@@ -629,6 +704,10 @@ class ProxmoxProvider:
     # Guest address -> (node, template volid) the spec creates it from: `observe_cluster`
     # lists the templates of the storages that guests still to be created need.
     wanted_templates: Mapping[str, tuple[str, str]] = field(default_factory=dict)
+    # The names of the guests the spec makes by cloning: a clone carries its template's tags
+    # (not ours) until it is configured, so a guest of such a name without our tag is read
+    # too, and is ours if its mark says so (a run cut off after the clone: never cloned again).
+    wanted_clones: frozenset[str] = frozenset()
     calls: int = 0  # Proxmox API calls made
     retries: int = 0  # calls (or tasks) repeated after a temporary error
     waits: int = 0  # polls while waiting for a lock to clear
@@ -793,7 +872,9 @@ class ProxmoxProvider:
 
         async with anyio.create_task_group() as tg:
             for item in inv.guests:
-                if not item.get("template") and self.owner_tag in _tags(item.get("tags")):
+                if not item.get("template") and (
+                    self.owner_tag in _tags(item.get("tags")) or self._unfinished_clone(item)
+                ):
                     tg.start_soon(read, item)
                 else:
                     found(self._foreign(item))
@@ -801,6 +882,11 @@ class ProxmoxProvider:
         if seen is not None:
             seen.cluster = await self.observe_cluster(out)
         return out
+
+    def _unfinished_clone(self, item: Mapping[str, Any]) -> bool:
+        """A guest that may be a clone of ours not yet configured: it has the name of a guest
+        the spec clones (see `wanted_clones`). Its mark decides (`observe_guest`)."""
+        return bool(self.wanted_clones) and str(item.get("name") or "") in self.wanted_clones
 
     def _foreign(self, item: Mapping[str, Any]) -> ObservedResource:
         """A guest that is not ours, from its inventory item: `template` says whether it is a
@@ -891,14 +977,35 @@ class ProxmoxProvider:
         address = claimed(mark, self.platform, vmid)
         if address is None:
             return self._foreign(item)  # our tag alone, or a copy made by hand: not ours
+        attributes = guest_attributes(item, config)
+        if kind == "qemu" and item.get("status") == "running" and attributes.get("agent"):
+            addresses = await self._agent_addresses(guest, vmid)
+            if addresses is not None:
+                attributes["addresses"] = addresses  # never compared: no spec sets it
         return ObservedResource(
             address=address,
             kind=Kind.GUEST,
             owned=True,
             id={"vmid": vmid, "node": node},
-            attributes=guest_attributes(item, config),
+            attributes=attributes,
             version=config.get("digest"),
         )
+
+    async def _agent_addresses(self, guest: Any, vmid: int) -> list[str] | None:
+        """A running VM's addresses as its guest agent lists them (`agent_addresses`); None when
+        the agent does not answer. One try, no retry: an agent that is not running (yet) is
+        common, and costs the observation nothing."""
+        what = f"read the addresses of {vmid} from its guest agent"
+        resource = guest.agent("network-get-interfaces")
+        fast = self._fast
+        try:
+            if fast is None:
+                answer = await self.call(what, lambda: resource.get(), read=True)
+            else:
+                answer = await self._send(what, lambda: fast.get(resource, {}), read=True)
+        except ProviderError:
+            return None
+        return agent_addresses(answer)
 
     # --- apply -----------------------------------------------------------------------------
 
@@ -930,6 +1037,14 @@ class ProxmoxProvider:
         cannot be seen there (missing, or the listing refused) stops the replace before any
         destroy."""
         want = change.after or {}
+        if want.get("clone") and not want.get(RESTORE_FROM):
+            # A guest made by cloning: its template is there, and is one, before any destroy.
+            guests = (await self.inventory()).guests
+            try:
+                find_template(guests, want["clone"], self._kind(change), change.address)
+            except PermanentError as exc:
+                raise PermanentError(f"not replaced: {exc}; nothing was destroyed") from None
+            return
         template = want.get("template")
         if want.get("type", "lxc") != "lxc" or not template:
             return
@@ -1013,6 +1128,9 @@ class ProxmoxProvider:
         want = change.after
         node, vmid = change.id["node"], change.id["vmid"]
         restoring = bool(want.get(RESTORE_FROM))
+        if want.get("clone") and not restoring:
+            await self.clone_guest(change)
+            return
         if restoring:
             params = restore_params(want)
             what = f"restore {change.address} from {want[RESTORE_FROM]['volid']}"
@@ -1032,6 +1150,124 @@ class ProxmoxProvider:
             raise ConflictError(
                 f"{change.address}: vmid {vmid} was taken by someone else while applying; re-plan"
             ) from None
+
+    async def clone_guest(self, change: Change) -> None:
+        """Create the guest by cloning its template (`clone`), then configure it as the spec
+        says (`configure_clone`). The template, a foreign guest, is read and never changed.
+        A guest already at the vmid that carries our mark for this address is a clone made by
+        a run that was cut off: it is configured, never cloned again. Anything else there is
+        a race lost (ConflictError)."""
+        assert change.after is not None
+        want = change.after
+        vmid, kind = int(change.id["vmid"]), self._kind(change)
+        inventory = await self.inventory()
+        if any(int(g["vmid"]) == vmid for g in inventory.guests):
+            if not await self._owned_by(change):
+                raise ConflictError(
+                    f"{change.address}: vmid {vmid} was taken by someone else; re-plan"
+                )
+        else:
+            template = find_template(inventory.guests, want["clone"], kind, change.address)
+            await self._clone(change, template)
+        await self.configure_clone(change)
+
+    async def _clone(self, change: Change, template: Mapping[str, Any]) -> None:
+        """The clone call and its task, after checking the template's disks fit the spec."""
+        assert change.after is not None
+        want = change.after
+        source_node, source = str(template["node"]), int(template["vmid"])
+        endpoint = self.client.nodes(source_node)(self._kind(change))(source)
+        config = await self.get(f"read config of template {source}", endpoint.config)
+        disks = observed_volumes(self._kind(change), config)
+        check_template_disks(change.address, want, config, disks)
+        mark = with_mark(
+            want.get("description", ""), self.platform, change.address, None, want["vmid"]
+        )
+        params = clone_params(want, template, change.id["node"], mark, root_storage(want))
+        try:
+            await self.run_task(
+                f"clone {change.address} from template {source}",
+                source_node,
+                lambda: endpoint.clone.post(**params),
+            )
+        except ConflictError:
+            # "already exists": ours if our mark is on it (a lost reply), else a race lost.
+            if not await self._owned_by(change):
+                raise ConflictError(
+                    f"{change.address}: vmid {want['vmid']} was taken by someone else while "
+                    "cloning; re-plan"
+                ) from None
+
+    async def configure_clone(self, change: Change) -> None:
+        """A clone made as the spec says: one config update (cores, memory, name, tags, NICs,
+        protection, the agent, cloud-init, a cloud-init drive if the template has none, the
+        spec's volumes the template lacks, and the NICs and cloud-init keys of the template's
+        the spec does not have, removed), its disks grown to the spec's sizes, cloud-init
+        regenerated, then started when the spec wants it running. What is left (a disk of
+        the template's the spec does not list) the next plan shows."""
+        assert change.after is not None
+        want, kind = change.after, self._kind(change)
+        guest = self._guest(change)
+        what = f"read config of {change.id['vmid']}"
+        config = await self.config_when_unlocked(guest, what)
+        self._check_mark(change, config)
+        if kind == "qemu":
+            config = with_pending(config, await self.get(what, guest.pending))
+        params, delete = clone_config_params(self.platform, change.address, want, config)
+        if params or delete:
+            if delete:
+                params["delete"] = ",".join(delete)
+            await self.run_task(
+                f"configure {change.address}",
+                change.id["node"],
+                lambda: guest.config.put(**params),
+            )
+        for key in disks_to_grow(kind, want, config):
+            await self.resize_disk(change, key, want["volumes"][key]["size"])
+        if kind == "lxc":
+            size = (want.get("rootfs") or {}).get("size")
+            have = parse_kv(str(config.get("rootfs") or "")).get("size")
+            if size and have and parse_mib(size, bare_unit="G") > parse_mib(have, bare_unit="G"):
+                await self.resize_disk(change, "rootfs", size)
+        if kind == "qemu" and want.get("cloud_init"):
+            await self.regenerate_cloud_init(change)
+        wanted_running = want.get("state") == "running" and not want.get(HOLD_START)
+        if wanted_running and await self._power(change) != "running":
+            await self.set_state(change, "running")
+
+    async def regenerate_cloud_init(self, change: Change) -> None:
+        """`PUT .../cloudinit`: Proxmox writes the VM's cloud-init drive from its config now
+        (a start does too); the guest's cloud-init reads it at its next boot."""
+        guest = self._guest(change)
+        await self.retrying(
+            f"regenerate the cloud-init drive of {change.address}",
+            lambda: guest.cloudinit.put(),
+        )
+
+    async def wait_for_agent(self, change: Change) -> None:
+        """After a VM's start, until its guest agent answers `agent/ping`, polling every
+        `agent_poll` s on the injected clock and sleep; TemporaryError after `agent_timeout`
+        (the guest started, but the agent is not installed, not running, or the guest did
+        not boot). A refusal that waiting cannot change (403, the VM gone) is raised at once."""
+        guest = self._guest(change)
+        deadline = self.clock() + self.retry.agent_timeout
+        what = f"ping the guest agent of {change.address}"
+        while True:
+            try:
+                await self.call(what, lambda: guest.agent.ping.post())
+                return
+            except (NotFoundError, OwnershipError):
+                raise
+            except ProviderError as exc:
+                if exc.status == 403:
+                    raise
+            if self.clock() >= deadline:
+                raise TemporaryError(
+                    f"{change.address}: started, but its QEMU guest agent did not answer within "
+                    f"{self.retry.agent_timeout:g} s (is qemu-guest-agent installed and "
+                    "running in the guest?)"
+                )
+            await self.sleep(self.retry.agent_poll)
 
     async def mark_restored(self, change: Change) -> None:
         """A restored guest carries the config its backup holds: write our mark for this
@@ -1245,7 +1481,12 @@ class ProxmoxProvider:
         guest = self._guest(change)
         node = change.id["node"]
         kind = self._kind(change)
-        params, delete = update_params(self.platform, change.address, change.after, config, paths)
+        view = config
+        if kind == "qemu" and "boot_disk" in paths:
+            # The boot order as the VM will boot: a running VM holds a new one pending.
+            pending = await self.get(f"read pending config of {change.id['vmid']}", guest.pending)
+            view = with_pending(config, pending)
+        params, delete = update_params(self.platform, change.address, change.after, view, paths)
         mounts = [k for k in (*params, *delete) if _is_volume_key(kind, k)]
         if mounts and _protected(config):
             if change.after.get("protection"):
@@ -1268,30 +1509,38 @@ class ProxmoxProvider:
             await self.run_task(
                 f"update {change.address}", node, lambda: guest.config.put(**params)
             )
-        if "rootfs.size" in paths:
-            size = change.after["rootfs"]["size"]
-            disk = QEMU_DISK if kind == "qemu" else "rootfs"
-            await self.run_task(
-                f"resize {change.address}",
-                node,
-                lambda: guest.resize.put(disk=disk, size=size),
-            )
+        if (
+            kind == "qemu"
+            and change.after.get("cloud_init")
+            and any(p.startswith("cloud_init") for p in paths)
+        ):
+            await self.regenerate_cloud_init(change)  # read by the guest at its next boot
+        if "rootfs.size" in paths:  # a container's root disk (a VM's disks are volumes)
+            await self.resize_disk(change, "rootfs", change.after["rootfs"]["size"])
         for key in grown_volumes(paths, config):
-            # Grown in place: Proxmox refuses to shrink (and the planner never asks).
-            size = change.after["volumes"][key]["size"]
-            await self.run_task(
-                f"resize {key} of {change.address}",
-                node,
-                functools.partial(guest.resize.put, disk=key, size=size),
-            )
+            await self.resize_disk(change, key, change.after["volumes"][key]["size"])
         if "state" in paths and not change.after.get(HOLD_START):
             await self.set_state(change, change.after["state"])
+
+    async def resize_disk(self, change: Change, disk: str, size: str) -> None:
+        """Grow one disk of the guest (`rootfs`, `mp0`, `scsi0`, `virtio1`, ...) to `size`, in
+        place: Proxmox refuses to shrink one (and the planner never asks). After an update's
+        config PUT, and for a guest made by cloning (`disks_to_grow`)."""
+        guest = self._guest(change)
+        where = "" if disk == "rootfs" else f"{disk} of "
+        await self.run_task(
+            f"resize {where}{change.address}",
+            change.id["node"],
+            functools.partial(guest.resize.put, disk=disk, size=size),
+        )
 
     async def set_state(self, change: Change, state: str) -> None:
         guest = self._guest(change)
         node = change.id["node"]
         if state == "running":
             await self.run_task(f"start {change.address}", node, lambda: guest.status.start.post())
+            if self._kind(change) == "qemu" and (change.after or {}).get("agent"):
+                await self.wait_for_agent(change)
         else:
             await self.run_task(
                 f"stop {change.address}",
@@ -1327,7 +1576,8 @@ class ProxmoxProvider:
             await self._migrate(change, item, target)
         elif not waited:
             waited = True  # moved since the plan: by whom, and what else changed, is unknown
-        rest = tuple(f for f in change.fields if f.path not in _MIGRATED)
+        kind = self._kind(change)
+        rest = tuple(f for f in change.fields if not _migrated(kind, f.path))
         if rest and not waited:
             here = {"vmid": change.id["vmid"], "node": target}
             await self.update_guest(replace(change, action=Action.UPDATE, id=here, fields=rest))
@@ -1376,8 +1626,9 @@ class ProxmoxProvider:
         if kind == "qemu":
             if running:
                 params.update({"online": 1, "with-local-disks": 1})
-            if storage:
-                params["targetstorage"] = storage
+            moved = vm_storage_map(change)
+            if moved:
+                params["targetstorage"] = ",".join(f"{s}:{t}" for s, t in moved.items())
         else:
             if running:
                 params["restart"] = 1
@@ -1514,7 +1765,7 @@ def restore_params(want: Mapping[str, Any]) -> dict[str, Any]:
     """A restore from a backup (RESTORE_FROM): the vmid, the archive, and the storage the
     spec puts the root disk on; everything else comes from the backup, then converges."""
     source = want[RESTORE_FROM]
-    storage = (want.get("rootfs") or {}).get("storage")
+    storage = root_storage(want)
     if want.get("type", "lxc") == "lxc":
         params = {"vmid": want["vmid"], "ostemplate": source["volid"], "restore": 1}
     else:
@@ -1522,6 +1773,16 @@ def restore_params(want: Mapping[str, Any]) -> dict[str, Any]:
     if storage:
         params["storage"] = storage
     return params
+
+
+def root_storage(want: Mapping[str, Any]) -> str | None:
+    """The storage of a guest's root disk: a container's `rootfs`, a VM's boot disk (None for
+    a VM without one)."""
+    if want.get("type", "lxc") != "qemu":
+        return (want.get("rootfs") or {}).get("storage")
+    boot = want.get("boot_disk")
+    disk = (want.get("volumes") or {}).get(boot) if boot else None
+    return disk.get("storage") if isinstance(disk, Mapping) else None
 
 
 def create_params(platform: str, address: str, want: Mapping[str, Any]) -> dict[str, Any]:
@@ -1537,8 +1798,8 @@ def create_params(platform: str, address: str, want: Mapping[str, Any]) -> dict[
         ),
         "start": int(want["state"] == "running" and not want.get(HOLD_START)),
     }
-    rootfs = want.get("rootfs") or {}
     if kind == "lxc":
+        rootfs = want.get("rootfs") or {}
         params.update(
             {
                 "hostname": want["name"],
@@ -1552,16 +1813,18 @@ def create_params(platform: str, address: str, want: Mapping[str, Any]) -> dict[
             params["features"] = want["features"]
         params.update(dict(want.get("net") or {}))
     else:
-        params.update(
-            {
-                "name": want["name"],
-                QEMU_DISK: f"{rootfs['storage']}:{_gib(rootfs['size'])}",
-                **_QEMU_CREATE,
-            }
-        )
+        params.update({"name": want["name"], **_QEMU_CREATE})
         params.update(dict(want.get("net") or {}))
+        # Its disks are its volumes, the boot disk among them; it boots from that one, then
+        # its first NIC: said, as PVE's default would boot the first disk in bus order.
+        first = [want.get("boot_disk"), "net0" if "net0" in params else None]
+        if any(first):
+            params["boot"] = "order=" + ";".join(d for d in first if d)
+        params.update(provisioning_params(want, {}, None)[0])  # the agent, cloud-init
     if want.get("protection"):
         params["protection"] = 1
+    if want.get("pool"):
+        params["pool"] = want["pool"]  # created into it (its pool's changes run before)
     for key, volume in sorted((want.get("volumes") or {}).items()):
         params[key] = volume_value(str(kind), volume, None)
     return params
@@ -1643,6 +1906,12 @@ def update_params(
         volume = volumes.get(key)
         current = config.get(key)
         fields = {p.split(".")[2] for p in paths if p.startswith(f"volumes.{key}.")}
+        if kind == "qemu" and current is not None and not is_vm_disk(current):
+            # A CD-ROM or the cloud-init drive: never a volume, never replaced by one.
+            raise PermanentError(
+                f"{address}: {key} holds {str(current).split(',', 1)[0]!r}, a CD-ROM or "
+                "cloud-init drive, not a disk: give the spec's disk another key"
+            )
         if volume is None:
             # Detached (the planner allowed it: pruning is on). Proxmox keeps the volume as
             # `unusedN`: its data stays on the storage until that unused volume is removed,
@@ -1654,7 +1923,66 @@ def update_params(
             params[key] = volume_value(kind, volume, None)  # added: Proxmox allocates it
         elif fields - {"size", "storage"}:
             params[key] = volume_value(kind, volume, str(current))  # in place, same volume
+    if kind == "qemu":
+        more, gone = provisioning_params(want, config, paths)
+        params.update(more)
+        delete.extend(gone)
+    if kind == "qemu" and "boot_disk" in paths:
+        # The order as it will be: PVE refuses one naming a drive that is not there.
+        after = {k: v for k, v in {**config, **params}.items() if k not in delete}
+        params["boot"] = with_boot_disk(after, want.get("boot_disk"))
     return params, delete
+
+
+def provisioning_params(
+    want: Mapping[str, Any], config: Mapping[str, Any], paths: Iterable[str] | None
+) -> tuple[dict[str, Any], list[str]]:
+    """A VM's agent and cloud-init keys for the changed `paths` (None: all the spec sets, on
+    a create), and a cloud-init drive on the root disk's storage when it has cloud-init and no
+    drive yet. The cloud-init password is read from its reference here (`read_secret`)."""
+    params: dict[str, Any] = {}
+    delete: list[str] = []
+    changed = None if paths is None else set(paths)
+    if want.get("agent") is not None and (changed is None or "agent" in changed):
+        params["agent"] = agent_value(bool(want["agent"]), config.get("agent"))
+    fields = None
+    if changed is not None:
+        fields = [p for p in changed if p == "cloud_init" or p.startswith("cloud_init.")]
+    if want.get("cloud_init") is None or fields == []:
+        return params, delete
+    more, delete = cloud_init_params(want, config, fields, read_secret)
+    params.update(more)
+    if cloud_init_drive(config) is None:
+        volumes = want.get("volumes") or {}
+        storage = root_storage(want) or next(
+            (v.get("storage") for v in volumes.values() if isinstance(v, Mapping)), None
+        )
+        if storage is None:
+            raise PermanentError("no storage for its cloud-init drive: give the VM a disk")
+        key, value = new_cloud_init_drive({**config, **params}, str(storage))
+        params[key] = value
+    return params, delete
+
+
+def clone_config_params(
+    platform: str, address: str, want: Mapping[str, Any], config: Mapping[str, Any]
+) -> tuple[dict[str, Any], list[str]]:
+    """The one config update that makes a fresh clone what the spec says (`configure_clone`):
+    every setting the spec manages, the NICs the template has and the spec does not removed,
+    the spec's volumes the template lacks added. A key to remove that the clone does not
+    hold is left out."""
+    kind = str(want.get("type", "lxc"))
+    paths = {"cores", "memory", "name", "tags", "onboot", "protection"}
+    if kind == "lxc":
+        paths |= {"swap", "features"}
+    else:
+        paths |= {"agent", "cloud_init"}
+    nets = set(want.get("net") or {}) | {k for k in config if re.fullmatch(r"net\d+", k)}
+    paths |= {f"net.{k}" for k in nets}
+    volumes = want.get("volumes") or {}
+    paths |= {f"volumes.{k}.storage" for k in volumes if config.get(k) is None}
+    params, delete = update_params(platform, address, want, config, paths)
+    return params, [k for k in delete if config.get(k) is not None]
 
 
 # --- volumes and protection -------------------------------------------------------------------
@@ -1696,13 +2024,28 @@ def volume_value(kind: str, volume: Mapping[str, Any], current: str | None) -> s
 
 def grown_volumes(paths: Iterable[str], config: Mapping[str, Any]) -> list[str]:
     """The volumes of a change whose size changed and that exist already (a new one is
-    allocated at its size)."""
+    allocated at its size). A VM's boot disk is one of its volumes."""
     keys = {p.split(".")[1] for p in paths if p.startswith("volumes.") and p.endswith(".size")}
     return sorted(k for k in keys if config.get(k) is not None)
 
 
+def disks_to_grow(kind: str, want: Mapping[str, Any], config: Mapping[str, Any]) -> list[str]:
+    """The volumes a config holds smaller than `want` says (the desired attributes): what a
+    guest made another way than from the spec (a clone of a template, a restore) grows to.
+    Never one that is larger: Proxmox cannot shrink, and the planner refuses to."""
+    have = observed_volumes(kind, config)
+    out = []
+    for key, volume in sorted((want.get("volumes") or {}).items()):
+        size = parse_kv(have.get(key, "")).get("size")
+        if size is not None and parse_mib(volume["size"], bare_unit="G") > parse_mib(
+            size, bare_unit="G"
+        ):
+            out.append(key)
+    return out
+
+
 def _is_volume_key(kind: str, key: str) -> bool:
-    return bool((_QEMU_VOLUME if kind == "qemu" else _LXC_VOLUME).fullmatch(key))
+    return is_vm_drive_key(key) if kind == "qemu" else bool(_LXC_VOLUME.fullmatch(key))
 
 
 def _protected(config: Mapping[str, Any]) -> bool:

@@ -6,10 +6,12 @@ stacks two more mixins on its `FakePve`, built the way fakepve builds its own ar
 its generic handler, which would otherwise answer `POST .../qemu/{vmid}/migrate` with a sample
 UPID and move nothing): QEMU migration (here) and backups (`BackupApi` from
 reconciler/simulators/pve_backup.py: jobs, vzdump, backup volumes, restore, the scheduler; see
-its docstring). Served by the tests' `fakepve` fixture (tests/fakepve_fixtures.py) and,
-through `python -m reconciler.simulators.pve` (fakepve's own CLI serving this class), by
-`FakePveProcess` for the demo, the benchmarks and the process tests. Imported only where a fake
-runs: fakepve is a test and demo dependency.
+its docstring), and template downloads that verify their checksum (`TemplateDownloadApi` from
+reconciler/simulators/pve_templates.py), and VM disk resize (`QemuResizeApi` from
+reconciler/simulators/pve_qemu_disks.py). Served by the tests' `fakepve` fixture
+(tests/fakepve_fixtures.py) and, through `python -m reconciler.simulators.pve` (fakepve's own
+CLI serving this class), by `FakePveProcess` for the demo, the benchmarks and the process
+tests. Imported only where a fake runs: fakepve is a test and demo dependency.
 
 `POST /nodes/{node}/qemu/{vmid}/migrate` follows qemu-server, `PVE/API2/Qemu.pm` (migrate_vm),
 `PVE/QemuMigrate.pm` (prepare, scan_local_volumes, phase1) and pve-guest-common
@@ -68,6 +70,11 @@ from fakepve.server import FakePve
 from fakepve.storage import _is_file
 
 from reconciler.simulators.pve_backup import BACKUP_SECS, BackupApi
+from reconciler.simulators.pve_cloudinit import CloudInitApi, GuestAgentBoot
+from reconciler.simulators.pve_ha import HaApi
+from reconciler.simulators.pve_notifications import NotificationApi
+from reconciler.simulators.pve_qemu_disks import QemuResizeApi
+from reconciler.simulators.pve_templates import TemplateDownloadApi
 
 # PVE seconds a migration holds its lock: enough for a test to see it, nothing at time scale 0.
 MIGRATE_SECS = 10.0
@@ -420,7 +427,17 @@ class QemuMigrateApi(StatefulRoutes):  # type: ignore[misc]  # fakepve ships no 
         return str(new)
 
 
-class PlatformPve(BackupApi, QemuMigrateApi, FakePve):  # type: ignore[misc]  # fakepve: no types
+class PlatformPve(  # fakepve ships no types
+    GuestAgentBoot,
+    CloudInitApi,
+    TemplateDownloadApi,
+    BackupApi,
+    HaApi,
+    NotificationApi,
+    QemuMigrateApi,
+    QemuResizeApi,
+    FakePve,  # type: ignore[misc]
+):
     """fakepve's FakePve plus backups and QEMU migration; container migrations take as long."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

@@ -113,6 +113,7 @@ def test_a_vm_disk_is_backed_up_unless_the_spec_says_not() -> None:
     result, graph, _ = loaded({"vm.yaml": VM.format(more=more)})
     assert result.ok, [str(d) for d in result.diagnostics]
     assert volumes_of(graph, "vm-build") == {
+        "scsi0": {"storage": "local-lvm", "size": "8G", "backup": True},  # its boot disk
         "scsi1": {"storage": "local-lvm", "size": "100G", "backup": True},
         "scsi2": {"storage": "local-lvm", "size": "1T", "backup": False},
     }

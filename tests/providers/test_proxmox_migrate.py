@@ -319,9 +319,9 @@ def test_a_vm_moved_with_its_disk_to_another_storage_migrates_there(
     conv = run(vms(*edits), vms_up)
     (change,) = conv.rounds[0].plan.actions
     assert change.action is Action.MIGRATE
-    assert {f.path for f in change.fields} == {"node", "rootfs.storage"}
+    assert {f.path for f in change.fields} == {"node", "volumes.scsi0.storage"}
     assert conv.ok
-    assert body_of(pve, "POST", "/qemu/500/migrate")["targetstorage"] == "fast"
+    assert body_of(pve, "POST", "/qemu/500/migrate")["targetstorage"] == "local-lvm:fast"
     assert volume(config_of(vms_up.client, 500)["scsi0"]) == "fast:vm-500-disk-0"
     assert old.split(":", 1)[1] not in pve.storages["local-lvm"].get("volumes", {})
     assert not plan_now(vms(*edits), vms_up).has_changes

@@ -293,7 +293,7 @@ def test_a_protected_vm_is_deleted_only_by_an_allowed_delete(
     gone = lab((GUESTS[GUESTS.index("  db-vm:\n") :], ""))
     held = converge_to(gone, provider)
     delete = change_of(held.rounds[0].plan, "guest/db-vm")
-    assert delete.blocked and delete.destroys == ("rootfs 16 GiB", "scsi1 32 GiB")
+    assert delete.blocked and delete.destroys == ("scsi0 16 GiB", "scsi1 32 GiB")
     assert pve.vm(150) is not None
 
     pve.requests.clear()
