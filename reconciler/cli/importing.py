@@ -133,70 +133,23 @@ def proxmox_section(api: ProxmoxApi) -> dict[str, Any]:
 
 
 def cmd_import(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from reconciler.applying.connecting import proxmox_provider
-    from reconciler.importing.edge import edge_sources, read_edge
-    from reconciler.importing.estate import read_estate
-    from reconciler.importing.writer import Base, render_specs, spec_files_in, write_files
-    from reconciler.loading.loader import load_directory
-    from reconciler.planning.provenance import adopt_command
-    from reconciler.providers.proxmox import ProxmoxProvider, connect
+    """`import`: read the estate (guests, firewall, backup jobs, edge), write specs for it
+    into --out (or merge them into --into), check that they validate, and say what next."""
+    from reconciler.importing.writer import render_specs, spec_files_in, write_files
 
     if getattr(args, "into", None) is not None:
         return _import_into(args, Path(args.into), out, err)
-    if not args.out:
-        err.write(
-            "import needs --out DIR (a new directory for the specs) or --into DIR (an existing "
-            "platform's specs, to merge the estate into)\n"
-        )
+    target = _import_target(args, err)
+    if target is None:
         return EXIT_ERROR
-    target = Path(args.out)
-    if target.exists() and not target.is_dir():
-        err.write(f"{target} exists and is not a directory\n")
-        return EXIT_ERROR
-    if target.is_dir() and any(target.iterdir()) and not args.force:
-        err.write(f"{target} is not empty; pass --force to replace its spec files\n")
-        return EXIT_ERROR
-    spec: PlatformSpec | None = None
     try:
-        if args.dir:
-            loaded = load_checked(args.dir, err, color=render.use_color(args.color, err))
-            if loaded is None:
-                return EXIT_ERROR
-            spec, _ = loaded
-            base = Base.from_spec(spec)
-            provider = proxmox_provider(
-                spec,
-                connection_override(args),
-                insecure=args.insecure,
-                max_concurrency=args.proxmox_max_concurrency,
-            )
-        else:
-            override = connection_alone(args)  # no spec: the flags must say it all
-            if override is None or not args.platform:
-                err.write("import needs --dir SPECS, or --platform NAME with --proxmox-url\n")
-                return EXIT_ERROR
-            base = Base.default(args.platform, proxmox_section(override))
-            provider = ProxmoxProvider(
-                client=connect(override, insecure=args.insecure),
-                platform=args.platform,
-                source=override.url,
-                concurrency=args.proxmox_max_concurrency or override.max_concurrency,
-            )
-        warn_insecure(args, err)
-        sources = None
-        if not args.no_edge:
-            sources = edge_sources(
-                spec,
-                velocity_url=args.velocity_url,
-                velocity_secret_env=args.velocity_secret_env,
-                traefik_apis=parse_pairs(args.traefik_api, "--traefik-api"),
-                traefik_guests=parse_pairs(args.traefik_guest, "--traefik-guest"),
-            )
-        estate = run_async(lambda: read_estate(provider))
-        edge = run_async(lambda: read_edge(sources)) if sources is not None else None
+        read = _read_for_import(args, err)
     except ReconcilerError as exc:
         err.write(f"error: {exc}\n")
         return EXIT_ERROR
+    if read is None:
+        return EXIT_ERROR
+    estate, edge, base = read
     result = render_specs(estate, base, edge, directory=str(target))
     if target.is_dir() and args.force:
         for old in spec_files_in(target):
@@ -211,6 +164,83 @@ def cmd_import(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             + ", ".join(fields)
             + "\n"
         )
+    return _report_import(args, target, result, estate.source, out, err)
+
+
+def _import_target(args: argparse.Namespace, err: TextIO) -> Path | None:
+    """--out, as a directory the import may write into; None (said on `err`) when not."""
+    if not args.out:
+        err.write(
+            "import needs --out DIR (a new directory for the specs) or --into DIR (an existing "
+            "platform's specs, to merge the estate into)\n"
+        )
+        return None
+    target = Path(args.out)
+    if target.exists() and not target.is_dir():
+        err.write(f"{target} exists and is not a directory\n")
+        return None
+    if target.is_dir() and any(target.iterdir()) and not args.force:
+        err.write(f"{target} is not empty; pass --force to replace its spec files\n")
+        return None
+    return target
+
+
+def _read_for_import(args: argparse.Namespace, err: TextIO) -> tuple[Any, Any, Any] | None:
+    """(estate, edge or None, the frame to render in): from the spec in --dir and its
+    endpoint (the flags over it), or from the flags alone with --platform."""
+    from reconciler.applying.connecting import proxmox_provider
+    from reconciler.importing.edge import edge_sources, read_edge
+    from reconciler.importing.estate import read_estate
+    from reconciler.importing.writer import Base
+    from reconciler.providers.proxmox import ProxmoxProvider, connect
+
+    spec: PlatformSpec | None = None
+    if args.dir:
+        loaded = load_checked(args.dir, err, color=render.use_color(args.color, err))
+        if loaded is None:
+            return None
+        spec, _ = loaded
+        base = Base.from_spec(spec)
+        provider = proxmox_provider(
+            spec,
+            connection_override(args),
+            insecure=args.insecure,
+            max_concurrency=args.proxmox_max_concurrency,
+        )
+    else:
+        override = connection_alone(args)  # no spec: the flags must say it all
+        if override is None or not args.platform:
+            err.write("import needs --dir SPECS, or --platform NAME with --proxmox-url\n")
+            return None
+        base = Base.default(args.platform, proxmox_section(override))
+        provider = ProxmoxProvider(
+            client=connect(override, insecure=args.insecure),
+            platform=args.platform,
+            source=override.url,
+            concurrency=args.proxmox_max_concurrency or override.max_concurrency,
+        )
+    warn_insecure(args, err)
+    sources = None
+    if not args.no_edge:
+        sources = edge_sources(
+            spec,
+            velocity_url=args.velocity_url,
+            velocity_secret_env=args.velocity_secret_env,
+            traefik_apis=parse_pairs(args.traefik_api, "--traefik-api"),
+            traefik_guests=parse_pairs(args.traefik_guest, "--traefik-guest"),
+        )
+    estate = run_async(lambda: read_estate(provider))
+    edge = run_async(lambda: read_edge(sources)) if sources is not None else None
+    return estate, edge, base
+
+
+def _report_import(
+    args: argparse.Namespace, target: Path, result: Any, source: str, out: TextIO, err: TextIO
+) -> int:
+    """The written specs checked (they must validate), and what to do with them next."""
+    from reconciler.loading.loader import load_directory
+    from reconciler.planning.provenance import adopt_command
+
     check = load_directory(target)
     if not check.ok or check.spec is None:
         err.write(
@@ -225,7 +255,7 @@ def cmd_import(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if result.backup_jobs:
         more += f", {len(result.backup_jobs)} backup jobs"
     out.write(
-        f"{target}: {len(result.guests)} guests{more} imported from {estate.source}; valid. "
+        f"{target}: {len(result.guests)} guests{more} imported from {source}; valid. "
         f"Review them, then `{adopt_command('ADDR...', str(target))}`; to keep them in the "
         f"platform's own specs, `reconciler merge {shlex.quote(str(target))} SPECS` (README "
         '"Bringing an existing estate").\n'

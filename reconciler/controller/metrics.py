@@ -137,6 +137,13 @@ class Metrics:
         self.backoff = Gauge(
             "reconciler_resources_in_backoff", "Resources waiting to retry a change.", registry=r
         )
+        self._declare_backups_and_notifications(r)
+        self._is_leader = False
+        self._revision: str | None = None
+        self._backup_series: dict[Gauge, set[tuple[str, str]]] = {}
+
+    def _declare_backups_and_notifications(self, r: CollectorRegistry) -> None:
+        """The backup freshness and notification series (`__init__`'s second half)."""
         self.backup_age = Gauge(
             "reconciler_backup_age_seconds",
             "Age of the guest's newest backup on the job's storage, at the last full cycle.",
@@ -171,9 +178,6 @@ class Metrics:
             ["event"],
             registry=r,
         )
-        self._is_leader = False
-        self._revision: str | None = None
-        self._backup_series: dict[Gauge, set[tuple[str, str]]] = {}
 
     def cycle(self, kind: str, outcome: str, seconds: float) -> None:
         """A cycle ended after `seconds`; a successful one also stamps last_success."""

@@ -26,9 +26,11 @@ from reconciler.model.diagnostics import Diagnostic, error
 from reconciler.model.resources import job_id
 from reconciler.model.spec import (
     FirewallRule,
+    GuestSpec,
     HttpRoute,
     PlatformSpec,
     PveWebhook,
+    Volume,
     selected_guests,
     volume_kind,
 )
@@ -449,94 +451,91 @@ def check_volumes(spec: PlatformSpec, source: Source) -> Iterator[Diagnostic]:
     root disk has no bus and cannot be none. A volume inherited from a profile is reported
     once, at the profile's line."""
     said: set[tuple[object, str]] = set()
-
-    def once(d: Diagnostic) -> Iterator[Diagnostic]:
-        if (d.position, d.message) not in said:
-            said.add((d.position, d.message))
-            yield d
-
     for gname, guest in spec.guests.items():
-        paths: dict[str, str] = {}
-        if guest.kind == "lxc" and guest.disk.bus is not None:
-            yield from once(
-                _err(
-                    source,
-                    "invalid-value",
-                    "disk: a container's root disk is its rootfs: "
-                    + ("it cannot be none" if guest.disk.bus == "none" else "it has no bus")
-                    + " (bus and none are a VM's)",
-                    ("guests", gname, "disk", "bus"),
-                    key=True,
-                )
+        for d in _guest_volumes(gname, guest, source):
+            if d.code == "duplicate-mount-path" or (d.position, d.message) not in said:
+                said.add((d.position, d.message))
+                yield d
+
+
+def _guest_volumes(gname: str, guest: GuestSpec, source: Source) -> Iterator[Diagnostic]:
+    """`check_volumes` for one guest."""
+    if guest.kind == "lxc" and guest.disk.bus is not None:
+        yield _err(
+            source,
+            "invalid-value",
+            "disk: a container's root disk is its rootfs: "
+            + ("it cannot be none" if guest.disk.bus == "none" else "it has no bus")
+            + " (bus and none are a VM's)",
+            ("guests", gname, "disk", "bus"),
+            key=True,
+        )
+    boot = guest.disk.vm_key() if guest.kind == "qemu" else None
+    paths: dict[str, str] = {}  # mount path -> the key that has it
+    for key, vol in sorted(guest.volumes.items()):
+        at: PathT = ("guests", gname, "volumes", key)
+        if key == boot:
+            yield _err(
+                source,
+                "invalid-value",
+                f"{key} is a VM's boot disk (disk.bus {guest.disk.bus or 'scsi'}): size "
+                "it under 'disk', or give disk another bus, or write disk: none",
+                at,
+                key=True,
             )
-        boot = guest.disk.vm_key() if guest.kind == "qemu" else None
-        for key, vol in sorted(guest.volumes.items()):
-            at: PathT = ("guests", gname, "volumes", key)
-            if key == boot:
-                yield from once(
-                    _err(
+        elif volume_kind(key) != guest.kind:
+            yield _wrong_volume_kind(key, guest.kind, source, at)
+        elif guest.kind == "qemu":
+            for field in ("path", "options"):
+                if getattr(vol, field) is not None:
+                    yield _err(
                         source,
                         "invalid-value",
-                        f"{key} is a VM's boot disk (disk.bus {guest.disk.bus or 'scsi'}): size "
-                        "it under 'disk', or give disk another bus, or write disk: none",
-                        at,
+                        f"{key}.{field}: a VM disk has no {field}; it is mounted inside the VM",
+                        (*at, field),
                         key=True,
                     )
-                )
-                continue
-            if volume_kind(key) != guest.kind:
-                what = "a container mount point" if key.startswith("mp") else "a VM disk"
-                takes = (
-                    "mount points mp0..mp255"
-                    if guest.kind == "lxc"
-                    else "disks scsi0..scsi30, virtio0..virtio15, sata0..sata5, ide0..ide3"
-                )
-                yield from once(
-                    _err(
-                        source,
-                        "volume-kind",
-                        f"volume {key!r} is {what}, but this guest is kind {guest.kind}: "
-                        f"its volumes are {takes}",
-                        at,
-                        key=True,
-                    )
-                )
-                continue
-            if guest.kind == "qemu":
-                for field in ("path", "options"):
-                    if getattr(vol, field) is not None:
-                        yield from once(
-                            _err(
-                                source,
-                                "invalid-value",
-                                f"{key}.{field}: a VM disk has no {field}; it is mounted "
-                                "inside the VM",
-                                (*at, field),
-                                key=True,
-                            )
-                        )
-                continue
-            if vol.path is None:
-                yield from once(
-                    _err(
-                        source,
-                        "missing-field",
-                        f"mount point {key!r} needs 'path': where the container sees it "
-                        "(e.g. /srv/world)",
-                        at,
-                        key=True,
-                    )
-                )
-            elif vol.path in paths:
-                yield _err(
-                    source,
-                    "duplicate-mount-path",
-                    f"{key}.path {vol.path} is already the path of {paths[vol.path]} in guest "
-                    f"{gname!r}",
-                    (*at, "path"),
-                )
-            else:
-                paths[vol.path] = key
+        else:
+            yield from _mount_path(gname, key, vol, paths, source, at)
+
+
+def _wrong_volume_kind(key: str, kind: str, source: Source, at: PathT) -> Diagnostic:
+    what = "a container mount point" if key.startswith("mp") else "a VM disk"
+    takes = (
+        "mount points mp0..mp255"
+        if kind == "lxc"
+        else "disks scsi0..scsi30, virtio0..virtio15, sata0..sata5, ide0..ide3"
+    )
+    return _err(
+        source,
+        "volume-kind",
+        f"volume {key!r} is {what}, but this guest is kind {kind}: its volumes are {takes}",
+        at,
+        key=True,
+    )
+
+
+def _mount_path(
+    gname: str, key: str, vol: Volume, paths: dict[str, str], source: Source, at: PathT
+) -> Iterator[Diagnostic]:
+    """A container mount point's path: given, and unique in its guest."""
+    if vol.path is None:
+        yield _err(
+            source,
+            "missing-field",
+            f"mount point {key!r} needs 'path': where the container sees it (e.g. /srv/world)",
+            at,
+            key=True,
+        )
+    elif vol.path in paths:
+        yield _err(
+            source,
+            "duplicate-mount-path",
+            f"{key}.path {vol.path} is already the path of {paths[vol.path]} in guest {gname!r}",
+            (*at, "path"),
+        )
+    else:
+        paths[vol.path] = key
 
 
 # The controller's ownership marks, as providers.proxmox and providers.firewall write them: a
