@@ -247,8 +247,9 @@ def clone_params(
     storage: str | None,
 ) -> dict[str, Any]:
     """The clone request: the new vmid, name, full or linked, the target node when the
-    template is on another one, the description with our mark, and for a full clone the
-    storage its disks go to (`clone.storage`, else `storage`: the spec's root disk's)."""
+    template is on another one, the description with our mark, the pool it joins, and for a
+    full clone the storage its disks go to (`clone.storage`, else `storage`: the spec's root
+    disk's)."""
     clone = want["clone"]
     kind = want.get("type", "lxc")
     full = bool(clone.get("full", True))
@@ -262,6 +263,8 @@ def clone_params(
         params["storage"] = clone.get("storage") or storage
     if template.get("node") != node:
         params["target"] = node
+    if want.get("pool"):
+        params["pool"] = want["pool"]  # joins its pool with the clone, as a create does
     return params
 
 

@@ -16,6 +16,7 @@ import pytest
 from reconciler.cli.render import render_change
 from reconciler.model.plans import Action
 from reconciler.providers.proxmox import ProxmoxProvider, read_mark
+from reconciler.providers.proxmox_provisioning import clone_params
 from tests.fakepve_fixtures import TEMPLATE, mutating_calls, request_bodies
 from tests.guest_helpers import plan_now
 from tests.providers.vm_provisioning import (
@@ -288,3 +289,12 @@ def test_a_container_is_cloned_from_a_container_template(
     assert client.nodes(NODE).lxc(500).status.current.get()["status"] == "running"
     assert dict(client.nodes(NODE).lxc(9100).config.get()) == before
     assert not plan_now(graph, guests).has_changes
+
+
+@pytest.mark.parametrize("pool", ["mgmt", None])
+def test_a_clone_joins_its_pool_with_the_clone_request(pool: str | None) -> None:
+    """As a create sends `pool`: a guest cloned into a pool is never a member of none."""
+    want = {"vmid": 500, "name": "web-vm", "type": "qemu", "clone": {"from": 9000}, "pool": pool}
+    params = clone_params(want, {"node": "pve-runtime"}, "pve-runtime", "notes", "local-lvm")
+    assert params.get("pool") == pool
+    assert params["newid"] == 500 and "target" not in params
