@@ -23,6 +23,12 @@ Per feature, as PVE checks each call the controller makes (the README's role is 
 - templates: `Datastore.Audit` (or `Datastore.AllocateSpace`) on each template's storage, to
   list them and to create from them;
 - migration: `VM.Migrate` on each guest (a guest whose host changes is migrated);
+- clones, cloud-init, agent, pools, HA (per guest using them): `VM.Clone` and `VM.Audit` on the
+  template (`/vms` while it is named, not numbered), `VM.Config.Cloudinit`, `VM.GuestAgent.Audit`
+  (PVE 9; `VM.Monitor` before), `Pool.Allocate` on `/pool/NAME`, `Sys.Console` on `/` (HA);
+- declared templates and notification targets: `Datastore.AllocateTemplate` on the storage
+  and `Sys.AccessNetwork` on each node that downloads (or `Sys.Audit` with `Sys.Modify` on
+  `/`); `Mapping.Audit` and `Mapping.Modify` on `/mapping/notifications`;
 - backups (when the spec has `backups:`): `Sys.Audit` on `/` to read the jobs and `Sys.Modify`
   on `/` to write them, and `Datastore.Allocate` on the storage a job writes to (pve-manager
   `API2/Backup.pm`); `Datastore.AllocateSpace` on each job's storage (vzdump writes there, and
@@ -52,7 +58,8 @@ GUESTS, FIREWALL, CLUSTER, TEMPLATES, MIGRATION, BACKUPS = (
     "migration",
     "backups",
 )
-FEATURES = (GUESTS, FIREWALL, CLUSTER, TEMPLATES, MIGRATION, BACKUPS)
+POOLS, HA, NOTIFICATIONS = ("pools", "HA", "notifications")
+FEATURES = (GUESTS, FIREWALL, CLUSTER, TEMPLATES, MIGRATION, BACKUPS, POOLS, HA, NOTIFICATIONS)
 
 _ON_GUEST = (
     ("VM.Audit", "read guest configs"),
@@ -131,7 +138,54 @@ def needed_privileges(spec: PlatformSpec) -> list[Need]:
             where = f"/storage/{templates}"
             needs.add(Need(TEMPLATES, where, _AUDIT_STORAGE, "list and use templates"))
     needs |= _backup_needs(spec)
+    needs |= _vm_needs(spec)
+    needs |= _platform_needs(spec)
     return sorted(needs, key=lambda n: (FEATURES.index(n.feature), n.path, n.privileges, n.why))
+
+
+def _vm_needs(spec: PlatformSpec) -> set[Need]:
+    """A clone, cloud-init, the guest agent, a pool, HA: per guest that uses them (qemu-server
+    and pve-container's `clone`, `agent/*`, the pools and HA APIs, as the PVE 9 schema says)."""
+    needs: set[Need] = set()
+    for guest in spec.guests.values():
+        path = guest_path(guest)
+        if guest.clone is not None:
+            source = guest.clone.source
+            template = f"/vms/{source}" if isinstance(source, int) else "/vms"
+            needs.add(Need(GUESTS, template, ("VM.Clone",), "clone guests from the template"))
+            needs.add(Need(GUESTS, template, ("VM.Audit",), "read the template's disks"))
+        if guest.cloud_init is not None:
+            needs.add(Need(GUESTS, path, ("VM.Config.Cloudinit",), "set cloud-init"))
+        if guest.agent:
+            why = "wait for the guest agent, read its addresses"
+            needs.add(Need(GUESTS, path, ("VM.GuestAgent.Audit", "VM.Monitor"), why))
+        if guest.pool is not None:
+            why = "put guests in the pool, take them out"
+            needs.add(Need(POOLS, f"/pool/{guest.pool}", ("Pool.Allocate",), why))
+        if guest.ha is not None:
+            needs.add(Need(HA, "/", ("Sys.Console",), "create and change HA resources"))
+    return needs
+
+
+def _platform_needs(spec: PlatformSpec) -> set[Need]:
+    """Declared pools and templates, and PVE's own notification targets."""
+    needs: set[Need] = set()
+    for name in spec.pools:
+        needs.add(Need(POOLS, f"/pool/{name}", ("Pool.Allocate",), "create and change the pool"))
+    for template in spec.templates.values():
+        where = f"/storage/{template.storage}"
+        needs.add(Need(TEMPLATES, where, ("Datastore.AllocateTemplate",), "download templates"))
+        hosts = spec.hosts if template.hosts == "all" else template.hosts
+        for host in sorted(h for h in hosts if h in spec.hosts):
+            node = spec.node_of(host)
+            why = "download from a URL on the node (or Sys.Audit with Sys.Modify on /)"
+            needs.add(Need(TEMPLATES, f"/nodes/{node}", ("Sys.AccessNetwork",), why))
+    pve = spec.notifications.proxmox
+    if pve.endpoints or pve.matchers:
+        where = "/mapping/notifications"
+        needs.add(Need(NOTIFICATIONS, where, ("Mapping.Audit",), "read notification targets"))
+        needs.add(Need(NOTIFICATIONS, where, ("Mapping.Modify",), "write notification targets"))
+    return needs
 
 
 def _backup_needs(spec: PlatformSpec) -> set[Need]:

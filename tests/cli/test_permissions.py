@@ -170,3 +170,20 @@ def test_what_check_asks_for_is_enough_to_apply(
     assert main(apply) == 0
     assert "Apply: 51 done, 0 failed, 0 skipped." in capsys.readouterr().out
     assert main(["plan", str(specs), "--detailed-exitcode", *token_flags(pve_api)]) == 0
+
+
+def test_check_asks_for_what_clones_cloud_init_the_agent_pools_and_ha_need() -> None:
+    """Each as the PVE 9 schema checks its call: clone (`VM.Clone` on the template), cloud-init,
+    the agent's reads, a pool's members, HA resources."""
+    from tests.providers.vm_provisioning import GUESTS, TEMPLATE_VMID, load
+
+    spec, _ = load(
+        "pools: {mgmt: {comment: management}}\n" + GUESTS,
+        ("    agent: true\n", "    agent: true\n    pool: mgmt\n    ha: {state: started}\n"),
+    )
+    needs = {(n.feature, n.path, n.privileges) for n in needed_privileges(spec)}
+    assert ("guests", f"/vms/{TEMPLATE_VMID}", ("VM.Clone",)) in needs
+    assert ("guests", "/vms", ("VM.Config.Cloudinit",)) in needs  # its vmid is allocated
+    assert ("guests", "/vms", ("VM.GuestAgent.Audit", "VM.Monitor")) in needs
+    assert ("pools", "/pool/mgmt", ("Pool.Allocate",)) in needs
+    assert ("HA", "/", ("Sys.Console",)) in needs
