@@ -293,6 +293,7 @@ class Notifier:
         self.open: dict[tuple[Event, str], Incident] = {}
         self.recent: deque[Record] = deque(maxlen=HISTORY)
         self._unready_since: dict[str, float] = {}  # guest address -> clock time
+        self._crashes: dict[str, int] = {}  # guest address -> its agent's last crash count
         # For drift: what the last cycle left converged, under which revision; and what a
         # readiness gate took away (its coming back is not drift).
         self._converged: frozenset[str] = frozenset()
@@ -505,14 +506,26 @@ class Notifier:
         self.settle(Event.BACKUP_STALE, found, keep=unknown)
 
     def _health(self, observed: ObservedState) -> None:
+        """A guest not ready for longer than `unready_after`; one whose agent counted a new
+        crash at once (the incident stays open until it serves again)."""
         now = self.clock()
         found: dict[str, Finding] = {}
+        crashed: set[str] = set()  # open crash incidents, kept while the guest recovers
         for address, health in observed.health.items():
+            if self._crashed(address, health.crashes):
+                crashed.add(address)
+                found[address] = Finding(
+                    Severity.ERROR,
+                    f"{address}: crashed ({health.crashes} since its agent started)",
+                    f"its agent says: {health.error}"
+                    if health.error
+                    else "its agent counted a crash",
+                )
             if health.serving:
                 self._unready_since.pop(address, None)
                 continue
             since = self._unready_since.setdefault(address, now)
-            if now - since < self.unready_after:
+            if address in found or now - since < self.unready_after:
                 continue
             down = not health.running or not health.reachable
             why = health.error or ("the guest is not running" if not health.running else "")
@@ -523,7 +536,18 @@ class Notifier:
             )
         for address in set(self._unready_since) - set(observed.health):
             del self._unready_since[address]
-        self.settle(Event.GUEST_UNREADY, found)
+        # A crash told stays open while the guest comes back (not serving yet), then resolves.
+        keep = {a for a in self._subjects(Event.GUEST_UNREADY) if a in self._unready_since}
+        self.settle(Event.GUEST_UNREADY, found, keep=keep - set(found))
+
+    def _crashed(self, address: str, crashes: int | None) -> bool:
+        """Whether the agent counted a crash since the last observation. The first count seen
+        is the baseline: crashes before the controller looked are not news."""
+        if crashes is None:
+            return False
+        before = self._crashes.get(address)
+        self._crashes[address] = crashes
+        return before is not None and crashes > before
 
     # --- incidents --------------------------------------------------------------------------
 

@@ -109,6 +109,7 @@ class GuestHealth(BaseModel):
     reachable: bool = False
     ready: bool = False
     error: str | None = None
+    crashes: int | None = None  # the agent's crash count since it started; None: unknown
 
     @property
     def serving(self) -> bool:

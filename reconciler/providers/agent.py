@@ -394,6 +394,7 @@ class AgentHealthProvider:
                 reachable=answer.reachable,
                 ready=answer.ready,
                 error=answer.last_error,
+                crashes=answer.crash_count,
             )
         seen.health.update(sorted(health.items()))
         return []

@@ -200,9 +200,11 @@ def test_the_agents_provider_fills_health_from_the_guests_seen(fleet: AgentFleet
     state = anyio.run(lambda: observe_all([provider, guests], "p"))
     health = state.health
     assert list(health) == sorted(f"guest/{n}" for n in names)
-    assert health["guest/mc-lobby"] == GuestHealth(running=True, reachable=True, ready=True)
+    assert health["guest/mc-lobby"] == GuestHealth(
+        running=True, reachable=True, ready=True, crashes=0
+    )
     assert health["guest/mc-survival"] == GuestHealth(
-        running=True, reachable=True, ready=False, error="RCON not answering"
+        running=True, reachable=True, ready=False, error="RCON not answering", crashes=0
     )
     creative = health["guest/mc-creative"]
     assert (creative.running, creative.reachable, creative.ready) == (True, False, False)

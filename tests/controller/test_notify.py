@@ -388,3 +388,29 @@ def test_drift_is_one_summary_and_only_after_a_converged_cycle() -> None:
     again = ApplyReport([change("guest/a", Kind.GUEST, Cause.DRIFTED)])
     notifier.planned(empty, None, [again], revision="r2", full=True)
     assert len([r for r in notifier.recent if r.event is Event.DRIFT_HEALED]) == 1
+
+
+def test_a_crash_is_told_at_once_and_resolved_when_the_guest_serves_again() -> None:
+    """Unready is told after `unready_after`; a crash the agent counted, at the next
+    observation. The crashes counted before the controller first looked are not news."""
+    from reconciler.model.observed import GuestHealth, ObservedState
+    from reconciler.model.plans import Plan
+
+    notifier, clock = make(spec_with("    ops: {url: 'json://127.0.0.1:9/'}\n"))
+    empty = Plan("zpack", (), "")
+
+    def observe(**health: GuestHealth) -> list[tuple[str, str]]:
+        notifier.planned(empty, ObservedState(health=health), [], revision="r1", full=False)
+        return [(r.state.value, r.title) for r in notifier.recent if r.event is Event.GUEST_UNREADY]
+
+    serving = GuestHealth(running=True, reachable=True, ready=True, crashes=2)
+    assert observe(**{"guest/mc": serving}) == []  # two crashes before: the baseline
+    down = GuestHealth(running=True, reachable=True, ready=False, crashes=3, error="exit 137")
+    told = observe(**{"guest/mc": down})
+    assert told == [("opened", "guest/mc: crashed (3 since its agent started)")]
+    clock.now += 10  # still coming back: the incident stays open, nothing more is said
+    assert observe(**{"guest/mc": down.model_copy(update={"error": None})}) == told
+    back = GuestHealth(running=True, reachable=True, ready=True, crashes=3)
+    after = observe(**{"guest/mc": back})
+    assert after[-1] == ("resolved", "resolved: guest/mc: crashed (3 since its agent started)")
+    assert len(after) == 2
