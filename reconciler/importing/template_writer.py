@@ -9,7 +9,7 @@ local:iso/x.iso,media=cdrom`). One entry per file, on the hosts of the guests us
 
 Proxmox keeps no record of where a file came from, so every entry has `url: null` (with a
 comment saying so): the spec validates, the file is checked for on its hosts and never
-downloaded, and a load warns (`template-no-url`) until someone gives it its url and checksum.
+downloaded, and a plan warns (`template-missing`) only where a host lacks it.
 A file whose name the spec language refuses (one Proxmox would not store under that name) is a
 note instead.
 """

@@ -15,7 +15,7 @@ import difflib
 from collections.abc import Iterator
 
 from reconciler.loading.sources import PathT, Source, dotted
-from reconciler.model.diagnostics import Diagnostic, error, warning
+from reconciler.model.diagnostics import Diagnostic, error
 from reconciler.model.resources import template_address
 from reconciler.model.spec import GuestSpec, PlatformSpec, template_nodes
 
@@ -43,8 +43,9 @@ def guest_templates(spec: PlatformSpec, guest: GuestSpec) -> tuple[str, ...]:
 
 def check_templates(spec: PlatformSpec, source: Source) -> Iterator[Diagnostic]:
     """A template's hosts exist; no two templates are the same file on one node; a guest made
-    from a declared template is on a host the template is declared for; a template without a
-    url (as `import` writes them) is said to be one that is never downloaded."""
+    from a declared template is on a host the template is declared for. A template without a
+    url (as `import` writes them, or a file uploaded by hand) is no mistake: it is checked for
+    on its hosts and never downloaded, and only a host without it is a plan warning."""
     files: dict[tuple[str, str], str] = {}
     for name, template in sorted(spec.templates.items()):
         at: PathT = ("templates", name)
@@ -57,14 +58,6 @@ def check_templates(spec: PlatformSpec, source: Source) -> Iterator[Diagnostic]:
                         f"host {host!r} is not defined{_close(host, list(spec.hosts))}",
                         (*at, "hosts", i),
                     )
-        if template.url is None:
-            yield warning(
-                "template-no-url",
-                f"template {name!r} ({template.volid}) has no url: it is checked for on its "
-                "hosts, never downloaded; set url and checksum to have it downloaded",
-                position=source.where((*at, "url")),
-                path=dotted((*at, "url")),
-            )
         for node in template_nodes(spec, template):
             other = files.setdefault((template.volid, node), name)
             if other != name:

@@ -134,12 +134,12 @@ def test_one_file_declared_twice_on_a_node_is_an_error() -> None:
     assert [p.line for p in diag.related] == [line_of(PLATFORM + twice, "  again:")]
 
 
-def test_a_template_without_url_warns_and_still_validates() -> None:
+def test_a_template_without_url_validates_without_a_word() -> None:
+    """A file uploaded by hand (or one `import` found): declared, never downloaded."""
     entry = f"\ntemplates:\n  debian-13:\n    url: null\n    storage: local\n    filename: {FILE}\n"
     loaded = load(entry)
     assert loaded.ok
-    url = line_of(PLATFORM + entry, "url: null")
-    assert found(loaded) == {("warning", "template-no-url", url, "templates.debian-13.url")}
+    assert found(loaded) == set()
 
 
 # --- the graph and the offline plan -------------------------------------------------------------
