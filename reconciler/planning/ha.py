@@ -56,11 +56,20 @@ class HaPower:
     ours: bool
 
 
+# The foreign HA resources of the last observed state planned, by sid: a plan asks for each
+# guest, and a scan per guest made a plan of 1000 guests quadratic.
+_FOREIGN: dict[int, tuple[ObservedState, dict[str, ObservedResource]]] = {}
+
+
 def _foreign_ha(observed: ObservedState, sid: str) -> ObservedResource | None:
-    for r in observed.resources:
-        if r.kind is Kind.HA and not r.owned and r.id.get("sid") == sid:
-            return r
-    return None
+    held = _FOREIGN.get(id(observed))
+    if held is None or held[0] is not observed:
+        index = {
+            str(r.id.get("sid")): r for r in observed.resources if r.kind is Kind.HA and not r.owned
+        }
+        _FOREIGN.clear()
+        held = _FOREIGN[id(observed)] = (observed, index)
+    return held[1].get(sid)
 
 
 def power_owner(

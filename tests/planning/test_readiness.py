@@ -169,6 +169,7 @@ def test_health_round_trips_and_version_1_snapshots_still_read(graph: DesiredGra
         "reachable": False,
         "ready": False,
         "error": "cannot connect",
+        "crashes": None,  # the agent's crash count: unknown for one it cannot reach
     }
     again = ObservedState.model_validate(doc)
     assert again == observed and again.digest() == observed.digest()
