@@ -135,3 +135,17 @@ def test_nothing_listening_is_a_temporary_error_naming_the_host() -> None:
     error = anyio.run(run)
     assert "127.0.0.1:1" in str(error)
     assert "connection refused" in str(error)
+
+
+def test_reads_take_the_proxy_requests_would_take(
+    guests: ProxmoxProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HTTPS_PROXY and NO_PROXY apply to reads as requests applies them to writes."""
+    for name in ("https_proxy", "HTTPS_PROXY", "no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:1")  # nothing listens there
+    guests.retry = RetryPolicy(attempts=1)
+    with pytest.raises(TemporaryError, match="connection refused"):
+        anyio.run(read_once, guests)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    assert any(i.get("vmid") == 1001 for i in anyio.run(read_once, guests))
