@@ -36,12 +36,13 @@ from reconciler.model.resources import Kind, guest_address
 from reconciler.model.spec import FileFeed, PlatformSpec, ProxmoxApi, SecretRef
 from reconciler.providers import Observation, Provider
 from reconciler.providers.firewall import FirewallProvider
-from reconciler.providers.proxmox import ProxmoxProvider, connect, read_secret
+from reconciler.providers.proxmox import ProxmoxProvider, connect
 from reconciler.providers.proxmox_backup import BackupJobProvider
 from reconciler.providers.proxmox_ha import HaProvider
 from reconciler.providers.proxmox_notifications import notification_providers
 from reconciler.providers.proxmox_pools import PoolProvider
 from reconciler.providers.proxmox_templates import TemplateProvider, template_files
+from reconciler.providers.secrets import read_secret
 
 # The edge's modules (and Redis, httpx) are imported when a spec has an edge: a plan of the
 # guests alone starts without them (issue 16: the CLI's fixed cost).

@@ -82,7 +82,7 @@ from reconciler.controller.metrics import Metrics
 from reconciler.controller.status import StatusBoard
 from reconciler.model.errors import ConfigurationError
 from reconciler.model.spec import SecretRef
-from reconciler.providers.proxmox import read_secret
+from reconciler.providers.secrets import read_secret
 
 log = logging.getLogger(__name__)
 # hypercorn's own messages: its errors, not its "Running on ... (CTRL + C to quit)".

@@ -79,8 +79,8 @@ from reconciler.model.spec import (
     url_references,
 )
 from reconciler.model.units import format_seconds
-from reconciler.providers.proxmox import read_secret
 from reconciler.providers.proxmox_notifications import endpoint_secrets
+from reconciler.providers.secrets import read_secret
 
 log = logging.getLogger("reconciler.notify")
 

@@ -96,9 +96,10 @@ from reconciler.model.plans import Action, Freshness, Plan
 from reconciler.model.resources import DesiredGraph, Kind
 from reconciler.model.spec import PlatformSpec, SecretRef
 from reconciler.planning.observed_policies import live_isolation
-from reconciler.providers.proxmox import Inventory, ProxmoxProvider, read_secret
+from reconciler.providers.proxmox import Inventory, ProxmoxProvider
 from reconciler.providers.proxmox_inventory import inventory_drift
 from reconciler.providers.redisconn import connect_redis
+from reconciler.providers.secrets import read_secret
 
 log = logging.getLogger("reconciler.service")
 

@@ -24,7 +24,7 @@ from reconciler.model.errors import ConfigurationError, ProviderError, Temporary
 from reconciler.model.spec import PlatformSpec, SecretRef
 from reconciler.model.units import check_label
 from reconciler.providers.backoff import backoff
-from reconciler.providers.proxmox import read_secret
+from reconciler.providers.secrets import read_secret
 from reconciler.providers.traefik import classify, list_api
 from reconciler.providers.velocity import VelocityProvider
 

@@ -59,7 +59,6 @@ import os
 import socket
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -100,6 +99,7 @@ from reconciler.model.spec import (
 )
 from reconciler.providers import Observation
 from reconciler.providers.backoff import backoff
+from reconciler.providers.secrets import read_secret
 
 Sleep = Callable[[float], Awaitable[None]]
 ReadSecret = Callable[[SecretRef], str]
@@ -331,20 +331,6 @@ def _refusal(rcode: dns.rcode.Rcode, where: str, zone: ZoneAccess) -> ProviderEr
 
 
 # --- the provider ------------------------------------------------------------------------------
-
-
-def read_secret(ref: SecretRef) -> str:
-    """A secret reference's value ({env:} or {file:}); the value is never logged."""
-    if ref.env is not None:
-        value = os.environ.get(ref.env)
-        if value is None:
-            raise ConfigurationError(f"environment variable {ref.env} (a secret) is not set")
-        return value
-    assert ref.file is not None
-    try:
-        return Path(ref.file).read_text(encoding="utf-8").strip()
-    except OSError as exc:
-        raise ConfigurationError(f"cannot read secret file {ref.file}: {exc.strerror}") from None
 
 
 @dataclass(frozen=True)

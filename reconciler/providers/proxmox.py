@@ -79,7 +79,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import re
 import ssl
 import time
@@ -118,7 +117,7 @@ from reconciler.model.errors import (
 from reconciler.model.observed import ClusterFacts, NodeFacts, ObservedResource, StorageFacts
 from reconciler.model.plans import HOLD_START, RESTORE_FROM, Action, Change, FinalBackup
 from reconciler.model.resources import Kind
-from reconciler.model.spec import ProxmoxApi, SecretRef
+from reconciler.model.spec import ProxmoxApi
 from reconciler.model.units import parse_kv, parse_mib
 from reconciler.providers import Observation
 from reconciler.providers.backoff import backoff
@@ -135,6 +134,7 @@ from reconciler.providers.proxmox_provisioning import (
     new_cloud_init_drive,
     observed_cloud_init,
 )
+from reconciler.providers.secrets import read_secret
 
 if TYPE_CHECKING:
     from reconciler.providers.pve_http import FastReads
@@ -298,20 +298,6 @@ def _os_cause(exc: BaseException) -> str:
 
 
 # --- connecting ----------------------------------------------------------------------------
-
-
-def read_secret(ref: SecretRef) -> str:
-    """Resolve a secret reference. The value is returned, never logged."""
-    if ref.env is not None:
-        value = os.environ.get(ref.env)
-        if value is None:
-            raise ConfigurationError(f"environment variable {ref.env} (a secret) is not set")
-        return value
-    assert ref.file is not None
-    try:
-        return Path(ref.file).read_text(encoding="utf-8").strip()
-    except OSError as exc:
-        raise ConfigurationError(f"cannot read secret file {ref.file}: {exc.strerror}") from None
 
 
 def connect(api: ProxmoxApi, *, insecure: bool = False, timeout: float = 15.0) -> ProxmoxAPI:
@@ -1538,7 +1524,15 @@ class ProxmoxProvider:
         guest = self._guest(change)
         node = change.id["node"]
         if state == "running":
-            await self.run_task(f"start {change.address}", node, lambda: guest.status.start.post())
+            try:
+                await self.run_task(
+                    f"start {change.address}", node, lambda: guest.status.start.post()
+                )
+            except TaskFailedError:
+                # "VM 109 already running": started between our look and our start (a racing
+                # run configuring the same clone, HA, a person). Done, if it runs.
+                if await self._power(change) != "running":
+                    raise
             if self._kind(change) == "qemu" and (change.after or {}).get("agent"):
                 await self.wait_for_agent(change)
         else:

@@ -43,7 +43,8 @@ from reconciler.model.plans import Action, Change
 from reconciler.model.resources import Kind
 from reconciler.model.spec import PlatformSpec, PveGotify, PveSmtp, PveWebhook, SecretRef
 from reconciler.providers import Observation
-from reconciler.providers.proxmox import MARK_PREFIX, ProxmoxProvider, read_secret
+from reconciler.providers.proxmox import MARK_PREFIX, ProxmoxProvider
+from reconciler.providers.secrets import read_secret
 
 ENDPOINT_TYPES = ("sendmail", "smtp", "gotify", "webhook")
 _MARK = re.compile(
