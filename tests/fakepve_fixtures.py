@@ -1,5 +1,7 @@
 """Test fixtures (a pytest plugin, loaded by tests/conftest.py): fakepve with the example
-platform's two nodes, and the real proxmoxer client against it.
+platform's two nodes, and the real proxmoxer client against it. `pve_api` also gives the cluster
+what an operator puts there before the platform: the container template, the backup storage,
+and the cloud-init VM template the example's VMs are cloned from (vmid 200 on pve-core).
 
 fakepve is a third party's fake Proxmox VE that checks requests against PVE's API schema. Its
 pytest plugin starts one per test; if the package is missing these tests error (never skip).
@@ -14,8 +16,10 @@ from typing import Any
 import fakepve.pytest_plugin as fakepve_plugin
 import pytest
 
+from reconciler.demo.lab import CLOUD_TEMPLATE_NAME, CLOUD_TEMPLATE_VMID
 from reconciler.model.spec import ProxmoxApi, SecretRef
 from reconciler.providers.proxmox import ProxmoxProvider, RetryPolicy, connect
+from reconciler.simulators.fakepve_process import make_vm_template
 from reconciler.simulators.pve import PlatformPve
 
 TEMPLATE = "debian-12-standard_12.7-1_amd64.tar.zst"
@@ -66,6 +70,7 @@ def pve_api(pve: Any, fakepve_cafile: str, monkeypatch: pytest.MonkeyPatch) -> P
     )
     assert client.nodes("pve-core").tasks(upid).status.get()["exitstatus"] == "OK"
     add_backup_storage(client)
+    make_vm_template(client, "pve-core", CLOUD_TEMPLATE_VMID, CLOUD_TEMPLATE_NAME)
     pve.requests.clear()
     return api
 

@@ -84,7 +84,8 @@ def marks(provider: ProxmoxProvider) -> dict[str, list[int]]:
     """Address -> the vmids whose description carries our mark for it, read from Proxmox."""
     out: dict[str, list[int]] = {}
     for item in provider.client.cluster.resources.get(type="vm"):
-        config = provider.client.nodes(item["node"]).lxc(item["vmid"]).config.get()
+        kind = "qemu" if item["type"] == "qemu" else "lxc"  # the example has a VM and a template
+        config = provider.client.nodes(item["node"])(kind)(item["vmid"]).config.get()
         m = MARK.search(config.get("description") or "")
         if m and m.group(1) == "zpack":
             out.setdefault(m.group(2), []).append(int(item["vmid"]))

@@ -1,7 +1,9 @@
 """The demo's lab: every outside part the example platform talks to, started on loopback, and the
 `Endpoints` that point the controller at them. Called by `reconciler.demo.script`.
 
-    fakepve          a fake Proxmox VE (subprocess, own TLS cert) with the spec's two nodes
+    fakepve          a fake Proxmox VE (subprocess, own TLS cert) with the spec's nodes, the
+                     container template, and the cloud-init VM template the spec's VMs are
+                     cloned from (`CLOUD_TEMPLATE_*`, made as an operator makes it)
     Velocity         the bridge plugin simulator, its secret in the variable the spec names
     agents           one simulated agent per guest of an agent layer, ready
     Traefik          the real binary, one per instance of the spec: a file feed through its
@@ -43,6 +45,10 @@ from reconciler.simulators.processes import (
 from reconciler.simulators.velocity_bridge import VelocityBridgeSimulator
 
 TEMPLATE = "debian-12-standard_12.7-1_amd64.tar.zst"
+# The cloud-init VM template of the example platform (specs/control.yaml says how an operator
+# makes it): the lab makes it on the node of the first guest that clones it.
+CLOUD_TEMPLATE_VMID = 200
+CLOUD_TEMPLATE_NAME = "debian-12-cloudinit"
 PVE_PASSWORD_ENV = "RECONCILER_DEMO_PVE_PASSWORD"
 _DEFAULT_BRIDGE_SECRET_ENV = "ZPACK_BRIDGE_SECRET"
 
@@ -66,6 +72,30 @@ class EventLog:
 
     def close(self) -> None:
         self._file.close()
+
+
+@dataclass(frozen=True)
+class VmTemplate:
+    """A VM template the lab makes in fakepve before anything runs: a foreign guest the spec's
+    VMs are cloned from."""
+
+    vmid: int
+    name: str
+    node: str
+
+
+def cloud_templates(spec: PlatformSpec) -> tuple[VmTemplate, ...]:
+    """The cloud-init template (`CLOUD_TEMPLATE_*`) on the node of the first guest, by name,
+    that clones it by its name or vmid; none when no guest does (another spec's templates are
+    not guessed: its plan says which one is missing)."""
+    for _name, guest in sorted(spec.guests.items()):
+        if guest.clone is not None and guest.clone.source in (
+            CLOUD_TEMPLATE_NAME,
+            CLOUD_TEMPLATE_VMID,
+        ):
+            node = spec.node_of(guest.host)
+            return (VmTemplate(CLOUD_TEMPLATE_VMID, CLOUD_TEMPLATE_NAME, node),)
+    return ()
 
 
 @dataclass
@@ -235,13 +265,15 @@ def start_fakepve(
     nodes: Sequence[str],
     *,
     templates: Sequence[str] = (TEMPLATE,),
+    vm_templates: Sequence[VmTemplate] = (),
     time_scale: float = 0.0,
     port: int = 0,
     password: str = "secret",
     backup_storages: Sequence[str] = ("backup",),
 ) -> FakePveProcess:
     """fakepve (PlatformPve, own TLS certificate, on 127.0.0.1) with `nodes`, the backup
-    storages and each container template in `local` storage; stopped again when seeding fails.
+    storages, each container template in `local` storage and each VM template (`qm create`,
+    `qm template`, its disks on `local-lvm`); stopped again when seeding fails.
     Once one template is in storage, fakepve checks that a create names one that exists. Used
     by the demo's lab and by `reconciler lab` (reconciler/cli/lab.py)."""
     fake = FakePveProcess(
@@ -255,6 +287,8 @@ def start_fakepve(
     try:
         for template in templates:
             fake.seed_template(template)
+        for vm in vm_templates:
+            fake.seed_vm_template(vm.vmid, vm.name, vm.node)
     except BaseException:
         fake.stop()
         raise
@@ -262,20 +296,25 @@ def start_fakepve(
 
 
 def _start_fakepve(run: _Starting, spec: PlatformSpec, time_scale: float) -> FakePveProcess:
-    """fakepve with the spec's nodes and the demo's template, its password in the variable
-    the lab's `Endpoints` name."""
+    """fakepve with the spec's nodes, the demo's container template and the VM template its
+    VMs clone, its password in the variable the lab's `Endpoints` name."""
     nodes = tuple(sorted(h.node or name for name, h in spec.hosts.items()))
-    fake = start_fakepve(nodes, time_scale=time_scale)
+    vm_templates = cloud_templates(spec)
+    fake = start_fakepve(nodes, vm_templates=vm_templates, time_scale=time_scale)
     run.stack.callback(_stop_fakepve, fake, run.logs / "fakepve.log")
     if fake._proc is not None:
         run.pids["fakepve"] = fake._proc.pid
     _set_env(run.stack, PVE_PASSWORD_ENV, fake.password)
     speed = "tasks finish at once (time scale 0)" if not time_scale else f"time x{time_scale}"
+    made = "".join(
+        f"; VM template {t.vmid} {t.name!r} on {t.node} (cloud-init)" for t in vm_templates
+    )
     run.started(
-        Part("fakepve", fake.url, f"fake Proxmox VE, nodes {', '.join(nodes)}; {speed}"),
+        Part("fakepve", fake.url, f"fake Proxmox VE, nodes {', '.join(nodes)}{made}; {speed}"),
         "fakepve",
         url=fake.url,
         nodes=nodes,
+        vm_templates=[t.vmid for t in vm_templates],
         time_scale=time_scale,
     )
     return fake

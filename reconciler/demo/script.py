@@ -3,6 +3,8 @@
 
     1. the platform is empty: plan, apply with progress, again until the plan is empty (what
        the spec gates on the agents' readiness follows once the new guests' agents answer);
+       each VM cloned from a template is read back from Proxmox and said in one line (its
+       template, its cloud-init settings, its grown disk, its pool, its guest agent's answer);
     2. break it the way production breaks: Velocity restarts and forgets its servers, a game
        server's memory is changed by hand, the agent-port firewall rule is deleted, a container
        nobody declared appears in the game range, a game server's agent goes unready, and
@@ -28,6 +30,7 @@ import tempfile
 import textwrap
 import time
 import traceback
+import urllib.parse
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -36,6 +39,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import anyio
+from proxmoxer.core import ResourceException
 
 from reconciler import __version__
 from reconciler.applying.connecting import connect_platform
@@ -173,6 +177,44 @@ class Break:
 
 
 @dataclass
+class BuiltVm:
+    """A VM the first apply built from a template, as read back from Proxmox afterwards."""
+
+    name: str
+    vmid: int
+    node: str
+    template: int | None  # the template the plan cloned it from (its vmid)
+    template_name: str
+    user: str  # ciuser
+    ssh_keys: int  # how many keys sshkeys holds
+    ipconfig0: str
+    disk: str  # the boot disk's size in its config (`16G`)
+    template_disk: str  # the template's boot disk's size (`2G`)
+    pool: str  # its pool, "" when none
+    agent: bool  # agent/ping answered
+    running: bool
+
+    @property
+    def ok(self) -> bool:
+        return self.template is not None and self.running and self.agent and bool(self.user)
+
+    def line(self) -> str:
+        """`bastion (vmid 109 on pve-core) is a VM cloned from template 200 ...`: for people."""
+        if self.template is None:
+            return f"{self.name} (vmid {self.vmid}) was NOT cloned from a template"
+        keys = f"{self.ssh_keys} SSH key" + ("" if self.ssh_keys == 1 else "s")
+        where = f", in pool {self.pool}" if self.pool else ""
+        power = "started" if self.running else "NOT running"
+        agent = "its guest agent answered" if self.agent else "its guest agent did NOT answer"
+        return (
+            f"{self.name} (vmid {self.vmid} on {self.node}) is a VM cloned from template "
+            f"{self.template} {self.template_name!r}, configured by cloud-init (user "
+            f"{self.user}, {keys}, ipconfig0 {self.ipconfig0}), its disk grown from "
+            f"{self.template_disk} to {self.disk}{where}; {power}, {agent}"
+        )
+
+
+@dataclass
 class Step:
     title: str
     seconds: float = 0.0
@@ -192,6 +234,7 @@ class DemoResult:
     detect_plan: Plan | None = None  # the plan that saw the breaks
     final_plan: Plan | None = None
     foreign_untouched: bool = False
+    vms: list[BuiltVm] = field(default_factory=list)  # the VMs cloned in step 1
     moved: str = ""  # the move's outcome, for people ("" when the demo had no second node)
     pids: dict[str, int] = field(default_factory=dict)  # every process the lab started
     seconds: float = 0.0
@@ -580,7 +623,23 @@ class Story:
                 )
         step.finish()
         s.say(f"Converged in {step.seconds:.1f} s.")
+        self.built_vms(step)
         self.first_backups()
+
+    def built_vms(self, step: Step) -> None:
+        """Each VM the spec builds from a template, read back from Proxmox: one line each."""
+        pve = self.lab.pve()
+        where = {r["name"]: r for r in pve.cluster.resources.get(type="vm")}
+        creates = {c.address: c for p in step.plans for c in p.actions if c.action is Action.CREATE}
+        for name, guest in sorted(self.spec.guests.items()):
+            if guest.kind != "qemu" or guest.clone is None or name not in where:
+                continue
+            vm = _read_vm(pve, where, name, creates.get(f"guest/{name}"))
+            self.result.vms.append(vm)
+            step.ok = step.ok and vm.ok
+            self.lab.events.write("vm-built", **vars(vm))
+            s = self.screen
+            s.say(f"{s.paint(_GREEN if vm.ok else _RED, '+')} {vm.line()}.", hang=2)
 
     def step_two(self) -> list[Break]:
         s = self.screen
@@ -1078,6 +1137,53 @@ def _short(value: Any) -> str:
         bits = [str(value.get(k)) for k in ("type", "action", "proto", "dport") if value.get(k)]
         return "{" + " ".join(bits) + "}"
     return "(none)" if value is None else str(value)
+
+
+def _read_vm(
+    pve: Any, where: dict[str, dict[str, Any]], name: str, create: Change | None
+) -> BuiltVm:
+    """A cloned VM as Proxmox has it now: its config, pool, power state and agent's answer;
+    its template is the one its create named (`after.clone.vmid`)."""
+    item = where[name]
+    node, vmid = str(item["node"]), int(item["vmid"])
+    qm = pve.nodes(node).qemu(vmid)
+    config = qm.config.get()
+    clone = (create.after or {}).get("clone") if create is not None else None
+    template = int(clone["vmid"]) if isinstance(clone, dict) and clone.get("vmid") else None
+    source = next((r for r in where.values() if template and r["vmid"] == template), None)
+    template_disk = "?"
+    if source is not None:
+        template_config = pve.nodes(source["node"]).qemu(template).config.get()
+        template_disk = _boot_disk_size(template_config)
+    running = qm.status.current.get().get("status") == "running"
+    try:
+        qm.agent.ping.post()
+        agent = True
+    except ResourceException:  # 500 "QEMU guest agent is not running": what this reports
+        agent = False
+    keys = urllib.parse.unquote(str(config.get("sshkeys", "")))
+    return BuiltVm(
+        name=name,
+        vmid=vmid,
+        node=node,
+        template=template,
+        template_name=str(source["name"]) if source is not None else "",
+        user=str(config.get("ciuser", "")),
+        ssh_keys=sum(1 for line in keys.splitlines() if line.strip()),
+        ipconfig0=str(config.get("ipconfig0", "")),
+        disk=_boot_disk_size(config),
+        template_disk=template_disk,
+        pool=str(item.get("pool", "")),
+        agent=agent,
+        running=running,
+    )
+
+
+def _boot_disk_size(config: dict[str, Any]) -> str:
+    """The size (`16G`) of the first disk of a VM's `boot: order=`, "?" when it has none."""
+    boot = str(config.get("boot", "")).removeprefix("order=").split(";")[0]
+    props = str(config.get(boot, "")).split(",")
+    return next((p.removeprefix("size=") for p in props if p.startswith("size=")), "?")
 
 
 def _mac(config: dict[str, Any]) -> str:

@@ -25,7 +25,8 @@ Per feature, as PVE checks each call the controller makes (the README's role is 
 - migration: `VM.Migrate` on each guest (a guest whose host changes is migrated);
 - clones, cloud-init, agent, pools, HA (per guest using them): `VM.Clone` and `VM.Audit` on the
   template (`/vms` while it is named, not numbered), `VM.Config.Cloudinit`, `VM.GuestAgent.Audit`
-  (PVE 9; `VM.Monitor` before), `Pool.Allocate` on `/pool/NAME`, `Sys.Console` on `/` (HA);
+  (PVE 9; `VM.Monitor` before), `Pool.Allocate` on `/pool/NAME` (and `Pool.Audit` on a
+  declared pool: `GET /pools` lists no other), `Sys.Console` on `/` (HA);
 - declared templates and notification targets: `Datastore.AllocateTemplate` on the storage
   and `Sys.AccessNetwork` on each node that downloads (or `Sys.Audit` with `Sys.Modify` on
   `/`); `Mapping.Audit` and `Mapping.Modify` on `/mapping/notifications`;
@@ -172,6 +173,8 @@ def _platform_needs(spec: PlatformSpec) -> set[Need]:
     needs: set[Need] = set()
     for name in spec.pools:
         needs.add(Need(POOLS, f"/pool/{name}", ("Pool.Allocate",), "create and change the pool"))
+        # GET /pools lists only the pools the caller may audit (pve-access-control Pool.pm).
+        needs.add(Need(POOLS, f"/pool/{name}", ("Pool.Audit",), "see the pool and its members"))
     for template in spec.templates.values():
         where = f"/storage/{template.storage}"
         needs.add(Need(TEMPLATES, where, ("Datastore.AllocateTemplate",), "download templates"))

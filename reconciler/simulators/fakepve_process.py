@@ -5,6 +5,10 @@ Used by the benchmark, the demo and the process tests. By default it serves `Pla
 (reconciler.simulators.pve: fakepve plus QEMU migration) through fakepve's own CLI
 (`python -m reconciler.simulators.pve`); `platform=False` runs the plain `fakepve` CLI. fakepve
 is a test and demo dependency (extra `dev`), so it is imported only when a fake is started.
+
+`make_vm_template` makes a cloud-init VM template as an operator does (`qm create`, `qm
+template`), through any proxmoxer client on a fakepve: the demo's lab (through
+`FakePveProcess.seed_vm_template`) and the tests' fixtures.
 """
 
 from __future__ import annotations
@@ -14,9 +18,55 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+
+def wait_task(client: Any, node: str, upid: str, *, timeout: float = 60.0) -> None:
+    """Wait for a task on `node` to end; an exit status other than OK is an error naming it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = client.nodes(node).tasks(upid).status.get()
+        if status.get("status") == "stopped":
+            if status.get("exitstatus") != "OK":
+                raise RuntimeError(f"fakepve task {upid} failed: {status.get('exitstatus')}")
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"fakepve task {upid} did not end within {timeout:.0f} s")
+        time.sleep(0.02)
+
+
+def make_vm_template(
+    client: Any,
+    node: str,
+    vmid: int,
+    name: str,
+    *,
+    storage: str = "local-lvm",
+    disk_gib: int = 2,
+) -> None:
+    """A cloud-init VM template as an operator makes one from a cloud image: a VM with its
+    `disk_gib` GiB boot disk (`scsi0`, the image's size), a cloud-init drive, a NIC and the
+    guest agent on; then converted (`qm template`: its disk becomes `base-VMID-disk-0`)."""
+    upid = client.nodes(node).qemu.post(
+        vmid=vmid,
+        name=name,
+        ostype="l26",
+        cores=1,
+        memory=1024,
+        scsihw="virtio-scsi-single",
+        scsi0=f"{storage}:{disk_gib}",
+        ide2=f"{storage}:cloudinit",
+        boot="order=scsi0",
+        net0="virtio,bridge=vmbr0",
+        agent=1,
+        serial0="socket",
+        vga="serial0",
+    )
+    wait_task(client, node, upid)
+    wait_task(client, node, client.nodes(node).qemu(vmid).template.post())
 
 
 @dataclass
@@ -121,6 +171,10 @@ class FakePveProcess:
         status = client.nodes(self.nodes[0]).tasks(upid).status.get()
         while status.get("status") != "stopped":
             status = client.nodes(self.nodes[0]).tasks(upid).status.get()
+
+    def seed_vm_template(self, vmid: int, name: str, node: str, *, disk_gib: int = 2) -> None:
+        """A cloud-init VM template on `node`, as an operator makes one (`make_vm_template`)."""
+        make_vm_template(self.client(), node, vmid, name, disk_gib=disk_gib)
 
     def stop(self) -> None:
         if self._proc is not None:

@@ -251,14 +251,14 @@ def test_apply_json_then_again_then_observe(
     doc = json.loads(out)  # stdout is the document alone: progress and the plan are on stderr
     assert (doc["format"], doc["format_version"]) == (render.APPLY_FORMAT, 1)
     assert (doc["platform"], doc["outcome"], doc["dry_run"]) == ("zpack", "applied", False)
-    assert doc["summary"] == {"done": 51, "failed": 0, "skipped": 0, "dry-run": 0}
+    assert doc["summary"] == {"done": 53, "failed": 0, "skipped": 0, "dry-run": 0}
     [round_] = doc["rounds"]
     assert round_["plan"]["format"] == plans.FORMAT and round_["again"] is None
     results = round_["results"]
-    assert len(results) == 51 and {r["outcome"] for r in results} == {"done"}
+    assert len(results) == 53 and {r["outcome"] for r in results} == {"done"}
     lobby = next(r for r in results if r["address"] == "guest/mc-lobby")
     assert (lobby["kind"], lobby["action"], lobby["error"]) == ("guest", "create", None)
-    assert "[51/51]" in err
+    assert "[53/53]" in err
 
     code, out, _ = run(
         ["apply", str(SPECS), "--auto-approve", "--format", "json", *flags(pve_api)], capsys
@@ -269,13 +269,13 @@ def test_apply_json_then_again_then_observe(
     code, out, _ = run(
         ["apply", str(SPECS), "--auto-approve", "--color", "never", *flags(pve_api)], capsys
     )
-    assert code == 0 and "No changes. 51 resources match the spec." in out  # said, not silent
+    assert code == 0 and "No changes. 53 resources match the spec." in out  # said, not silent
 
     code, out, _ = run(
         ["observe", str(SPECS), "--format", "text", "--color", "never", *flags(pve_api)], capsys
     )
     assert code == 0
-    assert out.splitlines()[-1] == "51 resources: 51 owned, 0 not owned."
+    assert out.splitlines()[-1] == "54 resources: 53 owned, 1 not owned."  # the VM template
     assert "  guest/mc-lobby  (vmid 1000, node pve-runtime)" in out
 
     code, out, _ = run(["observe", str(SPECS), *flags(pve_api)], capsys)
@@ -291,7 +291,7 @@ def test_apply_not_confirmed_is_cancelled_in_json_too(
     assert code == 1
     doc = json.loads(out)
     assert doc["outcome"] == "cancelled" and doc["rounds"][0]["results"] == []
-    assert doc["rounds"][0]["plan"]["summary"]["create"] == 50
+    assert doc["rounds"][0]["plan"]["summary"]["create"] == 52
     assert err.endswith("Apply cancelled.\n")
     assert mutating_calls(pve) == []
 

@@ -150,7 +150,7 @@ def test_apply_converges_guests_firewall_routes_and_velocity(
     converged(lab, capsys)
     code, out = plan_text(lab, capsys)
     assert code == 0, out
-    assert "No changes. 65 resources match the spec." in out
+    assert "No changes. 67 resources match the spec." in out
     # Nothing is wrong but that the new guests have no backup yet (the jobs have not run).
     warnings = [line for line in out.splitlines() if "warning" in line]
     assert warnings and all("(backup-missing)" in line for line in warnings), warnings

@@ -37,10 +37,10 @@ def test_apply_then_plan_is_empty_and_observe_writes_a_snapshot(
 ) -> None:
     assert main(["apply", str(SPECS), "--auto-approve", "--color", "never", *flags(pve_api)]) == 0
     out, err = capsys.readouterr()
-    # 20 guests, 29 firewall objects (cluster options, 4 aliases, 1 IP set, 3 groups, and
+    # 21 guests, 30 firewall objects (cluster options, 4 aliases, 1 IP set, 3 groups, and
     # each guest's firewall) and 2 backup jobs.
-    assert "Apply: 51 done, 0 failed, 0 skipped." in out
-    assert "[51/51]" in err
+    assert "Apply: 53 done, 0 failed, 0 skipped." in out
+    assert "[53/53]" in err
     pve.requests.clear()
     assert main(["plan", str(SPECS), "--detailed-exitcode", *flags(pve_api)]) == 0
     assert "No changes." in capsys.readouterr().out
@@ -48,7 +48,8 @@ def test_apply_then_plan_is_empty_and_observe_writes_a_snapshot(
     snap = tmp_path / "observed.json"
     assert main(["observe", str(SPECS), "--out", str(snap), *flags(pve_api)]) == 0
     doc = json.loads(snap.read_text())
-    assert doc["format"] == "reconciler/observed-state" and len(doc["resources"]) == 51
+    # Those 53, and the VM template the bastion was cloned from (foreign).
+    assert doc["format"] == "reconciler/observed-state" and len(doc["resources"]) == 54
     # The snapshot plans offline exactly as the live system does: no guest changes.
     capsys.readouterr()
     assert main(["plan", str(SPECS), "--observed", str(snap), "--format", "json"]) == 0
@@ -68,7 +69,7 @@ def test_saved_plan_applies_only_if_nothing_changed(
     assert mutating_calls(pve) == []
     assert main(["plan", str(SPECS), "--out", str(saved), *flags(pve_api)]) == 0
     assert main(["apply", str(SPECS), "--plan", str(saved), *flags(pve_api)]) == 0
-    assert "Apply: 51 done" in capsys.readouterr().out
+    assert "Apply: 53 done" in capsys.readouterr().out
 
 
 def test_apply_refuses_without_confirmation(

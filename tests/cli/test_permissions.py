@@ -87,8 +87,9 @@ def test_plan_with_a_token_without_sys_audit_ends_with_one_line(
     assert "Traceback" not in printed and "ExceptionGroup" not in printed
     lines = printed.strip().splitlines()
     assert len(lines) == 1, printed
-    # The call (one of the cluster firewall's reads, all refused alike), the status, the need.
-    assert lines[0].startswith("error: read "), lines
+    # The call (a read of the cluster firewall, or the HA resources' list: all refused alike
+    # for want of Sys.Audit on /), the status, the need.
+    assert lines[0].startswith(("error: read ", "error: list HA resources")), lines
     assert lines[0].endswith(NO_SYS_AUDIT), lines
     assert mutating_calls(pve) == []
 
@@ -109,7 +110,8 @@ def test_the_service_reports_the_same_line_in_status(
         status = await svc.until(lambda s: (s["last_cycle"] or {}).get("kind") == "full")
         assert status["last_cycle"]["outcome"] == "errored"
         for error in (status["last_cycle"]["error"], status["observe"]["error"]):
-            assert error.startswith("read ") and error.endswith(NO_SYS_AUDIT), error
+            assert error.startswith(("read ", "list HA resources")), error
+            assert error.endswith(NO_SYS_AUDIT), error
         assert not status["ready"]["ready"]
 
     run_service(DirectorySource(SPECS), api, tmp_path, body)
@@ -168,7 +170,7 @@ def test_what_check_asks_for_is_enough_to_apply(
     assert "holds every privilege the spec needs" in capsys.readouterr().out
     apply = ["apply", str(specs), "--auto-approve", "--color", "never", *token_flags(pve_api)]
     assert main(apply) == 0
-    assert "Apply: 51 done, 0 failed, 0 skipped." in capsys.readouterr().out
+    assert "Apply: 53 done, 0 failed, 0 skipped." in capsys.readouterr().out
     assert main(["plan", str(specs), "--detailed-exitcode", *token_flags(pve_api)]) == 0
 
 
@@ -186,4 +188,5 @@ def test_check_asks_for_what_clones_cloud_init_the_agent_pools_and_ha_need() -> 
     assert ("guests", "/vms", ("VM.Config.Cloudinit",)) in needs  # its vmid is allocated
     assert ("guests", "/vms", ("VM.GuestAgent.Audit", "VM.Monitor")) in needs
     assert ("pools", "/pool/mgmt", ("Pool.Allocate",)) in needs
+    assert ("pools", "/pool/mgmt", ("Pool.Audit",)) in needs  # else GET /pools hides it
     assert ("HA", "/", ("Sys.Console",)) in needs

@@ -270,7 +270,7 @@ def test_an_untouched_saved_plan_applies_and_converges(
 
     doc = save_plan(pve_api, path)
     assert apply_saved(pve_api, path) == 0
-    assert "Apply: 39 done, 0 failed" in capsys.readouterr().out  # the rest of the 51
+    assert "Apply: 41 done, 0 failed" in capsys.readouterr().out  # the rest of the 53
     pve.requests.clear()
     assert main(["plan", str(SPECS), "--detailed-exitcode", *flags(pve_api)]) == 0
     assert "No changes." in capsys.readouterr().out

@@ -185,7 +185,7 @@ def test_a_broken_revision_is_reported_and_never_applied_the_fixed_one_is(
         on_disk = json.loads((tmp_path / "state" / "observed.json").read_text())
         assert on_disk == served
         owned = [r for r in served["resources"] if r["owned"] and r["kind"] == "guest"]
-        assert len(owned) == 20
+        assert len(owned) == 21
 
     run_service(source, pve_api, tmp_path, body)
 
@@ -206,9 +206,11 @@ def test_status_shows_a_forced_failure_and_metrics_parse(
         assert "storage 'local-lvm' is full" in guest["last_error"]
         assert guest["next_retry_at"] is not None
         guests = {a: r for a, r in status["resources"].items() if a.startswith("guest/")}
-        # each failed (and waits out its backoff) or was not tried because what it depends on
-        # failed
-        assert len(guests) == 20
+        assert len(guests) == 21
+        # The bastion is a VM, cloned (not created by POST .../lxc): it converged.
+        assert guests.pop("guest/bastion")["state"] == "converged"
+        # each container failed (and waits out its backoff) or was not tried because what it
+        # depends on failed
         assert {r["state"] for r in guests.values()} == {"backoff", "withheld"}
         # what depends on a failed guest is reported, not hidden
         assert status["resources"]["firewall/guest/mc-survival"]["state"] == "withheld"

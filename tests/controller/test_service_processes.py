@@ -24,20 +24,23 @@ from typing import Any
 import httpx
 import pytest
 
+from reconciler.demo.lab import CLOUD_TEMPLATE_NAME, CLOUD_TEMPLATE_VMID
 from reconciler.simulators.fakepve_process import FakePveProcess
 from reconciler.simulators.processes import free_port
 from tests.conftest import SPECS
 from tests.fakepve_fixtures import TEMPLATE
 
 LEASE_TTL = 2.0
-GUESTS = 20
+GUESTS = 21  # 20 containers and the bastion VM
 
 
 @pytest.fixture(scope="module")
 def slow_pve() -> Iterator[FakePveProcess]:
-    """fakepve answering every request after 30 ms: the example's first apply takes seconds."""
+    """fakepve answering every request after 30 ms: the example's first apply takes seconds.
+    It has the container template and the VM template the bastion is cloned from."""
     with FakePveProcess(time_scale=0.1, latency=0.3) as pve:
         pve.seed_template(TEMPLATE)
+        pve.seed_vm_template(CLOUD_TEMPLATE_VMID, CLOUD_TEMPLATE_NAME, "pve-core")
         yield pve
 
 
@@ -167,8 +170,9 @@ def converged(replica: Replica) -> bool:
 
 
 def guests_of(pve: FakePveProcess) -> list[tuple[int, str]]:
+    """The guests, the VM template left out (it stays)."""
     resources = pve.client().cluster.resources.get(type="vm")
-    return sorted((int(r["vmid"]), r["name"]) for r in resources)
+    return sorted((int(r["vmid"]), r["name"]) for r in resources if not r.get("template"))
 
 
 @pytest.fixture
@@ -176,20 +180,22 @@ def replicas(slow_pve: FakePveProcess, redis_port: int, tmp_path: Path) -> Itera
     group = Replicas(slow_pve, redis_port, tmp_path)
     yield group
     group.close()
-    # Leave fakepve empty for the next test.
+    # Leave fakepve empty for the next test, but for the VM template.
     client = slow_pve.client()
     for r in client.cluster.resources.get(type="vm"):
+        if r.get("template"):
+            continue
         node, vmid = r["node"], int(r["vmid"])
+        kind = "qemu" if r["type"] == "qemu" else "lxc"
+        guest = client.nodes(node)(kind)(vmid)
         if r.get("status") == "running":
-            client.nodes(node).lxc(vmid).status.stop.post()
+            guest.status.stop.post()
         wait_for(
-            lambda n=node, v=vmid: (
-                client.nodes(n).lxc(v).status.current.get()["status"] == "stopped"
-            ),
+            lambda g=guest: g.status.current.get()["status"] == "stopped",
             30,
             f"{vmid} stopped",
         )
-        client.nodes(node).lxc(vmid).delete()
+        guest.delete()
     wait_for(lambda: not guests_of(slow_pve), 30, "fakepve empty")
 
 

@@ -50,7 +50,7 @@ def test_the_demo_heals_everything_and_ends_with_an_empty_plan(
     assert result.final_plan is not None
     assert not result.final_plan.has_changes
     assert not result.final_plan.errored
-    assert "No changes. 65 resources match the spec." in text
+    assert "No changes. 67 resources match the spec." in text
     assert seconds < 300  # a sanity bound: the issue asks under two minutes on two cores
     assert [s.title for s in result.steps] == [
         "an empty platform",
@@ -108,7 +108,8 @@ def test_each_break_is_detected_by_the_plan_and_healed(
     assert restore.cause.value == "restore" and restore.after is not None
     assert restore.after["restore_from"]["volid"].startswith("backup:backup/vzdump-lxc-1002-")
     assert "+ guest/mc-creative  (vmid 1002 on pve-runtime)  (restored from its backup of" in text
-    assert [f["name"] for f in plan.foreign] == ["hand-made"]
+    # The cloud-init template the bastion was cloned from is foreign too: read, never touched.
+    assert [f["name"] for f in plan.foreign] == ["debian-12-cloudinit", "hand-made"]
     by_key = {b.key: b for b in result.breaks}
     assert set(by_key) == {"velocity", "memory", "firewall", "foreign", "unready", "destroyed"}
     for b in result.breaks:
@@ -126,8 +127,46 @@ def test_the_foreign_container_is_reported_and_never_touched(
     result, text, _ = demo
     assert result.foreign_untouched
     assert result.final_plan is not None
-    assert [f["vmid"] for f in result.final_plan.foreign] == [1005]
+    assert [f["vmid"] for f in result.final_plan.foreign] == [200, 1005]
     assert "never touched" in text
+
+
+def test_the_first_apply_builds_the_bastion_from_the_cloud_init_template(
+    demo: tuple[DemoResult, str, float],
+) -> None:
+    """specs/control.yaml's bastion: cloned from template 200 (made in the lab as an operator
+    makes one), configured by cloud-init, its disk grown, in its pool, its agent answering;
+    what the demo read back from Proxmox after the first apply, and what it observed last."""
+    result, text, _ = demo
+    first = result.steps[0].plans[0]
+    create = next(c for c in first.actions if c.address == "guest/bastion")
+    assert create.action.value == "create"
+    assert create.after is not None and create.after["clone"]["vmid"] == 200
+    (vm,) = result.vms
+    assert (vm.name, vm.vmid, vm.node, vm.template, vm.template_name) == (
+        "bastion",
+        109,
+        "pve-core",
+        200,
+        "debian-12-cloudinit",
+    )
+    assert (vm.user, vm.ssh_keys) == ("ops", 1)
+    assert sorted(vm.ipconfig0.split(",")) == ["gw=10.10.0.1", "ip=10.10.0.19/24"]
+    assert (vm.template_disk, vm.disk) == ("2G", "16G")
+    assert vm.running and vm.agent and vm.ok
+    assert (
+        "+ bastion (vmid 109 on pve-core) is a VM cloned from template 200 "
+        "'debian-12-cloudinit', configured by cloud-init" in " ".join(text.split())
+    )
+    assert "its guest agent answered" in " ".join(text.split())
+    observed = json.loads((result.state_dir / "observed.json").read_text())
+    bastion = next(r for r in observed["resources"] if r["address"] == "guest/bastion")
+    attrs = bastion["attributes"]
+    assert attrs["type"] == "qemu" and attrs["agent"] is True and attrs["addresses"]
+    assert attrs["cloud_init"]["user"] == "ops"
+    assert attrs["volumes"]["scsi0"].endswith("size=16G")
+    template = next(r for r in observed["resources"] if r["id"].get("vmid") == 200)
+    assert not template["owned"] and template["attributes"]["template"] is True
 
 
 def test_every_process_started_is_gone_and_the_state_is_kept(

@@ -149,9 +149,9 @@ def test_the_example_firewall_converges_with_its_guests_then_a_second_apply_is_s
     ]
     assert mutating_calls(pve) == []
     # What looking costs: the cluster options, aliases, IP sets and groups (4 reads), the
-    # content of our IP set and 3 groups (4), then options and rules of each of 20 guests.
+    # content of our IP set and 3 groups (4), then options and rules of each of 21 guests.
     firewall_reads = [p for m, p, _ in pve.requests if m == "GET" and "/firewall" in p]
-    assert len(firewall_reads) == 4 + 4 + 2 * 20
+    assert len(firewall_reads) == 4 + 4 + 2 * 21
 
 
 def test_rules_deleted_disabled_reordered_or_widened_by_hand_are_seen_and_restored(
@@ -431,7 +431,7 @@ def test_plan_and_apply_commands_reconcile_the_firewall_and_show_live_findings(
     pve_api: Any, pve: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(["apply", str(SPECS), "--auto-approve", *flags(pve_api)]) == 0
-    assert "Apply: 51 done, 0 failed, 0 skipped." in capsys.readouterr().out
+    assert "Apply: 53 done, 0 failed, 0 skipped." in capsys.readouterr().out
     lobby = connect(pve_api).nodes("pve-runtime").lxc(1000).firewall
     lobby.rules.post(type="in", action="ACCEPT", proto="tcp", dport="18888", enable=1)
 
@@ -531,11 +531,16 @@ def test_a_new_guest_starts_only_once_its_firewall_is_in_place(
         if f"firewall/guest/{res.name}" not in graph.resources:
             continue
         vmid, node = vmids[res.address], res.attributes["node"]
-        base = f"/nodes/{node}/lxc"
+        base = f"/nodes/{node}/{res.attributes['type']}"
+        # A container is created (POST .../lxc), the bastion VM cloned (POST .../clone).
         [create] = [
             i
             for i, (m, p, body) in enumerate(requests)
-            if (m, p) == ("POST", base) and int(body.get("vmid", 0)) == vmid
+            if m == "POST"
+            and (
+                (p == base and int(body.get("vmid", 0)) == vmid)
+                or (p.endswith("/clone") and int(body.get("newid", 0)) == vmid)
+            )
         ]
         assert int(requests[create][2].get("start", 0)) == 0, res.address
         rules = [
@@ -550,8 +555,8 @@ def test_a_new_guest_starts_only_once_its_firewall_is_in_place(
         ]
         assert create < max(rules) < start, res.address
         checked += 1
-    assert checked == 20
-    assert {pve.ct(vmids[r.address]).status for r in guests} == {"running"}
+    assert checked == 21
+    assert {pve.guest(vmids[r.address]).status for r in guests} == {"running"}
     assert not plan_now(graph, spec, provider).has_changes
 
 
@@ -559,19 +564,20 @@ def test_a_guest_whose_firewall_fails_stays_stopped(
     graph: DesiredGraph, spec: PlatformSpec, provider: ProxmoxProvider, pve: Any
 ) -> None:
     """Fail closed: the rules could not be written, so the guest is not started."""
-    pve.fail(
-        "PUT",
-        "/nodes/{node}/lxc/{vmid}/firewall/options",
-        status=400,
-        message="bad option",
-        times=None,
-    )
+    for kind in ("lxc", "qemu"):
+        pve.fail(
+            "PUT",
+            f"/nodes/{{node}}/{kind}/{{vmid}}/firewall/options",
+            status=400,
+            message="bad option",
+            times=None,
+        )
     conv = run(graph, spec, provider)
     assert not conv.ok
     vmids = {c.address: c.id["vmid"] for c in conv.rounds[0].plan.changes if c.kind is Kind.GUEST}
     held = [a for a in vmids if f"firewall/guest/{a.removeprefix('guest/')}" in graph.resources]
-    assert "guest/mc-lobby" in held and len(held) == 20
-    assert {pve.ct(vmids[a]).status for a in held} == {"stopped"}
+    assert "guest/mc-lobby" in held and "guest/bastion" in held and len(held) == 21
+    assert {pve.guest(vmids[a]).status for a in held} == {"stopped"}
 
 
 def test_a_held_guest_started_by_someone_else_meanwhile_is_not_started_twice(

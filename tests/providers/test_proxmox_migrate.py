@@ -26,6 +26,7 @@ from fakepve.model import PveError
 
 from reconciler.applying.executor import Outcome, execute
 from reconciler.cli.main import main
+from reconciler.demo.lab import CLOUD_TEMPLATE_NAME, CLOUD_TEMPLATE_VMID
 from reconciler.model.plans import Action, Plan
 from reconciler.model.resources import DesiredGraph
 from reconciler.model.spec import ProxmoxApi
@@ -504,6 +505,7 @@ def pve_process() -> Iterator[FakePveProcess]:
         nodes=("pve-core", "pve-runtime", NEW_NODE), time_scale=0.1, migrate_secs=50
     ) as fake:
         fake.seed_template(TEMPLATE)
+        fake.seed_vm_template(CLOUD_TEMPLATE_VMID, CLOUD_TEMPLATE_NAME, "pve-core")  # the bastion's
         yield fake
 
 

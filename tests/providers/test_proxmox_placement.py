@@ -231,6 +231,14 @@ def test_a_template_where_allocation_would_pick_takes_its_id_and_is_never_touche
     creates = {c.address: c for c in plan.actions}
     assert creates["guest/mc-rlcraft"].id["vmid"] == 1005
     assert plan.foreign == (
+        {  # the example's cloud-init template, in the template range
+            "kind": "guest",
+            "name": "debian-12-cloudinit",
+            "vmid": 200,
+            "node": "pve-core",
+            "in_range": "template",
+            "template": True,
+        },
         {
             "kind": "guest",
             "name": "debian-golden",
@@ -246,7 +254,7 @@ def test_a_template_where_allocation_would_pick_takes_its_id_and_is_never_touche
     # Planned again: nothing to do, and the template is still foreign.
     pve.requests.clear()
     again = plan_now(graph, provider)
-    assert not again.has_changes and [f["vmid"] for f in again.foreign] == [1004]
+    assert not again.has_changes and [f["vmid"] for f in again.foreign] == [200, 1004]
     # The drift check keeps seeing it where the snapshot has it: no drift, one call.
     snapshot = anyio.run(lambda: observe_all([provider], "zpack"))
     pve.requests.clear()

@@ -64,7 +64,8 @@ def where(provider: ProxmoxProvider) -> dict[str, list[tuple[str, int]]]:
     """Address -> [(node, vmid)] of the guests carrying our mark for it."""
     out: dict[str, list[tuple[str, int]]] = {}
     for item in provider.client.cluster.resources.get(type="vm"):
-        cfg = provider.client.nodes(item["node"]).lxc(item["vmid"]).config.get()
+        kind = "qemu" if item["type"] == "qemu" else "lxc"  # the bastion VM and its template
+        cfg = provider.client.nodes(item["node"])(kind)(item["vmid"]).config.get()
         m = _MARK.search(cfg.get("description") or "")
         if m:
             out.setdefault(m.group(1), []).append((item["node"], int(item["vmid"])))

@@ -94,7 +94,11 @@ def test_foreign_guests_in_our_range_are_never_touched(
     conv = run(graph, provider, allow_destroy=True)
     assert conv.ok
     plan = conv.rounds[0].plan
-    assert {f["vmid"]: f["in_range"] for f in plan.foreign} == dict.fromkeys(FOREIGN, "game")
+    # The squatters, and the example's cloud-init template (in its template range).
+    assert {f["vmid"]: f["in_range"] for f in plan.foreign} == {
+        **dict.fromkeys(FOREIGN, "game"),
+        200: "template",
+    }
     assert all(c.id.get("vmid") not in FOREIGN for c in plan.actions)
     assert run(graph, provider, allow_destroy=True).ok
     for vmid in FOREIGN:
