@@ -609,7 +609,9 @@ class CloneSpec(Strict):
         "the template's, on the same storage)",
     )
     storage: Annotated[str, AfterValidator(check_identifier)] | None = Field(
-        None, description="Full clones only: where the copy's disks go. Default: the template's"
+        None,
+        description="Full clones only: where the copy's disks go. Default: the guest's disk "
+        "storage (disk.storage, else platform.default_storage)",
     )
 
     @model_validator(mode="after")

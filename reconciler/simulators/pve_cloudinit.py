@@ -205,5 +205,48 @@ class GuestAgentBoot:
     async def _do_start(self, vm: Any, user: str, p: dict[str, Any]) -> Any:
         upid = await super()._do_start(vm, user, p)  # type: ignore[misc]
         if self.agent_boots and vm.agent is None and agent_enabled(_current(vm)):
-            vm.agent = dict(self.agent_answers.get(vm.vmid, {}))
+            answers = dict(self.agent_answers.get(vm.vmid, {}))
+            interfaces = configured_interfaces(_current(vm))
+            if interfaces and "interfaces" not in answers:
+                answers["interfaces"] = interfaces  # what cloud-init configured, as booted
+            vm.agent = answers
         return upid
+
+
+def configured_interfaces(config: dict[str, Any]) -> list[dict[str, Any]]:
+    """`network-get-interfaces` of a cloud image that booted with this config: loopback, then
+    one interface per `netN` with the static address its `ipconfigN` gave (none for dhcp:
+    what a DHCP server would hand out is not the fake's to invent)."""
+    found: list[dict[str, Any]] = []
+    for key in sorted(k for k in config if k.startswith("ipconfig") and k[8:].isdigit()):
+        n = key[8:]
+        fields = dict(part.split("=", 1) for part in str(config[key]).split(",") if "=" in part)
+        ip = fields.get("ip", "")
+        if "/" not in ip:
+            continue
+        address, prefix = ip.split("/", 1)
+        mac = next(
+            (
+                v.split("=", 1)[1]
+                for v in str(config.get(f"net{n}", "")).split(",")
+                if "=" in v and ":" in v.split("=", 1)[1]
+            ),
+            "bc:24:11:00:00:01",
+        )
+        found.append(
+            {
+                "name": f"eth{n}",
+                "hardware-address": mac.lower(),
+                "ip-addresses": [
+                    {"ip-address": address, "ip-address-type": "ipv4", "prefix": int(prefix)}
+                ],
+            }
+        )
+    if not found:
+        return []
+    loopback = {
+        "name": "lo",
+        "hardware-address": "00:00:00:00:00:00",
+        "ip-addresses": [{"ip-address": "127.0.0.1", "ip-address-type": "ipv4", "prefix": 8}],
+    }
+    return [loopback, *found]
