@@ -77,6 +77,12 @@ def add_lab_args(p: argparse.ArgumentParser) -> None:
         help=f"a container template put in `local` storage; repeat (default: {DEFAULT_TEMPLATE})",
     )
     p.add_argument(
+        "--vm-template",
+        action="store_true",
+        help="also a cloud-init VM template, as an operator makes one (vmid 200, "
+        "debian-12-cloudinit, on the first node): what a spec's `clone: {from: ...}` clones",
+    )
+    p.add_argument(
         "--ca-file",
         default="lab-ca.pem",
         metavar="PATH",
@@ -154,6 +160,7 @@ class _Setup:
         password_file: Path | None,
         port: int,
         time_scale: float,
+        vm_template: bool = False,
     ) -> None:
         self.nodes = nodes
         self.storages = storages
@@ -164,6 +171,7 @@ class _Setup:
         self.password_file = password_file
         self.port = port
         self.time_scale = time_scale
+        self.vm_template = vm_template
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> _Setup:
@@ -196,6 +204,7 @@ class _Setup:
             password_file=password_file,
             port=args.port,
             time_scale=args.time_scale,
+            vm_template=bool(getattr(args, "vm_template", False)),
         )
 
 
@@ -268,12 +277,23 @@ def _check_free(port: int) -> None:
 def running_lab(setup: _Setup, err: TextIO) -> Iterator[FakePveProcess]:
     """fakepve started and seeded, the CA and password files written, its output forwarded to
     `err`; on the way out everything stopped and removed."""
-    from reconciler.demo.lab import start_fakepve
+    from reconciler.demo.lab import (
+        CLOUD_TEMPLATE_NAME,
+        CLOUD_TEMPLATE_VMID,
+        VmTemplate,
+        start_fakepve,
+    )
 
+    vm_templates = (
+        (VmTemplate(CLOUD_TEMPLATE_VMID, CLOUD_TEMPLATE_NAME, setup.nodes[0]),)
+        if setup.vm_template
+        else ()
+    )
     try:
         fake = start_fakepve(
             setup.nodes,
             templates=setup.templates,
+            vm_templates=vm_templates,
             time_scale=setup.time_scale,
             port=setup.port,
             password=setup.password,
@@ -346,6 +366,8 @@ def _forward(stream: IO[str], err: TextIO) -> threading.Thread:
 def _describe(setup: _Setup, fake: FakePveProcess, out: TextIO) -> None:
     """What runs, read back from the fake, and the flags to reach it."""
     client = fake.client()
+    made = [g for g in client.cluster.resources.get(type="vm") if g.get("template")]
+    vm_template = ", ".join(f"{g['vmid']} {g['name']} on {g['node']}" for g in made)
     storages = sorted(client.storage.get(), key=lambda s: str(s["storage"]))
     volumes = [str(v["volid"]) for v in client.nodes(setup.nodes[0]).storage("local").content.get()]
     # The user too: a flag overrides the spec's field, and a spec of one's own may name
@@ -373,6 +395,11 @@ def _describe(setup: _Setup, fake: FakePveProcess, out: TextIO) -> None:
         f"  nodes      {', '.join(setup.nodes)}",
         f"  storages   {', '.join(storage_line(s) for s in storages)}",
         f"  templates  {', '.join(volumes) or 'none'}",
+        *(
+            [f"  VM template {vm_template} (a spec clones it with clone: {{from: VMID}})"]
+            if made
+            else []
+        ),
         f"  user       {USER}, password {password}",
         f"  CA file    {setup.ca_file}",
         f"  tasks      finish {speed}",

@@ -276,3 +276,21 @@ def test_a_file_the_lab_did_not_write_is_never_overwritten(
     assert main(["lab", "--port", "0", "--ca-file", str(real)]) == 1
     assert "is not a CA an earlier lab wrote" in capsys.readouterr().err
     assert "the cluster's" in real.read_text()
+
+
+def test_a_vm_template_for_specs_that_clone(start_lab: object, tmp_path: Path) -> None:
+    """--vm-template: the cloud-init template the example's bastion clones, made in the lab as
+    an operator makes one, and said in what the lab prints."""
+    lab = start_lab(  # type: ignore[operator]
+        "--nodes", "pve1,pve2", "--port", "0", "--ca-file", "ca.pem", "--vm-template",
+        env={"PVE_PASSWORD": "lab-pw"},
+    )  # fmt: skip
+    flags = lab.flags()
+    assert any("VM template 200 debian-12-cloudinit on pve1" in line for line in lab.lines)
+    spec = tmp_path / "mylab"
+    spec.mkdir()
+    (spec / "platform.yaml").write_text(PLATFORM % {"second": "pve2", "template": TEMPLATE})
+    observed = cli("observe", "mylab", *flags, cwd=tmp_path, password="lab-pw")
+    assert observed.returncode == 0, observed.stderr
+    template = [r for r in json.loads(observed.stdout)["resources"] if r["id"].get("vmid") == 200]
+    assert template and template[0]["attributes"]["template"]
