@@ -53,15 +53,25 @@ def platform_yaml(*ranges: str, control: bool = False, max_deletes: int | None =
     )
 
 
-def run(graph: DesiredGraph, provider: ProxmoxProvider, **kw: Any) -> Convergence:
-    """Converge the guests of `graph` with `provider`."""
-    return anyio.run(lambda: converge(graph, [provider], **kw))
+def _listed(providers: ProxmoxProvider | list[Any]) -> list[Any]:
+    return providers if isinstance(providers, list) else [providers]
 
 
-def plan_now(graph: DesiredGraph, provider: ProxmoxProvider, **kw: Any) -> Plan:
-    """A fresh plan for the guests of `graph`, from what `provider` observes now."""
-    observed = anyio.run(lambda: observe_all([provider], graph.platform))
+def run(graph: DesiredGraph, providers: ProxmoxProvider | list[Any], **kw: Any) -> Convergence:
+    """Converge `graph` with the guest provider (or these providers)."""
+    return anyio.run(lambda: converge(graph, _listed(providers), **kw))
+
+
+def plan_now(graph: DesiredGraph, providers: ProxmoxProvider | list[Any], **kw: Any) -> Plan:
+    """A fresh plan for `graph`, from what the provider (or these providers) observe now."""
+    observed = anyio.run(lambda: observe_all(_listed(providers), graph.platform))
     return make_plan(graph, observed, **kw)
+
+
+def ok(conv: Convergence) -> None:
+    """The convergence succeeded; if not, the failed changes and why."""
+    report = conv.rounds[-1].report
+    assert conv.ok, report and [(r.change.address, r.error) for r in report.results]
 
 
 def load_edited(platform: str, guests: str, *edits: tuple[str, str]) -> DesiredGraph:

@@ -12,18 +12,14 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import anyio
 import pytest
 
-from reconciler.applying.converging import Convergence, converge
-from reconciler.applying.observing import observe_all
-from reconciler.model.plans import RESTORE_FROM, Action, Cause, Freshness, Plan
+from reconciler.model.plans import RESTORE_FROM, Action, Cause, Freshness
 from reconciler.model.resources import DesiredGraph
-from reconciler.planning.planner import make_plan
 from reconciler.providers.proxmox import ProxmoxProvider
 from reconciler.providers.proxmox_backup import BackupJobProvider
 from tests.fakepve_fixtures import TEMPLATE, mutating_calls, request_bodies
-from tests.guest_helpers import GAME_RANGE, load_edited, platform_yaml
+from tests.guest_helpers import GAME_RANGE, load_edited, ok, plan_now, platform_yaml, run
 from tests.waiting import until, wait_for
 
 PLATFORM = platform_yaml(GAME_RANGE, max_deletes=3)
@@ -76,20 +72,6 @@ def spec(*edits: tuple[str, str]) -> DesiredGraph:
 @pytest.fixture
 def providers(provider: ProxmoxProvider) -> list[Any]:
     return [provider, BackupJobProvider(pve=provider, storages=frozenset({"backup"}))]
-
-
-def run(graph: DesiredGraph, providers: list[Any], **kw: Any) -> Convergence:
-    return anyio.run(lambda: converge(graph, providers, **kw))
-
-
-def plan_now(graph: DesiredGraph, providers: list[Any], **kw: Any) -> Plan:
-    observed = anyio.run(lambda: observe_all(providers, graph.platform))
-    return make_plan(graph, observed, **kw)
-
-
-def ok(conv: Convergence) -> None:
-    report = conv.rounds[-1].report
-    assert conv.ok, report and [(r.change.address, r.error) for r in report.results]
 
 
 def jobs(client: Any) -> dict[str, dict[str, Any]]:

@@ -10,20 +10,16 @@ from __future__ import annotations
 
 from typing import Any
 
-import anyio
 import pytest
 
-from reconciler.applying.converging import Convergence, converge
-from reconciler.applying.observing import observe_all
 from reconciler.loading.loader import load_texts
 from reconciler.model.plans import HOLD_START, Action, Plan
 from reconciler.model.resources import DesiredGraph
-from reconciler.planning.planner import make_plan
 from reconciler.providers.firewall import FirewallProvider
 from reconciler.providers.proxmox import ProxmoxProvider
 from reconciler.providers.proxmox_ha import HaProvider
 from tests.fakepve_fixtures import TEMPLATE, mutating_calls, request_bodies
-from tests.guest_helpers import GAME_RANGE, load_edited, platform_yaml
+from tests.guest_helpers import GAME_RANGE, load_edited, ok, plan_now, platform_yaml, run
 from tests.waiting import until
 
 PLATFORM = platform_yaml(GAME_RANGE)
@@ -48,20 +44,6 @@ def spec(*edits: tuple[str, str]) -> DesiredGraph:
 @pytest.fixture
 def providers(provider: ProxmoxProvider) -> list[Any]:
     return [provider, HaProvider(pve=provider)]
-
-
-def run(graph: DesiredGraph, providers: list[Any], **kw: Any) -> Convergence:
-    return anyio.run(lambda: converge(graph, providers, **kw))
-
-
-def plan_now(graph: DesiredGraph, providers: list[Any], **kw: Any) -> Plan:
-    observed = anyio.run(lambda: observe_all(providers, graph.platform))
-    return make_plan(graph, observed, **kw)
-
-
-def ok(conv: Convergence) -> None:
-    report = conv.rounds[-1].report
-    assert conv.ok, report and [(r.change.address, r.error) for r in report.results]
 
 
 def ha_of(client: Any) -> dict[str, dict[str, Any]]:

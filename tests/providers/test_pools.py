@@ -9,18 +9,14 @@ from __future__ import annotations
 
 from typing import Any
 
-import anyio
 import pytest
 
-from reconciler.applying.converging import Convergence, converge
-from reconciler.applying.observing import observe_all
 from reconciler.model.plans import Action, Plan
 from reconciler.model.resources import DesiredGraph
-from reconciler.planning.planner import make_plan
 from reconciler.providers.proxmox import ProxmoxProvider
 from reconciler.providers.proxmox_pools import PoolProvider
 from tests.fakepve_fixtures import TEMPLATE, mutating_calls, request_bodies
-from tests.guest_helpers import GAME_RANGE, load_edited, platform_yaml
+from tests.guest_helpers import GAME_RANGE, load_edited, ok, plan_now, platform_yaml, run
 
 PLATFORM = platform_yaml(GAME_RANGE)
 MARK = "reconciler:v1 platform=zpack address=pool/games"
@@ -54,20 +50,6 @@ def spec(*edits: tuple[str, str]) -> DesiredGraph:
 @pytest.fixture
 def providers(provider: ProxmoxProvider) -> list[Any]:
     return [provider, PoolProvider(pve=provider)]
-
-
-def run(graph: DesiredGraph, providers: list[Any], **kw: Any) -> Convergence:
-    return anyio.run(lambda: converge(graph, providers, **kw))
-
-
-def plan_now(graph: DesiredGraph, providers: list[Any], **kw: Any) -> Plan:
-    observed = anyio.run(lambda: observe_all(providers, graph.platform))
-    return make_plan(graph, observed, **kw)
-
-
-def ok(conv: Convergence) -> None:
-    report = conv.rounds[-1].report
-    assert conv.ok, report and [(r.change.address, r.error) for r in report.results]
 
 
 def pool(client: Any, name: str) -> dict[str, Any]:

@@ -14,16 +14,16 @@ from typing import Any
 import anyio
 import pytest
 
-from reconciler.applying.converging import Convergence, converge
 from reconciler.applying.observing import observe_all
 from reconciler.loading.graph import build_graph
 from reconciler.loading.loader import load_texts
-from reconciler.model.plans import Action, Plan
+from reconciler.model.plans import Action
 from reconciler.model.resources import DesiredGraph
 from reconciler.planning.planner import make_plan
 from reconciler.providers.proxmox import ProxmoxProvider
 from reconciler.providers.proxmox_notifications import NotificationProvider, endpoint_secrets
 from tests.fakepve_fixtures import mutating_calls, request_bodies
+from tests.guest_helpers import ok, plan_now, run
 
 PLATFORM = "platform: {name: zpack}\n"
 NOTIFICATIONS = """
@@ -70,20 +70,6 @@ def load(text: str = NOTIFICATIONS) -> tuple[DesiredGraph, NotificationProvider,
 def providers(provider: ProxmoxProvider) -> list[Any]:
     _graph, _spec, secrets = load()
     return [provider, NotificationProvider(pve=provider, secrets=secrets)]
-
-
-def run(graph: DesiredGraph, providers: list[Any]) -> Convergence:
-    return anyio.run(lambda: converge(graph, providers))
-
-
-def plan_now(graph: DesiredGraph, providers: list[Any]) -> Plan:
-    observed = anyio.run(lambda: observe_all(providers, graph.platform))
-    return make_plan(graph, observed)
-
-
-def ok(conv: Convergence) -> None:
-    report = conv.rounds[-1].report
-    assert conv.ok, report and [(r.change.address, r.error) for r in report.results]
 
 
 def notifications(client: Any) -> Any:
