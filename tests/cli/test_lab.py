@@ -73,6 +73,31 @@ class LabProcess:
         if self.proc.poll() is not None:
             raise AssertionError(f"the lab exited {self.proc.returncode}: {''.join(self.errors)}")
 
+    @classmethod
+    def started(cls, proc: subprocess.Popen[str]) -> LabProcess:
+        """`proc` (stdout and stderr piped), its output read as it comes."""
+        lab = cls(proc)
+        for stream, into in ((proc.stdout, lab.lines), (proc.stderr, lab.errors)):
+            reader = threading.Thread(target=_read, args=(stream, into), daemon=True)
+            reader.start()
+            lab.readers.append(reader)
+        return lab
+
+    def stop(self) -> None:
+        """As Ctrl-C: the lab stops its fakepve; killed if it does not end."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.proc.wait(15)
+        for reader in self.readers:
+            reader.join(10)
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+
 
 def _read(stream: object, into: list[str]) -> None:
     for line in stream:  # type: ignore[attr-defined]
@@ -93,28 +118,13 @@ def start_lab(tmp_path: Path) -> Iterator[object]:
             stderr=subprocess.PIPE,
             text=True,
         )
-        lab = LabProcess(proc)
-        for stream, into in ((proc.stdout, lab.lines), (proc.stderr, lab.errors)):
-            reader = threading.Thread(target=_read, args=(stream, into), daemon=True)
-            reader.start()
-            lab.readers.append(reader)
+        lab = LabProcess.started(proc)
         started.append(lab)
         return lab
 
     yield start
     for lab in started:
-        if lab.proc.poll() is None:
-            lab.proc.terminate()  # the lab stops its fakepve, as on Ctrl-C
-            try:
-                lab.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                lab.proc.kill()
-        lab.proc.wait(10)
-        for reader in lab.readers:
-            reader.join(10)
-        for stream in (lab.proc.stdout, lab.proc.stderr):
-            if stream is not None:
-                stream.close()
+        lab.stop()
 
 
 def cli(

@@ -32,7 +32,6 @@ import shlex
 import shutil
 import signal
 import subprocess
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +42,7 @@ import jsonschema
 import yaml
 from proxmoxer import ProxmoxAPI
 
-from tests.cli.test_lab import LabProcess, _read
+from tests.cli.test_lab import LabProcess
 from tests.deploy.packaging import (
     Venv,
     build_wheel,
@@ -183,27 +182,7 @@ def start_lab(argv: list[str], user: User) -> LabProcess:
         stderr=subprocess.PIPE,
         text=True,
     )
-    lab = LabProcess(proc)
-    for stream, into in ((proc.stdout, lab.lines), (proc.stderr, lab.errors)):
-        reader = threading.Thread(target=_read, args=(stream, into), daemon=True)
-        reader.start()
-        lab.readers.append(reader)
-    return lab
-
-
-def stop(lab: LabProcess) -> None:
-    if lab.proc.poll() is None:
-        lab.proc.terminate()  # the lab stops its fakepve, as on Ctrl-C
-        try:
-            lab.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            lab.proc.kill()
-            lab.proc.wait(15)
-    for reader in lab.readers:
-        reader.join(10)
-    for stream in (lab.proc.stdout, lab.proc.stderr):
-        if stream is not None:
-            stream.close()
+    return LabProcess.started(proc)
 
 
 # --- checks ----------------------------------------------------------------------------------
@@ -432,4 +411,4 @@ def test_a_new_user_gets_from_a_clone_to_a_converged_lab_of_their_own(tmp_path: 
         assert lab.proc.wait(30) == 0, "".join(lab.errors)
         assert not ca_file.exists() and not Path(user.expand(password_file)).exists()
     finally:
-        stop(lab)
+        lab.stop()
