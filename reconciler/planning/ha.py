@@ -22,6 +22,7 @@ and a start or stop before that only sets the state it is about to lose.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -56,28 +57,21 @@ class HaPower:
     ours: bool
 
 
-# The foreign HA resources of the last observed state planned, by sid: a plan asks for each
-# guest, and a scan per guest made a plan of 1000 guests quadratic.
-_FOREIGN: dict[int, tuple[ObservedState, dict[str, ObservedResource]]] = {}
-
-
-def _foreign_ha(observed: ObservedState, sid: str) -> ObservedResource | None:
-    held = _FOREIGN.get(id(observed))
-    if held is None or held[0] is not observed:
-        index = {
-            str(r.id.get("sid")): r for r in observed.resources if r.kind is Kind.HA and not r.owned
-        }
-        _FOREIGN.clear()
-        held = _FOREIGN[id(observed)] = (observed, index)
-    return held[1].get(sid)
+def foreign_index(observed: ObservedState) -> dict[str, ObservedResource]:
+    """The HA resources without our mark, by sid: built once per plan (`make_plan`'s start),
+    asked for each guest."""
+    return {str(r.id.get("sid")): r for r in observed.foreign() if r.kind is Kind.HA}
 
 
 def power_owner(
-    graph: DesiredGraph, observed: ObservedState, guest: Resource, desired: dict[str, Any]
+    graph: DesiredGraph,
+    foreign_ha: Mapping[str, ObservedResource],
+    guest: Resource,
+    desired: dict[str, Any],
 ) -> HaPower | None:
     """The HA resource that owns this guest's power state, or None (the controller's)."""
     sid = ha_sid(str(desired.get("type", "lxc")), int(desired["vmid"]))
-    foreign = _foreign_ha(observed, sid)
+    foreign = foreign_ha.get(sid)
     if foreign is not None and foreign.attributes.get("state") in POWER:
         return HaPower(sid, str(foreign.attributes["state"]), ours=False)
     wanted = graph.resources.get(ha_of(guest.address))
@@ -139,11 +133,11 @@ def leave_power_to_ha(
 
 
 def held_by_foreign(
-    res: Resource, sid: str, observed: ObservedState, platform: str
+    res: Resource, sid: str, foreign_ha: Mapping[str, ObservedResource], platform: str
 ) -> Diagnostic | None:
     """An HA resource to create for a guest that one without our mark manages already: left
     as it is (it is someone else's), with a warning naming the mark that hands it over."""
-    found = _foreign_ha(observed, sid)
+    found = foreign_ha.get(sid)
     if found is None:
         return None
     mark = MARK.format(platform=platform, address=res.address, sid=sid)

@@ -158,6 +158,7 @@ class _Planning:
     contested: frozenset[str] = frozenset()
     owned: dict[str, ObservedResource] = field(default_factory=dict)
     foreign_vmids: dict[int, ObservedResource] = field(default_factory=dict)
+    foreign_ha: dict[str, ObservedResource] = field(default_factory=dict)  # by sid
     owned_by_vmid: dict[int, ObservedResource] = field(default_factory=dict)
     observed_kinds: set[Kind] | None = None
     spec_dir: str | None = None  # where the specs were read from, for the hints' commands
@@ -249,6 +250,7 @@ def _start(
     p.foreign_vmids = {
         r.id["vmid"]: r for r in observed.foreign() if r.kind is Kind.GUEST and "vmid" in r.id
     }
+    p.foreign_ha = ha.foreign_index(observed)
     p.owned_by_vmid = {
         r.id["vmid"]: r
         for r in observed.resources
@@ -300,7 +302,7 @@ def _plan_resource(p: _Planning, res: Resource) -> Change | None:
         if wrong:
             p.diags.extend(wrong)
             return None
-        owner = ha.power_owner(p.graph, p.observed, res, desired)
+        owner = ha.power_owner(p.graph, p.foreign_ha, res, desired)
         if owner is not None:  # HA owns its power: no start or stop of ours (planning.ha)
             change, said = ha.leave_power_to_ha(change, owner, p.observed, res, p.graph.platform)
             p.diags.extend(said)
@@ -365,7 +367,7 @@ def _create(
     if res.kind is Kind.POOL:
         problem = problem or pools.held_by_foreign(res, p.observed.resources, p.graph.platform)
     elif res.kind is Kind.HA:
-        problem = problem or ha.held_by_foreign(res, ident["sid"], p.observed, p.graph.platform)
+        problem = problem or ha.held_by_foreign(res, ident["sid"], p.foreign_ha, p.graph.platform)
     if problem:
         p.diags.append(problem)
         return None
