@@ -163,7 +163,9 @@ def test_a_target_that_never_answers_does_not_slow_a_cycle(
         assert stuck.pending >= 1 and svc.service.notifier.inflight >= 1
         target = status["notifications"]["targets"]["ops"]
         assert (target["sent"], target["failed"]) == (0, 0)
-        assert status["last_cycle"]["seconds"] < 5
+        # A cycle that waited for the target would last its 60 s timeout; the bound is that,
+        # not a guess at how fast a busy machine runs a cycle.
+        assert status["last_cycle"]["seconds"] < 60
         assert json.dumps(status).count("rto=60") == 0  # the URL is never shown
 
     try:
