@@ -59,6 +59,7 @@ import anyio
 # bench/ is on the import path).
 from bench_proxmox import TEMPLATE, platform
 from bench_service import PASSWORD_ENV, leading_service
+from compiled import compile_package
 
 from reconciler.applying.observing import observe_all
 from reconciler.controller.status import CycleOutcome
@@ -309,6 +310,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     logging.disable(logging.INFO)  # the service logs every change of the converge
+    compile_package()  # the CLI starts as installed, not compiling its sources (bench/compiled.py)
     print(HEAD, flush=True)
     rows: list[Row] = []
     for n in args.sizes:

@@ -20,13 +20,16 @@ load.
 from __future__ import annotations
 
 import argparse
+import atexit
 import gc
 import importlib
 import json
+import os
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO, TypeAlias, cast
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO, TypeAlias, cast
 
 from reconciler.cli import render
 from reconciler.cli.backups import add_backup_commands
@@ -506,5 +509,26 @@ def main(argv: list[str] | None = None) -> int:
         gc.set_threshold(*before)
 
 
+def entry() -> NoReturn:
+    """The `reconciler` console script: `main`, then out without tearing the heap down.
+    Python frees every object one by one at exit: after a plan of 1000 guests that took ~0.1 s
+    once the plan was printed (issue 16). What the interpreter's exit does that matters is done
+    first, in its order: threads still at work are waited for (as Python waits for them), exit
+    handlers run (logging, temporary directories), output is flushed. Output that cannot be
+    flushed (a closed pipe) gets the interpreter's own exit and its message."""
+    code = main()
+    main_thread = threading.main_thread()
+    for thread in threading.enumerate():
+        if thread is not main_thread and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        sys.exit(code)
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -110,3 +110,71 @@ def test_demo_flags_are_added_when_the_demo_is_parsed() -> None:
     assert "reconciler.demo.script" in names
     args = parser().parse_args(["demo", "--offline", "--time-scale", "0.5", str(SPECS)])
     assert (args.offline, args.time_scale, args.dir) == (True, 0.5, str(SPECS))
+
+
+# --- the console script's exit -------------------------------------------------------------------
+
+ENTRY = "import sys; from reconciler.cli.main import entry; sys.argv[0] = 'reconciler'; entry()"
+
+
+def _entry(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", ENTRY, *argv],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_the_console_script_leaves_with_the_commands_code_and_all_its_output(tmp_path):
+    """`entry` skips the heap's teardown (os._exit) but not what the teardown would have done:
+    the plan printed whole, the exit code of `--detailed-exitcode`, the file `--out` wrote, and
+    an exit handler's output (logging's flush)."""
+    saved = tmp_path / "plan.json"
+    argv = ("plan", str(SPECS), "--observed", "sample", "--detailed-exitcode", "--color", "never")
+    done = _entry(*argv, "--out", str(saved))
+    assert done.returncode == 2, done.stderr  # changes: the offline plan of the example
+    inproc = subprocess.run(
+        [sys.executable, "-c", PROBE_PLAN, *argv],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+        check=True,
+    )
+    assert done.stdout == inproc.stdout
+    assert done.stdout.rstrip().splitlines()[-1].startswith("Plan:")
+    assert json.loads(saved.read_text())["summary"]
+    bad = _entry("validate", str(tmp_path / "nowhere"))
+    assert bad.returncode == 1 and "nowhere: 1 error" in bad.stdout
+
+
+def test_an_exit_handler_still_runs_and_its_output_arrives(tmp_path):
+    marker = tmp_path / "handler-ran"
+    code = (
+        "import atexit, sys, threading, time\n"
+        "from reconciler.cli import main as m\n"
+        f"atexit.register(lambda: open({str(marker)!r}, 'w').write('yes'))\n"
+        # A thread still at work when the command returns is waited for, as Python would.
+        f"late = lambda: (time.sleep(0.2), open({str(marker)!r} + '.t', 'w').write('t'))\n"
+        "threading.Thread(target=late).start()\n"
+        "sys.argv = ['reconciler', '--version']\n"
+        "m.entry()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("reconciler ")
+    assert marker.read_text() == "yes"
+    assert (tmp_path / "handler-ran.t").read_text() == "t"
+
+
+PROBE_PLAN = """
+import sys
+from reconciler.cli.main import main
+main(sys.argv[1:])
+sys.stdout.flush()
+"""
