@@ -47,7 +47,9 @@ registers a game server only while its agent says ready, and an agent nobody ask
 nothing. Guests of other layers have no agent to ask, so nothing to them is gated; with no
 `agent_layers` (an offline plan from a snapshot without health) only recorded health gates.
 Each withheld resource is a warning, and so is every running guest whose agent cannot be
-reached, naming the guest and the agent's error. An observer that failed (`observed.errors`)
+reached, naming the guest and the agent's error. A route or registration to a VM with
+`agent: true` and no static address goes to the address its agent reports, and is withheld
+the same way while none is known (planning.backends). An observer that failed (`observed.errors`)
 is a warning too: its kind is left out of the plan, and the rest of the platform is planned.
 
 `observed_checks` run on the observed state after the changes are made and add diagnostics
@@ -80,7 +82,7 @@ from reconciler.model.plans import (
 )
 from reconciler.model.resources import DesiredGraph, Kind, Resource, ha_sid, job_id, kind_of
 from reconciler.model.units import format_seconds, parse_mib
-from reconciler.planning import backups, clones, diffing, ha, normalize, placement, pools
+from reconciler.planning import backends, backups, clones, diffing, ha, normalize, placement, pools
 from reconciler.planning.provenance import (
     adopt_command,
     adopted_from_import,
@@ -155,6 +157,8 @@ class _Planning:
     changes: dict[str, Change] = field(default_factory=dict)
     unplaced: frozenset[str] = frozenset()
     withheld: Mapping[str, str] = field(default_factory=dict)
+    # Routes and registrations to a DHCP VM, at its agent's address (planning.backends).
+    backends: Mapping[str, dict[str, Any]] = field(default_factory=dict)
     contested: frozenset[str] = frozenset()
     owned: dict[str, ObservedResource] = field(default_factory=dict)
     foreign_vmids: dict[int, ObservedResource] = field(default_factory=dict)
@@ -243,6 +247,8 @@ def _start(
         )
     p.withheld, more = _readiness(graph, observed, agent_layers)
     p.diags.extend(more)
+    p.backends, p.withheld, more = _dhcp_backends(graph, observed, p.withheld)
+    p.diags.extend(more)
     p.diags.extend(_serving(graph, observed))
     p.contested, more = _contested(graph, observed)
     p.diags.extend(more)
@@ -280,6 +286,8 @@ def _plan_resource(p: _Planning, res: Resource) -> Change | None:
     if allocated is None:
         return None  # a guest without a vmid (its range is full): reported by allocate_vmids
     desired, ident = allocated
+    if res.address in p.backends:
+        desired = dict(p.backends[res.address])  # a DHCP VM's, at its agent's address
     if res.kind is Kind.FIREWALL_GUEST:
         home = _guest_home(p.graph, res, p.vmids, p.changes, p.observed_kinds)
         if home is None:
@@ -1120,6 +1128,25 @@ def _readiness(
     return withheld, diags
 
 
+def _dhcp_backends(
+    graph: DesiredGraph, observed: ObservedState, withheld: Mapping[str, str]
+) -> tuple[dict[str, dict[str, Any]], dict[str, str], list[Diagnostic]]:
+    """Routes and registrations to a VM without a static address, at the address its agent
+    reports (planning.backends); those whose address is not known join the withheld, each with
+    a warning like the readiness gate's."""
+    found = backends.resolve(graph, observed, skip=withheld)
+    diags = [
+        warning(
+            "withheld",
+            f"{address} is withheld: {why}",
+            position=graph.resources[address].position,
+            address=address,
+        )
+        for address, why in found.withheld.items()
+    ]
+    return found.attributes, {**withheld, **found.withheld}, diags
+
+
 def _deletes(
     graph: DesiredGraph,
     owned: dict[str, ObservedResource],
@@ -1157,11 +1184,15 @@ def _deletes(
         # A DNS record destroys no data, but resolvers cache its absence (the zone's negative
         # TTL), so a wrong delete (a spec file gone missing) outlasts its fix: it waits for
         # pruning like a firewall object, and is no destroy (max_deletes_per_run counts data).
+        # So does a PVE notification endpoint or matcher: deleted by mistake, the next vzdump
+        # failure or fencing reaches nobody, and nobody hears that it did not.
         if not prune and r.kind in (
             Kind.GUEST,
             Kind.BACKUP_JOB,
             Kind.POOL,
             Kind.DNS,
+            Kind.NOTIFICATION_ENDPOINT,
+            Kind.NOTIFICATION_MATCHER,
             *_NAMED_FIREWALL,
         ):
             if elsewhere is None:
@@ -1353,12 +1384,15 @@ def converged_state(graph: DesiredGraph, observed: ObservedState | None = None) 
     Used by `plan --base` (the base revision taken as applied) and by the property tests."""
     observed = observed or ObservedState()
     vmids, _ = allocate_vmids(graph, observed)
+    # A DHCP VM's route or registration is there only at an address its agent reported.
+    found = backends.resolve(graph, observed)
     resources = []
     for res in graph.ordered():
-        allocated = _with_vmid(res, vmids)
+        allocated = None if res.address in found.withheld else _with_vmid(res, vmids)
         if allocated is None:
             continue
         attrs, ident = allocated
+        attrs = dict(found.attributes.get(res.address, attrs))
         resources.append(
             ObservedResource(
                 address=res.address,

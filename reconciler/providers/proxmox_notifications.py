@@ -21,7 +21,9 @@ Apply: create (the secrets read from their references now), update (`delete=` fo
 spec dropped, the digest of the read it follows) and delete, each update or delete only after
 reading the entity again and finding our mark on it. A create whose name PVE already holds
 fails, naming it, unless what holds it is ours (a create that had happened). An endpoint's type
-cannot change in place: that is an error saying what to do.
+cannot change in place: that is an error saying what to do. A delete is planned only with
+pruning (`platform.prune` or `--allow-destroy`; the planner's `_deletes`): one made by mistake
+leaves PVE's own failures unheard.
 
 Errors are those of `proxmox.classify`; this module adds `OwnershipError` (no mark).
 """

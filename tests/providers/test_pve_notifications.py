@@ -19,7 +19,7 @@ from reconciler.loading.graph import build_graph
 from reconciler.loading.loader import load_texts
 from reconciler.model.plans import Action
 from reconciler.model.resources import DesiredGraph
-from reconciler.planning.planner import make_plan
+from reconciler.planning.planner import NEEDS_PRUNE, make_plan
 from reconciler.providers.proxmox import ProxmoxProvider
 from reconciler.providers.proxmox_notifications import NotificationProvider, endpoint_secrets
 from tests.fakepve_fixtures import mutating_calls, request_bodies
@@ -169,7 +169,15 @@ def test_what_left_the_spec_is_deleted_and_a_foreign_name_is_never_taken(
     start = smaller.index("      ops-hook:")
     smaller = smaller[:start] + smaller[smaller.index("      ops-gotify:") :]
     graph2, _spec2, _ = load(smaller)
-    conv = run(graph2, providers)
+    # Without pruning the endpoint stays (the matcher still changes): a delete by mistake would
+    # leave PVE's own failures unheard.
+    plan = plan_now(graph2, providers)
+    held = {c.address: c.blocked for c in plan.changes if c.action is Action.DELETE}
+    assert held == {"notification/endpoint/ops-hook": NEEDS_PRUNE}
+    assert any(d.code == "orphan" and "ops-hook" in d.message for d in plan.diagnostics)
+    ok(run(graph2, providers))
+    assert "ops-hook" in {t["name"] for t in notifications(client).targets.get()}
+    conv = run(graph2, providers, allow_destroy=True)
     ok(conv)
     names = {t["name"] for t in notifications(client).targets.get()}
     assert "ops-hook" not in names and {"ops-mail", "ops-gotify", "mail-to-root"} <= names
