@@ -9,7 +9,8 @@ All calls go through the provider's retry policy and its concurrency limiter, so
 is read concurrently but bounded.
 
 Templates (`template: 1`) are not guests the spec can describe; they are listed in
-`Estate.skipped`, and so is a guest still being created or destroyed.
+`Estate.skipped`, and so is a guest still being created or destroyed. Their inventory items are
+kept (`Estate.templates`): a linked clone names its template by vmid, the spec by name.
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ class Estate:
     groups: tuple[NamedObject, ...]
     skipped: tuple[str, ...] = field(default=())  # what was seen but not read, and why
     backup_jobs: tuple[Mapping[str, Any], ...] = ()  # as `GET /cluster/backup` lists them
+    templates: tuple[Mapping[str, Any], ...] = ()  # template guests' `/cluster/resources` items
 
 
 async def read_estate(provider: ProxmoxProvider) -> Estate:
@@ -121,6 +123,7 @@ class _EstateReader:
     ipsets: list[NamedObject] = field(default_factory=list)
     groups: list[NamedObject] = field(default_factory=list)
     backup_jobs: list[Mapping[str, Any]] = field(default_factory=list)
+    templates: list[Mapping[str, Any]] = field(default_factory=list)
 
     @property
     def _firewall(self) -> Any:
@@ -136,6 +139,7 @@ class _EstateReader:
             what = f"{item.get('type')} {item.get('vmid')} ({item.get('name')})"
             if item.get("template"):
                 self.skipped.append(f"{what}: a template, not a guest")
+                self.templates.append(item)
             elif item.get("lock") in _TRANSIENT_LOCKS:
                 self.skipped.append(f"{what}: locked ({item.get('lock')}); import again later")
             else:
@@ -220,4 +224,5 @@ class _EstateReader:
             groups=tuple(sorted(self.groups, key=lambda a: a.name)),
             skipped=tuple(sorted(self.skipped)),
             backup_jobs=tuple(sorted(self.backup_jobs, key=lambda j: str(j["id"]))),
+            templates=tuple(sorted(self.templates, key=lambda t: int(t["vmid"]))),
         )

@@ -12,6 +12,14 @@ comment saying so): the spec validates, the file is checked for on its hosts and
 downloaded, and a plan warns (`template-missing`) only where a host lacks it.
 A file whose name the spec language refuses (one Proxmox would not store under that name) is a
 note instead.
+
+A VM made from a template guest is not a file: what `templates:` cannot hold, the guest's
+`clone:` says (`clone_of`), where Proxmox keeps a trace of it. A linked clone's disks are
+overlays on its template's base volumes and carry their name (`local-lvm:base-9000-disk-0/
+vm-500-disk-0`, `local:9000/base-9000-disk-0.qcow2/500/vm-500-disk-0.qcow2`): such a VM gets
+`clone: {from: <the template's name>, full: false}`. A full clone's disks are copies, and a
+container's config keeps no ostemplate: Proxmox records neither, so nothing is written for
+them (a container the platform owns keeps its mark's template, as above).
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from reconciler.importing.yamltext import Commented
-from reconciler.model.spec import TEMPLATE_EXTENSIONS, TemplateSpec
+from reconciler.model.spec import TEMPLATE_EXTENSIONS, CloneSpec, TemplateSpec
 from reconciler.planning.provenance import IMPORT_TEMPLATE
 
 TEMPLATES_HEADER = [
@@ -35,6 +43,9 @@ TEMPLATES_HEADER = [
 URL_NOTE = "unknown: set url and checksum to have it downloaded"
 _VOLID = re.compile(r"^(?P<storage>[^:\s]+):(?P<content>vztmpl|iso|import)/(?P<file>[^/\s]+)\Z")
 _DRIVE = re.compile(r"^(ide|sata|scsi)\d+\Z")
+_VM_DISK = re.compile(r"^(ide|sata|scsi|virtio)\d+\Z")
+# A linked clone's volume: its template's base volume, then its own (`base-9000-disk-0/...`).
+_LINKED = re.compile(r"(?:^|[:/])base-(?P<vmid>[1-9]\d*)-disk-\d+[^/]*/[^/]")
 # The import's own placeholder names a storage that does not exist: no file to declare.
 _PLACEHOLDER = IMPORT_TEMPLATE.partition(":")[0] + ":"
 
@@ -93,6 +104,38 @@ def render_templates(
             "url": Commented(None, URL_NOTE),
         }
     return out
+
+
+def linked_template(config: Mapping[str, Any]) -> int | None:
+    """The vmid of the template a VM is a linked clone of, read from its disks' volume names;
+    None for any other VM (a full clone's disks name nothing)."""
+    for key, value in sorted(config.items()):
+        if not _VM_DISK.match(key):
+            continue
+        volume, *options = str(value).split(",")
+        found = _LINKED.search(volume)
+        if found and "media=cdrom" not in options:
+            return int(found["vmid"])
+    return None
+
+
+def clone_of(
+    kind: str, config: Mapping[str, Any], templates: Iterable[Mapping[str, Any]]
+) -> dict[str, Any] | None:
+    """A VM's `clone:` when it is a linked clone: `from` its template's name when no other
+    template has it (else its vmid), `full: false`. None for a container or any other VM."""
+    vmid = linked_template(config) if kind == "qemu" else None
+    if vmid is None:
+        return None
+    names = [str(t.get("name") or "") for t in templates]
+    name = next((str(t.get("name") or "") for t in templates if int(t["vmid"]) == vmid), "")
+    unique = bool(name) and names.count(name) == 1 and not name.isdigit()
+    if unique:
+        try:
+            CloneSpec.model_validate({"from": name})  # a name the spec takes
+        except ValidationError:
+            unique = False
+    return {"from": name if unique else vmid, "full": False}
 
 
 def _name(filename: str, content: str, taken: set[str]) -> str:

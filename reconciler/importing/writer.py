@@ -34,7 +34,9 @@ What is written (`render_specs`):
 - `templates:` at the end of `platform.yaml`, next to the hosts, when the guests use templates
   it can name (rendered by `template_writer`): a marked container's template and a VM's CD-ROM
   ISOs, each with `url: null` (Proxmox keeps no record of where a file came from), on the hosts
-  using it.
+  using it. A VM that is a linked clone of a template guest gets `clone: {from: <template>,
+  full: false}` (`template_writer.clone_of`: its disks name the template's base volume); a full
+  clone's disks name nothing, so nothing is written for it.
 - `edge.yaml` (when the edge was read: `edge.read_edge`, the CLI's `--dir` velocity and
   Traefik instances or `--velocity-url` / `--traefik-api`): `velocity:` (its guest, the bridge's
   port and secret reference, one server per registration on an imported guest) and
@@ -79,7 +81,7 @@ from reconciler.importing.backup_writer import BACKUPS_HEADER, job_drift, render
 from reconciler.importing.edge import EdgeEstate
 from reconciler.importing.edge_writer import EDGE_HEADER, ImportedGuest, render_edge
 from reconciler.importing.estate import Estate, GuestRecord, NamedObject
-from reconciler.importing.template_writer import TEMPLATES_HEADER, render_templates
+from reconciler.importing.template_writer import TEMPLATES_HEADER, clone_of, render_templates
 from reconciler.importing.yamltext import Commented, dump, scalar
 from reconciler.loading.checks import forges_mark
 from reconciler.loading.graph import build_graph
@@ -124,6 +126,7 @@ GUEST_ORDER = (
     "hostname",
     "kind",
     "template",
+    "clone",
     "cores",
     "memory",
     "swap",
@@ -142,7 +145,7 @@ GUEST_ORDER = (
 # The settings a role profile may carry: every key a guest writes but its identity and what
 # stays with each guest (tags go to a profile on their own terms: those all its guests share).
 _IDENTITY = {"role", "vmid", "host", "profile", "hostname"}
-_PER_GUEST = {"volumes", "tags", "state", "network", "description"}
+_PER_GUEST = {"clone", "volumes", "tags", "state", "network", "description"}
 PROFILE_CANDIDATES = tuple(name for name in GUEST_ORDER if name not in _IDENTITY | _PER_GUEST)
 MAP_FIELDS = ("disk", "features", "firewall")
 _LXC_ONLY = ("template", "swap", "features", "unprivileged")
@@ -369,6 +372,7 @@ class _Guest:
     description: str
     volumes: dict[str, Any] = field(default_factory=dict)
     description_cut: bool = False  # mark-like lines were left out of the description
+    clone: dict[str, Any] | None = None  # a linked clone's template (template_writer.clone_of)
 
 
 def _settings(
@@ -742,8 +746,9 @@ def _place_guests(estate: Estate, base: Base, frame: _Frame, notes: list[str]) -
         settings, tags, network, description = _settings(g, base, notes, who)
         description, cut = spec_description(description, notes, who)
         volumes = _volumes(g, notes, who, _vm_boot_volume(settings))
+        clone = clone_of(g.kind, g.config, estate.templates)
         guests.append(
-            _Guest(name, g, role, host, settings, tags, network, description, volumes, cut)
+            _Guest(name, g, role, host, settings, tags, network, description, volumes, cut, clone)
         )
     return guests
 
@@ -803,6 +808,8 @@ def _role_file(
             entry["profile"] = role
         over = _overrides(guest.settings, effective, guest.record.kind)
         entry.update(_write_settings(over, base))
+        if guest.clone is not None:
+            entry["clone"] = guest.clone
         extra_tags = [t for t in guest.tags if t not in profile_tags]
         if extra_tags:
             entry["tags"] = extra_tags
