@@ -392,6 +392,8 @@ def _route_resources(spec: PlatformSpec, source: Source) -> Iterator[Resource]:
     for iname, inst in sorted(spec.traefik.items()):
         for rname, route in sorted(inst.routes.items()):
             target = _guest_endpoint(spec, route.target.guest)
+            if ":" in target:  # an IPv6 address: bracketed before a port (RFC 3986)
+                target = f"[{target}]"
             attrs: dict[str, Any] = {
                 "instance": iname,
                 "feed": inst.feed.type,

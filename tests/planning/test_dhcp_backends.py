@@ -216,10 +216,15 @@ def test_a_hand_set_route_at_the_host_name_is_moved_to_the_agents_address() -> N
     [
         # A static address in the spec is the address: the agent's is not looked at.
         (("- {bridge: vmbr0}", "- {bridge: vmbr0, ip: 10.0.20.5/24}"), "http://10.0.20.5:8080"),
+        # A static IPv6 address is bracketed before its port, as the agent's is.
+        (
+            ("- {bridge: vmbr0}", '- {bridge: vmbr0, ip: "2001:db8::9/64"}'),
+            "http://[2001:db8::9]:8080",
+        ),
         # Without the agent nothing reports its address: the host name, as before.
         (("    agent: true\n", ""), "http://web-vm:8080"),
     ],
-    ids=["static", "no-agent"],
+    ids=["static", "static-ipv6", "no-agent"],
 )
 def test_other_guests_keep_the_graphs_backend(edit: tuple[str, str], server: str) -> None:
     graph = graph_of(edit)
