@@ -89,12 +89,30 @@ part of the digest: a saved plan must not go stale because a node's memory figur
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
+from collections.abc import Iterable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from reconciler.model.resources import Kind
+
+IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def agent_ip(addresses: Iterable[object]) -> IpAddress | None:
+    """The address a VM is reached at among its observed `addresses` (`10.0.20.77/24`, as its
+    QEMU guest agent reports them): the first IPv4, else the first IPv6; None when there is
+    none. The edge's backends (planning.backends) and the agents' health checks both use it."""
+    found: list[IpAddress] = []
+    for text in addresses:
+        try:
+            found.append(ipaddress.ip_interface(str(text)).ip)
+        except ValueError:
+            continue
+    return next((ip for ip in found if ip.version == 4), found[0] if found else None)
+
 
 FORMAT = "reconciler/observed-state"
 FORMAT_VERSION = 2

@@ -20,15 +20,12 @@ The target is the last of the resource's `depends_on`, as `loading.graph` builds
 
 from __future__ import annotations
 
-import ipaddress
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from reconciler.model.observed import ObservedResource, ObservedState
+from reconciler.model.observed import IpAddress, ObservedResource, ObservedState, agent_ip
 from reconciler.model.resources import DesiredGraph, Kind, Resource
-
-IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 # The attribute each kind names its backend in.
 _BACKEND_FIELD = {Kind.ROUTE: "server", Kind.VELOCITY: "address"}
@@ -41,18 +38,6 @@ class Backends:
 
     attributes: dict[str, dict[str, Any]] = field(default_factory=dict)
     withheld: dict[str, str] = field(default_factory=dict)
-
-
-def agent_ip(addresses: Iterable[object]) -> IpAddress | None:
-    """The backend address among a VM's observed `addresses` (`10.0.20.77/24`): the first IPv4,
-    else the first IPv6; None when there is none."""
-    found: list[IpAddress] = []
-    for text in addresses:
-        try:
-            found.append(ipaddress.ip_interface(str(text)).ip)
-        except ValueError:
-            continue
-    return next((ip for ip in found if ip.version == 4), found[0] if found else None)
 
 
 def split_server(kind: Kind, value: str) -> tuple[str, str, str]:

@@ -51,7 +51,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from reconciler.model.errors import PermanentError
-from reconciler.model.observed import GuestHealth, ObservedResource
+from reconciler.model.observed import GuestHealth, ObservedResource, agent_ip
 from reconciler.model.plans import Change
 from reconciler.model.resources import Kind
 from reconciler.providers import Observation
@@ -347,10 +347,11 @@ async def read_cached(redis: Redis, vmid: int, address: str = "") -> AgentHealth
 
 
 def _observed_ip(guest: ObservedResource) -> str:
-    """A VM's first address as its QEMU guest agent reports it (`addresses`, observed by the
-    Proxmox provider), for a guest without a static IP; "" when none is known."""
-    addresses = guest.attributes.get("addresses") or ()
-    return str(addresses[0]).split("/", 1)[0] if addresses else ""
+    """A VM's address as its QEMU guest agent reports it (`addresses`, observed by the Proxmox
+    provider; `agent_ip` picks the one the edge uses too), for a guest without a static IP;
+    "" when none is known."""
+    ip = agent_ip(guest.attributes.get("addresses") or ())
+    return "" if ip is None else str(ip)
 
 
 @dataclass
