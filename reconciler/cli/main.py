@@ -513,14 +513,15 @@ def entry() -> NoReturn:
     """The `reconciler` console script: `main`, then out without tearing the heap down.
     Python frees every object one by one at exit: after a plan of 1000 guests that took ~0.1 s
     once the plan was printed (issue 16). What the interpreter's exit does that matters is done
-    first, in its order: threads still at work are waited for (as Python waits for them), exit
-    handlers run (logging, temporary directories), output is flushed. Output that cannot be
-    flushed (a closed pipe) gets the interpreter's own exit and its message."""
+    first, in its order: `threading._shutdown` (threading's own exit hooks, which stop idle
+    executor workers such as Apprise's, then every non-daemon thread joined), the exit handlers
+    (logging, temporary directories), output flushed. Without that hook (another Python), or
+    with output that cannot be flushed (a closed pipe), the interpreter's own exit runs."""
     code = main()
-    main_thread = threading.main_thread()
-    for thread in threading.enumerate():
-        if thread is not main_thread and not thread.daemon:
-            thread.join()
+    shutdown = getattr(threading, "_shutdown", None)
+    if shutdown is None:
+        sys.exit(code)
+    shutdown()
     atexit._run_exitfuncs()
     try:
         sys.stdout.flush()

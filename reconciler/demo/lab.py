@@ -9,15 +9,23 @@
     Traefik          the real binary, one per instance of the spec: a file feed through its
                      file provider (a file in the state dir), a Redis feed through a real Redis
                      when `redis-server` is installed, else through the file provider too
+    named            a real BIND serving the spec's DNS zones, when `named` is installed (else
+                     the demo leaves DNS out and says so): the spec's TSIG key, its secret made
+                     here and put in the variable the spec reads it from
+    notifications    an HTTP endpoint taking Apprise's `json://` posts: each notification
+                     target of the spec is pointed here (`Lab.aimed`), its secret reference kept
+                     (the lab sets the variable; the receiver checks the password it brings)
 
 Everything lives under a state directory: `logs/` (the Traefik logs, fakepve's output, the
-demo's JSON-lines event log) and what the demo writes there (plans, the final snapshot).
+demo's JSON-lines event log), `named/` (its configuration, zones and log) and what the demo
+writes there (plans, the final snapshot).
 `Lab.stop` stops everything started, in reverse order, and puts back the environment variables
 it set; `pids` names every process started, so a test can check that none is left.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import datetime
 import json
@@ -25,16 +33,25 @@ import os
 import secrets
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, TextIO
 
 from reconciler.applying.connecting import Endpoints, agent_health_provider
-from reconciler.model.spec import FileFeed, PlatformSpec, ProxmoxApi, SecretRef
+from reconciler.model.spec import (
+    FileFeed,
+    PlatformSpec,
+    ProxmoxApi,
+    SecretRef,
+    url_references,
+)
 from reconciler.simulators.agent import AgentFleet, SimulatedAgent
 from reconciler.simulators.fakepve_process import FakePveProcess
+from reconciler.simulators.named import NamedMissing, NamedServer, start_named
 from reconciler.simulators.processes import (
     RedisProcess,
     TraefikProcess,
@@ -51,6 +68,8 @@ CLOUD_TEMPLATE_VMID = 200
 CLOUD_TEMPLATE_NAME = "debian-12-cloudinit"
 PVE_PASSWORD_ENV = "RECONCILER_DEMO_PVE_PASSWORD"
 _DEFAULT_BRIDGE_SECRET_ENV = "ZPACK_BRIDGE_SECRET"
+NAMED_MISSING = "named not installed: DNS records skipped (apt-get install bind9)"
+DNS_OFF = "DNS records skipped (--no-dns)"
 
 
 class EventLog:
@@ -107,6 +126,75 @@ class Part:
     what: str
 
 
+@dataclass(frozen=True)
+class Received:
+    """One notification as the receiver got it: the path (the target's name), whether it
+    brought the password the lab set, and Apprise's JSON (title, message, type)."""
+
+    path: str
+    authorized: bool
+    body: dict[str, Any]
+
+    @property
+    def title(self) -> str:
+        return str(self.body.get("title", ""))
+
+    @property
+    def type(self) -> str:
+        return str(self.body.get("type", ""))
+
+
+class NotificationReceiver:
+    """Takes Apprise's `json://` posts on loopback (a thread of its own), as a team's ntfy or
+    webhook endpoint would; answers 200. `passwords`: path -> the password a post there must
+    bring (HTTP basic auth), for the targets whose URL holds a secret reference."""
+
+    def __init__(self) -> None:
+        self.got: list[Received] = []
+        self.passwords: dict[str, str] = {}
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                try:
+                    body = json.loads(self.rfile.read(length) or b"{}")
+                except ValueError:
+                    body = {}
+                ok = receiver.authorized(self.path, self.headers.get("Authorization"))
+                receiver.got.append(Received(self.path, ok, body))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = int(self.server.server_address[1])
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def authorized(self, path: str, authorization: str | None) -> bool:
+        """Whether a post to `path` brought the password the lab set for it (if any)."""
+        wanted = self.passwords.get(path)
+        if wanted is None:
+            return True
+        auth = authorization or ""
+        try:
+            sent = base64.b64decode(auth.removeprefix("Basic ")).decode()
+        except ValueError:
+            return False
+        return auth.startswith("Basic ") and sent.partition(":")[2] == wanted
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
 @dataclass
 class Lab:
     spec: PlatformSpec
@@ -119,6 +207,10 @@ class Lab:
     traefiks: dict[str, TraefikProcess]  # by instance
     redis: RedisProcess | None
     endpoints: Endpoints
+    named: NamedServer | None = None  # None: DNS left out (`dns_skipped` says why)
+    dns_skipped: str = ""
+    receiver: NotificationReceiver | None = None
+    target_urls: dict[str, str] = field(default_factory=dict)  # target -> its URL in the lab
     parts: list[Part] = field(default_factory=list)
     pids: dict[str, int] = field(default_factory=dict)  # every process started: name -> pid
     _stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
@@ -130,6 +222,24 @@ class Lab:
     def pve(self) -> Any:
         """A proxmoxer client on fakepve, for breaking things by hand."""
         return self.fake.client()
+
+    def scoped(self, spec: PlatformSpec) -> PlatformSpec:
+        """`spec` as this lab can serve it: without its `dns` section when no named runs (the
+        spec's own server is not here: the DNS provider would wait on it)."""
+        if self.named is None and spec.dns is not None:
+            return spec.model_copy(update={"dns": None})
+        return spec
+
+    def aimed(self, spec: PlatformSpec) -> PlatformSpec:
+        """`spec` with each notification target's URL pointed at the lab's receiver (its
+        events, severity and limits as the spec says)."""
+        targets = {
+            name: target.model_copy(update={"url": self.target_urls[name]})
+            for name, target in spec.notifications.targets.items()
+            if name in self.target_urls
+        }
+        notifications = spec.notifications.model_copy(update={"targets": targets})
+        return spec.model_copy(update={"notifications": notifications})
 
     def stop(self) -> None:
         self._stack.close()
@@ -170,7 +280,7 @@ def clear_state(state_dir: Path) -> None:
     feed file would hand the new Traefik the old routes, and the platform would not start
     empty."""
     for path in state_dir.iterdir():
-        if path.name in ("logs", "plans") or path.name.startswith("traefik-"):
+        if path.name in ("logs", "plans", "named") or path.name.startswith("traefik-"):
             shutil.rmtree(path, ignore_errors=True)
         elif path.name == "observed.json":
             path.unlink()
@@ -189,9 +299,11 @@ def start_lab(
     *,
     time_scale: float = 0.0,
     use_redis: bool | None = None,
+    use_named: bool = True,
 ) -> Lab:
     """Start every part; on a failure, stop what was started and raise. `use_redis` None means
-    "when redis-server is installed"."""
+    "when redis-server is installed"; `use_named` False leaves DNS out even where named is
+    installed."""
     state_dir.mkdir(parents=True, exist_ok=True)
     clear_state(state_dir)
     logs = state_dir / "logs"
@@ -207,6 +319,8 @@ def start_lab(
         if use_redis is None:
             use_redis = redis_exe() is not None
         traefiks, redis, files = _start_traefiks(run, spec, use_redis)
+        named, dns_skipped = _start_named(run, spec) if use_named else (None, DNS_OFF)
+        receiver, target_urls = _start_receiver(run, spec)
         endpoints = Endpoints(
             proxmox=ProxmoxApi(
                 url=fake.url,
@@ -219,6 +333,7 @@ def start_lab(
             traefik_files=files,
             traefik_apis={name: t.api_url for name, t in traefiks.items()},
             redis_url=redis.url if redis is not None else None,
+            dns_servers={z: named.server for z in named.zones} if named is not None else {},
         )
     except BaseException:
         stack.close()
@@ -234,6 +349,10 @@ def start_lab(
         traefiks=traefiks,
         redis=redis,
         endpoints=endpoints,
+        named=named,
+        dns_skipped=dns_skipped if spec.dns is not None else "",
+        receiver=receiver,
+        target_urls=target_urls,
         parts=run.parts,
         pids=run.pids,
         _stack=stack,
@@ -396,6 +515,88 @@ def _start_traefiks(
             feed=feed,
         )
     return traefiks, redis, files
+
+
+def _start_named(run: _Starting, spec: PlatformSpec) -> tuple[NamedServer | None, str]:
+    """A real named serving the spec's zones under the spec's TSIG keys, each key's secret in
+    the variable the spec reads it from; (None, why) when there is no `dns`, no named, a
+    secret read from a file (the lab sets variables only), or named does not start."""
+    if spec.dns is None or not spec.dns.zones:
+        return None, ""
+    zones = spec.dns.zones
+    keys = {z.provider.tsig.name: z.provider.tsig.algorithm for z in zones.values()}
+    files = sorted(name for name, z in zones.items() if z.provider.tsig.secret.env is None)
+    if files:
+        return None, (
+            f"DNS records skipped: zone {files[0]}'s TSIG secret is read from a file, and the "
+            "demo sets environment variables only"
+        )
+    workdir = run.state_dir / "named"
+    try:
+        named = start_named(workdir, sorted(zones), seed=(), keys=keys)
+    except NamedMissing:
+        return None, NAMED_MISSING
+    except (RuntimeError, OSError) as exc:
+        first = str(exc).splitlines()[0]
+        return None, f"{first}: DNS records skipped (its log: {workdir})"
+    run.stack.callback(named.stop)
+    run.pids["named"] = named.proc.pid
+    for zone in zones.values():
+        key = zone.provider.tsig
+        assert key.secret.env is not None
+        _set_env(run.stack, key.secret.env, named.secrets[key.name])
+    variables = sorted({z.provider.tsig.secret.env or "" for z in zones.values()})
+    run.started(
+        Part(
+            "named",
+            named.server,
+            f"real BIND, zones {', '.join(sorted(zones))}; key {', '.join(sorted(keys))}, "
+            f"secret in ${', $'.join(variables)}",
+        ),
+        "named",
+        server=named.server,
+        zones=sorted(zones),
+    )
+    return named, ""
+
+
+def _start_receiver(
+    run: _Starting, spec: PlatformSpec
+) -> tuple[NotificationReceiver | None, dict[str, str]]:
+    """The receiver of the spec's notification targets (none without targets), and each
+    target's URL in the lab: `json://` to the receiver at /<target>. A target whose URL holds
+    a secret reference keeps it, as the password (the lab sets the variable to a fresh value,
+    which the receiver wants to see)."""
+    targets = spec.notifications.targets
+    if not targets:
+        return None, {}
+    receiver = NotificationReceiver()
+    run.stack.callback(receiver.stop)
+    urls: dict[str, str] = {}
+    tokens: dict[str, str] = {}  # variable -> the value the lab set (targets may share one)
+    for name in sorted(targets):
+        env = next((r.env for r in url_references(targets[name].url) if r.env), None)
+        where = f"127.0.0.1:{receiver.port}/{name}"
+        if env is None:
+            urls[name] = f"json://{where}"
+            continue
+        if env not in tokens:
+            tokens[env] = secrets.token_hex(16)
+            _set_env(run.stack, env, tokens[env])
+        receiver.passwords[f"/{name}"] = tokens[env]
+        urls[name] = f"json://{name}:{{env:{env}}}@{where}"
+    schemes = ", ".join(f"{n} ({targets[n].url.split('://')[0]}://...)" for n in sorted(targets))
+    run.started(
+        Part(
+            "notifications",
+            receiver.url,
+            f"a JSON receiver (Apprise json://) for the spec's targets {schemes}",
+        ),
+        "notifications",
+        url=receiver.url,
+        targets=sorted(targets),
+    )
+    return receiver, urls
 
 
 @contextlib.contextmanager

@@ -4,21 +4,26 @@
     1. the platform is empty: plan, apply with progress, again until the plan is empty (what
        the spec gates on the agents' readiness follows once the new guests' agents answer);
        each VM cloned from a template is read back from Proxmox and said in one line (its
-       template, its cloud-init settings, its grown disk, its pool, its guest agent's answer);
+       template, its cloud-init settings, its grown disk, its pool, its guest agent's answer),
+       and the DNS records are asked of the lab's named;
     2. break it the way production breaks: Velocity restarts and forgets its servers, a game
        server's memory is changed by hand, the agent-port firewall rule is deleted, a container
-       nobody declared appears in the game range, a game server's agent goes unready, and
-       another game server is destroyed by hand (after the backup jobs ran once);
+       nobody declared appears in the game range, a game server's agent goes unready, another
+       game server is destroyed by hand (after the backup jobs ran once), and a DNS record is
+       changed by hand (where named runs);
     3. one cycle detects and heals each (the plan is shown first; the foreign container is
        reported, never touched; the destroyed server comes back from its newest backup), the
        agent comes back, the next cycle restores what was withheld, and the last plan is empty;
     4. a pull request moves a game server to another node: the plan says migrate (`>`), the
        apply moves it, and its disks (the world) are the very same volumes after;
+    then the notifications the controller's notifier sent (fed after each cycle as the service
+    feeds it, delivered by Apprise to the lab's receiver) are listed with the summary;
     5. stop the lab and say where its state and logs are.
 
 Breaking goes through the same doors people and outages use: the Proxmox API (proxmoxer against
-fakepve), the bridge simulator's restart, the agent's own status. `--offline` keeps the old demo:
-validate the specs and plan them against the shipped sample snapshot, with nothing started.
+fakepve), the bridge simulator's restart, the agent's own status, a signed DNS update.
+`--offline` keeps the old demo: validate the specs and plan them against the shipped sample
+snapshot, with nothing started.
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import anyio
+import dns.rdata
+import dns.rdataclass
 from proxmoxer.core import ResourceException
 
 from reconciler import __version__
@@ -46,17 +53,21 @@ from reconciler.applying.connecting import connect_platform
 from reconciler.applying.converging import Convergence, converge
 from reconciler.applying.executor import Outcome, Result
 from reconciler.cli import render
-from reconciler.demo.lab import TEMPLATE, Lab, start_lab
+from reconciler.controller.metrics import Metrics
+from reconciler.controller.notify import Notifier
+from reconciler.controller.status import CycleKind, CycleOutcome, StatusBoard
+from reconciler.demo.lab import TEMPLATE, Lab, Received, start_lab
 from reconciler.loading.graph import build_graph
 from reconciler.loading.loader import load_directory
 from reconciler.model.diagnostics import Severity
 from reconciler.model.errors import ReconcilerError
 from reconciler.model.observed import ObservedState
 from reconciler.model.plans import Action, Cause, Change, Plan
-from reconciler.model.resources import DesiredGraph, Kind
+from reconciler.model.resources import DesiredGraph, Kind, Resource
 from reconciler.model.spec import PlatformSpec, selected_guests
 from reconciler.planning.observed_policies import live_isolation
 from reconciler.planning.planner import make_plan
+from reconciler.providers.dns import mark_name, value_of
 from reconciler.simulators.processes import PartMissing
 
 EXIT_OK, EXIT_ERROR = 0, 1
@@ -72,6 +83,8 @@ _BOLD, _DIM, _GREEN, _YELLOW, _RED, _CYAN = (
 _RESET = "\033[0m"
 FOREIGN_NAME = "hand-made"
 MOVED = "mc-survival"
+# Where the DNS break points a record by hand: documentation addresses (RFC 5737, RFC 3849).
+WRONG_ADDRESS = {"A": "198.51.100.7", "AAAA": "2001:db8::bad"}
 
 
 # --- the command ------------------------------------------------------------------------------
@@ -99,6 +112,11 @@ def add_demo_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="feed the runtime Traefik through a file even when redis-server is installed",
     )
+    p.add_argument(
+        "--no-dns",
+        action="store_true",
+        help="leave the spec's DNS records out even when BIND's named is installed",
+    )
 
 
 def cmd_demo_live(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
@@ -117,6 +135,7 @@ def cmd_demo_live(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             state_dir=state_dir,
             time_scale=float(getattr(args, "time_scale", 0.0) or 0.0),
             use_redis=False if getattr(args, "no_redis", False) else None,
+            use_named=not getattr(args, "no_dns", False),
         )
     except PartMissing as exc:
         err.write(f"error: the demo needs a part that is not installed: {exc}\n")
@@ -164,7 +183,7 @@ def run_offline(directory: str, out: TextIO, err: TextIO, *, color: bool) -> int
 class Break:
     """One thing broken on purpose, and what became of it."""
 
-    key: str  # velocity, memory, firewall, foreign, unready
+    key: str  # velocity, memory, firewall, foreign, unready, destroyed, dns
     what: str  # for people, with how it was done
     short: str  # for the summary table
     expect: tuple[str, ...]  # the addresses (or `foreign:<vmid>`) the plan should show
@@ -236,6 +255,10 @@ class DemoResult:
     foreign_untouched: bool = False
     vms: list[BuiltVm] = field(default_factory=list)  # the VMs cloned in step 1
     moved: str = ""  # the move's outcome, for people ("" when the demo had no second node)
+    dns_records: int = 0  # the record sets the spec wants, when the lab runs named
+    dns_answered: int = 0  # ... that named answered as the spec says, with their mark
+    notifications: list[dict[str, Any]] = field(default_factory=list)  # the notifier's records
+    received: list[Received] = field(default_factory=list)  # what the lab's receiver got
     pids: dict[str, int] = field(default_factory=dict)  # every process the lab started
     seconds: float = 0.0
     error: str = ""
@@ -249,6 +272,8 @@ class DemoResult:
             and not self.final_plan.errored
             and all(s.ok for s in self.steps)
             and all(b.ok for b in self.breaks)
+            and all(d == "sent" for n in self.notifications for d in n.get("targets", {}).values())
+            and all(r.authorized for r in self.received)
         )
 
 
@@ -284,20 +309,25 @@ class Screen:
         creates and deletes one line each (a create holds nothing the spec does not say), and by
         kind when there are many; warnings that something is withheld folded into one list."""
         self.line(f"   Observed: {plan.observed_source} at {plan.observed_at}")
-        if len(plan.actions) > 25:
+        detailed = (Action.UPDATE, Action.MIGRATE, Action.REPLACE)
+        many = len(plan.actions) > 25
+        if many:  # creates and deletes by kind; what changes in place still field by field
             groups: dict[tuple[Action, Kind], list[str]] = {}
             for change in plan.actions:
-                name = change.address.removeprefix(change.kind.value + "/")
-                groups.setdefault((change.action, change.kind), []).append(name)
+                if change.action not in detailed:
+                    name = change.address.removeprefix(change.kind.value + "/")
+                    groups.setdefault((change.action, change.kind), []).append(name)
             for (action, kind), names in groups.items():
                 head = f"{action.symbol} {len(names):>2} {kind.value}".ljust(22)
                 names = [n for n in names if n != kind.value]  # firewall/cluster is one
+                if kind is Kind.DNS:  # names under a few zones: say how many in each
+                    names = _by_zone(names, plan, action)
                 self.wrapped(self.paint(_action_color(action), head), names, 22)
-        for change in plan.actions if len(plan.actions) <= 25 else ():
-            if change.action in (Action.UPDATE, Action.MIGRATE, Action.REPLACE):
+        for change in plan.actions:
+            if change.action in detailed:
                 for line in render.render_change(change, color=self.color):
                     self.line("     " + line)
-            else:
+            elif not many:
                 head = _head(change)
                 if change.cause is Cause.RESTORE:  # not empty: say which backup
                     head += f"  ({change.reason})"
@@ -339,6 +369,11 @@ class Screen:
         return ProgressLines(self, plan, clock)
 
 
+def _severity_color(severity: str) -> str:
+    """A notification's severity as a color."""
+    return {"error": _RED, "warning": _YELLOW}.get(severity, "")
+
+
 def _action_color(action: Action) -> str:
     return {
         Action.CREATE: _GREEN,
@@ -347,6 +382,18 @@ def _action_color(action: Action) -> str:
         Action.REPLACE: _YELLOW,
         Action.DELETE: _RED,
     }.get(action, "")
+
+
+def _by_zone(names: list[str], plan: Plan, action: Action) -> list[str]:
+    """`22 in internal.zpack.dev`, ...: the DNS record sets of `action` in `plan`, counted by
+    zone (a list of 30 names says less than where they go)."""
+    zones: Counter[str] = Counter()
+    for c in plan.actions:
+        if c.kind is Kind.DNS and c.action is action:
+            zones[str((c.after or c.before or {}).get("zone", "?"))] += 1
+    if sum(zones.values()) != len(names):
+        return names
+    return [f"{n} in {zone}" for zone, n in sorted(zones.items())]
 
 
 def _head(change: Change) -> str:
@@ -413,8 +460,10 @@ def run_demo(
     state_dir: Path,
     time_scale: float = 0.0,
     use_redis: bool | None = None,
+    use_named: bool = True,
 ) -> DemoResult:
-    """Run the whole demo, printing as it goes; the lab is stopped whatever happens."""
+    """Run the whole demo, printing as it goes; the lab is stopped whatever happens.
+    `use_named` False leaves DNS out even where named is installed."""
     screen = Screen(out, color)
     began = time.monotonic()
     result = DemoResult(state_dir=state_dir)
@@ -431,17 +480,25 @@ def run_demo(
     )
     screen.say(
         "Everything runs on this machine, on 127.0.0.1: a fake Proxmox VE, simulated agents and "
-        "Velocity, and real Traefik. Nothing outside is touched."
+        "Velocity, real Traefik, a real BIND for the DNS records (where installed), and a "
+        "receiver for the notifications. Nothing outside is touched."
     )
     screen.line()
     screen.line(f"   Starting the lab (state and logs: {state_dir})")
-    lab = start_lab(spec, state_dir, time_scale=time_scale, use_redis=use_redis)
+    lab = start_lab(
+        spec, state_dir, time_scale=time_scale, use_redis=use_redis, use_named=use_named
+    )
     result.pids = dict(lab.pids)
     try:
         width = max(len(p.name) for p in lab.parts)
         for part in lab.parts:
             screen.line(f"     {part.name.ljust(width)}  {part.where}")
             screen.line(f"     {' ' * width}  {screen.paint(_DIM, part.what)}")
+        if lab.dns_skipped:  # the spec's own DNS server is not here: its records are left out
+            screen.line("   " + screen.paint(_YELLOW, lab.dns_skipped))
+            lab.events.write("dns-skipped", why=lab.dns_skipped)
+            spec = lab.scoped(spec)
+            graph = build_graph(spec, loaded.source)
         screen.line(f"   Lab ready in {time.monotonic() - began:.1f} s.")
         story = Story(screen, lab, spec, graph, result, spec_dir=Path(directory))
         try:
@@ -451,6 +508,7 @@ def run_demo(
             detail = "" if isinstance(exc, ReconcilerError) else traceback.format_exc()
             lab.events.write("error", error=result.error, traceback=detail or None)
             screen.line(screen.paint(_RED, f"   The demo stopped: {result.error}"))
+        story.deliver()
         result.seconds = time.monotonic() - began
         story.summary()
         lab.events.write("finished", ok=result.ok, seconds=round(result.seconds, 2))
@@ -459,7 +517,9 @@ def run_demo(
         lab.stop()
     screen.say(
         f"Stopped {', '.join(lab.pids)} (processes {', '.join(map(str, lab.pids.values()))}), "
-        "the Velocity and agent simulators, and put back the environment."
+        "the Velocity and agent simulators"
+        + (", the notification receiver" if lab.receiver is not None else "")
+        + ", and put back the environment."
     )
     screen.line(f"   State and logs: {state_dir}")
     for path in sorted(state_dir.rglob("*")):
@@ -502,6 +562,15 @@ class Story:
         self.foreign: tuple[str, int, dict[str, Any]] | None = None  # node, vmid, state
         self.destroyed: tuple[str, str] | None = None  # the guest destroyed by hand, its MAC
         self._progress: ProgressLines | None = None
+        # The service's notifier, fed after each cycle as the service feeds it (`watch`), its
+        # targets pointed at the lab's receiver. Step one is a new platform whose backup jobs
+        # have not run yet: its cycles set the baseline (what converged) and tell nothing of
+        # backups, held-back destroys or isolation (`full` False, as an edge cycle); the rest
+        # are full cycles. The revision changes with the pull request of step four.
+        self.notifier = Notifier(StatusBoard(spec.platform.name), Metrics())
+        self.notifier.configure(lab.aimed(spec))
+        self.revision = "specs"
+        self.full = False
 
     # --- talking to the platform --------------------------------------------------------
 
@@ -555,6 +624,7 @@ class Story:
 
         began = time.monotonic()
         conv = anyio.run(run)
+        self.watch(conv)
         last = conv.rounds[-1]
         if not step.plans or step.plans[-1] is not last.plan:  # not applied: shown here
             step.plans.append(last.plan)
@@ -571,6 +641,58 @@ class Story:
                 f"{r.count(Outcome.FAILED)} failed, {r.count(Outcome.SKIPPED)} skipped."
             )
         return conv
+
+    def watch(self, conv: Convergence) -> None:
+        """A cycle's end, told to the notifier as `controller.service` tells it: every
+        resource's state into the status board (the plan's verdict, then the apply results),
+        then the plan, observation and reports (`Notifier.planned`), then the outcome."""
+        last = conv.rounds[-1]
+        plan = last.plan
+        reports = [r.report for r in conv.rounds if r.report is not None]
+        changes = {c.address: c for c in plan.changes}
+        said = {d.address: d.message for d in plan.diagnostics if d.address}
+        withheld = {
+            a: said.get(a, "no change planned") for a in self.graph.resources if a not in changes
+        }
+        withheld |= {c.address: f"held back: {c.blocked}" for c in plan.blocked}
+        in_sync = [a for a, c in changes.items() if c.action is Action.NOOP and not c.blocked]
+        board = self.notifier.board
+        board.record_plan([c.address for c in plan.actions], in_sync=in_sync, withheld=withheld)
+        for report in reports:
+            board.record_report(report)
+        self.notifier.planned(plan, last.observed, reports, revision=self.revision, full=self.full)
+        failed = any(r.count(Outcome.FAILED) or r.count(Outcome.SKIPPED) for r in reports)
+        outcome = (
+            CycleOutcome.ERRORED
+            if plan.errored
+            else CycleOutcome.FAILED
+            if failed
+            else CycleOutcome.CHANGED
+            if reports
+            else CycleOutcome.CONVERGED
+        )
+        errors = [d.message for d in plan.diagnostics if d.severity is Severity.ERROR]
+        self.notifier.cycle(CycleKind.FULL, outcome, "; ".join(errors))
+
+    def deliver(self) -> None:
+        """Send what the notifier queued (Apprise, to the lab's receiver), within 15 s, and
+        keep what it recorded and what the receiver got."""
+
+        async def run() -> None:
+            async with anyio.create_task_group() as tg:
+                await tg.start(self.notifier.run)
+                await self.notifier.drain(15.0)
+                tg.cancel_scope.cancel()
+
+        try:
+            anyio.run(run)
+        except Exception as exc:  # a notification that cannot go out costs itself only
+            self.lab.events.write("error", error=f"notifications: {type(exc).__name__}: {exc}")
+        self.result.notifications = [r.to_json() for r in self.notifier.recent]
+        for record in self.result.notifications:
+            self.lab.events.write("notified", notification=record)
+        if self.lab.receiver is not None:
+            self.result.received = list(self.lab.receiver.got)
 
     def observe_and_plan(self) -> tuple[ObservedState, Plan]:
         async def run() -> tuple[ObservedState, Plan]:
@@ -624,7 +746,9 @@ class Story:
         step.finish()
         s.say(f"Converged in {step.seconds:.1f} s.")
         self.built_vms(step)
+        self.dns_written(step)
         self.first_backups()
+        self.full = True
 
     def built_vms(self, step: Step) -> None:
         """Each VM the spec builds from a template, read back from Proxmox: one line each."""
@@ -640,6 +764,54 @@ class Story:
             self.lab.events.write("vm-built", **vars(vm))
             s = self.screen
             s.say(f"{s.paint(_GREEN if vm.ok else _RED, '+')} {vm.line()}.", hang=2)
+
+    def _dns_records(self) -> list[Resource]:
+        return [r for r in self.graph.ordered() if r.kind is Kind.DNS]
+
+    def _answered(self, name: str, rtype: str) -> list[str]:
+        """What the lab's named answers for name/type, in the spelling the spec's values are
+        in (`providers.dns.value_of`)."""
+        assert self.lab.named is not None
+        return sorted(
+            value_of(rtype, dns.rdata.from_text(dns.rdataclass.IN, rtype, text))
+            for text in self.lab.named.lookup(name, rtype)
+        )
+
+    def _as_wanted(self, record: Resource) -> bool:
+        """named answers `record` as the spec says, and its ownership record (a TXT)."""
+        assert self.lab.named is not None
+        name, rtype = str(record.attributes["name"]), str(record.attributes["type"])
+        if self._answered(name, rtype) != sorted(record.attributes["values"]):
+            return False
+        return bool(self.lab.named.lookup(mark_name(name, rtype), "TXT"))
+
+    def dns_written(self, step: Step) -> None:
+        """The record sets the spec wants, asked of named (real DNS queries): each answered
+        as the spec says, with its ownership record beside it. One line."""
+        records = self._dns_records()
+        if self.lab.named is None or not records:
+            return
+        answered = [r for r in records if self._as_wanted(r)]
+        self.result.dns_records, self.result.dns_answered = len(records), len(answered)
+        ok = len(answered) == len(records)
+        step.ok = step.ok and ok
+        zones = Counter(str(r.attributes["zone"]) for r in records)
+        where = ", ".join(f"{n} in {z}" for z, n in sorted(zones.items()))
+        shown = [r for r in answered if not r.depends_on][:1] + [
+            r for r in answered if r.depends_on
+        ][:1]
+        examples = "; ".join(
+            f"{r.attributes['name']} {r.attributes['type']} {', '.join(r.attributes['values'])}"
+            for r in shown
+        )
+        s = self.screen
+        s.say(
+            f"{s.paint(_GREEN if ok else _RED, '+')} DNS: named answers {len(answered)} of the "
+            f"{len(records)} record sets the spec derives and lists ({where}), each beside its "
+            f"ownership record (_rc-<type>.<name> TXT){': ' + examples if examples else ''}.",
+            hang=2,
+        )
+        self.lab.events.write("dns-written", records=len(records), answered=len(answered))
 
     def step_two(self) -> list[Break]:
         s = self.screen
@@ -660,9 +832,13 @@ class Story:
         destroyed = self._destroy_target({unready_guest, memory_guest, MOVED})
         if destroyed is not None:
             breaks.append(self.break_destroyed(pve, guests[destroyed]))
+        record = self._dns_target()
+        if record is not None:
+            breaks.append(self.break_dns(record))
         s.say(
             f"{len(breaks)} things go wrong at once, each through the door it takes in "
-            "production: the Proxmox API, a restart, the agent's own status."
+            "production: the Proxmox API, a restart, the agent's own status"
+            + (", a DNS update." if record is not None else ".")
         )
         for b in breaks:
             s.say(f"{s.paint(_RED, 'x')} {b.what}", hang=2)
@@ -750,7 +926,9 @@ class Story:
             raise ReconcilerError(render.render_diagnostics(loaded.diagnostics))
         pve = self.lab.pve()
         vmid, before = _disks_of(pve, name)
-        self.spec, self.graph = loaded.spec, build_graph(loaded.spec, loaded.source)
+        self.spec = self.lab.scoped(loaded.spec)
+        self.graph = build_graph(self.spec, loaded.source)
+        self.revision = f"pull request: {edited}"
         conv = self.cycle(step, "move")
         moved = any(
             c.action is Action.MIGRATE and c.address == f"guest/{name}"
@@ -1002,6 +1180,39 @@ class Story:
             broken_at=self.clock(),
         )
 
+    def _dns_target(self) -> Resource | None:
+        """An address record players use (in a public zone first), one nothing else depends
+        on first (a listed record), where named runs."""
+        if self.lab.named is None:
+            return None
+        public = {
+            name
+            for name, zone in (self.spec.dns.zones if self.spec.dns is not None else {}).items()
+            if zone.kind == "public"
+        }
+        records = [r for r in self._dns_records() if r.attributes["type"] in WRONG_ADDRESS]
+        records.sort(key=lambda r: (r.attributes["zone"] not in public, bool(r.depends_on)))
+        return records[0] if records else None
+
+    def break_dns(self, record: Resource) -> Break:
+        """A record of ours pointed elsewhere by hand: an RFC 2136 update signed with an
+        operator's own key (as `nsupdate -k` sends it), not the controller's."""
+        assert self.lab.named is not None
+        attrs = record.attributes
+        name, rtype, zone = str(attrs["name"]), str(attrs["type"]), str(attrs["zone"])
+        wrong = WRONG_ADDRESS[rtype]
+        absolute = name + "."  # a name without its dot is relative to the zone in an update
+        self.lab.named.hand_update(zone, ("replace", absolute, str(attrs["ttl"]), rtype, wrong))
+        before = ", ".join(attrs["values"])
+        return Break(
+            "dns",
+            f"someone points {name} elsewhere by hand: {rtype} {before} -> {wrong} (a signed "
+            "DNS update with their own key, as nsupdate sends it)",
+            f"{name} {rtype} changed by hand to {wrong}",
+            (record.address,),
+            broken_at=self.clock(),
+        )
+
     # --- checking -----------------------------------------------------------------------
 
     def check_healed(self, breaks: list[Break], final: Plan) -> None:
@@ -1031,7 +1242,12 @@ class Story:
                 "ready",
                 "destroyed": "restored from its newest backup (not recreated empty); its "
                 "registration and route followed once its agent was ready",
+                "dns": "put back by an update that first checks the record is as observed; "
+                "named answers the spec's value",
             }[b.key]
+            if b.key == "dns":
+                records = [r for r in self._dns_records() if r.address in b.expect]
+                b.ok = b.ok and bool(records) and all(self._as_wanted(r) for r in records)
             if b.key == "destroyed" and self.destroyed is not None:
                 b.ok = b.ok and self._restored_as_before(pve, *self.destroyed)
             if b.key == "velocity":
@@ -1084,6 +1300,39 @@ class Story:
                     else ""
                 )
             )
+        self.told()
+
+    def told(self) -> None:
+        """The notifications of the run, one line each (event, severity, title, what became of
+        it), with the first lines of what they said."""
+        s = self.screen
+        records = self.result.notifications
+        targets = sorted(self.lab.target_urls)
+        s.heading("What the controller told people")
+        if targets:
+            got = len(self.result.received)
+            s.say(
+                f"Its notifier, fed after each cycle as the service feeds it, sent to the spec's "
+                f"target{'s' if len(targets) > 1 else ''} {', '.join(targets)} (pointed at the "
+                f"lab's receiver, through Apprise), which got {got} "
+                f"message{'' if got == 1 else 's'}:"
+            )
+        else:
+            s.say("The spec names no notification target; the notifier listed:")
+        if not records:
+            s.line("     (nothing)")
+        for r in records:
+            where = ", ".join(f"{t}: {d}" for t, d in sorted(r["targets"].items()))
+            head = f"{r['event']:<13} {r['severity']:<8} {r['title']}"
+            s.line("     " + s.paint(_severity_color(r["severity"]), head))
+            body = str(r["body"]).splitlines()
+            for line in body[:8]:
+                line = line if len(line) <= WIDTH - 9 else line[: WIDTH - 10] + "…"
+                s.line("         " + s.paint(_DIM, line))
+            if len(body) > 8:
+                s.line("         " + s.paint(_DIM, f"... {len(body) - 8} more lines"))
+            if where:
+                s.line("         " + s.paint(_DIM, f"({where})"))
 
 
 def detected_lines(plan: Plan, b: Break) -> list[str]:

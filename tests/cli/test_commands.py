@@ -25,7 +25,7 @@ def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, 
 def test_validate_example_exits_zero(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(["validate", str(SPECS)], capsys)
     assert code == 0
-    assert "valid (8 files, 21 guests" in out
+    assert "valid (10 files, 21 guests" in out
 
 
 def test_validate_reports_every_problem_in_one_run(
@@ -82,7 +82,7 @@ def test_plan_detailed_exitcode(
     code, out, _ = run(
         ["plan", str(SPECS), "--observed", str(empty), "--detailed-exitcode"], capsys
     )
-    assert code == 2 and "67 to create" in out
+    assert code == 2 and "96 to create" in out  # 67, and 29 DNS record sets
     code, _, _ = run(["plan", str(SPECS), "--observed", str(empty)], capsys)
     assert code == 0
     converged = _snapshot(tmp_path, graph, empty=False)
@@ -102,7 +102,7 @@ def test_plan_saves_json(
         capsys,
     )
     assert code == 0
-    assert json.loads(saved.read_text())["summary"]["create"] == 67
+    assert json.loads(saved.read_text())["summary"]["create"] == 96
 
 
 def test_plan_on_invalid_specs_exits_one(

@@ -160,6 +160,10 @@ def test_an_exit_handler_still_runs_and_its_output_arrives(tmp_path):
         # A thread still at work when the command returns is waited for, as Python would.
         f"late = lambda: (time.sleep(0.2), open({str(marker)!r} + '.t', 'w').write('t'))\n"
         "threading.Thread(target=late).start()\n"
+        # An executor's idle worker (Apprise keeps one) is told to stop, as Python's exit does.
+        "from concurrent.futures import ThreadPoolExecutor\n"
+        "pool = ThreadPoolExecutor(1)\n"
+        "pool.submit(int).result()\n"
         "sys.argv = ['reconciler', '--version']\n"
         "m.entry()\n"
     )

@@ -1,5 +1,10 @@
 """`reconciler demo` end to end: the lab started for real (fakepve, the simulators, two real
-Traefik instances, Redis where installed), the story told, everything stopped again."""
+Traefik instances, Redis where installed, a real BIND named, a notification receiver), the story
+told, everything stopped again.
+
+named is required here as in the DNS provider's tests (a missing one fails, never skips:
+deploy/dev test installs bind9); the demo without it is run on purpose, with `named_exe` saying
+it is not installed."""
 
 from __future__ import annotations
 
@@ -12,11 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.demo.lab import PVE_PASSWORD_ENV
+from reconciler.demo.lab import NAMED_MISSING, PVE_PASSWORD_ENV
 from reconciler.demo.script import DemoResult, cmd_demo_live, run_demo
+from reconciler.simulators import named as named_module
+from reconciler.simulators.named import NamedMissing, named_exe
 from tests.conftest import SPECS
 
-ENV = ("ZPACK_BRIDGE_SECRET", PVE_PASSWORD_ENV)
+ENV = ("ZPACK_BRIDGE_SECRET", PVE_PASSWORD_ENV, "ZPACK_TSIG_SECRET", "ZPACK_NTFY_TOKEN")
 
 
 def alive(pid: int) -> bool:
@@ -31,6 +38,10 @@ def alive(pid: int) -> bool:
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[DemoResult, str, float]:
+    try:
+        named_exe()
+    except NamedMissing as exc:
+        pytest.fail(f"{exc} (deploy/dev test installs it)")
     state = tmp_path_factory.mktemp("demo-state")
     out = io.StringIO()
     env = {k: os.environ.get(k) for k in ENV}
@@ -50,7 +61,8 @@ def test_the_demo_heals_everything_and_ends_with_an_empty_plan(
     assert result.final_plan is not None
     assert not result.final_plan.has_changes
     assert not result.final_plan.errored
-    assert "No changes. 67 resources match the spec." in text
+    # 67, and the 29 DNS record sets (21 guests' in internal.zpack.dev, 8 in play.zpack.dev).
+    assert "No changes. 96 resources match the spec." in text
     assert seconds < 300  # a sanity bound: the issue asks under two minutes on two cores
     assert [s.title for s in result.steps] == [
         "an empty platform",
@@ -111,7 +123,15 @@ def test_each_break_is_detected_by_the_plan_and_healed(
     # The cloud-init template the bastion was cloned from is foreign too: read, never touched.
     assert [f["name"] for f in plan.foreign] == ["debian-12-cloudinit", "hand-made"]
     by_key = {b.key: b for b in result.breaks}
-    assert set(by_key) == {"velocity", "memory", "firewall", "foreign", "unready", "destroyed"}
+    assert set(by_key) == {
+        "velocity",
+        "memory",
+        "firewall",
+        "foreign",
+        "unready",
+        "destroyed",
+        "dns",
+    }
     for b in result.breaks:
         assert b.detected, b
         assert b.ok, b
@@ -173,7 +193,7 @@ def test_every_process_started_is_gone_and_the_state_is_kept(
     demo: tuple[DemoResult, str, float],
 ) -> None:
     result, text, _ = demo
-    assert {"fakepve", "traefik-core", "traefik-runtime"} <= set(result.pids)
+    assert {"fakepve", "traefik-core", "traefik-runtime", "named"} <= set(result.pids)
     assert not [name for name, pid in result.pids.items() if alive(pid)]
     state = result.state_dir
     assert f"State and logs: {state}" in text
@@ -188,22 +208,86 @@ def test_every_process_started_is_gone_and_the_state_is_kept(
         "foreign",
         "unready",
         "destroyed",
+        "dns",
     }
     assert (state / "logs" / "traefik-core.log").exists()
+    assert (state / "named" / "named.conf").exists()
     assert (state / "logs" / "fakepve.log").exists()
     snapshot = json.loads((state / "observed.json").read_text())
     assert snapshot["platform"] == "zpack"
     assert (state / "plans").is_dir()
 
 
-def test_without_redis_the_runtime_traefik_is_fed_by_a_file(tmp_path: Path) -> None:
+def test_the_dns_records_are_created_and_the_one_changed_by_hand_is_healed(
+    demo: tuple[DemoResult, str, float],
+) -> None:
+    """What named answered (real DNS queries, made by the demo) after step one, and the record
+    pointed elsewhere with an operator's key: seen in the plan, put back, answered again."""
+    result, text, _ = demo
+    assert (result.dns_records, result.dns_answered) == (29, 29)
+    flat = " ".join(text.split())
+    assert (
+        "DNS: named answers 29 of the 29 record sets the spec derives and lists (21 in "
+        "internal.zpack.dev, 8 in play.zpack.dev)" in flat
+    )
+    first = result.steps[0].plans[0]
+    created = {c.address for c in first.actions if c.kind.value == "dns"}
+    assert "dns/mc-lobby.internal.zpack.dev/A" in created and len(created) == 29
+    broken = next(b for b in result.breaks if b.key == "dns")
+    assert broken.expect == ("dns/play.zpack.dev/A",)
+    assert broken.detected == ["~ dns/play.zpack.dev/A values ['198.51.100.7'] -> ['203.0.113.10']"]
+    assert broken.ok and broken.healed_at is not None, broken
+    assert "named answers the spec's value" in broken.healed
+    assert result.detect_plan is not None
+    update = next(c for c in result.detect_plan.actions if c.address == "dns/play.zpack.dev/A")
+    assert update.action.value == "update"
+    assert "~ dns/play.zpack.dev A 203.0.113.10" in text
+
+
+def test_the_notifications_the_breaks_produced_reach_the_receiver_and_are_printed(
+    demo: tuple[DemoResult, str, float],
+) -> None:
+    """The notifier, fed as the service feeds it, told the spec's target `ops` once: what the
+    heal cycle put back (the restored guest, the memory, the firewall rule, Velocity's
+    registrations, the DNS record). Delivered by Apprise to the lab's receiver, with the token
+    the spec's URL references."""
+    result, text, _ = demo
+    assert [(r.path, r.authorized, r.type) for r in result.received] == [("/ops", True, "warning")]
+    message = result.received[0]
+    assert message.title.startswith("[zpack] drift healed: ")
+    said = message.body["message"].splitlines()
+    assert "~ guest/mc-lobby: memory 3072 -> 2048" in said
+    assert "+ guest/mc-creative: gone; restored from its backup" in said
+    assert "~ dns/play.zpack.dev/A: values ['198.51.100.7'] -> ['203.0.113.10']" in said
+    assert {"+ velocity/lobby: not found", "+ velocity/skyblock: not found"} <= set(said)
+    # The withheld routes that came back are the readiness gate at work, not drift.
+    assert not [line for line in said if "route/" in line]
+    assert [(n["event"], n["severity"], n["targets"]) for n in result.notifications] == [
+        ("drift-healed", "warning", {"ops": "sent"})
+    ]
+    title = message.title.removeprefix("[zpack] ")
+    assert f"drift-healed  warning  {title}" in text
+    assert "~ guest/mc-lobby: memory 3072 -> 2048" in text
+
+
+def test_without_redis_or_named_the_demo_says_so_and_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def missing() -> str:
+        raise NamedMissing("BIND's named is not installed: apt-get install bind9")
+
+    monkeypatch.setattr(named_module, "named_exe", missing)
     out = io.StringIO()
     result = run_demo(str(SPECS), out, state_dir=tmp_path, use_redis=False)
     text = out.getvalue()
     assert result.ok, text
-    assert "redis" not in result.pids
+    assert "redis" not in result.pids and "named" not in result.pids
     assert "the spec says Redis; this lab runs none" in text
     assert (tmp_path / "traefik-runtime" / "runtime.yml").exists()
+    assert text.count(NAMED_MISSING) == 1
+    assert "No changes. 67 resources match the spec." in text  # the DNS records left out
+    assert "dns" not in {b.key for b in result.breaks}
+    assert [r.path for r in result.received] == ["/ops"]  # notifications go on
     assert not [name for name, pid in result.pids.items() if alive(pid)]
 
 
