@@ -70,6 +70,7 @@ from reconciler.simulators.fakepve_process import FakePveProcess
 
 SERVE = "--serve-fake"  # argv[1] of this script when it runs as the fake
 TICK = os.sysconf("SC_CLK_TCK")
+TARGET_N = 1000  # the targets are for N = 1000 at 20 ms
 TARGET_L = 20  # ms: the latency the targets are stated at
 
 
@@ -291,6 +292,8 @@ def summary(rows: list[Row], n: int) -> str:
     rss = max(r.rss_mib for r in rows if r.n == n)
 
     def mark(ok: bool) -> str:
+        if n != TARGET_N:  # the targets are set at 1000 guests; a small N is all start cost
+            return f"target set at N={TARGET_N} only"
         return "ok" if ok else "MISSED"
 
     return (
