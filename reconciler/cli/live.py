@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, TextIO, TypeAlias, TypeVar
 from reconciler.cli import render
 from reconciler.model.diagnostics import Severity
 from reconciler.model.errors import ConfigurationError, ReconcilerError, first_error
-from reconciler.model.plans import Plan, plan_from_json
+from reconciler.model.plans import Plan, plan_from_json, shown_address
 from reconciler.model.resources import DesiredGraph
 
 if TYPE_CHECKING:
@@ -484,7 +484,7 @@ def write_errors(lines: Iterable[str], err: TextIO) -> None:
 def progress_lines(err: TextIO) -> Progress:
     def show(result: Result, done: int, total: int) -> None:
         c = result.change
-        line = f"[{done}/{total}] {c.action.symbol} {c.address}: {result.outcome.value}"
+        line = f"[{done}/{total}] {c.action.symbol} {shown_address(c)}: {result.outcome.value}"
         if result.seconds >= 0.05:
             line += f" ({result.seconds:.1f} s)"
         if result.error:

@@ -26,8 +26,10 @@ from reconciler.model.plans import (
     Cause,
     Change,
     Plan,
+    rule_line,
+    shown_address,
+    shown_value,
 )
-from reconciler.model.resources import Kind
 
 if TYPE_CHECKING:
     from reconciler.applying.converging import Round
@@ -44,22 +46,6 @@ _COLORS = {
 _BOLD, _RED, _YELLOW, _DIM, _RESET = "\033[1m", "\033[31m", "\033[33m", "\033[2m", "\033[0m"
 
 
-def _value(v: Any) -> str:
-    if isinstance(v, dict) and "action" in v and "type" in v:
-        return "{" + _rule_line(v) + "}"
-    if isinstance(v, str):
-        return json.dumps(v)
-    if v is None:
-        return "(none)"
-    return json.dumps(v, sort_keys=True)
-
-
-def _rule_line(rule: dict[str, Any]) -> str:
-    head = f"{rule.get('type', '?')} {rule.get('action', '?')}"
-    rest = " ".join(f"{k}={rule[k]}" for k in sorted(rule) if k not in ("type", "action"))
-    return f"{head} {rest}".strip()
-
-
 def flatten(value: Any, prefix: str = "") -> list[tuple[str, str]]:
     """Nested attributes -> (path, shown value) lines, rules compact on one line each."""
     out: list[tuple[str, str]] = []
@@ -68,10 +54,10 @@ def flatten(value: Any, prefix: str = "") -> list[tuple[str, str]]:
             out.extend(flatten(value[k], f"{prefix}.{k}" if prefix else k))
     elif isinstance(value, list) and value and all(isinstance(x, dict) for x in value):
         for i, item in enumerate(value):
-            shown = _rule_line(item) if "action" in item else _value(item)
+            shown = rule_line(item) if "action" in item else shown_value(item)
             out.append((f"{prefix}[{i}]", shown))
     else:
-        out.append((prefix, _value(value)))
+        out.append((prefix, shown_value(value)))
     return out
 
 
@@ -104,17 +90,6 @@ def foreign_line(item: dict[str, Any]) -> str:
         f"? {item['kind']} {item.get('name')!r} vmid {item.get('vmid')} on {item.get('node')}"
         + foreign_where(item)
     )
-
-
-def shown_address(change: Change) -> str:
-    """A change's address as its plan line starts: a DNS record set as `dns/NAME TYPE VALUES`
-    (`dns/survival.play.zpack.dev A 203.0.113.10`: what it will say, or said for a delete),
-    anything else as its address."""
-    if change.kind is not Kind.DNS:
-        return change.address
-    attrs = change.after or change.before or {}
-    values = ", ".join(str(v) for v in attrs.get("values") or ())
-    return f"dns/{attrs.get('name')} {attrs.get('type')} {values}".rstrip()
 
 
 def destroy_line(change: Change) -> str:
@@ -173,11 +148,12 @@ def _change_lines(change: Change) -> list[str]:
                 moving = change.action is Action.MIGRATE
                 note = "   # moves the guest" if moving else "   # forces replacement"
             if f.moved_from is not None:
-                moved = f"{_value(f.after)} moved from {f.moved_from}"
+                moved = f"{shown_value(f.after)} moved from {f.moved_from}"
                 lines.append(f"      {f.path.ljust(width)}  {moved}")
                 continue
             lines.append(
-                f"      {f.path.ljust(width)}  {_value(f.before)} -> {_value(f.after)}{note}"
+                f"      {f.path.ljust(width)}  "
+                f"{shown_value(f.before)} -> {shown_value(f.after)}{note}"
             )
         if change.action is Action.UPDATE and any(
             f.path.startswith("cloud_init") for f in change.fields

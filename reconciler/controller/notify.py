@@ -68,7 +68,7 @@ from reconciler.controller.status import (
 )
 from reconciler.model.errors import ConfigurationError
 from reconciler.model.observed import ObservedState
-from reconciler.model.plans import Cause, Freshness, Plan
+from reconciler.model.plans import Cause, Freshness, Plan, shown_address, shown_value
 from reconciler.model.resources import Kind
 from reconciler.model.spec import (
     NOTIFICATION_EVENTS,
@@ -442,13 +442,14 @@ class Notifier:
         lines = []
         for c in healed[:20]:
             what = ", ".join(
-                f"{f.path} {_short(f.before)} -> {_short(f.after)}" for f in c.fields[:4]
+                f"{f.path} {_short(shown_value(f.before))} -> {_short(shown_value(f.after))}"
+                for f in c.fields[:4]
             )
             if c.cause is Cause.RESTORE:
                 what = "gone; restored from its backup"
             elif not what:
                 what = c.reason or c.action.value
-            lines.append(f"{c.action.symbol} {c.address}: {what}")
+            lines.append(f"{c.action.symbol} {shown_address(c)}: {what}")
         if len(healed) > 20:
             lines.append(f"... and {len(healed) - 20} more")
         count = len(healed)

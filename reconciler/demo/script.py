@@ -62,7 +62,7 @@ from reconciler.loading.loader import load_directory
 from reconciler.model.diagnostics import Severity
 from reconciler.model.errors import ReconcilerError
 from reconciler.model.observed import ObservedState
-from reconciler.model.plans import Action, Cause, Change, Plan
+from reconciler.model.plans import Action, Cause, Change, Plan, shown_address
 from reconciler.model.resources import DesiredGraph, Kind, Resource
 from reconciler.model.spec import PlatformSpec, selected_guests
 from reconciler.planning.observed_policies import live_isolation
@@ -399,7 +399,7 @@ def _by_zone(names: list[str], plan: Plan, action: Action) -> list[str]:
 def _head(change: Change) -> str:
     """`+ guest/mc-x  (vmid 1000 on pve-a)`: a change in one line, for creates, deletes and
     progress."""
-    return f"{change.action.symbol} {change.address}{render.ident(change)}"
+    return f"{change.action.symbol} {shown_address(change)}{render.ident(change)}"
 
 
 class ProgressLines:
@@ -1343,10 +1343,13 @@ def detected_lines(plan: Plan, b: Break) -> list[str]:
     withheld = {d.address for d in plan.diagnostics if d.code == "withheld"} & wanted
     for c in plan.actions:
         if c.address in wanted:
-            line = f"{c.action.symbol} {c.address}"
+            line = f"{c.action.symbol} {shown_address(c)}"
             if c.action is Action.UPDATE and c.fields:
                 first = c.fields[0]
-                line += f" {first.path} {_short(first.before)} -> {_short(first.after)}"
+                if c.kind is Kind.DNS:  # the address shows the value it is put back to
+                    line += f" (was {_short(first.before)})"
+                else:
+                    line += f" {first.path} {_short(first.before)} -> {_short(first.after)}"
             lines.append(line + (" (withheld)" if c.address in withheld else ""))
     changed = {c.address for c in plan.actions}
     lines += [f"{a} withheld" for a in sorted(withheld - changed)]
@@ -1385,6 +1388,8 @@ def _short(value: Any) -> str:
     if isinstance(value, dict) and "action" in value:
         bits = [str(value.get(k)) for k in ("type", "action", "proto", "dport") if value.get(k)]
         return "{" + " ".join(bits) + "}"
+    if isinstance(value, list | tuple):
+        return ", ".join(str(v) for v in value)
     return "(none)" if value is None else str(value)
 
 

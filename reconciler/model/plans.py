@@ -34,6 +34,7 @@ the planner leaves it in the plan `blocked`: shown first, under a banner, and ne
 from __future__ import annotations
 
 import enum
+import json
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -403,3 +404,36 @@ def plan_from_json(doc: dict[str, Any]) -> Plan:
         final_backups=options.get("final_backups") is not False,
         backups=tuple(BackupFreshness.from_json(b) for b in doc.get("backups") or ()),
     )
+
+
+# --- how a plan shows its values (the CLI, the demo, the notifications) -------------------
+
+
+def shown_value(v: Any) -> str:
+    """A value as plans show it: a firewall rule on one line, a string quoted, None as
+    `(none)`, anything else as JSON. The CLI's plan, the demo and the notifications use it."""
+    if isinstance(v, dict) and "action" in v and "type" in v:
+        return "{" + rule_line(v) + "}"
+    if isinstance(v, str):
+        return json.dumps(v)
+    if v is None:
+        return "(none)"
+    return json.dumps(v, sort_keys=True)
+
+
+def rule_line(rule: dict[str, Any]) -> str:
+    """`in ACCEPT dport=18888 proto=tcp source=api`: a firewall rule on one line."""
+    head = f"{rule.get('type', '?')} {rule.get('action', '?')}"
+    rest = " ".join(f"{k}={rule[k]}" for k in sorted(rule) if k not in ("type", "action"))
+    return f"{head} {rest}".strip()
+
+
+def shown_address(change: Change) -> str:
+    """A change's address as its plan line starts: a DNS record set as `dns/NAME TYPE VALUES`
+    (`dns/survival.play.zpack.dev A 203.0.113.10`: what it will say, or said for a delete),
+    anything else as its address."""
+    if change.kind is not Kind.DNS:
+        return change.address
+    attrs = change.after or change.before or {}
+    values = ", ".join(str(v) for v in attrs.get("values") or ())
+    return f"dns/{attrs.get('name')} {attrs.get('type')} {values}".rstrip()

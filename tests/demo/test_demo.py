@@ -235,7 +235,7 @@ def test_the_dns_records_are_created_and_the_one_changed_by_hand_is_healed(
     assert "dns/mc-lobby.internal.zpack.dev/A" in created and len(created) == 29
     broken = next(b for b in result.breaks if b.key == "dns")
     assert broken.expect == ("dns/play.zpack.dev/A",)
-    assert broken.detected == ["~ dns/play.zpack.dev/A values ['198.51.100.7'] -> ['203.0.113.10']"]
+    assert broken.detected == ["~ dns/play.zpack.dev A 203.0.113.10 (was 198.51.100.7)"]
     assert broken.ok and broken.healed_at is not None, broken
     assert "named answers the spec's value" in broken.healed
     assert result.detect_plan is not None
@@ -258,7 +258,8 @@ def test_the_notifications_the_breaks_produced_reach_the_receiver_and_are_printe
     said = message.body["message"].splitlines()
     assert "~ guest/mc-lobby: memory 3072 -> 2048" in said
     assert "+ guest/mc-creative: gone; restored from its backup" in said
-    assert "~ dns/play.zpack.dev/A: values ['198.51.100.7'] -> ['203.0.113.10']" in said
+    put_back = '~ dns/play.zpack.dev A 203.0.113.10: values ["198.51.100.7"] -> ["203.0.113.10"]'
+    assert put_back in said
     assert {"+ velocity/lobby: not found", "+ velocity/skyblock: not found"} <= set(said)
     # The withheld routes that came back are the readiness gate at work, not drift.
     assert not [line for line in said if "route/" in line]
