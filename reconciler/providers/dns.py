@@ -37,6 +37,13 @@ overwritten blindly:
 - delete: the same prerequisites; then the record set and its companion are deleted.
 A failed prerequisite is a ConflictError: the caller observes and plans again.
 
+Time: each exchange waits `timeout` (10 s) for the server, a transfer at most six times that
+in all; a zone's observation, its tries and backoffs included, at most `deadline` (30 s),
+after which it is a TemporaryError and the zone's records are left out of the plan. The plan of
+everything else waits for the slowest provider, so a DNS server that accepts and never answers
+(a firewall's black hole, a server stuck mid-transfer) costs a cycle 30 s, never minutes. An
+update is not cut short: once sent, it is waited for (its own timeout), so its outcome is known.
+
 Errors (reconciler.model.errors), as `classify` hands them out:
 
     ProviderError
@@ -372,6 +379,7 @@ class DnsProvider:
         *,
         secrets: ReadSecret = read_secret,
         timeout: float = 10.0,
+        deadline: float = 30.0,
         retry: RetryPolicy | None = None,
         sleep: Sleep = anyio.sleep,
     ) -> None:
@@ -379,6 +387,7 @@ class DnsProvider:
         self.zones = dict(zones)
         self._secrets = secrets
         self.timeout = timeout
+        self.deadline = deadline  # one zone's observation, its tries included
         self.retry = retry or RetryPolicy()
         self.sleep = sleep
         self.calls = 0  # transfers and updates sent
@@ -430,13 +439,16 @@ class DnsProvider:
         if answer.rcode() != dns.rcode.NOERROR:
             raise _refusal(answer.rcode(), f"{what} on {zone.server}", zone)
 
-    async def _run(self, zone: ZoneAccess, what: str, call: Callable[[], Any]) -> Any:
-        """`call` in a worker thread under the retry policy, its errors as ours."""
+    async def _run(
+        self, zone: ZoneAccess, what: str, call: Callable[[], Any], *, abandon: bool = False
+    ) -> Any:
+        """`call` in a worker thread under the retry policy, its errors as ours. `abandon`: a
+        read that a cancelled caller stops waiting for (the thread ends at its own timeout)."""
         tries = 0
         while True:
             self.calls += 1
             try:
-                return await anyio.to_thread.run_sync(call)
+                return await anyio.to_thread.run_sync(call, abandon_on_cancel=abandon)
             except Exception as exc:
                 error = classify(exc, what, zone)
             if not isinstance(error, TemporaryError):
@@ -454,10 +466,18 @@ class DnsProvider:
         failed: dict[str, ProviderError] = {}
 
         async def one(zone: ZoneAccess) -> None:
+            what = f"transfer (AXFR) of zone {zone.zone}"
             try:
-                transferred = await self._run(
-                    zone, f"transfer (AXFR) of zone {zone.zone}", lambda: self._transfer(zone)
+                with anyio.fail_after(self.deadline):
+                    transferred = await self._run(
+                        zone, what, lambda: self._transfer(zone), abandon=True
+                    )
+            except TimeoutError:
+                failed[zone.zone] = TemporaryError(
+                    f"{what} from {zone.server}: no answer within {self.deadline:g} s "
+                    "(its tries included)"
                 )
+                return
             except ProviderError as exc:
                 failed[zone.zone] = exc
                 return

@@ -8,6 +8,8 @@ wrong secret are errors that say which."""
 
 from __future__ import annotations
 
+import socket
+import time
 from collections.abc import Iterator
 
 import anyio
@@ -255,6 +257,29 @@ def test_an_unset_secret_or_a_server_down_costs_the_records_only(
     named.stop()
     with pytest.raises(TemporaryError, match="cannot reach the server"):
         anyio.run(zone_access(named).observe)
+
+
+def test_a_server_that_accepts_and_never_answers_costs_the_deadline_not_minutes(
+    named: NamedServer,
+) -> None:
+    """A black hole (a socket that takes the connection and says nothing): each try would wait
+    its timeout, and a transfer up to six of them; the zone's observation stops at `deadline`,
+    its tries included, and says so."""
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(8)  # the kernel completes the handshakes; nobody reads the query
+    try:
+        slow = zone_access(named, port=hole.getsockname()[1])
+        slow.timeout, slow.deadline = 30.0, 0.5
+        slow.retry = RetryPolicy(attempts=4, initial=0.01, maximum=0.01)
+        started = time.monotonic()
+        with pytest.raises(TemporaryError) as late:
+            anyio.run(slow.observe)
+        # Without the deadline: 4 tries of 30 s at least.
+        assert time.monotonic() - started < slow.timeout
+        assert "no answer within 0.5 s" in str(late.value) and "play.test" in str(late.value)
+    finally:
+        hole.close()
 
 
 def test_a_live_connection_registers_the_zones_where_it_is_told(
