@@ -87,12 +87,18 @@ from reconciler.controller.sources import (
     WatchedSource,
     poll,
 )
-from reconciler.controller.status import CycleKind, CycleOutcome, StatusBoard
+from reconciler.controller.status import (
+    CycleKind,
+    CycleOutcome,
+    StatusBoard,
+    cycle_outcome,
+    plan_verdicts,
+)
 from reconciler.controller.timing import Backoffs, Schedule, Trigger
 from reconciler.loading.graph import build_graph
 from reconciler.model.errors import ConfigurationError, ReconcilerError, first_error
 from reconciler.model.observed import ObservedResource, ObservedState
-from reconciler.model.plans import Action, Freshness, Plan
+from reconciler.model.plans import Freshness, Plan
 from reconciler.model.resources import DesiredGraph, Kind
 from reconciler.model.spec import PlatformSpec, SecretRef
 from reconciler.planning.observed_policies import live_isolation
@@ -567,36 +573,11 @@ class Service:
         in the plan is withheld (the plan's diagnostic about it says why: not ready, claimed
         twice, not placeable) or, when its kind could not be observed, unknown."""
         assert self._graph is not None
-        scope = frozenset(kinds)
-        kind_of: dict[str, Kind] = {
-            a: r.kind for a, r in self._graph.resources.items() if r.kind in scope
-        }
-        if observed is not None:
-            kind_of |= {a: r.kind for a, r in observed.owned().items() if r.kind in scope}
-        changes = {c.address: c for c in plan.changes if c.kind in scope}
-        kind_of |= {a: c.kind for a, c in changes.items()}
-        wanted = [c.address for c in plan.actions if c.kind in scope]
-        in_sync = [a for a, c in changes.items() if c.action is Action.NOOP and not c.blocked]
-        withheld = {c.address: f"held back: {c.blocked}" for c in plan.blocked if c.kind in scope}
-        withheld |= {a: why for a, why in self._left_out.items() if a in changes}
-        looked = set(scope if observed is None or observed.kinds is None else observed.kinds)
-        errors = observed.errors if observed is not None else {}
-        said: dict[str, str] = {}
-        for d in plan.diagnostics:
-            if d.address:
-                said.setdefault(d.address, d.message)
-        unseen: dict[str, str] = {}
-        for address, kind in kind_of.items():
-            if address in changes:
-                continue
-            if kind not in looked:
-                unseen[address] = errors.get(kind.value, f"{kind.value} was not observed")
-            else:
-                withheld[address] = said.get(address, "no change planned (see the plan)")
-        for address in in_sync:
+        v = plan_verdicts(self._graph, plan, observed, kinds, left_out=self._left_out)
+        for address in v.in_sync:
             self.backoffs.succeeded(address)  # as the spec says: nothing to retry
         self.board.record_plan(
-            wanted, in_sync=in_sync, withheld=withheld, unseen=unseen, partial=partial
+            v.wanted, in_sync=v.in_sync, withheld=v.withheld, unseen=v.unseen, partial=partial
         )
 
     def _record(
@@ -612,13 +593,7 @@ class Service:
         self._held_back(plan)
         self._backups(plan)
         self._record_results(reports)
-        if plan.errored:
-            return CycleOutcome.ERRORED
-        if any(r.count(Outcome.FAILED) or r.count(Outcome.SKIPPED) for r in reports):
-            return CycleOutcome.FAILED
-        if reports:
-            return CycleOutcome.CHANGED
-        return CycleOutcome.CONVERGED
+        return cycle_outcome(plan, reports)
 
     def _held_back(self, plan: Plan) -> None:
         """Destroys the plan holds back (pruning is off): in /status, a gauge, and a warning

@@ -71,7 +71,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from reconciler.applying.executor import ApplyReport, Outcome
-from reconciler.model.plans import BackupFreshness, Change, Freshness
+from reconciler.model.observed import ObservedState
+from reconciler.model.plans import Action, BackupFreshness, Change, Freshness, Plan
+from reconciler.model.resources import DesiredGraph, Kind
 
 Clock = Callable[[], float]
 
@@ -520,3 +522,66 @@ class StatusBoard:
             "summary": self.count_states(),
             "resources": {a: self.resources[a].to_json() for a in sorted(self.resources)},
         }
+
+
+# --- a plan's verdicts, as the service records them -----------------------------------------
+
+
+@dataclass(frozen=True)
+class Verdicts:
+    """A plan's verdict on each resource of the kinds it looked at: `StatusBoard.record_plan`'s
+    arguments (see there)."""
+
+    wanted: list[str]
+    in_sync: list[str]
+    withheld: dict[str, str]
+    unseen: dict[str, str]
+
+
+def plan_verdicts(
+    graph: DesiredGraph,
+    plan: Plan,
+    observed: ObservedState | None,
+    kinds: Iterable[Kind],
+    *,
+    left_out: Mapping[str, str] | None = None,
+) -> Verdicts:
+    """Every resource of `kinds` the plan looked at, desired or owned: a change to make, in
+    sync, withheld (held back, or no change planned: the plan's diagnostic about it says why,
+    not ready, claimed twice, not placeable; `left_out`: address -> why the caller left its
+    change out), or unseen when its kind could not be observed."""
+    scope = frozenset(kinds)
+    kind_of: dict[str, Kind] = {a: r.kind for a, r in graph.resources.items() if r.kind in scope}
+    if observed is not None:
+        kind_of |= {a: r.kind for a, r in observed.owned().items() if r.kind in scope}
+    changes = {c.address: c for c in plan.changes if c.kind in scope}
+    kind_of |= {a: c.kind for a, c in changes.items()}
+    wanted = [c.address for c in plan.actions if c.kind in scope]
+    in_sync = [a for a, c in changes.items() if c.action is Action.NOOP and not c.blocked]
+    withheld = {c.address: f"held back: {c.blocked}" for c in plan.blocked if c.kind in scope}
+    withheld |= {a: why for a, why in (left_out or {}).items() if a in changes}
+    looked = set(scope if observed is None or observed.kinds is None else observed.kinds)
+    errors = observed.errors if observed is not None else {}
+    said: dict[str, str] = {}
+    for d in plan.diagnostics:
+        if d.address:
+            said.setdefault(d.address, d.message)
+    unseen: dict[str, str] = {}
+    for address, kind in kind_of.items():
+        if address in changes:
+            continue
+        if kind not in looked:
+            unseen[address] = errors.get(kind.value, f"{kind.value} was not observed")
+        else:
+            withheld[address] = said.get(address, "no change planned (see the plan)")
+    return Verdicts(wanted, in_sync, withheld, unseen)
+
+
+def cycle_outcome(plan: Plan, reports: Iterable[ApplyReport]) -> CycleOutcome:
+    """A full cycle's outcome from its last plan and what it applied."""
+    done = list(reports)
+    if plan.errored:
+        return CycleOutcome.ERRORED
+    if any(r.count(Outcome.FAILED) or r.count(Outcome.SKIPPED) for r in done):
+        return CycleOutcome.FAILED
+    return CycleOutcome.CHANGED if done else CycleOutcome.CONVERGED

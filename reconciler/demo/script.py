@@ -55,7 +55,12 @@ from reconciler.applying.executor import Outcome, Result
 from reconciler.cli import render
 from reconciler.controller.metrics import Metrics
 from reconciler.controller.notify import Notifier
-from reconciler.controller.status import CycleKind, CycleOutcome, StatusBoard
+from reconciler.controller.status import (
+    CycleKind,
+    StatusBoard,
+    cycle_outcome,
+    plan_verdicts,
+)
 from reconciler.demo.lab import TEMPLATE, Lab, Received, start_lab
 from reconciler.loading.graph import build_graph
 from reconciler.loading.loader import load_directory
@@ -649,28 +654,13 @@ class Story:
         last = conv.rounds[-1]
         plan = last.plan
         reports = [r.report for r in conv.rounds if r.report is not None]
-        changes = {c.address: c for c in plan.changes}
-        said = {d.address: d.message for d in plan.diagnostics if d.address}
-        withheld = {
-            a: said.get(a, "no change planned") for a in self.graph.resources if a not in changes
-        }
-        withheld |= {c.address: f"held back: {c.blocked}" for c in plan.blocked}
-        in_sync = [a for a, c in changes.items() if c.action is Action.NOOP and not c.blocked]
+        v = plan_verdicts(self.graph, plan, last.observed, set(Kind))
         board = self.notifier.board
-        board.record_plan([c.address for c in plan.actions], in_sync=in_sync, withheld=withheld)
+        board.record_plan(v.wanted, in_sync=v.in_sync, withheld=v.withheld, unseen=v.unseen)
         for report in reports:
             board.record_report(report)
         self.notifier.planned(plan, last.observed, reports, revision=self.revision, full=self.full)
-        failed = any(r.count(Outcome.FAILED) or r.count(Outcome.SKIPPED) for r in reports)
-        outcome = (
-            CycleOutcome.ERRORED
-            if plan.errored
-            else CycleOutcome.FAILED
-            if failed
-            else CycleOutcome.CHANGED
-            if reports
-            else CycleOutcome.CONVERGED
-        )
+        outcome = cycle_outcome(plan, reports)
         errors = [d.message for d in plan.diagnostics if d.severity is Severity.ERROR]
         self.notifier.cycle(CycleKind.FULL, outcome, "; ".join(errors))
 
