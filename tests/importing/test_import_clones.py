@@ -9,7 +9,6 @@ hand. The volume names of the other storages are checked offline, as PVE writes 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +18,7 @@ from reconciler.importing.template_writer import clone_of, linked_template
 from reconciler.model.spec import ProxmoxApi
 from reconciler.providers.proxmox import ProxmoxProvider
 from tests.cli.test_live import flags
-from tests.fakepve_fixtures import mutating_calls
-from tests.importing.test_import_vm_disks import run, written
+from tests.importing.test_import_vm_disks import assert_round_trip, run, written
 from tests.providers.vm_provisioning import NODE, TEMPLATE_VMID, make_template
 
 LINKED, FULL = 1101, 1102
@@ -75,20 +73,7 @@ def test_clones_import_adopt_and_then_plan_and_apply_nothing(
         capsys, "adopt", *addresses, "--dir", str(imported), "--auto-approve", *flags(pve_api)
     )
     assert code == 0, err + out
-    pve.requests.clear()
-    code, out, err = run(capsys, "plan", str(imported), "--format", "json", *flags(pve_api))
-    assert code == 0, err
-    plan = json.loads(out)
-    changes = {c["address"]: c for c in plan["changes"] if c["address"] in addresses}
-    assert {a: c["action"] for a, c in changes.items()} == dict.fromkeys(addresses, "no-op"), [
-        (a, c.get("fields")) for a, c in changes.items() if c["action"] != "no-op"
-    ]
-    assert not [d for d in plan["diagnostics"] if d["severity"] == "error"], plan["diagnostics"]
-    code, out, err = run(
-        capsys, "apply", str(imported), "--auto-approve", "--color", "never", *flags(pve_api)
-    )
-    assert code == 0, err + out
-    assert mutating_calls(pve) == []
+    assert_round_trip(capsys, imported, addresses, pve, pve_api)
 
 
 @pytest.mark.parametrize(

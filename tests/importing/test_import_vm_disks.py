@@ -101,6 +101,31 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     return code, out, err
 
 
+def assert_round_trip(
+    capsys: pytest.CaptureFixture[str],
+    imported: Path,
+    addresses: list[str],
+    pve: Any,
+    api: ProxmoxApi,
+) -> None:
+    """Once adopted: the plan of `imported` changes none of `addresses` and has no error, and
+    an apply sends Proxmox no write."""
+    pve.requests.clear()
+    code, out, err = run(capsys, "plan", str(imported), "--format", "json", *flags(api))
+    assert code == 0, err
+    plan = json.loads(out)
+    changes = {c["address"]: c for c in plan["changes"] if c["address"] in addresses}
+    assert {a: c["action"] for a, c in changes.items()} == dict.fromkeys(addresses, "no-op"), [
+        (a, c.get("fields")) for a, c in changes.items() if c["action"] != "no-op"
+    ]
+    assert not [d for d in plan["diagnostics"] if d["severity"] == "error"], plan["diagnostics"]
+    code, out, err = run(
+        capsys, "apply", str(imported), "--auto-approve", "--color", "never", *flags(api)
+    )
+    assert code == 0, err + out
+    assert mutating_calls(pve) == []
+
+
 @pytest.fixture
 def imported(
     pve: Any,
@@ -153,23 +178,11 @@ def test_every_guest_imports_adopts_and_then_plans_and_applies_nothing(
     for vmid in [*VMS, CT[0]]:
         config = (pve.vm(vmid) or pve.ct(vmid)).config
         assert "reconciler:v1 platform=zpack" in config["description"]
-    pve.requests.clear()
-
     code, out, err = run(capsys, "plan", str(imported), "--format", "json", *flags(pve_api))
     assert code == 0, err
-    plan = json.loads(out)
-    changes = {c["address"]: c for c in plan["changes"] if c["address"].startswith("guest/")}
-    assert set(changes) == set(addresses)
-    assert {a: c["action"] for a, c in changes.items()} == dict.fromkeys(addresses, "no-op"), [
-        (a, c.get("fields")) for a, c in changes.items() if c["action"] != "no-op"
-    ]
-    assert not [d for d in plan["diagnostics"] if d["severity"] == "error"], plan["diagnostics"]
-
-    code, out, err = run(
-        capsys, "apply", str(imported), "--auto-approve", "--color", "never", *flags(pve_api)
-    )
-    assert code == 0, err + out
-    assert mutating_calls(pve) == []
+    guests = {c["address"] for c in json.loads(out)["changes"] if c["address"].startswith("guest/")}
+    assert guests == set(addresses)
+    assert_round_trip(capsys, imported, addresses, pve, pve_api)
     # Nothing was added, detached or resized: every drive as it was.
     for vmid, (_, config) in VMS.items():
         have = pve.vm(vmid).config
