@@ -25,6 +25,9 @@ from tests.conftest import SPECS
 
 ENV = ("ZPACK_BRIDGE_SECRET", PVE_PASSWORD_ENV, "ZPACK_TSIG_SECRET", "ZPACK_NTFY_TOKEN")
 
+# The seven ways the demo breaks the platform (`Break.key`).
+BREAKS = {"velocity", "memory", "firewall", "foreign", "unready", "destroyed", "dns"}
+
 
 def alive(pid: int) -> bool:
     try:
@@ -123,15 +126,7 @@ def test_each_break_is_detected_by_the_plan_and_healed(
     # The cloud-init template the bastion was cloned from is foreign too: read, never touched.
     assert [f["name"] for f in plan.foreign] == ["debian-12-cloudinit", "hand-made"]
     by_key = {b.key: b for b in result.breaks}
-    assert set(by_key) == {
-        "velocity",
-        "memory",
-        "firewall",
-        "foreign",
-        "unready",
-        "destroyed",
-        "dns",
-    }
+    assert set(by_key) == BREAKS
     for b in result.breaks:
         assert b.detected, b
         assert b.ok, b
@@ -201,15 +196,7 @@ def test_every_process_started_is_gone_and_the_state_is_kept(
         json.loads(line) for line in (state / "logs" / "events.jsonl").read_text().splitlines()
     ]
     assert events[-1]["event"] == "finished" and events[-1]["ok"] is True
-    assert {e["key"] for e in events if e["event"] == "broke"} == {
-        "velocity",
-        "memory",
-        "firewall",
-        "foreign",
-        "unready",
-        "destroyed",
-        "dns",
-    }
+    assert {e["key"] for e in events if e["event"] == "broke"} == BREAKS
     assert (state / "logs" / "traefik-core.log").exists()
     assert (state / "named" / "named.conf").exists()
     assert (state / "logs" / "fakepve.log").exists()
