@@ -14,6 +14,7 @@ template`), through any proxmoxer client on a fakepve: the demo's lab (through
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -125,9 +126,10 @@ class FakePveProcess:
                 key,
                 "--user",
                 self.user,
-                "--password",
-                self.password,
             ],
+            # The password in fakepve's variable, not its arguments: no other user's `ps` shows
+            # it, and one that starts with "-" (a made one can) is not read as a flag.
+            env={**os.environ, "PVE_PASS": self.password},
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
