@@ -8,9 +8,9 @@
        and the DNS records are asked of the lab's named;
     2. break it the way production breaks: Velocity restarts and forgets its servers, a game
        server's memory is changed by hand, the agent-port firewall rule is deleted, a container
-       nobody declared appears in the game range, a game server's agent goes unready, another
-       game server is destroyed by hand (after the backup jobs ran once), and a DNS record is
-       changed by hand (where named runs);
+       nobody declared appears in the game range, a game server crashes (its agent not ready),
+       another game server is destroyed by hand (after the backup jobs ran once), and a DNS
+       record is changed by hand (where named runs);
     3. one cycle detects and heals each (the plan is shown first; the foreign container is
        reported, never touched; the destroyed server comes back from its newest backup), the
        agent comes back, the next cycle restores what was withheld, and the last plan is empty;
@@ -854,8 +854,8 @@ class Story:
         name = unready.guest
         s.line()
         s.say(
-            f"{name}'s agent answers ready again. The next cycle puts back what was withheld "
-            "while it was not."
+            f"{name}'s server is back up and its agent answers ready again. The next cycle puts "
+            "back what was withheld while it was not."
         )
         self.lab.agents[name].ready()
         self.lab.events.write("agent-ready", guest=name)
@@ -1087,13 +1087,14 @@ class Story:
         )
 
     def break_unready(self, guest: str, server: str | None) -> Break:
-        reason = "the world is still loading"
-        self.lab.agents[guest].unready(reason)
+        reason = "killed by the kernel: out of memory"
+        self.lab.agents[guest].crash(137, reason)
         routes = self._withheld_routes(guest)
         return Break(
             "unready",
-            f"{guest}'s agent stops answering ready ({reason!r})",
-            f"{guest}'s agent not ready",
+            f"{guest}'s game server crashes (exit 137, {reason!r}): its agent counts the crash "
+            "and stops answering ready",
+            f"{guest}'s game server crashed, its agent not ready",
             (*((f"velocity/{server}",) if server else ()), *routes),
             guest=guest,
             broken_at=self.clock(),

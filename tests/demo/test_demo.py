@@ -234,12 +234,21 @@ def test_the_dns_records_are_created_and_the_one_changed_by_hand_is_healed(
 def test_the_notifications_the_breaks_produced_reach_the_receiver_and_are_printed(
     demo: tuple[DemoResult, str, float],
 ) -> None:
-    """The notifier, fed as the service feeds it, told the spec's target `ops` once: what the
-    heal cycle put back (the restored guest, the memory, the firewall rule, Velocity's
-    registrations, the DNS record). Delivered by Apprise to the lab's receiver, with the token
-    the spec's URL references."""
+    """The notifier, fed as the service feeds it, told the spec's target `ops` three times:
+    what the heal cycle put back (the restored guest, the memory, the firewall rule, Velocity's
+    registrations, the DNS record), the game server that crashed (at once, not after
+    `unready_after`), and that it came back. Delivered by Apprise to the lab's receiver, with
+    the token the spec's URL references."""
     result, text, _ = demo
-    assert [(r.path, r.authorized, r.type) for r in result.received] == [("/ops", True, "warning")]
+    assert [(r.path, r.authorized, r.type) for r in result.received] == [
+        ("/ops", True, "warning"),
+        ("/ops", True, "failure"),
+        ("/ops", True, "success"),
+    ]
+    crashed, back = result.received[1:]
+    assert crashed.title == "[zpack] guest/mc-survival: crashed (1 since its agent started)"
+    assert "killed by the kernel: out of memory" in crashed.body["message"]
+    assert back.title == "[zpack] resolved: guest/mc-survival: crashed (1 since its agent started)"
     message = result.received[0]
     assert message.title.startswith("[zpack] drift healed: ")
     said = message.body["message"].splitlines()
@@ -251,7 +260,9 @@ def test_the_notifications_the_breaks_produced_reach_the_receiver_and_are_printe
     # The withheld routes that came back are the readiness gate at work, not drift.
     assert not [line for line in said if "route/" in line]
     assert [(n["event"], n["severity"], n["targets"]) for n in result.notifications] == [
-        ("drift-healed", "warning", {"ops": "sent"})
+        ("drift-healed", "warning", {"ops": "sent"}),
+        ("guest-unready", "error", {"ops": "sent"}),
+        ("guest-unready", "info", {"ops": "sent"}),
     ]
     title = message.title.removeprefix("[zpack] ")
     assert f"drift-healed  warning  {title}" in text
@@ -275,7 +286,7 @@ def test_without_redis_or_named_the_demo_says_so_and_goes_on(
     assert text.count(NAMED_MISSING) == 1
     assert "No changes. 67 resources match the spec." in text  # the DNS records left out
     assert "dns" not in {b.key for b in result.breaks}
-    assert [r.path for r in result.received] == ["/ops"]  # notifications go on
+    assert {r.path for r in result.received} == {"/ops"}  # notifications go on
     assert not [name for name, pid in result.pids.items() if alive(pid)]
 
 
