@@ -87,3 +87,55 @@ def test_a_changed_pyproject_is_announced_as_an_update(tmp_path: Path) -> None:
         "deploy/dev: pyproject.toml changed: updating reconciler and its test tools in .venv"
     )
     assert "creating" not in again.stderr
+
+
+STAND_INS = {
+    # root, with apt-get and systemd: what the install does is recorded, nothing is installed.
+    "id": "#!/usr/bin/env bash\necho 0\n",
+    "apt-get": (
+        "#!/usr/bin/env bash\n"
+        'echo "apt-get $* policy=$(cat "$DEPLOY_DEV_POLICY_RC_D" 2>/dev/null | tail -1)"'
+        ' >> "$LOG"\n'
+    ),
+    "systemctl": '#!/usr/bin/env bash\necho "systemctl $*" >> "$LOG"\n',
+}
+
+
+def test_the_demo_installs_named_with_its_service_left_off(tmp_path: Path) -> None:
+    """Debian starts and enables named (port 53, every address) when bind9 is installed: the
+    demo needs only the binary, so no service starts while apt-get runs (a policy-rc.d that
+    says 101, removed after) and the unit is disabled and stopped after."""
+    project = make_project(tmp_path)
+    assert dev(project, "--version").returncode == 0
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    for name, text in STAND_INS.items():
+        (tools / name).write_text(text)
+        (tools / name).chmod(0o755)
+    log, policy = tmp_path / "install.log", tmp_path / "policy-rc.d"
+    env = {
+        **os.environ,
+        "PYTHON": str(project.parent / "python3-fake"),
+        "PATH": f"{tools}:/usr/bin:/bin",  # the stand-ins, and no named (Debian's is in sbin)
+        "DEPLOY_DEV_SBIN": str(tmp_path / "no-sbin"),
+        "DEPLOY_DEV_POLICY_RC_D": str(policy),
+        "LOG": str(log),
+    }
+    done = subprocess.run(
+        ["bash", str(project / "deploy" / "dev"), "demo"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "installing bind9 (apt-get) for the demo's DNS records; its named service left off" in (
+        done.stderr
+    )
+    assert log.read_text().splitlines() == [
+        "apt-get install -y -qq bind9 policy=exit 101",
+        "systemctl disable --now named",
+    ]
+    assert not policy.exists()  # put back as it was: there was none
+    assert done.stdout == "reconciler 9.9.9 ran: demo\n"
