@@ -10,9 +10,11 @@ better than that: the Proxmox provider reads the running VM's `addresses` from
 address the agent lists (its interfaces in the guest's order, loopback and link-local left
 out), or, with none, its first IPv6 one: the address of the guest's first interface, net0 in
 a cloud image. While no address is known (the guest is not created yet, not running, its agent
-did not answer or lists none), the route or registration is withheld, with the reason the plan
-shows, never pointed at the host name (which a DHCP VM's resolver may not know, or may know as
-another guest's).
+lists none, or did not answer and nothing was written yet), the route or registration is
+withheld, with the reason the plan shows, never pointed at the host name (which a DHCP VM's
+resolver may not know, or may know as another guest's). A running VM whose agent did not answer
+this time keeps the backend its route was written with: a missed read (an agent busy or frozen
+by a backup's fs-freeze) withdraws nothing.
 
 A container, and a VM without the agent, keep their host name: nothing reports their address.
 The target is the last of the resource's `depends_on`, as `loading.graph` builds them.
@@ -38,6 +40,8 @@ class Backends:
 
     attributes: dict[str, dict[str, Any]] = field(default_factory=dict)
     withheld: dict[str, str] = field(default_factory=dict)
+    # address -> why its backend stays as observed: the VM runs but its agent did not answer
+    kept: dict[str, str] = field(default_factory=dict)
 
 
 def split_server(kind: Kind, value: str) -> tuple[str, str, str]:
@@ -107,8 +111,26 @@ def resolve(
         guest = owned.get(target)
         running = guest is not None and guest.attributes.get("state", "running") == "running"
         ip = agent_ip(guest.attributes.get("addresses") or ()) if guest and running else None
-        if ip is None:
-            out.withheld[res.address] = _why_unknown(target, guest)
-        else:
+        if ip is not None:
             out.attributes[res.address] = with_ip(res, ip)
+            continue
+        written = _written_backend(res, owned.get(res.address))
+        if guest is not None and running and "addresses" not in guest.attributes and written:
+            # The agent did not answer this time (busy, frozen by a backup's fs-freeze, slow,
+            # or not asked: a plan from a snapshot): the route stays where it was written,
+            # not withdrawn for a missed read. Its other fields are planned as usual.
+            out.attributes[res.address] = {**res.attributes, _BACKEND_FIELD[res.kind]: written}
+            out.kept[res.address] = (
+                f"{target}'s QEMU guest agent did not answer: the backend stays {written}"
+            )
+            continue
+        out.withheld[res.address] = _why_unknown(target, guest)
     return out
+
+
+def _written_backend(res: Resource, seen: ObservedResource | None) -> str | None:
+    """The backend an existing route or registration was written with, if any."""
+    if seen is None:
+        return None
+    value = seen.attributes.get(_BACKEND_FIELD[res.kind])
+    return str(value) if value else None

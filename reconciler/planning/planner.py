@@ -1144,6 +1144,10 @@ def _dhcp_backends(
         )
         for address, why in found.withheld.items()
     ]
+    diags += [
+        warning("backend-kept", why, position=graph.resources[address].position, address=address)
+        for address, why in found.kept.items()
+    ]
     return found.attributes, {**withheld, **found.withheld}, diags
 
 
@@ -1384,11 +1388,13 @@ def converged_state(graph: DesiredGraph, observed: ObservedState | None = None) 
     Used by `plan --base` (the base revision taken as applied) and by the property tests."""
     observed = observed or ObservedState()
     vmids, _ = allocate_vmids(graph, observed)
-    # A DHCP VM's route or registration is there only at an address its agent reported.
+    # A DHCP VM's route or registration is at the address its agent reported; with none known
+    # (`plan --base`: nothing observed), at the graph's host name, a stand-in the next plan
+    # keeps while the agent is not asked, so a change to the route's other fields still shows.
     found = backends.resolve(graph, observed)
     resources = []
     for res in graph.ordered():
-        allocated = None if res.address in found.withheld else _with_vmid(res, vmids)
+        allocated = _with_vmid(res, vmids)
         if allocated is None:
             continue
         attrs, ident = allocated

@@ -101,6 +101,13 @@ def with_edge(state: ObservedState, graph: DesiredGraph, **servers: str) -> Obse
     return state.model_copy(update={"resources": (*kept, *added)})
 
 
+def unrouted(graph: DesiredGraph) -> ObservedState:
+    """The platform as applied but the edge: no route or registration written yet."""
+    state = converged_state(graph)
+    kept = tuple(r for r in state.resources if r.address not in EDGE)
+    return state.model_copy(update={"resources": kept})
+
+
 def changes(plan: Plan) -> dict[str, Any]:
     return {c.address: c for c in plan.actions}
 
@@ -119,7 +126,7 @@ def backend(plan: Plan, address: str) -> Any:
 def test_the_graph_names_the_vm_by_its_host_name_and_the_plan_by_its_agents_address() -> None:
     graph = graph_of()
     assert graph.resources["route/core/ide"].attributes["server"] == "http://web-vm:8080"
-    state = with_vm(converged_state(graph), addresses=[V6, V4])
+    state = with_vm(unrouted(graph), addresses=[V6, V4])
     plan = make_plan(graph, state)
     assert not plan.errored and not withheld(plan)
     assert {a: changes(plan)[a].action for a in EDGE} == dict.fromkeys(EDGE, Action.CREATE)
@@ -132,7 +139,7 @@ def test_the_graph_names_the_vm_by_its_host_name_and_the_plan_by_its_agents_addr
 
 def test_an_ipv6_only_vm_gets_its_address_in_brackets_before_a_port() -> None:
     graph = graph_of()
-    plan = make_plan(graph, with_vm(converged_state(graph), addresses=[V6]))
+    plan = make_plan(graph, with_vm(unrouted(graph), addresses=[V6]))
     assert backend(plan, "route/core/ide") == "http://[2001:db8::5]:8080"
     assert backend(plan, "route/core/ssh") == "[2001:db8::5]:22"
     assert backend(plan, "velocity/lobby") == "2001:db8::5"
@@ -150,7 +157,7 @@ UNKNOWN = {
 def test_while_no_address_is_known_nothing_is_pointed_at_the_host_name(case: str) -> None:
     graph = graph_of()
     vm, why = UNKNOWN[case]
-    state = converged_state(graph)
+    state = unrouted(graph)
     if vm is None:
         state = state.model_copy(
             update={"resources": tuple(r for r in state.resources if r.address != "guest/web-vm")}
@@ -169,7 +176,7 @@ def test_while_no_address_is_known_nothing_is_pointed_at_the_host_name(case: str
 
 def test_an_address_change_moves_the_route_and_the_registration() -> None:
     graph = graph_of()
-    state = with_vm(converged_state(graph), addresses=["10.0.20.78/24"])
+    state = with_vm(unrouted(graph), addresses=["10.0.20.78/24"])
     state = with_edge(
         state, graph, ide="http://10.0.20.77:8080", ssh="10.0.20.77:22", lobby="10.0.20.77"
     )
@@ -189,7 +196,7 @@ def test_an_address_change_moves_the_route_and_the_registration() -> None:
 
 def test_a_route_whose_vm_stopped_is_withdrawn_without_pruning() -> None:
     graph = graph_of()
-    state = with_vm(converged_state(graph), state="stopped", addresses=None)
+    state = with_vm(unrouted(graph), state="stopped", addresses=None)
     state = with_edge(state, graph, ide="http://10.0.20.77:8080", lobby="10.0.20.77")
     plan = make_plan(graph, state)
     found = changes(plan)
@@ -203,7 +210,7 @@ def test_a_route_whose_vm_stopped_is_withdrawn_without_pruning() -> None:
 def test_a_hand_set_route_at_the_host_name_is_moved_to_the_agents_address() -> None:
     """A route written before the agent's address was used: moved, not kept."""
     graph = graph_of()
-    state = with_vm(converged_state(graph), addresses=[V4])
+    state = with_vm(unrouted(graph), addresses=[V4])
     state = with_edge(state, graph, ide="http://web-vm:8080")
     ide = changes(make_plan(graph, state))["route/core/ide"]
     assert ide.action is Action.UPDATE
@@ -228,7 +235,7 @@ def test_a_hand_set_route_at_the_host_name_is_moved_to_the_agents_address() -> N
 )
 def test_other_guests_keep_the_graphs_backend(edit: tuple[str, str], server: str) -> None:
     graph = graph_of(edit)
-    plan = make_plan(graph, with_vm(converged_state(graph), addresses=[V4]))
+    plan = make_plan(graph, with_vm(unrouted(graph), addresses=[V4]))
     assert backend(plan, "route/core/ide") == server
     assert not withheld(plan)
 
@@ -236,7 +243,7 @@ def test_other_guests_keep_the_graphs_backend(edit: tuple[str, str], server: str
 def test_the_readiness_gate_says_why_first() -> None:
     """A registration the readiness gate holds back is withheld once, for its readiness."""
     graph = graph_of()
-    state = with_vm(converged_state(graph), addresses=[])
+    state = with_vm(unrouted(graph), addresses=[])
     state = state.model_copy(
         update={"health": {"guest/web-vm": GuestHealth(running=True, reachable=False)}}
     )
@@ -245,10 +252,13 @@ def test_the_readiness_gate_says_why_first() -> None:
     assert "no static address" in said["route/core/ide"]  # `keep`: not gated on readiness
 
 
-def test_converged_state_holds_the_edge_only_at_a_known_address() -> None:
+def test_converged_state_holds_the_edge_at_the_agents_address_or_the_host_name() -> None:
     graph = graph_of()
+    # Nothing observed (`plan --base`): the graph's host name stands in for the address.
     bare = converged_state(graph)
-    assert not {r.address for r in bare.resources} & set(EDGE)
+    servers = {r.address: r.attributes for r in bare.resources if r.address in EDGE}
+    assert servers["route/core/ide"]["server"] == "http://web-vm:8080"
+    assert not make_plan(graph, bare).has_changes  # the stand-in is kept: no agent was asked
     seen = with_vm(bare, addresses=[V4])
     converged = converged_state(graph, seen)
     servers = {r.address: r.attributes for r in converged.resources if r.address in EDGE}
@@ -263,3 +273,30 @@ def test_converged_state_holds_the_edge_only_at_a_known_address() -> None:
         }
     )
     assert not make_plan(graph, again).has_changes
+
+
+def test_a_running_vm_whose_agent_did_not_answer_keeps_its_routes() -> None:
+    """A missed read (an agent busy, or frozen by a backup's fs-freeze) withdraws nothing: the
+    backends stay as written, with a warning; only the routes never written wait."""
+    graph = graph_of()
+    state = with_vm(unrouted(graph), addresses=None)  # running; the agent did not answer
+    state = with_edge(state, graph, ide="http://10.0.20.77:8080", lobby="10.0.20.77")
+    plan = make_plan(graph, state)
+    assert "route/core/ide" not in changes(plan) and "velocity/lobby" not in changes(plan)
+    assert backend(plan, "route/core/ide") == "http://10.0.20.77:8080"
+    kept = {d.address: d.message for d in plan.diagnostics if d.code == "backend-kept"}
+    assert set(kept) == {"route/core/ide", "velocity/lobby"}
+    assert "did not answer: the backend stays http://10.0.20.77:8080" in kept["route/core/ide"]
+    assert set(withheld(plan)) == {"route/core/ssh"}  # never written: nowhere to keep it at
+
+
+def test_a_pull_requests_edit_to_a_dhcp_vms_route_shows_in_its_plan() -> None:
+    """`plan --base`: both sides are converged states with no address known; a route's other
+    fields still show their change, at the host name's stand-in."""
+    base = graph_of()
+    edited = graph_of(("ide: {host: ide.example.org,", "ide: {host: code.example.org,"))
+    plan = make_plan(edited, converged_state(base))
+    ide = changes(plan)["route/core/ide"]
+    assert ide.action is Action.UPDATE
+    assert [f.path for f in ide.fields] == ["rule"]
+    assert set(changes(plan)) == {"route/core/ide"}
