@@ -39,10 +39,12 @@ A failed prerequisite is a ConflictError: the caller observes and plans again.
 
 Time: each exchange waits `timeout` (10 s) for the server, a transfer at most six times that
 in all; a zone's observation, its tries and backoffs included, at most `deadline` (30 s),
-after which it is a TemporaryError and the zone's records are left out of the plan. The plan of
-everything else waits for the slowest provider, so a DNS server that accepts and never answers
-(a firewall's black hole, a server stuck mid-transfer) costs a cycle 30 s, never minutes. An
-update is not cut short: once sent, it is waited for (its own timeout), so its outcome is known.
+after which it is a TemporaryError and the zone's records are left out of the plan. Each try's
+waits end by the deadline too, so no worker thread outlives it (a process waits for its
+threads). The plan of everything else waits for the slowest provider, so a DNS server that
+accepts and never answers (a firewall's black hole, a server stuck mid-transfer) costs a cycle
+30 s, never minutes. An update is not cut short: once sent, it is waited for (its own
+timeout), so its outcome is known.
 
 Errors (reconciler.model.errors), as `classify` hands them out:
 
@@ -64,6 +66,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -419,7 +422,10 @@ class DnsProvider:
         info = socket.getaddrinfo(zone.host, zone.port, type=socket.SOCK_STREAM)
         return str(info[0][4][0])
 
-    def _transfer(self, zone: ZoneAccess) -> dns.zone.Zone:
+    def _transfer(self, zone: ZoneAccess, until: float | None = None) -> dns.zone.Zone:
+        """The zone by AXFR. `until` (time.monotonic): the observation's deadline, which this
+        try's waits end by, so that no thread outlives it (a process waits for its threads)."""
+        left = self.timeout * 6 if until is None else max(0.1, until - time.monotonic())
         keyring = self._keyring(zone)
         query = dns.message.make_query(zone.zone + ".", dns.rdatatype.AXFR)
         query.use_tsig(keyring, keyname=zone.key_name, algorithm=zone.algorithm)
@@ -429,8 +435,8 @@ class DnsProvider:
             transferred,
             query,
             port=zone.port,
-            timeout=self.timeout,
-            lifetime=self.timeout * 6,
+            timeout=min(self.timeout, left),
+            lifetime=min(self.timeout * 6, left),
         )
         return transferred
 
@@ -467,10 +473,11 @@ class DnsProvider:
 
         async def one(zone: ZoneAccess) -> None:
             what = f"transfer (AXFR) of zone {zone.zone}"
+            until = time.monotonic() + self.deadline
             try:
                 with anyio.fail_after(self.deadline):
                     transferred = await self._run(
-                        zone, what, lambda: self._transfer(zone), abandon=True
+                        zone, what, lambda: self._transfer(zone, until), abandon=True
                     )
             except TimeoutError:
                 failed[zone.zone] = TemporaryError(

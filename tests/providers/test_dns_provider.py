@@ -9,6 +9,7 @@ wrong secret are errors that say which."""
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from collections.abc import Iterator
 
@@ -29,6 +30,7 @@ from reconciler.model.spec import DnsSpec, PlatformSpec, ProxmoxApi, SecretRef
 from reconciler.planning.planner import NEEDS_PRUNE, make_plan
 from reconciler.providers.dns import DnsProvider, RetryPolicy, ZoneAccess, dns_provider
 from tests.dns_fixtures import BASE, CONTROLLER_KEY, HAND_KEY, NamedServer, dns_section
+from tests.waiting import wait_for
 
 SRV = "        - {name: _minecraft._tcp.play.test, type: SRV, value: '0 5 25565 mc.play.test'}\n"
 MORE = (
@@ -278,6 +280,12 @@ def test_a_server_that_accepts_and_never_answers_costs_the_deadline_not_minutes(
         # Without the deadline: 4 tries of 30 s at least.
         assert time.monotonic() - started < slow.timeout
         assert "no answer within 0.5 s" in str(late.value) and "play.test" in str(late.value)
+        # Nor does the try's thread wait its 30 s on (the process would wait for it at exit).
+        wait_for(
+            lambda: not [t for t in threading.enumerate() if t.name == "AnyIO worker thread"],
+            "the transfer's worker thread ends by the deadline",
+            timeout=slow.timeout / 2,
+        )
     finally:
         hole.close()
 
