@@ -138,6 +138,7 @@ class FakePveProcess:
         line = self._proc.stdout.readline()
         if "listening on" not in line:
             err = self._proc.stderr.read() if self._proc.stderr else ""
+            self.stop()  # the process (if it still runs) and the certificate's directory
             raise RuntimeError(f"fakepve did not start: {line}{err}")
         self.url = line.strip().rsplit(" ", 1)[-1]
         client = self.client()

@@ -229,6 +229,8 @@ def start_named(
     for attempt in range(3):  # another process may take the free port between probe and bind
         port = free_port()
         conf = workdir / "named.conf"
+        conf.touch(mode=0o600)  # it holds the keys' secrets: its owner's only
+        conf.chmod(0o600)
         conf.write_text(named_conf(workdir, port, zones, secrets, algorithms, controllers))
         log = workdir / f"named-{attempt}.log"
         with log.open("wb") as out:
@@ -237,10 +239,14 @@ def start_named(
             )
         server = NamedServer(port, tuple(zones), secrets, proc, workdir, log, algorithms)
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and proc.poll() is None:
-            if _answers(port, zones[0]):
-                return server
-            time.sleep(0.02)
+        try:
+            while time.monotonic() < deadline and proc.poll() is None:
+                if _answers(port, zones[0]):
+                    return server
+                time.sleep(0.02)
+        except BaseException:  # Ctrl-C while it starts: no named left behind
+            server.stop()
+            raise
         server.stop()
         last = log.read_text(errors="replace")[-2000:]
     hint = ""

@@ -320,3 +320,9 @@ def moved(spec: PlatformSpec) -> DnsSpec:
     zone = spec.dns.zones["play.test"]
     provider = zone.provider.model_copy(update={"server": "127.0.0.1:53"})
     return DnsSpec(zones={"play.test": zone.model_copy(update={"provider": provider})})
+
+
+def test_the_servers_config_with_the_keys_secrets_is_its_owners_only(named: NamedServer) -> None:
+    conf = named.workdir / "named.conf"
+    assert named.secrets[CONTROLLER_KEY] in conf.read_text()
+    assert conf.stat().st_mode & 0o077 == 0
