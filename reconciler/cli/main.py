@@ -58,10 +58,20 @@ if TYPE_CHECKING:
 EXIT_OK, EXIT_ERROR, EXIT_CHANGES = 0, 1, 2
 
 
+# `validate --format json`: {"format": "reconciler/validate", "format_version": 1, "valid": BOOL,
+# "diagnostics": [{"severity", "code", "message", "file", "line", "column", "path", ...}]}.
+VALIDATE_FORMAT, VALIDATE_FORMAT_VERSION = "reconciler/validate", 1
+
+
 def _report_load(result: LoadResult, fmt: str, out: TextIO, color: bool) -> None:
     if fmt == "json":
         json.dump(
-            {"valid": result.ok, "diagnostics": [d.to_json() for d in result.diagnostics]},
+            {
+                "format": VALIDATE_FORMAT,
+                "format_version": VALIDATE_FORMAT_VERSION,
+                "valid": result.ok,
+                "diagnostics": [d.to_json() for d in result.diagnostics],
+            },
             out,
             indent=2,
         )
@@ -251,7 +261,7 @@ class VersionAction(argparse.Action):
 def parser() -> argparse.ArgumentParser:
     """The command line: one function a group of commands, each naming the function that runs
     it (`func`, a `Command`)."""
-    p = argparse.ArgumentParser(prog="reconciler", description=DESCRIPTION, epilog=EPILOG)
+    p = Parser(prog="reconciler", description=DESCRIPTION, epilog=EPILOG)
     p.add_argument("--version", action=VersionAction)
     # Every command's parser is a CommandParser; the groups need only an ArgumentParser's API.
     sub = cast(
@@ -318,7 +328,16 @@ ENVIRONMENT: tuple[tuple[str, str, str], ...] = (
         )
     ),
     ("", "--color", "NO_COLOR"),
+    ("", "--proxmox-token-env", "PVE_TOKEN_SECRET"),
+    ("lab", "--password-env", "PVE_PASSWORD"),
 )
+# What a variable does where it is not the default of its flag.
+ENV_MEANING = {
+    "NO_COLOR": "when set, --color auto means never",
+    "PVE_TOKEN_SECRET": "the API token's secret, where neither --proxmox-token-env nor the "
+    "spec's proxmox.token_secret names a variable",
+    "PVE_PASSWORD": "the lab's password when set (the default of --password-env); else one is made",
+}
 
 
 def environment_help(command: str, p: argparse.ArgumentParser) -> str:
@@ -331,11 +350,7 @@ def environment_help(command: str, p: argparse.ArgumentParser) -> str:
     width = max(len(var) for var, _ in rows)
     lines = [
         f"  {var.ljust(width)}  "
-        + (
-            "when set, --color auto means never"
-            if var == "NO_COLOR"
-            else f"default of {flag if flag.startswith('-') else flag.upper()}"
-        )
+        + ENV_MEANING.get(var, f"default of {flag if flag.startswith('-') else flag.upper()}")
         for var, flag in rows
     ]
     return "environment:\n" + "\n".join(lines) + "\n"
@@ -357,7 +372,17 @@ def deferred(target: str) -> Command:
     return run
 
 
-class CommandParser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, but a command line it cannot parse exits 1 (an error), not argparse's
+    2: with `plan --detailed-exitcode`, 2 means changes, and a mistyped flag in a CI script
+    must not read as that."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_ERROR, f"{self.prog}: error: {message}\n")
+
+
+class CommandParser(Parser):
     """A command's parser. With `deferred_args` ("module:function"), the command's own flags
     are defined beside an implementation too heavy to import for every command (the demo's,
     beside its lab): they are added when this command is parsed (its `--help` too), never when
@@ -404,7 +429,13 @@ def _add_spec_commands(sub: Subparsers) -> None:
     """The commands that read only the specs: validate, schema, graph."""
     v = sub.add_parser("validate", help="check the specs; exit 0 when clean, 1 otherwise")
     spec_dir_args(v)
-    v.add_argument("--format", choices=["text", "json", "github"], default="text")
+    v.add_argument(
+        "--format",
+        choices=["text", "json", "github"],
+        default="text",
+        help="json: {format: reconciler/validate, format_version: 1, valid, diagnostics}; "
+        "github: workflow commands that annotate the files",
+    )
     color_arg(v)
     v.set_defaults(func=cmd_validate)
     s = sub.add_parser("schema", help="print the JSON Schema of a spec file")
@@ -516,8 +547,16 @@ def entry() -> NoReturn:
     first, in its order: `threading._shutdown` (threading's own exit hooks, which stop idle
     executor workers such as Apprise's, then every non-daemon thread joined), the exit handlers
     (logging, temporary directories), output flushed. Without that hook (another Python), or
-    with output that cannot be flushed (a closed pipe), the interpreter's own exit runs."""
-    code = main()
+    with output that cannot be flushed, the interpreter's own exit runs. A reader that went
+    away (a pipe into `head`) ends the command with 1 and no traceback."""
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (`reconciler graph | head`): no traceback for that. Python's
+        # advice: stdout onto /dev/null, so that no later flush tries again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = EXIT_ERROR
     shutdown = getattr(threading, "_shutdown", None)
     if shutdown is None:
         sys.exit(code)

@@ -75,10 +75,10 @@ class Source:
 class Limits:
     """How much one load (a whole spec directory) may ask of the loader.
 
-    Far above what a real platform needs (the example: 7 files, 14 KB, 1,400 nodes of which
-    ~33 a guest, nesting 6 deep, one anchor), and low enough that the worst a hostile directory
-    can do costs a second or two and tens of MiB. Parsing is pure Python (~50,000 nodes or
-    ~1 MiB of text a second on a quiet machine), so nodes and bytes are what bound the time.
+    Far above what a real platform needs (the example: 10 files, 19 KB, ~1,600 nodes, nesting
+    6 deep, one anchor), and low enough that the worst a hostile directory can do costs a
+    second or two and tens of MiB. The budgeted composer counts every node in Python (the
+    scanning is libyaml's where installed), so nodes and bytes are what bound the time.
     """
 
     files: int = 1000

@@ -60,6 +60,7 @@ def test_validate_json_and_github_formats(
     code, out, _ = run(["validate", str(specs), "--format", "json"], capsys)
     doc = json.loads(out)
     assert code == 1 and doc["valid"] is False
+    assert (doc["format"], doc["format_version"]) == ("reconciler/validate", 1)
     found = {(d["code"], d["line"], d["path"]) for d in doc["diagnostics"]}
     assert ("unknown-reference", 2, "guests.x.host") in found
     code, out, _ = run(["validate", str(specs), "--format", "github"], capsys)

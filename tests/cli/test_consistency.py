@@ -22,7 +22,7 @@ import pytest
 
 from reconciler.cli import render
 from reconciler.cli.completion import completion_script
-from reconciler.cli.main import DESCRIPTION, ENVIRONMENT, main, parser
+from reconciler.cli.main import DESCRIPTION, ENV_MEANING, ENVIRONMENT, main, parser
 from reconciler.model import observed as observed_model
 from reconciler.model import plans
 from tests.cli.test_live import flags
@@ -208,7 +208,7 @@ SAMPLES = {"--log-format": ("text", "text"), "--log-level": ("debug", "debug")}
 
 
 @pytest.mark.parametrize(
-    "entry", [e for e in ENVIRONMENT if e[2] != "NO_COLOR"], ids=lambda e: e[2]
+    "entry", [e for e in ENVIRONMENT if e[2] not in ENV_MEANING], ids=lambda e: e[2]
 )
 def test_every_listed_variable_is_the_default_of_its_flag(
     entry: tuple[str, str, str], monkeypatch: pytest.MonkeyPatch
@@ -224,6 +224,18 @@ def test_every_listed_variable_is_the_default_of_its_flag(
         args = parser().parse_args([name, *required_args(found[name])])
         dest = next(a.dest for a in found[name]._actions if flag in (*a.option_strings, a.dest))
         assert getattr(args, dest) in ((want,) if want else ("7", 7.0)), (name, var)
+
+
+def test_the_variables_that_are_no_flags_default_are_the_ones_read() -> None:
+    """PVE_TOKEN_SECRET and the lab's PVE_PASSWORD are listed by what they mean: true to the
+    code that reads them."""
+    from reconciler.applying.connecting import DEFAULT_TOKEN_SECRET
+    from reconciler.cli.lab import DEFAULT_PASSWORD_ENV
+
+    assert DEFAULT_TOKEN_SECRET.env == "PVE_TOKEN_SECRET"
+    lab = parser().parse_args(["lab"])
+    assert lab.password_env == DEFAULT_PASSWORD_ENV == "PVE_PASSWORD"
+    assert {"PVE_TOKEN_SECRET", "PVE_PASSWORD"} <= set(ENV_MEANING)
 
 
 # --- help ----------------------------------------------------------------------------------------
@@ -447,3 +459,20 @@ def test_the_completion_command_prints_the_script(capsys: pytest.CaptureFixture[
     code, out, _ = run(["completion", "fish"], capsys)
     assert code == 0 and out == completion_script("fish", parser())
     assert "complete -c reconciler -n '__fish_seen_subcommand_from apply' -l format" in out
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["plan", "specs", "--detailed-exit-code"], ["plann"], ["apply", "--target"]],
+    ids=["mistyped-flag", "unknown-command", "missing-value"],
+)
+def test_a_command_line_that_does_not_parse_exits_1_not_2(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`plan --detailed-exitcode` says changes with 2: a CI script must not read a mistyped
+    flag as that. argparse's own code is 2; ours is 1, an error, as the epilog says."""
+    with pytest.raises(SystemExit) as done:
+        main(argv)
+    assert done.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("usage: reconciler") and "error:" in err

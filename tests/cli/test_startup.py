@@ -182,3 +182,21 @@ from reconciler.cli.main import main
 main(sys.argv[1:])
 sys.stdout.flush()
 """
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly() -> None:
+    """`reconciler graph specs | head -1`: the pipe closes under the command's writes. No
+    traceback, exit 1. The read end is closed before the command writes anything."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", ENTRY, "graph", str(SPECS)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()
+    err = proc.stderr.read()
+    proc.stderr.close()
+    assert proc.wait(timeout=120) == 1
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
