@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from reconciler.model.diagnostics import Diagnostic, has_errors
+from reconciler.model.errors import PermanentError
 from reconciler.model.resources import Kind
 
 FORMAT = "reconciler/plan"
@@ -404,6 +405,13 @@ def plan_from_json(doc: dict[str, Any]) -> Plan:
         final_backups=options.get("final_backups") is not False,
         backups=tuple(BackupFreshness.from_json(b) for b in doc.get("backups") or ()),
     )
+
+
+def refuse_blocked(change: Change) -> None:
+    """A blocked change (it destroys and pruning is off) is never applied, whoever hands it
+    over: the plan leaves it out of `actions`; every provider checks again before it acts."""
+    if change.blocked:
+        raise PermanentError(f"{change.address}: held back, not applied: {change.blocked}")
 
 
 # --- how a plan shows its values (the CLI, the demo, the notifications) -------------------

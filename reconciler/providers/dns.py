@@ -97,7 +97,7 @@ from reconciler.model.errors import (
     TemporaryError,
 )
 from reconciler.model.observed import ObservedResource
-from reconciler.model.plans import Action, Change
+from reconciler.model.plans import Action, Change, refuse_blocked
 from reconciler.model.resources import Kind, dns_address
 from reconciler.model.spec import (
     DNS_MARK_HERITAGE,
@@ -506,6 +506,7 @@ class DnsProvider:
             raise PermanentError(f"{change.address}: no provider for kind {change.kind.value}")
         if change.action is Action.NOOP:
             return
+        refuse_blocked(change)
         attrs = change.after or change.before or {}
         zone = self.zones.get(str(attrs.get("zone") or change.id.get("zone")))
         if zone is None:
@@ -514,7 +515,18 @@ class DnsProvider:
             )
         update = self._update(zone, change)
         what = f"{change.action.value} {change.address}"
-        await self._run(zone, what, lambda: self._send(zone, update, what))
+        try:
+            await self._run(zone, what, lambda: self._send(zone, update, what))
+        except ConflictError as exc:
+            if change.action is not Action.CREATE:
+                raise
+            attrs = change.after or {}
+            mark = mark_name(str(attrs["name"]), str(attrs["type"]))
+            raise ConflictError(
+                f"{what}: the name is taken since it was observed, or a TXT record at {mark} "
+                "that is not this platform's mark claims it (another platform's or "
+                f"external-dns's registry, or one made by hand): left as it is ({exc})"
+            ) from None
 
     def _update(self, zone: ZoneAccess, change: Change) -> dns.update.UpdateMessage:
         """The one update message that makes `change`, prerequisites first."""
@@ -536,7 +548,9 @@ class DnsProvider:
             else:
                 update.absent(owner, rtype)
                 update.absent(owner, "CNAME")
-            update.delete(mark, "TXT")  # a stale companion of ours (its records deleted by hand)
+            # Nothing at the companion's name either: a TXT there that is not our mark is
+            # another owner's claim (a stale one of ours is observed, and planned as an update).
+            update.absent(mark, "TXT")
             update.add(mark, ttl, ours)
             update.add(owner, ttl, *rdatas(rtype, change.after["values"]))
             return update

@@ -115,7 +115,14 @@ from reconciler.model.errors import (
     TemporaryError,
 )
 from reconciler.model.observed import ClusterFacts, NodeFacts, ObservedResource, StorageFacts
-from reconciler.model.plans import HOLD_START, RESTORE_FROM, Action, Change, FinalBackup
+from reconciler.model.plans import (
+    HOLD_START,
+    RESTORE_FROM,
+    Action,
+    Change,
+    FinalBackup,
+    refuse_blocked,
+)
 from reconciler.model.resources import Kind
 from reconciler.model.spec import ProxmoxApi
 from reconciler.model.units import parse_kv, parse_mib
@@ -630,9 +637,11 @@ def _storage_of(volume: Any) -> str | None:
 # Lookups of a guest that moves while we wait for its lock, before giving up for this run.
 _RELOCATES = 5
 
-# Locks held by a create or destroy task: the guest's identity (our mark, or the guest itself)
-# is only known once the task has ended, so observation waits for them.
-_TRANSIENT_LOCKS = frozenset({"create", "destroyed"})
+# Locks held by a create, clone or destroy task: the guest's identity (our mark, or the guest
+# itself) is only known once the task has ended, so observation waits for them. A VM clone in
+# progress has a temporary config (no name, no description: qemu-server writes the clone's at
+# the end); taken for a foreign guest it would be cloned again, under another vmid.
+_TRANSIENT_LOCKS = frozenset({"create", "destroyed", "clone"})
 
 
 @dataclass
@@ -817,7 +826,10 @@ class ProxmoxProvider:
         """The inventory once no create or destroy task holds a guest. A guest being created
         shows neither our tag nor our mark yet: judged then, an interrupted create of ours
         would look foreign (an errored plan, or a second guest under another vmid). Gives up
-        after `lock_timeout` and returns what it sees: a create stuck for good stays foreign."""
+        after `lock_timeout` and returns what it sees: a create stuck for good stays foreign.
+        A clone still running then is a TemporaryError: nothing is planned for the guests until
+        it ends, for a VM being cloned carries a temporary config (no name, no mark) and, taken
+        for a foreign guest, would be cloned again under another vmid."""
         tries = _Tries()
         while True:
             inv = await self.inventory()
@@ -829,6 +841,14 @@ class ProxmoxProvider:
                     LockedError(f"guest {busy[0]['vmid']} is locked ({busy[0]['lock']})"), tries
                 )
             except LockedError:
+                cloning = [g for g in busy if g.get("lock") == "clone"]
+                if cloning:
+                    g = cloning[0]
+                    raise TemporaryError(
+                        f"guest {g['vmid']} on {g.get('node')} is still being cloned (lock "
+                        f"clone) after {self.retry.lock_timeout:g} s: the guests are planned "
+                        "once it ends"
+                    ) from None
                 return inv
 
     async def observe(self, seen: Observation | None = None) -> list[ObservedResource]:
@@ -999,7 +1019,7 @@ class ProxmoxProvider:
         if change.kind is not Kind.GUEST:
             raise PermanentError(f"{change.address}: no provider for kind {change.kind.value}")
         _require_version(change)
-        _refuse_blocked(change)  # before anything moves: a migration, a replace's destroy
+        refuse_blocked(change)  # before anything moves: a migration, a replace's destroy
         match change.action:
             case Action.CREATE:
                 await self.create_guest(change)
@@ -1454,7 +1474,7 @@ class ProxmoxProvider:
 
     async def update_guest(self, change: Change) -> None:
         assert change.after is not None
-        _refuse_blocked(change)
+        refuse_blocked(change)
         paths = {f.path for f in change.fields}
         moved = sorted(p for p in paths if p.startswith("volumes.") and p.endswith(".storage"))
         if moved:
@@ -1654,7 +1674,7 @@ class ProxmoxProvider:
         (Its detached volumes, `unusedN`, go with it.)"""
         guest = self._guest(change)
         node = change.id["node"]
-        _refuse_blocked(change)
+        refuse_blocked(change)
         try:
             # The mark decides a destroy, not the digest: the whole guest goes, and a run cut
             # off after lifting its protection has changed its config since the plan.
@@ -1669,11 +1689,11 @@ class ProxmoxProvider:
         # Only here: this delete (or replace) was allowed by pruning, and Proxmox refuses to
         # destroy a protected or running guest. Lifted right before the destroy, in this apply.
         await self._unprotect_and_stop(change, config)
-        await self.run_task(
-            f"destroy {change.address}",
-            node,
-            lambda: guest.delete(purge=1, **{"destroy-unreferenced-disks": 1}),
-        )
+        # Not `destroy-unreferenced-disks`: it would also delete every volume named for this
+        # vmid on every storage that no config names (a disk kept from an earlier guest of the
+        # vmid, another cluster's on a shared storage): never observed, never in `destroys`,
+        # never proven ours. What the config names (unusedN included) goes, as the plan said.
+        await self.run_task(f"destroy {change.address}", node, lambda: guest.delete(purge=1))
 
     async def _unprotect_and_stop(self, change: Change, config: Mapping[str, Any]) -> None:
         """Before a destroy or a restore in place (both allowed, the guest checked ours): its
@@ -2056,13 +2076,6 @@ def _require_version(change: Change) -> None:
     guest is still what the plan saw."""
     if change.action in _VERSIONED and change.version is None:
         raise PermanentError(f"{change.address}: no observed version: re-plan")
-
-
-def _refuse_blocked(change: Change) -> None:
-    """A blocked change (it destroys data and pruning is off) is never applied, whoever
-    hands it over: the plan leaves it out of `actions`; this is the provider's own check."""
-    if change.blocked:
-        raise PermanentError(f"{change.address}: held back, not applied: {change.blocked}")
 
 
 def _refuse_protected(

@@ -41,7 +41,7 @@ import anyio
 
 from reconciler.model.errors import ConfigurationError, OwnershipError, PermanentError
 from reconciler.model.observed import ObservedResource
-from reconciler.model.plans import Action, Change
+from reconciler.model.plans import Action, Change, refuse_blocked
 from reconciler.model.resources import Kind
 from reconciler.model.spec import PlatformSpec, PveGotify, PveSmtp, PveWebhook, SecretRef
 from reconciler.providers import Observation
@@ -251,6 +251,7 @@ class NotificationProvider:
     async def apply(self, change: Change) -> None:
         if change.kind not in self.kinds:
             raise PermanentError(f"{change.address}: no provider for kind {change.kind.value}")
+        refuse_blocked(change)
         name = change.address.rsplit("/", 1)[1]
         before = change.before or {}
         after = change.after or {}

@@ -12,6 +12,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 
 import anyio
 import pytest
@@ -326,3 +327,35 @@ def test_the_servers_config_with_the_keys_secrets_is_its_owners_only(named: Name
     conf = named.workdir / "named.conf"
     assert named.secrets[CONTROLLER_KEY] in conf.read_text()
     assert conf.stat().st_mode & 0o077 == 0
+
+
+def test_another_owners_claim_at_the_companions_name_is_never_overwritten(
+    named: NamedServer,
+) -> None:
+    """A TXT at `_rc-a.<name>` that is not this platform's mark (another platform's registry,
+    external-dns's, a hand-made one) is someone's claim: the create is refused, saying so, and
+    the claim stays; the rest converges."""
+    spec = spec_of(named)
+    other = '"heritage=reconciler,platform=other,address=dns/mc-lobby.internal.test/A"'
+    named.hand_update("internal.test", ("add", "_rc-a.mc-lobby.internal.test.", 300, "TXT", other))
+    conv = run(spec)
+    report = conv.rounds[-1].report
+    assert report is not None
+    failed = {r.change.address: r.error for r in report.results if r.error}
+    assert "_rc-a.mc-lobby.internal.test" in failed["dns/mc-lobby.internal.test/A"]
+    assert "not this platform's mark" in failed["dns/mc-lobby.internal.test/A"]
+    assert named.lookup("_rc-a.mc-lobby.internal.test", "TXT") == [other]
+    assert named.lookup("mc-lobby.internal.test", "A") == []
+    assert named.lookup("velocity.internal.test", "A") == ["10.30.0.21"]  # the rest converged
+
+
+def test_a_held_back_delete_handed_over_anyway_is_refused(named: NamedServer) -> None:
+    """The plan leaves a blocked change out of its actions; the provider checks again."""
+    spec = spec_of(named)
+    assert run(spec).ok
+    plan = plan_now(spec)
+    seen = next(c for c in plan.changes if c.address == "dns/mc-lobby.internal.test/A")
+    held = replace(seen, action=Action.DELETE, after=None, blocked="needs pruning")
+    with pytest.raises(PermanentError, match="held back, not applied: needs pruning"):
+        anyio.run(provider_of(spec).apply, held)
+    assert named.lookup("mc-lobby.internal.test", "A") == ["10.20.0.10"]

@@ -22,6 +22,7 @@ import pytest
 
 from reconciler.applying.executor import Outcome
 from reconciler.applying.observing import observe_all
+from reconciler.model.errors import TemporaryError
 from reconciler.model.resources import DesiredGraph, Kind
 from reconciler.model.spec import ProxmoxApi
 from reconciler.planning.planner import make_plan
@@ -278,6 +279,25 @@ def test_a_lock_that_never_clears_fails_that_guest_only(
     assert config(provider, 1003)["memory"] == 8192
     assert config(provider, 1001)["memory"] == 1024  # never written while locked
     assert requests_to(pve, "PUT", "/lxc/1001/config") == []
+
+
+def test_a_clone_still_running_after_the_wait_stops_the_guests_plan(
+    graph: DesiredGraph, pve_api: ProxmoxApi, converged: ProxmoxProvider, pve: Any
+) -> None:
+    """A VM being cloned has a temporary config (in PVE: no name, no description): taken for a
+    foreign guest it would be cloned again. Past the lock wait, nothing is planned for the
+    guests, and the plan says which guest is still being cloned."""
+    provider = make_provider(pve_api, lock_timeout=60.0, lock_poll=5.0)
+    provider.client.nodes("pve-runtime").qemu.post(vmid=1090, name="being-cloned")
+    pve.vm(1090).lock = "clone"
+    pve.requests.clear()
+    with pytest.raises(TemporaryError, match=r"guest 1090 on pve-runtime is still being cloned"):
+        anyio.run(lambda: observe_all([provider], "zpack"))
+    with pytest.raises(TemporaryError):
+        run(graph, provider)
+    assert mutating_calls(pve) == []
+    pve.unlock(1090)  # the clone ended: planned again
+    assert anyio.run(lambda: observe_all([provider], "zpack")).resources
 
 
 def test_a_start_task_that_meets_a_lock_is_started_again(

@@ -745,3 +745,23 @@ def test_the_fake_refuses_a_resize_as_pve_does(
     assert pve.vm(150).config["scsi0"] == "local-lvm:vm-150-disk-0,size=16G"
     node.tasks(node.qemu(150).resize.put(disk="scsi0", size="+2G")).status.get()
     assert pve.vm(150).config["scsi0"] == "local-lvm:vm-150-disk-0,size=18G"
+
+
+def test_a_destroy_leaves_a_volume_its_config_does_not_name(
+    converged: ProxmoxProvider, pve: Any
+) -> None:
+    """A volume named for the vmid but in no config (a disk kept from an earlier guest of that
+    vmid, another cluster's on a shared storage) was never observed, listed in `destroys` nor
+    proven ours: a pruned destroy of the guest leaves it (no `destroy-unreferenced-disks`)."""
+    storage = converged.client.nodes("pve-core").storage("local-lvm")
+    storage.content.post(vmid=150, filename="vm-150-disk-7", size="1G")
+    head, rest = GUESTS.split("  db-vm:")
+    gone = load_edited(PLATFORM, head + "  build-vm:" + rest.split("  build-vm:")[1])
+    conv = run(gone, converged, allow_destroy=True)
+    report = conv.rounds[0].report
+    assert report is not None
+    deleted = [r.change.address for r in report.results if r.change.action is Action.DELETE]
+    assert deleted == ["guest/db-vm"]
+    volumes = {v["volid"] for v in storage.content.get()}
+    assert "local-lvm:vm-150-disk-7" in volumes
+    assert "local-lvm:vm-150-disk-0" not in volumes  # its own disk went with it, as announced
