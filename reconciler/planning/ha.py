@@ -18,6 +18,11 @@ An `ignored` resource leaves the guest to the API (pve-ha-manager `Config.pm`: "
 service behave as if they were not managed by HA"): its `state` is planned directly. So is a
 guest whose own HA resource leaves the spec: the resource is deleted at the end of the apply,
 and a start or stop before that only sets the state it is about to lose.
+
+An HA resource's mark names its address, but its sid says which guest HA starts and stops: an
+owned one whose sid is not its guest's (the guest of its address, owned, at its observed vmid
+and type) is a plan error (`sid_mismatch`), and nothing is planned for it, no update and no
+delete: acting on it would start, stop or release a guest that may not be the controller's.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from reconciler.model.diagnostics import Diagnostic, warning
+from reconciler.model.diagnostics import Diagnostic, Position, error, warning
 from reconciler.model.observed import ObservedResource, ObservedState
 from reconciler.model.plans import Action, Cause, Change
 from reconciler.model.resources import DesiredGraph, Kind, Resource, ha_sid
@@ -148,4 +153,31 @@ def held_by_foreign(
         f"controller by ending its comment with '{mark}'",
         position=res.position,
         address=res.address,
+    )
+
+
+def sid_mismatch(
+    ha_res: ObservedResource, guest: ObservedResource | None, position: Position | None
+) -> Diagnostic | None:
+    """An owned HA resource whose sid is not the sid of its guest (`guest`: the owned,
+    observed guest of its address, or None): an error naming both; None when they agree."""
+    address = str(ha_res.address)
+    sid = str(ha_res.id.get("sid"))
+    guest_address = guest_of(address)
+    if guest is not None and guest.kind is Kind.GUEST and "vmid" in guest.id:
+        vmid = int(guest.id["vmid"])
+        expected = ha_sid(str(guest.attributes.get("type") or "lxc"), vmid)
+        if expected == sid:
+            return None
+        why = f"{guest_address} is vmid {vmid} (sid {expected})"
+    else:
+        why = f"{guest_address} is not observed as the controller's"
+    return error(
+        "ha-sid-mismatch",
+        f"{address}: HA resource {sid} carries the controller's mark for {address}, but "
+        f"{why}: it is neither changed nor deleted (that would start, stop or release another "
+        f"guest). Remove the mark from the comment of {sid} (`ha-manager set {sid} --comment "
+        "...`) or remove the resource, then plan again",
+        position=position,
+        address=address,
     )

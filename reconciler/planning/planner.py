@@ -298,6 +298,12 @@ def _plan_resource(p: _Planning, res: Resource) -> Change | None:
     if res.kind is Kind.POOL:
         desired = _pool_members_now(p, res, desired)
     obs = p.owned.get(res.address)
+    if obs is not None and res.kind is Kind.HA and _guests_observed(p):
+        # Its sid must be its guest's, or the update would start or stop another guest.
+        mismatch = ha.sid_mismatch(obs, p.owned.get(str(res.attributes["guest"])), res.position)
+        if mismatch is not None:
+            p.diags.append(mismatch)
+            return None
     wave = p.graph.waves[res.address]
     if obs is None:
         change = _create(p, res, desired, ident, wave)
@@ -333,13 +339,19 @@ def _plan_resource(p: _Planning, res: Resource) -> Change | None:
 def _guest_unplanned(p: _Planning, res: Resource) -> bool:
     """A resource attached to a guest that was observed but got no change (a vmid or name
     problem, said where it was found): nothing of it can be addressed."""
-    guest_observed = p.observed_kinds is None or Kind.GUEST in p.observed_kinds
-    return guest_observed and res.attached_to not in p.changes
+    return _guests_observed(p) and res.attached_to not in p.changes
+
+
+def _guests_observed(p: _Planning) -> bool:
+    return p.observed_kinds is None or Kind.GUEST in p.observed_kinds
 
 
 def _pool_members_now(p: _Planning, res: Resource, desired: dict[str, Any]) -> dict[str, Any]:
-    """A pool's members reconciled in this plan (planning.pools.present_members)."""
-    existing = (a for a, r in p.owned.items() if r.kind is Kind.GUEST)
+    """A pool's members reconciled in this plan (planning.pools.present_members), at the
+    vmids of the owned guests observed (never the desired ones: another guest may hold it)."""
+    existing = {
+        a: int(r.id["vmid"]) for a, r in p.owned.items() if r.kind is Kind.GUEST and "vmid" in r.id
+    }
     positions = {a: r.position for a, r in p.graph.resources.items() if r.kind is Kind.GUEST}
     homes = pools.foreign_homes(p.observed)
     desired, said = pools.present_members(res, desired, existing, homes, positions)
@@ -1174,6 +1186,12 @@ def _deletes(
             # is still in the spec, without `ha`, is removed: that destroys nothing (the guest
             # runs on; HA only stops managing it), so it needs no pruning.
             continue
+        if r.kind is Kind.HA:
+            # Only when its sid is its guest's: another guest's HA is not ours to release.
+            wrong = ha.sid_mismatch(r, owned.get(ha.guest_of(r.address)), None)
+            if wrong is not None:
+                diags.append(wrong)
+                continue
         # Velocity registrations and routes are soft state: what the edge is told about guests,
         # rebuilt from the spec at any time (a Velocity restart forgets every registration
         # anyway). Deleting one loses nothing, so it needs neither pruning nor --allow-destroy,

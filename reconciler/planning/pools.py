@@ -7,9 +7,12 @@ controller's own guests in it; other members are never read into it, so never re
 
 Membership. A declared pool's desired members are the spec's guests that name it; planned now
 are those that exist (a guest to be created joins with its create's `pool=`, so the pool's
-change, which runs before it, never adds a vmid nobody holds yet). A guest of ours in a pool
-the controller does not own is not moved out of it: a foreign pool is never changed (it may
-grant its users rights on its members), so the guest stays where it is, with a warning.
+change, which runs before it, never adds a vmid nobody holds yet), each at the vmid the guest
+carrying our mark was observed at, never its desired one: a renumbered guest's new vmid may
+be someone else's guest, which `allow-move` would take out of its pool into ours. A guest of
+ours in a pool the controller does not own is not moved out of it: a foreign pool is never
+changed (it may grant its users rights on its members), so the guest stays where it is, with a
+warning.
 
 A declared pool whose name a pool without the controller's mark holds is a plan error: it is
 not the controller's to change, and a guest created "into it" would land in someone else's
@@ -47,14 +50,14 @@ def foreign_homes(observed: ObservedState) -> dict[str, str]:
 def present_members(
     res: Resource,
     desired: dict[str, Any],
-    existing: Iterable[str],
+    existing: Mapping[str, int],
     homes: Mapping[str, str],
     positions: Mapping[str, Any],
 ) -> tuple[dict[str, Any], list[Diagnostic]]:
     """The pool's desired attributes with the members reconciled now: guests that exist
-    (`existing`, owned guest addresses) and are not in a foreign pool (each of those a
-    warning, at its guest)."""
-    there = set(existing)
+    (`existing`: owned guest address -> its observed vmid) and are not in a foreign pool (each
+    of those a warning, at its guest). Their `vmids` are the observed ones."""
+    there = existing
     kept: list[str] = []
     diags: list[Diagnostic] = []
     for guest in desired.get("members") or ():
@@ -62,7 +65,7 @@ def present_members(
             continue  # created into the pool by its own create
         home = homes.get(guest)
         if home is not None and home != res.name:
-            vmid = (desired.get("vmids") or {}).get(guest, "VMID")
+            vmid = there[guest]
             diags.append(
                 warning(
                     "pool-foreign-member",
@@ -76,8 +79,7 @@ def present_members(
             )
             continue
         kept.append(guest)
-    vmids = desired.get("vmids") or {}
-    out = {**desired, "members": kept, "vmids": {g: vmids[g] for g in kept if g in vmids}}
+    out = {**desired, "members": kept, "vmids": {g: there[g] for g in kept}}
     return out, diags
 
 

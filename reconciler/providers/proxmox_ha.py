@@ -25,6 +25,10 @@ cluster, so any other change in between, a start through the API included, would
 - delete: read again; gone is done; ours, then `DELETE .../{sid}`. The guest stays as it is
   (running or not): HA only stops managing it. A removal destroys nothing, so the planner asks
   no pruning for it; an HA resource whose guest left the spec goes with its guest instead.
+Before each write or delete, the guest at the sid (`GET /cluster/resources`, its config) must
+carry our mark for the change's guest (`after.guest`, else the guest of its address): an HA
+resource on another guest is refused (a PermanentError naming both), never started, stopped or
+released.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from reconciler.model.observed import ObservedResource
 from reconciler.model.plans import Action, Change
 from reconciler.model.resources import Kind
 from reconciler.providers import Observation
-from reconciler.providers.proxmox import MARK_PREFIX, ProxmoxProvider
+from reconciler.providers.proxmox import MARK_PREFIX, ProxmoxProvider, claimed, read_mark
 
 _HA_MARK = re.compile(
     rf"(?:^|\s){re.escape(MARK_PREFIX)} platform=(?P<platform>\S+) "
@@ -150,6 +154,7 @@ class HaProvider:
         match change.action:
             case Action.CREATE:
                 assert change.after is not None
+                await self._require_guest(change, sid)
                 params = create_params(self.platform, change.address, sid, change.after)
                 try:
                     await self.pve.retrying(
@@ -162,6 +167,7 @@ class HaProvider:
             case Action.UPDATE | Action.REPLACE:
                 assert change.after is not None
                 await self._require_ours(change, sid)
+                await self._require_guest(change, sid)
                 params = update_params(change.after, {f.path for f in change.fields})
                 if params:
                     await self.pve.retrying(
@@ -170,6 +176,7 @@ class HaProvider:
             case Action.DELETE:
                 if not await self._require_ours(change, sid, gone_ok=True):
                     return  # gone already (its guest destroyed with purge)
+                await self._require_guest(change, sid)
                 await self.pve.retrying(f"delete {change.address}", lambda: resources(sid).delete())
             case _:
                 raise PermanentError(
@@ -200,3 +207,29 @@ class HaProvider:
                 "left alone"
             )
         return True
+
+    async def _require_guest(self, change: Change, sid: str) -> None:
+        """The guest at `sid` (its vmid, its type) carries our mark for the change's guest:
+        an HA resource is never written or removed for another guest than the one it names."""
+        guest = str(
+            (change.after or {}).get("guest")
+            or f"{Kind.GUEST.value}/{change.address.removeprefix(Kind.HA.value + '/')}"
+        )
+        prefix, _, number = sid.partition(":")
+        kind = {"ct": "lxc", "vm": "qemu"}.get(prefix)
+        inventory = await self.pve.inventory()
+        item = next(
+            (g for g in inventory.guests if str(g.get("vmid")) == number and g.get("type") == kind),
+            None,
+        )
+        if item is not None and not int(item.get("template") or 0):
+            node = self.pve.client.nodes(item["node"])
+            config = await self.pve.get(f"read config of {number}", node(kind)(int(number)).config)
+            mark, _ = read_mark(config.get("description"))
+            if claimed(mark, self.platform, int(number)) == guest:
+                return
+        raise PermanentError(
+            f"{change.address}: HA resource {sid} is not on {guest}: "
+            f"{'no guest' if item is None else 'the guest'} at {sid} carries no mark of the "
+            f"controller for {guest}; it is left alone (re-plan)"
+        )

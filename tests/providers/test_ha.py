@@ -8,13 +8,16 @@ refused at its line. Assertions read what Proxmox holds and fakepve's request lo
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
+import anyio
 import pytest
 
 from reconciler.loading.loader import load_texts
-from reconciler.model.plans import HOLD_START, Action, Plan
-from reconciler.model.resources import DesiredGraph
+from reconciler.model.errors import PermanentError
+from reconciler.model.plans import HOLD_START, Action, Change, FieldChange, Plan
+from reconciler.model.resources import DesiredGraph, Kind
 from reconciler.providers.firewall import FirewallProvider
 from reconciler.providers.proxmox import ProxmoxProvider
 from reconciler.providers.proxmox_ha import HaProvider
@@ -196,3 +199,69 @@ def test_a_guest_with_a_firewall_and_ha_converges(
     assert power(provider.client) == "running"
     assert ha_of(provider.client)["ct:1000"]["state"] == "started"
     assert changed(plan_now(graph, both)) == {}
+
+
+def _foreign_ha_with_our_mark(pve: Any, provider: ProxmoxProvider) -> None:
+    """The reviewer's case: a container the controller does not own (1001), whose HA resource
+    carries our mark for ha/mc-lobby, naming its own sid."""
+    pve.add_ct(1001, "ops-tools", node="pve-runtime", status="stopped")
+    provider.client.cluster.ha.resources.post(
+        sid="ct:1001",
+        state="stopped",
+        comment="reconciler:v1 platform=zpack address=ha/mc-lobby sid=ct:1001",
+    )
+
+
+def ha_calls(pve: Any) -> list[tuple[str, str]]:
+    return [(m, p) for m, p in mutating_calls(pve) if "/cluster/ha/resources" in p]
+
+
+def test_an_ha_resource_of_ours_on_another_guest_is_a_conflict(
+    pve: Any, provider: ProxmoxProvider, providers: list[Any]
+) -> None:
+    without = spec(("    ha: {state: started, max_restart: 2}\n", ""))
+    ok(run(without, providers))  # mc-lobby is vmid 1000, with no HA resource
+    _foreign_ha_with_our_mark(pve, provider)
+    for graph in (spec(), without):  # an update to `started`; the delete of a dropped `ha`
+        plan = plan_now(graph, providers, allow_destroy=True)
+        assert plan.errored
+        wrong = [d for d in plan.diagnostics if d.code == "ha-sid-mismatch"]
+        assert [d.address for d in wrong] == ["ha/mc-lobby"]
+        assert "ct:1001" in wrong[0].message and "ct:1000" in wrong[0].message
+        assert "ha/mc-lobby" not in changed(plan)
+        pve.requests.clear()
+        run(graph, providers, allow_destroy=True)
+        assert ha_calls(pve) == [] and power_calls(pve) == []
+    assert ha_of(provider.client)["ct:1001"]["state"] == "stopped"
+    assert str(provider.client.nodes("pve-runtime").lxc(1001).status.current.get()["status"]) == (
+        "stopped"
+    )
+
+
+def test_the_provider_refuses_an_ha_change_for_another_guest(
+    pve: Any, provider: ProxmoxProvider, providers: list[Any]
+) -> None:
+    """A change (a saved plan, a forged one) that addresses another guest's HA resource for
+    ours: refused before any write, naming it."""
+    ok(run(spec(("    ha: {state: started, max_restart: 2}\n", "")), providers))
+    _foreign_ha_with_our_mark(pve, provider)
+    ha_provider = HaProvider(pve=provider)
+    after = {"guest": "guest/mc-lobby", "state": "started", "max_restart": 1, "max_relocate": 1}
+    update = Change(
+        "ha/mc-lobby",
+        Kind.HA,
+        Action.UPDATE,
+        0,
+        id={"sid": "ct:1001"},
+        before={**after, "state": "stopped"},
+        after=after,
+        fields=(FieldChange("state", "stopped", "started"),),
+    )
+    delete = replace(update, action=Action.DELETE, after=None, fields=())
+    create = replace(update, action=Action.CREATE, before=None, fields=())
+    pve.requests.clear()
+    for change in (update, delete, create):
+        with pytest.raises(PermanentError, match=r"ct:1001 is not on guest/mc-lobby"):
+            anyio.run(ha_provider.apply, change)
+    assert ha_calls(pve) == []
+    assert ha_of(provider.client)["ct:1001"]["state"] == "stopped"

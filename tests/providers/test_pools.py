@@ -176,3 +176,25 @@ def test_a_pool_that_left_the_spec_goes_only_with_pruning(
     provider.client.pools.put(poolid="games", vms=1050, delete=1)
     ok(run(graph, providers, allow_destroy=True))
     assert [p["poolid"] for p in provider.client.pools.get()] == []
+
+
+def test_a_foreign_guest_at_a_members_desired_vmid_is_not_moved_in(
+    pve: Any, provider: ProxmoxProvider, providers: list[Any]
+) -> None:
+    """mc-lobby is renumbered to 1002, where someone else's guest of the same name sits (only
+    a warning: an adoption pending). The pool gets the guest that carries our mark, 1000; the
+    other one stays in its own pool."""
+    ok(run(spec(("    pool: games\n", "")), providers))  # the pool, empty
+    pve.add_ct(1002, "mc-lobby", node="pve-runtime")
+    provider.client.pools.post(poolid="ops", comment="by hand")
+    provider.client.pools.put(poolid="ops", vms=1002)
+    graph = spec(("    vmid: 1000\n", "    vmid: 1002\n"))
+    plan = plan_now(graph, providers)
+    update = next(c for c in plan.changes if c.address == "pool/games")
+    assert update.after is not None
+    assert update.after["vmids"] == {"guest/mc-lobby": 1000, "guest/mc-survival": 1001}
+    pve.requests.clear()
+    ok(run(graph, providers))
+    assert {b["vms"] for b in request_bodies(pve, "PUT", "/pools")} == {"1000", "1001"}
+    assert pool(provider.client, "games")["members"] == [1000, 1001]
+    assert pool(provider.client, "ops")["members"] == [1002]
