@@ -14,7 +14,8 @@ spec's notification targets (Apprise URLs) what broke, what healed and who leads
                             openings (`isolation`) and stale or missing backups (`backup-stale`);
                             from any observation with agents' health, a guest not ready (a crash
                             included) for longer than `notifications.unready_after`
-                            (`guest-unready`)
+                            (`guest-unready`); and what its applied changes destroyed
+                            (`destroyed`: one summary a cycle, each destroy told)
     leadership(...)         the lease gained (info), lost (an incident until regained), released
 
 Nothing else decides what people hear; no provider notifies.
@@ -22,9 +23,9 @@ Nothing else decides what people hear; no provider notifies.
 **Once per incident.** A condition the service sees every cycle (a failed change, a held-back
 destroy, a stale backup) is an incident keyed by (event, subject): told when it opens, told
 "resolved" when it clears (to the targets that heard of it), and not repeated while it lasts.
-One-off news (drift healed, leadership gained) is told once. Every message, sent or not, is a
-`notification` line in the log and an entry of `/status` (`notifications.recent`, with the open
-incidents and each target's counts): with no target configured, they are still listed.
+One-off news (drift healed, destroyed, leadership gained) is told once. Every message, sent or
+not, is a `notification` line in the log and an entry of `/status` (`notifications.recent`, with
+the open incidents and each target's counts): with no target configured, they are still listed.
 
 **Never in the cycle's way.** The cycle only queues: each message goes out from a task of the
 notifier's own task group (`run`), one at a time per target, within the target's `timeout`;
@@ -32,6 +33,7 @@ a target that hangs or fails delays only its own messages. Failures are counted
 (`reconciler_notifications_total{target,result="failed"}`) and logged once per incident
 ("notification target failing", then "... recovered"). At most `max_per_hour` messages go to a
 target in any hour; the rest are counted as suppressed, and the next message sent says how many.
+A `destroyed` summary is never suppressed (it counts toward the hour): what is gone is news.
 At most `MAX_PENDING` wait per target; more are dropped and counted.
 
 **Secrets.** A target's URL holds `{env:NAME}`/`{file:/path}` references, read when a message is
@@ -68,7 +70,15 @@ from reconciler.controller.status import (
 )
 from reconciler.model.errors import ConfigurationError
 from reconciler.model.observed import ObservedState
-from reconciler.model.plans import Cause, Freshness, Plan, shown_address, shown_value
+from reconciler.model.plans import (
+    Action,
+    Cause,
+    Change,
+    Freshness,
+    Plan,
+    shown_address,
+    shown_value,
+)
 from reconciler.model.resources import Kind
 from reconciler.model.spec import (
     NOTIFICATION_EVENTS,
@@ -100,6 +110,7 @@ class Event(enum.StrEnum):
     ISOLATION = "isolation"
     LEADERSHIP = "leadership"
     BACKUP_STALE = "backup-stale"
+    DESTROYED = "destroyed"
 
 
 assert tuple(Event) == NOTIFICATION_EVENTS  # one list of events, two spellings
@@ -387,7 +398,9 @@ class Notifier:
         full: bool,
     ) -> None:
         """A full (or edge) cycle's plan, observation and apply reports."""
-        self._drift(list(reports), revision)
+        done = list(reports)
+        self._drift(done, revision)
+        self._destroyed(done)
         if full:
             self._held_back(plan)
             self._isolation(plan, observed)
@@ -460,6 +473,26 @@ class Notifier:
         self.announce(
             Event.DRIFT_HEALED, subject, Finding(Severity.WARNING, title, "\n".join(lines))
         )
+
+    def _destroyed(self, reports: list[ApplyReport]) -> None:
+        """What the cycle's applied changes destroyed (disks, or a guest deleted or replaced),
+        which a gate allowed: one summary, never an incident (each destroy is news)."""
+        gone = [
+            r.change
+            for report in reports
+            for r in report.results
+            if r.outcome is Outcome.DONE and _destroying(r.change)
+        ]
+        if not gone:
+            return
+        lines = [_destroy_line(c) for c in gone]
+        names = ", ".join(shown_address(c) for c in gone[:3])
+        more = f" and {len(gone) - 3} more" if len(gone) > 3 else ""
+        subject = f"cycle at {rfc3339(self.wall())}"
+        # A warning: the spec and its gate asked for it; nothing is broken. It reaches the
+        # default `min_severity` and is never suppressed by the hourly limit (`_admit`).
+        finding = Finding(Severity.WARNING, f"destroyed: {names}{more}", "\n".join(lines))
+        self.announce(Event.DESTROYED, subject, finding)
 
     def _held_back(self, plan: Plan) -> None:
         found = {}
@@ -639,7 +672,7 @@ class Notifier:
         for name in told:
             target = self.targets[name]
             body = finding.body
-            delivery = self._admit(target)
+            delivery = self._admit(target, limited=record.event is not Event.DESTROYED)
             if delivery is Delivery.QUEUED and target.held:
                 body += (
                     f"\n({target.held} earlier notification{'s' if target.held > 1 else ''} "
@@ -654,12 +687,13 @@ class Notifier:
             else:
                 self._count(target, delivery)
 
-    def _admit(self, target: Target) -> Delivery:
-        """Within the target's hourly limit and queue? Counts it against the limit if so."""
+    def _admit(self, target: Target, *, limited: bool = True) -> Delivery:
+        """Within the target's hourly limit (unless not `limited`) and queue? Counts it
+        against the limit if so."""
         now = self.clock()
         while target.sent_at and now - target.sent_at[0] >= HOUR:
             target.sent_at.popleft()
-        if len(target.sent_at) >= target.max_per_hour:
+        if limited and len(target.sent_at) >= target.max_per_hour:
             target.held += 1
             return Delivery.SUPPRESSED
         if target.pending >= MAX_PENDING:
@@ -777,6 +811,34 @@ class Notifier:
             ],
             "recent": [r.to_json() for r in self.recent],
         }
+
+
+def _destroying(change: Change) -> bool:
+    """Whether a change destroys something: disks it names, or a guest deleted or replaced."""
+    return bool(change.destroys) or (
+        change.kind is Kind.GUEST and change.action in (Action.DELETE, Action.REPLACE)
+    )
+
+
+def _destroy_line(change: Change) -> str:
+    """`- guest/mc-x (vmid 1001 on pve-runtime): delete; destroyed rootfs 8 GiB; after a final
+    backup to storage 'backup' (backup/worlds)`."""
+    vmid, node = change.id.get("vmid"), change.id.get("node")
+    where = " ".join(
+        part
+        for part in (f"vmid {vmid}" if vmid is not None else "", f"on {node}" if node else "")
+        if part
+    )
+    head = f"{change.action.symbol} {shown_address(change)}" + (f" ({where})" if where else "")
+    what = ", ".join(change.destroys) or ("the guest" if change.kind is Kind.GUEST else "?")
+    text = f"{head}: {change.action.value}; destroyed {what}"
+    backup = change.final_backup
+    if backup is not None:
+        job = f" ({backup.job})" if backup.job else ""
+        text += f"; after a final backup to storage {backup.storage!r}{job}"
+    elif change.kind is Kind.GUEST and change.action in (Action.DELETE, Action.REPLACE):
+        text += "; no final backup"
+    return text
 
 
 def _short(value: Any, limit: int = 60) -> str:

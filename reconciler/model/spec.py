@@ -1416,6 +1416,7 @@ NotificationEvent = Literal[
     "isolation",  # a live firewall opening the isolation policies forbid
     "leadership",  # this replica gained or lost the leader lease
     "backup-stale",  # a guest's newest backup is older than its job's max_age, or missing
+    "destroyed",  # what a cycle destroyed (pruning allowed): one summary per cycle
 ]
 NOTIFICATION_EVENTS: tuple[NotificationEvent, ...] = (
     "change-failed",
@@ -1426,6 +1427,7 @@ NOTIFICATION_EVENTS: tuple[NotificationEvent, ...] = (
     "isolation",
     "leadership",
     "backup-stale",
+    "destroyed",
 )
 NotificationSeverity = Literal["info", "warning", "error"]
 # `{env:NAME}` or `{file:/path}` inside a notification URL: resolved when a message is sent.

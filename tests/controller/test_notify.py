@@ -414,3 +414,104 @@ def test_a_crash_is_told_at_once_and_resolved_when_the_guest_serves_again() -> N
     after = observe(**{"guest/mc": back})
     assert after[-1] == ("resolved", "resolved: guest/mc: crashed (3 since its agent started)")
     assert len(after) == 2
+
+
+def test_what_a_cycle_destroyed_is_one_message_each_cycle_never_suppressed(
+    http: HttpReceiver,
+) -> None:
+    """A pruned guest delete after its final backup: one `destroyed` message naming the guest,
+    its vmid and the backup, sent every cycle that destroys (each destroy is news), past the
+    hourly limit. A cycle that destroys nothing (an update, a delete that failed) sends none;
+    a destroy held back (pruning off) is `held-back` only."""
+    from reconciler.applying.executor import ApplyReport, Outcome, Result
+    from reconciler.model.plans import Action, Cause, Change, FieldChange, FinalBackup, Plan
+    from reconciler.model.resources import Kind
+
+    spec = spec_with(f"    ops: {{url: 'json://127.0.0.1:{http.port}/ops', max_per_hour: 1}}\n")
+    notifier, clock = make(spec)
+    empty = Plan("zpack", (), "")
+
+    def delete(name: str, vmid: int, **more: Any) -> Change:
+        return Change(
+            f"guest/{name}",
+            Kind.GUEST,
+            Action.DELETE,
+            0,
+            id={"vmid": vmid, "node": "pve-runtime"},
+            destroys=("rootfs 8 GiB",),
+            cause=Cause.NOT_IN_SPEC,
+            **more,
+        )
+
+    backup = FinalBackup("backup", job="backup/worlds")
+    pruned = delete("mc-old", 1005, final_backup=backup)
+    update = Change(
+        "guest/mc-lobby", Kind.GUEST, Action.UPDATE, 0, fields=(FieldChange("memory", 1, 2),)
+    )
+    held = delete("mc-held", 1006, blocked="pruning is off (platform.prune)")
+
+    def destroyed() -> list[dict[str, Any]]:
+        return [b for _p, _h, b in http.got if b["title"].startswith("[zpack] destroyed")]
+
+    async def body() -> None:
+        # Something else fills the hour: the destroy is sent all the same.
+        notifier.announce(Event.DRIFT_HEALED, "cycle", Finding(Severity.WARNING, "drift", "x"))
+        done = ApplyReport([Result(pruned, Outcome.DONE), Result(update, Outcome.DONE)])
+        notifier.planned(empty, None, [done], revision="r1", full=True)
+        await eventually(lambda: len(destroyed()) == 1 and notifier.inflight == 0)
+        # Nothing destroyed: an update, a delete that failed, a dry run; a held-back destroy.
+        nothing = ApplyReport(
+            [
+                Result(update, Outcome.DONE),
+                Result(delete("mc-gone", 1007), Outcome.FAILED, "storage is offline"),
+                Result(delete("mc-dry", 1008), Outcome.DRY_RUN),
+            ]
+        )
+        notifier.planned(Plan("zpack", (held,), ""), None, [nothing], revision="r1", full=True)
+        clock.now += 60
+        # The next cycle destroys again (a replace, its disks named): told again.
+        replace_of = Change(
+            "guest/mc-new",
+            Kind.GUEST,
+            Action.REPLACE,
+            0,
+            id={"vmid": 1009, "node": "pve-runtime"},
+            destroys=("rootfs 8 GiB", "mp0 50 GiB"),
+        )
+        notifier.planned(
+            Plan("zpack", (held,), ""),
+            None,
+            [ApplyReport([Result(replace_of, Outcome.DONE)])],
+            revision="r1",
+            full=True,
+        )
+        await eventually(lambda: len(destroyed()) == 2 and notifier.inflight == 0)
+
+    running(notifier, body)
+    first, second = destroyed()
+    assert first["title"] == "[zpack] destroyed: guest/mc-old"
+    assert first["type"] == "warning"
+    assert first["message"] == (
+        "- guest/mc-old (vmid 1005 on pve-runtime): delete; destroyed rootfs 8 GiB; "
+        "after a final backup to storage 'backup' (backup/worlds)"
+    )
+    assert second["title"] == "[zpack] destroyed: guest/mc-new"
+    assert second["message"].splitlines() == [
+        "-/+ guest/mc-new (vmid 1009 on pve-runtime): replace; destroyed rootfs 8 GiB, "
+        "mp0 50 GiB; no final backup",
+        "(1 earlier notification suppressed by the limit of 1 an hour: /status lists them)",
+    ]
+    events = [(r.event, r.title) for r in notifier.recent]
+    assert events == [
+        (Event.DRIFT_HEALED, "drift"),
+        (Event.DESTROYED, "destroyed: guest/mc-old"),
+        (Event.HELD_BACK, "guest/mc-held: delete held back"),
+        (Event.DESTROYED, "destroyed: guest/mc-new"),
+    ]
+    # The held-back destroy went to the same hour's limit: suppressed, never a `destroyed`.
+    assert notifier.recent[2].deliveries == {"ops": "suppressed"}
+    assert [r.deliveries for r in notifier.recent if r.event is Event.DESTROYED] == [
+        {"ops": "sent"},
+        {"ops": "sent"},
+    ]
+    assert "mc-gone" not in str(http.got) and "mc-dry" not in str(http.got)
