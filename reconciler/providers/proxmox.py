@@ -1680,7 +1680,17 @@ class ProxmoxProvider:
             # off after lifting its protection has changed its config since the plan.
             config = await self._checked_config(change, any_version=True)
         except NotFoundError:
-            return  # already gone: a re-run after a crash
+            # Gone from its node: gone (a re-run after a crash), unless it moved (HA relocated
+            # it, someone migrated it) since the plan: then it is planned again, not "done".
+            inv = await self.inventory()
+            vmid = int(change.id["vmid"])
+            elsewhere = [g.get("node") for g in inv.guests if int(g.get("vmid", -1)) == vmid]
+            if elsewhere:
+                raise TemporaryError(
+                    f"{change.address}: vmid {vmid} is on {elsewhere[0]} now, not {node} (moved "
+                    "since the plan): not destroyed; observed and planned again"
+                ) from None
+            return
         if change.final_backup is not None:
             # Ours, and about to go: its last backup first. A failed one stops the destroy.
             await self.backup_guest(change, change.final_backup)

@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from fakepve.model import PveError
 from reconciler.applying.executor import Outcome, execute
 from reconciler.cli.main import main
 from reconciler.demo.lab import CLOUD_TEMPLATE_NAME, CLOUD_TEMPLATE_VMID
+from reconciler.model.errors import TemporaryError
 from reconciler.model.plans import Action, Plan
 from reconciler.model.resources import DesiredGraph
 from reconciler.model.spec import ProxmoxApi
@@ -589,3 +590,28 @@ def test_a_migration_cut_off_by_sigkill_is_picked_up_by_the_next_apply(
         timeout=60,
     )
     assert again.returncode == 0, again.stdout + again.stderr
+
+
+def test_a_destroy_planned_on_a_node_the_guest_left_is_not_reported_done(
+    converged: ProxmoxProvider, pve2: Any, graph: DesiredGraph
+) -> None:
+    """HA (or someone) moved the guest after the plan: the destroy finds nothing at the planned
+    node. It is not "already gone": the guest stands elsewhere, so the change is not done and
+    nothing is destroyed; the next plan sees where it is."""
+    client = converged.client
+    plan = plan_now(graph, converged)
+    item = where(client, 1001)[0]
+    change = next(c for c in plan.changes if c.address == "guest/mc-survival")
+    doomed = replace(
+        change,
+        action=Action.DELETE,
+        before=change.after,
+        after=None,
+        id={"vmid": 1001, "node": item["node"]},
+        fields=(),
+    )
+    client.nodes(item["node"]).lxc(1001).migrate.post(target=NEW_NODE, restart=1)
+    wait_for(lambda: where(client, 1001)[0]["node"] == NEW_NODE, "the migration ends")
+    with pytest.raises(TemporaryError, match=f"vmid 1001 is on {NEW_NODE} now"):
+        anyio.run(converged.apply, doomed)
+    assert [g["node"] for g in where(client, 1001)] == [NEW_NODE]
