@@ -1696,6 +1696,7 @@ class ProxmoxProvider:
             await self.backup_guest(change, change.final_backup)
             # A backup can take minutes: the guest is read, and proven ours, once more.
             config = await self._checked_config(change, any_version=True)
+        await self._refuse_foreign_backup_jobs(change)
         # Only here: this delete (or replace) was allowed by pruning, and Proxmox refuses to
         # destroy a protected or running guest. Lifted right before the destroy, in this apply.
         await self._unprotect_and_stop(change, config)
@@ -1704,6 +1705,28 @@ class ProxmoxProvider:
         # vmid, another cluster's on a shared storage): never observed, never in `destroys`,
         # never proven ours. What the config names (unusedN included) goes, as the plan said.
         await self.run_task(f"destroy {change.address}", node, lambda: guest.delete(purge=1))
+
+    async def _refuse_foreign_backup_jobs(self, change: Change) -> None:
+        """A destroy with `purge` takes the vmid out of every backup job that lists it, and
+        deletes a job it leaves empty (pve-manager): a job that is not this platform's is
+        never changed so, and a guest replaced at the same vmid would silently drop out of
+        its operator's job. Refused before anything is destroyed, naming the jobs."""
+        from reconciler.providers.proxmox_backup import read_job_mark
+
+        vmid = str(change.id["vmid"])
+        jobs = await self.get("read the backup jobs", self.client.cluster.backup)
+        foreign = []
+        for job in jobs or ():
+            listed = {v.strip() for v in str(job.get("vmid") or "").split(",")}
+            claim, _ = read_job_mark(job.get("comment"), str(job.get("id")))
+            if vmid in listed and (claim is None or claim.platform != self.platform):
+                foreign.append(str(job.get("id")))
+        if foreign:
+            raise PermanentError(
+                f"{change.address}: vmid {vmid} is listed in backup job(s) {', '.join(foreign)}, "
+                "not this platform's: destroying it would take it out of them (and delete a job "
+                "left empty). Nothing destroyed: take the vmid out of those jobs first"
+            )
 
     async def _unprotect_and_stop(self, change: Change, config: Mapping[str, Any]) -> None:
         """Before a destroy or a restore in place (both allowed, the guest checked ours): its

@@ -16,7 +16,8 @@ Per feature, as PVE checks each call the controller makes (the README's role is 
   (`/sdn/zones/localnetwork/{bridge}[/{vlan}]`); `Sys.Modify` on `/` for a privileged
   container; feature flags other than nesting only root@pam may set (no role grants that);
 - firewall: `Sys.Audit` on `/` always (observation reads the cluster's firewall: the isolation
-  check needs its switch); `Sys.Modify` on `/` when the spec declares cluster options, aliases,
+  check needs its switch; a guest's destroy reads the backup jobs with it, refusing when a job
+  not ours lists the vmid); `Sys.Modify` on `/` when the spec declares cluster options, aliases,
   IP sets or groups; a guest's own firewall is its `VM.Config.Network`;
 - cluster facts (placement checks): `Sys.Audit` on each host's node, `Datastore.Audit` (or
   `Datastore.AllocateSpace`) on each storage the guests use;
