@@ -1708,24 +1708,27 @@ class ProxmoxProvider:
 
     async def _refuse_foreign_backup_jobs(self, change: Change) -> None:
         """A destroy with `purge` takes the vmid out of every backup job that lists it, and
-        deletes a job it leaves empty (pve-manager): a job that is not this platform's is
-        never changed so, and a guest replaced at the same vmid would silently drop out of
-        its operator's job. Refused before anything is destroyed, naming the jobs."""
+        deletes a job it leaves empty, or out of a job's `exclude` list (pve-guest-common's
+        `remove_vmid_from_backup_jobs`): a job that is not this platform's is never changed
+        so (a guest replaced at the same vmid would silently drop out of its operator's job,
+        or into one that excluded it). Refused before anything is destroyed, naming the jobs."""
         from reconciler.providers.proxmox_backup import read_job_mark
 
         vmid = str(change.id["vmid"])
         jobs = await self.get("read the backup jobs", self.client.cluster.backup)
         foreign = []
         for job in jobs or ():
-            listed = {v.strip() for v in str(job.get("vmid") or "").split(",")}
+            field = "vmid" if job.get("vmid") is not None else "exclude"
+            listed = {v.strip() for v in re.split(r"[,;\s]+", str(job.get(field) or ""))}
             claim, _ = read_job_mark(job.get("comment"), str(job.get("id")))
             if vmid in listed and (claim is None or claim.platform != self.platform):
                 foreign.append(str(job.get("id")))
         if foreign:
             raise PermanentError(
                 f"{change.address}: vmid {vmid} is listed in backup job(s) {', '.join(foreign)}, "
-                "not this platform's: destroying it would take it out of them (and delete a job "
-                "left empty). Nothing destroyed: take the vmid out of those jobs first"
+                "not this platform's (in its vmid or exclude list): destroying it would take it "
+                "out of them (and delete a job left empty). Nothing destroyed: take the vmid out "
+                "of those jobs first"
             )
 
     async def _unprotect_and_stop(self, change: Change, config: Mapping[str, Any]) -> None:

@@ -251,15 +251,18 @@ def test_an_allowed_destroy_takes_a_final_backup_first(
     assert all(int(g["vmid"]) != 1000 for g in provider.client.cluster.resources.get(type="vm"))
 
 
+@pytest.mark.parametrize(
+    "listed", [{"vmid": "1000"}, {"all": 1, "exclude": "1000,1001"}], ids=["vmid", "exclude"]
+)
 def test_a_destroy_that_would_take_a_guest_out_of_an_operators_job_is_refused(
-    providers: list[Any], provider: ProxmoxProvider, pve: Any
+    providers: list[Any], provider: ProxmoxProvider, pve: Any, listed: dict[str, Any]
 ) -> None:
     """PVE's purge takes the vmid out of every backup job that lists it (and deletes a job left
     empty): an operator's own job is never changed so. The destroy is refused, naming the job;
     the guest, its backups and the job stay as they were."""
     ok(run(spec(), providers))
     client = provider.client
-    client.cluster.backup.post(id="ops-lobby", schedule="02:00", storage="local", vmid="1000")
+    client.cluster.backup.post(id="ops-lobby", schedule="02:00", storage="local", **listed)
     without = load_edited(PLATFORM, WITHOUT_LOBBY)
     conv = run(without, providers, allow_destroy=True)
     report = conv.rounds[-1].report
@@ -268,7 +271,8 @@ def test_a_destroy_that_would_take_a_guest_out_of_an_operators_job_is_refused(
     assert "backup job(s) ops-lobby, not this platform's" in str(failed.error)
     assert "Nothing destroyed" in str(failed.error)
     assert any(int(g["vmid"]) == 1000 for g in client.cluster.resources.get(type="vm"))
-    assert jobs(client)["ops-lobby"]["vmid"] == "1000"
+    field = "vmid" if "vmid" in listed else "exclude"
+    assert jobs(client)["ops-lobby"][field] == listed[field]
 
 
 def test_a_failed_final_backup_stops_the_destroy(
