@@ -20,9 +20,9 @@ from typing import Any
 from reconciler.loading.dns_records import check_dns
 from reconciler.loading.pools_ha import check_pools_and_ha
 from reconciler.loading.provisioning import check_provisioning
-from reconciler.loading.sources import PathT, Source, dotted
+from reconciler.loading.sources import PathT, Source, spec_error, written_at
 from reconciler.loading.templates import check_templates
-from reconciler.model.diagnostics import Diagnostic, error
+from reconciler.model.diagnostics import Diagnostic
 from reconciler.model.resources import job_id
 from reconciler.model.spec import (
     FirewallRule,
@@ -38,33 +38,6 @@ from reconciler.model.spec import (
 Check = Callable[[PlatformSpec, Source], Iterator[Diagnostic]]
 
 
-def _err(
-    source: Source,
-    code: str,
-    message: str,
-    path: PathT,
-    *,
-    key: bool = False,
-    related: PathT | None = None,
-) -> Diagnostic:
-    other = source.where(related) if related is not None else None
-    return error(
-        code,
-        message,
-        position=source.where(path, key=key),
-        path=dotted(path),
-        related=(other,) if other else (),
-    )
-
-
-def _at(source: Source, path: PathT) -> str:
-    """` (file:line)` of `path`, to name where the other half of a clash is written."""
-    pos = source.where(path)
-    if pos is None:
-        return ""
-    return f" ({pos.file}:{pos.line})" if pos.line else f" ({pos.file})"
-
-
 def _missing(kind: str, name: str, known: Collection[str]) -> str:
     close = difflib.get_close_matches(name, [str(k) for k in known], n=1, cutoff=0.6)
     hint = f"; did you mean {close[0]!r}?" if close else ""
@@ -76,7 +49,7 @@ def check_references(spec: PlatformSpec, source: Source) -> Iterator[Diagnostic]
     for ref in _references(spec):
         if ref.name not in ref.known:
             message = _missing(ref.kind, ref.name, ref.known) + ref.note
-            yield _err(source, "unknown-reference", message, ref.path)
+            yield spec_error(source, "unknown-reference", message, ref.path)
     yield from _self_dependencies(spec, source)
     yield from _unmanaged_declared(spec, source)
     yield from _firewall_names(spec, source)
@@ -141,7 +114,7 @@ def _self_dependencies(spec: PlatformSpec, source: Source) -> Iterator[Diagnosti
     for gname, guest in spec.guests.items():
         for i, dep in enumerate(guest.depends_on):
             if dep == gname:
-                yield _err(
+                yield spec_error(
                     source,
                     "dependency-cycle",
                     f"guest {gname!r} depends on itself",
@@ -155,7 +128,7 @@ def _unmanaged_declared(spec: PlatformSpec, source: Source) -> Iterator[Diagnost
     declared = {name.lower() for name in spec.velocity.servers}
     for i, name in enumerate(spec.velocity.unmanaged):
         if name.lower() in declared:
-            yield _err(
+            yield spec_error(
                 source,
                 "velocity-unmanaged-declared",
                 f"velocity server {name!r} is both declared in `servers` and listed as "
@@ -178,7 +151,7 @@ def _firewall_names(spec: PlatformSpec, source: Source) -> Iterator[Diagnostic]:
             else:
                 continue
             if name not in known:
-                yield _err(source, "unknown-reference", _missing(kind, name, known), path)
+                yield spec_error(source, "unknown-reference", _missing(kind, name, known), path)
 
 
 def _looks_like_ip(value: str) -> bool:
@@ -226,7 +199,7 @@ def check_unique(spec: PlatformSpec, source: Source) -> Iterator[Diagnostic]:
         by_node[spec.node_of(hname)].append(hname)
     for node, names in by_node.items():
         for other in names[1:]:
-            yield _err(
+            yield spec_error(
                 source,
                 "duplicate-name",
                 f"host {other!r} names node {node!r}, already used by host {names[0]!r}",
@@ -243,10 +216,10 @@ def _already_used(
     for what, names in users.items():
         first: PathT = ("guests", names[0], field)
         for other in names[1:]:
-            yield _err(
+            yield spec_error(
                 source,
                 code,
-                f"{what} is already used by guest {names[0]!r}{_at(source, first)}",
+                f"{what} is already used by guest {names[0]!r}{written_at(source, first)}",
                 ("guests", other, field),
                 key=key,
                 related=first,
@@ -274,7 +247,7 @@ def check_cycles(spec: PlatformSpec, source: Source) -> Iterator[Diagnostic]:
                     first = min(cycle)
                     i = cycle.index(first)
                     ordered = cycle[i:] + cycle[:i] + [first]
-                    yield _err(
+                    yield spec_error(
                         source,
                         "dependency-cycle",
                         "depends_on forms a cycle: " + " -> ".join(ordered),
@@ -305,7 +278,7 @@ def check_capacity(spec: PlatformSpec, source: Source) -> Iterator[Diagnostic]:
         limit_cores = host.capacity.cores * pol.cpu_overcommit
         limit_mem = host.capacity.memory * pol.memory_overcommit
         if cores[hname] > limit_cores:
-            yield _err(
+            yield spec_error(
                 source,
                 "capacity",
                 f"guests on host {hname!r} ask for {cores[hname]} cores; it has "
@@ -313,7 +286,7 @@ def check_capacity(spec: PlatformSpec, source: Source) -> Iterator[Diagnostic]:
                 ("hosts", hname, "capacity", "cores"),
             )
         if memory[hname] > limit_mem:
-            yield _err(
+            yield spec_error(
                 source,
                 "capacity",
                 f"guests on host {hname!r} ask for {memory[hname]} MiB of memory; it has "
@@ -335,7 +308,7 @@ def check_routes(spec: PlatformSpec, source: Source) -> Iterator[Diagnostic]:
                 key = (route.type, host, path)
                 if key in claimed:
                     field = "host" if route.type == "http" else "sni"
-                    yield _err(
+                    yield spec_error(
                         source,
                         "duplicate-route",
                         f"{host}{path} is already claimed by route {claimed[key]!r} "
@@ -349,7 +322,7 @@ def check_routes(spec: PlatformSpec, source: Source) -> Iterator[Diagnostic]:
         for sname, server in spec.velocity.servers.items():
             if server.forced_host:
                 if server.forced_host in forced:
-                    yield _err(
+                    yield spec_error(
                         source,
                         "duplicate-forced-host",
                         f"forced host {server.forced_host} is already used by Velocity "
@@ -361,7 +334,7 @@ def check_routes(spec: PlatformSpec, source: Source) -> Iterator[Diagnostic]:
         lowered: dict[str, str] = {}
         for sname in spec.velocity.servers:
             if sname.lower() in lowered:
-                yield _err(
+                yield spec_error(
                     source,
                     "duplicate-name",
                     f"Velocity server names are case-insensitive: {sname!r} clashes with "
@@ -379,7 +352,7 @@ def check_networks(spec: PlatformSpec, source: Source) -> Iterator[Diagnostic]:
         names: set[str] = set()
         for i, nic in enumerate(guest.network):
             if nic.name in names:
-                yield _err(
+                yield spec_error(
                     source,
                     "duplicate-name",
                     f"interface {nic.name!r} appears twice in guest {gname!r}",
@@ -391,10 +364,11 @@ def check_networks(spec: PlatformSpec, source: Source) -> Iterator[Diagnostic]:
                 at: PathT = ("guests", gname, "network", i, "ip")
                 if addr in seen:
                     owner, first = seen[addr]
-                    yield _err(
+                    yield spec_error(
                         source,
                         "duplicate-address",
-                        f"address {addr} is already used by guest {owner!r}{_at(source, first)}",
+                        f"address {addr} is already used by guest {owner!r}"
+                        f"{written_at(source, first)}",
                         at,
                         related=first,
                     )
@@ -410,7 +384,7 @@ def check_backups(spec: PlatformSpec, source: Source) -> Iterator[Diagnostic]:
     for jname, job in sorted(spec.backups.items(), key=lambda kv: (kv[1].id is not None, kv[0])):
         ident = job.id or job_id(f"backup/{jname}")
         if ident in ids:
-            yield _err(
+            yield spec_error(
                 source,
                 "backup-job-id",
                 f"backup jobs {ids[ident]!r} and {jname!r} both use the Proxmox job id "
@@ -424,7 +398,7 @@ def check_backups(spec: PlatformSpec, source: Source) -> Iterator[Diagnostic]:
         both = set(job.select.guests) & set(job.select.exclude)
         for name in sorted(both):
             i = job.select.exclude.index(name)
-            yield _err(
+            yield spec_error(
                 source,
                 "backup-selection",
                 f"backup job {jname!r} both selects and excludes guest {name!r}",
@@ -435,7 +409,7 @@ def check_backups(spec: PlatformSpec, source: Source) -> Iterator[Diagnostic]:
             g not in spec.guests for g in named
         )  # reported by check_references
         if not both and not unknown and not selected_guests(spec, job.select):
-            yield _err(
+            yield spec_error(
                 source,
                 "backup-selection",
                 f"backup job {jname!r} selects no guest of the spec; Proxmox keeps no job "
@@ -461,7 +435,7 @@ def check_volumes(spec: PlatformSpec, source: Source) -> Iterator[Diagnostic]:
 def _guest_volumes(gname: str, guest: GuestSpec, source: Source) -> Iterator[Diagnostic]:
     """`check_volumes` for one guest."""
     if guest.kind == "lxc" and guest.disk.bus is not None:
-        yield _err(
+        yield spec_error(
             source,
             "invalid-value",
             "disk: a container's root disk is its rootfs: "
@@ -475,7 +449,7 @@ def _guest_volumes(gname: str, guest: GuestSpec, source: Source) -> Iterator[Dia
     for key, vol in sorted(guest.volumes.items()):
         at: PathT = ("guests", gname, "volumes", key)
         if key == boot:
-            yield _err(
+            yield spec_error(
                 source,
                 "invalid-value",
                 f"{key} is a VM's boot disk (disk.bus {guest.disk.bus or 'scsi'}): size "
@@ -488,7 +462,7 @@ def _guest_volumes(gname: str, guest: GuestSpec, source: Source) -> Iterator[Dia
         elif guest.kind == "qemu":
             for field in ("path", "options"):
                 if getattr(vol, field) is not None:
-                    yield _err(
+                    yield spec_error(
                         source,
                         "invalid-value",
                         f"{key}.{field}: a VM disk has no {field}; it is mounted inside the VM",
@@ -506,7 +480,7 @@ def _wrong_volume_kind(key: str, kind: str, source: Source, at: PathT) -> Diagno
         if kind == "lxc"
         else "disks scsi0..scsi30, virtio0..virtio15, sata0..sata5, ide0..ide3"
     )
-    return _err(
+    return spec_error(
         source,
         "volume-kind",
         f"volume {key!r} is {what}, but this guest is kind {kind}: its volumes are {takes}",
@@ -520,7 +494,7 @@ def _mount_path(
 ) -> Iterator[Diagnostic]:
     """A container mount point's path: given, and unique in its guest."""
     if vol.path is None:
-        yield _err(
+        yield spec_error(
             source,
             "missing-field",
             f"mount point {key!r} needs 'path': where the container sees it (e.g. /srv/world)",
@@ -528,7 +502,7 @@ def _mount_path(
             key=True,
         )
     elif vol.path in paths:
-        yield _err(
+        yield spec_error(
             source,
             "duplicate-mount-path",
             f"{key}.path {vol.path} is already the path of {paths[vol.path]} in guest {gname!r}",
@@ -604,7 +578,7 @@ def check_marks(spec: PlatformSpec, source: Source) -> Iterator[Diagnostic]:
             continue
         said.add(seen)
         field = "description" if path[-1] == "description" else "comment"
-        yield _err(
+        yield spec_error(
             source,
             "forged-mark",
             f"this {field} holds text that reads as the controller's ownership mark "
@@ -630,7 +604,7 @@ def check_notifications(spec: PlatformSpec, source: Source) -> Iterator[Diagnost
         for name in named:
             where: PathT = (*at, section, name)
             if not re.match(r"^[a-z][a-z0-9_-]+\Z", name):
-                yield _err(
+                yield spec_error(
                     source,
                     "invalid-name",
                     f"{name!r} is not a PVE notification name: a letter first, then letters, "
@@ -639,7 +613,7 @@ def check_notifications(spec: PlatformSpec, source: Source) -> Iterator[Diagnost
                     key=True,
                 )
             if name in PVE_BUILTIN_NOTIFICATIONS:
-                yield _err(
+                yield spec_error(
                     source,
                     "notification-builtin",
                     f"{name!r} is PVE's built-in {section[:-1]}; the controller does not manage "
@@ -648,10 +622,11 @@ def check_notifications(spec: PlatformSpec, source: Source) -> Iterator[Diagnost
                     key=True,
                 )
     for name in sorted(set(pve.endpoints) & set(pve.matchers)):
-        yield _err(
+        yield spec_error(
             source,
             "duplicate-name",
-            f"{name!r} names an endpoint and a matcher{_at(source, (*at, 'endpoints', name))}; "
+            f"{name!r} names an endpoint and a matcher"
+            f"{written_at(source, (*at, 'endpoints', name))}; "
             "PVE keeps one name for one of them",
             (*at, "matchers", name),
             key=True,
@@ -659,7 +634,7 @@ def check_notifications(spec: PlatformSpec, source: Source) -> Iterator[Diagnost
     for name, matcher in pve.matchers.items():
         for i, target in enumerate(matcher.targets):
             if target in pve.matchers:
-                yield _err(
+                yield spec_error(
                     source,
                     "unknown-reference",
                     f"matcher {name!r} routes to {target!r}, a matcher: targets are endpoints",
@@ -674,7 +649,7 @@ def check_notifications(spec: PlatformSpec, source: Source) -> Iterator[Diagnost
             for used in _SECRET_USE.findall(text):
                 if used not in ep.secrets:
                     path: PathT = (*at, "endpoints", name, *field.split(".", 1))
-                    yield _err(
+                    yield spec_error(
                         source,
                         "unknown-reference",
                         f"{{{{ secrets.{used} }}}} names no secret of webhook {name!r} "

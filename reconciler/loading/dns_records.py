@@ -21,9 +21,10 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 
-from reconciler.loading.sources import PathT, Source, dotted
-from reconciler.model.diagnostics import Diagnostic, error
+from reconciler.loading.sources import PathT, Source, spec_error, written_at
+from reconciler.model.diagnostics import Diagnostic
 from reconciler.model.resources import Kind, Resource, dns_address, guest_address
 from reconciler.model.spec import (
     DNS_MARK_HERITAGE,
@@ -34,6 +35,9 @@ from reconciler.model.spec import (
     PlatformSpec,
     dns_value,
 )
+
+# Errors at a spec value's key, as these checks name it.
+_err = partial(spec_error, key=True)
 
 
 @dataclass(frozen=True)
@@ -209,24 +213,6 @@ def dns_resources(spec: PlatformSpec, source: Source) -> Iterator[Resource]:
 # --- checks ------------------------------------------------------------------------------------
 
 
-def _at(source: Source, path: PathT) -> str:
-    pos = source.where(path)
-    return f" ({pos.file}:{pos.line})" if pos is not None and pos.line else ""
-
-
-def _err(
-    source: Source, code: str, message: str, path: PathT, related: PathT | None = None
-) -> Diagnostic:
-    other = source.where(related) if related is not None else None
-    return error(
-        code,
-        message,
-        position=source.where(path),
-        path=dotted(path),
-        related=(other,) if other else (),
-    )
-
-
 def check_dns(spec: PlatformSpec, source: Source) -> Iterator[Diagnostic]:
     """Every listed record lies in its zone (and not in a more specific declared one), has
     values its type takes, is listed once and is not also derived; a CNAME stands alone at its
@@ -250,7 +236,7 @@ def check_dns(spec: PlatformSpec, source: Source) -> Iterator[Diagnostic]:
                 source,
                 "duplicate-dns-record",
                 f"{record.name} {record.type} is already {what} as {first.origin}"
-                f"{_at(source, first.path)}: a name holds one record set per type; list its "
+                f"{written_at(source, first.path)}: a name holds one record set per type; list its "
                 "values in one record",
                 (*record.path, "name"),
                 related=first.path,
@@ -282,7 +268,8 @@ def _check_listed(spec: PlatformSpec, source: Source, record: WantedRecord) -> I
         yield _err(
             source,
             "dns-outside-zone",
-            f"{record.name} is in zone {inner}{_at(source, ('dns', 'zones', inner))}, which is "
+            f"{record.name} is in zone {inner}"
+            f"{written_at(source, ('dns', 'zones', inner))}, which is "
             f"declared too and is more specific than {zone}: list the record there",
             (*at, "name"),
             related=("dns", "zones", inner),
@@ -336,7 +323,7 @@ def _cname_alone(
             yield _err(
                 source,
                 "dns-cname-conflict",
-                f"{name} is a CNAME, and {other.origin}{_at(source, other.path)} puts its "
+                f"{name} is a CNAME, and {other.origin}{written_at(source, other.path)} puts its "
                 f"{other.type} record at the same name: a CNAME stands alone at its name",
                 (*record.path, "name"),
                 related=other.path,

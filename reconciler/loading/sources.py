@@ -68,6 +68,35 @@ class Source:
             p = p[:-1]
 
 
+def spec_error(
+    source: Source,
+    code: str,
+    message: str,
+    path: PathT,
+    *,
+    key: bool = False,
+    related: PathT | None = None,
+) -> Diagnostic:
+    """An error at `path` of the spec (its value, or its key with `key`), naming where
+    `related`, the other half of a clash, is written."""
+    other = source.where(related) if related is not None else None
+    return error(
+        code,
+        message,
+        position=source.where(path, key=key),
+        path=dotted(path),
+        related=(other,) if other else (),
+    )
+
+
+def written_at(source: Source, path: PathT) -> str:
+    """` (file:line)` of `path`, to name where the other half of a clash is written."""
+    pos = source.where(path)
+    if pos is None:
+        return ""
+    return f" ({pos.file}:{pos.line})" if pos.line else f" ({pos.file})"
+
+
 # --- limits ------------------------------------------------------------------------------------
 
 

@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterator
+from functools import partial
 
-from reconciler.loading.sources import PathT, Source, dotted
-from reconciler.model.diagnostics import Diagnostic, error
+from reconciler.loading.sources import PathT, Source, spec_error
+from reconciler.model.diagnostics import Diagnostic
 from reconciler.model.resources import template_address
 from reconciler.model.spec import GuestSpec, PlatformSpec, template_nodes
+
+# Errors at a spec value's key, as these checks name it.
+_error = partial(spec_error, key=True)
 
 
 def declared_template(spec: PlatformSpec, guest: GuestSpec) -> str | None:
@@ -85,19 +89,6 @@ def check_templates(spec: PlatformSpec, source: Source) -> Iterator[Diagnostic]:
                 ("guests", gname, "template"),
                 related=("templates", tname, "hosts"),
             )
-
-
-def _error(
-    source: Source, code: str, message: str, path: PathT, *, related: PathT | None = None
-) -> Diagnostic:
-    other = source.where(related) if related is not None else None
-    return error(
-        code,
-        message,
-        position=source.where(path),
-        path=dotted(path),
-        related=(other,) if other else (),
-    )
 
 
 def _close(name: str, known: list[str]) -> str:
