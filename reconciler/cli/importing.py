@@ -185,12 +185,29 @@ def _import_target(args: argparse.Namespace, err: TextIO) -> Path | None:
     return target
 
 
+def _read_live(args: argparse.Namespace, spec: Any, provider: Any) -> tuple[Any, Any]:
+    """The estate from Proxmox and, unless `--no-edge`, what Traefik and Velocity hold."""
+    from reconciler.importing.edge import edge_sources, read_edge
+    from reconciler.importing.estate import read_estate
+
+    sources = None
+    if not args.no_edge:
+        sources = edge_sources(
+            spec,
+            velocity_url=args.velocity_url,
+            velocity_secret_env=args.velocity_secret_env,
+            traefik_apis=parse_pairs(args.traefik_api, "--traefik-api"),
+            traefik_guests=parse_pairs(args.traefik_guest, "--traefik-guest"),
+        )
+    estate = run_async(lambda: read_estate(provider))
+    edge = run_async(lambda: read_edge(sources)) if sources is not None else None
+    return estate, edge
+
+
 def _read_for_import(args: argparse.Namespace, err: TextIO) -> tuple[Any, Any, Any] | None:
     """(estate, edge or None, the frame to render in): from the spec in --dir and its
     endpoint (the flags over it), or from the flags alone with --platform."""
     from reconciler.applying.connecting import proxmox_provider
-    from reconciler.importing.edge import edge_sources, read_edge
-    from reconciler.importing.estate import read_estate
     from reconciler.importing.writer import Base
     from reconciler.providers.proxmox import ProxmoxProvider, connect
 
@@ -220,17 +237,7 @@ def _read_for_import(args: argparse.Namespace, err: TextIO) -> tuple[Any, Any, A
             concurrency=args.proxmox_max_concurrency or override.max_concurrency,
         )
     warn_insecure(args, err)
-    sources = None
-    if not args.no_edge:
-        sources = edge_sources(
-            spec,
-            velocity_url=args.velocity_url,
-            velocity_secret_env=args.velocity_secret_env,
-            traefik_apis=parse_pairs(args.traefik_api, "--traefik-api"),
-            traefik_guests=parse_pairs(args.traefik_guest, "--traefik-guest"),
-        )
-    estate = run_async(lambda: read_estate(provider))
-    edge = run_async(lambda: read_edge(sources)) if sources is not None else None
+    estate, edge = _read_live(args, spec, provider)
     return estate, edge, base
 
 
@@ -273,8 +280,6 @@ def _import_into(args: argparse.Namespace, target: Path, out: TextIO, err: TextI
     and ranges) and merged into DIR by `importing.merging`: what DIR lacks is added in new files,
     what it has already is left as it is, and a guest it defines otherwise is a conflict."""
     from reconciler.applying.connecting import proxmox_provider
-    from reconciler.importing.edge import edge_sources, read_edge
-    from reconciler.importing.estate import read_estate
     from reconciler.importing.merging import read_directory, read_tree
     from reconciler.importing.writer import Base, render_specs
     from reconciler.planning.provenance import adopt_command
@@ -299,17 +304,7 @@ def _import_into(args: argparse.Namespace, target: Path, out: TextIO, err: TextI
             max_concurrency=args.proxmox_max_concurrency,
         )
         warn_insecure(args, err)
-        sources = None
-        if not args.no_edge:
-            sources = edge_sources(
-                tree.spec,
-                velocity_url=args.velocity_url,
-                velocity_secret_env=args.velocity_secret_env,
-                traefik_apis=parse_pairs(args.traefik_api, "--traefik-api"),
-                traefik_guests=parse_pairs(args.traefik_guest, "--traefik-guest"),
-            )
-        estate = run_async(lambda: read_estate(provider))
-        edge = run_async(lambda: read_edge(sources)) if sources is not None else None
+        estate, edge = _read_live(args, tree.spec, provider)
     except ReconcilerError as exc:
         err.write(f"error: {exc}\n")
         return EXIT_ERROR
