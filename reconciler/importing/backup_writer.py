@@ -43,6 +43,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from reconciler.importing.yamltext import unique_name
 from reconciler.model.resources import DesiredGraph, Kind, job_id
 from reconciler.model.spec import BackupJobSpec
 from reconciler.model.units import check_comment
@@ -133,12 +134,7 @@ def _name(ident: str, description: str, taken: set[str]) -> str:
         base = words or f"job-{ident.removeprefix('backup-')[:8].lower()}"
     else:
         base = _label(ident.removeprefix("rc-")) or "job"
-    name, n = base, 1
-    while name in taken:
-        n += 1
-        name = f"{base[:60]}-{n}"
-    taken.add(name)
-    return name
+    return unique_name(base, taken)
 
 
 def _label(text: str) -> str:

@@ -49,7 +49,7 @@ from reconciler.importing.edge import (
     VelocityRead,
     resolve_guest,
 )
-from reconciler.importing.yamltext import Commented
+from reconciler.importing.yamltext import Commented, unique_name
 from reconciler.model.spec import HttpRoute, TcpRoute
 from reconciler.model.units import check_label
 from reconciler.providers.traefik import ROUTER_PREFIX
@@ -117,11 +117,7 @@ def is_ours(router: Router) -> bool:
 def _route_name(router: Router, taken: set[str]) -> str:
     bare = router.bare_name.removeprefix(ROUTER_PREFIX)
     base = _NAME_BAD.sub("-", bare.lower()).strip("-")[:60].strip("-") or "route"
-    name, n = base, 2
-    while name in taken:
-        name, n = f"{base}-{n}", n + 1
-    taken.add(name)
-    return name
+    return unique_name(base, taken)
 
 
 def _target(router: Router, by_ip: Mapping[str, str]) -> tuple[dict[str, Any] | None, str | None]:

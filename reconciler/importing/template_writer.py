@@ -31,7 +31,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from reconciler.importing.yamltext import Commented
+from reconciler.importing.yamltext import Commented, unique_name
 from reconciler.model.spec import TEMPLATE_EXTENSIONS, CloneSpec, TemplateSpec
 from reconciler.planning.provenance import IMPORT_TEMPLATE
 
@@ -144,9 +144,4 @@ def _name(filename: str, content: str, taken: set[str]) -> str:
     pattern, _ = TEMPLATE_EXTENSIONS[content]
     stem = re.sub(rf"{pattern}\Z", "", filename, flags=re.IGNORECASE)
     base = re.sub(r"[^a-z0-9-]+", "-", stem.lower()).strip("-")[:60].rstrip("-") or "template"
-    name, n = base, 1
-    while name in taken:
-        n += 1
-        name = f"{base}-{n}"
-    taken.add(name)
-    return name
+    return unique_name(base, taken)

@@ -1,6 +1,7 @@
 """A small YAML writer for the imported specs: block mappings, flow items, trailing comments,
 and plain scalars only where YAML reads them back as the same string. Used by `writer` and
-`edge_writer`; `dump` checks that the text loads back as its data."""
+`edge_writer`; `dump` checks that the text loads back as its data. `unique_name` is the
+writers' one way to keep the names they make distinct."""
 
 from __future__ import annotations
 
@@ -97,3 +98,14 @@ def dump(data: Mapping[str, Any], header: Sequence[str], *, gap_at: int = 2) -> 
     if yaml.safe_load(text) != _plain(data):
         raise ValueError("internal error: the YAML written does not load back as its data")
     return text
+
+
+def unique_name(base: str, taken: set[str]) -> str:
+    """`base`, or `base-2`, `base-3`... (its first 60 characters, so a label stays within 63)
+    when taken; the name returned is added to `taken`."""
+    name, n = base, 1
+    while name in taken:
+        n += 1
+        name = f"{base[:60]}-{n}"
+    taken.add(name)
+    return name
