@@ -32,7 +32,7 @@ from typing import Any, NamedTuple
 
 from reconciler.model.errors import NotFoundError, PermanentError, ProviderError
 from reconciler.model.observed import BackupVolume, ObservedResource
-from reconciler.model.plans import Action, Change
+from reconciler.model.plans import Action, Change, refuse_blocked
 from reconciler.model.resources import Kind, job_id
 from reconciler.providers import Observation
 from reconciler.providers.proxmox import MARK_PREFIX, ProxmoxProvider
@@ -247,8 +247,7 @@ class BackupJobProvider:
     async def apply(self, change: Change) -> None:
         if change.kind is not Kind.BACKUP_JOB:
             raise PermanentError(f"{change.address}: no provider for kind {change.kind.value}")
-        if change.blocked:
-            raise PermanentError(f"{change.address}: blocked: {change.blocked}")
+        refuse_blocked(change)
         ident = change_job_id(change)
         jobs = self.pve.client.cluster.backup
         match change.action:

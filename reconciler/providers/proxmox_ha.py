@@ -40,7 +40,7 @@ from typing import Any
 
 from reconciler.model.errors import PermanentError, ProviderError
 from reconciler.model.observed import ObservedResource
-from reconciler.model.plans import Action, Change
+from reconciler.model.plans import Action, Change, refuse_blocked
 from reconciler.model.resources import Kind
 from reconciler.providers import Observation
 from reconciler.providers.proxmox import MARK_PREFIX, ProxmoxProvider, claimed, read_mark
@@ -147,8 +147,7 @@ class HaProvider:
     async def apply(self, change: Change) -> None:
         if change.kind is not Kind.HA:
             raise PermanentError(f"{change.address}: no provider for kind {change.kind.value}")
-        if change.blocked:
-            raise PermanentError(f"{change.address}: blocked: {change.blocked}")
+        refuse_blocked(change)
         sid = str(change.id["sid"])
         resources = self.pve.client.cluster.ha.resources
         match change.action:

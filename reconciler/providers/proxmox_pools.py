@@ -36,7 +36,7 @@ from typing import Any
 
 from reconciler.model.errors import ConflictError, PermanentError, ProviderError
 from reconciler.model.observed import ObservedResource
-from reconciler.model.plans import Action, Change
+from reconciler.model.plans import Action, Change, refuse_blocked
 from reconciler.model.resources import Kind
 from reconciler.providers import Observation
 from reconciler.providers.proxmox import MARK_PREFIX, ProxmoxProvider
@@ -136,8 +136,7 @@ class PoolProvider:
     async def apply(self, change: Change) -> None:
         if change.kind is not Kind.POOL:
             raise PermanentError(f"{change.address}: no provider for kind {change.kind.value}")
-        if change.blocked:
-            raise PermanentError(f"{change.address}: blocked: {change.blocked}")
+        refuse_blocked(change)
         poolid = change.address.removeprefix(f"{Kind.POOL.value}/")
         before = change.before or {}
         after = change.after or {}
