@@ -31,6 +31,27 @@ GAME_RANGE = "game: {first: 1000, last: 1099, layer: runtime}"
 CORE_RANGE = "core: {first: 100, last: 199, layer: control}"
 
 
+# Two game servers with static addresses, each a `guests:` entry built on a `game` profile.
+LOBBY = """
+  mc-lobby:
+    role: game
+    vmid: 1000
+    host: pve-runtime
+    profile: game
+    network:
+      - {name: eth0, bridge: vmbr0, ip: 10.20.0.10/24, gw: 10.20.0.1}
+"""
+SURVIVAL = """
+  mc-survival:
+    role: game
+    vmid: 1001
+    host: pve-runtime
+    profile: game
+    network:
+      - {name: eth0, bridge: vmbr0, ip: 10.20.0.11/24, gw: 10.20.0.1}
+"""
+
+
 def platform_yaml(*ranges: str, control: bool = False, max_deletes: int | None = None) -> str:
     """The small platform.yaml the guest tests build on: pve-runtime (layer `runtime`), with
     pve-core (layer `control`, which runtime may depend on) if `control`; each range one

@@ -22,34 +22,22 @@ from tests.controller.test_notify import HttpReceiver, Silent
 from tests.controller.test_service import Running
 from tests.controller.test_service import run_service as run
 from tests.fakepve_fixtures import TEMPLATE
-from tests.guest_helpers import GAME_RANGE, platform_yaml
+from tests.guest_helpers import GAME_RANGE, LOBBY, SURVIVAL, platform_yaml
 
 # A full cycle often; the source is looked at often, so an edited spec is a new revision soon.
 QUICK = {Trigger.SOURCE: 0.2, Trigger.FULL: 0.3, Trigger.INVENTORY: 60.0, Trigger.EDGE: 60.0}
 
-GUESTS = f"""
+GUESTS = (
+    f"""
 profiles:
   game:
     template: local:vztmpl/{TEMPLATE}
     memory: 2G
     disk: {{size: 8G}}
-guests:
-  mc-lobby:
-    role: game
-    vmid: 1000
-    host: pve-runtime
-    profile: game
-    network:
-      - {{name: eth0, bridge: vmbr0, ip: 10.20.0.10/24, gw: 10.20.0.1}}
-  mc-survival:
-    role: game
-    vmid: 1001
-    host: pve-runtime
-    profile: game
-    network:
-      - {{name: eth0, bridge: vmbr0, ip: 10.20.0.11/24, gw: 10.20.0.1}}
-"""
-SURVIVAL = GUESTS[GUESTS.index("  mc-survival:") :]
+guests:"""
+    + LOBBY
+    + SURVIVAL
+)
 
 
 def specs(tmp_path: Path, url: str, *, extra: str = "") -> Path:

@@ -19,7 +19,16 @@ from reconciler.model.resources import DesiredGraph
 from reconciler.providers.proxmox import ProxmoxProvider
 from reconciler.providers.proxmox_backup import BackupJobProvider
 from tests.fakepve_fixtures import TEMPLATE, mutating_calls, request_bodies
-from tests.guest_helpers import GAME_RANGE, load_edited, ok, plan_now, platform_yaml, run
+from tests.guest_helpers import (
+    GAME_RANGE,
+    LOBBY,
+    SURVIVAL,
+    load_edited,
+    ok,
+    plan_now,
+    platform_yaml,
+    run,
+)
 from tests.waiting import until, wait_for
 
 PLATFORM = platform_yaml(GAME_RANGE, max_deletes=3)
@@ -33,24 +42,6 @@ profiles:
     volumes:
       mp0: {{path: /srv/world, size: 4G, backup: true}}
 guests:
-"""
-LOBBY = """
-  mc-lobby:
-    role: game
-    vmid: 1000
-    host: pve-runtime
-    profile: game
-    network:
-      - {name: eth0, bridge: vmbr0, ip: 10.20.0.10/24, gw: 10.20.0.1}
-"""
-SURVIVAL = """
-  mc-survival:
-    role: game
-    vmid: 1001
-    host: pve-runtime
-    profile: game
-    network:
-      - {name: eth0, bridge: vmbr0, ip: 10.20.0.11/24, gw: 10.20.0.1}
 """
 JOBS = """
 backups:
