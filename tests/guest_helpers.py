@@ -14,7 +14,7 @@ from reconciler.applying.executor import Result
 from reconciler.applying.observing import observe_all
 from reconciler.loading.graph import build_graph
 from reconciler.loading.loader import load_directory, load_texts
-from reconciler.model.plans import Plan
+from reconciler.model.plans import Action, Plan
 from reconciler.model.resources import DesiredGraph
 from reconciler.planning.planner import make_plan
 from reconciler.providers.proxmox import ProxmoxProvider
@@ -93,6 +93,11 @@ def ok(conv: Convergence) -> None:
     """The convergence succeeded; if not, the failed changes and why."""
     report = conv.rounds[-1].report
     assert conv.ok, report and [(r.change.address, r.error) for r in report.results]
+
+
+def changed(plan: Plan) -> dict[str, Action]:
+    """What the plan does, by address (its no-ops left out)."""
+    return {c.address: c.action for c in plan.changes if c.action is not Action.NOOP}
 
 
 def load_edited(platform: str, guests: str, *edits: tuple[str, str]) -> DesiredGraph:

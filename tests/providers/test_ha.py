@@ -16,13 +16,13 @@ import pytest
 
 from reconciler.loading.loader import load_texts
 from reconciler.model.errors import PermanentError
-from reconciler.model.plans import HOLD_START, Action, Change, FieldChange, Plan
+from reconciler.model.plans import HOLD_START, Action, Change, FieldChange
 from reconciler.model.resources import DesiredGraph, Kind
 from reconciler.providers.firewall import FirewallProvider
 from reconciler.providers.proxmox import ProxmoxProvider
 from reconciler.providers.proxmox_ha import HaProvider
 from tests.fakepve_fixtures import TEMPLATE, mutating_calls, request_bodies
-from tests.guest_helpers import GAME_RANGE, load_edited, ok, plan_now, platform_yaml, run
+from tests.guest_helpers import GAME_RANGE, changed, load_edited, ok, plan_now, platform_yaml, run
 from tests.waiting import until
 
 PLATFORM = platform_yaml(GAME_RANGE)
@@ -60,10 +60,6 @@ def power(client: Any) -> str:
 def power_calls(pve: Any) -> list[tuple[str, str]]:
     """Starts and stops sent to a guest's status API."""
     return [(m, p) for m, p in mutating_calls(pve) if p.endswith(POWER)]
-
-
-def changed(plan: Plan) -> dict[str, Action]:
-    return {c.address: c.action for c in plan.changes if c.action is not Action.NOOP}
 
 
 def test_ha_resource_created_and_updated(

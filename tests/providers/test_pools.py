@@ -11,12 +11,12 @@ from typing import Any
 
 import pytest
 
-from reconciler.model.plans import Action, Plan
+from reconciler.model.plans import Action
 from reconciler.model.resources import DesiredGraph
 from reconciler.providers.proxmox import ProxmoxProvider
 from reconciler.providers.proxmox_pools import PoolProvider
 from tests.fakepve_fixtures import TEMPLATE, mutating_calls, request_bodies
-from tests.guest_helpers import GAME_RANGE, load_edited, ok, plan_now, platform_yaml, run
+from tests.guest_helpers import GAME_RANGE, changed, load_edited, ok, plan_now, platform_yaml, run
 
 PLATFORM = platform_yaml(GAME_RANGE)
 MARK = "reconciler:v1 platform=zpack address=pool/games"
@@ -59,10 +59,6 @@ def pool(client: Any, name: str) -> dict[str, Any]:
         "comment": found.get("comment"),
         "members": sorted(m["vmid"] for m in found.get("members", []) if "vmid" in m),
     }
-
-
-def changed(plan: Plan) -> dict[str, Action]:
-    return {c.address: c.action for c in plan.changes if c.action is not Action.NOOP}
 
 
 def test_pool_created_and_guests_created_into_it(
