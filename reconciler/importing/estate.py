@@ -24,7 +24,7 @@ import anyio
 
 from reconciler.model.errors import NotFoundError
 from reconciler.providers.firewall import clean_rule
-from reconciler.providers.proxmox import ProxmoxProvider, read_mark, with_pending
+from reconciler.providers.proxmox import ProxmoxProvider, read_mark
 
 # Locks held while a create or destroy task runs: such a guest has no settled config yet.
 _TRANSIENT_LOCKS = frozenset({"create", "destroyed"})
@@ -151,12 +151,8 @@ class _EstateReader:
         api = self.provider.client.nodes(node)(kind)(vmid)
         retrying = self.provider.retrying
         try:
+            # A VM's config as Proxmox answers it: its pending changes applied already.
             config = await retrying(f"read config of {vmid}", lambda: api.config.get())
-            if kind == "qemu":
-                pending = await retrying(
-                    f"read pending config of {vmid}", lambda: api.pending.get()
-                )
-                config = with_pending(config, pending)
             options = await retrying(
                 f"read firewall options of {vmid}", lambda: api.firewall.options.get()
             )

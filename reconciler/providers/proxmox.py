@@ -49,9 +49,9 @@ an operator):
 - a QEMU VM is created empty (no template): its disks (the boot disk `scsi0` unless the spec
   says another bus, or none), virtio-scsi-single, virtio NICs, ostype l26. Its config is read
   with its pending values, what it runs with after its next
-  start (a running VM takes cores and memory changes only then, unless hotplugged). Proxmox's
-  config view merges them in already; fakepve's QEMU view does not, so they are read from
-  `pending`, which both answer alike;
+  start (a running VM takes cores and memory changes only then, unless hotplugged): Proxmox's
+  config view merges them in (the simulator's `QemuConfigView` answers as it does), so one
+  read per VM;
 - a guest with `clone` is made by cloning its template (`clone_guest`), a foreign guest only
   read, with our mark in the clone's description from the start, then configured in one
   update, grown, started (`configure_clone`); a guest named like one the spec clones is read
@@ -512,18 +512,6 @@ def _memory(value: Any) -> int:
     return int(value)
 
 
-def with_pending(config: Mapping[str, Any], pending: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
-    """A config with its pending changes applied: what the guest runs with after its next start."""
-    out = dict(config)
-    for item in pending:
-        key = str(item.get("key", ""))
-        if item.get("delete"):
-            out.pop(key, None)
-        elif "pending" in item:
-            out[key] = item["pending"]
-    return out
-
-
 # A container's mount points (its volumes); a VM's volumes are its disks (model.disks).
 _LXC_VOLUME = re.compile(r"mp\d+")
 
@@ -976,9 +964,6 @@ class ProxmoxProvider:
         node, vmid, kind = item["node"], int(item["vmid"]), item.get("type", "lxc")
         guest = self.client.nodes(node)(kind)(vmid)
         config = await self.get(f"read config of {vmid}", guest.config)
-        if kind == "qemu":
-            pending = await self.get(f"read pending config of {vmid}", guest.pending)
-            config = with_pending(config, pending)
         mark, _ = read_mark(config.get("description"))
         address = claimed(mark, self.platform, vmid)
         if address is None:
@@ -1217,8 +1202,6 @@ class ProxmoxProvider:
         what = f"read config of {change.id['vmid']}"
         config = await self.config_when_unlocked(guest, what)
         self._check_mark(change, config)
-        if kind == "qemu":
-            config = with_pending(config, await self.get(what, guest.pending))
         params, delete = clone_config_params(self.platform, change.address, want, config)
         if params or delete:
             if delete:
@@ -1487,12 +1470,8 @@ class ProxmoxProvider:
         guest = self._guest(change)
         node = change.id["node"]
         kind = self._kind(change)
-        view = config
-        if kind == "qemu" and "boot_disk" in paths:
-            # The boot order as the VM will boot: a running VM holds a new one pending.
-            pending = await self.get(f"read pending config of {change.id['vmid']}", guest.pending)
-            view = with_pending(config, pending)
-        params, delete = update_params(self.platform, change.address, change.after, view, paths)
+        # The config as the VM will boot: Proxmox's config view has its pending changes applied.
+        params, delete = update_params(self.platform, change.address, change.after, config, paths)
         mounts = [k for k in (*params, *delete) if _is_volume_key(kind, k)]
         if mounts and _protected(config):
             if change.after.get("protection"):

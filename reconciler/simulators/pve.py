@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import re
 import sys
 import time
@@ -62,6 +63,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import fakepve.__main__ as fakepve_cli
+from aiohttp import web
 from fakepve.lxc import volume_owner
 from fakepve.model import PveError, TaskError
 from fakepve.qemu import drives_of, is_cdrom, join_drive, split_drive, volume_ref
@@ -427,6 +429,27 @@ class QemuMigrateApi(StatefulRoutes):  # type: ignore[misc]  # fakepve ships no 
         return str(new)
 
 
+class QemuConfigView:
+    """`GET /nodes/{node}/qemu/{vmid}/config` as qemu-server answers it: the config with its
+    pending changes applied (a value pending, a key pending deletion gone), what the VM runs
+    with after its next start; `current=1` for the values it runs with now. fakepve answers the
+    current values only, so a client would need a second read (`/pending`) per VM that a real
+    cluster never asks for."""
+
+    async def _config_get(self, request: Any) -> Any:
+        answer = await super()._config_get(request)  # type: ignore[misc]
+        if request.query.get("current") in ("1", "true") or answer.status != 200:
+            return answer
+        vm = self._vm(request, "VM.Audit")  # type: ignore[attr-defined]
+        config = json.loads(answer.text)["data"]
+        for key, value in vm.pending.items():
+            if value is None:
+                config.pop(key, None)
+            else:
+                config[key] = str(value) if key == "memory" else value
+        return web.json_response({"data": config})
+
+
 class PlatformPve(  # fakepve ships no types
     GuestAgentBoot,
     CloudInitApi,
@@ -436,6 +459,7 @@ class PlatformPve(  # fakepve ships no types
     NotificationApi,
     QemuMigrateApi,
     QemuResizeApi,
+    QemuConfigView,
     FakePve,  # type: ignore[misc]
 ):
     """fakepve's FakePve plus backups and QEMU migration; container migrations take as long."""

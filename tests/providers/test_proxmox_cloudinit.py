@@ -29,7 +29,6 @@ from reconciler.providers.proxmox import (
     ProxmoxProvider,
     RetryPolicy,
     read_secret,
-    with_pending,
 )
 from tests.fakepve_fixtures import request_bodies
 from tests.guest_helpers import plan_now
@@ -76,9 +75,10 @@ def api(guests: ProxmoxProvider, vmid: int = 500) -> Any:
 
 
 def effective(guests: ProxmoxProvider) -> dict[str, Any]:
-    """The VM's config with its pending values: what it runs with after its next start
-    (fakepve keeps a running VM's cloud-init changes pending; PVE applies them at once)."""
-    return with_pending(api(guests).config.get(), api(guests).pending.get())
+    """The VM's config with its pending values, as Proxmox's config view answers it: what it
+    runs with after its next start (a running VM's cloud-init changes wait there)."""
+    config: dict[str, Any] = api(guests).config.get()
+    return config
 
 
 def pending_cloud_init(guests: ProxmoxProvider) -> list[dict[str, Any]]:

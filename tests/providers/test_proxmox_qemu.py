@@ -765,3 +765,25 @@ def test_a_destroy_leaves_a_volume_its_config_does_not_name(
     volumes = {v["volid"] for v in storage.content.get()}
     assert "local-lvm:vm-150-disk-7" in volumes
     assert "local-lvm:vm-150-disk-0" not in volumes  # its own disk went with it, as announced
+
+
+def test_a_vms_config_is_read_as_proxmox_answers_it_with_its_pending_changes_in_one_read(
+    desired: DesiredGraph, converged: ProxmoxProvider, pve: Any
+) -> None:
+    """Proxmox's config view applies a running VM's pending changes (`current=1` gives the
+    values it runs with now; the simulator answers as qemu-server does): the observation reads
+    one config per VM, never `/pending`, and still sees the change made by hand."""
+    vm = converged.client.nodes("pve-core").qemu(150)
+    vm.config.put(memory=1024)  # running: pending until its next start
+    assert (str(vm.config.get()["memory"]), str(vm.config.get(current=1)["memory"])) == (
+        "1024",
+        "2048",
+    )
+    pve.requests.clear()
+    plan = plan_now(desired, converged)
+    assert [(f.path, f.before, f.after) for c in plan.actions for f in c.fields] == [
+        ("memory", 1024, 2048)
+    ]
+    reads = [p for m, p, _ in pve.requests if m == "GET"]
+    assert not [p for p in reads if p.endswith("/pending")]
+    assert len([p for p in reads if p.endswith("/qemu/150/config")]) == 1
